@@ -1,0 +1,1 @@
+"""The cache server tier (`lazyfs serve`): arrives with the cache-server issue."""

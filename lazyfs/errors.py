@@ -1,0 +1,124 @@
+"""The one exception tree of lazyfs.
+
+Every error a user can trigger is a ``LazyfsError``; the CLI prints ``str(err)`` as one line and exits
+with ``err.exit_code``. Errors about a specific object carry its digest so logs and callers can name it.
+"""
+from __future__ import annotations
+
+
+class LazyfsError(Exception):
+    """Base of every error lazyfs raises on purpose."""
+
+    exit_code = 1
+
+
+# --- format: bytes that do not follow docs/format.md -------------------------------------------
+
+class FormatError(LazyfsError):
+    """Encoded data (block, manifest, reference) is malformed."""
+
+
+class ManifestFormatError(FormatError):
+    pass
+
+
+class BlockFormatError(FormatError):
+    def __init__(self, message: str, digest: str | None = None):
+        super().__init__(message if digest is None else f"block {digest}: {message}")
+        self.digest = digest
+
+
+class InvalidReference(FormatError):
+    """An image reference (NAME:TAG or digest) is not valid."""
+
+
+# --- integrity: bytes that do not hash to their name --------------------------------------------
+
+class IntegrityError(LazyfsError):
+    def __init__(self, message: str, digest: str | None = None):
+        super().__init__(message)
+        self.digest = digest
+
+
+class DigestMismatch(IntegrityError):
+    def __init__(self, expected: str, actual: str, what: str = "block"):
+        super().__init__(f"{what} {expected}: content hashes to {actual}", expected)
+        self.actual = actual
+
+
+# --- stores ------------------------------------------------------------------------------------
+
+class StoreError(LazyfsError):
+    pass
+
+
+class NotFound(StoreError):
+    exit_code = 2
+
+    def __init__(self, message: str, digest: str | None = None):
+        super().__init__(message)
+        self.digest = digest
+
+
+class BlockNotFound(NotFound):
+    def __init__(self, digest: str):
+        super().__init__(f"block {digest} not found in store", digest)
+
+
+class ManifestNotFound(NotFound):
+    def __init__(self, digest: str):
+        super().__init__(f"manifest {digest} not found in store", digest)
+
+
+class TagNotFound(NotFound):
+    def __init__(self, ref: str):
+        super().__init__(f"image {ref} not found in store (see `lazyfs images`)")
+        self.ref = ref
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or written (I/O error, disk full, server down)."""
+
+
+# --- image sources (build input) ---------------------------------------------------------------
+
+class ImageSourceError(LazyfsError):
+    """The build input is not a readable container image."""
+
+
+class NotAnImage(ImageSourceError):
+    pass
+
+
+class UnsupportedMediaType(ImageSourceError):
+    pass
+
+
+class LayerDigestMismatch(ImageSourceError, IntegrityError):
+    def __init__(self, what: str, expected: str, actual: str):
+        LazyfsError.__init__(self, f"{what}: content hashes to {actual}, image says {expected}")
+        self.digest = expected
+        self.actual = actual
+
+
+class UnsafeEntry(ImageSourceError):
+    """A layer entry that would escape or corrupt the image tree (``../``, absolute, link outside)."""
+
+    def __init__(self, layer: str, name: str, why: str):
+        super().__init__(f"layer {layer}: entry {name!r}: {why}")
+        self.layer = layer
+        self.name = name
+
+
+class LimitExceeded(ImageSourceError):
+    pass
+
+
+# --- mounting and running ----------------------------------------------------------------------
+
+class MountError(LazyfsError):
+    pass
+
+
+class RunError(LazyfsError):
+    pass

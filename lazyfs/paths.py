@@ -1,0 +1,21 @@
+"""Default locations: the embedded store, the node cache, mount state and logs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "lazyfs"
+
+
+def default_store() -> str:
+    return os.environ.get("LAZYFS_STORE") or str(Path(platformdirs.user_data_dir(APP)) / "store")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LAZYFS_CACHE_DIR") or Path(platformdirs.user_cache_dir(APP)) / "node-cache")
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("LAZYFS_STATE_DIR") or platformdirs.user_state_dir(APP))

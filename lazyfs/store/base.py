@@ -1,0 +1,67 @@
+"""The BlockStore protocol every backend implements, and the counters wrappers report.
+
+Stores move opaque, already encoded objects (zstd frames) keyed by digest; they never decode.
+Verification happens in the layer that hands bytes on (lazyfs.store.objects, the node cache).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class BlockStore(Protocol):
+    url: str
+
+    def has_block(self, digest: str) -> bool: ...
+
+    def block_size(self, digest: str) -> int | None:
+        """Stored (encoded) size of a block, or None when absent."""
+
+    def get_block(self, digest: str) -> bytes:
+        """The stored frame; raises BlockNotFound."""
+
+    def put_block(self, digest: str, frame: bytes) -> bool:
+        """Store a frame atomically; returns False when it was already there."""
+
+    def list_blocks(self) -> Iterator[str]: ...
+
+    def get_manifest(self, digest: str) -> bytes: ...
+
+    def put_manifest(self, digest: str, frame: bytes) -> bool: ...
+
+    def get_tag(self, name: str, tag: str) -> str:
+        """The manifest digest a tag points at; raises TagNotFound."""
+
+    def put_tag(self, name: str, tag: str, digest: str) -> None: ...
+
+    def list_tags(self) -> list[tuple[str, str, str]]:
+        """All (name, tag, digest) triples, sorted."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    """Counters shared by wrappers and caches; benchmarks and tests read the same numbers."""
+
+    block_gets: int = 0
+    block_bytes: int = 0
+    manifest_gets: int = 0
+    manifest_bytes: int = 0
+    puts: int = 0
+    put_bytes: int = 0
+    errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            data = asdict(self)
+        data.pop("_lock", None)
+        return data

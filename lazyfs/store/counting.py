@@ -1,0 +1,37 @@
+"""A store wrapper that counts what passes through it (the laziness tests and benchmarks read it)."""
+from __future__ import annotations
+
+from lazyfs.store.base import BlockStore, StoreStats
+
+
+class CountingStore:
+    def __init__(self, inner: BlockStore, stats: StoreStats | None = None):
+        self.inner = inner
+        self.stats = stats or StoreStats()
+        self.url = inner.url
+
+    def get_block(self, digest: str) -> bytes:
+        data = self.inner.get_block(digest)
+        self.stats.add(block_gets=1, block_bytes=len(data))
+        return data
+
+    def get_manifest(self, digest: str) -> bytes:
+        data = self.inner.get_manifest(digest)
+        self.stats.add(manifest_gets=1, manifest_bytes=len(data))
+        return data
+
+    def put_block(self, digest: str, frame: bytes) -> bool:
+        stored = self.inner.put_block(digest, frame)
+        if stored:
+            self.stats.add(puts=1, put_bytes=len(frame))
+        return stored
+
+    def put_manifest(self, digest: str, frame: bytes) -> bool:
+        stored = self.inner.put_manifest(digest, frame)
+        if stored:
+            self.stats.add(puts=1, put_bytes=len(frame))
+        return stored
+
+    def __getattr__(self, name):
+        # Everything not counted (has, size, tags, listing) goes straight through.
+        return getattr(self.inner, name)

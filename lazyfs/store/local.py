@@ -1,0 +1,164 @@
+"""A store in a local directory (the embedded default). Layout in docs/format.md, "Local store".
+
+Every write goes to ``tmp/`` first, is fsynced, then renamed into place: a crash leaves at most a
+stray temp file, never a partial object under its final name.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from lazyfs.errors import (BlockNotFound, ManifestNotFound, StoreError, StoreUnavailable,
+                           TagNotFound)
+from lazyfs.format import digest as digests
+from lazyfs.format import reference
+
+MARKER = "lazyfs-store.json"
+LAYOUT_NAMES = {MARKER, "tmp", "blocks", "manifests", "tags"}
+LAYOUT_VERSION = 1
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+        self._ready = False
+        self._lock = threading.Lock()
+
+    # -- layout ----------------------------------------------------------------------------------
+    def _block_path(self, digest: str) -> Path:
+        hexd = digests.hex_part(digest)
+        return self.root / "blocks" / "sha256" / hexd[:2] / hexd
+
+    def _manifest_path(self, digest: str) -> Path:
+        return self.root / "manifests" / "sha256" / digests.hex_part(digest)
+
+    def _tag_path(self, name: str, tag: str) -> Path:
+        # ':' never appears in a name component, so tag files cannot collide with nested names.
+        ref = reference.parse(f"{name}:{tag}")
+        return self.root / "tags" / ref.name / f":{ref.tag}"
+
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        with self._lock:
+            self._prepare_locked()
+
+    def _prepare_locked(self) -> None:
+        marker = self.root / MARKER
+        if not marker.exists():
+            # Another process may be initialising the same store: its layout names are fine.
+            if self.root.exists() and any(p.name not in LAYOUT_NAMES for p in self.root.iterdir()):
+                raise StoreError(f"{self.root} exists and is not a lazyfs store (no {MARKER})")
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(exist_ok=True)
+            atomic_write(marker, json.dumps({"layout": LAYOUT_VERSION}).encode(), self.root / "tmp")
+        else:
+            layout = json.loads(marker.read_text()).get("layout")
+            if layout != LAYOUT_VERSION:
+                raise StoreError(f"{self.root}: store layout {layout} is not supported")
+            (self.root / "tmp").mkdir(exist_ok=True)
+        self._ready = True
+
+    def _put(self, path: Path, data: bytes) -> bool:
+        self._prepare()
+        if path.exists():
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data, self.root / "tmp")
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {path}: {os.strerror(exc.errno or errno.EIO)}") from exc
+        return True
+
+    @staticmethod
+    def _read(path: Path, missing: Exception) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise missing from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from exc
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def has_block(self, digest: str) -> bool:
+        return self._block_path(digest).exists()
+
+    def block_size(self, digest: str) -> int | None:
+        try:
+            return self._block_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def get_block(self, digest: str) -> bytes:
+        return self._read(self._block_path(digest), BlockNotFound(digest))
+
+    def put_block(self, digest: str, frame: bytes) -> bool:
+        return self._put(self._block_path(digest), frame)
+
+    def list_blocks(self) -> Iterator[str]:
+        base = self.root / "blocks" / "sha256"
+        if not base.is_dir():
+            return
+        for sub in sorted(base.iterdir()):
+            for f in sorted(sub.iterdir()):
+                if digests.is_valid("sha256:" + f.name):
+                    yield "sha256:" + f.name
+
+    # -- manifests and tags ------------------------------------------------------------------
+    def get_manifest(self, digest: str) -> bytes:
+        return self._read(self._manifest_path(digest), ManifestNotFound(digest))
+
+    def put_manifest(self, digest: str, frame: bytes) -> bool:
+        return self._put(self._manifest_path(digest), frame)
+
+    def get_tag(self, name: str, tag: str) -> str:
+        data = self._read(self._tag_path(name, tag), TagNotFound(f"{name}:{tag}"))
+        value = data.decode("ascii", "replace").strip()
+        if not digests.is_valid(value):
+            raise StoreError(f"tag {name}:{tag} in {self.root} is corrupt: {value[:80]!r}")
+        return value
+
+    def put_tag(self, name: str, tag: str, digest: str) -> None:
+        digests.validate(digest)
+        self._prepare()
+        path = self._tag_path(name, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (digest + "\n").encode(), self.root / "tmp")
+
+    def list_tags(self) -> list[tuple[str, str, str]]:
+        base = self.root / "tags"
+        out = []
+        if base.is_dir():
+            for path in base.rglob(":*"):
+                name = path.parent.relative_to(base).as_posix()
+                tag = path.name[1:]
+                out.append((name, tag, self.get_tag(name, tag)))
+        return sorted(out)
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"

@@ -1,0 +1,1 @@
+"""Process snapshots (CRIU, libcuda checkpoint): arrives with the snapshot issue."""

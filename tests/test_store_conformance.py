@@ -1,0 +1,75 @@
+"""The contract every BlockStore must meet. Each backend is added to conftest.STORE_FACTORIES."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lazyfs.errors import BlockNotFound, LazyfsError, ManifestNotFound, TagNotFound
+from lazyfs.format import block
+from lazyfs.format.manifest import Entry, EntryType, Manifest
+from lazyfs.store import objects
+
+
+def test_block_put_get_has_size(any_store):
+    digest, frame = block.encode(b"hello world" * 100)
+    assert not any_store.has_block(digest)
+    assert any_store.block_size(digest) is None
+    assert any_store.put_block(digest, frame) is True
+    assert any_store.has_block(digest)
+    assert any_store.block_size(digest) == len(frame)
+    assert any_store.get_block(digest) == frame
+    assert any_store.put_block(digest, frame) is False  # idempotent, reports "already there"
+    assert digest in set(any_store.list_blocks())
+
+
+def test_missing_objects_raise_typed_errors(any_store):
+    digest = block.encode(b"absent")[0]
+    with pytest.raises(BlockNotFound) as exc:
+        any_store.get_block(digest)
+    assert exc.value.digest == digest
+    with pytest.raises(ManifestNotFound):
+        any_store.get_manifest(digest)
+    with pytest.raises(TagNotFound):
+        any_store.get_tag("nothing", "here")
+
+
+def test_invalid_digests_are_refused(any_store):
+    for bad in ["sha256:../../etc/passwd", "../x", "sha256:" + "G" * 64]:
+        with pytest.raises(LazyfsError):
+            any_store.get_block(bad)
+        with pytest.raises(LazyfsError):
+            any_store.put_block(bad, b"x")
+
+
+def test_manifest_and_tags(any_store):
+    m = Manifest((Entry(b"", EntryType.DIR, mode=0o755),), {"Cmd": ["sh"]})
+    digest = objects.write_manifest(any_store, m)
+    assert objects.read_manifest(any_store, digest) == m
+    any_store.put_tag("team/app", "v1", digest)
+    any_store.put_tag("team/app", "latest", digest)
+    assert objects.resolve(any_store, "team/app:v1") == digest
+    assert objects.resolve(any_store, "team/app") == digest
+    assert objects.resolve(any_store, digest) == digest
+    other = objects.write_manifest(any_store, Manifest((Entry(b"", EntryType.DIR, mode=0o700),)))
+    any_store.put_tag("team/app", "v1", other)  # tags move
+    assert any_store.get_tag("team/app", "v1") == other
+    assert any_store.list_tags() == [("team/app", "latest", digest), ("team/app", "v1", other)]
+
+
+def test_concurrent_puts_of_one_block(any_store):
+    digest, frame = block.encode(b"z" * 200_000)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: any_store.put_block(digest, frame), range(16)))
+    assert any(results)
+    assert any_store.get_block(digest) == frame
+
+
+def test_fetch_block_verifies(any_store):
+    digest, frame = block.encode(b"content")
+    wrong_digest, _ = block.encode(b"different")
+    any_store.put_block(digest, frame)
+    any_store.put_block(wrong_digest, frame)  # a store holding the wrong bytes under a name
+    assert objects.fetch_block(any_store, digest, 7) == b"content"
+    with pytest.raises(LazyfsError):
+        objects.fetch_block(any_store, wrong_digest)

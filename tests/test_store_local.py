@@ -1,0 +1,33 @@
+"""LocalStore specifics: atomic writes and refusing directories that are not stores."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lazyfs.errors import StoreError
+from lazyfs.format import block
+from lazyfs.store.local import LocalStore
+
+
+def test_crash_during_write_leaves_no_object(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "s")
+    digest, frame = block.encode(b"x" * 1000)
+    store.put_block(*block.encode(b"warm up"))
+
+    def crash(fd):
+        raise OSError(5, "simulated power cut")
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(Exception):
+        store.put_block(digest, frame)
+    monkeypatch.undo()
+    assert not store.has_block(digest)
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+
+
+def test_refuses_foreign_directory(tmp_path):
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a lazyfs store"):
+        LocalStore(tmp_path / "notastore").put_block(*block.encode(b"a"))
+    assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"

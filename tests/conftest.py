@@ -56,3 +56,47 @@ def lazyfs_cli(*args, env=None, check=True, timeout=120, input=None):
         raise AssertionError(f"lazyfs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def env_dirs(tmp_path):
+    """Isolated store, node cache and state dirs for the CLI, as environment variables."""
+    env = {"LAZYFS_STORE": str(tmp_path / "store"), "LAZYFS_CACHE_DIR": str(tmp_path / "cache"),
+           "LAZYFS_STATE_DIR": str(tmp_path / "state")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+class Mounted:
+    def __init__(self, ref: str, mountpoint: Path, *extra):
+        self.ref, self.mountpoint, self.extra = ref, mountpoint, extra
+
+    def __enter__(self):
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        lazyfs_cli("mount", self.ref, self.mountpoint, *self.extra)
+        return self.mountpoint
+
+    def stats(self) -> dict:
+        import json
+        return json.loads(os.getxattr(self.mountpoint, "user.lazyfs.stats"))
+
+    def __exit__(self, *exc):
+        lazyfs_cli("umount", self.mountpoint, check=False)
+        subprocess.run(["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def umoci_image(tmp_path_factory):
+    from tests import images
+    if not images.UMOCI:
+        pytest.skip("umoci not installed (apt-get install umoci): it is the round-trip oracle")
+    work = tmp_path_factory.mktemp("umoci")
+    layout = images.build_umoci_image(work)
+    oracle = images.unpack_oracle(layout, "test", work / "oracle")
+    return layout, oracle

@@ -62,14 +62,14 @@ def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_S
     size = declared_size(frame, digest, limit)
     if expected_size is not None and size != expected_size:
         raise BlockFormatError(f"frame declares {size} bytes, expected {expected_size}", digest)
-    if size == 0:
-        # zstd's one-shot API rejects an empty output buffer; an empty frame is still fully checked.
-        data = _dctx().decompressobj().decompress(frame)
-    else:
-        try:
+    try:
+        if size == 0:
+            # zstd's one-shot API rejects an empty output buffer; an empty frame is still checked.
+            data = _dctx().decompressobj().decompress(frame)
+        else:
             data = _dctx().decompress(frame, max_output_size=size, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise BlockFormatError(f"corrupt zstd frame ({exc})", digest) from None
+    except zstandard.ZstdError as exc:
+        raise BlockFormatError(f"corrupt zstd frame ({exc})", digest) from None
     if len(data) != size:
         raise BlockFormatError(f"frame inflated to {len(data)} bytes, declared {size}", digest)
     return data

@@ -5,9 +5,10 @@ Verification happens in the layer that hands bytes on (lazyfs.store.objects, the
 """
 from __future__ import annotations
 
-import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol, runtime_checkable
+
+from lazyfs.counters import Counters
 
 
 @runtime_checkable
@@ -43,7 +44,7 @@ class BlockStore(Protocol):
 
 
 @dataclass
-class StoreStats:
+class StoreStats(Counters):
     """Counters shared by wrappers and caches; benchmarks and tests read the same numbers."""
 
     block_gets: int = 0
@@ -53,15 +54,3 @@ class StoreStats:
     puts: int = 0
     put_bytes: int = 0
     errors: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for key, value in deltas.items():
-                setattr(self, key, getattr(self, key) + value)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            data = asdict(self)
-        data.pop("_lock", None)
-        return data

@@ -1,0 +1,84 @@
+"""`lazyfs build`: image source → flattened tree → staged blocks → store (blocks, manifest, tag)."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Protocol
+
+from lazyfs.errors import ImageSourceError
+from lazyfs.format import reference
+from lazyfs.format.manifest import EntryType, Manifest
+from lazyfs.store import objects
+from lazyfs.store.base import BlockStore
+
+from imagebuilder import sources
+from imagebuilder.blocks import DEFAULT_CHUNK_SIZE, BlockStager, CommitStats
+from imagebuilder.sources import rootfs
+from imagebuilder.tarlayer import read_layer
+from imagebuilder.tree import LayerEntry, Tree
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int | None) -> Callable[[int], None]: ...
+
+
+class NoProgress:
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        return lambda n: None
+
+
+@dataclass
+class BuildResult:
+    digest: str
+    manifest: Manifest
+    commit: CommitStats
+    layers: int
+
+
+def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+          tmp_dir: str | None = None, progress: Progress | None = None) -> BuildResult:
+    ref = reference.parse_tagged(tag) if tag else None
+    progress = progress or NoProgress()
+    image = sources.open_source(source)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
+            stager = BlockStager(Path(staging), store, chunk_size)
+            try:
+                tree = _flatten(image, stager, progress)
+                manifest = tree.to_manifest(image.config, chunk_size)
+                used = tree.referenced_digests()
+                advance = progress.task("publishing blocks", len(used))
+                commit = stager.commit(used, advance)
+            finally:
+                stager.close()
+            # Blocks are all in the store before the manifest that needs them; the tag goes last.
+            digest = objects.write_manifest(store, manifest)
+            if ref:
+                store.put_tag(ref.name, ref.tag, digest)
+    finally:
+        image.close()
+    return BuildResult(digest, manifest, commit, len(image.layers) or 1)
+
+
+def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress) -> Tree:
+    tree = Tree()
+
+    def adder(index: int, label: str, whiteouts: bool):
+        def on_entry(entry: LayerEntry, stream: BinaryIO | None) -> None:
+            if entry.type == EntryType.REG and entry.size:
+                if stream is None:
+                    raise ImageSourceError(f"layer {label}: {entry.path!r} has no content")
+                entry.chunks = stager.add(stream, entry.size, f"layer {label}: {entry.path!r}")
+            tree.apply(index, label, entry, whiteouts)
+        return on_entry
+
+    if image.rootfs is not None:
+        advance = progress.task(f"reading {image.rootfs}", rootfs.tree_size(image.rootfs))
+        rootfs.walk(image.rootfs, adder(0, str(image.rootfs), whiteouts=False), advance)
+        return tree
+    for i, layer in enumerate(image.layers):
+        advance = progress.task(f"layer {i + 1}/{len(image.layers)} {layer.name}", layer.size)
+        with layer.open() as raw:
+            read_layer(layer.name, raw, layer.digest, layer.diff_id, adder(i, layer.name, True), advance)
+    return tree

@@ -1,0 +1,81 @@
+"""Image sources, named with the transports skopeo and podman users know.
+
+``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE[:NAME:TAG]``, ``dir:ROOTFS``;
+a bare path is detected from its contents.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+from lazyfs.errors import NotAnImage
+
+from imagebuilder.sources import docker, oci
+from imagebuilder.sources.blobs import DirBlobs, TarBlobs
+from imagebuilder.sources.model import ImageInput, LayerRef
+
+TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
+
+__all__ = ["open_source", "parse", "ImageInput", "LayerRef", "TRANSPORTS"]
+
+
+def _split_ref(rest: str) -> tuple[str, str | None]:
+    """PATH[:REF], where PATH itself may contain ':' if such a path exists."""
+    if os.path.exists(rest) or ":" not in rest:
+        return rest, None
+    path, _, ref = rest.partition(":")
+    return path, ref or None
+
+
+def parse(spec: str) -> tuple[str, str, str | None]:
+    """Return (transport, path, ref)."""
+    transport, colon, rest = spec.partition(":")
+    if colon and transport in TRANSPORTS:
+        if transport == "dir":
+            return "dir", rest, None
+        path, ref = _split_ref(rest)
+        return transport, path, ref
+    return _detect(spec), spec, None
+
+
+def _detect(path: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "oci" if (p / "oci-layout").is_file() else "dir"
+    if not p.exists():
+        raise NotAnImage(f"{path}: no such file or directory")
+    try:
+        with tarfile.open(p, mode="r:") as tf:
+            names = {n.lstrip("./") for n in tf.getnames()}
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise NotAnImage(f"{path}: not an image (not a tar archive or directory: {exc})") from None
+    if "oci-layout" in names:
+        return "oci-archive"
+    if "manifest.json" in names:
+        return "docker-archive"
+    raise NotAnImage(f"{path}: a tar archive, but neither an OCI archive nor a docker-archive")
+
+
+def open_source(spec: str) -> ImageInput:
+    transport, path, ref = parse(spec)
+    p = Path(path)
+    label = f"{transport}:{path}"
+    if transport == "dir":
+        if not p.is_dir():
+            raise NotAnImage(f"{label}: not a directory")
+        return ImageInput(label, rootfs=p)
+    if transport == "oci":
+        if not p.is_dir():
+            raise NotAnImage(f"{label}: not a directory")
+        return oci.load(DirBlobs(p), ref, label)
+    if not p.is_file():
+        raise NotAnImage(f"{label}: no such file")
+    blobs = TarBlobs(p)
+    try:
+        if transport == "oci-archive":
+            return oci.load(blobs, ref, label)
+        return docker.load(blobs, ref, label)
+    except BaseException:
+        blobs.close()
+        raise

@@ -1,0 +1,39 @@
+"""What every image source yields: ordered layers plus the runtime part of the image config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+# The parts of an OCI image config a runtime needs; everything else (history, rootfs) stays out of
+# the manifest so the same image gives the same manifest digest whatever archive form it came in.
+RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "StopSignal", "ExposedPorts")
+
+
+@dataclass
+class LayerRef:
+    name: str
+    open: Callable[[], BinaryIO]
+    digest: str | None = None  # of the bytes as stored (possibly compressed)
+    diff_id: str | None = None  # of the uncompressed tar
+    size: int | None = None
+
+
+@dataclass
+class ImageInput:
+    label: str
+    layers: list[LayerRef] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    rootfs: Path | None = None  # set for dir: sources, which have no layers
+    close: Callable[[], None] = lambda: None
+
+
+def runtime_config(config: dict) -> dict:
+    inner = config.get("config") or {}
+    if not isinstance(inner, dict):
+        return {}
+    out = {k: inner[k] for k in RUNTIME_KEYS if inner.get(k) not in (None, "", [], {})}
+    for key in ("architecture", "os"):
+        if isinstance(config.get(key), str):
+            out[key] = config[key]
+    return out

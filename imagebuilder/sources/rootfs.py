@@ -1,0 +1,89 @@
+"""``dir:ROOTFS``: a root filesystem directory read as a single layer (no whiteout semantics)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from lazyfs.errors import ImageSourceError
+from lazyfs.format.manifest import EntryType
+
+from imagebuilder.tree import LayerEntry
+
+_KINDS = {stat.S_IFREG: EntryType.REG, stat.S_IFDIR: EntryType.DIR, stat.S_IFLNK: EntryType.SYMLINK,
+          stat.S_IFCHR: EntryType.CHR, stat.S_IFBLK: EntryType.BLK, stat.S_IFIFO: EntryType.FIFO,
+          stat.S_IFSOCK: EntryType.SOCK}
+
+
+def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return ()
+        raise
+    out = []
+    for name in names:
+        try:
+            out.append((name.encode(), os.getxattr(path, name, follow_symlinks=False)))
+        except OSError:
+            continue  # vanished or not readable by us
+    return tuple(sorted(out))
+
+
+def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
+         on_read: Callable[[int], None] | None = None) -> None:
+    base = os.fsencode(root)
+    seen: dict[tuple[int, int], bytes] = {}
+    try:
+        top = os.lstat(base)
+    except OSError as exc:
+        raise ImageSourceError(f"{root}: {exc.strerror}") from None
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        full = os.path.join(base, rel) if rel else base
+        st = top if not rel else os.lstat(full)
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+        if kind is None:
+            continue
+        common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                      mtime_ns=st.st_mtime_ns, xattrs=_xattrs(full))
+        if kind != EntryType.DIR and st.st_nlink > 1:
+            first = seen.setdefault((st.st_dev, st.st_ino), rel)
+            if first != rel:
+                on_entry(LayerEntry(type=EntryType.HARDLINK, link=first, **common), None)
+                continue
+        if kind == EntryType.REG:
+            with open(full, "rb") as f:
+                on_entry(LayerEntry(type=kind, size=st.st_size, **common), f)
+            if on_read:
+                on_read(st.st_size)
+        elif kind == EntryType.SYMLINK:
+            target = os.readlink(full)
+            on_entry(LayerEntry(type=kind, target=target, size=len(target), **common), None)
+        elif kind in (EntryType.CHR, EntryType.BLK):
+            on_entry(LayerEntry(type=kind, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)), **common), None)
+        else:
+            on_entry(LayerEntry(type=kind, **common), None)
+        if kind == EntryType.DIR:
+            names = sorted(os.listdir(full), reverse=True)
+            stack.extend(os.path.join(rel, n) if rel else n for n in names)
+
+
+def tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+__all__ = ["walk", "tree_size", "Iterator"]

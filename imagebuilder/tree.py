@@ -1,0 +1,229 @@
+"""The flattened file tree: layers are applied to it in order with OCI semantics.
+
+The tree lives in memory and never touches the host filesystem, so a hostile layer cannot write
+through a symlink or outside the image: paths are resolved here without following any link.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lazyfs.errors import LimitExceeded, UnsafeEntry
+from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+MAX_NAME = 255
+MAX_DEPTH = 256
+MAX_PATH = 4096
+MAX_ENTRIES = 4_000_000
+
+
+@dataclass(slots=True)
+class Inode:
+    type: EntryType
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    chunks: tuple[Chunk, ...] = ()
+    target: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(slots=True)
+class Node:
+    inode: Inode
+    layer: int
+    children: dict[bytes, "Node"] | None = None  # only for directories
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+@dataclass(slots=True)
+class LayerEntry:
+    """One entry of a layer, already decoded from tar or lstat. ``path`` is as found in the source."""
+
+    path: bytes
+    type: EntryType  # HARDLINK means ``link`` names an existing path
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    target: bytes = b""
+    link: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    chunks: tuple[Chunk, ...] = field(default=())
+
+
+def split_path(layer: str, raw: bytes, what: str = "entry") -> list[bytes]:
+    """Components of a layer path; ``./`` prefixes are fine, anything that could escape is not."""
+    if raw.startswith(b"/"):
+        raise UnsafeEntry(layer, raw.decode(errors="replace"), f"{what} has an absolute path")
+    if len(raw) > MAX_PATH:
+        raise UnsafeEntry(layer, raw[:64].decode(errors="replace") + "...", f"path longer than {MAX_PATH} bytes")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    for p in parts:
+        if p == b"..":
+            raise UnsafeEntry(layer, raw.decode(errors="replace"), f"{what} path contains '..'")
+        if len(p) > MAX_NAME:
+            raise UnsafeEntry(layer, raw.decode(errors="replace"), f"name longer than {MAX_NAME} bytes")
+        if b"\0" in p:
+            raise UnsafeEntry(layer, raw.decode(errors="replace"), "name contains a NUL byte")
+    if len(parts) > MAX_DEPTH:
+        raise LimitExceeded(f"layer {layer}: {raw[:64]!r}...: nested deeper than {MAX_DEPTH} levels")
+    return parts
+
+
+class Tree:
+    def __init__(self) -> None:
+        self.root = Node(Inode(EntryType.DIR, mode=0o755), layer=-1, children={})
+        self.count = 1
+
+    # -- applying layers ------------------------------------------------------------------------
+    def apply(self, layer_index: int, layer: str, e: LayerEntry, whiteouts: bool = True) -> None:
+        parts = split_path(layer, e.path)
+        if not parts:
+            if e.type != EntryType.DIR:
+                raise UnsafeEntry(layer, e.path.decode(errors="replace"), "the root must be a directory")
+            self._set_dir_meta(self.root, e, layer_index)
+            return
+        name = parts[-1]
+        if whiteouts and any(p.startswith(WHITEOUT) for p in parts[:-1]):
+            raise UnsafeEntry(layer, e.path.decode(errors="replace"), "a whiteout used as a directory")
+        if whiteouts and name.startswith(WHITEOUT):
+            # Nothing to hide where the parent is not a directory (umoci writes such whiteouts
+            # after replacing a directory by a file); never create parents for a whiteout.
+            parent = self._find_dir(parts[:-1])
+            if parent is not None:
+                self._whiteout(layer, e.path, parent, name, layer_index)
+            return
+        parent = self._parent(layer, e.path, parts[:-1], layer_index)
+        existing = parent.children.get(name)
+        if e.type == EntryType.DIR:
+            if existing is not None and existing.is_dir:
+                self._set_dir_meta(existing, e, layer_index)
+                return
+            node = Node(Inode(EntryType.DIR), layer_index, children={})
+            self._set_dir_meta(node, e, layer_index)
+        elif e.type == EntryType.HARDLINK:
+            target = self._lookup_link(layer, e)
+            node = Node(target.inode, layer_index)
+        else:
+            node = Node(Inode(e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.chunks, e.target,
+                              e.rdev, e.xattrs), layer_index)
+        if existing is None:
+            self._count(layer)
+        parent.children[name] = node  # replaces a file or a whole directory, as OCI says
+
+    def _count(self, layer: str) -> None:
+        self.count += 1
+        if self.count > MAX_ENTRIES:
+            raise LimitExceeded(f"layer {layer}: image has more than {MAX_ENTRIES} entries")
+
+    @staticmethod
+    def _set_dir_meta(node: Node, e: LayerEntry, layer_index: int) -> None:
+        ino = node.inode
+        ino.mode, ino.uid, ino.gid, ino.mtime_ns, ino.xattrs = e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs
+        node.layer = layer_index
+
+    def _parent(self, layer: str, raw: bytes, parts: list[bytes], layer_index: int) -> Node:
+        node = self.root
+        for i, part in enumerate(parts):
+            child = node.children.get(part)
+            if child is None:
+                # Tar layers may omit parent directories; create them as runtimes do.
+                child = Node(Inode(EntryType.DIR, mode=0o755), layer_index, children={})
+                node.children[part] = child
+                self._count(layer)
+            elif not child.is_dir:
+                kind = "a symlink" if child.inode.type == EntryType.SYMLINK else "not a directory"
+                where = b"/".join(parts[: i + 1]).decode(errors="replace")
+                raise UnsafeEntry(layer, raw.decode(errors="replace"), f"parent {where!r} is {kind}")
+            node = child
+        return node
+
+    def _find_dir(self, parts: list[bytes]) -> Node | None:
+        node = self.root
+        for part in parts:
+            node = node.children.get(part)
+            if node is None or not node.is_dir:
+                return None
+        return node
+
+    def _lookup_link(self, layer: str, e: LayerEntry) -> Node:
+        parts = split_path(layer, e.link, "hardlink target")
+        if not parts:
+            raise UnsafeEntry(layer, e.path.decode(errors="replace"), "hardlink to the root directory")
+        node = self.root
+        for part in parts:
+            node = node.children.get(part) if node.is_dir else None
+            if node is None:
+                raise UnsafeEntry(layer, e.path.decode(errors="replace"),
+                                  f"hardlink to {e.link.decode(errors='replace')!r}, which is not in the image")
+        if node.is_dir:
+            raise UnsafeEntry(layer, e.path.decode(errors="replace"), "hardlink to a directory")
+        return node
+
+    def _whiteout(self, layer: str, raw: bytes, parent: Node, name: bytes, layer_index: int) -> None:
+        # Whiteouts hide what lower layers put there; entries of this same layer stay (OCI spec).
+        if name == OPAQUE:
+            self._prune_lower(parent, layer_index)
+            return
+        victim = name[len(WHITEOUT):]
+        if not victim or victim in (b".", b".."):
+            raise UnsafeEntry(layer, raw.decode(errors="replace"), "whiteout names no file")
+        node = parent.children.get(victim)
+        if node is None:
+            return  # whiting out a missing path is allowed and does nothing
+        if node.layer < layer_index:
+            del parent.children[victim]
+        elif node.is_dir:
+            self._prune_lower(node, layer_index)
+
+    def _prune_lower(self, directory: Node, layer_index: int) -> None:
+        for name, child in list(directory.children.items()):
+            if child.layer < layer_index:
+                del directory.children[name]
+            elif child.is_dir:
+                self._prune_lower(child, layer_index)
+
+    # -- output ---------------------------------------------------------------------------------
+    def to_manifest(self, config: dict, chunk_size: int) -> Manifest:
+        entries: list[Entry] = []
+        first_path: dict[int, bytes] = {}
+
+        def emit(path: bytes, node: Node) -> None:
+            ino = node.inode
+            if node.is_dir:
+                entries.append(Entry(path, EntryType.DIR, ino.mode, ino.uid, ino.gid, ino.mtime_ns,
+                                     xattrs=ino.xattrs))
+                for name in sorted(node.children):
+                    emit(path + b"/" + name if path else name, node.children[name])
+                return
+            primary = first_path.setdefault(id(ino), path)
+            if primary != path:
+                entries.append(Entry(path, EntryType.HARDLINK, link=primary))
+                return
+            size = len(ino.target) if ino.type == EntryType.SYMLINK else ino.size
+            entries.append(Entry(path, ino.type, ino.mode, ino.uid, ino.gid, ino.mtime_ns, size,
+                                 ino.chunks, ino.target, b"", ino.rdev, ino.xattrs))
+
+        emit(b"", self.root)
+        return Manifest(tuple(entries), config, chunk_size)
+
+    def referenced_digests(self) -> set[str]:
+        out: set[str] = set()
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.is_dir:
+                stack.extend(node.children.values())
+            else:
+                out.update(c.digest for c in node.inode.chunks)
+        return out

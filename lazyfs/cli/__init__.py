@@ -1,0 +1,29 @@
+"""The `lazyfs` command: one root typer app, one thin module per command group."""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lazyfs.errors import LazyfsError
+
+app = typer.Typer(
+    name="lazyfs", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Lazily loaded container images: build an image into content-addressed blocks, mount it "
+         "with FUSE fetching blocks on first read, and run containers on it.")
+
+
+def _register() -> None:
+    from lazyfs.cli import build, demo, mount, run  # noqa: F401  (each adds its commands to app)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except LazyfsError as exc:
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("lazyfs: interrupted", file=sys.stderr)
+        sys.exit(130)

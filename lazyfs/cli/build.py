@@ -1,0 +1,76 @@
+"""`lazyfs build`, `lazyfs images`, `lazyfs inspect`."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from lazyfs.cli import app
+from lazyfs.cli.common import CacheOpt, JsonOpt, RichProgress, StoreOpt, err, human, out  # noqa: F401
+from lazyfs.store import objects, open_store
+
+
+@app.command(help="Build an image into lazyfs blocks and a manifest, publish them to a store, "
+                  "tag it, and print the manifest digest as the last line.\n\n"
+                  "SOURCE is oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] "
+                  "(what docker/podman save write), dir:ROOTFS, or a bare path (detected).")
+def build(
+    source: str = typer.Argument(..., help="Image to read (see above)."),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="NAME:TAG to point at the result."),
+    store: Optional[str] = StoreOpt,
+    chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Bytes per block for large files."),
+    tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
+                                          "the whole image has been verified (default: $TMPDIR)."),
+):
+    from imagebuilder.build import build as run_build
+
+    st = open_store(store)
+    with RichProgress() as progress:
+        result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress)
+    c = result.commit
+    err.print(f"built {tag or source}: {len(result.manifest.entries)} entries from {result.layers} "
+              f"layer(s); {c.blocks} blocks ({human(c.raw_bytes)}), {c.uploaded} new to {st.url} "
+              f"({human(c.uploaded_bytes)} written)", highlight=False)
+    print(result.digest)
+
+
+@app.command(help="List the tagged images in a store.")
+def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
+    from lazyfs.imagestats import all_images, store_summary
+
+    st = open_store(store)
+    imgs = all_images(st)
+    summary = store_summary(st, imgs)
+    if as_json:
+        rows = [{"ref": ref, "digest": d, "entries": len(m.entries)} for ref, d, m in imgs]
+        print(json.dumps({"images": rows, "store": summary}, indent=2))
+        return
+    table = Table("IMAGE", "DIGEST", "ENTRIES", box=None)
+    for ref, digest, m in imgs:
+        table.add_row(ref, digest[:19], str(len(m.entries)))
+    out.print(table)
+    out.print(f"{summary['images']} image(s): {human(summary['logical_bytes'])} of files, "
+              f"{human(summary['unique_block_bytes'])} unique, {human(summary['bytes_stored'])} stored "
+              f"(dedup {summary['dedup_ratio']}x)", highlight=False)
+
+
+@app.command(help="Show an image's files, bytes, blocks, bytes stored and dedup ratio.")
+def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[str] = StoreOpt,
+            as_json: bool = JsonOpt):
+    from lazyfs.imagestats import all_images, block_sizes, image_stats
+
+    st = open_store(store)
+    digest = objects.resolve(st, ref)
+    manifest = objects.read_manifest(st, digest)
+    others = {d: set(block_sizes(m)) for _, d, m in all_images(st)}
+    stats = image_stats(st, ref, digest, manifest, others)
+    if as_json:
+        print(json.dumps({**stats.to_dict(), "config": manifest.config}, indent=2))
+        return
+    table = Table(box=None, show_header=False)
+    for key, value in stats.to_dict().items():
+        shown = human(value) if key.endswith("bytes") or key.endswith("stored") else str(value)
+        table.add_row(key.replace("_", " "), shown)
+    out.print(table)

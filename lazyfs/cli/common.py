@@ -1,0 +1,54 @@
+"""Options and output helpers shared by the command modules."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+STORE_HELP = ("Block store: a directory or file://PATH. Default: $LAZYFS_STORE, else the per-user "
+              "store (~/.local/share/lazyfs/store).")
+StoreOpt = typer.Option(None, "--store", "-s", help=STORE_HELP, metavar="STORE")
+CacheOpt = typer.Option(None, "--cache-dir", help="Node-local block cache shared by all images. "
+                        "Default: $LAZYFS_CACHE_DIR, else ~/.cache/lazyfs/node-cache.", metavar="DIR")
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+err = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """Byte/item progress bars on a terminal; silent when stderr is not a TTY (logs, CI)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.progress: Optional[Progress] = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                                     transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        if not self.progress:
+            return lambda n: None
+        tid = self.progress.add_task(description, total=total)
+        return lambda n: self.progress.advance(tid, n)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

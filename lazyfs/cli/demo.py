@@ -1,0 +1,1 @@
+from lazyfs.cli import app  # noqa: F401

@@ -1,0 +1,63 @@
+"""`lazyfs mount`, `lazyfs umount`, `lazyfs stats`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import CacheOpt, StoreOpt, err
+
+
+@app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
+                  "blocks are fetched on first read, verified, and kept in the node cache. Returns "
+                  "once the mount answers (the daemon logs to --log-file).")
+def mount(
+    ref: str = typer.Argument(..., metavar="NAME:TAG", help="Image reference or manifest digest."),
+    mountpoint: str = typer.Argument(..., help="Existing empty directory."),
+    store: Optional[str] = StoreOpt,
+    cache_dir: Optional[str] = CacheOpt,
+    foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until unmounted."),
+    log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
+                                           "~/.local/state/lazyfs/mounts/)."),
+    debug: bool = typer.Option(False, "--debug", help="Log every FUSE request."),
+):
+    from lazyfs import paths
+    from lazyfs.fs import daemon
+    from lazyfs.store import objects, open_store
+
+    if foreground:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        daemon.clean_stale(mountpoint)
+        st = open_store(store)
+        digest = objects.resolve(st, ref)
+        daemon.serve(digest, st.url, str(cache_dir or paths.default_cache_dir()),
+                     os.path.realpath(mountpoint), ref, debug=debug)
+        return
+    state = daemon.mount(ref, mountpoint, store, cache_dir, log_file, debug=debug)
+    err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
+              f"log {state.log_file}", highlight=False)
+
+
+@app.command(help="Unmount a lazyfs mount and wait for its daemon to exit.")
+def umount(mountpoint: str = typer.Argument(...),
+           lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy.")):
+    from lazyfs.fs import daemon
+
+    daemon.umount(mountpoint, lazy=lazy)
+
+
+@app.command(help="Print a mount's counters (blocks fetched, bytes, cache hits) as JSON.")
+def stats(mountpoint: str = typer.Argument(...)):
+    from lazyfs.errors import MountError
+    from lazyfs.fs.fuseops import STATS_XATTR
+
+    try:
+        raw = os.getxattr(mountpoint, STATS_XATTR)
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: not a lazyfs mount ({exc.strerror})") from None
+    print(json.dumps(json.loads(raw), indent=2))

@@ -1,0 +1,1 @@
+"""The mounted image: metadata index → reader → FUSE adapter → daemon."""

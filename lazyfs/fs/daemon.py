@@ -1,0 +1,226 @@
+"""Mounting and unmounting: the FUSE daemon process, its readiness handshake, state and logs.
+
+`lazyfs mount` starts this module as a detached process (new session, output to a log file) and
+returns once the kernel answers on the mountpoint; `--foreground` runs the same code in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lazyfs import paths
+from lazyfs.errors import LazyfsError, MountError
+from lazyfs.store import objects, open_store
+from lazyfs.store.counting import CountingStore
+
+log = logging.getLogger("lazyfs.mount")
+FS_TYPE = "fuse.lazyfs"
+
+
+@dataclass
+class MountState:
+    mountpoint: str
+    pid: int
+    digest: str
+    ref: str
+    store: str
+    cache_dir: str
+    log_file: str
+
+
+def _state_file(mountpoint: str) -> Path:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return paths.state_dir() / "mounts" / f"{key}.json"
+
+
+def read_state(mountpoint: str) -> MountState | None:
+    try:
+        return MountState(**json.loads(_state_file(mountpoint).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def mount_entry(mountpoint: str) -> dict | None:
+    """The /proc/self/mountinfo line for mountpoint, as a dict, if something is mounted there."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            mp = fields[4].encode().decode("unicode_escape")
+            if mp == target:
+                fstype, source = right.split()[:2]
+                return {"fstype": fstype, "source": source}
+    return None
+
+
+def is_stale(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("fusermount") or shutil.which("fusermount3")
+    cmd = [exe, *args] if exe else ["umount", *[a for a in args if not a.startswith("-u")]]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def clean_stale(mountpoint: str) -> bool:
+    """A daemon killed hard leaves "Transport endpoint is not connected": unmount it lazily."""
+    if not is_stale(mountpoint):
+        return False
+    log.warning("%s: the lazyfs daemon behind this mount is gone; unmounting the dead mount", mountpoint)
+    _fusermount("-u", "-z", mountpoint)
+    return True
+
+
+def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | None,
+          log_file: str | None = None, timeout: float = 30.0, debug: bool = False) -> MountState:
+    """Start a detached daemon and wait until the mount answers."""
+    mnt = os.path.realpath(mountpoint)
+    clean_stale(mnt)
+    if not os.path.isdir(mnt):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if mount_entry(mnt):
+        raise MountError(f"{mountpoint} is already a mountpoint (lazyfs umount {mountpoint} first)")
+    store = open_store(store_spec)
+    digest = objects.resolve(store, ref)
+    objects.read_manifest(store, digest)  # fail here, in the user's terminal, not in a log file
+    cache = str(cache_dir or paths.default_cache_dir())
+    logf = Path(log_file) if log_file else paths.state_dir() / "mounts" / (
+        _state_file(mnt).stem + ".log")
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    args = [sys.executable, "-m", "lazyfs.fs.daemon", "--digest", digest, "--store", store.url,
+            "--cache-dir", cache, "--ready-fd", str(write_fd), "--ref", str(ref), mnt]
+    if debug:
+        args.append("--debug")
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                pass_fds=(write_fd,), start_new_session=True, close_fds=True)
+    os.close(write_fd)
+    try:
+        ready = _wait_ready(read_fd, proc, timeout)
+    finally:
+        os.close(read_fd)
+    if not ready:
+        proc.kill()
+        tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
+        raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  " + "\n  ".join(tail))
+    state = MountState(mnt, proc.pid, digest, str(ref), store.url, cache, str(logf))
+    _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
+    _state_file(mnt).write_text(json.dumps(asdict(state)))
+    return state
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen, timeout: float) -> bool:
+    import select
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            return os.read(fd, 1) == b"1"
+        if proc.poll() is not None:
+            return False
+    return False
+
+
+def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
+    mnt = os.path.realpath(mountpoint)
+    state = read_state(mnt)
+    entry = mount_entry(mnt)
+    if entry is None and not is_stale(mnt):
+        _state_file(mnt).unlink(missing_ok=True)
+        raise MountError(f"{mountpoint} is not mounted")
+    if entry and entry["fstype"] != FS_TYPE:
+        raise MountError(f"{mountpoint} is a {entry['fstype']} mount, not lazyfs")
+    res = _fusermount("-u", *(["-z"] if lazy else []), mnt)
+    if res.returncode != 0 and mount_entry(mnt):
+        msg = (res.stderr or res.stdout).strip()
+        if "busy" in msg:
+            raise MountError(f"{mountpoint} is busy (a process is using it); stop it or use --lazy")
+        raise MountError(f"unmounting {mountpoint} failed: {msg}")
+    if state:
+        _wait_exit(state.pid, timeout)
+    _state_file(mnt).unlink(missing_ok=True)
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: str = "",
+          ready_fd: int | None = None, debug: bool = False) -> None:
+    """Run the FUSE filesystem in this process until unmounted."""
+    from fuse import FUSE
+
+    from lazyfs.cache.nodecache import NodeCache
+    from lazyfs.fs.fuseops import CODEC, LazyOps
+    from lazyfs.fs.index import ImageIndex
+
+    store = CountingStore(open_store(store_spec))
+    manifest = objects.read_manifest(store, digest)
+    index = ImageIndex(manifest)
+    cache = NodeCache(cache_dir, store.get_block)
+    ops = LazyOps(index, cache, lambda: {"store": store.stats.snapshot(), "digest": digest})
+    if ready_fd is not None:
+        def init(path, _fd=ready_fd):
+            os.write(_fd, b"1")
+            os.close(_fd)
+        ops.init = init
+    log.info("mounting %s (%s) on %s: %d entries, %d bytes, cache %s", ref or digest, digest,
+             mountpoint, len(manifest.entries), index.total_size, cache_dir)
+    FUSE(ops, mountpoint, foreground=True, nothreads=False, encoding=CODEC, ro=True,
+         allow_other=True, default_permissions=True, use_ino=True, kernel_cache=True,
+         attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
+         fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=debug)
+    log.info("unmounted %s", mountpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lazyfs-daemon", description="internal: lazyfs FUSE daemon")
+    p.add_argument("mountpoint")
+    p.add_argument("--digest", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--ref", default="")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    try:
+        serve(a.digest, a.store, a.cache_dir, a.mountpoint, a.ref, a.ready_fd, a.debug)
+    except (LazyfsError, RuntimeError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

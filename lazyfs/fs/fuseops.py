@@ -1,0 +1,145 @@
+"""The FUSE adapter (fusepy): the only place lazyfs errors become errno values.
+
+Metadata comes from the ImageIndex; file bytes from the NodeCache, which verifies every block
+against its digest before it is read, so nothing unverified ever reaches the kernel.
+"""
+from __future__ import annotations
+
+import codecs
+import errno
+import json
+import logging
+import os
+
+from fuse import FuseOSError, Operations
+
+from lazyfs.cache.nodecache import NodeCache
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.index import ImageIndex, Inode
+from lazyfs.format.manifest import EntryType
+
+log = logging.getLogger("lazyfs.fuse")
+
+# fusepy decodes every path with one codec; names in images need not be UTF-8, so use UTF-8 with
+# surrogateescape under a codec name of our own and turn paths back into the exact bytes.
+CODEC = "lazyfs-fsname"
+
+
+def _search(name):
+    if name != CODEC.replace("-", "_") and name != CODEC:
+        return None
+    utf8 = codecs.lookup("utf-8")
+    return codecs.CodecInfo(
+        name=CODEC,
+        encode=lambda s, errors="strict": utf8.encode(s, "surrogateescape"),
+        decode=lambda b, errors="strict": utf8.decode(b, "surrogateescape"))
+
+
+codecs.register(_search)
+STATS_XATTR = "user.lazyfs.stats"
+
+
+def _b(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape").strip(b"/")
+
+
+class LazyOps(Operations):
+    use_ns = True  # times are integer nanoseconds
+
+    def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}):
+        self.index = index
+        self.cache = cache
+        self.stats_extra = stats_extra
+        self.reads = 0
+        self.read_bytes = 0
+
+    def _inode(self, path: str) -> Inode:
+        inode = self.index.lookup(_b(path))
+        if inode is None:
+            raise FuseOSError(errno.ENOENT)
+        return inode
+
+    # -- metadata (never fetches) -------------------------------------------------------------
+    def getattr(self, path, fh=None):
+        return self.index.stat(self._inode(path))
+
+    def readdir(self, path, fh):
+        inode = self._inode(path)
+        if inode.entry.type != EntryType.DIR:
+            raise FuseOSError(errno.ENOTDIR)
+        yield "."
+        yield ".."
+        prefix = inode.entry.path + b"/" if inode.entry.path else b""
+        for name in self.index.children[inode.ino]:
+            child = self.index.by_path[prefix + name]
+            yield name.decode("utf-8", "surrogateescape"), {
+                "st_ino": child.ino, "st_mode": self.index.stat(child)["st_mode"]}, 0
+
+    def readlink(self, path):
+        inode = self._inode(path)
+        if inode.entry.type != EntryType.SYMLINK:
+            raise FuseOSError(errno.EINVAL)
+        return inode.entry.target.decode("utf-8", "surrogateescape")
+
+    def getxattr(self, path, name, position=0):
+        inode = self._inode(path)
+        if name == STATS_XATTR and not inode.entry.path:
+            return json.dumps(self.stats()).encode()
+        key = name.encode("utf-8", "surrogateescape")
+        for k, v in inode.entry.xattrs:
+            if k == key:
+                return v
+        raise FuseOSError(errno.ENODATA)
+
+    def listxattr(self, path):
+        return [k.decode("utf-8", "surrogateescape") for k, _ in self._inode(path).entry.xattrs]
+
+    def statfs(self, path):
+        blocks = (self.index.total_size + 4095) // 4096
+        n = len(self.index.manifest.entries)
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": blocks, "f_bfree": 0, "f_bavail": 0,
+                "f_files": n, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+
+    def access(self, path, amode):
+        self._inode(path)
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EROFS)
+        return 0
+
+    # -- data -----------------------------------------------------------------------------------
+    def open(self, path, flags):
+        inode = self._inode(path)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FuseOSError(errno.EROFS)
+        if inode.entry.type != EntryType.REG:
+            raise FuseOSError(errno.EISDIR if inode.entry.type == EntryType.DIR else errno.EACCES)
+        return inode.ino
+
+    def read(self, path, size, offset, fh):
+        inode = self._inode(path)
+        parts = []
+        try:
+            for chunk, inner, n in inode.chunks_for(offset, size):
+                parts.append(self.cache.read(chunk.digest, chunk.size, inner, n))
+        except LazyfsError as exc:
+            log.error("EIO reading %s (offset %d): block %s: %s", path, offset,
+                      getattr(exc, "digest", None) or "?", exc)
+            raise FuseOSError(errno.EIO) from None
+        except OSError as exc:
+            log.error("EIO reading %s (offset %d): node cache: %s", path, offset, exc)
+            raise FuseOSError(errno.EIO) from None
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.reads += 1
+        self.read_bytes += len(data)
+        return data
+
+    def stats(self) -> dict:
+        return {"cache": self.cache.stats.snapshot(), "reads": self.reads, "read_bytes": self.read_bytes,
+                **self.stats_extra()}
+
+    # Everything that would change the image is refused (the mount is also "ro").
+    def _rofs(self, *args):
+        raise FuseOSError(errno.EROFS)
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = setxattr = removexattr = \
+        symlink = truncate = unlink = utimens = write = _rofs

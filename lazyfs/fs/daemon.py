@@ -66,8 +66,10 @@ def mount_entry(mountpoint: str) -> dict | None:
 
 
 def is_stale(mountpoint: str) -> bool:
+    # stat() of the root can be answered from the kernel's attribute cache; statfs always asks
+    # the daemon, so it is what reveals a dead one.
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

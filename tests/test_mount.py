@@ -1,0 +1,161 @@
+"""The mount: laziness, metadata without fetches, corruption → EIO, daemon life cycle."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.format.manifest import EntryType
+from lazyfs.store import objects
+from lazyfs.store.local import LocalStore
+from tests.conftest import LAZYFS, ROOT, Mounted, lazyfs_cli, needs_mount
+
+pytestmark = needs_mount
+
+
+def _rootfs(root: Path) -> Path:
+    (root / "data").mkdir(parents=True)
+    for i in range(4):
+        (root / "data" / f"large-{i}.bin").write_bytes(os.urandom(5 * 1024 * 1024 + i))
+    (root / "etc").mkdir()
+    (root / "etc" / "motd").write_text("hello from a lazy image\n")
+    (root / "etc" / "other").write_text("another small file\n")
+    os.setxattr(root / "etc" / "motd", "user.note", b"metadata only")
+    for i in range(200):
+        (root / "data" / f"small-{i}.txt").write_text(f"small file {i}\n")
+    return root
+
+
+@pytest.fixture
+def big_image(env_dirs, tmp_path):
+    src = _rootfs(tmp_path / "rootfs")
+    lazyfs_cli("build", f"dir:{src}", "--tag", "lazy/big:1")
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    manifest = objects.read_manifest(store, store.get_tag("lazy/big", "1"))
+    return src, store, {e.path: e for e in manifest.entries}
+
+
+def test_reading_one_small_file_fetches_only_its_block(big_image, tmp_path):
+    src, store, entries = big_image
+    m = Mounted("lazy/big:1", tmp_path / "mnt")
+    with m as mnt:
+        # Metadata of the whole tree: stat, readdir, readlink, xattrs — no block fetched.
+        for dirpath, dirs, files in os.walk(mnt):
+            for name in dirs + files:
+                os.lstat(os.path.join(dirpath, name))
+                os.listxattr(os.path.join(dirpath, name), follow_symlinks=False)
+        assert os.getxattr(mnt / "etc" / "motd", "user.note") == b"metadata only"
+        s = m.stats()
+        assert s["store"]["block_gets"] == 0 and s["store"]["manifest_gets"] == 1
+        assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
+        s = m.stats()
+        motd = entries[b"etc/motd"]
+        assert s["store"]["block_gets"] == len(motd.chunks) == 1
+        assert s["cache"]["fetched_raw_bytes"] == motd.size
+        assert s["store"]["block_bytes"] == store.block_size(motd.chunks[0].digest)
+        total_blocks = {c.digest for e in entries.values() for c in e.chunks}
+        assert len(total_blocks) > 20  # the image really is much larger than what was fetched
+        # Reading part of a multi-block file fetches just the blocks under the read.
+        with open(mnt / "data" / "large-2.bin", "rb") as f:
+            f.seek(2 * 1024 * 1024 + 10)
+            assert f.read(100) == (src / "data" / "large-2.bin").read_bytes()[2 * 1024 * 1024 + 10:][:100]
+        assert m.stats()["store"]["block_gets"] == 2
+
+
+def test_whole_image_reads_back_exactly_and_cache_is_shared(big_image, tmp_path, env_dirs):
+    src, store, entries = big_image
+    with Mounted("lazy/big:1", tmp_path / "mnt") as mnt:
+        for path, e in entries.items():
+            if e.type == EntryType.REG:
+                assert (mnt / os.fsdecode(path)).read_bytes() == (src / os.fsdecode(path)).read_bytes()
+    # A second image sharing the content, mounted on the same node: nothing fetched again.
+    lazyfs_cli("build", f"dir:{src / 'data'}", "--tag", "lazy/data:1")
+    m = Mounted("lazy/data:1", tmp_path / "mnt2")
+    with m as mnt:
+        assert (mnt / "large-0.bin").read_bytes() == (src / "data" / "large-0.bin").read_bytes()
+        s = m.stats()
+        assert s["store"]["block_gets"] == 0 and s["cache"]["hits"] > 0
+
+
+def _corrupt_block(store: LocalStore, digest: str) -> None:
+    path = store._block_path(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_and_missing_blocks_give_eio_and_a_log_line(big_image, tmp_path, env_dirs):
+    src, store, entries = big_image
+    bad = entries[b"etc/motd"].chunks[0].digest
+    _corrupt_block(store, bad)
+    gone = entries[b"data/large-1.bin"].chunks[3].digest
+    store._block_path(gone).unlink()
+    with Mounted("lazy/big:1", tmp_path / "mnt", "--log-file", tmp_path / "mount.log") as mnt:
+        with pytest.raises(OSError) as exc:
+            (mnt / "etc" / "motd").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert (mnt / "etc" / "other").read_text() == "another small file\n"
+        with open(mnt / "data" / "large-1.bin", "rb") as f:
+            assert f.read(1024) == (src / "data" / "large-1.bin").read_bytes()[:1024]
+            f.seek(3 * 1024 * 1024 + 5)
+            with pytest.raises(OSError) as exc:
+                f.read(10)
+            assert exc.value.errno == errno.EIO
+        # The mount keeps answering after errors.
+        assert sorted(os.listdir(mnt)) == ["data", "etc"]
+    log = (tmp_path / "mount.log").read_text()
+    assert bad in log and "etc/motd" in log
+    assert gone in log and "large-1.bin" in log
+    # Nothing bad entered the node cache.
+    cache_files = {p.name for p in Path(env_dirs["LAZYFS_CACHE_DIR"], "blocks").rglob("*") if p.is_file()}
+    assert bad[7:] not in cache_files and gone[7:] not in cache_files
+    for name in cache_files:
+        data = next(Path(env_dirs["LAZYFS_CACHE_DIR"], "blocks").rglob(name)).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == name
+
+
+def test_mount_outlives_its_shell_and_umount_leaves_no_process(big_image, tmp_path, env_dirs):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # The shell that mounts exits at once, as a user's login shell or a script would.
+    cmd = " ".join(LAZYFS) + f" mount lazy/big:1 {mnt}; exit 0"
+    subprocess.run(["sh", "-c", cmd], check=True, cwd=ROOT, capture_output=True, env=os.environ)
+    time.sleep(0.5)
+    assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
+    from lazyfs.fs.daemon import read_state
+    state = read_state(str(mnt))
+    assert state is not None and os.path.exists(f"/proc/{state.pid}")
+    lazyfs_cli("umount", mnt)
+    assert not os.path.ismount(mnt)
+    assert not os.path.exists(f"/proc/{state.pid}")
+    leftovers = subprocess.run(["pgrep", "-f", f"lazyfs.fs.daemon.*{mnt}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
+def test_mount_errors_are_clear(big_image, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    proc = lazyfs_cli("mount", "lazy/nope:1", tmp_path / "mnt", check=False)
+    assert proc.returncode != 0 and "lazy/nope:1 not found" in proc.stderr
+    proc = lazyfs_cli("mount", "lazy/big:1", tmp_path / "missing", check=False)
+    assert proc.returncode != 0 and "not a directory" in proc.stderr
+    proc = lazyfs_cli("umount", tmp_path / "mnt", check=False)
+    assert proc.returncode != 0 and "not mounted" in proc.stderr
+
+
+def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path):
+    mnt = tmp_path / "mnt"
+    with Mounted("lazy/big:1", mnt):
+        from lazyfs.fs.daemon import read_state
+        os.kill(read_state(str(mnt)).pid, 9)
+        time.sleep(0.3)
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        lazyfs_cli("mount", "lazy/big:1", mnt)
+        assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"

@@ -100,3 +100,21 @@ def umoci_image(tmp_path_factory):
     layout = images.build_umoci_image(work)
     oracle = images.unpack_oracle(layout, "test", work / "oracle")
     return layout, oracle
+
+
+BUSYBOX = shutil.which("busybox")
+
+
+def busybox_rootfs(root: Path) -> Path:
+    """A small but real, runnable root filesystem: a static busybox and its applet links."""
+    if not BUSYBOX:
+        pytest.skip("busybox not installed (apt-get install busybox-static)")
+    for d in ("bin", "etc", "tmp", "proc", "dev"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "ls", "cat", "echo", "sleep", "wc", "sha256sum", "hostname", "id", "env"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (root / "etc" / "os-release").write_text("NAME=lazyfs-busybox\n")
+    return root

@@ -1,1 +1,40 @@
-from lazyfs.cli import app  # noqa: F401
+"""`lazyfs run`."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import CacheOpt, StoreOpt, err
+
+
+@app.command(context_settings={"allow_interspersed_args": False},
+             help="Run a command in a container on a lazily mounted image, with a writable overlay "
+                  "on top; exits with the command's exit code. Without CMD, the image's "
+                  "Entrypoint/Cmd run. Example: lazyfs run demo:latest -- sh -c 'cat /etc/os-release'")
+def run(
+    ref: str = typer.Argument(..., metavar="NAME:TAG"),
+    cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
+    store: Optional[str] = StoreOpt,
+    cache_dir: Optional[str] = CacheOpt,
+    runtime: str = typer.Option("auto", "--runtime", help="auto (podman if present, else "
+                                "namespaces), podman, or namespaces."),
+    upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
+                                        "directory (default: a temporary one, removed on exit)."),
+    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", "-w"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image."),
+    network: str = typer.Option("none", "--network", help="none (default) or host."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),
+):
+    from lazyfs.runner.session import RunOptions, run as run_session
+
+    argv = list(cmd or [])
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    opts = RunOptions(ref, argv, store, cache_dir, runtime, upper, list(env or []),
+                      workdir, user, network, tty=sys.stdin.isatty() and sys.stdout.isatty())
+    say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
+    raise typer.Exit(run_session(opts, say))

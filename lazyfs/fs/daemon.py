@@ -165,10 +165,16 @@ def _wait_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
+            # When this process started the daemon (lazyfs run), reap it: a zombie still "exists".
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)
     try:
         os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,1 @@
+"""`lazyfs run`: image mount → overlayfs writable layer → container runtime."""

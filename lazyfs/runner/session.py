@@ -1,0 +1,115 @@
+"""One `lazyfs run`: mount the image, add a writable layer, run the command, always clean up."""
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazyfs import paths
+from lazyfs.errors import RunError
+from lazyfs.fs import daemon
+from lazyfs.runner import runtime as rt
+from lazyfs.runner.overlay import Overlay
+from lazyfs.store import objects, open_store
+
+log = logging.getLogger("lazyfs.run")
+STOP_GRACE = 2.0  # seconds between Ctrl-C, SIGTERM and SIGKILL
+
+
+@dataclass
+class RunOptions:
+    ref: str
+    argv: list[str]
+    store: str | None = None
+    cache_dir: str | None = None
+    runtime: str = "auto"
+    upper: str | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    network: str = "none"
+    tty: bool = False
+
+
+def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
+    """Docker semantics: an entrypoint stays, a given command replaces Cmd."""
+    entrypoint = list(config.get("Entrypoint") or [])
+    argv = entrypoint + (opts.argv or list(config.get("Cmd") or []))
+    if not argv:
+        raise RunError(f"{opts.ref} has no Entrypoint or Cmd; give a command after --")
+    return rt.Spec(argv=argv, env=list(config.get("Env") or []) + opts.env,
+                   workdir=opts.workdir or config.get("WorkingDir") or "/",
+                   user=opts.user if opts.user is not None else config.get("User", ""),
+                   tty=opts.tty, network=opts.network)
+
+
+def run(opts: RunOptions, say=lambda msg: None) -> int:
+    runtime = rt.choose(opts.runtime)
+    store = open_store(opts.store)
+    digest = objects.resolve(store, opts.ref)
+    spec = container_spec(objects.read_manifest(store, digest).config, opts)
+    rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
+    image_mnt = rundir / "image"
+    image_mnt.mkdir(parents=True)
+    upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
+    overlay = Overlay(image_mnt, upper, rundir / "work", rundir / "rootfs")
+    mounted = False
+    try:
+        state = daemon.mount(digest, str(image_mnt), store.url, opts.cache_dir, str(rundir / "mount.log"))
+        mounted = True
+        say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
+        rootfs = overlay.mount()
+        say(f"writable layer {upper}; runtime: " + (
+            "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))
+        name = f"lazyfs-{rundir.name}"
+        cmd = rt.command(runtime, rootfs, spec, name)
+        say("exec: " + " ".join(cmd))
+        return _supervise(cmd, lambda: rt.force_stop(runtime, name))
+    finally:
+        overlay.unmount()
+        if mounted:
+            try:
+                daemon.umount(str(image_mnt), lazy=True)
+            except Exception as exc:  # cleanup must go on; report, don't mask the run's outcome
+                log.warning("unmounting %s: %s", image_mnt, exc)
+        # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _supervise(cmd: list[str], force_stop) -> int:
+    """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
+    terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends."""
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = _stop(proc, force_stop)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 - code if code < 0 else code
+
+
+def _stop(proc: subprocess.Popen, force_stop) -> int:
+    for step in ("wait", "term", "kill"):
+        if step == "term":
+            proc.send_signal(signal.SIGTERM)
+        elif step == "kill":
+            force_stop()
+            proc.kill()
+        try:
+            return proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            continue  # a second Ctrl-C moves on to the next step
+    return proc.wait()

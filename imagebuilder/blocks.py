@@ -17,7 +17,7 @@ from lazyfs.format import block
 from lazyfs.format.manifest import Chunk
 from lazyfs.store.base import BlockStore
 
-DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/format.md "Chunking" for the measurements behind it
+DEFAULT_CHUNK_SIZE = 512 * 1024  # docs/format.md "Chunking, and why" has the measurements
 _READ = 1 << 20
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
 from lazyfs.cli import app
 from lazyfs.cli.common import CacheOpt, JsonOpt, RichProgress, StoreOpt, err, human, out  # noqa: F401
 from lazyfs.store import objects, open_store
@@ -20,7 +21,8 @@ def build(
     source: str = typer.Argument(..., help="Image to read (see above)."),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="NAME:TAG to point at the result."),
     store: Optional[str] = StoreOpt,
-    chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Bytes per block for large files."),
+    chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size",
+                                   help="Bytes per block; smaller files are one block each."),
     tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
                                           "the whole image has been verified (default: $TMPDIR)."),
 ):

@@ -24,6 +24,8 @@ def mount(
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
                                            "~/.local/state/lazyfs/mounts/)."),
     debug: bool = typer.Option(False, "--debug", help="Log every FUSE request."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per file read "
+                                        "(path, offset, size, time) to this file."),
 ):
     from lazyfs import paths
     from lazyfs.fs import daemon
@@ -36,9 +38,9 @@ def mount(
         st = open_store(store)
         digest = objects.resolve(st, ref)
         daemon.serve(digest, st.url, str(cache_dir or paths.default_cache_dir()),
-                     os.path.realpath(mountpoint), ref, debug=debug)
+                     os.path.realpath(mountpoint), ref, debug=debug, trace=trace)
         return
-    state = daemon.mount(ref, mountpoint, store, cache_dir, log_file, debug=debug)
+    state = daemon.mount(ref, mountpoint, store, cache_dir, log_file, debug=debug, trace=trace)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
 

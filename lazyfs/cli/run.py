@@ -28,6 +28,8 @@ def run(
     user: Optional[str] = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image."),
     network: str = typer.Option("none", "--network", help="none (default) or host."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per read of "
+                                        "the image (path, offset, size, time) to this file."),
 ):
     from lazyfs.runner.session import RunOptions, run as run_session
 
@@ -35,6 +37,6 @@ def run(
     if argv[:1] == ["--"]:
         argv = argv[1:]
     opts = RunOptions(ref, argv, store, cache_dir, runtime, upper, list(env or []),
-                      workdir, user, network, tty=sys.stdin.isatty() and sys.stdout.isatty())
+                      workdir, user, network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace)
     say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
     raise typer.Exit(run_session(opts, say))

@@ -91,7 +91,8 @@ def clean_stale(mountpoint: str) -> bool:
 
 
 def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | None,
-          log_file: str | None = None, timeout: float = 30.0, debug: bool = False) -> MountState:
+          log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
+          trace: str | None = None) -> MountState:
     """Start a detached daemon and wait until the mount answers."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
@@ -111,6 +112,8 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
             "--cache-dir", cache, "--ready-fd", str(write_fd), "--ref", str(ref), mnt]
     if debug:
         args.append("--debug")
+    if trace:
+        args += ["--trace", os.path.abspath(trace)]
     with open(logf, "ab") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 pass_fds=(write_fd,), start_new_session=True, close_fds=True)
@@ -183,7 +186,7 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: str = "",
-          ready_fd: int | None = None, debug: bool = False) -> None:
+          ready_fd: int | None = None, debug: bool = False, trace: str | None = None) -> None:
     """Run the FUSE filesystem in this process until unmounted."""
     from fuse import FUSE
 
@@ -195,7 +198,8 @@ def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: st
     manifest = objects.read_manifest(store, digest)
     index = ImageIndex(manifest)
     cache = NodeCache(cache_dir, store.get_block)
-    ops = LazyOps(index, cache, lambda: {"store": store.stats.snapshot(), "digest": digest})
+    trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
+    ops = LazyOps(index, cache, lambda: {"store": store.stats.snapshot(), "digest": digest}, trace_file)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"1")
@@ -219,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", default="")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--trace")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
-        serve(a.digest, a.store, a.cache_dir, a.mountpoint, a.ref, a.ready_fd, a.debug)
+        serve(a.digest, a.store, a.cache_dir, a.mountpoint, a.ref, a.ready_fd, a.debug, a.trace)
     except (LazyfsError, RuntimeError, OSError) as exc:
         log.error("%s", exc)
         return 1

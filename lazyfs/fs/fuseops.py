@@ -10,6 +10,8 @@ import errno
 import json
 import logging
 import os
+import threading
+import time
 
 from fuse import FuseOSError, Operations
 
@@ -46,12 +48,15 @@ def _b(path: str) -> bytes:
 class LazyOps(Operations):
     use_ns = True  # times are integer nanoseconds
 
-    def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}):
+    def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None):
         self.index = index
         self.cache = cache
         self.stats_extra = stats_extra
         self.reads = 0
         self.read_bytes = 0
+        self.trace = trace  # a text file: one JSON line per read (workload analysis, profiles)
+        self._trace_lock = threading.Lock()
+        self._t0 = time.monotonic()
 
     def _inode(self, path: str) -> Inode:
         inode = self.index.lookup(_b(path))
@@ -131,6 +136,12 @@ class LazyOps(Operations):
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.reads += 1
         self.read_bytes += len(data)
+        if self.trace:
+            line = json.dumps({"t": round(time.monotonic() - self._t0, 6), "path": path,
+                               "offset": offset, "size": len(data)}, ensure_ascii=False)
+            with self._trace_lock:
+                self.trace.write(line + "\n")
+                self.trace.flush()
         return data
 
     def stats(self) -> dict:

@@ -1,17 +1,21 @@
 """One `lazyfs run`: mount the image, add a writable layer, run the command, always clean up."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from lazyfs import paths
 from lazyfs.errors import RunError
 from lazyfs.fs import daemon
+from lazyfs.fs.fuseops import STATS_XATTR
 from lazyfs.runner import runtime as rt
 from lazyfs.runner.overlay import Overlay
 from lazyfs.store import objects, open_store
@@ -33,6 +37,8 @@ class RunOptions:
     user: str | None = None
     network: str = "none"
     tty: bool = False
+    report: Callable[[dict], None] | None = None  # gets the mount's counters after the command
+    trace: str | None = None  # record every read of the image (lazyfs mount --trace)
 
 
 def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
@@ -59,7 +65,8 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     overlay = Overlay(image_mnt, upper, rundir / "work", rundir / "rootfs")
     mounted = False
     try:
-        state = daemon.mount(digest, str(image_mnt), store.url, opts.cache_dir, str(rundir / "mount.log"))
+        state = daemon.mount(digest, str(image_mnt), store.url, opts.cache_dir, str(rundir / "mount.log"),
+                             trace=opts.trace)
         mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
         rootfs = overlay.mount()
@@ -68,7 +75,10 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         name = f"lazyfs-{rundir.name}"
         cmd = rt.command(runtime, rootfs, spec, name)
         say("exec: " + " ".join(cmd))
-        return _supervise(cmd, lambda: rt.force_stop(runtime, name))
+        code = _supervise(cmd, lambda: rt.force_stop(runtime, name))
+        if opts.report:
+            opts.report(json.loads(os.getxattr(image_mnt, STATS_XATTR)))
+        return code
     finally:
         overlay.unmount()
         if mounted:

@@ -90,7 +90,7 @@ class BlockStager:
                     stats.uploaded += 1
                     stats.uploaded_bytes += len(frame)
             if progress:
-                progress(1)
+                progress(self.staged[digest])
         return stats
 
     def close(self) -> None:

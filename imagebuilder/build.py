@@ -48,7 +48,7 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
                 tree = _flatten(image, stager, progress)
                 manifest = tree.to_manifest(image.config, chunk_size)
                 used = tree.referenced_digests()
-                advance = progress.task("publishing blocks", len(used))
+                advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
                 commit = stager.commit(used, advance)
             finally:
                 stager.close()

@@ -153,13 +153,12 @@ def snapshot_tree(root: Path) -> dict:
             st = os.lstat(full)
             fmt = stat.S_IFMT(st.st_mode)
             info = {"fmt": fmt, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
-                    "mtime_ns": st.st_mtime_ns}
+                    "mtime_ns": st.st_mtime_ns, "nlink": st.st_nlink}
             if fmt != stat.S_IFDIR:
                 info["size"] = st.st_size
             if stat.S_ISREG(fmt):
                 with open(full, "rb") as f:
                     info["sha256"] = hashlib.sha256(f.read()).hexdigest()
-                info["nlink"] = st.st_nlink
                 if st.st_nlink > 1:
                     groups.setdefault(st.st_ino, set()).add(rel)
             elif stat.S_ISLNK(fmt):

@@ -161,3 +161,35 @@ def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path):
         assert exc.value.errno == errno.ENOTCONN
         lazyfs_cli("mount", "lazy/big:1", mnt)
         assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
+
+
+def test_inode_numbers_are_stable_across_mounts(big_image, tmp_path):
+    def inodes(mnt):
+        return {os.path.relpath(os.path.join(d, n), mnt): os.lstat(os.path.join(d, n)).st_ino
+                for d, dirs, files in os.walk(mnt) for n in dirs + files}
+    with Mounted("lazy/big:1", tmp_path / "a") as mnt:
+        first = inodes(mnt)
+        assert os.stat(mnt).st_ino == 1
+    with Mounted("lazy/big:1", tmp_path / "b") as mnt:
+        assert inodes(mnt) == first
+    assert len(set(first.values())) == len(first)  # no hardlinks here: all distinct
+
+
+def test_foreground_mount_stays_attached_until_unmounted(big_image, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([*LAZYFS, "mount", "--foreground", "lazy/big:1", str(mnt)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
+        assert proc.poll() is None  # still attached
+        subprocess.run(["fusermount", "-u", str(mnt)], check=True)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True)
+    assert "mounting lazy/big:1" in proc.stderr.read()

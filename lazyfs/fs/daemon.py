@@ -208,10 +208,22 @@ def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: st
     log.info("mounting %s (%s) on %s: %d entries, %d bytes, cache %s", ref or digest, digest,
              mountpoint, len(manifest.entries), index.total_size, cache_dir)
     FUSE(ops, mountpoint, foreground=True, nothreads=False, encoding=CODEC, ro=True,
-         allow_other=True, default_permissions=True, use_ino=True, kernel_cache=True,
+         allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
          attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=debug)
     log.info("unmounted %s", mountpoint)
+
+
+def _may_allow_other() -> bool:
+    """Containers run as other users need allow_other; FUSE grants it to root, and to others only
+    when /etc/fuse.conf says user_allow_other."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,8 +83,8 @@ class Mounted:
         return self.mountpoint
 
     def stats(self) -> dict:
-        import json
-        return json.loads(os.getxattr(self.mountpoint, "user.lazyfs.stats"))
+        from lazyfs.fs import control
+        return control.query(str(self.mountpoint))
 
     def __exit__(self, *exc):
         lazyfs_cli("umount", self.mountpoint, check=False)

@@ -53,13 +53,9 @@ def umount(mountpoint: str = typer.Argument(...),
     daemon.umount(mountpoint, lazy=lazy)
 
 
-@app.command(help="Print a mount's counters (blocks fetched, bytes, cache hits) as JSON.")
+@app.command(help="Print a mount's counters (blocks fetched, bytes, cache hits, FUSE requests) "
+                  "as JSON.")
 def stats(mountpoint: str = typer.Argument(...)):
-    from lazyfs.errors import MountError
-    from lazyfs.fs.fuseops import STATS_XATTR
+    from lazyfs.fs import control
 
-    try:
-        raw = os.getxattr(mountpoint, STATS_XATTR)
-    except OSError as exc:
-        raise MountError(f"{mountpoint}: not a lazyfs mount ({exc.strerror})") from None
-    print(json.dumps(json.loads(raw), indent=2))
+    print(json.dumps(control.query(mountpoint), indent=2))

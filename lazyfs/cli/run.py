@@ -39,4 +39,9 @@ def run(
     opts = RunOptions(ref, argv, store, cache_dir, runtime, upper, list(env or []),
                       workdir, user, network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace)
     say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
+    if verbose:
+        opts.report = lambda s: say(
+            f"image reads: {s['cache']['misses']} blocks fetched ({s['cache']['fetched_bytes']} bytes "
+            f"from the store), {s['cache']['hits']} cache hits; FUSE requests: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items(), key=lambda kv: -kv[1])))
     raise typer.Exit(run_session(opts, say))

@@ -10,6 +10,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format.block import MAX_BLOCK_SIZE
@@ -46,14 +47,14 @@ class EntryType(enum.IntEnum):
     SOCK = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
     digest: str  # "sha256:<hex>" of the uncompressed bytes
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+# NamedTuples rather than frozen dataclasses: a manifest of a large image has tens of thousands of
+# entries and decoding them is on the mount's start-up path, where tuple construction is ~3x faster.
+class Entry(NamedTuple):
     """One name in the tree. ``path`` is relative, "/"-separated bytes; the root is ``b""``.
 
     For HARDLINK entries only ``link`` (the path of the entry holding the inode) is meaningful.
@@ -212,12 +213,22 @@ def decode(data: bytes) -> Manifest:
         return _decode(data)
     except ManifestFormatError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
+            struct.error) as exc:
         raise ManifestFormatError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
 
 
-def _decode(data: bytes) -> Manifest:
-    r = _Reader(data)
+def decode_config(data: bytes) -> dict:
+    """Only the image config, without decoding the entries (what `lazyfs run` needs up front)."""
+    try:
+        return _decode_head(_Reader(data))[2]
+    except ManifestFormatError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ManifestFormatError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
+
+
+def _decode_head(r: _Reader) -> tuple[int, int, dict]:
     magic, version, flags, chunk_size, count = r.take(_HEADER)
     if magic != MAGIC:
         raise ManifestFormatError("not a lazyfs manifest (bad magic)")
@@ -234,78 +245,113 @@ def _decode(data: bytes) -> Manifest:
     config = json.loads(raw_config.decode("utf-8"))
     if not isinstance(config, dict) or canonical_json(config) != raw_config:
         raise ManifestFormatError("config section is not a canonical JSON object")
+    return chunk_size, count, config
+
+
+_BY_CODE = {t.value: t for t in EntryType}
+_NS = 1_000_000_000
+
+
+def _decode(data: bytes) -> Manifest:
+    r = _Reader(data)
+    chunk_size, count, config = _decode_head(r)
+    buf, pos, end = r.buf, r.pos, len(r.buf)
+    # One flat loop with local names: this runs once per entry on every mount's start-up.
+    head, meta, reg, chunk, u8, u16, u32 = (_HEAD.unpack_from, _META.unpack_from, _REG.unpack_from,
+                                           _CHUNK.unpack_from, _U8.unpack_from, _U16.unpack_from,
+                                           _U32.unpack_from)
+    DIR, HARDLINK, REG, SYMLINK = EntryType.DIR, EntryType.HARDLINK, EntryType.REG, EntryType.SYMLINK
     entries: list[Entry] = []
     keys: list[tuple[bytes, ...]] = []
+    types: list[EntryType] = []
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > end:
+            raise ManifestFormatError("manifest is truncated")
+        out = bytes(buf[pos:pos + n])
+        pos += n
+        return out
+
     for i in range(count):
-        entry, key = _decode_entry(r, i, entries, keys)
-        if i and key <= keys[-1]:
-            raise ManifestFormatError(f"entry {entry.path!r} out of canonical order or duplicated")
+        parent, name_len = head(buf, pos)
+        pos += 6
+        name = take(name_len)
+        etype = _BY_CODE.get(u8(buf, pos)[0])
+        pos += 1
+        if etype is None:
+            raise ManifestFormatError(f"entry {i}: unknown type {buf[pos - 1]}")
+        if i == 0:
+            if parent != 0 or name or etype != DIR:
+                raise ManifestFormatError("entry 0 must be the root directory")
+            path, key = b"", ()
+        else:
+            if parent >= i or types[parent] != DIR:
+                raise ManifestFormatError(f"entry {i}: parent {parent} is not an earlier directory")
+            _check_name(name)
+            key = keys[parent] + (name,)
+            if key <= keys[-1]:
+                raise ManifestFormatError(f"entry {b'/'.join(key)!r} out of canonical order or duplicated")
+            path = b"/".join(key)
+        if etype == HARDLINK:
+            (target,) = u32(buf, pos)
+            pos += 4
+            if target >= i or types[target] in (DIR, HARDLINK):
+                raise ManifestFormatError(f"entry {path!r}: hardlink target {target} invalid")
+            entry = Entry(path, etype, link=entries[target].path)
+        else:
+            mode, uid, gid, sec, nsec, nxattr = meta(buf, pos)
+            pos += _META.size
+            if mode > 0o7777 or nsec >= _NS or nxattr > MAX_XATTRS:
+                raise ManifestFormatError(f"entry {path!r}: mode, mtime or xattr count out of range")
+            xattrs: tuple | list = ()
+            if nxattr:
+                xattrs = []
+                for _ in range(nxattr):
+                    (klen,) = u8(buf, pos)
+                    pos += 1
+                    xkey = take(klen)
+                    (vlen,) = u32(buf, pos)
+                    pos += 4
+                    if vlen > MAX_XATTR_VALUE:
+                        raise ManifestFormatError(f"entry {path!r}: xattr value too large")
+                    value = take(vlen)
+                    if not xkey or b"\0" in xkey or (xattrs and xkey <= xattrs[-1][0]):
+                        raise ManifestFormatError(f"entry {path!r}: xattr names empty or not sorted")
+                    xattrs.append((xkey, value))
+                xattrs = tuple(xattrs)
+            mtime = sec * _NS + nsec
+            size, chunks, target, rdev = 0, (), b"", (0, 0)
+            if etype == REG:
+                size, nchunks = reg(buf, pos)
+                pos += 12
+                if nchunks > (end - pos) // 36:
+                    raise ManifestFormatError("manifest is truncated")
+                out = []
+                total = 0
+                for _ in range(nchunks):
+                    raw, csize = chunk(buf, pos)
+                    pos += 36
+                    if not 0 < csize <= MAX_BLOCK_SIZE:
+                        raise ManifestFormatError(f"entry {path!r}: chunk size {csize} out of range")
+                    total += csize
+                    out.append(Chunk("sha256:" + raw.hex(), csize))
+                if total != size:
+                    raise ManifestFormatError(f"entry {path!r}: chunks add up to {total}, size is {size}")
+                chunks = tuple(out)
+            elif etype == SYMLINK:
+                (size,) = u16(buf, pos)
+                pos += 2
+                target = take(size)
+                if not 0 < size <= MAX_SYMLINK or b"\0" in target:
+                    raise ManifestFormatError(f"entry {path!r}: bad symlink target")
+            elif etype in (EntryType.CHR, EntryType.BLK):
+                rdev = _DEV.unpack_from(buf, pos)
+                pos += 8
+            entry = Entry(path, etype, mode, uid, gid, mtime, size, chunks, target, b"", rdev, xattrs)
         entries.append(entry)
         keys.append(key)
-    if r.pos != len(r.buf):
-        raise ManifestFormatError(f"{len(r.buf) - r.pos} unexpected bytes after the last entry")
+        types.append(etype)
+    if pos != end:
+        raise ManifestFormatError(f"{end - pos} unexpected bytes after the last entry")
     return Manifest(tuple(entries), config, chunk_size)
-
-
-def _decode_entry(r: _Reader, i: int, entries: list[Entry], keys: list) -> tuple[Entry, tuple]:
-    parent, name_len = r.take(_HEAD)
-    name = r.bytes(name_len)
-    (raw_type,) = r.take(_U8)
-    try:
-        etype = EntryType(raw_type)
-    except ValueError:
-        raise ManifestFormatError(f"entry {i}: unknown type {raw_type}") from None
-    if i == 0:
-        if parent != 0 or name or etype != EntryType.DIR:
-            raise ManifestFormatError("entry 0 must be the root directory")
-        path, key = b"", ()
-    else:
-        if parent >= i or entries[parent].type != EntryType.DIR:
-            raise ManifestFormatError(f"entry {i}: parent {parent} is not an earlier directory")
-        _check_name(name)
-        key = keys[parent] + (name,)
-        path = b"/".join(key)
-    if etype == EntryType.HARDLINK:
-        (target,) = r.take(_U32)
-        if target >= i or entries[target].type in (EntryType.DIR, EntryType.HARDLINK):
-            raise ManifestFormatError(f"entry {path!r}: hardlink target {target} invalid")
-        return Entry(path, etype, link=entries[target].path), key
-    mode, uid, gid, sec, nsec, nxattr = r.take(_META)
-    if mode > 0o7777 or nsec >= 1_000_000_000 or nxattr > MAX_XATTRS:
-        raise ManifestFormatError(f"entry {path!r}: mode, mtime or xattr count out of range")
-    xattrs = []
-    for _ in range(nxattr):
-        (klen,) = r.take(_U8)
-        xkey = r.bytes(klen)
-        (vlen,) = r.take(_U32)
-        if vlen > MAX_XATTR_VALUE:
-            raise ManifestFormatError(f"entry {path!r}: xattr value too large")
-        value = r.bytes(vlen)
-        if not xkey or b"\0" in xkey or (xattrs and xkey <= xattrs[-1][0]):
-            raise ManifestFormatError(f"entry {path!r}: xattr names empty or not sorted")
-        xattrs.append((xkey, value))
-    common = dict(mode=mode, uid=uid, gid=gid, mtime_ns=sec * 1_000_000_000 + nsec, xattrs=tuple(xattrs))
-    if etype == EntryType.REG:
-        size, nchunks = r.take(_REG)
-        if nchunks > (len(r.buf) - r.pos) // _CHUNK.size:
-            raise ManifestFormatError("manifest is truncated")
-        chunks = []
-        total = 0
-        for _ in range(nchunks):
-            raw, csize = r.take(_CHUNK)
-            if not 0 < csize <= MAX_BLOCK_SIZE:
-                raise ManifestFormatError(f"entry {path!r}: chunk size {csize} out of range")
-            total += csize
-            chunks.append(Chunk("sha256:" + raw.hex(), csize))
-        if total != size:
-            raise ManifestFormatError(f"entry {path!r}: chunks add up to {total}, size is {size}")
-        return Entry(path, etype, size=size, chunks=tuple(chunks), **common), key
-    if etype == EntryType.SYMLINK:
-        (tlen,) = r.take(_U16)
-        target = r.bytes(tlen)
-        if not 0 < tlen <= MAX_SYMLINK or b"\0" in target:
-            raise ManifestFormatError(f"entry {path!r}: bad symlink target")
-        return Entry(path, etype, size=tlen, target=target, **common), key
-    if etype in (EntryType.CHR, EntryType.BLK):
-        return Entry(path, etype, rdev=r.take(_DEV), **common), key
-    return Entry(path, etype, **common), key

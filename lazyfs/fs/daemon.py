@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import LazyfsError, MountError
+from lazyfs.fs import control
 from lazyfs.store import objects, open_store
 from lazyfs.store.counting import CountingStore
 
@@ -102,7 +103,7 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
         raise MountError(f"{mountpoint} is already a mountpoint (lazyfs umount {mountpoint} first)")
     store = open_store(store_spec)
     digest = objects.resolve(store, ref)
-    objects.read_manifest(store, digest)  # fail here, in the user's terminal, not in a log file
+    objects.read_config(store, digest)  # fail here, in the user's terminal, not in a log file
     cache = str(cache_dir or paths.default_cache_dir())
     logf = Path(log_file) if log_file else paths.state_dir() / "mounts" / (
         _state_file(mnt).stem + ".log")
@@ -205,12 +206,25 @@ def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: st
             os.write(_fd, b"1")
             os.close(_fd)
         ops.init = init
-    log.info("mounting %s (%s) on %s: %d entries, %d bytes, cache %s", ref or digest, digest,
-             mountpoint, len(manifest.entries), index.total_size, cache_dir)
+    has_xattrs = any(e.xattrs for e in manifest.entries)
+    if not has_xattrs:
+        # The kernel (and overlayfs above us) asks for xattrs on nearly every lookup; answering
+        # ENOSYS once makes it stop asking for the life of the mount.
+        ops.getxattr = ops.listxattr = None
+    try:
+        control_sock = control.serve(mountpoint, ops.stats)
+    except OSError as exc:  # counters are a convenience: never fail a mount over them
+        log.warning("no control socket for %s (%s): `lazyfs stats` will not answer", mountpoint, exc)
+        control_sock = None
+    log.info("mounting %s (%s) on %s: %d entries, %d bytes, xattrs %s, cache %s", ref or digest,
+             digest, mountpoint, len(manifest.entries), index.total_size,
+             "yes" if has_xattrs else "none", cache_dir)
     FUSE(ops, mountpoint, foreground=True, nothreads=False, encoding=CODEC, ro=True,
          allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
          attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=debug)
+    if control_sock:
+        control_sock.close()
     log.info("unmounted %s", mountpoint)
 
 

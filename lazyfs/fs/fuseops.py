@@ -38,7 +38,6 @@ def _search(name):
 
 
 codecs.register(_search)
-STATS_XATTR = "user.lazyfs.stats"
 
 
 def _b(path: str) -> bytes:
@@ -54,9 +53,15 @@ class LazyOps(Operations):
         self.stats_extra = stats_extra
         self.reads = 0
         self.read_bytes = 0
+        self.ops: dict[str, int] = {}
         self.trace = trace  # a text file: one JSON line per read (workload analysis, profiles)
         self._trace_lock = threading.Lock()
         self._t0 = time.monotonic()
+
+    def __call__(self, op, *args):
+        # Count every request the kernel sends, by kind: the FUSE round trip is the unit of cost.
+        self.ops[op] = self.ops.get(op, 0) + 1
+        return getattr(self, op)(*args)
 
     def _inode(self, path: str) -> Inode:
         inode = self.index.lookup(_b(path))
@@ -88,8 +93,6 @@ class LazyOps(Operations):
 
     def getxattr(self, path, name, position=0):
         inode = self._inode(path)
-        if name == STATS_XATTR and not inode.entry.path:
-            return json.dumps(self.stats()).encode()
         key = name.encode("utf-8", "surrogateescape")
         for k, v in inode.entry.xattrs:
             if k == key:
@@ -112,13 +115,10 @@ class LazyOps(Operations):
         return 0
 
     # -- data -----------------------------------------------------------------------------------
-    def open(self, path, flags):
-        inode = self._inode(path)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise FuseOSError(errno.EROFS)
-        if inode.entry.type != EntryType.REG:
-            raise FuseOSError(errno.EISDIR if inode.entry.type == EntryType.DIR else errno.EACCES)
-        return inode.ino
+    # Requests the kernel need not send for a read-only, immutable image: with these unset, libfuse
+    # answers them itself (open/opendir succeed, release/flush are no-ops) without a Python
+    # callback. Writes are refused by the kernel ("ro"); special files never reach open.
+    open = opendir = release = releasedir = flush = None
 
     def read(self, path, size, offset, fh):
         inode = self._inode(path)
@@ -146,7 +146,7 @@ class LazyOps(Operations):
 
     def stats(self) -> dict:
         return {"cache": self.cache.stats.snapshot(), "reads": self.reads, "read_bytes": self.read_bytes,
-                **self.stats_extra()}
+                "requests": dict(self.ops), **self.stats_extra()}
 
     # Everything that would change the image is refused (the mount is also "ro").
     def _rofs(self, *args):

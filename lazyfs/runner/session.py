@@ -1,9 +1,7 @@
 """One `lazyfs run`: mount the image, add a writable layer, run the command, always clean up."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +13,7 @@ from typing import Callable
 from lazyfs import paths
 from lazyfs.errors import RunError
 from lazyfs.fs import daemon
-from lazyfs.fs.fuseops import STATS_XATTR
+from lazyfs.fs import control
 from lazyfs.runner import runtime as rt
 from lazyfs.runner.overlay import Overlay
 from lazyfs.store import objects, open_store
@@ -57,7 +55,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     runtime = rt.choose(opts.runtime)
     store = open_store(opts.store)
     digest = objects.resolve(store, opts.ref)
-    spec = container_spec(objects.read_manifest(store, digest).config, opts)
+    spec = container_spec(objects.read_config(store, digest), opts)
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
     image_mnt = rundir / "image"
     image_mnt.mkdir(parents=True)
@@ -77,7 +75,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         say("exec: " + " ".join(cmd))
         code = _supervise(cmd, lambda: rt.force_stop(runtime, name))
         if opts.report:
-            opts.report(json.loads(os.getxattr(image_mnt, STATS_XATTR)))
+            opts.report(control.query(str(image_mnt)))
         return code
     finally:
         overlay.unmount()

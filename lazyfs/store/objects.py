@@ -29,6 +29,11 @@ def read_manifest(store: BlockStore, digest: str) -> mf.Manifest:
     return mf.decode(read_manifest_bytes(store, digest))
 
 
+def read_config(store: BlockStore, digest: str) -> dict:
+    """The image config of a verified manifest, without decoding its entries."""
+    return mf.decode_config(read_manifest_bytes(store, digest))
+
+
 def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
     digest, frame = block.encode(mf.encode(manifest), limit=MAX_MANIFEST)
     store.put_manifest(digest, frame)

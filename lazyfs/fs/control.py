@@ -1,0 +1,55 @@
+"""The mount daemon's control socket: `lazyfs stats` asks it for the counters.
+
+An abstract Unix socket named after the mountpoint, so it needs no file to clean up after a crash
+and no path length budget; it dies with the daemon. Counters travel here rather than through the
+mount itself so that reading them never changes what the image looks like.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from typing import Callable
+
+from lazyfs.errors import MountError
+
+
+def address(mountpoint: str) -> str:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    return f"\0lazyfs-{os.geteuid()}-{key}"
+
+
+def serve(mountpoint: str, stats: Callable[[], dict]) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(address(mountpoint))
+    sock.listen(8)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return  # closed at unmount
+            with conn:
+                try:
+                    conn.sendall(json.dumps(stats()).encode())
+                except OSError:
+                    pass
+
+    threading.Thread(target=loop, name="lazyfs-control", daemon=True).start()
+    return sock
+
+
+def query(mountpoint: str, timeout: float = 5.0) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address(mountpoint))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError as exc:
+            raise MountError(f"{mountpoint}: no lazyfs daemon answers for it ({exc.strerror or exc})") from None
+    return json.loads(data)

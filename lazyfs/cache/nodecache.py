@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from lazyfs.format import digest as digests
 
 log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
+STALE_TEMP_SECONDS = 600
 
 
 @dataclass
@@ -50,6 +52,18 @@ class NodeCache:
         self._memory_bytes = 0
         (self.root / "blocks").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        self._sweep_temp()
+
+    def _sweep_temp(self) -> None:
+        """Drop temp files a crashed process left. The cache is shared, so only old ones: a fresh
+        one may belong to another daemon's write in progress."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for entry in os.scandir(self.root / "tmp"):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
     def path(self, digest: str) -> str:
         hexd = digests.hex_part(digest)

@@ -40,6 +40,7 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
           tmp_dir: str | None = None, progress: Progress | None = None) -> BuildResult:
     ref = reference.parse_tagged(tag) if tag else None
     progress = progress or NoProgress()
+    store.check(write=True)
     image = sources.open_source(source)
     try:
         with tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:

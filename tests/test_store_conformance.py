@@ -11,6 +11,11 @@ from lazyfs.format.manifest import Entry, EntryType, Manifest
 from lazyfs.store import objects
 
 
+def test_check(any_store):
+    any_store.check()
+    any_store.check(write=True)
+
+
 def test_block_put_get_has_size(any_store):
     digest, frame = block.encode(b"hello world" * 100)
     assert not any_store.has_block(digest)

@@ -31,3 +31,9 @@ def test_refuses_foreign_directory(tmp_path):
     with pytest.raises(StoreError, match="not a lazyfs store"):
         LocalStore(tmp_path / "notastore").put_block(*block.encode(b"a"))
     assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
+
+
+def test_store_path_that_is_a_file_fails_early(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        LocalStore(tmp_path / "file").check(write=True)

@@ -24,6 +24,9 @@ def main() -> None:
     except LazyfsError as exc:
         print(f"lazyfs: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # an I/O failure no layer turned into a LazyfsError: still one line
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("lazyfs: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -15,6 +15,10 @@ from lazyfs.counters import Counters
 class BlockStore(Protocol):
     url: str
 
+    def check(self, write: bool = False) -> None:
+        """Raise StoreError/StoreUnavailable now if the store cannot be used (or written), so a
+        long build fails before its work, not after."""
+
     def has_block(self, digest: str) -> bool: ...
 
     def block_size(self, digest: str) -> int | None:

@@ -65,7 +65,21 @@ class LocalStore:
         with self._lock:
             self._prepare_locked()
 
+    def check(self, write: bool = False) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root} is not a directory")
+        if write:
+            self._prepare()
+            if not os.access(self.root / "tmp", os.W_OK):
+                raise StoreUnavailable(f"store {self.root} is not writable by this user")
+
     def _prepare_locked(self) -> None:
+        try:
+            self._init_layout()
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot use store {self.root}: {exc.strerror}") from None
+
+    def _init_layout(self) -> None:
         marker = self.root / MARKER
         if not marker.exists():
             # Another process may be initialising the same store: its layout names are fine.

@@ -36,8 +36,12 @@ class BuildResult:
     layers: int
 
 
+DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
+
+
 def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-          tmp_dir: str | None = None, progress: Progress | None = None) -> BuildResult:
+          tmp_dir: str | None = None, progress: Progress | None = None,
+          max_size: int = DEFAULT_MAX_SIZE) -> BuildResult:
     ref = reference.parse_tagged(tag) if tag else None
     progress = progress or NoProgress()
     store.check(write=True)
@@ -46,7 +50,7 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
         with tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
             stager = BlockStager(Path(staging), store, chunk_size)
             try:
-                tree = _flatten(image, stager, progress)
+                tree = _flatten(image, stager, progress, max_size)
                 manifest = tree.to_manifest(image.config, chunk_size)
                 used = tree.referenced_digests()
                 advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
@@ -62,7 +66,7 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
     return BuildResult(digest, manifest, commit, len(image.layers) or 1)
 
 
-def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress) -> Tree:
+def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress, max_size: int) -> Tree:
     tree = Tree()
 
     def adder(index: int, label: str, whiteouts: bool):
@@ -78,8 +82,10 @@ def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress)
         advance = progress.task(f"reading {image.rootfs}", rootfs.tree_size(image.rootfs))
         rootfs.walk(image.rootfs, adder(0, str(image.rootfs), whiteouts=False), advance)
         return tree
+    budget = max_size
     for i, layer in enumerate(image.layers):
         advance = progress.task(f"layer {i + 1}/{len(image.layers)} {layer.name}", layer.size)
         with layer.open() as raw:
-            read_layer(layer.name, raw, layer.digest, layer.diff_id, adder(i, layer.name, True), advance)
+            budget -= read_layer(layer.name, raw, layer.digest, layer.diff_id,
+                                 adder(i, layer.name, True), advance, budget)
     return tree

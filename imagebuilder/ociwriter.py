@@ -26,6 +26,8 @@ class TarEntry:
     gid: int = 0
     mtime: int = 1_700_000_000
     pax: dict = field(default_factory=dict)
+    devmajor: int = 0
+    devminor: int = 0
 
 
 def make_tar(entries: list[TarEntry]) -> bytes:
@@ -36,6 +38,7 @@ def make_tar(entries: list[TarEntry]) -> bytes:
             info.type, info.mode, info.linkname = e.type, e.mode, e.linkname
             info.uid, info.gid, info.mtime = e.uid, e.gid, e.mtime
             info.pax_headers = dict(e.pax)
+            info.devmajor, info.devminor = e.devmajor, e.devminor
             if e.type == tarfile.REGTYPE:
                 info.size = len(e.data)
                 tf.addfile(info, io.BytesIO(e.data))

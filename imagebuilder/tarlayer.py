@@ -12,7 +12,8 @@ from urllib.parse import unquote_to_bytes
 
 import zstandard
 
-from lazyfs.errors import ImageSourceError, LayerDigestMismatch, LazyfsError, UnsafeEntry
+from lazyfs.errors import (ImageSourceError, LayerDigestMismatch, LazyfsError, LimitExceeded,
+                           UnsafeEntry)
 from lazyfs.format.manifest import EntryType
 
 from imagebuilder.tree import LayerEntry
@@ -31,16 +32,24 @@ ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zsta
 class HashingReader:
     """Passes reads through while hashing and counting them."""
 
-    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None = None):
+    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None = None,
+                 limit: int | None = None, what: str = ""):
         self.raw = raw
         self.hash = hashlib.sha256()
         self.count = 0
         self.on_read = on_read
+        self.limit = limit
+        self.what = what
 
     def read(self, n: int = -1) -> bytes:
+        if self.limit is not None and n < 0:
+            n = self.limit + 1 - self.count  # never inflate an unbounded amount at once
         data = self.raw.read(n)
         self.hash.update(data)
         self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise LimitExceeded(f"{self.what} inflates past the {self.limit} byte limit "
+                                "(decompression bomb? raise it with --max-size)")
         if self.on_read and data:
             self.on_read(len(data))
         return data
@@ -109,12 +118,13 @@ def _xattrs(info: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
 
 def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | None,
                on_entry: Callable[[LayerEntry, BinaryIO | None], None],
-               on_read: Callable[[int], None] | None = None) -> None:
+               on_read: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
     """Stream one layer through ``on_entry`` (which must consume regular-file content), then check
-    its compressed digest and uncompressed diff_id. Any archive damage becomes ImageSourceError."""
+    its compressed digest and uncompressed diff_id. Any archive damage becomes ImageSourceError.
+    Returns the uncompressed size; more than ``max_bytes`` of it is refused while inflating."""
     outer = HashingReader(raw, on_read)
     try:
-        inner = HashingReader(decompressed(outer))
+        inner = HashingReader(decompressed(outer), limit=max_bytes, what=f"layer {layer}")
         with tarfile.open(fileobj=inner, mode="r|", errors="surrogateescape") as tf:
             for info in tf:
                 entry = to_entry(layer, info)
@@ -134,6 +144,7 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
         raise LayerDigestMismatch(f"layer {layer}", digest, outer.digest())
     if diff_id and inner.digest() != diff_id:
         raise LayerDigestMismatch(f"layer {layer} (uncompressed diff_id)", diff_id, inner.digest())
+    return inner.count
 
 
 def to_entry(layer: str, info: tarfile.TarInfo) -> LayerEntry:

@@ -61,22 +61,26 @@ class LayerEntry:
     chunks: tuple[Chunk, ...] = field(default=())
 
 
-def split_path(layer: str, raw: bytes, what: str = "entry") -> list[bytes]:
-    """Components of a layer path; ``./`` prefixes are fine, anything that could escape is not."""
+def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None = None) -> list[bytes]:
+    """Components of a layer path; ``./`` prefixes are fine, anything that could escape is not.
+    ``entry`` names the tar entry in errors when ``raw`` is a link target rather than its name."""
+    name = (entry if entry is not None else raw).decode(errors="replace")
+    if entry is not None:
+        what = f"{what} {raw.decode(errors='replace')!r}"
     if raw.startswith(b"/"):
-        raise UnsafeEntry(layer, raw.decode(errors="replace"), f"{what} has an absolute path")
+        raise UnsafeEntry(layer, name, f"{what} is an absolute path")
     if len(raw) > MAX_PATH:
-        raise UnsafeEntry(layer, raw[:64].decode(errors="replace") + "...", f"path longer than {MAX_PATH} bytes")
+        raise UnsafeEntry(layer, name[:64] + "...", f"path longer than {MAX_PATH} bytes")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     for p in parts:
         if p == b"..":
-            raise UnsafeEntry(layer, raw.decode(errors="replace"), f"{what} path contains '..'")
+            raise UnsafeEntry(layer, name, f"{what} contains '..'")
         if len(p) > MAX_NAME:
-            raise UnsafeEntry(layer, raw.decode(errors="replace"), f"name longer than {MAX_NAME} bytes")
+            raise UnsafeEntry(layer, name[:64] + "...", f"a name longer than {MAX_NAME} bytes")
         if b"\0" in p:
-            raise UnsafeEntry(layer, raw.decode(errors="replace"), "name contains a NUL byte")
+            raise UnsafeEntry(layer, name, "name contains a NUL byte")
     if len(parts) > MAX_DEPTH:
-        raise LimitExceeded(f"layer {layer}: {raw[:64]!r}...: nested deeper than {MAX_DEPTH} levels")
+        raise LimitExceeded(f"layer {layer}: entry {name[:64]!r}...: nested deeper than {MAX_DEPTH} levels")
     return parts
 
 
@@ -157,7 +161,7 @@ class Tree:
         return node
 
     def _lookup_link(self, layer: str, e: LayerEntry) -> Node:
-        parts = split_path(layer, e.link, "hardlink target")
+        parts = split_path(layer, e.link, "hardlink target", entry=e.path)
         if not parts:
             raise UnsafeEntry(layer, e.path.decode(errors="replace"), "hardlink to the root directory")
         node = self.root

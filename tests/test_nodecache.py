@@ -127,3 +127,13 @@ def test_fetch_errors_propagate_typed(tmp_path):
         raise LazyfsError(f"origin down for {d}")
     with pytest.raises(LazyfsError, match="origin down"):
         NodeCache(tmp_path, broken).read(digest, 10, 0, 10)
+
+
+def test_block_evicted_by_another_process_is_fetched_again(tmp_path):
+    digest, data = _blob(4000)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin)
+    assert cache.read(digest, len(data), 0, 4) == data[:4]
+    os.unlink(cache.path(digest))
+    assert cache.read(digest, len(data), 4, 4) == data[4:8]
+    assert origin.calls == [digest, digest]

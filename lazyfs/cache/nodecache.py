@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs.counters import Counters
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, StoreUnavailable
 from lazyfs.format import block
 from lazyfs.format import digest as digests
 
@@ -161,12 +161,20 @@ class NodeCache:
             return False
 
     def read(self, digest: str, size: int, offset: int, length: int) -> bytes:
-        where = self.locate(digest, size)
-        if isinstance(where, bytes):
-            return where[offset:offset + length]
-        fd = os.open(where, os.O_RDONLY)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        for _ in range(2):
+            where = self.locate(digest, size)
+            if isinstance(where, bytes):
+                return where[offset:offset + length]
+            try:
+                fd = os.open(where, os.O_RDONLY)
+            except FileNotFoundError:
+                # Evicted by another process sharing the cache since we verified it: fetch again.
+                with self._lock:
+                    self._verified.discard(digest)
+                continue
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        raise StoreUnavailable(f"node cache {self.root}: block {digest} keeps disappearing")
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
 from lazyfs.cli import app
-from lazyfs.cli.common import CacheOpt, JsonOpt, RichProgress, StoreOpt, err, human, out  # noqa: F401
+from lazyfs.cli.common import JsonOpt, RichProgress, StoreOpt, err, human, out, parse_size
 from lazyfs.store import objects, open_store
 
 
@@ -25,12 +25,15 @@ def build(
                                    help="Bytes per block; smaller files are one block each."),
     tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
                                           "the whole image has been verified (default: $TMPDIR)."),
+    max_size: str = typer.Option("64G", "--max-size", help="Refuse images whose layers inflate past "
+                                 "this many bytes in all (decompression bombs)."),
 ):
     from imagebuilder.build import build as run_build
 
     st = open_store(store)
     with RichProgress() as progress:
-        result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress)
+        result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress,
+                           max_size=parse_size(max_size))
     c = result.commit
     err.print(f"built {tag or source}: {len(result.manifest.entries)} entries from {result.layers} "
               f"layer(s); {c.blocks} blocks ({human(c.raw_bytes)}), {c.uploaded} new to {st.url} "

@@ -11,6 +11,7 @@ from lazyfs.format import reference
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
+from lazyfs.store.lease import Lease
 
 from imagebuilder import sources
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE, BlockStager, CommitStats
@@ -47,7 +48,9 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
     store.check(write=True)
     image = sources.open_source(source)
     try:
-        with tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
+        # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
+        with Lease(store, "build", conflicts=("gc",)), \
+                tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
             stager = BlockStager(Path(staging), store, chunk_size)
             try:
                 tree = _flatten(image, stager, progress, max_size)

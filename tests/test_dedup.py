@@ -25,11 +25,11 @@ def test_shared_content_is_stored_once(tmp_path, env_dirs):
     b = _tree(tmp_path / "b", shared, os.urandom(200_000))
     store = LocalStore(env_dirs["LAZYFS_STORE"])
     lazyfs_cli("build", f"dir:{a}", "--tag", "dedup/a:1")
-    after_a = set(store.list_blocks())
+    after_a = {b.digest for b in store.list_blocks()}
     n_shared = -(-len(shared) // DEFAULT_CHUNK_SIZE)
     assert len(after_a) == n_shared + 1  # shared's chunks (stored once for two files) + own
     proc = lazyfs_cli("build", f"dir:{b}", "--tag", "dedup/b:1")
-    after_b = set(store.list_blocks())
+    after_b = {b.digest for b in store.list_blocks()}
     assert len(after_b - after_a) == 1  # only b's own file is new
     assert "1 new" in proc.stderr
 

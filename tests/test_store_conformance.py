@@ -25,7 +25,11 @@ def test_block_put_get_has_size(any_store):
     assert any_store.block_size(digest) == len(frame)
     assert any_store.get_block(digest) == frame
     assert any_store.put_block(digest, frame) is False  # idempotent, reports "already there"
-    assert digest in set(any_store.list_blocks())
+    listed = {b.digest: b for b in any_store.list_blocks()}
+    assert listed[digest].size == len(frame) and listed[digest].mtime > 0
+    any_store.delete_block(digest)
+    assert not any_store.has_block(digest)
+    any_store.delete_block(digest)  # deleting what is gone is fine
 
 
 def test_missing_objects_raise_typed_errors(any_store):
@@ -60,6 +64,19 @@ def test_manifest_and_tags(any_store):
     any_store.put_tag("team/app", "v1", other)  # tags move
     assert any_store.get_tag("team/app", "v1") == other
     assert any_store.list_tags() == [("team/app", "latest", digest), ("team/app", "v1", other)]
+    assert {m.digest for m in any_store.list_manifests()} == {digest, other}
+    any_store.delete_manifest(other)
+    assert {m.digest for m in any_store.list_manifests()} == {digest}
+
+
+def test_leases(any_store):
+    assert any_store.list_leases() == []
+    any_store.put_lease("build-1", b"{}")
+    any_store.put_lease("build-1", b'{"refreshed": 1}')
+    any_store.put_lease("gc-2", b"{}")
+    assert any_store.list_leases() == [("build-1", b'{"refreshed": 1}'), ("gc-2", b"{}")]
+    any_store.delete_lease("build-1")
+    assert [n for n, _ in any_store.list_leases()] == ["gc-2"]
 
 
 def test_concurrent_puts_of_one_block(any_store):

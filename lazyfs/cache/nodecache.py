@@ -129,6 +129,10 @@ class NodeCache:
         except FileNotFoundError:
             return False
         if len(data) == size and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+            try:
+                os.utime(path)  # "recently used", for `lazyfs gc --node-cache`
+            except OSError:
+                pass
             return True
         log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
                   digest, len(data), size)

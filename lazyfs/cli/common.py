@@ -68,3 +68,19 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise typer.BadParameter("a size cannot be negative")
     return int(value * _UNITS[unit])
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1h', '7d', or plain seconds."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in _SECONDS else "s"
+    try:
+        value = float(t[:-1] if t[-1:] in _SECONDS else t)
+    except ValueError:
+        raise typer.BadParameter(f"not a duration: {text!r} (use e.g. 30m, 1h, 7d)") from None
+    if value < 0:
+        raise typer.BadParameter("a duration cannot be negative")
+    return value * _SECONDS[unit]

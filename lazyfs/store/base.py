@@ -30,11 +30,18 @@ class BlockStore(Protocol):
     def put_block(self, digest: str, frame: bytes) -> bool:
         """Store a frame atomically; returns False when it was already there."""
 
-    def list_blocks(self) -> Iterator[str]: ...
+    def list_blocks(self) -> Iterator[ObjectInfo]: ...
+
+    def delete_block(self, digest: str) -> None:
+        """Remove a block; absent is not an error (gc only)."""
 
     def get_manifest(self, digest: str) -> bytes: ...
 
     def put_manifest(self, digest: str, frame: bytes) -> bool: ...
+
+    def list_manifests(self) -> Iterator[ObjectInfo]: ...
+
+    def delete_manifest(self, digest: str) -> None: ...
 
     def get_tag(self, name: str, tag: str) -> str:
         """The manifest digest a tag points at; raises TagNotFound."""
@@ -44,7 +51,21 @@ class BlockStore(Protocol):
     def list_tags(self) -> list[tuple[str, str, str]]:
         """All (name, tag, digest) triples, sorted."""
 
+    def put_lease(self, name: str, data: bytes) -> None:
+        """Create or refresh a lease (see lazyfs/store/lease.py); leases coordinate gc and builds."""
+
+    def list_leases(self) -> list[tuple[str, bytes]]: ...
+
+    def delete_lease(self, name: str) -> None: ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    digest: str
+    size: int  # stored (encoded) bytes
+    mtime: float  # seconds since the epoch: when it was written or last reused by a build
 
 
 @dataclass

@@ -17,9 +17,10 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, StoreError, StoreUna
                            TagNotFound)
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
+from lazyfs.store.base import ObjectInfo
 
 MARKER = "lazyfs-store.json"
-LAYOUT_NAMES = {MARKER, "tmp", "blocks", "manifests", "tags"}
+LAYOUT_NAMES = {MARKER, "tmp", "blocks", "manifests", "tags", "leases"}
 LAYOUT_VERSION = 1
 
 
@@ -98,7 +99,14 @@ class LocalStore:
     def _put(self, path: Path, data: bytes) -> bool:
         self._prepare()
         if path.exists():
-            return False
+            # Reuse refreshes the age gc judges by, so a block a build is about to reference is
+            # never the oldest garbage in the store.
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+            else:
+                return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data, self.root / "tmp")
@@ -131,14 +139,25 @@ class LocalStore:
     def put_block(self, digest: str, frame: bytes) -> bool:
         return self._put(self._block_path(digest), frame)
 
-    def list_blocks(self) -> Iterator[str]:
+    def list_blocks(self) -> Iterator[ObjectInfo]:
         base = self.root / "blocks" / "sha256"
-        if not base.is_dir():
+        if base.is_dir():
+            for sub in sorted(base.iterdir()):
+                yield from self._list(sub)
+
+    def _list(self, directory: Path) -> Iterator[ObjectInfo]:
+        if not directory.is_dir():
             return
-        for sub in sorted(base.iterdir()):
-            for f in sorted(sub.iterdir()):
-                if digests.is_valid("sha256:" + f.name):
-                    yield "sha256:" + f.name
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            if digests.is_valid("sha256:" + entry.name):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo("sha256:" + entry.name, st.st_size, st.st_mtime)
+
+    def delete_block(self, digest: str) -> None:
+        self._block_path(digest).unlink(missing_ok=True)
 
     # -- manifests and tags ------------------------------------------------------------------
     def get_manifest(self, digest: str) -> bytes:
@@ -146,6 +165,12 @@ class LocalStore:
 
     def put_manifest(self, digest: str, frame: bytes) -> bool:
         return self._put(self._manifest_path(digest), frame)
+
+    def list_manifests(self) -> Iterator[ObjectInfo]:
+        yield from self._list(self.root / "manifests" / "sha256")
+
+    def delete_manifest(self, digest: str) -> None:
+        self._manifest_path(digest).unlink(missing_ok=True)
 
     def get_tag(self, name: str, tag: str) -> str:
         data = self._read(self._tag_path(name, tag), TagNotFound(f"{name}:{tag}"))
@@ -170,6 +195,32 @@ class LocalStore:
                 tag = path.name[1:]
                 out.append((name, tag, self.get_tag(name, tag)))
         return sorted(out)
+
+    # -- leases ------------------------------------------------------------------------------
+    def _lease_path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"invalid lease name {name!r}")
+        return self.root / "leases" / name
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        self._prepare()
+        path = self._lease_path(name)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, data, self.root / "tmp")
+
+    def list_leases(self) -> list[tuple[str, bytes]]:
+        base = self.root / "leases"
+        out = []
+        if base.is_dir():
+            for p in sorted(base.iterdir()):
+                try:
+                    out.append((p.name, p.read_bytes()))
+                except FileNotFoundError:
+                    continue
+        return out
+
+    def delete_lease(self, name: str) -> None:
+        self._lease_path(name).unlink(missing_ok=True)
 
     def close(self) -> None:
         pass

@@ -1,0 +1,50 @@
+"""`lazyfs gc`."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import CacheOpt, StoreOpt, err, human, parse_duration, parse_size
+
+
+@app.command(help="Remove what no tag needs any more. On a store: blocks and manifests no tag "
+                  "reaches and older than --grace (never while a build runs). With --node-cache: "
+                  "trim a node cache to --max-size, least recently used blocks first (safe beside "
+                  "running mounts). --dry-run reports what would go.")
+def gc(
+    store: Optional[str] = StoreOpt,
+    grace: str = typer.Option("1h", "--grace", help="Spare unreferenced objects younger than this "
+                              "(e.g. 30m, 1h, 7d)."),
+    node_cache: bool = typer.Option(False, "--node-cache", help="Trim a node cache instead of a store."),
+    cache_dir: Optional[str] = CacheOpt,
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="With --node-cache: the size to "
+                                           "trim it to (e.g. 20G)."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Change nothing; say what would go."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    from lazyfs import gc as collector
+    from lazyfs import paths
+    from lazyfs.store import open_store
+
+    verb = "would remove" if dry_run else "removed"
+    if node_cache:
+        if max_size is None:
+            raise typer.BadParameter("--node-cache needs --max-size")
+        root = cache_dir or str(paths.default_cache_dir())
+        r = collector.collect_node_cache(root, parse_size(max_size), dry_run)
+        if as_json:
+            print(json.dumps(r.to_dict(), indent=2))
+            return
+        err.print(f"node cache {root}: {r.files} blocks, {human(r.bytes_before)}; {verb} {r.evicted} "
+                  f"({human(r.evicted_bytes)})", highlight=False)
+        return
+    r = collector.collect_store(open_store(store), parse_duration(grace), dry_run)
+    if as_json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return
+    err.print(f"live: {r.live_manifests} manifests, {r.live_blocks} blocks; {verb} "
+              f"{len(r.manifests)} manifests and {len(r.blocks)} blocks ({human(r.bytes)}); "
+              f"{r.spared_young} unreferenced but younger than {grace} kept", highlight=False)

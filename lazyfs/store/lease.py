@@ -1,0 +1,90 @@
+"""Leases: how a build and a garbage collection on one store keep out of each other's way.
+
+Both sides write their lease first and then look at the others (restic's lock protocol): if a
+build and a gc start together, at least one of them sees the other and backs off, so gc never
+deletes a block a running build has decided to reuse. A lease not refreshed for LEASE_TTL seconds
+belongs to a crashed process and is ignored (and removed by gc).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from lazyfs.errors import StoreError
+from lazyfs.store.base import BlockStore
+
+LEASE_TTL = 600.0
+REFRESH_EVERY = 60.0
+
+
+class LeaseConflict(StoreError):
+    exit_code = 3
+
+
+@dataclass
+class LeaseInfo:
+    name: str
+    kind: str  # "build" or "gc"
+    host: str
+    pid: int
+    refreshed: float
+
+    def live(self, now: float) -> bool:
+        return now - self.refreshed < LEASE_TTL
+
+
+def read_leases(store: BlockStore) -> list[LeaseInfo]:
+    out = []
+    for name, raw in store.list_leases():
+        try:
+            d = json.loads(raw)
+            out.append(LeaseInfo(name, d["kind"], d["host"], int(d["pid"]), float(d["refreshed"])))
+        except (ValueError, KeyError, TypeError):
+            out.append(LeaseInfo(name, "unknown", "?", 0, 0.0))  # unreadable: treat as stale
+    return out
+
+
+class Lease:
+    """Hold a lease of ``kind`` for a with-block; refuse if a conflicting live lease exists."""
+
+    def __init__(self, store: BlockStore, kind: str, conflicts: tuple[str, ...]):
+        self.store, self.kind, self.conflicts = store, kind, conflicts
+        self.name = f"{kind}-{uuid.uuid4().hex[:12]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        self.store.put_lease(self.name, json.dumps({
+            "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
+            "refreshed": time.time()}).encode())
+
+    def __enter__(self) -> "Lease":
+        self._write()
+        now = time.time()
+        others = [l for l in read_leases(self.store)
+                  if l.name != self.name and l.kind in self.conflicts and l.live(now)]
+        if others:
+            self.store.delete_lease(self.name)
+            who = ", ".join(f"{l.kind} by pid {l.pid} on {l.host}" for l in others)
+            raise LeaseConflict(f"store {self.store.url} is busy ({who}); try again when it is done")
+        self._thread = threading.Thread(target=self._refresh, name="lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(REFRESH_EVERY):
+            try:
+                self._write()
+            except Exception:  # a transient store error must not kill the build; TTL covers it
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self.store.delete_lease(self.name)

@@ -1,0 +1,115 @@
+"""Garbage collection: mark from tags, sweep the rest, never beside a build, dry runs change nothing."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from imagebuilder.build import build
+from lazyfs import gc
+from lazyfs.store import objects
+from lazyfs.store.lease import Lease, LeaseConflict
+from lazyfs.store.local import LocalStore
+from tests.conftest import lazyfs_cli
+
+
+def _rootfs(root: Path, content: dict[str, bytes]) -> Path:
+    for name, data in content.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _age(store: LocalStore, seconds: float) -> None:
+    old = time.time() - seconds
+    for p in store.root.rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    shared = os.urandom(700_000)
+    a = _rootfs(tmp_path / "a", {"shared": shared, "only-a": os.urandom(50_000)})
+    b = _rootfs(tmp_path / "b", {"shared": shared, "only-b": os.urandom(60_000)})
+    ra = build(f"dir:{a}", store, "gc/a:1")
+    rb = build(f"dir:{b}", store, "gc/b:1")
+    return store, ra, rb
+
+
+def _blocks(result) -> set[str]:
+    return {c.digest for e in result.manifest.entries for c in e.chunks}
+
+
+def test_untagged_image_is_swept_shared_blocks_stay(two_images, tmp_path):
+    store, ra, rb = two_images
+    # Retag a away: its manifest and its own block are garbage; shared blocks are still b's.
+    store._tag_path("gc/a", "1").unlink()
+    _age(store, 7200)
+    dry = gc.collect_store(store, grace=3600, dry_run=True)
+    assert set(dry.blocks) == _blocks(ra) - _blocks(rb) and dry.manifests == [ra.digest]
+    assert store.has_block(next(iter(_blocks(ra) - _blocks(rb))))  # dry run changed nothing
+    report = gc.collect_store(store, grace=3600)
+    assert set(report.blocks) == _blocks(ra) - _blocks(rb)
+    assert {b.digest for b in store.list_blocks()} == _blocks(rb)
+    assert {m.digest for m in store.list_manifests()} == {rb.digest}
+    assert report.bytes > 0
+    # What is left still reads back completely.
+    m = objects.read_manifest(store, rb.digest)
+    for e in m.entries:
+        for c in e.chunks:
+            objects.fetch_block(store, c.digest, c.size)
+
+
+def test_young_garbage_is_spared(two_images):
+    store, ra, rb = two_images
+    store._tag_path("gc/a", "1").unlink()
+    report = gc.collect_store(store, grace=3600)
+    assert report.blocks == [] and report.manifests == [] and report.spared_young > 0
+
+
+def test_gc_refuses_beside_a_running_build_and_vice_versa(two_images, tmp_path):
+    store, ra, rb = two_images
+    with Lease(store, "build", conflicts=("gc",)):
+        with pytest.raises(LeaseConflict, match="build by pid"):
+            gc.collect_store(store, grace=0)
+    with Lease(store, "gc", conflicts=("build", "gc")):
+        with pytest.raises(LeaseConflict, match="gc by pid"):
+            build(f"dir:{_rootfs(tmp_path / 'c', {'x': b'y'})}", store, "gc/c:1")
+    assert store.list_leases() == []
+
+
+def test_stale_leases_are_ignored_and_removed(two_images):
+    store, _, _ = two_images
+    store.put_lease("build-crashed", json.dumps({"kind": "build", "host": "h", "pid": 1,
+                                                 "refreshed": time.time() - 86400}).encode())
+    report = gc.collect_store(store, grace=0)
+    assert report.stale_leases == 1 and store.list_leases() == []
+
+
+def test_node_cache_trim_lru(tmp_path):
+    blocks = tmp_path / "cache" / "blocks" / "ab"
+    blocks.mkdir(parents=True)
+    now = time.time()
+    for i in range(10):
+        p = blocks / f"{i:064x}"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (now - 1000 + i, now - 1000 + i))  # block 0 least recently used
+    report = gc.collect_node_cache(tmp_path / "cache", 4500, dry_run=True)
+    assert report.evicted == 6 and len(list(blocks.iterdir())) == 10
+    report = gc.collect_node_cache(tmp_path / "cache", 4500)
+    assert sorted(p.name for p in blocks.iterdir()) == [f"{i:064x}" for i in range(6, 10)]
+
+
+def test_cli(two_images, env_dirs, tmp_path):
+    store, ra, rb = two_images
+    out = lazyfs_cli("gc", "--store", store.root, "--grace", "0", "--dry-run", "--json")
+    assert json.loads(out.stdout)["swept_blocks"] == 0  # everything is tagged
+    out = lazyfs_cli("gc", "--node-cache", "--cache-dir", tmp_path / "nc", "--max-size", "1M", "--json")
+    assert json.loads(out.stdout)["evicted"] == 0
+    bad = lazyfs_cli("gc", "--node-cache", check=False)
+    assert bad.returncode != 0 and "--max-size" in bad.stderr

@@ -148,6 +148,10 @@ def test_mount_errors_are_clear(big_image, tmp_path):
     assert proc.returncode != 0 and "not a directory" in proc.stderr
     proc = lazyfs_cli("umount", tmp_path / "mnt", check=False)
     assert proc.returncode != 0 and "not mounted" in proc.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "precious").write_text("x")
+    proc = lazyfs_cli("mount", "lazy/big:1", tmp_path / "full", check=False)
+    assert proc.returncode != 0 and "is not empty" in proc.stderr
 
 
 def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path):

@@ -101,6 +101,9 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if mount_entry(mnt):
         raise MountError(f"{mountpoint} is already a mountpoint (lazyfs umount {mountpoint} first)")
+    with os.scandir(mnt) as it:
+        if next(it, None) is not None:
+            raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden)")
     store = open_store(store_spec)
     digest = objects.resolve(store, ref)
     objects.read_config(store, digest)  # fail here, in the user's terminal, not in a log file
@@ -121,16 +124,26 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
     os.close(write_fd)
     try:
         ready = _wait_ready(read_fd, proc, timeout)
+    except BaseException:  # Ctrl-C while waiting: leave no daemon or half-made mount behind
+        _abandon(proc, mnt)
+        raise
     finally:
         os.close(read_fd)
     if not ready:
-        proc.kill()
+        _abandon(proc, mnt)
         tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
         raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  " + "\n  ".join(tail))
     state = MountState(mnt, proc.pid, digest, str(ref), store.url, cache, str(logf))
     _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
     _state_file(mnt).write_text(json.dumps(asdict(state)))
     return state
+
+
+def _abandon(proc: subprocess.Popen, mnt: str) -> None:
+    proc.kill()
+    proc.wait()
+    if mount_entry(mnt):
+        _fusermount("-u", "-z", mnt)
 
 
 def _wait_ready(fd: int, proc: subprocess.Popen, timeout: float) -> bool:
@@ -255,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
         serve(a.digest, a.store, a.cache_dir, a.mountpoint, a.ref, a.ready_fd, a.debug, a.trace)
-    except (LazyfsError, RuntimeError, OSError) as exc:
+    except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above
+        log.error("FUSE mount failed (status %s)", exc)
+        return 1
+    except (LazyfsError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0

@@ -16,7 +16,7 @@ CacheOpt = typer.Option(None, "--cache-dir", help="Node-local block cache shared
                         "Default: $LAZYFS_CACHE_DIR, else ~/.cache/lazyfs/node-cache.", metavar="DIR")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
 out = Console()
 
 

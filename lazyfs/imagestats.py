@@ -26,6 +26,11 @@ class ImageStats:
         return asdict(self)
 
 
+def logical_size(manifest: Manifest) -> int:
+    """Bytes of regular files, a hardlinked file counted once."""
+    return sum(e.size for e in manifest.entries if e.type == EntryType.REG)
+
+
 def block_sizes(manifest: Manifest) -> dict[str, int]:
     return {c.digest: c.size for e in manifest.entries if e.type == EntryType.REG for c in e.chunks}
 
@@ -35,7 +40,7 @@ def image_stats(store: BlockStore, ref: str, digest: str, manifest: Manifest,
     files = [e for e in manifest.entries if e.type == EntryType.REG]
     sizes = block_sizes(manifest)
     stored = {d: store.block_size(d) or 0 for d in sizes}
-    logical = sum(e.size for e in files)
+    logical = logical_size(manifest)
     raw = sum(sizes.values())
     shared = set()
     for other_digest, other_blocks in (others or {}).items():
@@ -65,7 +70,7 @@ def store_summary(store: BlockStore, images: list[tuple[str, str, Manifest]]) ->
         if digest in seen_manifests:
             continue
         seen_manifests.add(digest)
-        logical += sum(e.size for e in manifest.entries if e.type == EntryType.REG)
+        logical += logical_size(manifest)
         blocks.update(block_sizes(manifest))
     stored = sum(store.block_size(d) or 0 for d in blocks)
     raw = sum(blocks.values())

@@ -197,3 +197,19 @@ def test_foreground_mount_stays_attached_until_unmounted(big_image, tmp_path):
             proc.kill()
             subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True)
     assert "mounting lazy/big:1" in proc.stderr.read()
+
+
+def test_concurrent_readers_on_a_cold_cache_get_exact_bytes(big_image, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    src, store, entries = big_image
+    files = [p for p, e in entries.items() if e.type == EntryType.REG]
+    m = Mounted("lazy/big:1", tmp_path / "mnt")
+    with m as mnt:
+        def check(path: bytes) -> bool:
+            rel = os.fsdecode(path)
+            return (mnt / rel).read_bytes() == (src / rel).read_bytes()
+        with ThreadPoolExecutor(16) as pool:
+            assert all(pool.map(check, files * 3))
+        s = m.stats()
+    unique = {c.digest for e in entries.values() for c in e.chunks}
+    assert s["store"]["block_gets"] == len(unique)  # single-flight: each block fetched once

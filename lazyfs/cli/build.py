@@ -43,18 +43,19 @@ def build(
 
 @app.command(help="List the tagged images in a store.")
 def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
-    from lazyfs.imagestats import all_images, store_summary
+    from lazyfs.imagestats import all_images, logical_size, store_summary
 
     st = open_store(store)
     imgs = all_images(st)
     summary = store_summary(st, imgs)
     if as_json:
-        rows = [{"ref": ref, "digest": d, "entries": len(m.entries)} for ref, d, m in imgs]
+        rows = [{"ref": ref, "digest": d, "entries": len(m.entries), "bytes": logical_size(m)}
+                for ref, d, m in imgs]
         print(json.dumps({"images": rows, "store": summary}, indent=2))
         return
-    table = Table("IMAGE", "DIGEST", "ENTRIES", box=None)
+    table = Table("IMAGE", "DIGEST", "ENTRIES", "SIZE", box=None)
     for ref, digest, m in imgs:
-        table.add_row(ref, digest[:19], str(len(m.entries)))
+        table.add_row(ref, digest[:19], str(len(m.entries)), human(logical_size(m)))
     out.print(table)
     out.print(f"{summary['images']} image(s): {human(summary['logical_bytes'])} of files, "
               f"{human(summary['unique_block_bytes'])} unique, {human(summary['bytes_stored'])} stored "

@@ -53,30 +53,30 @@ def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = Fals
         live_m, live_b = mark(store)
         report.live_manifests, report.live_blocks = len(live_m), len(live_b)
         cutoff = now - grace
-        for info in store.list_manifests():
-            if info.digest not in live_m:
-                if info.mtime > cutoff:
-                    report.spared_young += 1
-                    continue
-                report.manifests.append(info.digest)
-                report.bytes += info.size
-                if not dry_run:
-                    store.delete_manifest(info.digest)
-        for info in store.list_blocks():
-            if info.digest not in live_b:
-                if info.mtime > cutoff:
-                    report.spared_young += 1
-                    continue
-                report.blocks.append(info.digest)
-                report.bytes += info.size
-                if not dry_run:
-                    store.delete_block(info.digest)
+        # Manifests first: a block is only ever garbage once nothing that lists it survives.
+        _sweep(store.list_manifests(), live_m, cutoff, report, report.manifests,
+               None if dry_run else store.delete_manifest)
+        _sweep(store.list_blocks(), live_b, cutoff, report, report.blocks,
+               None if dry_run else store.delete_block)
         for lease in read_leases(store):
             if not lease.live(now):  # its process died without letting go
                 report.stale_leases += 1
                 if not dry_run:
                     store.delete_lease(lease.name)
     return report
+
+
+def _sweep(listing, live: set[str], cutoff: float, report: GcReport, swept: list[str], delete) -> None:
+    for info in listing:
+        if info.digest in live:
+            continue
+        if info.mtime > cutoff:
+            report.spared_young += 1
+            continue
+        swept.append(info.digest)
+        report.bytes += info.size
+        if delete:
+            delete(info.digest)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import hashlib
 import os
 import tarfile
 import zlib
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 from urllib.parse import unquote_to_bytes
 
 import zstandard

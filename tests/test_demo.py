@@ -18,6 +18,7 @@ def test_demo_runs_lazily(env_dirs):
     m = re.search(r"fetched ([\d.]+) MiB of the ([\d.]+) MiB image \(([\d.]+)%\) in (\d+) blocks", out)
     assert m, out
     fetched, total, pct, blocks = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    assert abs(pct - 100 * fetched / total) < 0.2
     assert total > 60 and 0 < fetched < total / 5 and blocks > 0
     assert "exit code 0" in out
     # Run again: the image is already in the store, so nothing new is written.

@@ -5,7 +5,6 @@ import errno
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 

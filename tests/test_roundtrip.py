@@ -1,7 +1,6 @@
 """Round trip against a peer: the mounted tree equals `umoci unpack`'s rootfs, entry by entry."""
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest

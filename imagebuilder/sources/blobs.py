@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from lazyfs.errors import ImageSourceError, NotAnImage
+from lazyfs.errors import ImageSourceError, LayerDigestMismatch, NotAnImage
 from lazyfs.format import digest as digests
 
 MAX_JSON = 8 * 1024 * 1024
@@ -39,7 +39,6 @@ class BlobSource:
         if len(data) > MAX_JSON:
             raise ImageSourceError(f"{self.label}: {name} is larger than {MAX_JSON} bytes")
         if digest and digests.compute(data) != digest:
-            from lazyfs.errors import LayerDigestMismatch
             raise LayerDigestMismatch(f"{self.label}: {name}", digest, digests.compute(data))
         try:
             return json.loads(data)

@@ -5,7 +5,7 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 from lazyfs.errors import ImageSourceError
 from lazyfs.format.manifest import EntryType
@@ -85,5 +85,3 @@ def tree_size(root: Path) -> int:
                 total += st.st_size
     return total
 
-
-__all__ = ["walk", "tree_size", "Iterator"]

@@ -91,3 +91,21 @@ def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs):
     assert proc.returncode != 0
     assert _lazyfs_mounts() == []
     assert list(Path(env_dirs["LAZYFS_STATE_DIR"], "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_user_workdir_and_hostname(bb_image, runtime):
+    out = lazyfs_cli("run", "--runtime", runtime, "--user", "nobody", "--workdir", "/tmp", "run/bb:1",
+                     "--", "sh", "-c", "id -u; id -g; pwd; hostname").stdout.split()
+    assert out == ["65534", "65534", "/tmp", "lazyfs"]
+    out = lazyfs_cli("run", "--runtime", runtime, "--user", "1234:4321", "run/bb:1", "--",
+                     "sh", "-c", "id -u; id -g").stdout.split()
+    assert out == ["1234", "4321"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_missing_command_in_image(bb_image, runtime):
+    proc = lazyfs_cli("run", "--runtime", runtime, "run/bb:1", "--", "/no/such/binary", check=False)
+    assert proc.returncode in (126, 127), (proc.returncode, proc.stderr)
+    assert "/no/such/binary" in proc.stderr
+    assert _lazyfs_mounts() == []

@@ -1,12 +1,14 @@
 """Round trip against a peer: the mounted tree equals `umoci unpack`'s rootfs, entry by entry."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 
 import pytest
 
 from tests import images
-from tests.conftest import Mounted, lazyfs_cli, needs_mount
+from tests.conftest import Mounted, busybox_rootfs, lazyfs_cli, needs_mount
 
 
 def _diff(expected: dict, actual: dict) -> list[str]:
@@ -58,3 +60,33 @@ def test_same_image_through_all_archive_forms(umoci_image, env_dirs, tmp_path):
         digests[form] = out[-1]
     # One tree, one canonical manifest: every form yields the same digest.
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.skipif(not shutil.which("podman"), reason="podman not installed (apt-get install podman)")
+def test_podman_save_archives(env_dirs, tmp_path):
+    """What `podman save` really writes, in both its formats, builds to the same image."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    rootfs_tar = tmp_path / "rootfs.tar"
+    subprocess.run(["tar", "-C", root, "-cf", rootfs_tar, "."], check=True)
+    name = f"localhost/lazyfs-test-{os.getpid()}:1"
+    subprocess.run(["podman", "import", rootfs_tar, name], check=True, capture_output=True)
+    try:
+        digests = set()
+        for fmt in ("docker-archive", "oci-archive"):
+            out = tmp_path / f"{fmt}.tar"
+            subprocess.run(["podman", "save", "--format", fmt, "-o", out, name], check=True, capture_output=True)
+            digests.add(lazyfs_cli("build", out, "--tag", f"podman/{fmt}:1").stdout.strip().splitlines()[-1])
+        assert len(digests) == 1
+        dir_digest = lazyfs_cli("build", f"dir:{root}", "--tag", "podman/dir:1").stdout.split()[-1]
+        # Same files as the directory it came from (the root directory's own metadata may differ).
+        from lazyfs.store.local import LocalStore
+        from lazyfs.store import objects
+        store = LocalStore(env_dirs["LAZYFS_STORE"])
+        a = {e.path: e for e in objects.read_manifest(store, digests.pop()).entries if e.path}
+        b = {e.path: e for e in objects.read_manifest(store, dir_digest).entries if e.path}
+        assert a.keys() == b.keys()
+        for path in a:
+            assert (a[path].type, a[path].mode, a[path].size, a[path].chunks, a[path].target) == \
+                (b[path].type, b[path].mode, b[path].size, b[path].chunks, b[path].target), path
+    finally:
+        subprocess.run(["podman", "rmi", "-f", name], capture_output=True)

@@ -78,17 +78,20 @@ class BlockStager:
             self._pending.pop(0).result()
 
     def commit(self, digests: Iterable[str], progress: Callable[[int], None] | None = None) -> CommitStats:
-        """Copy the referenced blocks the store lacks into it (blocks first; manifests after)."""
+        """Put the referenced blocks the store lacks into it (blocks first; manifests after)."""
         self._drain()
         stats = CommitStats()
-        for digest in sorted(digests):
+        wanted = sorted(digests)
+        for digest in wanted:
             stats.blocks += 1
             stats.raw_bytes += self.staged[digest]
-            if digest not in self.in_store:
-                frame = (self.dir / digest[7:]).read_bytes()
-                if self.store.put_block(digest, frame):
-                    stats.uploaded += 1
-                    stats.uploaded_bytes += len(frame)
+            if digest in self.in_store and progress:
+                progress(self.staged[digest])
+        frames = (((d, (self.dir / d[7:]).read_bytes())) for d in wanted if d not in self.in_store)
+        for digest, stored in self.store.put_blocks(frames):
+            if stored:
+                stats.uploaded += 1
+                stats.uploaded_bytes += (self.dir / digest[7:]).stat().st_size
             if progress:
                 progress(self.staged[digest])
         return stats

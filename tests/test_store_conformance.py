@@ -32,6 +32,16 @@ def test_block_put_get_has_size(any_store):
     any_store.delete_block(digest)  # deleting what is gone is fine
 
 
+def test_put_blocks_batch(any_store):
+    blocks = [block.encode(bytes([i]) * (1000 + i)) for i in range(40)]
+    any_store.put_block(*blocks[3])
+    results = dict(any_store.put_blocks(iter(blocks)))
+    assert set(results) == {d for d, _ in blocks}
+    assert [d for d, new in results.items() if not new] == [blocks[3][0]]
+    for digest, frame in blocks:
+        assert any_store.get_block(digest) == frame
+
+
 def test_missing_objects_raise_typed_errors(any_store):
     digest = block.encode(b"absent")[0]
     with pytest.raises(BlockNotFound) as exc:

@@ -6,7 +6,7 @@ Verification happens in the layer that hands bytes on (lazyfs.store.objects, the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from lazyfs.counters import Counters
 
@@ -29,6 +29,10 @@ class BlockStore(Protocol):
 
     def put_block(self, digest: str, frame: bytes) -> bool:
         """Store a frame atomically; returns False when it was already there."""
+
+    def put_blocks(self, items: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bool]]:
+        """Store many frames; yields (digest, newly stored) for each once it is durable. Lets a
+        backend batch its flushes (local) or upload in parallel (remote)."""
 
     def list_blocks(self) -> Iterator[ObjectInfo]: ...
 

@@ -26,6 +26,18 @@ class CountingStore:
             self.stats.add(puts=1, put_bytes=len(frame))
         return stored
 
+    def put_blocks(self, items):
+        sizes: dict[str, int] = {}
+
+        def sized():
+            for digest, frame in items:
+                sizes[digest] = len(frame)
+                yield digest, frame
+        for digest, stored in self.inner.put_blocks(sized()):
+            if stored:
+                self.stats.add(puts=1, put_bytes=sizes[digest])
+            yield digest, stored
+
     def put_manifest(self, digest: str, frame: bytes) -> bool:
         stored = self.inner.put_manifest(digest, frame)
         if stored:

@@ -5,13 +5,14 @@ stray temp file, never a partial object under its final name.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from lazyfs.errors import (BlockNotFound, ManifestNotFound, StoreError, StoreUnavailable,
                            TagNotFound)
@@ -20,6 +21,7 @@ from lazyfs.format import reference
 from lazyfs.store.base import ObjectInfo
 
 MARKER = "lazyfs-store.json"
+BATCH = 512  # blocks per syncfs in put_blocks
 LAYOUT_NAMES = {MARKER, "tmp", "blocks", "manifests", "tags", "leases"}
 LAYOUT_VERSION = 1
 
@@ -38,6 +40,31 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _syncfs_fn():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _syncfs_fn()
+
+
+def syncfs(directory: Path) -> None:
+    """Flush one filesystem (one call for a whole batch instead of an fsync per file)."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 class LocalStore:
@@ -138,6 +165,53 @@ class LocalStore:
 
     def put_block(self, digest: str, frame: bytes) -> bool:
         return self._put(self._block_path(digest), frame)
+
+    def put_blocks(self, items: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bool]]:
+        """Store many blocks, yielding (digest, newly stored) as each becomes durable.
+
+        Same guarantee as put_block (no partial object under a final name) at a fraction of the
+        cost: a batch of temp files is flushed with one syncfs before any is renamed, and the
+        renames are flushed before the batch is reported, so a manifest written afterwards never
+        refers to a block a crash could lose."""
+        self._prepare()
+        batch: list[tuple[str, Path, str]] = []
+        try:
+            for digest, frame in items:
+                path = self._block_path(digest)
+                if path.exists():
+                    os.utime(path)
+                    yield digest, False
+                    continue
+                fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
+                batch.append((digest, path, tmp))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(frame)
+                if len(batch) >= BATCH:
+                    yield from self._publish(batch)
+                    batch = []
+            yield from self._publish(batch)
+            batch = []
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write blocks to {self.root}: {exc.strerror}") from exc
+        finally:
+            for _, _, tmp in batch:  # an error or an abandoned iteration: leave no temp files
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+
+    def _publish(self, batch: list[tuple[str, Path, str]]) -> Iterator[tuple[str, bool]]:
+        if not batch:
+            return
+        syncfs(self.root / "tmp")
+        for _, path, tmp in batch:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, path)
+        syncfs(self.root / "tmp")
+        done = [digest for digest, _, _ in batch]
+        batch.clear()
+        for digest in done:
+            yield digest, True
 
     def list_blocks(self) -> Iterator[ObjectInfo]:
         base = self.root / "blocks" / "sha256"

@@ -37,3 +37,17 @@ def test_store_path_that_is_a_file_fails_early(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="not a directory"):
         LocalStore(tmp_path / "file").check(write=True)
+
+
+def test_put_blocks_interrupted_leaves_no_temp_and_no_partial(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    blocks = [block.encode(bytes([i]) * 5000) for i in range(5)]
+
+    def frames():
+        yield from blocks[:3]
+        raise RuntimeError("source died mid-commit")
+    with pytest.raises(RuntimeError):
+        list(store.put_blocks(frames()))
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+    for digest, frame in blocks[:3]:
+        assert not store.has_block(digest) or store.get_block(digest) == frame

@@ -155,15 +155,19 @@ def test_mount_errors_are_clear(big_image, tmp_path):
 
 def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path):
     mnt = tmp_path / "mnt"
-    with Mounted("lazy/big:1", mnt):
+    m = Mounted("lazy/big:1", mnt)
+    with m:
         from lazyfs.fs.daemon import read_state
+        assert (mnt / "data" / "large-3.bin").read_bytes() == (big_image[0] / "data" / "large-3.bin").read_bytes()
         os.kill(read_state(str(mnt)).pid, 9)
         time.sleep(0.3)
         with pytest.raises(OSError) as exc:
             os.listdir(mnt)
         assert exc.value.errno == errno.ENOTCONN
-        lazyfs_cli("mount", "lazy/big:1", mnt)
-        assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
+        proc = lazyfs_cli("mount", "lazy/big:1", mnt)
+        assert "daemon behind this mount is gone" in proc.stderr  # says what it cleaned up
+        assert (mnt / "data" / "large-3.bin").read_bytes() == (big_image[0] / "data" / "large-3.bin").read_bytes()
+        assert m.stats()["store"]["block_gets"] == 0  # the node cache survived the crash
 
 
 def test_inode_numbers_are_stable_across_mounts(big_image, tmp_path):
@@ -212,3 +216,22 @@ def test_concurrent_readers_on_a_cold_cache_get_exact_bytes(big_image, tmp_path)
         s = m.stats()
     unique = {c.digest for e in entries.values() for c in e.chunks}
     assert s["store"]["block_gets"] == len(unique)  # single-flight: each block fetched once
+
+
+def test_full_node_cache_disk_still_reads_correctly(big_image, tmp_path):
+    src, store, entries = big_image
+    small = tmp_path / "small-cache"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        with Mounted("lazy/big:1", tmp_path / "mnt", "--cache-dir", small, "--log-file",
+                     tmp_path / "m.log") as mnt:
+            for i in range(4):  # 20 MiB through a 1 MiB cache disk
+                assert (mnt / "data" / f"large-{i}.bin").read_bytes() == \
+                    (src / "data" / f"large-{i}.bin").read_bytes()
+        assert "serving it from memory" in (tmp_path / "m.log").read_text()
+        for f in (small / "blocks").rglob("*"):
+            if f.is_file():
+                assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)

@@ -24,7 +24,8 @@ def run(
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
                                         "directory (default: a temporary one, removed on exit)."),
     env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", "-w"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", "-w", help="Working directory inside the "
+                                          "container (default: the image's WorkingDir, else /)."),
     user: Optional[str] = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image."),
     network: str = typer.Option("none", "--network", help="none (default) or host."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lazyfs.errors import BlockNotFound, LazyfsError, ManifestNotFound, TagNotFound
+from lazyfs.errors import BlockNotFound, DigestMismatch, LazyfsError, ManifestNotFound, TagNotFound
 from lazyfs.format import block
 from lazyfs.format.manifest import Entry, EntryType, Manifest
 from lazyfs.store import objects
@@ -105,3 +105,14 @@ def test_fetch_block_verifies(any_store):
     assert objects.fetch_block(any_store, digest, 7) == b"content"
     with pytest.raises(LazyfsError):
         objects.fetch_block(any_store, wrong_digest)
+
+
+def test_manifest_read_is_verified(any_store):
+    m = Manifest((Entry(b"", EntryType.DIR, mode=0o755),))
+    good = objects.write_manifest(any_store, m)
+    other = objects.write_manifest(any_store, Manifest((Entry(b"", EntryType.DIR, mode=0o700),)))
+    any_store.put_manifest(block.encode(b"x")[0], any_store.get_manifest(other))  # wrong content
+    with pytest.raises(DigestMismatch) as exc:
+        objects.read_manifest(any_store, block.encode(b"x")[0])
+    assert "manifest" in str(exc.value)
+    assert objects.read_manifest(any_store, good) == m

@@ -1,7 +1,7 @@
 """Typed reads and writes on top of a BlockStore: every byte read here is verified by digest."""
 from __future__ import annotations
 
-from lazyfs.errors import LazyfsError, ManifestFormatError
+from lazyfs.errors import BlockFormatError, DigestMismatch, ManifestFormatError
 from lazyfs.format import block, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
@@ -21,7 +21,9 @@ def read_manifest_bytes(store: BlockStore, digest: str) -> bytes:
     frame = store.get_manifest(digest)
     try:
         return block.decode(digest, frame, limit=MAX_MANIFEST)
-    except LazyfsError as exc:
+    except DigestMismatch as exc:
+        raise DigestMismatch(digest, exc.actual, what="manifest") from None
+    except BlockFormatError as exc:
         raise ManifestFormatError(f"manifest {digest}: {exc}") from None
 
 

@@ -87,11 +87,18 @@ class BlockStager:
             stats.raw_bytes += self.staged[digest]
             if digest in self.in_store and progress:
                 progress(self.staged[digest])
-        frames = (((d, (self.dir / d[7:]).read_bytes())) for d in wanted if d not in self.in_store)
-        for digest, stored in self.store.put_blocks(frames):
+        encoded: dict[str, int] = {}
+
+        def frames():
+            for d in wanted:
+                if d not in self.in_store:
+                    frame = (self.dir / d[7:]).read_bytes()
+                    encoded[d] = len(frame)
+                    yield d, frame
+        for digest, stored in self.store.put_blocks(frames()):
             if stored:
                 stats.uploaded += 1
-                stats.uploaded_bytes += (self.dir / digest[7:]).stat().st_size
+                stats.uploaded_bytes += encoded[digest]
             if progress:
                 progress(self.staged[digest])
         return stats
@@ -108,7 +115,7 @@ def _read_exact(stream: BinaryIO, n: int, name: str) -> bytes:
     parts = []
     left = n
     while left:
-        data = stream.read(min(left, _READ) if left > _READ else left)
+        data = stream.read(min(left, _READ))
         if not data:
             raise ImageSourceError(f"{name}: file content ends early (archive truncated?)")
         parts.append(data)

@@ -78,7 +78,8 @@ def is_stale(mountpoint: str) -> bool:
 
 def _fusermount(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("fusermount") or shutil.which("fusermount3")
-    cmd = [exe, *args] if exe else ["umount", *[a for a in args if not a.startswith("-u")]]
+    # Without fusermount (root only), umount does the same; its lazy flag is -l, not -z.
+    cmd = [exe, *args] if exe else ["umount", *[{"-z": "-l"}.get(a, a) for a in args if a != "-u"]]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

@@ -125,20 +125,23 @@ class LocalStore:
 
     def _put(self, path: Path, data: bytes) -> bool:
         self._prepare()
-        if path.exists():
-            # Reuse refreshes the age gc judges by, so a block a build is about to reference is
-            # never the oldest garbage in the store.
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                pass
-            else:
-                return False
+        if self._refresh(path):
+            return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data, self.root / "tmp")
         except OSError as exc:
             raise StoreUnavailable(f"cannot write {path}: {os.strerror(exc.errno or errno.EIO)}") from exc
+        return True
+
+    @staticmethod
+    def _refresh(path: Path) -> bool:
+        """True when the object is already stored. Reuse refreshes the age gc judges by, so a
+        block a build is about to reference is never the oldest garbage in the store."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
         return True
 
     @staticmethod
@@ -178,8 +181,7 @@ class LocalStore:
         try:
             for digest, frame in items:
                 path = self._block_path(digest)
-                if path.exists():
-                    os.utime(path)
+                if self._refresh(path):
                     yield digest, False
                     continue
                 fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")

@@ -19,3 +19,12 @@ def default_cache_dir() -> Path:
 
 def state_dir() -> Path:
     return Path(os.environ.get("LAZYFS_STATE_DIR") or platformdirs.user_state_dir(APP))
+
+
+def default_token() -> str | None:
+    """Bearer token for cache servers: $LAZYFS_TOKEN, or the first line of $LAZYFS_TOKEN_FILE."""
+    if os.environ.get("LAZYFS_TOKEN"):
+        return os.environ["LAZYFS_TOKEN"].strip()
+    if os.environ.get("LAZYFS_TOKEN_FILE"):
+        return Path(os.environ["LAZYFS_TOKEN_FILE"]).read_text().strip()
+    return None

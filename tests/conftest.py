@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,72 @@ ROOT = Path(__file__).resolve().parent.parent
 LAZYFS = [sys.executable, "-m", "lazyfs.cli"]
 
 
-def _local_store(tmp_path: Path):
+def _local_store(request, tmp_path: Path):
     return LocalStore(tmp_path / "store")
 
 
-STORE_FACTORIES = {"local": _local_store}
+def _s3_store(request, tmp_path: Path):
+    from lazyfs.store.s3 import S3Store
+    request.getfixturevalue("s3_server")
+    return S3Store(f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
+
+
+def _http_store(request, tmp_path: Path):
+    from lazyfs.store.http import HttpStore
+    server = request.getfixturevalue("cache_server")
+    return HttpStore(server.url, token=server.token)
+
+
+STORE_FACTORIES = {"local": _local_store, "s3": _s3_store, "http": _http_store}
+S3_BUCKET = "lazyfs-test"
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def any_store(request, tmp_path):
-    store = STORE_FACTORIES[request.param](tmp_path)
+    store = STORE_FACTORIES[request.param](request, tmp_path)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real SeaweedFS S3 server for the session; AWS_* variables point at it (for the CLI too)."""
+    from tests.servers import SeaweedS3
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"SeaweedFS S3 server cannot start: {exc}")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    server.make_bucket(S3_BUCKET)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+TEST_TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture
+def cache_server(tmp_path):
+    """A real cache server on 127.0.0.1 (on a thread) over a fresh local origin store."""
+    from cache_server.app import ServerConfig
+    from cache_server.server import ServerThread
+    origin = LocalStore(tmp_path / "origin")
+    with ServerThread(origin, tmp_path / "server-cache", config=ServerConfig(token=TEST_TOKEN)) as srv:
+        srv.token = TEST_TOKEN
+        yield srv
+
+
+@pytest.fixture
+def s3_url(s3_server):
+    """A fresh, empty S3 store URL (its own prefix in the session's bucket)."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
 
 
 def mount_skip_reason() -> str | None:

@@ -14,6 +14,9 @@ from lazyfs.errors import BlockFormatError, DigestMismatch
 from lazyfs.format import digest as digests
 
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
+# zstd's compress bound for MAX_BLOCK_SIZE (incompressible input grows by ~1/256 plus headers):
+# no valid block frame is larger, so readers can refuse bigger bodies before buffering them.
+MAX_FRAME_SIZE = MAX_BLOCK_SIZE + MAX_BLOCK_SIZE // 128 + 4096
 DEFAULT_LEVEL = 3
 
 _local = threading.local()

@@ -1,0 +1,320 @@
+"""The cache server's HTTP routes (docs/protocol.md): blocks, manifests, tags, leases, metrics.
+
+Reads are answered from the disk cache (sendfile) or filled from the origin store; writes go
+through to the origin after their digest checks out and need the bearer token.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cache_server.diskcache import DiskCache
+from cache_server.filler import Filler, verify
+from cache_server.metrics import Metrics
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
+from lazyfs.format import batch, reference
+from lazyfs.format import digest as digests
+from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.store.base import BlockStore
+from lazyfs.store.objects import MAX_MANIFEST
+
+log = logging.getLogger("lazyfs.server")
+OCTETS = "application/octet-stream"
+IMMUTABLE = "public, max-age=31536000, immutable"
+BATCH_PARALLEL = 16
+KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
+
+
+@dataclass
+class ServerConfig:
+    token: str | None = None  # None: writes are refused
+    auth_reads: bool = False
+    delay: float = 0.0  # added before answering data requests (emulated network latency)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def _error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _traversal(raw_path: str) -> bool:
+    """Whether the path as sent (before normalisation) tries to climb: '../x' is a bad digest,
+    not a request for '/v1/x'."""
+    return any(seg in (".", "..") for seg in unquote(raw_path.split("?", 1)[0]).split("/"))
+
+
+class CacheServer:
+    def __init__(self, origin: BlockStore, cache: DiskCache, config: ServerConfig):
+        self.origin, self.cache, self.config = origin, cache, config
+        self.metrics = Metrics()
+        self.metrics.cache_capacity.set(cache.capacity)
+        self.metrics.cache_state(cache)
+        self.filler = Filler(origin, cache, self.metrics)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=KIND_LIMIT["manifests"])
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics_page)
+        r.add_post("/v1/blocks/batch", self.get_batch)
+        for kind in ("blocks", "manifests"):
+            r.add_route("HEAD", f"/v1/{kind}/{{digest}}", self._bind(self.head_object, kind))
+            r.add_get(f"/v1/{kind}/{{digest}}", self._bind(self.get_object, kind), allow_head=False)
+            r.add_put(f"/v1/{kind}/{{digest}}", self._bind(self.put_object, kind))
+            r.add_delete(f"/v1/{kind}/{{digest}}", self._bind(self.delete_object, kind))
+            r.add_get(f"/v1/{kind}", self._bind(self.list_objects, kind))
+        r.add_get("/v1/tags", self.list_tags)
+        r.add_get("/v1/tags/{ref:.+}", self.get_tag)
+        r.add_put("/v1/tags/{ref:.+}", self.put_tag)
+        r.add_get("/v1/leases", self.list_leases)
+        r.add_put("/v1/leases/{name}", self.put_lease)
+        r.add_delete("/v1/leases/{name}", self.delete_lease)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    @staticmethod
+    def _bind(handler, kind):
+        async def bound(request):
+            return await handler(request, kind)
+        return bound
+
+    async def _cleanup(self, app) -> None:
+        self.filler.close()
+        self.cache.close()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        started = time.monotonic()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        try:
+            if _traversal(request.raw_path):
+                raise HttpError(400, "path segments '.' and '..' are refused")
+            resp = await handler(request)
+        except HttpError as exc:
+            resp = _error_response(exc.status, str(exc), exc.headers)
+        except NotFound as exc:
+            resp = _error_response(404, str(exc))
+        except (IntegrityError, FormatError) as exc:  # the origin holds bad bytes
+            resp = _error_response(502, f"origin: {exc}")
+        except LazyfsError as exc:  # origin unreachable, refused, ...
+            resp = _error_response(502, f"origin: {exc}")
+        except web.HTTPException as exc:
+            resp = _error_response(exc.status, exc.reason)
+        self.metrics.requests.labels(route, request.method, str(resp.status)).inc()
+        self.metrics.latency.labels(route).observe(time.monotonic() - started)
+        sent = resp.body_length if resp.prepared else (resp.content_length or 0)
+        self.metrics.response_bytes.labels(route).inc(sent or 0)
+        return resp
+
+    def _auth(self, request: web.Request, write: bool) -> None:
+        if not write and not self.config.auth_reads:
+            return
+        if self.config.token is None:
+            raise HttpError(403, "writes are disabled on this server (start it with --token-file)")
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise HttpError(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(header[7:].strip().encode(), self.config.token.encode()):
+            raise HttpError(403, "wrong token")
+
+    @staticmethod
+    def _digest(request: web.Request) -> str:
+        value = request.match_info["digest"]
+        if not digests.is_valid(value):
+            raise HttpError(400, f"not a sha256 digest: {value[:100]!r}")
+        return value
+
+    async def _delay(self) -> None:
+        if self.config.delay:
+            await asyncio.sleep(self.config.delay)
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def get_object(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self._auth(request, write=False)
+        digest = self._digest(request)
+        await self._delay()
+        path, frame = await self.filler.obtain(kind, digest)
+        headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
+        if frame is not None:  # too big for the cache: from memory
+            rng = request.http_range
+            body = frame[rng] if rng.start is not None or rng.stop is not None else frame
+            status = 206 if len(body) != len(frame) else 200
+            if status == 206:
+                start = rng.start or 0
+                headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(frame)}"
+            return web.Response(body=body, status=status, headers=headers)
+        resp = web.FileResponse(path, headers=headers)
+        self.cache.pin(kind, digest)
+        try:
+            await resp.prepare(request)  # sendfile(2) from the cache file
+        finally:
+            self.cache.unpin(kind, digest)
+        return resp
+
+    async def head_object(self, request: web.Request, kind: str) -> web.Response:
+        self._auth(request, write=False)
+        digest = self._digest(request)
+        size = self.cache.size(kind, digest)
+        if size is not None:
+            pass
+        elif kind == "blocks":
+            size = await self.filler.call(self.origin.block_size, digest)
+            if size is None:
+                raise NotFound(f"block {digest} not found")
+        else:
+            path, frame = await self.filler.obtain(kind, digest)
+            size = len(frame) if frame is not None else self.cache.size(kind, digest)
+        return web.Response(headers={"Content-Type": OCTETS, "Content-Length": str(size),
+                                     "Accept-Ranges": "bytes"})
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        self._auth(request, write=False)
+        try:
+            wanted = (await request.json())["digests"]
+            assert isinstance(wanted, list) and all(isinstance(d, str) for d in wanted)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise HttpError(400, 'body must be JSON {"digests": ["sha256:...", ...]}') from None
+        if len(wanted) > batch.MAX_DIGESTS:
+            raise HttpError(413, f"at most {batch.MAX_DIGESTS} digests per batch")
+        bad = [d for d in wanted if not digests.is_valid(d)]
+        if bad:
+            raise HttpError(400, f"not a sha256 digest: {bad[0][:100]!r}")
+        await self._delay()
+        gate = asyncio.Semaphore(BATCH_PARALLEL)
+
+        async def one(digest):
+            async with gate:
+                return await self.filler.obtain("blocks", digest)
+        tasks = [asyncio.ensure_future(one(d)) for d in wanted]
+        resp = web.StreamResponse(headers={"Content-Type": batch.MEDIA_TYPE})
+        try:
+            await resp.prepare(request)
+            for digest, task in zip(wanted, tasks):
+                try:
+                    path, frame = await task
+                    if frame is None:
+                        with open(path, "rb") as f:
+                            frame = f.read()
+                except NotFound:
+                    await resp.write(batch.encode_header(digest, 404, 0))
+                    continue
+                except (LazyfsError, OSError):
+                    await resp.write(batch.encode_header(digest, 502, 0))
+                    continue
+                await resp.write(batch.encode_header(digest, 200, len(frame)) + frame)
+            await resp.write_eof()
+        finally:
+            for task in tasks:
+                task.cancel()
+        return resp
+
+    async def list_objects(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self._auth(request, write=False)
+        lister = self.origin.list_blocks if kind == "blocks" else self.origin.list_manifests
+        infos = await self.filler.call(lambda: list(lister()))
+        lines = "".join(json.dumps({"digest": i.digest, "size": i.size, "mtime": i.mtime}) + "\n"
+                        for i in infos)
+        return web.Response(text=lines, content_type="application/x-ndjson")
+
+    async def get_tag(self, request: web.Request) -> web.Response:
+        self._auth(request, write=False)
+        ref = self._ref(request)
+        digest = await self.filler.call(self.origin.get_tag, ref.name, ref.tag)
+        return web.Response(text=digest + "\n", headers={"Cache-Control": "no-cache"})
+
+    async def list_tags(self, request: web.Request) -> web.Response:
+        self._auth(request, write=False)
+        tags = await self.filler.call(self.origin.list_tags)
+        return web.json_response([{"name": n, "tag": t, "digest": d} for n, t, d in tags])
+
+    @staticmethod
+    def _ref(request: web.Request) -> reference.Reference:
+        try:
+            ref = reference.parse(request.match_info["ref"])
+        except FormatError as exc:
+            raise HttpError(400, str(exc)) from None
+        if ref.digest:
+            raise HttpError(400, "a tag route takes NAME:TAG, not a digest")
+        return ref
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "origin": self.origin.url, "cache_bytes": self.cache.bytes,
+                                  "cache_entries": len(self.cache), "cache_capacity": self.cache.capacity})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        self.metrics.cache_state(self.cache)
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- writes --------------------------------------------------------------------------------
+    async def put_object(self, request: web.Request, kind: str) -> web.Response:
+        self._auth(request, write=True)
+        digest = self._digest(request)
+        limit = KIND_LIMIT[kind]
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpError(413, f"body of {request.content_length} bytes exceeds {limit}")
+        frame = await request.read()
+        try:
+            await self.filler.call(verify, kind, digest, frame)
+        except (IntegrityError, FormatError) as exc:
+            self.metrics.verify_failures.labels("client").inc()
+            raise HttpError(400, f"refused: {exc}") from None
+        put = self.origin.put_block if kind == "blocks" else self.origin.put_manifest
+        created = await self.filler.call(put, digest, frame)
+        return web.json_response({"digest": digest, "created": created}, status=201 if created else 200)
+
+    async def delete_object(self, request: web.Request, kind: str) -> web.Response:
+        self._auth(request, write=True)
+        digest = self._digest(request)
+        delete = self.origin.delete_block if kind == "blocks" else self.origin.delete_manifest
+        await self.filler.call(delete, digest)
+        self.cache.drop(kind, digest)
+        return web.Response(status=204)
+
+    async def put_tag(self, request: web.Request) -> web.Response:
+        self._auth(request, write=True)
+        ref = self._ref(request)
+        value = (await request.read())[:200].decode("ascii", "replace").strip()
+        if not digests.is_valid(value):
+            raise HttpError(400, f"tag body must be a sha256 digest, got {value[:80]!r}")
+        await self.filler.call(self.origin.put_tag, ref.name, ref.tag, value)
+        return web.Response(status=204)
+
+    async def list_leases(self, request: web.Request) -> web.Response:
+        self._auth(request, write=True)
+        leases = await self.filler.call(self.origin.list_leases)
+        return web.json_response([{"name": n, "data": base64.b64encode(d).decode()} for n, d in leases])
+
+    async def put_lease(self, request: web.Request) -> web.Response:
+        self._auth(request, write=True)
+        name = self._lease_name(request)
+        await self.filler.call(self.origin.put_lease, name, await request.read())
+        return web.Response(status=204)
+
+    async def delete_lease(self, request: web.Request) -> web.Response:
+        self._auth(request, write=True)
+        await self.filler.call(self.origin.delete_lease, self._lease_name(request))
+        return web.Response(status=204)
+
+    @staticmethod
+    def _lease_name(request: web.Request) -> str:
+        name = request.match_info["name"]
+        if not name or "/" in name or name.startswith(".") or len(name) > 200:
+            raise HttpError(400, f"invalid lease name {name[:100]!r}")
+        return name

@@ -1,0 +1,184 @@
+"""The cache server's disk cache: verified frames (as stored, still compressed), capped in bytes,
+evicting the least recently used.
+
+Layout: ``ROOT/{blocks,manifests}/XX/HEX`` plus ``ROOT/tmp`` for writes in progress and a ``lock``
+file that keeps a second server off the same directory. Entries enter only through temp file +
+rename after their digest checked out. After a restart the index is rebuilt from the directory
+(recency from mtimes) and each entry is verified again the first time it is served, so a file torn
+by a crash or damaged on disk is dropped and refetched, never sent.
+
+Not thread-safe: the server calls it from its event loop only (file I/O is small and local).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.counters import Counters
+from lazyfs.errors import LazyfsError, StoreUnavailable
+from lazyfs.format import digest as digests
+
+log = logging.getLogger("lazyfs.server.cache")
+KINDS = ("blocks", "manifests")
+
+
+@dataclass
+class DiskCacheStats(Counters):
+    hits: int = 0
+    misses: int = 0
+    inserts: int = 0
+    evictions: int = 0
+    dropped_corrupt: int = 0
+    write_errors: int = 0
+
+
+class DiskCache:
+    def __init__(self, root: str | os.PathLike, capacity: int):
+        self.root = Path(root)
+        self.capacity = capacity
+        self.stats = DiskCacheStats()
+        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # (kind, digest) -> size
+        self._verified: set[tuple[str, str]] = set()
+        self._pins: dict[tuple[str, str], int] = {}
+        self.bytes = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(f"cache dir {self.root}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise LazyfsError(f"cache dir {self.root} is in use by another lazyfs serve") from None
+        self._load()
+
+    def _load(self) -> None:
+        tmp = self.root / "tmp"
+        tmp.mkdir(exist_ok=True)
+        for entry in os.scandir(tmp):  # we hold the lock: every temp file is a dead server's
+            os.unlink(entry.path)
+        found = []
+        for kind in KINDS:
+            base = self.root / kind
+            base.mkdir(exist_ok=True)
+            for sub in os.scandir(base):
+                for entry in os.scandir(sub.path):
+                    digest = "sha256:" + entry.name
+                    if digests.is_valid(digest):
+                        st = entry.stat()
+                        found.append((st.st_mtime, kind, digest, st.st_size))
+        for _, kind, digest, size in sorted(found):
+            self._lru[(kind, digest)] = size
+            self.bytes += size
+        if found:
+            log.info("cache %s: %d entries, %d bytes from before the restart", self.root, len(found),
+                     self.bytes)
+        self._evict()
+
+    def path(self, kind: str, digest: str) -> str:
+        hexd = digests.hex_part(digest)
+        return os.path.join(self.root, kind, hexd[:2], hexd)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def lookup(self, kind: str, digest: str) -> tuple[str, bool] | None:
+        """(path, verified since this process started) of a cached entry, marking it recently used."""
+        key = (kind, digest)
+        if key not in self._lru:
+            self.stats.add(misses=1)
+            return None
+        self._lru.move_to_end(key)
+        self.stats.add(hits=1)
+        return self.path(kind, digest), key in self._verified
+
+    def size(self, kind: str, digest: str) -> int | None:
+        return self._lru.get((kind, digest))
+
+    def mark_verified(self, kind: str, digest: str) -> None:
+        self._verified.add((kind, digest))
+        try:
+            os.utime(self.path(kind, digest))  # recency survives a restart
+        except OSError:
+            pass
+
+    def drop(self, kind: str, digest: str, corrupt: bool = False) -> None:
+        key = (kind, digest)
+        size = self._lru.pop(key, None)
+        if size is None:
+            return
+        self.bytes -= size
+        self._verified.discard(key)
+        if corrupt:
+            log.error("cache: dropping damaged cached %s %s", kind[:-1], digest)
+            self.stats.add(dropped_corrupt=1)
+        try:
+            os.unlink(self.path(kind, digest))
+        except FileNotFoundError:
+            pass
+
+    def insert(self, kind: str, digest: str, frame: bytes) -> str | None:
+        """Store a verified frame; its path, or None when it cannot be cached (too big, disk error)."""
+        key = (kind, digest)
+        if key in self._lru:
+            return self.path(kind, digest)
+        if len(frame) > self.capacity:
+            return None
+        path = self.path(kind, digest)
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(frame)
+            os.rename(tmp, path)
+        except OSError as exc:
+            log.error("cache: cannot write %s to %s: %s (serving it uncached)", digest, self.root,
+                      exc.strerror)
+            self.stats.add(write_errors=1)
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            return None
+        self._lru[key] = len(frame)
+        self._verified.add(key)
+        self.bytes += len(frame)
+        self.stats.add(inserts=1)
+        self._evict()
+        return path
+
+    def pin(self, kind: str, digest: str) -> None:
+        """Keep an entry from eviction while a response is being sent from its file."""
+        key = (kind, digest)
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, kind: str, digest: str) -> None:
+        key = (kind, digest)
+        n = self._pins.get(key, 0) - 1
+        if n > 0:
+            self._pins[key] = n
+        else:
+            self._pins.pop(key, None)
+            self._evict()  # it may have been skipped while pinned
+
+    def _evict(self) -> None:
+        if self.bytes <= self.capacity:
+            return
+        for key in list(self._lru):
+            if self.bytes <= self.capacity:
+                break
+            if key in self._pins:
+                continue
+            self.drop(*key)
+            self.stats.add(evictions=1)
+
+    def close(self) -> None:
+        os.close(self._lock_fd)

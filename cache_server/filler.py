@@ -1,0 +1,106 @@
+"""Filling the disk cache from the origin store: single-flight, verified, off the event loop.
+
+The origin is any BlockStore; its calls block (boto3, file I/O), so they run in a thread pool.
+Concurrent requests for one missing object share one origin fetch (and one verification of a
+cache file left by a previous run). Nothing enters the cache or reaches a client before its
+digest checks out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from cache_server.diskcache import DiskCache
+from cache_server.metrics import Metrics
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
+from lazyfs.format import block
+from lazyfs.store.base import BlockStore
+from lazyfs.store.objects import MAX_MANIFEST
+
+log = logging.getLogger("lazyfs.server.fill")
+
+
+def verify(kind: str, digest: str, frame: bytes) -> None:
+    """Raise IntegrityError/FormatError unless ``frame`` holds the object named ``digest``."""
+    block.decode(digest, frame, limit=MAX_MANIFEST if kind == "manifests" else block.MAX_BLOCK_SIZE)
+
+
+class Filler:
+    def __init__(self, origin: BlockStore, cache: DiskCache, metrics: Metrics, threads: int = 32):
+        self.origin = origin
+        self.cache = cache
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="origin")
+        self._inflight: dict[tuple, asyncio.Future] = {}
+
+    async def call(self, fn, *args):
+        """Run a blocking store call in the pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def obtain(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
+        """(path of the cached frame, None), or (None, frame) when it could not be cached."""
+        found = self.cache.lookup(kind, digest)
+        if found:
+            path, verified = found
+            if verified or await self._single(("verify", kind, digest), self._verify_file,
+                                              kind, digest, path):
+                self.metrics.hit()
+                return path, None
+        self.metrics.miss()
+        return await self._single((kind, digest), self._fill, kind, digest)
+
+    async def _single(self, key: tuple, fn, *args):
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(fn(*args))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))
+        # A client that goes away must not cancel the fetch others are waiting for.
+        return await asyncio.shield(fut)
+
+    async def _verify_file(self, kind: str, digest: str, path: str) -> bool:
+        def check() -> bool:
+            try:
+                with open(path, "rb") as f:
+                    verify(kind, digest, f.read())
+                return True
+            except FileNotFoundError:
+                return False
+            except (IntegrityError, FormatError):
+                return False
+        if await self.call(check):
+            self.cache.mark_verified(kind, digest)
+            return True
+        self.cache.drop(kind, digest, corrupt=True)
+        self.metrics.verify_failures.labels("cache").inc()
+        return False
+
+    async def _fill(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
+        get = self.origin.get_block if kind == "blocks" else self.origin.get_manifest
+        self.metrics.origin_fetches.labels(kind).inc()
+        started = time.monotonic()
+        try:
+            frame = await self.call(get, digest)
+        except NotFound:
+            raise
+        except LazyfsError as exc:
+            self.metrics.origin_errors.inc()
+            log.error("origin %s: GET %s %s failed: %s", self.origin.url, kind, digest, exc)
+            raise
+        finally:
+            self.metrics.origin_latency.observe(time.monotonic() - started)
+        self.metrics.origin_bytes.inc(len(frame))
+        try:
+            await self.call(verify, kind, digest, frame)
+        except (IntegrityError, FormatError) as exc:
+            self.metrics.verify_failures.labels("origin").inc()
+            log.error("origin %s holds a bad %s %s: %s", self.origin.url, kind, digest, exc)
+            raise
+        path = self.cache.insert(kind, digest, frame)
+        self.metrics.cache_state(self.cache)
+        return (path, None) if path else (None, frame)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

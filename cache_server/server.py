@@ -1,0 +1,107 @@
+"""Running a cache server: in the foreground (`lazyfs serve`) or on a thread (tests, benchmarks)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from cache_server.app import CacheServer, ServerConfig
+from cache_server.diskcache import DiskCache
+from lazyfs.errors import LazyfsError
+from lazyfs.store.base import BlockStore
+
+access_log = logging.getLogger("lazyfs.server.access")
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON object per request: easy to ship to a log pipeline and to grep."""
+
+    def log(self, request, response, time):  # noqa: A002 - aiohttp's signature
+        self.logger.info(json.dumps({
+            "remote": request.remote, "method": request.method, "path": request.path,
+            "status": response.status, "bytes": response.body_length,
+            "ms": round(time * 1000, 3), "range": request.headers.get("Range"),
+            "cache": response.headers.get("X-Lazyfs-Cache")}))
+
+
+@dataclass
+class ServeOptions:
+    host: str
+    port: int
+    cache_dir: Path
+    cache_size: int
+    config: ServerConfig
+    access_log: bool = True
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LazyfsError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build(origin: BlockStore, opts: ServeOptions) -> web.Application:
+    cache = DiskCache(opts.cache_dir, opts.cache_size)
+    return CacheServer(origin, cache, opts.config).app()
+
+
+def serve_forever(origin: BlockStore, opts: ServeOptions, on_ready=None) -> None:
+    app = build(origin, opts)
+
+    async def ready(_app):
+        if on_ready:
+            on_ready()
+    app.on_startup.append(ready)
+    web.run_app(app, host=opts.host, port=opts.port, print=None,
+                access_log=access_log if opts.access_log else None,
+                access_log_class=JsonAccessLogger, handle_signals=True, shutdown_timeout=5)
+
+
+class ServerThread:
+    """A real server on 127.0.0.1 on a background thread: `with ServerThread(...) as url:`."""
+
+    def __init__(self, origin: BlockStore, cache_dir: Path, cache_size: int = 1 << 30,
+                 config: ServerConfig | None = None):
+        self.opts = ServeOptions("127.0.0.1", 0, Path(cache_dir), cache_size, config or ServerConfig(),
+                                 access_log=False)
+        self.origin = origin
+        self.server: CacheServer | None = None
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cache-server", daemon=True)
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    async def _start(self) -> None:
+        cache = DiskCache(self.opts.cache_dir, self.opts.cache_size)
+        self.server = CacheServer(self.origin, cache, self.opts.config)
+        self._runner = web.AppRunner(self.server.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self._runner:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,63 @@
+"""`lazyfs serve`: a cache server in front of a store."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import StoreOpt, err, human, parse_duration, parse_size
+
+
+@app.command(help="Serve a store's blocks, manifests and tags over HTTP (docs/protocol.md), with a "
+                  "size-capped disk cache that fills misses from the store (the origin: usually "
+                  "s3://BUCKET/PREFIX) and verifies every object before caching or sending it. "
+                  "Nodes use it with `lazyfs mount/run --server URL`; several servers shard blocks "
+                  "by rendezvous hashing. Example: lazyfs serve --store s3://images/prod "
+                  "--listen 0.0.0.0:7070 --cache-dir /var/cache/lazyfs --cache-size 200G "
+                  "--token-file /etc/lazyfs/token")
+def serve(
+    store: Optional[str] = StoreOpt,
+    listen: str = typer.Option("127.0.0.1:7070", "--listen", help="HOST:PORT to listen on."),
+    cache_dir: Path = typer.Option(..., "--cache-dir", help="Disk cache directory (kept across "
+                                   "restarts; one server per directory)."),
+    cache_size: str = typer.Option("10G", "--cache-size", help="Cap on the disk cache (e.g. 50G); "
+                                   "least recently used objects are evicted past it."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File whose first line is "
+                                              "the bearer token that PUT/DELETE (and, with "
+                                              "--auth-reads, reads) require. Without it the server "
+                                              "is read-only."),
+    auth_reads: bool = typer.Option(False, "--auth-reads", help="Require the token for reads too "
+                                    "(/healthz and /metrics stay open)."),
+    delay: str = typer.Option("0", "--delay", help="Add this much latency before answering each "
+                              "data request (e.g. 1ms): emulates a network RTT in benchmarks."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per "
+                                    "request on stderr."),
+):
+    from cache_server.app import ServerConfig
+    from cache_server.server import ServeOptions, parse_listen, serve_forever
+    from lazyfs.errors import LazyfsError
+    from lazyfs.store import open_store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = parse_listen(listen)
+    token = None
+    if token_file:
+        try:
+            token = token_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise LazyfsError(f"--token-file {token_file}: {getattr(exc, 'strerror', None) or 'empty'}")
+        if len(token) < 16:
+            raise LazyfsError(f"--token-file {token_file}: the token must be at least 16 characters")
+    origin = open_store(store)
+    origin.check()
+    size = parse_size(cache_size)
+    delay_s = parse_duration(delay.removesuffix("ms")) / 1000 if delay.endswith("ms") else parse_duration(delay)
+    opts = ServeOptions(host, port, cache_dir, size,
+                        ServerConfig(token=token, auth_reads=auth_reads, delay=delay_s), access_log)
+    err.print(f"lazyfs serve: {origin.url} on http://{host}:{port}, cache {cache_dir} "
+              f"({human(size)}), writes {'need the token' if token else 'disabled'}"
+              + (f", +{delay_s * 1000:.1f} ms per request" if delay_s else ""), highlight=False)
+    serve_forever(origin, opts)

@@ -1,0 +1,210 @@
+"""A store behind one lazyfs cache server (``http://HOST:PORT``), speaking docs/protocol.md.
+
+urllib3 keeps a pool of keep-alive connections that all threads share. Every body is read with a
+size limit, so a broken or hostile server cannot make the client buffer without bound. Writes are
+idempotent (objects are named by content), so they are retried on connection errors and 5xx.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Iterable, Iterator, NamedTuple
+from urllib.parse import quote
+
+import urllib3
+
+from lazyfs.errors import (BlockNotFound, FormatError, ManifestNotFound, NotFound, StoreError,
+                           StoreUnavailable, TagNotFound)
+from lazyfs.format import batch
+from lazyfs.format import digest as digests
+from lazyfs.format import reference
+from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.store.base import ObjectInfo
+from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.store.parallel import parallel_puts
+
+LIST_LIMIT = 1 << 30
+SMALL = 1 << 20
+
+
+class Answer(NamedTuple):
+    status: int
+    headers: dict
+    data: bytes
+
+
+class AuthError(StoreUnavailable):
+    """The server refused our token (or wanted one)."""
+
+
+class HttpStore:
+    def __init__(self, url: str, token: str | None = None, connect_timeout: float = 3.0,
+                 read_timeout: float = 60.0, retries: int = 3, connections: int = 16):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.retries = urllib3.Retry(total=retries, connect=retries, read=retries, backoff_factor=0.2,
+                                     status_forcelist=(502, 503, 504), allowed_methods=None,
+                                     raise_on_status=False) if retries else False
+        self.http = urllib3.PoolManager(num_pools=4, maxsize=connections, block=False)
+        self.threads = connections
+
+    # -- transport ----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None, limit: int = SMALL,
+                 missing: NotFound | None = None, headers: dict | None = None,
+                 stream: bool = False):
+        hdrs = dict(headers or {})
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        try:
+            resp = self.http.request(method, self.url + path, body=body, headers=hdrs,
+                                     timeout=self.timeout, retries=self.retries, redirect=False,
+                                     preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, protocol error
+            raise StoreUnavailable(f"{self.url}: {method} {path}: {_why(exc)}") from None
+        if resp.status < 300 and stream:
+            return resp
+        try:
+            data = resp.read(limit + 1) if method != "HEAD" else b""
+        except urllib3.exceptions.HTTPError as exc:
+            raise StoreUnavailable(f"{self.url}: {method} {path}: {_why(exc)}") from None
+        finally:
+            resp.release_conn()
+        if resp.status == 404 and missing is not None:
+            raise missing
+        if resp.status >= 300:
+            msg = _error_text(data) or resp.reason
+            if resp.status in (401, 403):
+                raise AuthError(f"{self.url}: {method} {path}: {resp.status} {msg} "
+                                "(set LAZYFS_TOKEN or LAZYFS_TOKEN_FILE)")
+            if 400 <= resp.status < 500 and resp.status != 404:
+                raise StoreError(f"{self.url}: {method} {path}: {resp.status} {msg}")
+            raise StoreUnavailable(f"{self.url}: {method} {path}: {resp.status} {msg}")
+        if len(data) > limit:
+            raise StoreUnavailable(f"{self.url}: {method} {path}: answer larger than {limit} bytes")
+        return Answer(resp.status, resp.headers, data)
+
+    def _get(self, path: str, limit: int, missing: NotFound) -> bytes:
+        return self._request("GET", path, limit=limit, missing=missing).data
+
+    # -- the BlockStore protocol ---------------------------------------------------------------
+    def check(self, write: bool = False) -> None:
+        self._request("GET", "/healthz")
+        if write:
+            self._request("GET", "/v1/leases")  # needs the write token: fail before a long build
+
+    def has_block(self, digest: str) -> bool:
+        return self.block_size(digest) is not None
+
+    def block_size(self, digest: str) -> int | None:
+        try:
+            resp = self._request("HEAD", f"/v1/blocks/{digests.validate(digest)}",
+                                 missing=BlockNotFound(digest))
+        except BlockNotFound:
+            return None
+        return int(resp.headers["Content-Length"])
+
+    def get_block(self, digest: str) -> bytes:
+        return self._get(f"/v1/blocks/{digests.validate(digest)}", MAX_FRAME_SIZE,
+                         BlockNotFound(digest))
+
+    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Many blocks in one round trip: (digest, frame), or (digest, None) when the server has
+        no such block; in request order. Raises StoreUnavailable if the server fails for one."""
+        for d in wanted:
+            digests.validate(d)
+        resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
+                             headers={"Content-Type": "application/json"}, stream=True)
+        reader = io.BufferedReader(resp, 1 << 20)
+        try:
+            for expected in wanted:
+                header = batch.decode_header(reader.readline(batch.MAX_HEADER))
+                if header.digest != expected:
+                    raise FormatError(f"batch answer out of order: {header.digest} for {expected}")
+                if header.status == 502:
+                    raise StoreUnavailable(f"{self.url}: batch: the server's origin failed for {expected}")
+                frame = reader.read(header.length) if header.status == 200 else None
+                if frame is not None and len(frame) != header.length:
+                    raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
+                yield expected, frame
+        except urllib3.exceptions.HTTPError as exc:
+            raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
+        finally:
+            resp.release_conn()
+
+    def put_block(self, digest: str, frame: bytes) -> bool:
+        resp = self._request("PUT", f"/v1/blocks/{digests.validate(digest)}", body=frame)
+        return resp.status == 201
+
+    def put_blocks(self, items: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bool]]:
+        return parallel_puts(self.put_block, items, self.threads)
+
+    def list_blocks(self) -> Iterator[ObjectInfo]:
+        return self._list("blocks")
+
+    def _list(self, kind: str) -> Iterator[ObjectInfo]:
+        data = self._request("GET", f"/v1/{kind}", limit=LIST_LIMIT).data
+        for line in data.splitlines():
+            d = json.loads(line)
+            yield ObjectInfo(digests.validate(d["digest"]), int(d["size"]), float(d["mtime"]))
+
+    def delete_block(self, digest: str) -> None:
+        self._request("DELETE", f"/v1/blocks/{digests.validate(digest)}")
+
+    def get_manifest(self, digest: str) -> bytes:
+        return self._get(f"/v1/manifests/{digests.validate(digest)}", MAX_MANIFEST * 2,
+                         ManifestNotFound(digest))
+
+    def put_manifest(self, digest: str, frame: bytes) -> bool:
+        return self._request("PUT", f"/v1/manifests/{digests.validate(digest)}", body=frame).status == 201
+
+    def list_manifests(self) -> Iterator[ObjectInfo]:
+        return self._list("manifests")
+
+    def delete_manifest(self, digest: str) -> None:
+        self._request("DELETE", f"/v1/manifests/{digests.validate(digest)}")
+
+    @staticmethod
+    def _tag_path(name: str, tag: str) -> str:
+        ref = reference.parse(f"{name}:{tag}")
+        return "/v1/tags/" + quote(f"{ref.name}:{ref.tag}", safe="/:")
+
+    def get_tag(self, name: str, tag: str) -> str:
+        value = self._get(self._tag_path(name, tag), 200, TagNotFound(f"{name}:{tag}"))
+        return digests.validate(value.decode("ascii", "replace").strip())
+
+    def put_tag(self, name: str, tag: str, digest: str) -> None:
+        self._request("PUT", self._tag_path(name, tag), body=digests.validate(digest).encode())
+
+    def list_tags(self) -> list[tuple[str, str, str]]:
+        data = json.loads(self._request("GET", "/v1/tags", limit=LIST_LIMIT).data)
+        return sorted((t["name"], t["tag"], digests.validate(t["digest"])) for t in data)
+
+    def put_lease(self, name: str, data: bytes) -> None:
+        self._request("PUT", f"/v1/leases/{quote(name, safe='')}", body=data)
+
+    def list_leases(self) -> list[tuple[str, bytes]]:
+        data = json.loads(self._request("GET", "/v1/leases", limit=LIST_LIMIT).data)
+        return sorted((d["name"], base64.b64decode(d["data"])) for d in data)
+
+    def delete_lease(self, name: str) -> None:
+        self._request("DELETE", f"/v1/leases/{quote(name, safe='')}")
+
+    def close(self) -> None:
+        self.http.clear()
+
+    def __repr__(self) -> str:
+        return f"HttpStore({self.url!r})"
+
+
+def _why(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc)
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return data[:200].decode("utf-8", "replace").strip()

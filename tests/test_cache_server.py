@@ -1,0 +1,229 @@
+"""The cache server over real HTTP on 127.0.0.1: auth, verification, single-flight, Range, batch,
+eviction, restart. Origins are real LocalStores, wrapped to count (and slow) their GETs."""
+from __future__ import annotations
+
+import hashlib
+import http.client as http_client
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import urllib3
+
+from cache_server.app import ServerConfig
+from cache_server.server import ServerThread
+from lazyfs.format import block
+from lazyfs.store.counting import CountingStore
+from lazyfs.store.http import HttpStore
+from lazyfs.store.local import LocalStore
+from tests.conftest import TEST_TOKEN
+from tests.servers import CacheServer
+
+http = urllib3.PoolManager(maxsize=64)
+
+
+class SlowStore(CountingStore):
+    """A real store whose block GETs take a while, so concurrent misses overlap."""
+
+    def __init__(self, inner, delay):
+        super().__init__(inner)
+        self.delay = delay
+
+    def get_block(self, digest):
+        time.sleep(self.delay)
+        return super().get_block(digest)
+
+
+def _blocks(n, size=200_000, seed=0):
+    out = []
+    for i in range(n):
+        data = hashlib.sha256(f"{seed}-{i}".encode()).digest() * (size // 32)
+        out.append(block.encode(data))
+    return out
+
+
+@pytest.fixture
+def origin(tmp_path):
+    return LocalStore(tmp_path / "origin")
+
+
+def test_single_flight_50_concurrent_misses(tmp_path, origin):
+    digest, frame = block.encode(os.urandom(300_000))
+    origin.put_block(digest, frame)
+    slow = SlowStore(origin, delay=0.3)
+    with ServerThread(slow, tmp_path / "cache") as srv:
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda _: http.request("GET", f"{srv.url}/v1/blocks/{digest}"),
+                                    range(50)))
+        assert [a.status for a in answers] == [200] * 50
+        assert all(a.data == frame for a in answers)
+        assert slow.stats.block_gets == 1
+        metrics = srv.server.metrics
+        assert metrics.origin_fetches.labels("blocks")._value.get() == 1
+
+
+def test_range_head_and_batch(tmp_path, origin):
+    blocks = _blocks(5)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    counting = CountingStore(origin)
+    with ServerThread(counting, tmp_path / "cache") as srv:
+        d, f = blocks[0]
+        r = http.request("GET", f"{srv.url}/v1/blocks/{d}", headers={"Range": "bytes=10-99"})
+        assert r.status == 206 and r.data == f[10:100]
+        r = http.request("HEAD", f"{srv.url}/v1/blocks/{blocks[1][0]}")
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(blocks[1][1])
+        missing = block.encode(b"not stored")[0]
+        client = HttpStore(srv.url)
+        wanted = [d for d, _ in blocks] + [missing]
+        got = list(client.get_blocks(wanted))
+        assert [g[0] for g in got] == wanted
+        assert [g[1] for g in got] == [f for _, f in blocks] + [None]
+        assert counting.stats.block_gets == 5  # block 0 was cached by the first GET... and reused
+        r = http.request("GET", f"{srv.url}/v1/blocks/{missing}")
+        assert r.status == 404
+
+
+def test_auth_and_verification_on_put(tmp_path, origin):
+    digest, frame = block.encode(b"payload" * 1000)
+    with ServerThread(origin, tmp_path / "cache", config=ServerConfig(token=TEST_TOKEN)) as srv:
+        url = f"{srv.url}/v1/blocks/{digest}"
+        assert http.request("PUT", url, body=frame).status == 401
+        assert http.request("PUT", url, body=frame, headers={"Authorization": "Bearer wrong"}).status == 403
+        assert not origin.has_block(digest)
+        good = {"Authorization": f"Bearer {TEST_TOKEN}"}
+        other_digest, _ = block.encode(b"something else")
+        r = http.request("PUT", f"{srv.url}/v1/blocks/{other_digest}", body=frame, headers=good)
+        assert r.status == 400 and b"hashes to" in r.data
+        assert not origin.has_block(other_digest)
+        r = http.request("PUT", f"{srv.url}/v1/blocks/{digest}", body=b"not zstd at all", headers=good)
+        assert r.status == 400 and not origin.has_block(digest)
+        for bad in ("..%2F..%2Fetc%2Fpasswd", "sha256:" + "G" * 64, "sha256:abc", "..%2Fx"):
+            assert http.request("GET", f"{srv.url}/v1/blocks/{bad}").status == 400, bad
+            assert http.request("PUT", f"{srv.url}/v1/blocks/{bad}", body=frame, headers=good).status == 400
+        for raw in ("/v1/blocks/../x", "/v1/blocks/../../etc/passwd", "/v1/manifests/./x"):
+            conn = http_client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
+            conn.request("PUT", raw, body=frame, headers=good)
+            assert conn.getresponse().status == 400, raw
+            conn.close()
+        assert http.request("PUT", url, body=frame, headers=good).status == 201
+        assert http.request("PUT", url, body=frame, headers=good).status == 200  # already there
+        assert origin.get_block(digest) == frame
+        r = http.request("PUT", f"{srv.url}/v1/tags/app:v1", body=b"nonsense", headers=good)
+        assert r.status == 400
+        assert http.request("PUT", f"{srv.url}/v1/tags/app:v1", body=digest.encode()).status == 401
+        assert origin.list_tags() == []
+        assert list(origin.list_manifests()) == []
+
+
+def test_reads_can_require_the_token(tmp_path, origin):
+    digest, frame = block.encode(b"secret image bytes")
+    origin.put_block(digest, frame)
+    with ServerThread(origin, tmp_path / "cache",
+                      config=ServerConfig(token=TEST_TOKEN, auth_reads=True)) as srv:
+        assert http.request("GET", f"{srv.url}/v1/blocks/{digest}").status == 401
+        assert HttpStore(srv.url, token=TEST_TOKEN).get_block(digest) == frame
+        assert http.request("GET", f"{srv.url}/healthz").status == 200
+
+
+def test_origin_with_wrong_bytes_is_not_served_or_cached(tmp_path, origin):
+    digest, _ = block.encode(b"what the name says")
+    _, wrong = block.encode(b"what the origin holds")
+    (origin.root / "blocks" / "sha256" / digest[7:9]).mkdir(parents=True)
+    origin.put_block(digest, b"")  # create layout
+    origin._block_path(digest).write_bytes(wrong)
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        r = http.request("GET", f"{srv.url}/v1/blocks/{digest}")
+        assert r.status == 502 and b"hashes to" in r.data
+        assert len(srv.server.cache) == 0
+
+
+def test_eviction_keeps_reads_correct_and_under_the_cap(tmp_path, origin):
+    blocks = _blocks(30, size=100_000)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    cap = 5 * len(blocks[0][1]) + 100
+    with ServerThread(origin, tmp_path / "cache", cache_size=cap) as srv:
+        client = HttpStore(srv.url)
+        for _ in range(2):
+            for d, f in blocks:
+                assert client.get_block(d) == f
+                assert srv.server.cache.bytes <= cap
+        on_disk = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").rglob("*") if p.is_file())
+        assert on_disk <= cap
+        assert srv.server.cache.stats.evictions >= 25
+
+
+def test_restart_serves_cached_blocks_and_never_a_torn_file(tmp_path, origin):
+    blocks = _blocks(4)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    cache_dir = tmp_path / "cache"
+    server = CacheServer(str(origin.root), cache_dir, extra=("--no-access-log",)).start()
+    try:
+        client = HttpStore(server.url)
+        for d, f in blocks:
+            assert client.get_block(d) == f
+        assert server.metrics()["lazyfs_server_origin_fetches_total"] == 4
+    finally:
+        server.kill()  # SIGKILL: no clean shutdown
+    # A crash mid-write: a torn file under a final name, and a temp file.
+    torn = cache_dir / "blocks" / blocks[3][0][7:9] / blocks[3][0][7:]
+    torn.write_bytes(blocks[3][1][: len(blocks[3][1]) // 2])
+    (cache_dir / "tmp" / ".part-crashed").write_bytes(b"half a block")
+    server = CacheServer(str(origin.root), cache_dir, port=server.port, extra=("--no-access-log",)).start()
+    try:
+        client = HttpStore(server.url)
+        for d, f in blocks[:3]:
+            assert client.get_block(d) == f
+        assert server.metrics()["lazyfs_server_origin_fetches_total"] == 0
+        assert client.get_block(blocks[3][0]) == blocks[3][1]  # dropped, refetched, never sent torn
+        m = server.metrics()
+        assert m["lazyfs_server_origin_fetches_total"] == 1
+        assert m["lazyfs_server_verify_failures_total"] == 1
+        assert not (cache_dir / "tmp" / ".part-crashed").exists()
+    finally:
+        server.stop()
+
+
+def test_two_servers_cannot_share_a_cache_dir(tmp_path, origin):
+    with ServerThread(origin, tmp_path / "cache"):
+        with pytest.raises(Exception, match="in use by another"):
+            ServerThread(origin, tmp_path / "cache").start()
+
+
+def test_metrics_and_healthz(tmp_path, origin):
+    digest, frame = block.encode(b"m" * 5000)
+    origin.put_block(digest, frame)
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        for _ in range(3):
+            http.request("GET", f"{srv.url}/v1/blocks/{digest}")
+        text = http.request("GET", f"{srv.url}/metrics").data.decode()
+        assert "lazyfs_server_cache_hit_ratio 0.666" in text
+        assert 'lazyfs_server_requests_total{code="200",method="GET",route="/v1/blocks/{digest}"} 3.0' in text
+        assert "lazyfs_server_request_seconds_bucket" in text
+        assert f"lazyfs_server_cache_bytes {float(len(frame))}" in text
+        assert http.request("GET", f"{srv.url}/healthz").status == 200
+
+
+def test_client_disconnect_does_not_cancel_a_shared_fetch(tmp_path, origin):
+    digest, frame = block.encode(os.urandom(100_000))
+    origin.put_block(digest, frame)
+    slow = SlowStore(origin, delay=0.5)
+    with ServerThread(slow, tmp_path / "cache") as srv:
+        impatient = threading.Thread(target=lambda: _ignore(lambda: http.request(
+            "GET", f"{srv.url}/v1/blocks/{digest}", timeout=0.1, retries=False)))
+        impatient.start()
+        time.sleep(0.05)
+        assert http.request("GET", f"{srv.url}/v1/blocks/{digest}").data == frame
+        impatient.join()
+        assert slow.stats.block_gets == 1
+
+
+def _ignore(fn):
+    try:
+        fn()
+    except Exception:
+        pass

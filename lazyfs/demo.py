@@ -14,6 +14,7 @@ from imagebuilder.build import build
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from lazyfs.errors import RunError
 from lazyfs.runner.session import RunOptions, run
+from lazyfs.remote.source import Source
 from lazyfs.store import open_store
 
 TAG = "lazyfs/demo:latest"
@@ -67,7 +68,7 @@ def run_demo(store_spec: str | None, runtime: str, say: Callable[[str], None], p
         stats: dict = {}
         say("[2/3] mounting it on an empty node cache and running /app/start.sh in a container")
         t0 = time.monotonic()
-        code = run(RunOptions(TAG, [], store.url, str(work / "node-cache"), runtime,
+        code = run(RunOptions(TAG, [], Source(store.url), str(work / "node-cache"), runtime,
                               report=stats.update), say=lambda m: say("      " + m))
         elapsed = time.monotonic() - t0
         fetched = stats.get("cache", {}).get("fetched_raw_bytes", 0)

@@ -42,7 +42,7 @@ def big_image(env_dirs, tmp_path):
 
 def test_reading_one_small_file_fetches_only_its_block(big_image, tmp_path):
     src, store, entries = big_image
-    m = Mounted("lazy/big:1", tmp_path / "mnt")
+    m = Mounted("lazy/big:1", tmp_path / "mnt", "--readahead", "0")
     with m as mnt:
         # Metadata of the whole tree: stat, readdir, readlink, xattrs — no block fetched.
         for dirpath, dirs, files in os.walk(mnt):
@@ -65,6 +65,23 @@ def test_reading_one_small_file_fetches_only_its_block(big_image, tmp_path):
             f.seek(2 * 1024 * 1024 + 10)
             assert f.read(100) == (src / "data" / "large-2.bin").read_bytes()[2 * 1024 * 1024 + 10:][:100]
         assert m.stats()["store"]["block_gets"] == 2
+
+
+def test_readahead_fetches_the_following_blocks_in_the_background(big_image, tmp_path):
+    src, store, entries = big_image
+    large = entries[b"data/large-2.bin"]
+    assert len(large.chunks) >= 4
+    m = Mounted("lazy/big:1", tmp_path / "mnt", "--readahead", "2")
+    with m as mnt:
+        with open(mnt / "data" / "large-2.bin", "rb") as f:
+            assert f.read(100) == (src / "data" / "large-2.bin").read_bytes()[:100]
+        deadline = time.monotonic() + 10
+        while m.stats()["store"]["block_gets"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = m.stats()
+        assert s["store"]["block_gets"] == 3  # the block read, and the next two
+        assert s["cache"]["prefetched"] == 2
+        assert (mnt / "data" / "large-2.bin").read_bytes() == (src / "data" / "large-2.bin").read_bytes()
 
 
 def test_whole_image_reads_back_exactly_and_cache_is_shared(big_image, tmp_path, env_dirs):

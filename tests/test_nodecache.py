@@ -24,11 +24,12 @@ class FakeOrigin:
         self.delay = delay
         self.lock = threading.Lock()
 
-    def __call__(self, digest: str) -> bytes:
+    def __call__(self, digest: str, size: int) -> bytes:
+        """The contract of a node cache fetch: verified bytes (here by the real decoder)."""
         with self.lock:
             self.calls.append(digest)
         time.sleep(self.delay)
-        return self.frames[digest]
+        return block.decode(digest, self.frames[digest], expected_size=size)
 
 
 def _blob(n: int, seed: int = 0) -> tuple[str, bytes]:
@@ -123,7 +124,7 @@ def test_full_cache_disk_still_serves_correct_bytes(tmp_path):
 def test_fetch_errors_propagate_typed(tmp_path):
     digest, _ = _blob(10)
 
-    def broken(d):
+    def broken(d, size):
         raise LazyfsError(f"origin down for {d}")
     with pytest.raises(LazyfsError, match="origin down"):
         NodeCache(tmp_path, broken).read(digest, 10, 0, 10)
@@ -137,3 +138,18 @@ def test_block_evicted_by_another_process_is_fetched_again(tmp_path):
     os.unlink(cache.path(digest))
     assert cache.read(digest, len(data), 4, 4) == data[4:8]
     assert origin.calls == [digest, digest]
+
+
+def test_prefetch_fetches_once_in_the_background(tmp_path):
+    blobs = dict(_blob(3000 + i, seed=i) for i in range(6))
+    origin = FakeOrigin(blobs, delay=0.05)
+    cache = NodeCache(tmp_path, origin)
+    wanted = [(d, len(b)) for d, b in blobs.items()]
+    cache.prefetch(wanted)
+    cache.prefetch(wanted)  # in flight or cached: nothing new starts
+    for d, b in blobs.items():
+        assert cache.read(d, len(b), 0, len(b)) == b
+    cache.close()
+    assert sorted(origin.calls) == sorted(blobs)
+    s = cache.stats.snapshot()
+    assert s["misses"] == 6 and s["prefetched"] >= 1

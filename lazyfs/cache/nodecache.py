@@ -1,7 +1,8 @@
 """A directory of verified, decompressed blocks, shared by all images (and mounts) on a node.
 
-The fetch function is injected (it returns a block's encoded frame), so the cache knows nothing of
-stores or networks, and tests and benchmarks read the same counters. Concurrent misses for one
+The fetch function is injected: ``fetch(digest, size)`` returns the block's bytes and must have
+verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the cache
+knows nothing of stores or networks, and tests and benchmarks read the same counters. Concurrent misses for one
 digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
 via temp file + rename, and each cached file is re-hashed the first time a process uses it, so a
 file damaged on disk (power cut, bit rot) is dropped and fetched again rather than served.
@@ -15,34 +16,39 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from lazyfs.counters import Counters
-from lazyfs.errors import LazyfsError, StoreUnavailable
-from lazyfs.format import block
+from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
 from lazyfs.format import digest as digests
 
 log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
 STALE_TEMP_SECONDS = 600
+PREFETCH_QUEUE = 64
 
 
 @dataclass
 class CacheStats(Counters):
     hits: int = 0
     misses: int = 0  # fetches from the store
-    fetched_bytes: int = 0  # encoded bytes the fetches returned
     fetched_raw_bytes: int = 0
+    prefetched: int = 0  # misses started by readahead rather than a read
     dropped_corrupt: int = 0
     errors: int = 0
 
 
 class NodeCache:
-    def __init__(self, root: str | os.PathLike, fetch: Callable[[str], bytes]):
+    def __init__(self, root: str | os.PathLike, fetch: Callable[[str, int], bytes],
+                 prefetch_threads: int = 8):
         self.root = Path(root)
         self.fetch = fetch
+        self.prefetch_threads = prefetch_threads
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._prefetching = 0
         self.stats = CacheStats()
         self._verified: set[str] = set()
         self._inflight: dict[str, threading.Event] = {}
@@ -69,7 +75,7 @@ class NodeCache:
         hexd = digests.hex_part(digest)
         return os.path.join(self.root, "blocks", hexd[:2], hexd)
 
-    def locate(self, digest: str, size: int) -> str | bytes:
+    def locate(self, digest: str, size: int, prefetch: bool = False) -> str | bytes:
         """Path of the verified, uncompressed block (or its bytes, if the disk refused them),
         fetching it on a miss."""
         if digest in self._verified:
@@ -90,27 +96,29 @@ class NodeCache:
                     break
             waiter.wait()  # another thread is fetching this digest; then re-check
         try:
-            return self._load(digest, size)
+            return self._load(digest, size, prefetch)
         finally:
             with self._lock:
                 del self._inflight[digest]
             event.set()
 
-    def _load(self, digest: str, size: int) -> str | bytes:
+    def _load(self, digest: str, size: int, prefetch: bool = False) -> str | bytes:
         path = self.path(digest)
         if self._check_on_disk(path, digest, size):
             self.stats.add(hits=1)
             with self._lock:
                 self._verified.add(digest)
             return path
-        self.stats.add(misses=1)
+        self.stats.add(misses=1, prefetched=int(prefetch))
         try:
-            frame = self.fetch(digest)
-            data = block.decode(digest, frame, expected_size=size)
+            data = self.fetch(digest, size)
         except LazyfsError:
             self.stats.add(errors=1)
             raise
-        self.stats.add(fetched_bytes=len(frame), fetched_raw_bytes=len(data))
+        if len(data) != size:  # the fetch function verified the digest; the manifest gives the size
+            self.stats.add(errors=1)
+            raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
+        self.stats.add(fetched_raw_bytes=len(data))
         if self._insert(path, data):
             with self._lock:
                 self._verified.add(digest)
@@ -163,6 +171,34 @@ class NodeCache:
                 except OSError:
                     pass
             return False
+
+    def prefetch(self, wanted) -> None:
+        """Start fetching (digest, size) pairs in the background unless cached or in flight; a
+        bounded queue, so a burst of readahead never piles up unbounded work."""
+        for digest, size in wanted:
+            with self._lock:
+                if digest in self._verified or digest in self._inflight or digest in self._memory:
+                    continue
+                if self._prefetching >= PREFETCH_QUEUE:
+                    return
+                self._prefetching += 1
+                if self._prefetch_pool is None:
+                    self._prefetch_pool = ThreadPoolExecutor(self.prefetch_threads,
+                                                             thread_name_prefix="prefetch")
+            self._prefetch_pool.submit(self._prefetch_one, digest, size)
+
+    def _prefetch_one(self, digest: str, size: int) -> None:
+        try:
+            self.locate(digest, size, prefetch=True)
+        except (LazyfsError, OSError) as exc:  # the read that needs it will fetch and report
+            log.debug("prefetch of %s failed: %s", digest, exc)
+        finally:
+            with self._lock:
+                self._prefetching -= 1
+
+    def close(self) -> None:
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, digest: str, size: int, offset: int, length: int) -> bytes:
         for _ in range(2):

@@ -14,6 +14,16 @@ STORE_HELP = ("Block store: a directory or file://PATH. Default: $LAZYFS_STORE, 
 StoreOpt = typer.Option(None, "--store", "-s", help=STORE_HELP, metavar="STORE")
 CacheOpt = typer.Option(None, "--cache-dir", help="Node-local block cache shared by all images. "
                         "Default: $LAZYFS_CACHE_DIR, else ~/.cache/lazyfs/node-cache.", metavar="DIR")
+ServerOpt = typer.Option(None, "--server", metavar="URL", help="A lazyfs cache server (repeat for a "
+                         "fleet: blocks are sharded by rendezvous hashing, with failover and hedging). "
+                         "With --server, --store names the origin to fall back to (optional). "
+                         "$LAZYFS_TOKEN or $LAZYFS_TOKEN_FILE for servers that want a token.")
+DeadlineOpt = typer.Option("30s", "--deadline", help="A block read that gets no good answer in this "
+                           "long fails with EIO (and a log line) instead of hanging.")
+HedgeOpt = typer.Option("500ms", "--hedge-after", help="Send a slow server request to the next "
+                        "server too after this long; the first good answer wins.")
+ReadaheadOpt = typer.Option(2, "--readahead", min=0, help="Blocks after the one being read to "
+                            "fetch in parallel in the background (0: off).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
@@ -73,9 +83,21 @@ def parse_size(text: str) -> int:
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def source(store: Optional[str], servers: Optional[list[str]], deadline: str = "30s",
+           hedge_after: str = "500ms", readahead: int = 2):
+    """The --store/--server/... options of mount and run, as a lazyfs.remote.source.Source."""
+    from lazyfs.remote.source import Source
+    dl = parse_duration(deadline)
+    if dl <= 0:
+        raise typer.BadParameter("--deadline must be positive")
+    return Source(store, tuple(servers or ()), dl, parse_duration(hedge_after), readahead)
+
+
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '1h', '7d', or plain seconds."""
+    """'250ms', '90s', '30m', '1h', '7d', or plain seconds."""
     t = text.strip().lower()
+    if t.endswith("ms"):
+        return parse_duration(t[:-2]) / 1000
     unit = t[-1:] if t[-1:] in _SECONDS else "s"
     try:
         value = float(t[:-1] if t[-1:] in _SECONDS else t)

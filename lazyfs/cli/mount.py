@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import CacheOpt, StoreOpt, err
+from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ReadaheadOpt, ServerOpt, StoreOpt,
+                               err, source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
@@ -19,7 +20,11 @@ def mount(
     ref: str = typer.Argument(..., metavar="NAME:TAG", help="Image reference or manifest digest."),
     mountpoint: str = typer.Argument(..., help="Existing empty directory."),
     store: Optional[str] = StoreOpt,
+    server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
+    deadline: str = DeadlineOpt,
+    hedge_after: str = HedgeOpt,
+    readahead: int = ReadaheadOpt,
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until unmounted."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
                                            "~/.local/state/lazyfs/mounts/)."),
@@ -29,18 +34,20 @@ def mount(
 ):
     from lazyfs import paths
     from lazyfs.fs import daemon
-    from lazyfs.store import objects, open_store
+    from lazyfs.store import objects
 
+    src = source(store, server, deadline, hedge_after, readahead)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         daemon.clean_stale(mountpoint)
-        st = open_store(store)
-        digest = objects.resolve(st, ref)
-        daemon.serve(digest, st.url, str(cache_dir or paths.default_cache_dir()),
+        reader = src.open()
+        digest = objects.resolve(reader, ref)
+        reader.close()
+        daemon.serve(digest, src, str(cache_dir or paths.default_cache_dir()),
                      os.path.realpath(mountpoint), ref, debug=debug, trace=trace)
         return
-    state = daemon.mount(ref, mountpoint, store, cache_dir, log_file, debug=debug, trace=trace)
+    state = daemon.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
 

@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import CacheOpt, StoreOpt, err
+from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ReadaheadOpt, ServerOpt, StoreOpt,
+                               err, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -18,7 +19,11 @@ def run(
     ref: str = typer.Argument(..., metavar="NAME:TAG"),
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
     store: Optional[str] = StoreOpt,
+    server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
+    deadline: str = DeadlineOpt,
+    hedge_after: str = HedgeOpt,
+    readahead: int = ReadaheadOpt,
     runtime: str = typer.Option("auto", "--runtime", help="auto (podman if present, else "
                                 "namespaces), podman, or namespaces."),
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
@@ -37,12 +42,13 @@ def run(
     argv = list(cmd or [])
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    opts = RunOptions(ref, argv, store, cache_dir, runtime, upper, list(env or []),
-                      workdir, user, network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace)
+    src = source(store, server, deadline, hedge_after, readahead)
+    opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
+                      network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace)
     say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
     if verbose:
         opts.report = lambda s: say(
-            f"image reads: {s['cache']['misses']} blocks fetched ({s['cache']['fetched_bytes']} bytes "
-            f"from the store), {s['cache']['hits']} cache hits; FUSE requests: "
+            f"image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
+            f"received), {s['cache']['hits']} cache hits; FUSE requests: "
             + ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items(), key=lambda kv: -kv[1])))
     raise typer.Exit(run_session(opts, say))

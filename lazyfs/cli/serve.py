@@ -54,7 +54,7 @@ def serve(
     origin = open_store(store)
     origin.check()
     size = parse_size(cache_size)
-    delay_s = parse_duration(delay.removesuffix("ms")) / 1000 if delay.endswith("ms") else parse_duration(delay)
+    delay_s = parse_duration(delay)
     opts = ServeOptions(host, port, cache_dir, size,
                         ServerConfig(token=token, auth_reads=auth_reads, delay=delay_s), access_log)
     err.print(f"lazyfs serve: {origin.url} on http://{host}:{port}, cache {cache_dir} "

@@ -22,8 +22,8 @@ from pathlib import Path
 from lazyfs import paths
 from lazyfs.errors import LazyfsError, MountError
 from lazyfs.fs import control
-from lazyfs.store import objects, open_store
-from lazyfs.store.counting import CountingStore
+from lazyfs.remote.source import Source
+from lazyfs.store import objects
 
 log = logging.getLogger("lazyfs.mount")
 FS_TYPE = "fuse.lazyfs"
@@ -92,7 +92,7 @@ def clean_stale(mountpoint: str) -> bool:
     return True
 
 
-def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | None,
+def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
           trace: str | None = None) -> MountState:
     """Start a detached daemon and wait until the mount answers."""
@@ -105,15 +105,18 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
     with os.scandir(mnt) as it:
         if next(it, None) is not None:
             raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden)")
-    store = open_store(store_spec)
-    digest = objects.resolve(store, ref)
-    objects.read_config(store, digest)  # fail here, in the user's terminal, not in a log file
+    reader = source.open()
+    try:
+        digest = objects.resolve(reader, ref)
+        objects.read_config(reader, digest)  # fail here, in the user's terminal, not in a log file
+    finally:
+        reader.close()
     cache = str(cache_dir or paths.default_cache_dir())
     logf = Path(log_file) if log_file else paths.state_dir() / "mounts" / (
         _state_file(mnt).stem + ".log")
     logf.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
-    args = [sys.executable, "-m", "lazyfs.fs.daemon", "--digest", digest, "--store", store.url,
+    args = [sys.executable, "-m", "lazyfs.fs.daemon", "--digest", digest, *source.args(),
             "--cache-dir", cache, "--ready-fd", str(write_fd), "--ref", str(ref), mnt]
     if debug:
         args.append("--debug")
@@ -134,7 +137,7 @@ def mount(ref: str, mountpoint: str, store_spec: str | None, cache_dir: str | No
         _abandon(proc, mnt)
         tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
         raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  " + "\n  ".join(tail))
-    state = MountState(mnt, proc.pid, digest, str(ref), store.url, cache, str(logf))
+    state = MountState(mnt, proc.pid, digest, str(ref), source.describe(), cache, str(logf))
     _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
     _state_file(mnt).write_text(json.dumps(asdict(state)))
     return state
@@ -200,7 +203,7 @@ def _wait_exit(pid: int, timeout: float) -> None:
         pass
 
 
-def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: str = "",
+def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str = "",
           ready_fd: int | None = None, debug: bool = False, trace: str | None = None) -> None:
     """Run the FUSE filesystem in this process until unmounted."""
     from fuse import FUSE
@@ -209,12 +212,13 @@ def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: st
     from lazyfs.fs.fuseops import CODEC, LazyOps
     from lazyfs.fs.index import ImageIndex
 
-    store = CountingStore(open_store(store_spec))
-    manifest = objects.read_manifest(store, digest)
+    reader = source.open()
+    manifest = objects.read_manifest(reader, digest)
     index = ImageIndex(manifest)
-    cache = NodeCache(cache_dir, store.get_block)
+    cache = NodeCache(cache_dir, reader.fetch_block)
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
-    ops = LazyOps(index, cache, lambda: {"store": store.stats.snapshot(), "digest": digest}, trace_file)
+    ops = LazyOps(index, cache, lambda: {"store": reader.stats.snapshot(), "digest": digest},
+                  trace_file, readahead=source.readahead)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"1")
@@ -230,15 +234,17 @@ def serve(digest: str, store_spec: str, cache_dir: str, mountpoint: str, ref: st
     except OSError as exc:  # counters are a convenience: never fail a mount over them
         log.warning("no control socket for %s (%s): `lazyfs stats` will not answer", mountpoint, exc)
         control_sock = None
-    log.info("mounting %s (%s) on %s: %d entries, %d bytes, xattrs %s, cache %s", ref or digest,
-             digest, mountpoint, len(manifest.entries), index.total_size,
-             "yes" if has_xattrs else "none", cache_dir)
+    log.info("mounting %s (%s) from %s on %s: %d entries, %d bytes, xattrs %s, cache %s",
+             ref or digest, digest, source.describe(), mountpoint, len(manifest.entries),
+             index.total_size, "yes" if has_xattrs else "none", cache_dir)
     FUSE(ops, mountpoint, foreground=True, nothreads=False, encoding=CODEC, ro=True,
          allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
          attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=debug)
     if control_sock:
         control_sock.close()
+    cache.close()
+    reader.close()
     log.info("unmounted %s", mountpoint)
 
 
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lazyfs-daemon", description="internal: lazyfs FUSE daemon")
     p.add_argument("mountpoint")
     p.add_argument("--digest", required=True)
-    p.add_argument("--store", required=True)
+    Source.add_arguments(p)
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--ref", default="")
     p.add_argument("--ready-fd", type=int)
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
-        serve(a.digest, a.store, a.cache_dir, a.mountpoint, a.ref, a.ready_fd, a.debug, a.trace)
+        serve(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
+              a.debug, a.trace)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above
         log.error("FUSE mount failed (status %s)", exc)
         return 1

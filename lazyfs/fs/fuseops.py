@@ -47,9 +47,11 @@ def _b(path: str) -> bytes:
 class LazyOps(Operations):
     use_ns = True  # times are integer nanoseconds
 
-    def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None):
+    def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None,
+                 readahead: int = 0):
         self.index = index
         self.cache = cache
+        self.readahead = readahead
         self.stats_extra = stats_extra
         self.reads = 0
         self.read_bytes = 0
@@ -133,6 +135,10 @@ class LazyOps(Operations):
         except OSError as exc:
             log.error("EIO reading %s (offset %d): node cache: %s", path, offset, exc)
             raise FuseOSError(errno.EIO) from None
+        if self.readahead:
+            # Neighbouring blocks go out in parallel while the caller consumes this one.
+            self.cache.prefetch((c.digest, c.size) for c in
+                                inode.chunks_after(offset + size, self.readahead))
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.reads += 1
         self.read_bytes += len(data)

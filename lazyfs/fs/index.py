@@ -48,6 +48,15 @@ class Inode:
             i += 1
 
 
+    def chunks_after(self, end: int, n: int):
+        """Up to n chunks following the one that holds byte ``end - 1`` (readahead candidates)."""
+        if end >= self.entry.size or not self.entry.chunks:
+            return ()
+        offs = self.chunk_offsets()
+        i = bisect.bisect_right(offs, end - 1)
+        return self.entry.chunks[i:i + n]
+
+
 class ImageIndex:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest

@@ -16,7 +16,8 @@ from lazyfs.fs import daemon
 from lazyfs.fs import control
 from lazyfs.runner import runtime as rt
 from lazyfs.runner.overlay import Overlay
-from lazyfs.store import objects, open_store
+from lazyfs.remote.source import Source
+from lazyfs.store import objects
 
 log = logging.getLogger("lazyfs.run")
 STOP_GRACE = 2.0  # seconds between Ctrl-C, SIGTERM and SIGKILL
@@ -26,7 +27,7 @@ STOP_GRACE = 2.0  # seconds between Ctrl-C, SIGTERM and SIGKILL
 class RunOptions:
     ref: str
     argv: list[str]
-    store: str | None = None
+    source: Source = field(default_factory=Source)
     cache_dir: str | None = None
     runtime: str = "auto"
     upper: str | None = None
@@ -53,9 +54,12 @@ def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
 
 def run(opts: RunOptions, say=lambda msg: None) -> int:
     runtime = rt.choose(opts.runtime)
-    store = open_store(opts.store)
-    digest = objects.resolve(store, opts.ref)
-    spec = container_spec(objects.read_config(store, digest), opts)
+    reader = opts.source.open()
+    try:
+        digest = objects.resolve(reader, opts.ref)
+        spec = container_spec(objects.read_config(reader, digest), opts)
+    finally:
+        reader.close()
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
     image_mnt = rundir / "image"
     image_mnt.mkdir(parents=True)
@@ -63,7 +67,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     overlay = Overlay(image_mnt, upper, rundir / "work", rundir / "rootfs")
     mounted = False
     try:
-        state = daemon.mount(digest, str(image_mnt), store.url, opts.cache_dir, str(rundir / "mount.log"),
+        state = daemon.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
                              trace=opts.trace)
         mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")

@@ -15,6 +15,11 @@ class CountingStore:
         self.stats.add(block_gets=1, block_bytes=len(data))
         return data
 
+    def fetch_block(self, digest: str, size: int | None = None) -> bytes:
+        """Verified block bytes (the node cache's fetch function)."""
+        from lazyfs.store.objects import fetch_block
+        return fetch_block(self, digest, size)
+
     def get_manifest(self, digest: str) -> bytes:
         data = self.inner.get_manifest(digest)
         self.stats.add(manifest_gets=1, manifest_bytes=len(data))

@@ -1,0 +1,1 @@
+"""Fetching from a fleet of cache servers: rendezvous sharding, failover, hedging, deadlines."""

@@ -1,0 +1,55 @@
+"""Where a mount reads an image from: one store, or a fleet of cache servers (with an optional
+origin store behind them). The same description travels to the detached daemon as arguments."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from lazyfs import paths
+from lazyfs.store import open_store
+from lazyfs.store.counting import CountingStore
+
+
+@dataclass(frozen=True)
+class Source:
+    store: str | None = None  # with servers: the origin to fall back to (None: servers only)
+    servers: tuple[str, ...] = ()
+    deadline: float = 30.0  # seconds a block read may take before it fails (EIO)
+    hedge_after: float = 0.5  # seconds before a slow server request is duplicated to the next
+    readahead: int = 2  # blocks after the one read, fetched in the background
+
+    def open(self):
+        """A reader with get_tag/get_manifest/get_block, fetch_block(digest, size) (verified
+        bytes), .stats and .url: a Fleet, or a CountingStore over one store."""
+        if self.servers:
+            from lazyfs.remote.fleet import Fleet, FleetOptions
+            origin = open_store(self.store) if self.store else None
+            return Fleet(list(self.servers), origin, token=paths.default_token(),
+                         options=FleetOptions(hedge_after=self.hedge_after, deadline=self.deadline))
+        return CountingStore(open_store(self.store))
+
+    def describe(self) -> str:
+        if not self.servers:
+            return self.store or paths.default_store()
+        return " ".join(self.servers) + (f" (origin {self.store})" if self.store else "")
+
+    def args(self) -> list[str]:
+        out = []
+        if self.store:
+            out += ["--store", self.store]
+        for s in self.servers:
+            out += ["--server", s]
+        return out + ["--deadline", str(self.deadline), "--hedge-after", str(self.hedge_after),
+                      "--readahead", str(self.readahead)]
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store")
+        p.add_argument("--server", action="append", default=[])
+        p.add_argument("--deadline", type=float, default=30.0)
+        p.add_argument("--hedge-after", type=float, default=0.5)
+        p.add_argument("--readahead", type=int, default=2)
+
+    @classmethod
+    def from_namespace(cls, a: argparse.Namespace) -> "Source":
+        return cls(a.store, tuple(a.server), a.deadline, a.hedge_after, a.readahead)

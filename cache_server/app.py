@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache_server.diskcache import DiskCache
@@ -31,6 +32,7 @@ log = logging.getLogger("lazyfs.server")
 OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
 BATCH_PARALLEL = 16
+SERVER_KEY = web.AppKey("lazyfs_server", object)
 KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
 
 
@@ -57,6 +59,36 @@ def _traversal(raw_path: str) -> bool:
     return any(seg in (".", "..") for seg in unquote(raw_path.split("?", 1)[0]).split("/"))
 
 
+class _CacheFile(web.FileResponse):
+    """A cached frame sent with sendfile(2); the entry stays pinned (not evicted) until sent."""
+
+    def __init__(self, path: str, release, **kwargs):
+        super().__init__(path, **kwargs)
+        self._release = release
+
+    async def prepare(self, request):
+        try:
+            return await super().prepare(request)
+        finally:
+            release, self._release = self._release, None
+            if release:
+                release()
+
+
+class AccessLog(AbstractAccessLogger):
+    """Per-request metrics, and (when its logger is at INFO) one JSON line per request."""
+
+    def log(self, request, response, time):  # noqa: A002 - aiohttp's signature
+        server = request.app.get(SERVER_KEY) if hasattr(request, "app") else None
+        if server is not None:
+            server.record(request, response, time)
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(json.dumps({
+                "remote": request.remote, "method": request.method, "path": request.path,
+                "status": response.status, "bytes": response.body_length,
+                "ms": round(time * 1000, 3), "range": request.headers.get("Range")}))
+
+
 class CacheServer:
     def __init__(self, origin: BlockStore, cache: DiskCache, config: ServerConfig):
         self.origin, self.cache, self.config = origin, cache, config
@@ -68,6 +100,7 @@ class CacheServer:
     # -- plumbing ------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=KIND_LIMIT["manifests"])
+        app[SERVER_KEY] = self
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics_page)
@@ -99,28 +132,28 @@ class CacheServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        started = time.monotonic()
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        """Typed errors become JSON answers with the right status (metrics: see AccessLog)."""
         try:
             if _traversal(request.raw_path):
                 raise HttpError(400, "path segments '.' and '..' are refused")
-            resp = await handler(request)
+            return await handler(request)
         except HttpError as exc:
-            resp = _error_response(exc.status, str(exc), exc.headers)
+            return _error_response(exc.status, str(exc), exc.headers)
         except NotFound as exc:
-            resp = _error_response(404, str(exc))
+            return _error_response(404, str(exc))
         except (IntegrityError, FormatError) as exc:  # the origin holds bad bytes
-            resp = _error_response(502, f"origin: {exc}")
+            return _error_response(502, f"origin: {exc}")
         except LazyfsError as exc:  # origin unreachable, refused, ...
-            resp = _error_response(502, f"origin: {exc}")
-        except web.HTTPException as exc:
-            resp = _error_response(exc.status, exc.reason)
-        self.metrics.requests.labels(route, request.method, str(resp.status)).inc()
-        self.metrics.latency.labels(route).observe(time.monotonic() - started)
-        sent = resp.body_length if resp.prepared else (resp.content_length or 0)
-        self.metrics.response_bytes.labels(route).inc(sent or 0)
-        return resp
+            return _error_response(502, f"origin: {exc}")
+
+    def record(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
+        """Called once per answered request, after its body went out."""
+        info = getattr(request, "match_info", None)
+        resource = info.route.resource if info is not None else None
+        route = resource.canonical if resource is not None else "unmatched"
+        self.metrics.requests.labels(route, request.method, str(response.status)).inc()
+        self.metrics.latency.labels(route).observe(seconds)
+        self.metrics.response_bytes.labels(route).inc(response.body_length or 0)
 
     def _auth(self, request: web.Request, write: bool) -> None:
         if not write and not self.config.auth_reads:
@@ -159,13 +192,8 @@ class CacheServer:
                 start = rng.start or 0
                 headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(frame)}"
             return web.Response(body=body, status=status, headers=headers)
-        resp = web.FileResponse(path, headers=headers)
         self.cache.pin(kind, digest)
-        try:
-            await resp.prepare(request)  # sendfile(2) from the cache file
-        finally:
-            self.cache.unpin(kind, digest)
-        return resp
+        return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)
 
     async def head_object(self, request: web.Request, kind: str) -> web.Response:
         self._auth(request, write=False)

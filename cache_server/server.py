@@ -2,32 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-
-from cache_server.app import CacheServer, ServerConfig
+from cache_server.app import AccessLog, CacheServer, ServerConfig
 from cache_server.diskcache import DiskCache
 from lazyfs.errors import LazyfsError
 from lazyfs.store.base import BlockStore
 
 access_log = logging.getLogger("lazyfs.server.access")
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON object per request: easy to ship to a log pipeline and to grep."""
-
-    def log(self, request, response, time):  # noqa: A002 - aiohttp's signature
-        self.logger.info(json.dumps({
-            "remote": request.remote, "method": request.method, "path": request.path,
-            "status": response.status, "bytes": response.body_length,
-            "ms": round(time * 1000, 3), "range": request.headers.get("Range"),
-            "cache": response.headers.get("X-Lazyfs-Cache")}))
 
 
 @dataclass
@@ -59,9 +45,11 @@ def serve_forever(origin: BlockStore, opts: ServeOptions, on_ready=None) -> None
         if on_ready:
             on_ready()
     app.on_startup.append(ready)
-    web.run_app(app, host=opts.host, port=opts.port, print=None,
-                access_log=access_log if opts.access_log else None,
-                access_log_class=JsonAccessLogger, handle_signals=True, shutdown_timeout=5)
+    # The access logger also feeds the request metrics, so it always runs; --no-access-log only
+    # raises its level.
+    access_log.setLevel(logging.INFO if opts.access_log else logging.WARNING)
+    web.run_app(app, host=opts.host, port=opts.port, print=None, access_log=access_log,
+                access_log_class=AccessLog, handle_signals=True, shutdown_timeout=5)
 
 
 class ServerThread:
@@ -86,7 +74,9 @@ class ServerThread:
     async def _start(self) -> None:
         cache = DiskCache(self.opts.cache_dir, self.opts.cache_size)
         self.server = CacheServer(self.origin, cache, self.opts.config)
-        self._runner = web.AppRunner(self.server.app(), access_log=None)
+        quiet = logging.getLogger("lazyfs.server.access.thread")
+        quiet.setLevel(logging.WARNING)
+        self._runner = web.AppRunner(self.server.app(), access_log=quiet, access_log_class=AccessLog)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -127,8 +127,11 @@ class Fleet:
                 if len(errors) < len(candidates):
                     launch()
                     continue
-                if all(isinstance(e, NotFound) for _, e in errors):
-                    raise errors[0][1]
+                # The origin is the authority on absence; servers only when all of them agree.
+                for n, e in errors:
+                    if isinstance(e, NotFound) and (n == "origin" or
+                                                    all(isinstance(x, NotFound) for _, x in errors)):
+                        raise e
                 tried = "; ".join(f"{n}: {e}" for n, e in errors)
                 raise StoreUnavailable(f"{key}: every source failed ({tried})")
         self.stats.add(deadline_failures=1)

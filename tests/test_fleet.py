@@ -1,0 +1,146 @@
+"""The fleet client against real cache servers on 127.0.0.1: sharding, failover, hedging,
+lying servers, deadlines (no FUSE here; test_fleet_mount.py does it through a mount)."""
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cache_server.app import ServerConfig
+from cache_server.server import ServerThread
+from lazyfs.errors import BlockNotFound, StoreUnavailable
+from lazyfs.format import block
+from lazyfs.remote import rendezvous
+from lazyfs.remote.fleet import Fleet, FleetOptions
+from lazyfs.store.counting import CountingStore
+from lazyfs.store.local import LocalStore
+
+
+def _blocks(n, size=50_000):
+    return [block.encode(hashlib.sha256(str(i).encode()).digest() * (size // 32)) for i in range(n)]
+
+
+@pytest.fixture
+def origin(tmp_path):
+    store = LocalStore(tmp_path / "origin")
+    blocks = _blocks(40)
+    for d, f in blocks:
+        store.put_block(d, f)
+    return store, blocks
+
+
+def test_rendezvous_is_stable_and_moves_only_the_removed_servers_keys():
+    servers = [f"http://10.0.0.{i}:7070" for i in range(5)]
+    keys = [f"sha256:{i:064x}" for i in range(2000)]
+    before = {k: rendezvous.rank(servers, k)[0] for k in keys}
+    counts = {s: sum(1 for v in before.values() if v == s) for s in servers}
+    assert all(300 < c < 500 for c in counts.values()), counts  # roughly even
+    after = {k: rendezvous.rank(servers[1:], k)[0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == servers[0] for k in moved)
+    assert len(moved) == counts[servers[0]]
+
+
+def test_each_block_is_fetched_from_its_owner_only(tmp_path, origin):
+    store, blocks = origin
+    counting = CountingStore(store)
+    with ServerThread(counting, tmp_path / "c1") as a, ServerThread(counting, tmp_path / "c2") as b:
+        fleet = Fleet([a.url, b.url])
+        for d, f in blocks:
+            assert fleet.get_block(d) == f
+            assert fleet.fetch_block(d, len(block.decode(d, f))) == block.decode(d, f)
+        assert counting.stats.block_gets == len(blocks)  # one origin GET per block, fleet-wide
+        owners = {d: rendezvous.rank([a.url, b.url], f"block {d}")[0] for d, _ in blocks}
+        for srv in (a, b):
+            fetched = srv.server.metrics.origin_fetches.labels("blocks")._value.get()
+            assert fetched == sum(1 for o in owners.values() if o == srv.url)
+        assert fleet.stats.failovers == 0 and fleet.stats.hedges == 0
+        fleet.close()
+
+
+def test_dead_server_fails_over_then_origin(tmp_path, origin):
+    store, blocks = origin
+    a = ServerThread(store, tmp_path / "c1").start()
+    b = ServerThread(store, tmp_path / "c2").start()
+    fleet = Fleet([a.url, b.url], options=FleetOptions(deadline=5))
+    a.stop()
+    for d, f in blocks:
+        assert fleet.get_block(d) == f
+    assert fleet.stats.failovers == 1  # one refused connection, then a is tried last for a while
+    b.stop()
+    with pytest.raises(StoreUnavailable, match="every source failed"):
+        fleet.get_block(blocks[0][0])
+    with_origin = Fleet([a.url, b.url], origin=store)
+    assert with_origin.get_block(blocks[0][0]) == blocks[0][1]
+    assert with_origin.stats.origin_reads == 1
+    with pytest.raises(BlockNotFound):
+        with_origin.get_block(block.encode(b"nowhere")[0])
+    fleet.close()
+    with_origin.close()
+
+
+def test_slow_server_is_hedged(tmp_path, origin):
+    store, blocks = origin
+    with ServerThread(store, tmp_path / "slow", config=ServerConfig(delay=3.0)) as slow, \
+            ServerThread(store, tmp_path / "fast") as fast:
+        fleet = Fleet([slow.url, fast.url], options=FleetOptions(hedge_after=0.1, deadline=10))
+        owned_by_slow = [(d, f) for d, f in blocks
+                         if rendezvous.rank([slow.url, fast.url], f"block {d}")[0] == slow.url]
+        d, f = owned_by_slow[0]
+        started = time.monotonic()
+        assert fleet.get_block(d) == f
+        assert time.monotonic() - started < 1.5
+        assert fleet.stats.hedges == 1
+        fleet.close()
+
+
+class _Liar(BaseHTTPRequestHandler):
+    """Answers every block GET with a well-formed frame of the wrong content."""
+    frame = block.encode(b"not what you asked for")[1]
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.frame)))
+        self.end_headers()
+        self.wfile.write(self.frame)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_wrong_bytes_are_detected_and_fetched_elsewhere(tmp_path, origin):
+    store, blocks = origin
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    liar_url = f"http://127.0.0.1:{liar.server_address[1]}"
+    try:
+        with ServerThread(store, tmp_path / "honest") as honest:
+            fleet = Fleet([liar_url, honest.url])
+            for d, f in blocks:
+                assert fleet.get_block(d) == f
+            assert fleet.stats.wrong_bytes >= 1
+            fleet.close()
+    finally:
+        liar.shutdown()
+
+
+def test_a_hung_server_cannot_make_a_read_hang(origin):
+    store, blocks = origin
+    hole = socket.socket()  # accepts connections (backlog) but never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        fleet = Fleet([url], options=FleetOptions(deadline=1.0, hedge_after=0.2))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="no answer within 1.0s"):
+            fleet.get_block(blocks[0][0])
+        assert 0.9 < time.monotonic() - started < 2.0
+        assert fleet.stats.deadline_failures == 1
+        fleet.close()
+    finally:
+        hole.close()

@@ -1,0 +1,163 @@
+"""End to end through real processes: build to S3 (SeaweedFS), two `lazyfs serve` cache servers,
+a FUSE mount on a "node" with an empty cache; servers killed mid-read."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.format.manifest import EntryType
+from lazyfs.store import objects
+from lazyfs.store.local import LocalStore
+from lazyfs.store.s3 import S3Store
+from tests.conftest import Mounted, lazyfs_cli, needs_mount
+from tests.servers import CacheServer
+
+pytestmark = [needs_mount, pytest.mark.mount]
+MiB = 1024 * 1024
+
+
+def _rootfs(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "bin" / "tool").write_bytes(os.urandom(3 * MiB + 123))
+    (root / "data" / "big.bin").write_bytes(os.urandom(24 * MiB + 7))
+    for i in range(40):
+        (root / "data" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
+    os.link(root / "data" / "f1.txt", root / "data" / "f1-link.txt")
+    os.symlink("f2.txt", root / "data" / "f2-sym")
+    return root
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[rel] = p.read_bytes()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A node's private dirs: empty node cache and mount state."""
+    env = {"LAZYFS_CACHE_DIR": str(tmp_path / "node-cache"), "LAZYFS_STATE_DIR": str(tmp_path / "state")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_build_to_s3_serve_through_two_servers_mount_and_read_everything(s3_url, tmp_path, node):
+    src = _rootfs(tmp_path / "rootfs")
+    lazyfs_cli("build", f"dir:{src}", "--tag", "e2e/app:1", "--store", s3_url)
+    store = S3Store(s3_url)
+    manifest = objects.read_manifest(store, store.get_tag("e2e/app", "1"))
+    unique = {c.digest for e in manifest.entries if e.type == EntryType.REG for c in e.chunks}
+    servers = [CacheServer(s3_url, tmp_path / f"server-{i}", extra=("--no-access-log",)).start()
+               for i in range(2)]
+    try:
+        m = Mounted("e2e/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server",
+                    servers[1].url, "--hedge-after", "30s")
+        with m as mnt:
+            assert _tree(mnt) == _tree(src)
+            assert os.stat(mnt / "data" / "f1.txt").st_ino == os.stat(mnt / "data" / "f1-link.txt").st_ino
+            stats = m.stats()
+        origin_gets = [s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers]
+        assert sum(origin_gets) == len(unique) + 1  # every unique block once, plus the manifest
+        assert all(n > 0 for n in origin_gets)  # both servers took a share
+        assert stats["store"]["block_gets"] == len(unique)
+        assert stats["store"]["failovers"] == 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def fleet_image(tmp_path, node):
+    """An image on a local origin behind two cache-server processes."""
+    src = _rootfs(tmp_path / "rootfs")
+    (src / "data" / "big2.bin").write_bytes(os.urandom(8 * MiB))
+    origin = tmp_path / "origin"
+    lazyfs_cli("build", f"dir:{src}", "--tag", "fleet/app:1", "--store", origin)
+    servers = [CacheServer(str(origin), tmp_path / f"server-{i}", extra=("--no-access-log",)).start()
+               for i in range(2)]
+    yield src, LocalStore(origin), servers
+    for s in servers:
+        s.stop()
+
+
+def test_kill_one_server_mid_read_then_both(fleet_image, tmp_path):
+    src, origin, servers = fleet_image
+    m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server",
+                servers[1].url, "--deadline", "3s", "--readahead", "1")
+    expected = (src / "data" / "big.bin").read_bytes()
+    with m as mnt:
+        got = bytearray()
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            while chunk := f.read(MiB):
+                got += chunk
+                if len(got) == 6 * MiB:
+                    servers[0].kill()  # a crash, in the middle of the file
+        assert bytes(got) == expected
+        assert m.stats()["store"]["failovers"] >= 1
+        servers[1].kill()
+        started = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            (mnt / "data" / "big2.bin").read_bytes()  # nothing of it is cached on the node
+        elapsed = time.monotonic() - started
+        assert exc.value.errno == errno.EIO
+        assert elapsed < 3 + 2, elapsed  # the deadline, not a hang
+        # Metadata needs no server: the mount keeps answering.
+        assert sorted(os.listdir(mnt / "data"))[:3] == ["big.bin", "big2.bin", "f0.txt"]
+        assert os.stat(mnt / "data" / "big2.bin").st_size == 8 * MiB
+        assert (mnt / "data" / "big.bin").read_bytes()[:MiB] == expected[:MiB]  # cached on the node
+    log = Path(tmp_path / "state").rglob("*.log")
+    text = "".join(p.read_text(errors="replace") for p in log)
+    assert "EIO reading /data/big2.bin" in text
+
+
+def test_origin_behind_dead_servers_keeps_the_mount_working(fleet_image, tmp_path):
+    src, origin, servers = fleet_image
+    for s in servers:
+        s.kill()
+    m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server",
+                servers[1].url, "--store", str(origin.root))
+    with m as mnt:
+        assert (mnt / "bin" / "tool").read_bytes() == (src / "bin" / "tool").read_bytes()
+        s = m.stats()["store"]
+        assert s["origin_reads"] >= 1 and s["failovers"] >= 2
+
+
+def test_concurrent_readers_on_two_mounts_share_one_fetch_per_block(fleet_image, tmp_path):
+    src, origin, servers = fleet_image
+    args = ("--server", servers[0].url, "--server", servers[1].url)
+    with Mounted("fleet/app:1", tmp_path / "m1", *args) as m1, \
+            Mounted("fleet/app:1", tmp_path / "m2", *args) as m2:
+        results = {}
+
+        def read(mnt, key):
+            results[key] = (mnt / "data" / "big2.bin").read_bytes()
+        threads = [threading.Thread(target=read, args=(mnt, i)) for i, mnt in enumerate((m1, m2, m1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        expected = (src / "data" / "big2.bin").read_bytes()
+        assert all(v == expected for v in results.values()) and len(results) == 3
+    fetched = sum(s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers)
+    assert fetched == 16 + 1  # 8 MiB in 512 KiB blocks, once each across the fleet; + manifest

@@ -186,12 +186,14 @@ class CacheServer:
         headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
         if frame is not None:  # too big for the cache: from memory
             rng = request.http_range
-            body = frame[rng] if rng.start is not None or rng.stop is not None else frame
-            status = 206 if len(body) != len(frame) else 200
-            if status == 206:
-                start = rng.start or 0
-                headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(frame)}"
-            return web.Response(body=body, status=status, headers=headers)
+            if rng.start is None and rng.stop is None:
+                return web.Response(body=frame, headers=headers)
+            start, stop, _ = rng.indices(len(frame))
+            if start >= stop:
+                raise HttpError(416, "range not satisfiable",
+                                {"Content-Range": f"bytes */{len(frame)}"})
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(frame)}"
+            return web.Response(body=frame[start:stop], status=206, headers=headers)
         self.cache.pin(kind, digest)
         return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)
 

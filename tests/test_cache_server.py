@@ -227,3 +227,43 @@ def _ignore(fn):
         fn()
     except Exception:
         pass
+
+
+def test_cli_build_through_a_server_needs_the_token(tmp_path, origin, env_dirs):
+    from tests.conftest import busybox_rootfs, lazyfs_cli
+    rootfs = busybox_rootfs(tmp_path / "rootfs")
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN + "\n")
+    server = CacheServer(str(origin.root), tmp_path / "cache", token_file=token_file,
+                         extra=("--no-access-log",)).start()
+    try:
+        denied = lazyfs_cli("build", f"dir:{rootfs}", "--tag", "via/server:1", "--store", server.url,
+                            check=False)
+        assert denied.returncode != 0
+        assert "401" in denied.stderr and "LAZYFS_TOKEN" in denied.stderr
+        assert origin.list_tags() == [] and list(origin.list_blocks()) == []
+        lazyfs_cli("build", f"dir:{rootfs}", "--tag", "via/server:1", "--store", server.url,
+                   env={"LAZYFS_TOKEN_FILE": str(token_file)})
+        assert [t[:2] for t in origin.list_tags()] == [("via/server", "1")]
+        listed = lazyfs_cli("images", "--store", server.url).stdout
+        assert "via/server" in listed
+        assert server.metrics()["lazyfs_server_verify_failures_total"] == 0
+    finally:
+        server.stop()
+
+
+def test_cli_errors_are_one_line(tmp_path, s3_server):
+    from tests.conftest import lazyfs_cli
+    missing = lazyfs_cli("images", "--store", "s3://no-such-bucket-here/x", check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    bad = lazyfs_cli("serve", "--store", str(tmp_path / "s"), "--cache-dir", tmp_path / "c",
+                     "--listen", "nonsense", check=False)
+    assert bad.returncode != 0 and "HOST:PORT" in bad.stderr
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    bad = lazyfs_cli("serve", "--store", str(tmp_path / "s"), "--cache-dir", tmp_path / "c",
+                     "--token-file", short, check=False)
+    assert bad.returncode != 0 and "at least 16" in bad.stderr
+    down = lazyfs_cli("images", "--store", "http://127.0.0.1:9", check=False)
+    assert down.returncode != 0 and "refused" in down.stderr.lower()

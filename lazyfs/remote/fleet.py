@@ -61,7 +61,7 @@ class Fleet:
         self.options = options
         self.clients = {u: HttpStore(u, token, connect_timeout=options.connect_timeout,
                                      read_timeout=options.deadline, retries=0,
-                                     connections=options.threads) for u in urls}
+                                     connections=options.threads * 2) for u in urls}
         self.origin = origin
         self.url = " ".join(urls) + (f" (origin {origin.url})" if origin else "")
         self.stats = FleetStats()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from lazyfs.counters import Counters
 from lazyfs.errors import LazyfsError, StoreUnavailable
 from lazyfs.format import digest as digests
+from lazyfs.fsutil import atomic_write
 
 log = logging.getLogger("lazyfs.server.cache")
 KINDS = ("blocks", "manifests")
@@ -131,22 +131,13 @@ class DiskCache:
         if len(frame) > self.capacity:
             return None
         path = self.path(kind, digest)
-        tmp = None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(frame)
-            os.rename(tmp, path)
+            atomic_write(path, frame, self.root / "tmp", durable=False)
         except OSError as exc:
             log.error("cache: cannot write %s to %s: %s (serving it uncached)", digest, self.root,
                       exc.strerror)
             self.stats.add(write_errors=1)
-            if tmp:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
             return None
         self._lru[key] = len(frame)
         self._verified.add(key)

@@ -3,6 +3,7 @@ eviction, restart. Origins are real LocalStores, wrapped to count (and slow) the
 from __future__ import annotations
 
 import hashlib
+import json
 import http.client as http_client
 import os
 import threading
@@ -234,8 +235,7 @@ def test_cli_build_through_a_server_needs_the_token(tmp_path, origin, env_dirs):
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     token_file = tmp_path / "token"
     token_file.write_text(TEST_TOKEN + "\n")
-    server = CacheServer(str(origin.root), tmp_path / "cache", token_file=token_file,
-                         extra=("--no-access-log",)).start()
+    server = CacheServer(str(origin.root), tmp_path / "cache", token_file=token_file).start()
     try:
         denied = lazyfs_cli("build", f"dir:{rootfs}", "--tag", "via/server:1", "--store", server.url,
                             check=False)
@@ -250,6 +250,10 @@ def test_cli_build_through_a_server_needs_the_token(tmp_path, origin, env_dirs):
         assert server.metrics()["lazyfs_server_verify_failures_total"] == 0
     finally:
         server.stop()
+    access = [json.loads(line.split("lazyfs.server.access: ", 1)[1])
+              for line in server.log.read_text().splitlines() if "lazyfs.server.access: " in line]
+    assert any(a["status"] == 401 and a["method"] == "GET" for a in access)  # the refused check
+    assert any(a["status"] == 201 and a["method"] == "PUT" and a["bytes"] > 0 for a in access)
 
 
 def test_cli_errors_are_one_line(tmp_path, s3_server):

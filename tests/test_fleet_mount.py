@@ -49,17 +49,10 @@ def _tree(root: Path) -> dict[str, bytes | str]:
 
 
 @pytest.fixture
-def node(tmp_path):
+def node(tmp_path, monkeypatch):
     """A node's private dirs: empty node cache and mount state."""
-    env = {"LAZYFS_CACHE_DIR": str(tmp_path / "node-cache"), "LAZYFS_STATE_DIR": str(tmp_path / "state")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    monkeypatch.setenv("LAZYFS_CACHE_DIR", str(tmp_path / "node-cache"))
+    monkeypatch.setenv("LAZYFS_STATE_DIR", str(tmp_path / "state"))
 
 
 def test_build_to_s3_serve_through_two_servers_mount_and_read_everything(s3_url, tmp_path, node):

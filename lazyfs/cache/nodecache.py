@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from typing import Callable
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
 from lazyfs.format import digest as digests
+from lazyfs.fsutil import atomic_write
 
 log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
@@ -152,24 +152,15 @@ class NodeCache:
         return False
 
     def _insert(self, path: str, data: bytes) -> bool:
-        tmp = None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.rename(tmp, path)
+            atomic_write(path, data, self.root / "tmp", durable=False)
             return True
         except OSError as exc:
             # A full or broken cache disk must not fail the read: the verified bytes are in hand.
             log.error("cache: cannot write block %s to %s: %s; serving it from memory",
                       os.path.basename(path), self.root, exc.strerror)
             self.stats.add(errors=1)
-            if tmp:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
             return False
 
     def prefetch(self, wanted) -> None:

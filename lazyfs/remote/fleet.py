@@ -145,33 +145,31 @@ class Fleet:
             self.stats.add(origin_reads=1)
 
     # -- reads -----------------------------------------------------------------------------------
+    def _verified(self, kind: str, digest: str, raw: bool = False, size: int | None = None) -> bytes:
+        """An object's frame (or, with raw, its decoded bytes) from the first source whose answer
+        hashes to ``digest``."""
+        limit = MAX_MANIFEST if kind == "manifest" else block.MAX_BLOCK_SIZE
+
+        def attempt(name: str, store: BlockStore) -> bytes:
+            self._count_origin(name)
+            frame = store.get_block(digest) if kind == "block" else store.get_manifest(digest)
+            data = block.decode(digest, frame, expected_size=size, limit=limit)
+            if kind == "block":
+                self.stats.add(block_gets=1, block_bytes=len(frame))
+            else:
+                self.stats.add(manifest_gets=1, manifest_bytes=len(frame))
+            return data if raw else frame
+        return self._race(f"{kind} {digest}", attempt)
+
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         """The block's bytes, verified against ``digest`` (the node cache's fetch function)."""
-        def attempt(name: str, store: BlockStore) -> bytes:
-            self._count_origin(name)
-            frame = store.get_block(digest)
-            data = block.decode(digest, frame, expected_size=size)
-            self.stats.add(block_gets=1, block_bytes=len(frame))
-            return data
-        return self._race(f"block {digest}", attempt)
+        return self._verified("block", digest, raw=True, size=size)
 
     def get_block(self, digest: str) -> bytes:
-        def attempt(name: str, store: BlockStore) -> bytes:
-            self._count_origin(name)
-            frame = store.get_block(digest)
-            block.decode(digest, frame)
-            self.stats.add(block_gets=1, block_bytes=len(frame))
-            return frame
-        return self._race(f"block {digest}", attempt)
+        return self._verified("block", digest)
 
     def get_manifest(self, digest: str) -> bytes:
-        def attempt(name: str, store: BlockStore) -> bytes:
-            self._count_origin(name)
-            frame = store.get_manifest(digest)
-            block.decode(digest, frame, limit=MAX_MANIFEST)
-            self.stats.add(manifest_gets=1, manifest_bytes=len(frame))
-            return frame
-        return self._race(f"manifest {digest}", attempt)
+        return self._verified("manifest", digest)
 
     def get_tag(self, name: str, tag: str) -> str:
         return self._race(f"tag {name}:{tag}", lambda _n, store: store.get_tag(name, tag))

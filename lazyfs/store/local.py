@@ -18,28 +18,13 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, StoreError, StoreUna
                            TagNotFound)
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
+from lazyfs.fsutil import atomic_write
 from lazyfs.store.base import ObjectInfo
 
 MARKER = "lazyfs-store.json"
 BATCH = 512  # blocks per syncfs in put_blocks
 LAYOUT_NAMES = {MARKER, "tmp", "blocks", "manifests", "tags", "leases"}
 LAYOUT_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _syncfs_fn():

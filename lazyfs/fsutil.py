@@ -1,0 +1,28 @@
+"""Writing a file so that its final name never holds a partial file: temp file, then rename."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike,
+                 durable: bool = True) -> None:
+    """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), then rename it to ``path``.
+
+    durable: fsync before the rename, so a power cut leaves the old state or the new, never a
+    torn file (stores). Caches pass False: they re-verify what they read after a crash anyway."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, Path(path))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -8,7 +8,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ReadaheadOpt, ServerOpt, StoreOpt,
-                               err, source)
+                               err, parse_duration, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -36,6 +36,15 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per read of "
                                         "the image (path, offset, size, time) to this file."),
+    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="SNAP", help="Run until the "
+                                           "program calls snapshot.ready() (see docs/snapshots.md), "
+                                           "dump it with CRIU and publish the snapshot to --store "
+                                           "as SNAP (NAME[:TAG]). Runs with the namespaces runtime."),
+    restore: Optional[str] = typer.Option(None, "--restore", metavar="SNAP", help="Restore the "
+                                          "snapshot SNAP of this image and let it carry on; if the "
+                                          "restore fails, start cold instead (with a warning)."),
+    snapshot_timeout: str = typer.Option("1h", "--snapshot-timeout", help="With --snapshot: give "
+                                         "up if snapshot.ready() is not called within this long."),
 ):
     from lazyfs.runner.session import RunOptions, run as run_session
 
@@ -51,4 +60,16 @@ def run(
             f"image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
             f"received), {s['cache']['hits']} cache hits; FUSE requests: "
             + ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items(), key=lambda kv: -kv[1])))
+    if snapshot and restore:
+        raise typer.BadParameter("--snapshot and --restore cannot be combined")
+    if snapshot or restore:
+        if runtime == "podman":
+            raise typer.BadParameter("snapshots run with the namespaces runtime, not podman")
+        opts.runtime = "namespaces"
+    if snapshot:
+        from snapshot.capture import capture
+        raise typer.Exit(capture(opts, snapshot, say, parse_duration(snapshot_timeout)))
+    if restore:
+        from snapshot.restore import restore as restore_run
+        raise typer.Exit(restore_run(opts, restore, say))
     raise typer.Exit(run_session(opts, say))

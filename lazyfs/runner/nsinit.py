@@ -15,7 +15,7 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True)
 
 
-def setup(root: str, hostname: str) -> None:
+def setup(root: str, hostname: str | None) -> None:
     for d in ("proc", "dev", "tmp"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     _mount("-t", "proc", "-o", "nosuid,nodev,noexec", "proc", os.path.join(root, "proc"))
@@ -30,7 +30,8 @@ def setup(root: str, hostname: str) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
-    socket.sethostname(hostname)
+    if hostname:
+        socket.sethostname(hostname)
 
 
 def _ids(user: str) -> tuple[int | None, int | None]:
@@ -59,8 +60,20 @@ def main() -> None:
     p.add_argument("--hostname", default="lazyfs")
     p.add_argument("--user", default="")
     p.add_argument("--env", action="append", default=[])
+    p.add_argument("--setsid", action="store_true", help="lead a new session (CRIU needs it)")
+    p.add_argument("--stdio", help="append stdout and stderr to this file; stdin from /dev/null")
     p.add_argument("argv", nargs="+")
     a = p.parse_args()
+    if a.setsid:
+        os.setsid()
+    if a.stdio:
+        out = os.open(a.stdio, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        os.close(null)
     setup(a.rootfs, a.hostname)
     os.chroot(a.rootfs)
     os.chdir(a.workdir)

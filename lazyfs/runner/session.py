@@ -38,6 +38,7 @@ class RunOptions:
     tty: bool = False
     report: Callable[[dict], None] | None = None  # gets the mount's counters after the command
     trace: str | None = None  # record every read of the image (lazyfs mount --trace)
+    prepare_upper: Callable[[Path], None] | None = None  # add files to the writable layer first
 
 
 def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
@@ -65,6 +66,9 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     image_mnt.mkdir(parents=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
     overlay = Overlay(image_mnt, upper, rundir / "work", rundir / "rootfs")
+    if opts.prepare_upper:
+        upper.mkdir(parents=True, exist_ok=True)
+        opts.prepare_upper(upper)
     mounted = False
     try:
         state = daemon.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),

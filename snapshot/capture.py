@@ -1,0 +1,148 @@
+"""`lazyfs run --snapshot SNAP`: run a command until it calls snapshot.ready(), dump it with CRIU,
+and publish the dump, its writable layer and its output so far to the store as blocks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from lazyfs.errors import RunError
+from lazyfs.format import block, reference
+from lazyfs.format import snapshot as snapfmt
+from lazyfs.runner.session import RunOptions, container_spec
+from lazyfs.store import objects, open_store
+from snapshot import criu as criu_mod
+from snapshot.files import publish
+from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace
+
+
+class Follower:
+    """Copies what a process appends to its output file to our stdout, from ``start`` on."""
+
+    def __init__(self, path: Path, start: int = 0):
+        self.path, self.pos = path, start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stdio", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.pos += len(data)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._pump()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        self._pump()
+
+
+def _ns_init(unshare_pid: int, timeout: float = 5.0) -> int:
+    """The PID (on the host) of the first child of `unshare --fork`: the namespace's init."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    raise RunError("the snapshot run's namespace init did not appear")
+
+
+def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float = 3600.0) -> int:
+    criu = criu_mod.find()
+    snap = reference.parse(snap_ref)
+    if snap.digest:
+        raise RunError("--snapshot takes a NAME[:TAG] to publish under, not a digest")
+    store = open_store(opts.source.store)
+    store.check(write=True)
+    reader = opts.source.open()
+    try:
+        digest = objects.resolve(reader, opts.ref)
+        spec = container_spec(objects.read_config(reader, digest), opts)
+    finally:
+        reader.close()
+    ws = Workspace(MOUNT_BASE / uuid.uuid4().hex[:16])
+    try:
+        ws.upper.mkdir(parents=True)
+        ws.inject_helper()
+        ws.mount(digest, opts.source, opts.cache_dir)
+        pypath = next((kv.split("=", 1)[1] for kv in spec.env if kv.startswith("PYTHONPATH=")), "")
+        env = [kv for kv in spec.env if not kv.startswith("PYTHONPATH=")] + [
+            f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}",
+            f"PYTHONPATH=/{MARKER_DIR}/python" + (f":{pypath}" if pypath else "")]
+        # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
+        # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
+        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
+               sys.executable, "-m", "lazyfs.runner.nsinit", "--setsid", "--stdio", str(ws.stdio),
+               "--rootfs", str(ws.rootfs), "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
+        if spec.user:
+            cmd += ["--user", spec.user]
+        for kv in env:
+            cmd += ["--env", kv]
+        cmd += ["--", *spec.argv]
+        say(f"snapshot run of {opts.ref} in {ws.base}: " + " ".join(spec.argv))
+        with open(ws.base / "unshare.log", "wb") as log, Follower(ws.stdio):
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+            try:
+                started = time.monotonic()
+                while not ws.marker("ready").exists():
+                    if proc.poll() is not None:
+                        raise RunError(f"the command exited with {proc.returncode} before calling "
+                                       "snapshot.ready() (nothing was snapshotted)")
+                    if time.monotonic() - started > timeout:
+                        raise RunError(f"the command did not call snapshot.ready() in {timeout:.0f}s")
+                    time.sleep(0.01)
+                ready_s = time.monotonic() - started
+                t0 = time.monotonic()
+                criu_mod.dump(criu, _ns_init(proc.pid), ws.base / "criu")
+                dump_s = time.monotonic() - t0
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        ws.teardown()
+        tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-C",
+                              str(ws.upper), "-cf", str(ws.base / "upper.tar"), "."],
+                             capture_output=True, text=True)
+        if tar.returncode != 0:
+            raise RunError(f"archiving the writable layer failed: {tar.stderr.strip()}")
+        names = sorted(f"criu/{p.name}" for p in (ws.base / "criu").iterdir() if p.is_file())
+        names += ["upper.tar", "stdio"]
+        t0 = time.monotonic()
+        files, new, total = publish(store, ws.base, names)
+        publish_s = time.monotonic() - t0
+        meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
+                "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
+                            "publish": round(publish_s, 3)}}
+        manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
+        snap_digest, frame = block.encode(snapfmt.encode(manifest), limit=objects.MAX_MANIFEST)
+        store.put_manifest(snap_digest, frame)
+        store.put_tag(snap.name, snap.tag, snap_digest)
+        size = sum(f.size for f in files)
+        print(f"lazyfs: snapshot {snap.name}:{snap.tag} ({snap_digest[:19]}): {size} bytes in "
+              f"{len(files)} files, {new} bytes new to the store of {total} stored; ready after "
+              f"{ready_s:.2f}s, dump {dump_s:.2f}s, publish {publish_s:.2f}s", file=sys.stderr)
+        return 0
+    finally:
+        ws.remove()

@@ -1,0 +1,74 @@
+"""Driving the criu binary: find a working one, dump a process tree, restore it.
+
+CRIU runs as a separate process (it needs root and ptrace), with its log kept beside the images so
+a failure can quote the lines that say why. scripts/install-criu provides a criu that passes
+`criu check` on kernels the distribution's one does not know.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from lazyfs.errors import LazyfsError
+
+CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
+
+
+class CriuError(LazyfsError):
+    """CRIU is missing, does not work on this kernel, or failed to dump or restore."""
+
+
+def find() -> str:
+    """Path of a criu that passes `criu check`, or CriuError saying why there is none."""
+    seen = []
+    for path in (*CANDIDATES, shutil.which("criu")):
+        if not path or path in seen or not os.access(path, os.X_OK):
+            continue
+        seen.append(path)
+        proc = subprocess.run([path, "check"], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0:
+            return path
+    if not seen:
+        raise CriuError("criu is not installed (run scripts/install-criu as root)")
+    raise CriuError(f"criu at {', '.join(seen)} fails `criu check` on this kernel; "
+                    "scripts/install-criu builds one that works")
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "CRIU needs root"
+    try:
+        find()
+    except CriuError as exc:
+        return str(exc)
+    return None
+
+
+def _tail(log: Path, n: int = 8) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    errors = [l for l in lines if "Error" in l and "RLIMIT_NOFILE" not in l]
+    return "\n  ".join((errors or lines)[-n:])
+
+
+def dump(criu: str, pid: int, images: Path, leave_running: bool = False) -> None:
+    """Dump the tree rooted at ``pid`` (the init of its own PID namespace) into ``images``."""
+    images.mkdir(parents=True, exist_ok=True)
+    cmd = [criu, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4",
+           "--file-locks", "--link-remap"]
+    if leave_running:
+        cmd.append("--leave-running")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CriuError(f"criu dump of pid {pid} failed:\n  {_tail(images / 'dump.log')}")
+
+
+def restore_command(criu: str, images: Path, pidfile: Path, log: Path) -> list[str]:
+    """The restored root task becomes a sibling of criu (so a child of whoever started criu),
+    in a new PID namespace of its own, and criu exits once it runs."""
+    return [criu, "restore", "-D", str(images), "-o", str(log), "-v4", "--restore-detached",
+            "--restore-sibling", "--pidfile", str(pidfile), "--file-locks", "--link-remap"]

@@ -1,0 +1,69 @@
+"""lazyfs snapshot helper: call ready() once the process is warm. Injected by `lazyfs run
+--snapshot` at /.lazyfs/python (on PYTHONPATH); standard library only.
+
+    import lazyfs_snapshot as snapshot
+    # ... import torch, load weights, warm up ...
+    snapshot.ready()        # snapshot taken here; a restored copy continues from this line
+
+Outside a snapshot run ready() returns at once, so programs can call it unconditionally.
+Protocol (for programs in other languages): create the file $LAZYFS_SNAPSHOT_DIR/ready, then
+wait until $LAZYFS_SNAPSHOT_DIR/restored exists (it holds the restore generation, a decimal
+number), then re-seed every random number generator from the OS.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+_before: list = []
+_after: list = []
+
+
+def before_snapshot(fn):
+    """Register fn() to run just before the snapshot (close sockets, flush, drop caches)."""
+    _before.append(fn)
+    return fn
+
+
+def after_restore(fn):
+    """Register fn() to run in every restored copy (reconnect, new identities)."""
+    _after.append(fn)
+    return fn
+
+
+def _reseed() -> None:
+    # A snapshot must never let two restored copies share randomness.
+    random.seed(os.urandom(32))
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
+def ready(poll: float = 0.002) -> int:
+    """Signal readiness and wait to be snapshotted; returns the restore generation (0 when not
+    in a snapshot run)."""
+    where = os.environ.get("LAZYFS_SNAPSHOT_DIR")
+    if not where:
+        return 0
+    for fn in _before:
+        fn()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    marker = os.path.join(where, "restored")
+    tmp = os.path.join(where, "ready.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(tmp, os.path.join(where, "ready"))
+    while not os.path.exists(marker):
+        time.sleep(poll)
+    with open(marker) as f:
+        generation = int(f.read().strip() or 0)
+    _reseed()
+    for fn in _after:
+        fn()
+    return generation

@@ -1,0 +1,132 @@
+"""`lazyfs run NAME:TAG --restore SNAP`: fetch and verify a snapshot, rebuild its workspace, let
+CRIU restore the process tree into a fresh PID namespace, and carry on. A restore that fails
+falls back to a cold start of the same command, loudly; a snapshot of another image is refused."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from lazyfs.errors import LazyfsError, RunError
+from lazyfs.format import snapshot as snapfmt
+from lazyfs.runner.session import RunOptions, run as cold_run
+from lazyfs.store import objects
+from snapshot import criu as criu_mod
+from snapshot.capture import Follower
+from snapshot.files import fetch
+from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace, inject_helper
+
+log = logging.getLogger("lazyfs.snapshot")
+
+
+class SnapshotMismatch(RunError):
+    """The snapshot was taken on a different image than the one asked for."""
+
+
+def load(reader, image_ref: str, snap_ref: str) -> tuple[str, str, snapfmt.Snapshot]:
+    """(image digest, snapshot digest, snapshot), verified; refuses a snapshot of another image."""
+    digest = objects.resolve(reader, image_ref)
+    snap_digest = objects.resolve(reader, snap_ref)
+    snap = snapfmt.decode(objects.read_manifest_bytes(reader, snap_digest))
+    if snap.image != digest:
+        raise SnapshotMismatch(f"snapshot {snap_ref} was taken on image {snap.image}, not on "
+                               f"{image_ref} ({digest}); refusing to restore it there")
+    return digest, snap_digest, snap
+
+
+def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
+    try:
+        criu = criu_mod.find()
+        reader = opts.source.open()
+        try:
+            digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
+            ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
+            t0 = time.monotonic()
+            fetched = fetch(reader.fetch_block, snap.files, ws.base / "snap")
+            fetch_s = time.monotonic() - t0
+        finally:
+            reader.close()
+    except SnapshotMismatch:
+        raise
+    except LazyfsError as exc:
+        return _cold(opts, snap_ref, exc, None, say)
+    try:
+        code = _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say)
+    except LazyfsError as exc:
+        ws.remove()
+        return _cold(opts, snap_ref, exc, snap, say)
+    return code
+
+
+def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
+    """Run the snapshot's command from scratch, helper importable but no snapshot taken."""
+    print(f"lazyfs: warning: restore of snapshot {snap_ref} failed: {exc}\n"
+          f"lazyfs: warning: starting {opts.ref} cold instead", file=sys.stderr, flush=True)
+    argv = opts.argv or (snap.meta.get("argv", []) if snap else [])
+    cold = replace(opts, argv=list(argv), env=opts.env + [f"PYTHONPATH=/{MARKER_DIR}/python"],
+                   prepare_upper=inject_helper)
+    return cold_run(cold, say)
+
+
+def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say) -> int:
+    t0 = time.monotonic()
+    ws.upper.mkdir(parents=True, exist_ok=True)
+    tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
+                          str(ws.base / "snap" / "upper.tar"), "-C", str(ws.upper)],
+                         capture_output=True, text=True)
+    if tar.returncode != 0:
+        raise RunError(f"unpacking the snapshot's writable layer failed: {tar.stderr.strip()}")
+    shutil.move(str(ws.base / "snap" / "stdio"), ws.stdio)
+    os.chmod(ws.stdio, 0o644)  # CRIU checks an open file's mode; nsinit created it 0644
+    stdio_at = ws.stdio.stat().st_size
+    ws.mount(digest, opts.source, opts.cache_dir)
+    pidfile = ws.base / "restored.pid"
+    cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+           "snapshot.restorer", "--workspace", str(ws.base), "--at", snap.mount_path, "--",
+           *criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not pidfile.exists():
+        tail = criu_mod._tail(ws.base / "restore.log")
+        raise criu_mod.CriuError(f"criu restore failed ({res.stderr.strip() or res.returncode}):\n  {tail}")
+    pid = int(pidfile.read_text())
+    restore_s = time.monotonic() - t0
+    # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
+    marker = ws.marker("restored")
+    tmp = marker.with_name("restored.tmp")
+    tmp.write_text(f"{secrets.randbits(62)}\n")
+    os.rename(tmp, marker)
+    say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes in "
+        f"{fetch_s:.2f}s, restore {restore_s:.2f}s")
+    try:
+        with Follower(ws.stdio, stdio_at):
+            status = _wait(pid)
+    finally:
+        ws.remove()
+    return status
+
+
+def _wait(pid: int) -> int:
+    """Exit status of the restored root task (a child of ours: criu restored it as its sibling)."""
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # not our child after all: poll until it is gone
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        return 0
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)

@@ -1,0 +1,79 @@
+"""The directory a snapshotted process lives in, and its mounts.
+
+CRIU records files by path, so a restored process must find its root where the dumped one had it.
+Every snapshot run therefore gets a fixed path, MOUNT_BASE/<id>/ (the id is recorded in the
+snapshot), holding:
+
+    image/    the lazyfs FUSE mount of the image (read-only lower layer)
+    upper/    the overlay's writable layer; upper/.lazyfs/ holds the helper and the ready marker
+    rootfs/   the overlay: the container's root (proc and a minimal dev are mounted inside)
+    stdio     the process's stdout and stderr
+
+A restore builds the same layout in a directory of its own and binds it over MOUNT_BASE/<id> in a
+private mount namespace, so any number of restores of one snapshot can run side by side.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from lazyfs.fs import daemon
+from lazyfs.remote.source import Source
+from lazyfs.runner.overlay import Overlay
+
+log = logging.getLogger("lazyfs.snapshot")
+MOUNT_BASE = Path("/run/lazyfs/snap")
+HELPER = Path(__file__).parent / "helper" / "lazyfs_snapshot.py"
+MARKER_DIR = ".lazyfs"  # inside the container root
+
+
+def inject_helper(upper: Path) -> None:
+    """Put the helper module where the container's Python finds it, in a writable layer that is
+    not mounted yet (an upper layer is written directly only then)."""
+    target = upper / MARKER_DIR / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(HELPER, target / HELPER.name)
+
+
+class Workspace:
+    def __init__(self, base: Path):
+        self.base = base
+        self.image = base / "image"
+        self.upper = base / "upper"
+        self.rootfs = base / "rootfs"
+        self.stdio = base / "stdio"
+        self.overlay = Overlay(self.image, self.upper, base / "work", self.rootfs)
+        self.mounted = False
+
+    def mount(self, digest: str, source: Source, cache_dir: str | None) -> None:
+        self.image.mkdir(parents=True, exist_ok=True)
+        daemon.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"))
+        self.mounted = True
+        self.overlay.mount()
+
+    def inject_helper(self) -> None:
+        inject_helper(self.upper)
+
+    def marker(self, name: str) -> Path:
+        """A marker file as the container sees it, through the overlay (so no cache hides it)."""
+        return self.rootfs / MARKER_DIR / name
+
+    def teardown(self) -> None:
+        if self.overlay.mounted:
+            # proc and dev were mounted inside the root; -R takes them and the overlay down.
+            res = subprocess.run(["umount", "-R", str(self.rootfs)], capture_output=True, text=True)
+            if res.returncode != 0:
+                subprocess.run(["umount", "-R", "-l", str(self.rootfs)], capture_output=True)
+            self.overlay.mounted = False
+        if self.mounted:
+            try:
+                daemon.umount(str(self.image), lazy=True)
+            except Exception as exc:  # cleanup goes on; the caller's outcome matters more
+                log.warning("unmounting %s: %s", self.image, exc)
+            self.mounted = False
+
+    def remove(self) -> None:
+        self.teardown()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazyfs.format import manifest as mf
+from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
@@ -36,11 +38,22 @@ class GcReport:
 
 
 def mark(store: BlockStore) -> tuple[set[str], set[str]]:
-    """Manifests reachable from tags, and the blocks they reference."""
-    manifests = {digest for _, _, digest in store.list_tags()}
+    """Manifests reachable from tags (images, snapshots and the images snapshots pin), and the
+    blocks they reference."""
+    todo = {digest for _, _, digest in store.list_tags()}
+    manifests: set[str] = set()
     blocks: set[str] = set()
-    for digest in manifests:
-        m = objects.read_manifest(store, digest)
+    while todo:
+        digest = todo.pop()
+        manifests.add(digest)
+        data = objects.read_manifest_bytes(store, digest)
+        if snapfmt.is_snapshot(data):
+            snap = snapfmt.decode(data)
+            blocks |= snap.blocks()
+            if snap.image not in manifests:
+                todo.add(snap.image)
+            continue
+        m = mf.decode(data)
         blocks.update(c.digest for e in m.entries if e.type == EntryType.REG for c in e.chunks)
     return manifests, blocks
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from lazyfs.format import manifest as mf
+from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
@@ -56,7 +58,10 @@ def all_images(store: BlockStore) -> list[tuple[str, str, Manifest]]:
     out = []
     for name, tag, digest in store.list_tags():
         if digest not in cache:
-            cache[digest] = objects.read_manifest(store, digest)
+            data = objects.read_manifest_bytes(store, digest)
+            if snapfmt.is_snapshot(data):
+                continue  # a process snapshot, not an image (see `lazyfs snapshots`)
+            cache[digest] = mf.decode(data)
         out.append((f"{name}:{tag}", digest, cache[digest]))
     return out
 

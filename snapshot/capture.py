@@ -127,7 +127,8 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                              capture_output=True, text=True)
         if tar.returncode != 0:
             raise RunError(f"archiving the writable layer failed: {tar.stderr.strip()}")
-        names = sorted(f"criu/{p.name}" for p in (ws.base / "criu").iterdir() if p.is_file())
+        names = sorted(f"criu/{p.name}" for p in (ws.base / "criu").iterdir()
+                       if p.is_file() and not p.name.endswith(".log"))
         names += ["upper.tar", "stdio"]
         t0 = time.monotonic()
         files, new, total = publish(store, ws.base, names)

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+import xxhash
+
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import block
 from lazyfs.format.snapshot import SnapFile
@@ -16,10 +18,37 @@ CHUNK = 512 * 1024
 FETCH_THREADS = 8
 
 
+PAGE = 4096
+PAGES_MIN, PAGES_AVG, PAGES_MAX = 64 * 1024, 256 * 1024, 1024 * 1024
+
+
 def _chunks(path: Path) -> Iterator[bytes]:
+    if path.name.startswith("pages-") and path.name.endswith(".img"):
+        yield from _page_chunks(path)
+        return
     with open(path, "rb") as f:
         while data := f.read(CHUNK):
             yield data
+
+
+def _page_chunks(path: Path) -> Iterator[bytes]:
+    """CRIU page images are memory pages back to back: cut them where a page's own hash says so
+    (content-defined, at page granularity), so the same memory in two snapshots gives the same
+    blocks even when the rest of the address space moved (ASLR, a bigger heap)."""
+    mask = PAGES_AVG // PAGE - 1
+    current = bytearray()
+    with open(path, "rb") as f:
+        while data := f.read(4 * 1024 * 1024):
+            view = memoryview(data)
+            for off in range(0, len(data), PAGE):
+                page = view[off:off + PAGE]
+                current += page
+                if len(current) >= PAGES_MAX or (
+                        len(current) >= PAGES_MIN and xxhash.xxh64_intdigest(page) & mask == 0):
+                    yield bytes(current)
+                    current.clear()
+    if current:
+        yield bytes(current)
 
 
 def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapFile], int, int]:

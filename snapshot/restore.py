@@ -43,27 +43,25 @@ def load(reader, image_ref: str, snap_ref: str) -> tuple[str, str, snapfmt.Snaps
 
 
 def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
+    snap = None
+    ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
     try:
         criu = criu_mod.find()
         reader = opts.source.open()
         try:
-            digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
-            ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
+            digest, _, snap = load(reader, opts.ref, snap_ref)
             t0 = time.monotonic()
             fetched = fetch(reader.fetch_block, snap.files, ws.base / "snap")
             fetch_s = time.monotonic() - t0
         finally:
             reader.close()
+        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say)
     except SnapshotMismatch:
+        ws.remove()
         raise
-    except LazyfsError as exc:
-        return _cold(opts, snap_ref, exc, None, say)
-    try:
-        code = _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say)
     except LazyfsError as exc:
         ws.remove()
         return _cold(opts, snap_ref, exc, snap, say)
-    return code
 
 
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
@@ -107,10 +105,9 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         f"{fetch_s:.2f}s, restore {restore_s:.2f}s")
     try:
         with Follower(ws.stdio, stdio_at):
-            status = _wait(pid)
+            return _wait(pid)
     finally:
         ws.remove()
-    return status
 
 
 def _wait(pid: int) -> int:

@@ -14,7 +14,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lazyfs.cli import build, demo, gc, mount, run, serve  # noqa: F401  (each adds its commands to app)
+    from lazyfs.cli import build, demo, gc, mount, run, serve, snapshots  # noqa: F401 (each adds commands)
 
 
 def main() -> None:

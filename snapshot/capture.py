@@ -15,6 +15,7 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, container_spec
 from lazyfs.store import objects, open_store
 from snapshot import criu as criu_mod
+from snapshot import gpu, procs
 from snapshot.files import publish
 from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace
 
@@ -67,6 +68,20 @@ def _ns_init(unshare_pid: int, timeout: float = 5.0) -> int:
     raise RunError("the snapshot run's namespace init did not appear")
 
 
+def _suspend_gpus(init: int) -> dict | None:
+    """Move the device state of every process in the tree that uses a GPU into its host memory,
+    so CRIU dumps it with the rest; None when no process uses one."""
+    users = [pid for pid in procs.tree(init) if gpu.uses_gpu(pid)]
+    if not users:
+        return None
+    cuda = gpu.Cuda()
+    t0 = time.monotonic()
+    for pid in users:
+        cuda.suspend(pid)
+    return {"ns_pids": [procs.ns_pid(p) for p in users], "models": gpu.gpu_models(),
+            "driver": cuda.version, "checkpoint_s": round(time.monotonic() - t0, 3)}
+
+
 def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float = 3600.0) -> int:
     criu = criu_mod.find()
     snap = reference.parse(snap_ref)
@@ -114,7 +129,9 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                     time.sleep(0.01)
                 ready_s = time.monotonic() - started
                 t0 = time.monotonic()
-                criu_mod.dump(criu, _ns_init(proc.pid), ws.base / "criu")
+                init = _ns_init(proc.pid)
+                gpu_meta = _suspend_gpus(init)
+                criu_mod.dump(criu, init, ws.base / "criu")
                 dump_s = time.monotonic() - t0
                 proc.wait(30)
             finally:
@@ -134,6 +151,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         files, new, total = publish(store, ws.base, names)
         publish_s = time.monotonic() - t0
         meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
+                "gpu": gpu_meta,
                 "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                             "publish": round(publish_s, 3)}}
         manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)

@@ -20,6 +20,7 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run
 from lazyfs.store import objects
 from snapshot import criu as criu_mod
+from snapshot import gpu, procs
 from snapshot.capture import Follower
 from snapshot.files import fetch
 from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace, inject_helper
@@ -76,6 +77,8 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say) -> int:
     t0 = time.monotonic()
+    gpu_meta = snap.meta.get("gpu")
+    cuda = _check_gpus(gpu_meta) if gpu_meta else None
     ws.upper.mkdir(parents=True, exist_ok=True)
     tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
                           str(ws.base / "snap" / "upper.tar"), "-C", str(ws.upper)],
@@ -95,6 +98,11 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({res.stderr.strip() or res.returncode}):\n  {tail}")
     pid = int(pidfile.read_text())
+    if cuda is not None:
+        wanted = set(gpu_meta["ns_pids"])
+        for host_pid in procs.tree(pid):
+            if procs.ns_pid(host_pid) in wanted:
+                cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA calls run
     restore_s = time.monotonic() - t0
     # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
     marker = ws.marker("restored")
@@ -108,6 +116,14 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
             return _wait(pid)
     finally:
         ws.remove()
+
+
+def _check_gpus(meta: dict) -> "gpu.Cuda":
+    here = gpu.gpu_models()
+    if sorted(here) != sorted(meta.get("models", [])):
+        raise gpu.GpuError(f"the snapshot holds GPU state from {', '.join(meta.get('models', [])) or '?'}; "
+                           f"this machine has {', '.join(here) or 'no NVIDIA GPU'}")
+    return gpu.Cuda()
 
 
 def _wait(pid: int) -> int:

@@ -1,0 +1,35 @@
+"""Walking a process tree through /proc (host PIDs, and each process's PID inside its namespace)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants, parents first."""
+    order, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        order.append(pid)
+        todo += children(pid)
+    return order
+
+
+def ns_pid(pid: int) -> int | None:
+    """The PID a process has inside its innermost PID namespace."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except OSError:
+        return None
+    return None

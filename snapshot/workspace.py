@@ -48,10 +48,13 @@ class Workspace:
         self.mounted = False
 
     def mount(self, digest: str, source: Source, cache_dir: str | None) -> None:
+        self.mount_image(digest, source, cache_dir)
+        self.overlay.mount()
+
+    def mount_image(self, digest: str, source: Source, cache_dir: str | None) -> None:
         self.image.mkdir(parents=True, exist_ok=True)
         daemon.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"))
         self.mounted = True
-        self.overlay.mount()
 
     def inject_helper(self) -> None:
         inject_helper(self.upper)

@@ -12,7 +12,7 @@ from pathlib import Path
 from lazyfs.errors import RunError
 from lazyfs.format import block, reference
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.runner.session import RunOptions, container_spec
+from lazyfs.runner.session import RunOptions, resolve
 from lazyfs.store import objects, open_store
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
@@ -89,12 +89,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         raise RunError("--snapshot takes a NAME[:TAG] to publish under, not a digest")
     store = open_store(opts.source.store)
     store.check(write=True)
-    reader = opts.source.open()
-    try:
-        digest = objects.resolve(reader, opts.ref)
-        spec = container_spec(objects.read_config(reader, digest), opts)
-    finally:
-        reader.close()
+    digest, spec = resolve(opts)
     ws = Workspace(MOUNT_BASE / uuid.uuid4().hex[:16])
     try:
         ws.upper.mkdir(parents=True)

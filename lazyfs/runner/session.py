@@ -53,14 +53,19 @@ def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
                    tty=opts.tty, network=opts.network)
 
 
-def run(opts: RunOptions, say=lambda msg: None) -> int:
-    runtime = rt.choose(opts.runtime)
+def resolve(opts: RunOptions) -> tuple[str, rt.Spec]:
+    """The manifest digest of opts.ref and the container spec its config gives."""
     reader = opts.source.open()
     try:
         digest = objects.resolve(reader, opts.ref)
-        spec = container_spec(objects.read_config(reader, digest), opts)
+        return digest, container_spec(objects.read_config(reader, digest), opts)
     finally:
         reader.close()
+
+
+def run(opts: RunOptions, say=lambda msg: None) -> int:
+    runtime = rt.choose(opts.runtime)
+    digest, spec = resolve(opts)
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
     image_mnt = rundir / "image"
     image_mnt.mkdir(parents=True)

@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-STORE_HELP = ("Block store: a directory or file://PATH. Default: $LAZYFS_STORE, else the per-user "
-              "store (~/.local/share/lazyfs/store).")
+STORE_HELP = ("Block store: a directory (or file://PATH), s3://BUCKET/PREFIX (AWS_* settings as "
+              "for boto3), or a cache server http://HOST:PORT ($LAZYFS_TOKEN for writes). "
+              "Default: $LAZYFS_STORE, else the per-user store (~/.local/share/lazyfs/store).")
 StoreOpt = typer.Option(None, "--store", "-s", help=STORE_HELP, metavar="STORE")
 CacheOpt = typer.Option(None, "--cache-dir", help="Node-local block cache shared by all images. "
                         "Default: $LAZYFS_CACHE_DIR, else ~/.cache/lazyfs/node-cache.", metavar="DIR")

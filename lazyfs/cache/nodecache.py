@@ -176,7 +176,12 @@ class NodeCache:
                 if self._prefetch_pool is None:
                     self._prefetch_pool = ThreadPoolExecutor(self.prefetch_threads,
                                                              thread_name_prefix="prefetch")
-            self._prefetch_pool.submit(self._prefetch_one, digest, size)
+            try:
+                self._prefetch_pool.submit(self._prefetch_one, digest, size)
+            except RuntimeError:  # shut down (unmounting): the read itself still works
+                with self._lock:
+                    self._prefetching -= 1
+                return
 
     def _prefetch_one(self, digest: str, size: int) -> None:
         try:

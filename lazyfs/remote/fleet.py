@@ -120,7 +120,9 @@ class Fleet:
                 name = running.pop(fut)
                 try:
                     return fut.result()
-                except LazyfsError as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure of one source moves on
+                    if not isinstance(exc, LazyfsError):
+                        exc = StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}")
                     errors.append((name, exc))
                     self._failed(name, key, exc)
             if not running:

@@ -154,3 +154,24 @@ def test_concurrent_readers_on_two_mounts_share_one_fetch_per_block(fleet_image,
         assert all(v == expected for v in results.values()) and len(results) == 3
     fetched = sum(s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers)
     assert fetched == 16 + 1  # 8 MiB in 512 KiB blocks, once each across the fleet; + manifest
+
+
+def test_run_through_the_fleet(tmp_path, node):
+    from tests.conftest import busybox_rootfs
+    rootfs = busybox_rootfs(tmp_path / "bb")
+    origin = tmp_path / "origin"
+    lazyfs_cli("build", f"dir:{rootfs}", "--tag", "fleet/bb:1", "--store", origin)
+    servers = [CacheServer(str(origin), tmp_path / f"server-{i}", extra=("--no-access-log",)).start()
+               for i in range(2)]
+    try:
+        r = lazyfs_cli("run", "--runtime", "namespaces", "--server", servers[0].url, "--server",
+                       servers[1].url, "-v", "fleet/bb:1", "--", "sh", "-c",
+                       "cat /etc/os-release; exit 3", check=False)
+        assert r.returncode == 3, r.stderr
+        assert r.stdout == "NAME=lazyfs-busybox\n"
+        assert "blocks fetched" in r.stderr
+        fetched = sum(s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers)
+        assert fetched >= 2  # the manifest and at least busybox itself came through the fleet
+    finally:
+        for s in servers:
+            s.stop()

@@ -175,3 +175,28 @@ def test_run_through_the_fleet(tmp_path, node):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_a_hung_server_gives_eio_at_the_deadline_not_a_hang(fleet_image, tmp_path):
+    import socket
+    src, origin, servers = fleet_image
+    hole = socket.socket()  # accepts connections (kernel backlog) and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server", hole_url,
+                    "--deadline", "2s", "--hedge-after", "200ms", "--readahead", "0")
+        with m as mnt:
+            servers[0].kill()
+            started = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                (mnt / "data" / "big2.bin").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert 1.5 < time.monotonic() - started < 4.5
+            assert m.stats()["store"]["deadline_failures"] >= 1
+            assert os.path.getsize(mnt / "bin" / "tool") == 3 * MiB + 123  # metadata still answers
+        log = "".join(p.read_text(errors="replace") for p in (tmp_path / "state").rglob("*.log"))
+        assert "no good answer within the 2.0s deadline" in log
+    finally:
+        hole.close()

@@ -138,7 +138,7 @@ def test_origin_behind_dead_servers_keeps_the_mount_working(fleet_image, tmp_pat
 
 def test_concurrent_readers_on_two_mounts_share_one_fetch_per_block(fleet_image, tmp_path):
     src, origin, servers = fleet_image
-    args = ("--server", servers[0].url, "--server", servers[1].url)
+    args = ("--server", servers[0].url, "--server", servers[1].url, "--hedge-after", "30s")
     with Mounted("fleet/app:1", tmp_path / "m1", *args) as m1, \
             Mounted("fleet/app:1", tmp_path / "m2", *args) as m2:
         results = {}

@@ -146,3 +146,26 @@ def test_ready_without_a_snapshot_run_is_a_no_op(image):
                    "1", check=False, timeout=300)
     assert "not found" in r.stderr and "cold instead" in r.stderr
     assert _lines(r.stdout)["continued"][:2] == ["0", "6"] and r.returncode == 7
+
+
+def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
+    from tests.conftest import TEST_TOKEN
+    from tests.servers import CacheServer
+    token = tmp_path / "token"
+    token.write_text(TEST_TOKEN)
+    server = CacheServer(env_dirs["LAZYFS_STORE"], tmp_path / "server-cache", token_file=token,
+                         extra=("--no-access-log",)).start()
+    try:
+        env = {"LAZYFS_TOKEN_FILE": str(token), "LAZYFS_CACHE_DIR": str(tmp_path / "node-2"),
+               "LAZYFS_STORE": str(tmp_path / "not-used")}
+        lazyfs_cli("run", "--server", server.url, "--snapshot", "warm/py:srv", "snap/py:1", "--",
+                   "python3", "/app/prog.py", "1", env=env, timeout=300)
+        assert image.get_tag("warm/py", "srv")  # published through the server into its origin
+        env["LAZYFS_CACHE_DIR"] = str(tmp_path / "node-3")  # another node, cold
+        r = lazyfs_cli("run", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
+                       env=env, check=False, timeout=300)
+        assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+        assert _lines(r.stdout)["continued"][1] == "6"
+        assert not (tmp_path / "not-used").exists()
+    finally:
+        server.stop()

@@ -1,1 +1,2 @@
-"""Process snapshots (CRIU, libcuda checkpoint): arrives with the snapshot issue."""
+"""Process snapshots: CRIU dump and restore of a warmed process on a lazyfs image, with GPU
+state through libcuda's checkpoint API (docs/snapshots.md)."""

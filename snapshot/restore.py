@@ -67,9 +67,12 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
     except SnapshotMismatch:
         ws.remove()
         raise
-    except LazyfsError as exc:
+    except (LazyfsError, OSError) as exc:
         ws.remove()
         return _cold(opts, snap_ref, exc, snap, say)
+    except BaseException:  # Ctrl-C: leave no mount behind
+        ws.remove()
+        raise
 
 
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
@@ -106,17 +109,22 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({res.stderr.strip() or res.returncode}):\n  {tail}")
     pid = int(pidfile.read_text())
-    if cuda is not None:
-        wanted = set(gpu_meta["ns_pids"])
-        for host_pid in procs.tree(pid):
-            if procs.ns_pid(host_pid) in wanted:
-                cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA calls run
+    try:
+        if cuda is not None:
+            wanted = set(gpu_meta["ns_pids"])
+            for host_pid in procs.tree(pid):
+                if procs.ns_pid(host_pid) in wanted:
+                    cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA runs
+        # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
+        marker = ws.marker("restored")
+        tmp = marker.with_name("restored.tmp")
+        tmp.write_text(f"{secrets.randbits(62)}\n")
+        os.rename(tmp, marker)
+    except BaseException:  # a restored copy that cannot go on must not linger (or run twice)
+        os.kill(pid, signal.SIGKILL)
+        _wait(pid)
+        raise
     restore_s = time.monotonic() - t0
-    # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
-    marker = ws.marker("restored")
-    tmp = marker.with_name("restored.tmp")
-    tmp.write_text(f"{secrets.randbits(62)}\n")
-    os.rename(tmp, marker)
     say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
         f"mounted the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
         f"{restore_s - prepare_s:.2f}s")

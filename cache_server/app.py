@@ -182,6 +182,10 @@ class CacheServer:
         self._auth(request, write=False)
         digest = self._digest(request)
         await self._delay()
+        if "only-if-cached" in request.headers.get("Cache-Control", "") and \
+                self.cache.size(kind, digest) is None:
+            # RFC 9111: answer from the cache or 504; never fill from the origin for this.
+            raise HttpError(504, "not cached here (only-if-cached)")
         path, frame = await self.filler.obtain(kind, digest)
         headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
         if frame is not None:  # too big for the cache: from memory

@@ -17,6 +17,7 @@ from lazyfs.format import block
 from lazyfs.remote import rendezvous
 from lazyfs.remote.fleet import Fleet, FleetOptions
 from lazyfs.store.counting import CountingStore
+from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore
 
 
@@ -93,8 +94,36 @@ def test_slow_server_is_hedged(tmp_path, origin):
         d, f = owned_by_slow[0]
         started = time.monotonic()
         assert fleet.get_block(d) == f
+        # A cache-only probe of the fast server at 0.1 s misses; at 4 x 0.1 s a full hedge
+        # lets it fill from the origin and answer.
         assert time.monotonic() - started < 1.5
-        assert fleet.stats.hedges == 1
+        assert fleet.stats.hedges == 2 and fleet.stats.probe_misses == 1
+        assert fast.server.metrics.origin_fetches.labels("blocks")._value.get() == 1
+        # Now the fast server has it cached: the next slow request is won by the probe alone.
+        d2, f2 = owned_by_slow[1]
+        fast_client = HttpStore(fast.url)
+        assert fast_client.get_block(d2) == f2  # warm the fast server's cache
+        fetched_before = fast.server.metrics.origin_fetches.labels("blocks")._value.get()
+        started = time.monotonic()
+        assert fleet.get_block(d2) == f2
+        assert time.monotonic() - started < 0.35
+        assert fleet.stats.hedges == 3 and fleet.stats.probe_misses == 1
+        assert fast.server.metrics.origin_fetches.labels("blocks")._value.get() == fetched_before
+        fleet.close()
+
+
+def test_slow_answers_everywhere_do_not_multiply_origin_fetches(tmp_path, origin):
+    """A burst makes every answer slow; hedges then probe caches instead of filling twice."""
+    store, blocks = origin
+    counting = CountingStore(store)
+    config = ServerConfig(delay=0.3)
+    with ServerThread(counting, tmp_path / "a", config=config) as a, \
+            ServerThread(counting, tmp_path / "b", config=config) as b:
+        fleet = Fleet([a.url, b.url], options=FleetOptions(hedge_after=0.1, deadline=10))
+        for d, f in blocks[:6]:
+            assert fleet.get_block(d) == f
+        assert counting.stats.block_gets == 6  # one origin fetch per block despite the hedges
+        assert fleet.stats.hedges >= 6  # every request was hedged (with a cache-only probe)
         fleet.close()
 
 

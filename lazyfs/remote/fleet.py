@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -23,12 +24,13 @@ from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, S
 from lazyfs.format import block
 from lazyfs.remote import rendezvous
 from lazyfs.store.base import BlockStore
-from lazyfs.store.http import HttpStore
+from lazyfs.store.http import HttpStore, NotCached
 from lazyfs.store.objects import MAX_MANIFEST
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
 DOWN_FOR = 3.0
+ESCALATE = 4  # hedge delays before a hedge may make another server fill from the origin
 
 
 @dataclass
@@ -39,6 +41,7 @@ class FleetStats(Counters):
     manifest_bytes: int = 0
     failovers: int = 0  # attempts that failed and moved on
     hedges: int = 0  # attempts started because the previous one was slow
+    probe_misses: int = 0  # cache-only hedges the other server could not answer from its cache
     origin_reads: int = 0
     wrong_bytes: int = 0
     deadline_failures: int = 0
@@ -66,6 +69,8 @@ class Fleet:
         self.url = " ".join(urls) + (f" (origin {origin.url})" if origin else "")
         self.stats = FleetStats()
         self._down: dict[str, float] = {}
+        self._latencies: deque[float] = deque(maxlen=256)
+        self._p90 = 0.0
         self._pool = ThreadPoolExecutor(options.threads * 2, thread_name_prefix="fleet")
         self._lock = threading.Lock()
 
@@ -89,45 +94,88 @@ class Fleet:
                 self._down[name] = time.monotonic() + DOWN_FOR
         log.warning("%s failed for %s: %s", name, key, exc)
 
-    def _race(self, key: str, attempt: Callable[[str, BlockStore], T]) -> T:
-        """First good answer of ``attempt`` over the candidates, with failover and hedging."""
-        opts = self.options
-        candidates = self.candidates(key)
-        deadline = time.monotonic() + opts.deadline
-        running: dict = {}
+    def hedge_delay(self) -> float:
+        """--hedge-after, or 2 x the recent p90 latency when the fleet is slower than that
+        (under a burst every request is slow, and hedging them all would only add load)."""
+        with self._lock:
+            return max(self.options.hedge_after, 2 * self._p90)
+
+    def _observe(self, seconds: float) -> None:
+        with self._lock:
+            self._latencies.append(seconds)
+            if len(self._latencies) >= 16 and len(self._latencies) % 16 == 0:
+                ordered = sorted(self._latencies)
+                self._p90 = ordered[int(len(ordered) * 0.9)]
+
+    def _race(self, key: str, attempt: Callable[[str, BlockStore, bool], T], probes: bool = True) -> T:
+        """First good answer of ``attempt(name, store, cached_only)`` over the candidates.
+
+        A failure moves on to the next candidate at once. A slow answer is hedged: first with a
+        cache-only probe of the next server (a hit there wins; a miss costs nothing upstream),
+        and only after ESCALATE hedge delays with a full request that may fill from the origin,
+        so that a burst of slow answers does not turn into a burst of duplicate origin fetches."""
+        hedge = self.hedge_delay()
+        started = time.monotonic()
+        deadline = started + self.options.deadline
+        escalate_at = started + (ESCALATE * hedge if probes else 0.0)
+        queue = deque(self.candidates(key))
+        probed: set[str] = set()
+        running: dict = {}  # future -> (name, full request?, launched at)
         errors: list[tuple[str, Exception]] = []
 
-        def launch() -> None:
-            name, store = candidates[len(running) + len(errors)]
-            running[self._pool.submit(attempt, name, store)] = name
+        def launch(name: str, store: BlockStore, full: bool) -> None:
+            fut = self._pool.submit(attempt, name, store, not full)
+            running[fut] = (name, full, time.monotonic())
 
-        launch()
+        launch(*queue.popleft(), True)
+        last = started
         while True:
-            remaining = deadline - time.monotonic()
-            more = len(running) + len(errors) < len(candidates)
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 break
-            done, _ = wait(running, timeout=min(remaining, opts.hedge_after) if more else remaining,
+            unprobed = [c for c in queue if c[0] not in probed and c[0] != "origin"]
+            probing = now < escalate_at and bool(unprobed)
+            if not queue:
+                wake = deadline
+            elif probing:
+                wake = last + hedge
+            else:
+                wake = max(last + hedge, escalate_at)
+            done, _ = wait(running, timeout=max(0.0, min(wake, deadline) - now),
                            return_when=FIRST_COMPLETED)
             if not done:
-                if more:
+                if queue and time.monotonic() >= wake:
                     self.stats.add(hedges=1)
-                    log.info("no answer for %s after %.2fs; hedging to %s", key, opts.hedge_after,
-                             candidates[len(running) + len(errors)][0])
-                    launch()
+                    target = unprobed[0] if probing else queue.popleft()
+                    if probing:
+                        probed.add(target[0])
+                    launch(*target, not probing)
+                    last = time.monotonic()
+                    log.info("no answer for %s after %.2fs; %s %s", key, last - started,
+                             "probing the cache of" if probing else "hedging to", target[0])
                 continue
             for fut in done:
-                name = running.pop(fut)
+                name, full, launched = running.pop(fut)
                 try:
-                    return fut.result()
+                    result = fut.result()
+                except NotCached:
+                    self.stats.add(probe_misses=1)  # the probed server stays in the queue
+                    continue
                 except Exception as exc:  # noqa: BLE001 - any failure of one source moves on
                     if not isinstance(exc, LazyfsError):
                         exc = StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}")
                     errors.append((name, exc))
                     self._failed(name, key, exc)
+                    if not full:
+                        queue = deque(c for c in queue if c[0] != name)
+                    continue
+                if full:
+                    self._observe(time.monotonic() - launched)
+                return result
             if not running:
-                if len(errors) < len(candidates):
-                    launch()
+                if queue:
+                    launch(*queue.popleft(), True)  # failover: at once, and a full request
+                    last = time.monotonic()
                     continue
                 # The origin is the authority on absence; servers only when all of them agree.
                 for n, e in errors:
@@ -137,10 +185,11 @@ class Fleet:
                 tried = "; ".join(f"{n}: {e}" for n, e in errors)
                 raise StoreUnavailable(f"{key}: every source failed ({tried})")
         self.stats.add(deadline_failures=1)
-        tried = ", ".join(n for n in running.values()) or "none"
+        waiting = ", ".join(n for n, _, _ in running.values()) or "none"
         log.error("%s: no good answer within the %.1fs deadline (still waiting on %s; failed: %s)",
-                  key, opts.deadline, tried, "; ".join(f"{n}: {e}" for n, e in errors) or "none")
-        raise StoreUnavailable(f"{key}: no answer within {opts.deadline:.1f}s from {self.url}")
+                  key, self.options.deadline, waiting,
+                  "; ".join(f"{n}: {e}" for n, e in errors) or "none")
+        raise StoreUnavailable(f"{key}: no answer within {self.options.deadline:.1f}s from {self.url}")
 
     def _count_origin(self, name: str) -> None:
         if name == "origin":
@@ -152,16 +201,21 @@ class Fleet:
         hashes to ``digest``."""
         limit = MAX_MANIFEST if kind == "manifest" else block.MAX_BLOCK_SIZE
 
-        def attempt(name: str, store: BlockStore) -> bytes:
+        def attempt(name: str, store: BlockStore, cached_only: bool) -> bytes:
             self._count_origin(name)
-            frame = store.get_block(digest) if kind == "block" else store.get_manifest(digest)
+            if kind == "manifest":
+                frame = store.get_manifest(digest)
+            elif cached_only:
+                frame = store.get_block(digest, cached_only=True)
+            else:
+                frame = store.get_block(digest)
             data = block.decode(digest, frame, expected_size=size, limit=limit)
             if kind == "block":
                 self.stats.add(block_gets=1, block_bytes=len(frame))
             else:
                 self.stats.add(manifest_gets=1, manifest_bytes=len(frame))
             return data if raw else frame
-        return self._race(f"{kind} {digest}", attempt)
+        return self._race(f"{kind} {digest}", attempt, probes=kind == "block")
 
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         """The block's bytes, verified against ``digest`` (the node cache's fetch function)."""
@@ -174,7 +228,8 @@ class Fleet:
         return self._verified("manifest", digest)
 
     def get_tag(self, name: str, tag: str) -> str:
-        return self._race(f"tag {name}:{tag}", lambda _n, store: store.get_tag(name, tag))
+        return self._race(f"tag {name}:{tag}", lambda _n, store, _c: store.get_tag(name, tag),
+                          probes=False)
 
     def check(self, write: bool = False) -> None:
         if write:

@@ -34,6 +34,10 @@ class Answer(NamedTuple):
     data: bytes
 
 
+class NotCached(StoreUnavailable):
+    """A cache-only request (Cache-Control: only-if-cached) the server could not answer."""
+
+
 class AuthError(StoreUnavailable):
     """The server refused our token (or wanted one)."""
 
@@ -53,7 +57,7 @@ class HttpStore:
     # -- transport ----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, limit: int = SMALL,
                  missing: NotFound | None = None, headers: dict | None = None,
-                 stream: bool = False):
+                 stream: bool = False, not_cached: bool = False):
         hdrs = dict(headers or {})
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
@@ -73,6 +77,8 @@ class HttpStore:
             resp.release_conn()
         if resp.status == 404 and missing is not None:
             raise missing
+        if resp.status == 504 and not_cached:
+            raise NotCached(f"{self.url}: {method} {path}: not in the server's cache")
         if resp.status >= 300:
             msg = _error_text(data) or resp.reason
             if resp.status in (401, 403):
@@ -105,9 +111,15 @@ class HttpStore:
             return None
         return int(resp.headers["Content-Length"])
 
-    def get_block(self, digest: str) -> bytes:
-        return self._get(f"/v1/blocks/{digests.validate(digest)}", MAX_FRAME_SIZE,
-                         BlockNotFound(digest))
+    def get_block(self, digest: str, cached_only: bool = False) -> bytes:
+        """The stored frame; with cached_only, only if the server has it cached (NotCached
+        otherwise): a hedge that must not make a second server fill from the origin."""
+        path = f"/v1/blocks/{digests.validate(digest)}"
+        if not cached_only:
+            return self._get(path, MAX_FRAME_SIZE, BlockNotFound(digest))
+        answer = self._request("GET", path, limit=MAX_FRAME_SIZE, missing=BlockNotFound(digest),
+                               headers={"Cache-Control": "only-if-cached"}, not_cached=True)
+        return answer.data
 
     def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
         """Many blocks in one round trip: (digest, frame), or (digest, None) when the server has

@@ -172,11 +172,11 @@ class Fleet:
                 if full:
                     self._observe(time.monotonic() - launched)
                 return result
+            if queue and not any(full for _, full, _ in running.values()):
+                launch(*queue.popleft(), True)  # failover: at once, and a full request
+                last = time.monotonic()
+                continue
             if not running:
-                if queue:
-                    launch(*queue.popleft(), True)  # failover: at once, and a full request
-                    last = time.monotonic()
-                    continue
                 # The origin is the authority on absence; servers only when all of them agree.
                 for n, e in errors:
                     if isinstance(e, NotFound) and (n == "origin" or

@@ -15,7 +15,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
+from lazyfs import paths
+from lazyfs.cache.nodecache import NodeCache
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run
@@ -57,7 +60,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
             with ThreadPoolExecutor(1) as pool:
                 mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir)
                 try:
-                    fetched = fetch(reader.fetch_block, snap.files, ws.base / "snap")
+                    fetched = fetch(_fetcher(opts, reader), snap.files, ws.base / "snap")
                 finally:
                     mounting.result()
             fetch_s = time.monotonic() - t0
@@ -73,6 +76,17 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
     except BaseException:  # Ctrl-C: leave no mount behind
         ws.remove()
         raise
+
+
+def _fetcher(opts: RunOptions, reader):
+    """Verified block bytes for the snapshot's files. From a remote store or fleet they go through
+    the node cache, so the next restore on this node reads them locally; from a local store
+    that would only copy them twice."""
+    spec = opts.source.store or paths.default_store()
+    if not opts.source.servers and urlparse(spec).scheme in ("", "file"):
+        return reader.fetch_block
+    cache = NodeCache(opts.cache_dir or paths.default_cache_dir(), reader.fetch_block)
+    return lambda digest, size: cache.read(digest, size, 0, size)
 
 
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:

@@ -167,5 +167,18 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
         assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
         assert _lines(r.stdout)["continued"][1] == "6"
         assert not (tmp_path / "not-used").exists()
+        served = _block_bytes_served(server.url)
+        again = lazyfs_cli("run", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
+                           env=env, check=False, timeout=300)
+        assert again.returncode == 7 and _lines(again.stdout)["continued"][1] == "6"
+        # The same node restores again from its node cache: (almost) no block bytes move.
+        assert _block_bytes_served(server.url) - served < 0.05 * served
     finally:
         server.stop()
+
+
+def _block_bytes_served(url: str) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('lazyfs_server_response_bytes_total{route="/v1/blocks/{digest}"'))

@@ -173,3 +173,36 @@ def test_a_hung_server_cannot_make_a_read_hang(origin):
         fleet.close()
     finally:
         hole.close()
+
+
+class _Flood(BaseHTTPRequestHandler):
+    """Answers every GET with more bytes than any valid block frame can have."""
+
+    def do_GET(self):  # noqa: N802
+        size = block.MAX_FRAME_SIZE + 1024 * 1024
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+            for _ in range(size // (1024 * 1024)):
+                self.wfile.write(b"\0" * (1024 * 1024))
+        except OSError:
+            pass  # the client hung up once it had seen enough
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_oversized_answer_is_cut_off_and_fetched_elsewhere(tmp_path, origin):
+    store, blocks = origin
+    flood = ThreadingHTTPServer(("127.0.0.1", 0), _Flood)
+    threading.Thread(target=flood.serve_forever, daemon=True).start()
+    try:
+        with ServerThread(store, tmp_path / "honest") as honest:
+            fleet = Fleet([f"http://127.0.0.1:{flood.server_address[1]}", honest.url])
+            for d, f in blocks[:10]:
+                assert fleet.get_block(d) == f
+            assert fleet.stats.failovers >= 1
+            fleet.close()
+    finally:
+        flood.shutdown()

@@ -71,6 +71,8 @@ class HttpStore:
             return resp
         try:
             data = resp.read(limit + 1) if method != "HEAD" else b""
+            if len(data) > limit:
+                resp.close()  # never reuse a connection with an unread body still in it
         except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"{self.url}: {method} {path}: {_why(exc)}") from None
         finally:

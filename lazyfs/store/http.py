@@ -131,6 +131,7 @@ class HttpStore:
         resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
                              headers={"Content-Type": "application/json"}, stream=True)
         reader = io.BufferedReader(resp, 1 << 20)
+        complete = False
         try:
             for expected in wanted:
                 header = batch.decode_header(reader.readline(batch.MAX_HEADER))
@@ -142,9 +143,18 @@ class HttpStore:
                 if frame is not None and len(frame) != header.length:
                     raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
                 yield expected, frame
+            try:
+                extra = reader.read(1)  # also consumes the end of the chunked body
+            except ValueError:  # urllib3 closed it at the end of the body already
+                extra = b""
+            if extra:
+                raise FormatError("batch answer has data after its last record")
+            complete = True
         except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
         finally:
+            if not complete:
+                resp.close()  # an abandoned or broken answer: do not reuse its connection
             resp.release_conn()
 
     def put_block(self, digest: str, frame: bytes) -> bool:

@@ -21,8 +21,9 @@ ServerOpt = typer.Option(None, "--server", metavar="URL", help="A lazyfs cache s
                          "$LAZYFS_TOKEN or $LAZYFS_TOKEN_FILE for servers that want a token.")
 DeadlineOpt = typer.Option("30s", "--deadline", help="A block read that gets no good answer in this "
                            "long fails with EIO (and a log line) instead of hanging.")
-HedgeOpt = typer.Option("500ms", "--hedge-after", help="Send a slow server request to the next "
-                        "server too after this long; the first good answer wins.")
+HedgeOpt = typer.Option("500ms", "--hedge-after", help="When a server has not answered after this "
+                        "long (or 2x the recent p90, if larger), ask the next server's cache too; "
+                        "after 4x, let it fetch from the origin. The first good answer wins.")
 ReadaheadOpt = typer.Option(2, "--readahead", min=0, help="Blocks after the one being read to "
                             "fetch in parallel in the background (0: off).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")

@@ -3,7 +3,7 @@
     python -m bench.server_load                    # hot reads: 32 clients, 1 MiB blocks
     python -m bench.server_load --mix --clients 64 --requests 10000 --block-size 128k
 
-Starts a real `lazyfs serve` process over a local origin. Hot mode warms the cache with every
+Starts a real `lazyfs serve` process (tests/servers.py) over a local origin. Hot mode warms the cache with every
 block, then N concurrent aiohttp clients GET cached blocks. Mixed mode sends, per 10 requests:
 6 GETs of cached blocks, 1 GET of a block never asked for before (a miss: origin fetch), 1 Range
 GET, 1 batch of 8 blocks, 1 HEAD. Prints JSON: throughput, latency percentiles, errors, wrong
@@ -17,7 +17,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,30 +28,7 @@ import aiohttp
 from lazyfs.cli.common import parse_size
 from lazyfs.format import batch, block
 from lazyfs.store.local import LocalStore
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(origin: Path, cache: Path, extra=()) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "serve", "--store", str(origin),
-                             "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache),
-                             "--no-access-log", *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("server did not start")
+from tests.servers import CacheServer
 
 
 def peak_rss(pid: int) -> int:
@@ -153,17 +129,17 @@ def measure(clients: int, requests: int, size: int, blocks: int, mix: bool) -> d
             d, f = block.encode(os.urandom(size))
             origin.put_block(d, f)
             (hot if i < blocks else cold)[d] = f
-        proc, url = start_server(origin.root, Path(tmp) / "cache")
+        server = CacheServer(str(origin.root), Path(tmp) / "cache", extra=("--no-access-log",)).start()
+        url = server.url
         try:
             for d in hot:  # warm: every hot block cached
                 urllib.request.urlopen(f"{url}/v1/blocks/{d}", timeout=30).read()
             load = Load(url, hot, cold, mix)
             elapsed = asyncio.run(load.run(clients, requests))
             metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-            rss = peak_rss(proc.pid)
+            rss = peak_rss(server.proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            server.stop()
     origin_fetches = sum(float(l.split()[-1]) for l in metrics.splitlines()
                          if l.startswith("lazyfs_server_origin_fetches_total{"))
     everything = [v for vs in load.latencies.values() for v in vs]

@@ -127,7 +127,12 @@ def test_slow_answers_everywhere_do_not_multiply_origin_fetches(tmp_path, origin
         fleet.close()
 
 
-class _Liar(BaseHTTPRequestHandler):
+class _Quiet(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class _Liar(_Quiet):
     """Answers every block GET with a well-formed frame of the wrong content."""
     frame = block.encode(b"not what you asked for")[1]
 
@@ -136,9 +141,6 @@ class _Liar(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(self.frame)))
         self.end_headers()
         self.wfile.write(self.frame)
-
-    def log_message(self, *args):
-        pass
 
 
 def test_wrong_bytes_are_detected_and_fetched_elsewhere(tmp_path, origin):
@@ -175,7 +177,7 @@ def test_a_hung_server_cannot_make_a_read_hang(origin):
         hole.close()
 
 
-class _Flood(BaseHTTPRequestHandler):
+class _Flood(_Quiet):
     """Answers every GET with more bytes than any valid block frame can have."""
 
     def do_GET(self):  # noqa: N802
@@ -188,9 +190,6 @@ class _Flood(BaseHTTPRequestHandler):
                 self.wfile.write(b"\0" * (1024 * 1024))
         except OSError:
             pass  # the client hung up once it had seen enough
-
-    def log_message(self, *args):
-        pass
 
 
 def test_an_oversized_answer_is_cut_off_and_fetched_elsewhere(tmp_path, origin):

@@ -1,9 +1,9 @@
 """A directory of verified, decompressed blocks, shared by all images (and mounts) on a node.
 
 The fetch function is injected: ``fetch(digest, size)`` returns the block's bytes and must have
-verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the cache
-knows nothing of stores or networks, and tests and benchmarks read the same counters. Concurrent misses for one
-digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
+verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the
+cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
+Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
 via temp file + rename, and each cached file is re-hashed the first time a process uses it, so a
 file damaged on disk (power cut, bit rot) is dropped and fetched again rather than served.
 """

@@ -29,8 +29,7 @@ KINDS = ("blocks", "manifests")
 
 @dataclass
 class DiskCacheStats(Counters):
-    hits: int = 0
-    misses: int = 0
+    # hits and misses are the server's metrics (a lookup is not yet a hit: see Filler.obtain)
     inserts: int = 0
     evictions: int = 0
     dropped_corrupt: int = 0
@@ -92,10 +91,8 @@ class DiskCache:
         """(path, verified since this process started) of a cached entry, marking it recently used."""
         key = (kind, digest)
         if key not in self._lru:
-            self.stats.add(misses=1)
             return None
         self._lru.move_to_end(key)
-        self.stats.add(hits=1)
         return self.path(kind, digest), key in self._verified
 
     def size(self, kind: str, digest: str) -> int | None:

@@ -7,11 +7,13 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from lazyfs.errors import RunError
 from lazyfs.format import block, reference
 from lazyfs.format import snapshot as snapfmt
+from lazyfs.runner.runtime import nsinit_command
 from lazyfs.runner.session import RunOptions, resolve
 from lazyfs.store import objects, open_store
 from snapshot import criu as criu_mod
@@ -105,13 +107,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
         # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
-               sys.executable, "-m", "lazyfs.runner.nsinit", "--setsid", "--stdio", str(ws.stdio),
-               "--rootfs", str(ws.rootfs), "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
-        if spec.user:
-            cmd += ["--user", spec.user]
-        for kv in env:
-            cmd += ["--env", kv]
-        cmd += ["--", *spec.argv]
+               *nsinit_command(ws.rootfs, replace(spec, env=env), "--setsid", "--stdio", str(ws.stdio))]
         say(f"snapshot run of {opts.ref} in {ws.base}: " + " ".join(spec.argv))
         with open(ws.base / "unshare.log", "wb") as log, Follower(ws.stdio):
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -89,8 +89,13 @@ def namespaces_command(rootfs: Path, spec: Spec) -> list[str]:
            "--propagation", "private"]
     if spec.network == "none":
         cmd.append("--net")
-    cmd += [sys.executable, "-m", "lazyfs.runner.nsinit", "--rootfs", str(rootfs),
-            "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
+    return cmd + nsinit_command(rootfs, spec)
+
+
+def nsinit_command(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
+    """lazyfs.runner.nsinit's command line for a spec (``extra``: more nsinit options)."""
+    cmd = [sys.executable, "-m", "lazyfs.runner.nsinit", *extra, "--rootfs", str(rootfs),
+           "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
     if spec.user:
         cmd += ["--user", spec.user]
     for kv in spec.env:

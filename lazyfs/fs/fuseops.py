@@ -52,6 +52,7 @@ class LazyOps(Operations):
         self.index = index
         self.cache = cache
         self.readahead = readahead
+        self._read_end: dict[int, int] = {}  # inode -> where its last read ended
         self.stats_extra = stats_extra
         self.reads = 0
         self.read_bytes = 0
@@ -135,7 +136,12 @@ class LazyOps(Operations):
         except OSError as exc:
             log.error("EIO reading %s (offset %d): node cache: %s", path, offset, exc)
             raise FuseOSError(errno.EIO) from None
-        if self.readahead:
+        # Readahead only for a file being read sequentially (this read starts where the last one
+        # on it ended), as the kernel's own heuristic does: a header peek or the scattered reads
+        # of an mmapped library should not drag whole neighbouring blocks in.
+        sequential = self._read_end.get(inode.ino) == offset
+        self._read_end[inode.ino] = offset + size
+        if self.readahead and sequential:
             # Neighbouring blocks go out in parallel while the caller consumes this one.
             self.cache.prefetch((c.digest, c.size) for c in
                                 inode.chunks_after(offset + size, self.readahead))

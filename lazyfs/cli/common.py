@@ -24,8 +24,9 @@ DeadlineOpt = typer.Option("30s", "--deadline", help="A block read that gets no 
 HedgeOpt = typer.Option("500ms", "--hedge-after", help="When a server has not answered after this "
                         "long (or 2x the recent p90, if larger), ask the next server's cache too; "
                         "after 4x, let it fetch from the origin. The first good answer wins.")
-ReadaheadOpt = typer.Option(2, "--readahead", min=0, help="Blocks after the one being read to "
-                            "fetch in parallel in the background (0: off).")
+ReadaheadOpt = typer.Option(4, "--readahead", min=0, help="While a file is read sequentially, "
+                            "how many of its next blocks to fetch in parallel in the background "
+                            "(0: off).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
@@ -86,7 +87,7 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def source(store: Optional[str], servers: Optional[list[str]], deadline: str = "30s",
-           hedge_after: str = "500ms", readahead: int = 2):
+           hedge_after: str = "500ms", readahead: int = 4):
     """The --store/--server/... options of mount and run, as a lazyfs.remote.source.Source."""
     from lazyfs.remote.source import Source
     dl = parse_duration(deadline)

@@ -16,7 +16,7 @@ class Source:
     servers: tuple[str, ...] = ()
     deadline: float = 30.0  # seconds a block read may take before it fails (EIO)
     hedge_after: float = 0.5  # seconds before a slow server request is duplicated to the next
-    readahead: int = 2  # blocks after the one read, fetched in the background
+    readahead: int = 4  # blocks after the one read sequentially, fetched in the background
 
     def open(self):
         """A reader with get_tag/get_manifest/get_block, fetch_block(digest, size) (verified
@@ -48,7 +48,7 @@ class Source:
         p.add_argument("--server", action="append", default=[])
         p.add_argument("--deadline", type=float, default=30.0)
         p.add_argument("--hedge-after", type=float, default=0.5)
-        p.add_argument("--readahead", type=int, default=2)
+        p.add_argument("--readahead", type=int, default=4)
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> "Source":

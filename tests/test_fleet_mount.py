@@ -96,8 +96,10 @@ def fleet_image(tmp_path, node):
 
 def test_kill_one_server_mid_read_then_both(fleet_image, tmp_path):
     src, origin, servers = fleet_image
+    from tests.servers import free_port
+    dead_origin = f"http://127.0.0.1:{free_port()}"  # an origin that is configured but unreachable
     m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server",
-                servers[1].url, "--deadline", "3s", "--readahead", "1")
+                servers[1].url, "--store", dead_origin, "--deadline", "3s", "--readahead", "1")
     expected = (src / "data" / "big.bin").read_bytes()
     with m as mnt:
         got = bytearray()

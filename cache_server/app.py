@@ -21,10 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
-from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound, StoreError
 from lazyfs.format import batch, reference
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
 from lazyfs.store.objects import MAX_MANIFEST
 
@@ -348,7 +349,7 @@ class CacheServer:
 
     @staticmethod
     def _lease_name(request: web.Request) -> str:
-        name = request.match_info["name"]
-        if not name or "/" in name or name.startswith(".") or len(name) > 200:
-            raise HttpError(400, f"invalid lease name {name[:100]!r}")
-        return name
+        try:
+            return lease.check_name(request.match_info["name"])
+        except StoreError as exc:
+            raise HttpError(400, str(exc)) from None

@@ -33,18 +33,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def build(origin: BlockStore, opts: ServeOptions) -> web.Application:
-    cache = DiskCache(opts.cache_dir, opts.cache_size)
-    return CacheServer(origin, cache, opts.config).app()
+def make_server(origin: BlockStore, opts: ServeOptions) -> CacheServer:
+    return CacheServer(origin, DiskCache(opts.cache_dir, opts.cache_size), opts.config)
 
 
-def serve_forever(origin: BlockStore, opts: ServeOptions, on_ready=None) -> None:
-    app = build(origin, opts)
-
-    async def ready(_app):
-        if on_ready:
-            on_ready()
-    app.on_startup.append(ready)
+def serve_forever(origin: BlockStore, opts: ServeOptions) -> None:
+    app = make_server(origin, opts).app()
     # The access logger also feeds the request metrics, so it always runs; --no-access-log only
     # raises its level.
     access_log.setLevel(logging.INFO if opts.access_log else logging.WARNING)
@@ -72,8 +66,7 @@ class ServerThread:
         return self
 
     async def _start(self) -> None:
-        cache = DiskCache(self.opts.cache_dir, self.opts.cache_size)
-        self.server = CacheServer(self.origin, cache, self.opts.config)
+        self.server = make_server(self.origin, self.opts)
         quiet = logging.getLogger("lazyfs.server.access.thread")
         quiet.setLevel(logging.WARNING)
         self._runner = web.AppRunner(self.server.app(), access_log=quiet, access_log_class=AccessLog)

@@ -22,6 +22,13 @@ LEASE_TTL = 600.0
 REFRESH_EVERY = 60.0
 
 
+def check_name(name: str) -> str:
+    """A lease name is one path component: stores use it as a file name or key suffix."""
+    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+        raise StoreError(f"invalid lease name {name[:100]!r}")
+    return name
+
+
 class LeaseConflict(StoreError):
     exit_code = 3
 

@@ -19,6 +19,7 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, StoreError, StoreUna
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
 from lazyfs.fsutil import atomic_write
+from lazyfs.store import lease
 from lazyfs.store.base import ObjectInfo
 
 MARKER = "lazyfs-store.json"
@@ -259,9 +260,7 @@ class LocalStore:
 
     # -- leases ------------------------------------------------------------------------------
     def _lease_path(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith("."):
-            raise StoreError(f"invalid lease name {name!r}")
-        return self.root / "leases" / name
+        return self.root / "leases" / lease.check_name(name)
 
     def put_lease(self, name: str, data: bytes) -> None:
         self._prepare()

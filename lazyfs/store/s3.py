@@ -17,6 +17,7 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, NotFound, StoreError
                            TagNotFound)
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
+from lazyfs.store import lease
 from lazyfs.store.base import ObjectInfo
 from lazyfs.store.parallel import parallel_puts
 
@@ -65,9 +66,7 @@ class S3Store:
         return f"{self.prefix}tags/{ref.name}/:{ref.tag}"
 
     def _lease_key(self, name: str) -> str:
-        if not name or "/" in name or name.startswith("."):
-            raise StoreError(f"invalid lease name {name!r}")
-        return f"{self.prefix}leases/{name}"
+        return f"{self.prefix}leases/{lease.check_name(name)}"
 
     # -- primitives -------------------------------------------------------------------------------
     @contextmanager

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazyfs.format import manifest as mf
+from lazyfs.format import profile as proffmt
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
 from lazyfs.store import objects
@@ -38,8 +39,8 @@ class GcReport:
 
 
 def mark(store: BlockStore) -> tuple[set[str], set[str]]:
-    """Manifests reachable from tags (images, snapshots and the images snapshots pin), and the
-    blocks they reference."""
+    """Manifests reachable from tags (images, snapshots and the images snapshots pin, startup
+    profiles), and the blocks images and snapshots reference."""
     todo = {digest for _, _, digest in store.list_tags()}
     manifests: set[str] = set()
     blocks: set[str] = set()
@@ -52,6 +53,9 @@ def mark(store: BlockStore) -> tuple[set[str], set[str]]:
             blocks |= snap.blocks()
             if snap.image not in manifests:
                 todo.add(snap.image)
+            continue
+        if proffmt.is_profile(data):
+            # A hint, not a reference: its blocks live as long as an image that uses them.
             continue
         m = mf.decode(data)
         blocks.update(c.digest for e in m.entries if e.type == EntryType.REG for c in e.chunks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lazyfs.format import manifest as mf
+from lazyfs.format import profile as proffmt
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
@@ -59,8 +60,8 @@ def all_images(store: BlockStore) -> list[tuple[str, str, Manifest]]:
     for name, tag, digest in store.list_tags():
         if digest not in cache:
             data = objects.read_manifest_bytes(store, digest)
-            if snapfmt.is_snapshot(data):
-                continue  # a process snapshot, not an image (see `lazyfs snapshots`)
+            if snapfmt.is_snapshot(data) or proffmt.is_profile(data):
+                continue  # a process snapshot or a startup profile, not an image
             cache[digest] = mf.decode(data)
         out.append((f"{name}:{tag}", digest, cache[digest]))
     return out

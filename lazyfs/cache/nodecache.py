@@ -82,43 +82,77 @@ class NodeCache:
             self.stats.add(hits=1)
             return self.path(digest)
         while True:
-            with self._lock:
-                if digest in self._verified:
-                    self.stats.add(hits=1)
-                    return self.path(digest)
-                if digest in self._memory:
-                    self._memory.move_to_end(digest)
-                    self.stats.add(hits=1)
-                    return self._memory[digest]
-                waiter = self._inflight.get(digest)
-                if waiter is None:
-                    event = self._inflight[digest] = threading.Event()
-                    break
+            found, waiter = self._claim(digest)
+            if found is not None:
+                self.stats.add(hits=1)
+                return found
+            if waiter is None:
+                break  # ours to load
             waiter.wait()  # another thread is fetching this digest; then re-check
         try:
-            return self._load(digest, size, prefetch)
+            where = self._adopt(digest, size)
+            if where is not None:
+                return where
+            self.stats.add(misses=1, prefetched=int(prefetch))
+            try:
+                data = self.fetch(digest, size)
+            except LazyfsError:
+                self.stats.add(errors=1)
+                raise
+            return self._store(digest, size, data)
         finally:
-            with self._lock:
-                del self._inflight[digest]
+            self.release(digest)
+
+    def _claim(self, digest: str) -> tuple[str | bytes | None, threading.Event | None]:
+        """(where, None) if the block is known good; (None, event) if another thread is loading
+        it; (None, None) if the caller now owns loading it (and must release() it)."""
+        with self._lock:
+            if digest in self._verified:
+                return self.path(digest), None
+            if digest in self._memory:
+                self._memory.move_to_end(digest)
+                return self._memory[digest], None
+            waiter = self._inflight.get(digest)
+            if waiter is None:
+                self._inflight[digest] = threading.Event()
+            return None, waiter
+
+    def claim(self, digest: str) -> bool:
+        """Own the loading of a block nobody has or is loading (batch prefetch); the owner calls
+        adopt/complete and then release(). Readers of it wait for the owner meanwhile."""
+        found, waiter = self._claim(digest)
+        return found is None and waiter is None
+
+    def release(self, digest: str) -> None:
+        with self._lock:
+            event = self._inflight.pop(digest, None)
+        if event is not None:
             event.set()
 
-    def _load(self, digest: str, size: int, prefetch: bool = False) -> str | bytes:
+    def _adopt(self, digest: str, size: int) -> str | None:
+        """The block's path if a good copy is already on disk (another process fetched it)."""
         path = self.path(digest)
-        if self._check_on_disk(path, digest, size):
-            self.stats.add(hits=1)
-            with self._lock:
-                self._verified.add(digest)
-            return path
-        self.stats.add(misses=1, prefetched=int(prefetch))
-        try:
-            data = self.fetch(digest, size)
-        except LazyfsError:
-            self.stats.add(errors=1)
-            raise
+        if not self._check_on_disk(path, digest, size):
+            return None
+        self.stats.add(hits=1)
+        with self._lock:
+            self._verified.add(digest)
+        return path
+
+    def adopt(self, digest: str, size: int) -> bool:
+        return self._adopt(digest, size) is not None
+
+    def complete(self, digest: str, size: int, data: bytes) -> None:
+        """Enter bytes a batch fetch brought (the caller verified them against the digest)."""
+        self.stats.add(misses=1, prefetched=1)
+        self._store(digest, size, data)
+
+    def _store(self, digest: str, size: int, data: bytes) -> str | bytes:
         if len(data) != size:  # the fetch function verified the digest; the manifest gives the size
             self.stats.add(errors=1)
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
+        path = self.path(digest)
         if self._insert(path, data):
             with self._lock:
                 self._verified.add(digest)

@@ -14,7 +14,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lazyfs.cli import build, demo, gc, mount, run, serve, snapshots  # noqa: F401 (each adds commands)
+    from lazyfs.cli import bench, build, demo, gc, mount, profile, run, serve, snapshots  # noqa: F401
 
 
 def main() -> None:

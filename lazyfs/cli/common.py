@@ -27,6 +27,9 @@ HedgeOpt = typer.Option("500ms", "--hedge-after", help="When a server has not an
 ReadaheadOpt = typer.Option(4, "--readahead", min=0, help="While a file is read sequentially, "
                             "how many of its next blocks to fetch in parallel in the background "
                             "(0: off).")
+ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
+                          "prefetch (see `lazyfs profile`): auto (the image's own, if published), "
+                          "none, a profile digest, or an image NAME:TAG whose profile to use.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs

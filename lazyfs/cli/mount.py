@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ReadaheadOpt, ServerOpt, StoreOpt,
-                               err, source)
+from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
+                               StoreOpt, err, source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
@@ -25,6 +25,7 @@ def mount(
     deadline: str = DeadlineOpt,
     hedge_after: str = HedgeOpt,
     readahead: int = ReadaheadOpt,
+    profile: str = ProfileOpt,
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until unmounted."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
                                            "~/.local/state/lazyfs/mounts/)."),
@@ -45,9 +46,10 @@ def mount(
         digest = objects.resolve(reader, ref)
         reader.close()
         daemon.serve(digest, src, str(cache_dir or paths.default_cache_dir()),
-                     os.path.realpath(mountpoint), ref, debug=debug, trace=trace)
+                     os.path.realpath(mountpoint), ref, debug=debug, trace=trace, profile=profile)
         return
-    state = daemon.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace)
+    state = daemon.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace,
+                         profile=profile)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
 

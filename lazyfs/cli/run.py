@@ -1,14 +1,15 @@
 """`lazyfs run`."""
 from __future__ import annotations
 
+import json
 import sys
 from typing import List, Optional
 
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ReadaheadOpt, ServerOpt, StoreOpt,
-                               err, parse_duration, source)
+from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
+                               StoreOpt, err, parse_duration, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -24,6 +25,7 @@ def run(
     deadline: str = DeadlineOpt,
     hedge_after: str = HedgeOpt,
     readahead: int = ReadaheadOpt,
+    profile: str = ProfileOpt,
     runtime: str = typer.Option("auto", "--runtime", help="auto (podman if present, else "
                                 "namespaces), podman, or namespaces."),
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
@@ -36,6 +38,9 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per read of "
                                         "the image (path, offset, size, time) to this file."),
+    stats_json: Optional[str] = typer.Option(None, "--stats-json", metavar="FILE", help="When the "
+                                             "command ends, write the mount's counters (as `lazyfs "
+                                             "stats` prints them) to FILE."),
     snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="SNAP", help="Run until the "
                                            "program calls snapshot.ready() (see docs/snapshots.md), "
                                            "dump it with CRIU and publish the snapshot to --store "
@@ -53,13 +58,18 @@ def run(
         argv = argv[1:]
     src = source(store, server, deadline, hedge_after, readahead)
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
-                      network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace)
+                      network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
+                      profile=profile)
     say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
-    if verbose:
-        opts.report = lambda s: say(
-            f"image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
+
+    def report(s: dict) -> None:
+        if stats_json:
+            with open(stats_json, "w") as f:
+                json.dump(s, f, indent=1)
+        say(f"image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
             f"received), {s['cache']['hits']} cache hits; FUSE requests: "
             + ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items(), key=lambda kv: -kv[1])))
+    opts.report = report
     if snapshot and restore:
         raise typer.BadParameter("--snapshot and --restore cannot be combined")
     if snapshot or restore:

@@ -94,7 +94,7 @@ def clean_stale(mountpoint: str) -> bool:
 
 def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
-          trace: str | None = None) -> MountState:
+          trace: str | None = None, profile: str = "auto") -> MountState:
     """Start a detached daemon and wait until the mount answers."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
@@ -109,6 +109,9 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     try:
         digest = objects.resolve(reader, ref)
         objects.read_config(reader, digest)  # fail here, in the user's terminal, not in a log file
+        if profile not in ("auto", "none"):
+            from lazyfs import profiles
+            profiles.load(reader, digest, profile)
     finally:
         reader.close()
     cache = str(cache_dir or paths.default_cache_dir())
@@ -122,6 +125,8 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
         args.append("--debug")
     if trace:
         args += ["--trace", os.path.abspath(trace)]
+    if profile != "auto":
+        args += ["--profile", profile]
     with open(logf, "ab") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 pass_fds=(write_fd,), start_new_session=True, close_fds=True)
@@ -204,7 +209,8 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str = "",
-          ready_fd: int | None = None, debug: bool = False, trace: str | None = None) -> None:
+          ready_fd: int | None = None, debug: bool = False, trace: str | None = None,
+          profile: str = "auto") -> None:
     """Run the FUSE filesystem in this process until unmounted."""
     from fuse import FUSE
 
@@ -216,9 +222,15 @@ def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str
     manifest = objects.read_manifest(reader, digest)
     index = ImageIndex(manifest)
     cache = NodeCache(cache_dir, reader.fetch_block)
+    prefetcher = _prefetcher(reader, digest, manifest, cache, profile)
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
-    ops = LazyOps(index, cache, lambda: {"store": reader.stats.snapshot(), "digest": digest},
-                  trace_file, readahead=source.readahead)
+
+    def extra() -> dict:
+        out = {"store": reader.stats.snapshot(), "digest": digest}
+        if prefetcher:
+            out["prefetch"] = prefetcher.stats.snapshot()
+        return out
+    ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"1")
@@ -243,9 +255,24 @@ def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=debug)
     if control_sock:
         control_sock.close()
+    if prefetcher:
+        prefetcher.stop()
     cache.close()
     reader.close()
     log.info("unmounted %s", mountpoint)
+
+
+def _prefetcher(reader, digest: str, manifest, cache, choice: str):
+    """Start fetching the image's startup profile, if it has one (or the one named)."""
+    from lazyfs import profiles
+    from lazyfs.cache.prefetcher import Prefetcher
+
+    prof = profiles.load(reader, digest, choice)
+    if prof is None:
+        return None
+    wanted = profiles.plan(prof, manifest, digest)
+    log.info("startup profile: prefetching %d blocks (%d bytes)", len(wanted), sum(n for _, n in wanted))
+    return Prefetcher(cache, reader.fetch_blocks, wanted).start()
 
 
 def _may_allow_other() -> bool:
@@ -270,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
     p.add_argument("--trace")
+    p.add_argument("--profile", default="auto")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
         serve(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-              a.debug, a.trace)
+              a.debug, a.trace, a.profile)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above
         log.error("FUSE mount failed (status %s)", exc)
         return 1

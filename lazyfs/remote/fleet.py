@@ -25,7 +25,7 @@ from lazyfs.format import block
 from lazyfs.remote import rendezvous
 from lazyfs.store.base import BlockStore
 from lazyfs.store.http import HttpStore, NotCached
-from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.store.objects import MAX_MANIFEST, fetch_blocks
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
@@ -40,6 +40,7 @@ class FleetStats(Counters):
     manifest_gets: int = 0
     manifest_bytes: int = 0
     failovers: int = 0  # attempts that failed and moved on
+    not_found: int = 0  # answers "no such object" (each candidate is still asked)
     hedges: int = 0  # attempts started because the previous one was slow
     probe_misses: int = 0  # cache-only hedges the other server could not answer from its cache
     origin_reads: int = 0
@@ -86,10 +87,14 @@ class Fleet:
         return out
 
     def _failed(self, name: str, key: str, exc: Exception) -> None:
+        if isinstance(exc, NotFound):  # an answer, not a failure (say, an image with no profile)
+            self.stats.add(not_found=1)
+            log.debug("%s: %s", name, exc)
+            return
         self.stats.add(failovers=1)
         if isinstance(exc, (IntegrityError, FormatError)):
             self.stats.add(wrong_bytes=1)
-        if name != "origin" and not isinstance(exc, NotFound):
+        if name != "origin":
             with self._lock:
                 self._down[name] = time.monotonic() + DOWN_FOR
         log.warning("%s failed for %s: %s", name, key, exc)
@@ -220,6 +225,27 @@ class Fleet:
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         """The block's bytes, verified against ``digest`` (the node cache's fetch function)."""
         return self._verified("block", digest, raw=True, size=size)
+
+    def fetch_blocks(self, items: list[tuple[str, int]]):
+        """Verified bytes of many blocks (the prefetcher's fetch): one batch request per owning
+        server; what a batch does not deliver goes through fetch_block (failover, hedging)."""
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for digest, size in items:
+            name, _ = self.candidates(f"block {digest}")[0]  # the owner _race would ask first
+            groups.setdefault(name, []).append((digest, size))
+        for name, group in groups.items():
+            client = self.clients.get(name)
+
+            def counted(wanted, _client=client, _name=name):
+                try:
+                    for digest, frame in _client.get_blocks(wanted):
+                        if frame is not None:
+                            self.stats.add(block_gets=1, block_bytes=len(frame))
+                        yield digest, frame
+                except LazyfsError as exc:
+                    self._failed(_name, f"batch of {len(wanted)} blocks", exc)
+                    raise
+            yield from fetch_blocks(group, self.fetch_block, counted if client else None)
 
     def get_block(self, digest: str) -> bytes:
         return self._verified("block", digest)

@@ -5,6 +5,7 @@ import logging
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ class RunOptions:
     tty: bool = False
     report: Callable[[dict], None] | None = None  # gets the mount's counters after the command
     trace: str | None = None  # record every read of the image (lazyfs mount --trace)
+    profile: str = "auto"  # startup profile to prefetch (lazyfs mount --profile)
+    stop_after: float | None = None  # send the command SIGTERM after this many seconds
     prepare_upper: Callable[[Path], None] | None = None  # add files to the writable layer first
 
 
@@ -77,7 +80,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     mounted = False
     try:
         state = daemon.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
-                             trace=opts.trace)
+                             trace=opts.trace, profile=opts.profile)
         mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
         rootfs = overlay.mount()
@@ -86,7 +89,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         name = f"lazyfs-{rundir.name}"
         cmd = rt.command(runtime, rootfs, spec, name)
         say("exec: " + " ".join(cmd))
-        code = _supervise(cmd, lambda: rt.force_stop(runtime, name))
+        code = _supervise(cmd, lambda: rt.force_stop(runtime, name), opts.stop_after)
         if opts.report:
             opts.report(control.query(str(image_mnt)))
         return code
@@ -101,10 +104,14 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-def _supervise(cmd: list[str], force_stop) -> int:
+def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> int:
     """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
     terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends."""
     proc = subprocess.Popen(cmd)
+    timer = threading.Timer(stop_after, proc.send_signal, (signal.SIGTERM,)) if stop_after else None
+    if timer:
+        timer.daemon = True
+        timer.start()
 
     def forward(signum, frame):
         proc.send_signal(signum)
@@ -115,6 +122,8 @@ def _supervise(cmd: list[str], force_stop) -> int:
         except KeyboardInterrupt:
             code = _stop(proc, force_stop)
     finally:
+        if timer:
+            timer.cancel()
         for s, h in old.items():
             signal.signal(s, h)
     return 128 - code if code < 0 else code

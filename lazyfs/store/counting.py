@@ -20,6 +20,19 @@ class CountingStore:
         from lazyfs.store.objects import fetch_block
         return fetch_block(self, digest, size)
 
+    def fetch_blocks(self, items: list[tuple[str, int]]):
+        """Verified bytes of many blocks (the prefetcher's fetch): one batch request where the
+        store has one (a cache server), else one read per block."""
+        from lazyfs.store.objects import fetch_blocks
+        batch = getattr(self.inner, "get_blocks", None)
+
+        def counted(wanted):
+            for digest, frame in batch(wanted):
+                if frame is not None:
+                    self.stats.add(block_gets=1, block_bytes=len(frame))
+                yield digest, frame
+        return fetch_blocks(items, self.fetch_block, counted if batch else None)
+
     def get_manifest(self, digest: str) -> bytes:
         data = self.inner.get_manifest(digest)
         self.stats.add(manifest_gets=1, manifest_bytes=len(data))

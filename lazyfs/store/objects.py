@@ -1,7 +1,7 @@
 """Typed reads and writes on top of a BlockStore: every byte read here is verified by digest."""
 from __future__ import annotations
 
-from lazyfs.errors import BlockFormatError, DigestMismatch, ManifestFormatError
+from lazyfs.errors import BlockFormatError, DigestMismatch, LazyfsError, ManifestFormatError
 from lazyfs.format import block, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
@@ -45,3 +45,33 @@ def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
 def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> bytes:
     """Get a block and return its bytes only if they hash to ``digest``."""
     return block.decode(digest, store.get_block(digest), expected_size=size)
+
+
+def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames=None):
+    """Verified bytes of many blocks, in order: (digest, bytes) or (digest, the error).
+
+    ``get_frames(digests)`` is a batch read (a cache server's POST /v1/blocks/batch) yielding
+    (digest, frame or None); a block it does not deliver good bytes for, or every block after it
+    breaks off, gets one more chance through ``fetch_one(digest, size)`` (which may fail over)."""
+    sizes = dict(items)
+    pending = list(sizes)
+    if get_frames is not None and pending:
+        done: set[str] = set()
+        try:
+            for digest, frame in get_frames(pending):
+                if frame is None:
+                    continue
+                try:
+                    data = block.decode(digest, frame, expected_size=sizes[digest])
+                except LazyfsError:
+                    continue  # wrong bytes from this server: the single fetch goes elsewhere
+                done.add(digest)
+                yield digest, data
+        except LazyfsError:
+            pass  # the batch broke off; the rest go one by one
+        pending = [d for d in pending if d not in done]
+    for digest in pending:
+        try:
+            yield digest, fetch_one(digest, sizes[digest])
+        except LazyfsError as exc:
+            yield digest, exc

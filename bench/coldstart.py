@@ -1,0 +1,196 @@
+"""`lazyfs bench`: cold starts of real workloads in every mode, over an emulated link.
+
+Outside the link: build the images (cached) and publish them to the bench store. Inside it (a
+network namespace with a tbf-shaped loopback, see bench.link): a `lazyfs serve` cache server in
+front of the store and a blob server for the pull baseline, both adding the same per-request
+latency; then, for each run, each mode in turn, so drift hits all modes alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import report
+from bench.images import WORKLOADS, Images
+from bench.link import Link
+from bench.modes import MODES, Node, Sample
+from lazyfs.errors import LazyfsError
+
+SERVER_PORT, BLOB_PORT = 17070, 17071
+
+
+@dataclass
+class BenchConfig:
+    workloads: list[str]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    runs: int = 5
+    link: str = "1gbit"
+    delay: float = 0.001  # seconds per request: the emulated round trip
+    home: Path = Path.home() / ".cache" / "lazyfs" / "bench"
+    out: Path = Path("bench-results")
+
+
+def _lazyfs(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LazyfsError(f"lazyfs {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def _publish(images: Images, store: Path, name: str) -> dict:
+    """Build the image into the bench store once; return its sizes."""
+    ref = f"bench/{name}:latest"
+    tags = json.loads(_lazyfs("images", "--store", str(store), "--json"))["images"]
+    if not any(t["ref"] == ref for t in tags):
+        _lazyfs("build", f"oci:{images.layout}:{name}", "--tag", ref, "--store", str(store))
+    info = json.loads(_lazyfs("inspect", ref, "--store", str(store), "--json"))
+    index = json.loads((images.layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == name)
+    manifest = json.loads((images.layout / "blobs" / "sha256" / desc["digest"][7:]).read_bytes())
+    return {"ref": ref, "files": info["files"], "bytes": info["bytes"],
+            "layers": len(manifest["layers"]),
+            "compressed_bytes": sum(layer["size"] for layer in manifest["layers"])}
+
+
+class Servers:
+    """The cache server and the blob server, started inside the link."""
+
+    def __init__(self, cfg: BenchConfig, store: Path, layout: Path):
+        self.procs: list[subprocess.Popen] = []
+        self.log = open(cfg.home / "servers.log", "ab")
+        delay = str(cfg.delay)
+        self._start([sys.executable, "-m", "lazyfs.cli", "serve", "--store", str(store), "--listen",
+                     f"127.0.0.1:{SERVER_PORT}", "--cache-dir", str(cfg.home / "server-cache"),
+                     "--cache-size", "64G", "--delay", delay, "--no-access-log"],
+                    f"http://127.0.0.1:{SERVER_PORT}/healthz")
+        self._start([sys.executable, "-m", "bench.blobserver", str(layout), "--port", str(BLOB_PORT),
+                     "--delay", delay], f"http://127.0.0.1:{BLOB_PORT}/oci-layout")
+        self.url = f"http://127.0.0.1:{SERVER_PORT}"
+        self.blob_url = f"http://127.0.0.1:{BLOB_PORT}"
+
+    def _start(self, cmd: list[str], probe: str) -> None:
+        proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(probe, timeout=1).read()
+                return
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise LazyfsError(f"{cmd[2:4]} did not start; see {self.log.name}")
+
+    def requests(self) -> int:
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+        return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("lazyfs_server_requests_total{")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.log.close()
+
+
+def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
+    unknown = set(cfg.workloads) - set(WORKLOADS) | set(cfg.modes) - set(MODES)
+    if unknown:
+        raise LazyfsError(f"unknown workload or mode: {', '.join(sorted(unknown))}")
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    images = Images(cfg.home, say)
+    store = cfg.home / "store"
+    image_info = {}
+    for name in dict.fromkeys(WORKLOADS[w].image for w in cfg.workloads):
+        images.ensure(name)
+        image_info[name] = _publish(images, store, name)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results: dict = {"date": started, "machine": _machine(), "link": {"rate": cfg.link,
+                     "delay_ms": cfg.delay * 1000}, "runs": cfg.runs, "images": image_info,
+                     "workloads": {}}
+    total = len(cfg.workloads) * len(cfg.modes) * cfg.runs
+    tick = progress.task("cold starts", total) if progress else (lambda n: None)
+    with Link(cfg.link) as link:
+        results["link"]["where"] = link.describe()
+        servers = Servers(cfg, store, images.layout)
+        try:
+            node = Node(cfg.home, servers.url, str(store), servers.blob_url)
+            for w in cfg.workloads:
+                results["workloads"][w] = _bench_workload(cfg, node, servers, w, tick, say)
+        finally:
+            servers.stop()
+    results["summary"] = {w: report.summarise(r) for w, r in results["workloads"].items()}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    (cfg.out / "results.md").write_text(report.markdown(results))
+    report.plot(results, cfg.out / "results.png")
+    return results
+
+
+def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick, say) -> dict:
+    work = WORKLOADS[w]
+    ref = f"bench/{work.image}:latest"
+    samples: dict[str, list[dict]] = {m: [] for m in cfg.modes}
+    if "lazy+profile" in cfg.modes:
+        say(f"{w}: recording its startup profile")
+        _record_profile(node, ref, work)
+    if "warm-node" in cfg.modes:
+        node.lazy(ref, work, "none", cold=True)  # not timed; fills nothing kept
+        node.warm_cache.mkdir(parents=True, exist_ok=True)
+        node.lazy(ref, work, "none", cold=False)  # fills the warm node cache
+    if "local" in cfg.modes:
+        node.ensure_local(work.image)
+    for i in range(cfg.runs):
+        for mode in cfg.modes:
+            say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
+            before = servers.requests()
+            sample = _one(node, mode, ref, work)
+            if mode in ("lazy", "lazy+profile", "warm-node"):
+                sample.requests = servers.requests() - before
+            samples[mode].append(asdict(sample))
+            tick(1)
+    return {"image": work.image, "argv": work.argv, "samples": samples}
+
+
+def _one(node: Node, mode: str, ref: str, work) -> Sample:
+    if mode == "pull":
+        return node.pull(work.image, work)
+    if mode == "local":
+        return node.local_run(work.image, work)
+    if mode == "warm-node":
+        return node.lazy(ref, work, "auto", cold=False)
+    return node.lazy(ref, work, "auto" if mode == "lazy+profile" else "none", cold=True)
+
+
+def _record_profile(node: Node, ref: str, work) -> None:
+    cache = node.home / "node-cache-profile"
+    args = ["profile", "--runtime", "namespaces", "--store", node.store, "--server", node.server_url,
+            "--cache-dir", str(cache)]
+    if work.http_port:
+        args += ["--network", "host", "--duration", "20s"]  # a server never exits by itself
+    _lazyfs(*args, ref, "--", *work.argv)
+
+
+def _machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version()}

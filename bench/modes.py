@@ -1,0 +1,163 @@
+"""One timed cold start per call, in each mode the harness compares.
+
+Every mode runs the workload with the same runtime (Linux namespaces + chroot, lazyfs's
+`namespaces` runtime) and measures from the moment the node starts working on the image until the
+workload is done: its expected line printed, or its HTTP port answering. Page caches are dropped
+before each run; "cold node" also means an empty node cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.images import Workload
+from bench.pull import pull
+from lazyfs.errors import LazyfsError
+from lazyfs.runner import runtime as rt
+
+MODES = ("pull", "lazy", "lazy+profile", "warm-node", "local")
+RUN_TIMEOUT = 600.0
+
+
+class BenchRunError(LazyfsError):
+    pass
+
+
+@dataclass
+class Sample:
+    seconds: float  # start → workload done (the number that matters)
+    mount_s: float | None = None  # start → image mounted (lazy modes)
+    fetched_bytes: int = 0  # bytes the node received over the link
+    requests: int = 0  # HTTP requests the node made
+    read_bytes: int = 0  # bytes the workload read from the image (FUSE reads; lazy modes)
+    phases: dict = field(default_factory=dict)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _wait_http(port: int, proc: subprocess.Popen, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchRunError(f"the workload exited ({proc.returncode}) before answering on :{port}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.005)
+    raise BenchRunError(f"no answer on :{port} within {RUN_TIMEOUT:.0f}s")
+
+
+def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | None = None) -> tuple[float, dict]:
+    """Run cmd until the workload is done; returns (seconds since t0, {mark: seconds}) where
+    marks maps a name to a stderr line prefix to time (e.g. lazyfs run -v's "mounted")."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict[str, float] = {}
+    err_tail: list[str] = []
+
+    def watch_stderr() -> None:
+        for line in proc.stderr:
+            err_tail.append(line)
+            del err_tail[:-20]
+            for name, prefix in (marks or {}).items():
+                if name not in seen and line.startswith(prefix):
+                    seen[name] = time.monotonic() - t0
+    watcher = threading.Thread(target=watch_stderr, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    done = None
+    try:
+        if work.http_port:
+            _wait_http(work.http_port, proc, deadline)
+            done = time.monotonic() - t0
+            proc.send_signal(signal.SIGTERM)  # lazyfs run forwards it and cleans up
+        else:
+            for line in proc.stdout:
+                if done is None and line.strip() == work.expect:
+                    done = time.monotonic() - t0
+        code = proc.wait(timeout=60)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        watcher.join(5)
+    if done is None or (code != 0 and not work.http_port):
+        raise BenchRunError(f"{work.name}: {' '.join(cmd[:3])}… exited {code} without finishing:\n"
+                            + "".join(err_tail))
+    return done, seen
+
+
+class Node:
+    """The node side: where its node cache and extracted images live, and how it starts things."""
+
+    def __init__(self, home: Path, server_url: str, store: str, blob_url: str):
+        self.home = home
+        self.server_url = server_url
+        self.store = store
+        self.blob_url = blob_url
+        self.cold_cache = home / "node-cache-cold"  # emptied before every cold run
+        self.warm_cache = home / "node-cache-warm"  # filled once, kept (warm-node)
+        self.local = home / "local"
+
+    def lazy(self, ref: str, work: Workload, profile: str, cold: bool) -> Sample:
+        cache = self.cold_cache if cold else self.warm_cache
+        if cold:
+            shutil.rmtree(cache, ignore_errors=True)
+        stats = self.home / "run-stats.json"
+        stats.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--runtime", "namespaces",
+               "--server", self.server_url, "--cache-dir", str(cache), "--profile", profile,
+               "--network", "host" if work.http_port else "none", "--stats-json", str(stats),
+               ref, "--", *work.argv]
+        drop_caches()
+        t0 = time.monotonic()
+        seconds, marks = timed(cmd, work, t0, {"mount": "lazyfs: mounted "})
+        s = json.loads(stats.read_text()) if stats.exists() else {}
+        store = s.get("store", {})
+        return Sample(seconds, marks.get("mount"), store.get("block_bytes", 0) + store.get("manifest_bytes", 0),
+                      0, s.get("read_bytes", 0),
+                      {"blocks_fetched": s.get("cache", {}).get("misses", 0),
+                       "prefetch": s.get("prefetch", {})})
+
+    def pull(self, tag: str, work: Workload) -> Sample:
+        drop_caches()
+        t0 = time.monotonic()
+        result = pull(self.blob_url, tag, self.home / "pull")
+        seconds, _ = timed(self._local_cmd(result.rootfs, work), work, t0)
+        return Sample(seconds, None, result.bytes, result.requests, 0,
+                      {"download_s": round(result.download_s, 3), "extract_s": round(result.extract_s, 3),
+                       "run_s": round(seconds - result.download_s - result.extract_s, 3)})
+
+    def ensure_local(self, tag: str) -> Path:
+        """The image extracted to local disk once (the `local` floor reuses it)."""
+        rootfs = self.local / tag / "bundle" / "rootfs"
+        if not rootfs.is_dir():
+            pull(self.blob_url, tag, self.local / tag)
+        return rootfs
+
+    def local_run(self, tag: str, work: Workload) -> Sample:
+        rootfs = self.ensure_local(tag)
+        drop_caches()
+        t0 = time.monotonic()
+        seconds, _ = timed(self._local_cmd(rootfs, work), work, t0)
+        return Sample(seconds)
+
+    @staticmethod
+    def _local_cmd(rootfs: Path, work: Workload) -> list[str]:
+        spec = rt.Spec(argv=work.argv, network="host" if work.http_port else "none")
+        return rt.namespaces_command(rootfs, spec)

@@ -1,0 +1,135 @@
+"""Startup-profile prefetch: fetch the blocks a recorded profile says come next, in its order.
+
+Several streams each take the next few blocks of the profile that nobody has or is fetching,
+claim them in the node cache and fetch them in one batch request. A demand read never waits
+behind the queue: it only waits for a block a stream is already receiving (which is the fastest
+way to get it); everything not yet claimed it fetches itself, at once. Blocks arrive verified
+(the fetch function checks every digest), so a wrong profile costs bandwidth, never bytes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from lazyfs.cache.nodecache import NodeCache
+from lazyfs.counters import Counters
+from lazyfs.errors import LazyfsError
+
+log = logging.getLogger("lazyfs.prefetch")
+FetchMany = Callable[[list[tuple[str, int]]], Iterator[tuple[str, "bytes | Exception"]]]
+
+
+@dataclass
+class PrefetchStats(Counters):
+    planned: int = 0  # profile blocks the image references
+    planned_bytes: int = 0
+    fetched: int = 0  # blocks this prefetcher brought in
+    fetched_bytes: int = 0
+    already: int = 0  # cached, or claimed by a demand read first
+    failed: int = 0
+    batches: int = 0
+    done: int = 0  # 1 once every stream has finished
+    elapsed_ms: int = 0
+
+
+class Prefetcher:
+    def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
+                 batch: int = 8, streams: int = 4):
+        self.cache = cache
+        self.fetch_many = fetch_many
+        self.blocks = list(blocks)
+        self.batch = max(1, batch)
+        self.streams = max(1, streams)
+        self.stats = PrefetchStats(planned=len(self.blocks),
+                                   planned_bytes=sum(n for _, n in self.blocks))
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._running = 0
+        self._t0 = 0.0
+
+    def start(self) -> "Prefetcher":
+        self._t0 = time.monotonic()
+        self._running = self.streams
+        for i in range(self.streams):
+            t = threading.Thread(target=self._stream, name=f"profile-prefetch-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _take(self) -> list[tuple[str, int]]:
+        """The next blocks of the profile this stream now owns (skipping what is cached or
+        already being fetched)."""
+        out: list[tuple[str, int]] = []
+        while len(out) < self.batch and not self._stop.is_set():
+            with self._lock:
+                if self._next >= len(self.blocks):
+                    break
+                digest, size = self.blocks[self._next]
+                self._next += 1
+            if not self.cache.claim(digest):
+                self.stats.add(already=1)
+                continue
+            if self.cache.adopt(digest, size):  # on disk from an earlier mount: verified, done
+                self.cache.release(digest)
+                self.stats.add(already=1)
+                continue
+            out.append((digest, size))
+        return out
+
+    def _stream(self) -> None:
+        try:
+            while not self._stop.is_set():
+                mine = self._take()
+                if not mine:
+                    break
+                self._fetch(mine)
+        finally:
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self.stats.add(done=1, elapsed_ms=int((time.monotonic() - self._t0) * 1000))
+                s = self.stats.snapshot()
+                log.info("profile prefetch done in %d ms: %d of %d blocks fetched (%d bytes), "
+                         "%d already there, %d failed", s["elapsed_ms"], s["fetched"], s["planned"],
+                         s["fetched_bytes"], s["already"], s["failed"])
+
+    def _fetch(self, mine: list[tuple[str, int]]) -> None:
+        sizes = dict(mine)
+        self.stats.add(batches=1)
+        try:
+            for digest, result in self.fetch_many(mine):
+                if digest not in sizes:
+                    continue
+                size = sizes.pop(digest)
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    self.cache.complete(digest, size, result)
+                    self.stats.add(fetched=1, fetched_bytes=size)
+                except (LazyfsError, OSError) as exc:
+                    # The read that needs it will fetch it itself, and report if it fails.
+                    self.stats.add(failed=1)
+                    log.debug("prefetch of %s failed: %s", digest, exc)
+                finally:
+                    self.cache.release(digest)
+        except (LazyfsError, OSError) as exc:
+            log.warning("profile prefetch batch failed: %s", exc)
+        finally:
+            for digest in sizes:  # never leave a claim behind: readers would wait forever
+                self.stats.add(failed=1)
+                self.cache.release(digest)

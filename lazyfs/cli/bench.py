@@ -1,0 +1,52 @@
+"""`lazyfs bench`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import RichProgress, err, parse_duration
+
+
+@app.command(help="Benchmark cold starts (docs/benchmarks.md): for each workload, start it from a "
+                  "cold node (empty node cache, page cache dropped) in each mode — pull (download "
+                  "+ extract + run), lazy, lazy+profile, warm-node, local (the floor) — over an "
+                  "emulated link (a network namespace with tbf-shaped loopback, plus per-request "
+                  "latency at the servers). Builds its images offline once (cached under --home). "
+                  "Writes results.json, results.md and results.png to --out. Needs root.")
+def bench(
+    workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, "
+                                                 "imports, http (repeatable; default: all)."),
+    mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
+                                             "warm-node, local (repeatable; default: all)."),
+    runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
+    link: str = typer.Option("1gbit", "--link", help="Link rate in tc's spelling: 100mbit, 1gbit, "
+                             "10gbit, ..."),
+    latency: str = typer.Option("1ms", "--latency", help="Added per request by the servers (the "
+                                "kernel here has no netem): the emulated round-trip time."),
+    home: Optional[Path] = typer.Option(None, "--home", help="Where images, the bench store and "
+                                        "caches are kept between runs (default ~/.cache/lazyfs/bench)."),
+    out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Directory for the results."),
+):
+    from bench.coldstart import BenchConfig, run
+    from bench.images import WORKLOADS
+    from bench.link import rate_bits
+    from bench.modes import MODES
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter("the chart needs matplotlib: pip install 'lazyfs[bench]'") from None
+    rate_bits(link)
+    cfg = BenchConfig(list(workload or WORKLOADS), list(mode or MODES), runs, link,
+                      parse_duration(latency), out=out)
+    if home:
+        cfg.home = home
+    say = lambda m: err.print(f"bench: {m}", highlight=False, markup=False)  # noqa: E731
+    with RichProgress() as progress:
+        results = run(cfg, progress, say)
+    from bench.report import markdown
+    print(markdown(results))
+    err.print(f"results in {out}/results.json, results.md, results.png", highlight=False)

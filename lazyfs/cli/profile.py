@@ -1,0 +1,63 @@
+"""`lazyfs profile`."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from lazyfs.cli import app
+from lazyfs.cli.common import CacheOpt, ServerOpt, StoreOpt, err, human, parse_duration, source
+
+
+@app.command(context_settings={"allow_interspersed_args": False},
+             help="Record a startup profile: run CMD once in a container on the image, note which "
+                  "blocks it reads first and in what order, and publish that with the image (to "
+                  "--store). Later mounts and runs of the image fetch those blocks ahead of the "
+                  "workload, in batches, while its own reads still go first. Example: "
+                  "lazyfs profile torch:latest -- python3 -c 'import torch'")
+def profile(
+    ref: str = typer.Argument(..., metavar="NAME:TAG"),
+    cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
+    store: Optional[str] = StoreOpt,
+    server: Optional[List[str]] = ServerOpt,
+    cache_dir: Optional[str] = CacheOpt,
+    runtime: str = typer.Option("auto", "--runtime", help="auto, podman or namespaces (as lazyfs run)."),
+    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", "-w"),
+    user: Optional[str] = typer.Option(None, "--user", "-u"),
+    network: str = typer.Option("none", "--network", help="none (default) or host."),
+    duration: Optional[str] = typer.Option(None, "--duration", help="Record for this long, then "
+                                           "stop the workload (for servers, which never exit); "
+                                           "without it, record until the command exits 0."),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish to --store (default) "
+                                 "or only print/write it."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the profile as "
+                                         "JSON to this file."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    from lazyfs.runner.profile_run import record
+    from lazyfs.runner.session import RunOptions
+    from lazyfs.store import open_store
+
+    argv = list(cmd or [])
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    src = source(store, server)
+    if publish and server and not store:
+        raise typer.BadParameter("publishing needs a writable --store (the origin) besides --server")
+    opts = RunOptions(ref, argv, src, cache_dir, runtime, None, list(env or []), workdir, user,
+                      network, stop_after=parse_duration(duration) if duration else None)
+    say = (lambda m: err.print(f"lazyfs: {m}", highlight=False, markup=False)) if verbose else (lambda m: None)
+    target = open_store(store) if publish else None
+    digest, prof = record(opts, target, say)
+    if output:
+        with open(output, "w") as f:
+            json.dump({"image": prof.image, "meta": prof.meta,
+                       "blocks": [[b.digest, b.size, b.t] for b in prof.blocks]}, f, indent=1)
+    where = f"published as {digest[:19]} to {target.url}" if digest else "not published"
+    err.print(f"profile of {ref}: {len(prof.blocks)} blocks ({human(prof.bytes)}) touched by a "
+              f"workload that read {human(prof.meta['read_bytes'])} in {prof.meta['reads']} reads; "
+              f"{where}", highlight=False)
+    if digest:
+        print(digest)

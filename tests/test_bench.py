@@ -1,0 +1,71 @@
+"""`lazyfs bench` itself: one short run of every mode on the minimal image, over a real shaped
+link; the results are well-formed and every ratio is computed from the measured samples."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+
+import pytest
+
+from bench import report
+from bench.link import LinkError, rate_bits
+from tests.conftest import lazyfs_cli, mount_skip_reason
+
+
+def _skip_reason() -> str | None:
+    for tool, pkg in (("umoci", "umoci"), ("busybox", "busybox-static"), ("tc", "iproute2"),
+                      ("ip", "iproute2")):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (apt-get install {pkg})"
+    return mount_skip_reason()
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
+    out = tmp_path / "out"
+    res = lazyfs_cli("bench", "--workload", "minimal", "--runs", "1", "--home", tmp_path / "home",
+                     "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
+    results = json.loads((out / "results.json").read_text())
+    w = results["workloads"]["minimal"]
+    assert set(w["samples"]) == {"pull", "lazy", "lazy+profile", "warm-node", "local"}
+    for mode, samples in w["samples"].items():
+        assert len(samples) == 1 and 0 < samples[0]["seconds"] < 60, (mode, samples)
+    s = w["samples"]
+    assert s["pull"][0]["fetched_bytes"] >= results["images"]["minimal"]["compressed_bytes"]
+    assert s["pull"][0]["phases"]["download_s"] > 0 and s["pull"][0]["requests"] >= 4
+    assert s["lazy"][0]["fetched_bytes"] > 0 and s["lazy"][0]["mount_s"] < s["lazy"][0]["seconds"]
+    assert s["lazy"][0]["requests"] > 0 and s["lazy"][0]["read_bytes"] > 0
+    assert s["warm-node"][0]["phases"]["blocks_fetched"] == 0  # the node cache had everything
+    assert s["lazy+profile"][0]["phases"]["prefetch"]["fetched"] > 0  # the profile was used
+    summary = results["summary"]["minimal"]
+    for mode, row in summary.items():
+        median = statistics.median(x["seconds"] for x in s[mode])
+        assert row["median_s"] == median
+        assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
+        assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 1 + 5 and "| lazy+profile |" in md and md in res.stdout
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]
+
+
+def test_summary_ratios_come_from_the_samples():
+    def sample(sec, fetched=0, read=0):
+        return {"seconds": sec, "mount_s": None, "fetched_bytes": fetched, "requests": 3,
+                "read_bytes": read, "phases": {}}
+    w = {"samples": {"pull": [sample(10), sample(12), sample(11)],
+                     "lazy": [sample(4, 120, 100), sample(5, 125, 100), sample(6, 130, 100)],
+                     "local": [sample(2), sample(3), sample(2.5)]}}
+    out = report.summarise(w)
+    assert out["pull"]["median_s"] == 11 and out["lazy"]["min_s"] == 4 and out["lazy"]["max_s"] == 6
+    assert out["lazy"]["x_pull"] == pytest.approx(5 / 11) and out["lazy"]["x_local"] == pytest.approx(2)
+    assert out["lazy"]["fetched_over_read"] == pytest.approx(1.25)
+    assert "fetched_over_read" not in out["pull"]
+
+
+def test_link_rates_parse_like_tc():
+    assert rate_bits("1gbit") == 1e9 and rate_bits("100mbit") == 1e8 and rate_bits("2.5Gbit") == 2.5e9
+    with pytest.raises(LinkError):
+        rate_bits("fast")

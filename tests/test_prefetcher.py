@@ -1,0 +1,108 @@
+"""The profile prefetcher on its own: an injected batch fetch, a real node cache, no network."""
+from __future__ import annotations
+
+import threading
+import time
+
+from lazyfs.cache.nodecache import NodeCache
+from lazyfs.cache.prefetcher import Prefetcher
+from lazyfs.errors import BlockNotFound, LazyfsError
+from lazyfs.format import block
+from lazyfs.store.objects import fetch_blocks
+from tests.test_nodecache import FakeOrigin, _blob
+
+
+class BatchOrigin(FakeOrigin):
+    """Batch fetches through the same code path the stores use (objects.fetch_blocks)."""
+
+    def __init__(self, blobs, delay=0.0, missing=(), wrong=()):
+        super().__init__(blobs, delay)
+        self.missing, self.wrong = set(missing), set(wrong)
+        self.batches: list[list[str]] = []
+
+    def frames_of(self, wanted):
+        self.batches.append(list(wanted))
+        for d in wanted:
+            time.sleep(self.delay)
+            if d in self.missing:
+                yield d, None
+            elif d in self.wrong:
+                yield d, block.encode(b"not the block")[1]
+            else:
+                yield d, self.frames[d]
+
+    def one(self, digest, size):
+        if digest in self.missing or digest in self.wrong:
+            raise BlockNotFound(digest)
+        return self(digest, size)
+
+    def fetch_many(self, items):
+        return fetch_blocks(items, self.one, self.frames_of)
+
+
+def _blobs(n, size=50_000):
+    return dict(_blob(size, seed) for seed in range(n))
+
+
+def test_prefetches_in_profile_order_in_batches(tmp_path):
+    blobs = _blobs(20)
+    order = list(blobs)
+    origin = BatchOrigin(blobs)
+    cache = NodeCache(tmp_path, origin)
+    pf = Prefetcher(cache, origin.fetch_many, [(d, len(blobs[d])) for d in order], batch=4, streams=1)
+    assert pf.start().wait(10)
+    s = pf.stats.snapshot()
+    assert s["fetched"] == 20 and s["done"] == 1 and s["failed"] == 0
+    assert [d for b in origin.batches for d in b] == order and len(origin.batches) == 5
+    # Everything is now a hit: no further fetches when the workload reads.
+    for d in order:
+        assert cache.read(d, len(blobs[d]), 0, 10) == blobs[d][:10]
+    assert cache.stats.misses == 20 and cache.stats.hits == 20 and origin.calls == []
+
+
+def test_demand_read_does_not_wait_behind_the_queue(tmp_path):
+    blobs = _blobs(40)
+    order = list(blobs)
+    origin = BatchOrigin(blobs, delay=0.05)  # 40 blocks take 2 s one stream at a time
+    cache = NodeCache(tmp_path, origin)
+    pf = Prefetcher(cache, origin.fetch_many, [(d, len(blobs[d])) for d in order], batch=2, streams=1).start()
+    last = order[-1]
+    t0 = time.monotonic()
+    assert cache.read(last, len(blobs[last]), 0, 100) == blobs[last][:100]
+    assert time.monotonic() - t0 < 0.5  # fetched on demand, not after 39 queued blocks
+    assert origin.calls == [last]  # the demand read's own fetch
+    pf.wait(10)
+    assert last not in [d for b in origin.batches for d in b]  # and the prefetcher skipped it
+    assert pf.stats.already >= 1
+
+
+def test_failures_release_claims_and_reads_still_get_right_bytes(tmp_path):
+    blobs = _blobs(8)
+    order = list(blobs)
+    origin = BatchOrigin(blobs, missing=order[:2], wrong=order[2:4])
+    cache = NodeCache(tmp_path, origin)
+    pf = Prefetcher(cache, origin.fetch_many, [(d, len(blobs[d])) for d in order], batch=8, streams=2)
+    assert pf.start().wait(10)
+    assert pf.stats.failed == 4 and pf.stats.fetched == 4
+    # Nothing is left claimed: a read of a failed block fetches it itself (and here fails cleanly).
+    origin.missing.clear()
+    origin.wrong.clear()
+    done = []
+    t = threading.Thread(target=lambda: done.append(cache.read(order[0], len(blobs[order[0]]), 0, 5)))
+    t.start()
+    t.join(5)
+    assert done == [blobs[order[0]][:5]]
+
+
+def test_batch_that_breaks_off_falls_back_to_single_fetches(tmp_path):
+    blobs = _blobs(6)
+    order = list(blobs)
+    origin = BatchOrigin(blobs)
+
+    def broken(wanted):
+        yield wanted[0], origin.frames[wanted[0]]
+        raise LazyfsError("connection reset mid-batch")
+    results = list(fetch_blocks([(d, len(blobs[d])) for d in order], origin.one, broken))
+    assert [d for d, _ in results] == order
+    assert all(data == blobs[d] for d, data in results)
+    assert origin.calls == order[1:]

@@ -1,0 +1,134 @@
+"""Startup profiles end to end: `lazyfs profile` records and publishes, a later mount prefetches
+the profiled blocks before the workload asks for them, and a stale or wrong profile costs
+bandwidth at most, never a wrong byte."""
+from __future__ import annotations
+
+import os
+import random
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lazyfs.format import profile as proffmt
+from lazyfs.store import objects
+from lazyfs.store.local import LocalStore
+from tests.conftest import Mounted, busybox_rootfs, lazyfs_cli, needs_mount
+from tests.servers import CacheServer
+
+pytestmark = [needs_mount, pytest.mark.mount]
+MiB = 1024 * 1024
+WORKLOAD = ["sh", "-c", "cat /data/a /data/b > /dev/null"]
+
+
+def _image(root: Path, seed: int = 0, tag: str = "prof/bb:1") -> Path:
+    busybox_rootfs(root)
+    (root / "data").mkdir(exist_ok=True)
+    for i, (name, n) in enumerate([("a", 3 * MiB + 5), ("b", MiB), ("c", 2 * MiB)]):
+        (root / "data" / name).write_bytes(random.Random(f"{seed}-{i}").randbytes(n))
+    lazyfs_cli("build", f"dir:{root}", "--tag", tag)
+    return root
+
+
+def _profile(store: LocalStore, image_ref: str) -> proffmt.Profile:
+    image = objects.resolve(store, image_ref)
+    return proffmt.decode(objects.read_manifest_bytes(store, store.get_tag(*proffmt.tag_for(image))))
+
+
+def _wait_prefetch(m: Mounted, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = m.stats()
+        if s.get("prefetch", {}).get("done"):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"prefetch did not finish: {m.stats()}")
+
+
+def _blocks_of(store, ref: str, path: str) -> set[str]:
+    manifest = objects.read_manifest(store, objects.resolve(store, ref))
+    entry = next(e for e in manifest.entries if e.path == path.encode())
+    return {c.digest for c in entry.chunks}
+
+
+def test_record_publish_prefetch_round_trip(env_dirs, tmp_path, monkeypatch):
+    root = _image(tmp_path / "rootfs")
+    out = lazyfs_cli("profile", "--runtime", "namespaces", "prof/bb:1", "--", *WORKLOAD)
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    prof = _profile(store, "prof/bb:1")
+    assert out.stdout.strip().splitlines()[-1] == store.get_tag(*proffmt.tag_for(prof.image))
+    listed = [b.digest for b in prof.blocks]
+    a, b, c = (_blocks_of(store, "prof/bb:1", f"data/{n}") for n in "abc")
+    assert a | b <= set(listed) and not c & set(listed)  # what it read, not what it did not
+    assert max(listed.index(d) for d in a) < min(listed.index(d) for d in b)  # in read order
+    assert prof.meta["read_bytes"] >= 4 * MiB and prof.meta["argv"] == WORKLOAD
+    # The profile is not an image: `lazyfs images` does not list it, gc keeps it.
+    assert "lazyfs-profile" not in lazyfs_cli("images").stdout
+    assert "swept_manifests\": 0" in lazyfs_cli("gc", "--grace", "0s", "--json").stdout
+
+    monkeypatch.setenv("LAZYFS_CACHE_DIR", str(tmp_path / "fresh-node-cache"))
+    with Mounted("prof/bb:1", tmp_path / "mnt") as mnt:
+        m = Mounted("prof/bb:1", mnt)
+        s = _wait_prefetch(m)
+        # Before the workload has read a byte: exactly the profiled blocks came from the store.
+        assert s["reads"] == 0
+        assert s["prefetch"]["fetched"] == len(listed) == s["store"]["block_gets"]
+        assert s["cache"]["misses"] == len(listed) == s["cache"]["prefetched"]
+        for name in "ab":
+            assert (mnt / "data" / name).read_bytes() == (root / "data" / name).read_bytes()
+        after = m.stats()
+        assert after["store"]["block_gets"] == len(listed)  # the workload fetched nothing itself
+        assert after["cache"]["hits"] > 0
+
+
+def test_stale_or_wrong_profile_still_gives_correct_bytes(env_dirs, tmp_path, monkeypatch):
+    _image(tmp_path / "v1", seed=1, tag="prof/bb:1")
+    lazyfs_cli("profile", "--runtime", "namespaces", "prof/bb:1", "--", *WORKLOAD)
+    # v2 changes /data/a but keeps busybox and /data/b: its own tag has no profile yet.
+    root2 = _image(tmp_path / "v2", seed=2, tag="prof/bb:2")
+    (root2 / "data" / "b").write_bytes((tmp_path / "v1" / "data" / "b").read_bytes())
+    lazyfs_cli("build", f"dir:{root2}", "--tag", "prof/bb:2")
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    old = _profile(store, "prof/bb:1")
+    shared = {b.digest for b in old.blocks} & _all_blocks(store, "prof/bb:2")
+    assert 0 < len(shared) < len(old.blocks)
+
+    monkeypatch.setenv("LAZYFS_CACHE_DIR", str(tmp_path / "fresh-node-cache"))
+    with Mounted("prof/bb:2", tmp_path / "mnt", "--profile", "prof/bb:1") as mnt:
+        s = _wait_prefetch(Mounted("", mnt))
+        assert s["prefetch"]["planned"] == len(shared)  # only blocks this image has
+        for name in "abc":
+            assert (mnt / "data" / name).read_bytes() == (root2 / "data" / name).read_bytes()
+    # Without a profile of its own and no --profile: no prefetch at all.
+    with Mounted("prof/bb:2", tmp_path / "mnt2") as mnt:
+        assert "prefetch" not in Mounted("", mnt).stats()
+    # A profile the user names must exist; the error says so before anything is mounted.
+    (tmp_path / "mnt3").mkdir()
+    res = lazyfs_cli("mount", "--profile", "prof/bb:2", "prof/bb:2", tmp_path / "mnt3", check=False)
+    assert res.returncode != 0 and "lazyfs-profile" in res.stderr and not os.listdir(tmp_path / "mnt3")
+
+
+def _all_blocks(store, ref):
+    manifest = objects.read_manifest(store, objects.resolve(store, ref))
+    return {c.digest for e in manifest.entries for c in e.chunks}
+
+
+def test_prefetch_through_a_cache_server_uses_batches(env_dirs, tmp_path, monkeypatch):
+    root = _image(tmp_path / "rootfs")
+    lazyfs_cli("profile", "--runtime", "namespaces", "prof/bb:1", "--", *WORKLOAD)
+    server = CacheServer(env_dirs["LAZYFS_STORE"], tmp_path / "server-cache").start()
+    try:
+        monkeypatch.setenv("LAZYFS_CACHE_DIR", str(tmp_path / "fresh-node-cache"))
+        with Mounted("prof/bb:1", tmp_path / "mnt", "--server", server.url) as mnt:
+            s = _wait_prefetch(Mounted("", mnt))
+            assert s["prefetch"]["fetched"] == s["prefetch"]["planned"] > 0
+            assert s["prefetch"]["failed"] == 0
+            assert (mnt / "data" / "a").read_bytes() == (root / "data" / "a").read_bytes()
+            assert Mounted("", mnt).stats()["store"]["block_gets"] == s["prefetch"]["planned"]
+        text = urllib.request.urlopen(server.url + "/metrics", timeout=5).read().decode()
+        batch = [line for line in text.splitlines()
+                 if line.startswith("lazyfs_server_requests_total{") and "batch" in line]
+        assert batch and float(batch[0].split()[-1]) >= 1, text
+    finally:
+        server.stop()

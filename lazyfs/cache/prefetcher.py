@@ -1,7 +1,9 @@
 """Startup-profile prefetch: fetch the blocks a recorded profile says come next, in its order.
 
-Several streams each take the next few blocks of the profile that nobody has or is fetching,
-claim them in the node cache and fetch them in one batch request. A demand read never waits
+Streams (by default one) each take the next blocks of the profile that nobody has or is
+fetching, claim them in the node cache and fetch them in one batch request (64 blocks, 32 MiB of
+512 KiB blocks). On a 2-core node one stream of large batches beat more, smaller ones
+(docs/benchmarks.md): inflating and hashing compete with the workload for the CPU. A demand read never waits
 behind the queue: it only waits for a block a stream is already receiving (which is the fastest
 way to get it); everything not yet claimed it fetches itself, at once. Blocks arrive verified
 (the fetch function checks every digest), so a wrong profile costs bandwidth, never bytes.
@@ -37,7 +39,7 @@ class PrefetchStats(Counters):
 
 class Prefetcher:
     def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
-                 batch: int = 8, streams: int = 4):
+                 batch: int = 64, streams: int = 1):
         self.cache = cache
         self.fetch_many = fetch_many
         self.blocks = list(blocks)

@@ -13,8 +13,23 @@ app = typer.Typer(
          "with FUSE fetching blocks on first read, and run containers on it.")
 
 
-def _register() -> None:
-    from lazyfs.cli import bench, build, demo, gc, mount, profile, run, serve, snapshots  # noqa: F401
+# Which module defines each command: a container start imports only what it runs (every
+# millisecond of `lazyfs run` is start-up latency), help and unknown commands import them all.
+MODULES = {"bench": "bench", "build": "build", "images": "build", "inspect": "build", "demo": "demo",
+           "gc": "gc", "mount": "mount", "umount": "mount", "stats": "mount", "profile": "profile",
+           "run": "run", "serve": "serve", "snapshots": "snapshots"}
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `lazyfs COMMAND` a command group even when only one command module is loaded."""
+
+
+def _register(argv: list[str] | None = None) -> None:
+    import importlib
+    name = MODULES.get((argv or sys.argv)[1] if len(argv or sys.argv) > 1 else "")
+    for module in [name] if name else sorted(set(MODULES.values())):
+        importlib.import_module(f"lazyfs.cli.{module}")
 
 
 def main() -> None:

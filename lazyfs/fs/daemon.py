@@ -94,8 +94,9 @@ def clean_stale(mountpoint: str) -> bool:
 
 def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
-          trace: str | None = None, profile: str = "auto") -> MountState:
-    """Start a detached daemon and wait until the mount answers."""
+          trace: str | None = None, profile: str = "auto", checked: bool = False) -> MountState:
+    """Start a detached daemon and wait until the mount answers. ``checked``: the caller has
+    resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run)."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
     if not os.path.isdir(mnt):
@@ -105,15 +106,18 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     with os.scandir(mnt) as it:
         if next(it, None) is not None:
             raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden)")
-    reader = source.open()
-    try:
-        digest = objects.resolve(reader, ref)
-        objects.read_config(reader, digest)  # fail here, in the user's terminal, not in a log file
-        if profile not in ("auto", "none"):
-            from lazyfs import profiles
-            profiles.load(reader, digest, profile)
-    finally:
-        reader.close()
+    if checked and profile in ("auto", "none"):
+        digest = ref  # every manifest fetch is start-up latency: do not repeat the caller's
+    else:
+        reader = source.open()
+        try:
+            digest = objects.resolve(reader, ref)
+            objects.read_config(reader, digest)  # fail here, in the user's terminal, not in a log file
+            if profile not in ("auto", "none"):
+                from lazyfs import profiles
+                profiles.load(reader, digest, profile)
+        finally:
+            reader.close()
     cache = str(cache_dir or paths.default_cache_dir())
     logf = Path(log_file) if log_file else paths.state_dir() / "mounts" / (
         _state_file(mnt).stem + ".log")

@@ -80,7 +80,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     mounted = False
     try:
         state = daemon.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
-                             trace=opts.trace, profile=opts.profile)
+                             trace=opts.trace, profile=opts.profile, checked=True)
         mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
         rootfs = overlay.mount()

@@ -61,7 +61,8 @@ def _wait_http(port: int, proc: subprocess.Popen, deadline: float) -> None:
     raise BenchRunError(f"no answer on :{port} within {RUN_TIMEOUT:.0f}s")
 
 
-def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | None = None) -> tuple[float, dict]:
+def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | None = None,
+          stop_by_kill: bool = False) -> tuple[float, dict]:
     """Run cmd until the workload is done; returns (seconds since t0, {mark: seconds}) where
     marks maps a name to a stderr line prefix to time (e.g. lazyfs run -v's "mounted")."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -84,7 +85,10 @@ def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | Non
         if work.http_port:
             _wait_http(work.http_port, proc, deadline)
             done = time.monotonic() - t0
-            proc.send_signal(signal.SIGTERM)  # lazyfs run forwards it and cleans up
+            if stop_by_kill:
+                os.killpg(proc.pid, signal.SIGKILL)  # unshare --kill-child takes the namespace down
+            else:
+                proc.send_signal(signal.SIGTERM)  # lazyfs run stops the container and unmounts
         else:
             for line in proc.stdout:
                 if done is None and line.strip() == work.expect:
@@ -132,13 +136,14 @@ class Node:
         return Sample(seconds, marks.get("mount"), store.get("block_bytes", 0) + store.get("manifest_bytes", 0),
                       0, s.get("read_bytes", 0),
                       {"blocks_fetched": s.get("cache", {}).get("misses", 0),
+                       "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})
 
     def pull(self, tag: str, work: Workload) -> Sample:
         drop_caches()
         t0 = time.monotonic()
         result = pull(self.blob_url, tag, self.home / "pull")
-        seconds, _ = timed(self._local_cmd(result.rootfs, work), work, t0)
+        seconds, _ = timed(self._local_cmd(result.rootfs, work), work, t0, stop_by_kill=True)
         return Sample(seconds, None, result.bytes, result.requests, 0,
                       {"download_s": round(result.download_s, 3), "extract_s": round(result.extract_s, 3),
                        "run_s": round(seconds - result.download_s - result.extract_s, 3)})
@@ -154,7 +159,7 @@ class Node:
         rootfs = self.ensure_local(tag)
         drop_caches()
         t0 = time.monotonic()
-        seconds, _ = timed(self._local_cmd(rootfs, work), work, t0)
+        seconds, _ = timed(self._local_cmd(rootfs, work), work, t0, stop_by_kill=True)
         return Sample(seconds)
 
     @staticmethod

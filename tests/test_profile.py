@@ -132,3 +132,20 @@ def test_prefetch_through_a_cache_server_uses_batches(env_dirs, tmp_path, monkey
         assert batch and float(batch[0].split()[-1]) >= 1, text
     finally:
         server.stop()
+
+
+def test_profile_of_a_server_that_never_exits(env_dirs, tmp_path):
+    """--duration stops the workload (as for an HTTP server) and still publishes what it read."""
+    _image(tmp_path / "rootfs")
+    t0 = time.monotonic()
+    lazyfs_cli("profile", "--runtime", "namespaces", "--duration", "2s", "prof/bb:1", "--",
+               "sh", "-c", "cat /data/b > /dev/null; sleep 60")
+    assert time.monotonic() - t0 < 30
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    prof = _profile(store, "prof/bb:1")
+    assert _blocks_of(store, "prof/bb:1", "data/b") <= {b.digest for b in prof.blocks}
+    # Without --duration, a workload that fails publishes nothing.
+    res = lazyfs_cli("profile", "--runtime", "namespaces", "prof/bb:1", "--", "sh", "-c", "exit 3",
+                     check=False)
+    assert res.returncode != 0 and "exited with code 3" in res.stderr
+    assert _profile(store, "prof/bb:1") == prof

@@ -94,6 +94,24 @@ def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs):
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_dirs):
+    """`kill PID` of lazyfs run (what a supervisor or the bench does): the command runs as PID 1,
+    which ignores SIGTERM without a handler, so the stop must escalate to SIGKILL after a grace."""
+    proc = subprocess.Popen([*LAZYFS, "run", "--runtime", runtime, "run/bb:1", "--", "sleep", "60"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not _lazyfs_mounts() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert time.monotonic() - t0 < 15  # grace (2 s) plus teardown, not the 60 s sleep
+    assert proc.returncode != 0
+    assert _lazyfs_mounts() == []
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_user_workdir_and_hostname(bb_image, runtime):
     out = lazyfs_cli("run", "--runtime", runtime, "--user", "nobody", "--workdir", "/tmp", "run/bb:1",
                      "--", "sh", "-c", "id -u; id -g; pwd; hostname").stdout.split()

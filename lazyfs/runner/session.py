@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -108,12 +109,31 @@ def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> i
     """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
     terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends."""
     proc = subprocess.Popen(cmd)
-    timer = threading.Timer(stop_after, proc.send_signal, (signal.SIGTERM,)) if stop_after else None
+
+    def terminate() -> None:
+        """docker-stop semantics: SIGTERM to the runtime and the container's init, SIGKILL after
+        STOP_GRACE. (unshare ignores SIGTERM while it waits, and a PID 1 without a handler
+        ignores it too, so without the escalation a stop could wait forever.)"""
+        proc.send_signal(signal.SIGTERM)
+        for child in _children(proc.pid):
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            force_stop()
+            proc.kill()
+    timer = threading.Timer(stop_after, terminate) if stop_after else None
     if timer:
         timer.daemon = True
         timer.start()
 
     def forward(signum, frame):
+        if signum == signal.SIGTERM:
+            threading.Thread(target=terminate, daemon=True).start()
+            return
         proc.send_signal(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -127,6 +147,14 @@ def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> i
         for s, h in old.items():
             signal.signal(s, h)
     return 128 - code if code < 0 else code
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def _stop(proc: subprocess.Popen, force_stop) -> int:

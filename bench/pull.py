@@ -1,11 +1,14 @@
 """The `pull` baseline: what a node does today before a container can start. Download the image's
 manifest, config and compressed layers from a registry-like HTTP server (verifying each digest),
-then unpack the layers in order onto local disk with umoci (whiteouts applied, as containerd
-does), leaving a root filesystem to run from."""
+then unpack the layers in order onto local disk with GNU tar and apply their whiteouts, leaving a
+root filesystem to run from. (umoci unpack, tried first, took 15.8 s for the torch image where tar
+takes 5.7 s; a baseline should be the fast way users have.)"""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import time
@@ -70,13 +73,86 @@ def pull(base_url: str, tag: str, work: Path) -> PullResult:
     with ThreadPoolExecutor(3) as pool:
         sizes = list(pool.map(lambda d: _fetch(f"{base_url}/blobs/sha256/{d['digest'][7:]}",
                                                 blobs / d["digest"][7:], d["digest"]), wanted))
-    (work / "layout" / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (work / "layout" / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
     t1 = time.monotonic()
-    proc = subprocess.run(["umoci", "unpack", "--image", f"{work / 'layout'}:{tag}", str(work / "bundle")],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PullError(f"umoci unpack failed: {proc.stderr.strip()[-500:]}")
+    rootfs = work / "bundle" / "rootfs"
+    rootfs.mkdir(parents=True)
+    for layer in manifest["layers"]:
+        extract_layer(blobs / layer["digest"][7:], layer["mediaType"], rootfs)
     t2 = time.monotonic()
-    return PullResult(work / "bundle" / "rootfs", t1 - t0, t2 - t1,
+    return PullResult(rootfs, t1 - t0, t2 - t1,
                       len(manifest_bytes) + sum(sizes), 2 + len(wanted))
+
+
+TAR_FLAGS = {"application/vnd.oci.image.layer.v1.tar+gzip": "-z",
+             "application/vnd.docker.image.rootfs.diff.tar.gzip": "-z",
+             "application/vnd.oci.image.layer.v1.tar+zstd": "--zstd",
+             "application/vnd.oci.image.layer.v1.tar": None}
+
+
+def extract_layer(blob: Path, media_type: str, rootfs: Path) -> None:
+    """Unpack one layer over rootfs with OCI whiteout semantics. tar lists what it extracts (-v),
+    so whiteouts are applied afterwards in one pass: ``.wh.NAME`` removes NAME; an opaque
+    ``.wh..wh..opq`` removes what lower layers put in its directory (entries this layer did not
+    bring)."""
+    if media_type not in TAR_FLAGS:
+        raise PullError(f"unsupported layer media type {media_type}")
+    flag = TAR_FLAGS[media_type]
+    cmd = ["tar", "-x", "-v", "--quoting-style=literal", *([flag] if flag else []), "--numeric-owner",
+           "--xattrs", "--xattrs-include=*", "-f", str(blob), "-C", str(rootfs)]
+    for _ in range(3):
+        proc = subprocess.run(cmd, capture_output=True)
+        errors = [line for line in proc.stderr.splitlines()
+                  if b": Cannot " in line and b"/.wh." not in b"/" + line.split(b": Cannot")[0]]
+        if proc.returncode == 0 or not errors:
+            # A whiteout under a path this layer turned into a file is moot: tar cannot create
+            # the marker, and there is nothing left beneath it to hide.
+            break
+        # A type change across layers: tar will neither put a file where a lower layer has a
+        # directory tree nor a directory where it has a file (containerd replaces them). Remove
+        # what is in the way and extract the layer again (rare, so the cost does not matter).
+        clashes = re.findall(rb"^tar: (.+?): Cannot (?:open|mkdir): (?:File exists|Not a directory)$",
+                             proc.stderr, re.M)
+        if not clashes:
+            break
+        for name in clashes:
+            _clear_way(bytes(rootfs), name)
+    if proc.returncode != 0 and (errors or b": Cannot " not in proc.stderr):
+        raise PullError(f"tar failed on {blob.name}: {proc.stderr.decode(errors='replace')[-500:]}")
+    names = [n.rstrip(b"/") for n in proc.stdout.split(b"\n") if n]
+    names = [n[2:] if n.startswith(b"./") else n for n in names]
+    brought = set(names)
+    root = bytes(rootfs)
+    for name in names:
+        parent, _, base = name.rpartition(b"/")
+        if not base.startswith(b".wh."):
+            continue
+        marker = os.path.join(root, name)
+        target_dir = os.path.join(root, parent) if parent else root
+        if base == b".wh..wh..opq":
+            prefix = parent + b"/" if parent else b""
+            for entry in os.listdir(target_dir):
+                if prefix + entry not in brought:
+                    _remove(os.path.join(target_dir, entry))
+        else:
+            _remove(os.path.join(target_dir, base[len(b".wh."):]))
+        _remove(marker)
+
+
+def _clear_way(root: bytes, name: bytes) -> None:
+    """Remove a non-directory ancestor of name, or name itself if it is a directory tree."""
+    parts = name.split(b"/")
+    for i in range(1, len(parts)):
+        ancestor = os.path.join(root, *parts[:i])
+        if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+            _remove(ancestor)
+            return
+    full = os.path.join(root, name)
+    if os.path.isdir(full) and not os.path.islink(full):
+        _remove(full)
+
+
+def _remove(path: bytes) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)

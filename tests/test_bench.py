@@ -69,3 +69,27 @@ def test_link_rates_parse_like_tc():
     assert rate_bits("1gbit") == 1e9 and rate_bits("100mbit") == 1e8 and rate_bits("2.5Gbit") == 2.5e9
     with pytest.raises(LinkError):
         rate_bits("fast")
+
+
+def test_pull_baseline_extracts_like_umoci(umoci_image, tmp_path):
+    """The pull baseline's tar + whiteout extraction gives umoci's tree (the layers include
+    whiteouts and an opaque directory), so `pull` runs on the right files."""
+    from bench.pull import extract_layer
+    from tests.images import snapshot_tree
+    layout, oracle = umoci_image
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m["annotations"]["org.opencontainers.image.ref.name"] == "test")
+    manifest = json.loads((layout / "blobs" / "sha256" / desc["digest"][7:]).read_text())
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    for layer in manifest["layers"]:
+        extract_layer(layout / "blobs" / "sha256" / layer["digest"][7:], layer["mediaType"], rootfs)
+    got, want = snapshot_tree(rootfs), snapshot_tree(oracle)
+    assert got["entries"].keys() == want["entries"].keys()
+    for path, info in want["entries"].items():
+        mine = dict(got["entries"][path])
+        if info["fmt"] == 0o040000:  # directory mtimes move when whiteouts delete inside them
+            mine.pop("mtime_ns"), info.pop("mtime_ns")
+        assert mine == info, path
+    assert got["hardlinks"] == want["hardlinks"]

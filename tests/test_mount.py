@@ -42,7 +42,8 @@ def big_image(env_dirs, tmp_path):
 
 def test_reading_one_small_file_fetches_only_its_block(big_image, tmp_path):
     src, store, entries = big_image
-    m = Mounted("lazy/big:1", tmp_path / "mnt", "--readahead", "0")
+    # Speculative fetches off (readahead, siblings): this is the bare laziness contract.
+    m = Mounted("lazy/big:1", tmp_path / "mnt", "--readahead", "0", "--no-siblings")
     with m as mnt:
         # Metadata of the whole tree: stat, readdir, readlink, xattrs — no block fetched.
         for dirpath, dirs, files in os.walk(mnt):

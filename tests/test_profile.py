@@ -149,3 +149,26 @@ def test_profile_of_a_server_that_never_exits(env_dirs, tmp_path):
                      check=False)
     assert res.returncode != 0 and "exited with code 3" in res.stderr
     assert _profile(store, "prof/bb:1") == prof
+
+
+def test_first_small_file_read_in_a_directory_fetches_its_siblings(env_dirs, tmp_path, monkeypatch):
+    root = tmp_path / "rootfs"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(20):
+        (root / "pkg" / f"mod{i:02d}.pyc").write_bytes(random.Random(i).randbytes(3000 + i))
+    (root / "pkg" / "big.bin").write_bytes(random.Random(99).randbytes(2 * MiB))  # not a small file
+    lazyfs_cli("build", f"dir:{root}", "--tag", "prof/sib:1")
+    for flag, expect_gets in (("--siblings", 20), ("--no-siblings", 1)):
+        monkeypatch.setenv("LAZYFS_CACHE_DIR", str(tmp_path / f"cache{flag}"))
+        with Mounted("prof/sib:1", tmp_path / f"mnt{flag}", flag) as mnt:
+            m = Mounted("", mnt)
+            assert (mnt / "pkg" / "mod00.pyc").read_bytes() == (root / "pkg" / "mod00.pyc").read_bytes()
+            deadline = time.monotonic() + 10
+            while m.stats()["store"]["block_gets"] < expect_gets and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+            assert m.stats()["store"]["block_gets"] == expect_gets  # the 2 MiB file stays unfetched
+            for i in range(20):
+                name = f"mod{i:02d}.pyc"
+                assert (mnt / "pkg" / name).read_bytes() == (root / "pkg" / name).read_bytes()
+            assert m.stats()["store"]["block_gets"] == 20

@@ -39,12 +39,13 @@ class PrefetchStats(Counters):
 
 class Prefetcher:
     def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
-                 batch: int = 64, streams: int = 1):
+                 batch: int = 64, streams: int = 1, quiet: bool = False):
         self.cache = cache
         self.fetch_many = fetch_many
         self.blocks = list(blocks)
         self.batch = max(1, batch)
         self.streams = max(1, streams)
+        self.quiet = quiet
         self.stats = PrefetchStats(planned=len(self.blocks),
                                    planned_bytes=sum(n for _, n in self.blocks))
         self._next = 0
@@ -106,7 +107,7 @@ class Prefetcher:
             if last:
                 self.stats.add(done=1, elapsed_ms=int((time.monotonic() - self._t0) * 1000))
                 s = self.stats.snapshot()
-                log.info("profile prefetch done in %d ms: %d of %d blocks fetched (%d bytes), "
+                (log.debug if self.quiet else log.info)("prefetch done in %d ms: %d of %d blocks fetched (%d bytes), "
                          "%d already there, %d failed", s["elapsed_ms"], s["fetched"], s["planned"],
                          s["fetched_bytes"], s["already"], s["failed"])
 

@@ -27,6 +27,9 @@ HedgeOpt = typer.Option("500ms", "--hedge-after", help="When a server has not an
 ReadaheadOpt = typer.Option(4, "--readahead", min=0, help="While a file is read sequentially, "
                             "how many of its next blocks to fetch in parallel in the background "
                             "(0: off).")
+SiblingsOpt = typer.Option(True, "--siblings/--no-siblings", help="When a directory's first small "
+                           "file is read, fetch its other small files (up to 128 files, 8 MiB) in one "
+                           "batch: an import reads a package's modules one after another.")
 ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
                           "prefetch (see `lazyfs profile`): auto (the image's own, if published), "
                           "none, a profile digest, or an image NAME:TAG whose profile to use.")
@@ -90,13 +93,13 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def source(store: Optional[str], servers: Optional[list[str]], deadline: str = "30s",
-           hedge_after: str = "500ms", readahead: int = 4):
+           hedge_after: str = "500ms", readahead: int = 4, siblings: bool = True):
     """The --store/--server/... options of mount and run, as a lazyfs.remote.source.Source."""
     from lazyfs.remote.source import Source
     dl = parse_duration(deadline)
     if dl <= 0:
         raise typer.BadParameter("--deadline must be positive")
-    return Source(store, tuple(servers or ()), dl, parse_duration(hedge_after), readahead)
+    return Source(store, tuple(servers or ()), dl, parse_duration(hedge_after), readahead, siblings)
 
 
 def parse_duration(text: str) -> float:

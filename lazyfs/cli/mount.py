@@ -10,7 +10,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
-                               StoreOpt, err, source)
+                               SiblingsOpt, StoreOpt, err, source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
@@ -25,6 +25,7 @@ def mount(
     deadline: str = DeadlineOpt,
     hedge_after: str = HedgeOpt,
     readahead: int = ReadaheadOpt,
+    siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until unmounted."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
@@ -37,7 +38,7 @@ def mount(
     from lazyfs.fs import daemon
     from lazyfs.store import objects
 
-    src = source(store, server, deadline, hedge_after, readahead)
+    src = source(store, server, deadline, hedge_after, readahead, siblings)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

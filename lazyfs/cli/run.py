@@ -9,7 +9,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
-                               StoreOpt, err, parse_duration, source)
+                               SiblingsOpt, StoreOpt, err, parse_duration, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -25,6 +25,7 @@ def run(
     deadline: str = DeadlineOpt,
     hedge_after: str = HedgeOpt,
     readahead: int = ReadaheadOpt,
+    siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
     runtime: str = typer.Option("auto", "--runtime", help="auto (podman if present, else "
                                 "namespaces), podman, or namespaces."),
@@ -56,7 +57,7 @@ def run(
     argv = list(cmd or [])
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    src = source(store, server, deadline, hedge_after, readahead)
+    src = source(store, server, deadline, hedge_after, readahead, siblings)
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
                       network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
                       profile=profile)

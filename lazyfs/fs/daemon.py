@@ -234,7 +234,17 @@ def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str
         if prefetcher:
             out["prefetch"] = prefetcher.stats.snapshot()
         return out
-    ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead)
+    from lazyfs.cache.prefetcher import Prefetcher
+
+    def fetch_siblings(wanted):
+        # Only what the node does not have: verifying unused siblings on disk would cost a warm
+        # node reads and hashing for nothing.
+        missing = [(d, n) for d, n in wanted if not os.path.exists(cache.path(d))]
+        if missing:
+            Prefetcher(cache, reader.fetch_blocks, missing, batch=len(missing), quiet=True).start()
+    # A profile knows what the workload reads; guessing by directory would only add bytes.
+    ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
+                  fetch_siblings=fetch_siblings if source.siblings and prefetcher is None else None)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"1")

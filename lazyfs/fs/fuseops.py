@@ -25,6 +25,9 @@ log = logging.getLogger("lazyfs.fuse")
 # fusepy decodes every path with one codec; names in images need not be UTF-8, so use UTF-8 with
 # surrogateescape under a codec name of our own and turn paths back into the exact bytes.
 CODEC = "lazyfs-fsname"
+SIBLING_MAX_SIZE = 256 * 1024  # files up to this size pull their directory's small files along
+SIBLING_MAX_FILES = 128
+SIBLING_MAX_BYTES = 8 * 1024 * 1024
 
 
 def _search(name):
@@ -48,10 +51,12 @@ class LazyOps(Operations):
     use_ns = True  # times are integer nanoseconds
 
     def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None,
-                 readahead: int = 0):
+                 readahead: int = 0, fetch_siblings=None):
         self.index = index
         self.cache = cache
         self.readahead = readahead
+        self.fetch_siblings = fetch_siblings  # called with [(digest, size)] to batch-fetch
+        self._dirs_seen: set[int] = set()
         self._read_end: dict[int, int] = {}  # inode -> where its last read ended
         self.stats_extra = stats_extra
         self.reads = 0
@@ -139,6 +144,11 @@ class LazyOps(Operations):
         # Readahead only for a file being read sequentially (this read starts where the last one
         # on it ended), as the kernel's own heuristic does: a header peek or the scattered reads
         # of an mmapped library should not drag whole neighbouring blocks in.
+        first = inode.ino not in self._read_end
+        if first and self.fetch_siblings and inode.entry.size <= SIBLING_MAX_SIZE:
+            wanted = self._siblings(inode)
+            if wanted:
+                self.fetch_siblings(wanted)
         sequential = self._read_end.get(inode.ino) == offset
         self._read_end[inode.ino] = offset + size
         if self.readahead and sequential:
@@ -155,6 +165,26 @@ class LazyOps(Operations):
                 self.trace.write(line + "\n")
                 self.trace.flush()
         return data
+
+    def _siblings(self, inode: Inode) -> list[tuple[str, int]]:
+        """The small files beside the first small file read in a directory: a Python import
+        reads module after module of one package directory, each one round trip if fetched
+        alone. Once per directory, bounded in files and bytes."""
+        parent_path = inode.entry.path.rpartition(b"/")[0]
+        parent = self.index.by_path.get(parent_path)
+        if parent is None or parent.ino in self._dirs_seen:
+            return []
+        self._dirs_seen.add(parent.ino)
+        prefix = parent_path + b"/" if parent_path else b""
+        out, total = [], 0
+        for name in self.index.children.get(parent.ino, ()):
+            e = self.index.by_path[prefix + name].entry
+            if e.type == EntryType.REG and 0 < e.size <= SIBLING_MAX_SIZE and len(e.chunks) == 1:
+                out.append((e.chunks[0].digest, e.chunks[0].size))
+                total += e.size
+                if len(out) >= SIBLING_MAX_FILES or total >= SIBLING_MAX_BYTES:
+                    break
+        return out
 
     def stats(self) -> dict:
         return {"cache": self.cache.stats.snapshot(), "reads": self.reads, "read_bytes": self.read_bytes,

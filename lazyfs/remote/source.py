@@ -17,6 +17,7 @@ class Source:
     deadline: float = 30.0  # seconds a block read may take before it fails (EIO)
     hedge_after: float = 0.5  # seconds before a slow server request is duplicated to the next
     readahead: int = 4  # blocks after the one read sequentially, fetched in the background
+    siblings: bool = True  # first small file read in a directory: batch-fetch its small siblings
 
     def open(self):
         """A reader with get_tag/get_manifest/get_block, fetch_block(digest, size) (verified
@@ -40,7 +41,7 @@ class Source:
         for s in self.servers:
             out += ["--server", s]
         return out + ["--deadline", str(self.deadline), "--hedge-after", str(self.hedge_after),
-                      "--readahead", str(self.readahead)]
+                      "--readahead", str(self.readahead)] + ([] if self.siblings else ["--no-siblings"])
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,8 @@ class Source:
         p.add_argument("--deadline", type=float, default=30.0)
         p.add_argument("--hedge-after", type=float, default=0.5)
         p.add_argument("--readahead", type=int, default=4)
+        p.add_argument("--no-siblings", dest="siblings", action="store_false")
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> "Source":
-        return cls(a.store, tuple(a.server), a.deadline, a.hedge_after, a.readahead)
+        return cls(a.store, tuple(a.server), a.deadline, a.hedge_after, a.readahead, a.siblings)

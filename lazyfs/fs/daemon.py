@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import LazyfsError, MountError
-from lazyfs.fs import control
+from lazyfs.fs import control, spawn
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
 
@@ -131,9 +131,9 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
         args += ["--trace", os.path.abspath(trace)]
     if profile != "auto":
         args += ["--profile", profile]
-    with open(logf, "ab") as out:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                pass_fds=(write_fd,), start_new_session=True, close_fds=True)
+    proc = spawn.start(args, lambda: run_daemon(digest, source, cache, mnt, str(ref), write_fd, debug,
+                                                 os.path.abspath(trace) if trace else None, profile),
+                       logf, write_fd, read_fd, debug)
     os.close(write_fd)
     try:
         ready = _wait_ready(read_fd, proc, timeout)
@@ -315,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    return run_daemon(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
+                      a.debug, a.trace, a.profile)
+
+
+def run_daemon(*args) -> int:
+    """serve(*args) with its failures logged as one line and turned into an exit status."""
     try:
-        serve(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-              a.debug, a.trace, a.profile)
+        serve(*args)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above
         log.error("FUSE mount failed (status %s)", exc)
         return 1

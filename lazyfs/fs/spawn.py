@@ -1,0 +1,94 @@
+"""Starting the mount daemon: forked from the caller when that is safe, else a fresh interpreter.
+
+A fresh interpreter costs 0.1-0.2 s before it does anything (more with a cold page cache), and
+every millisecond of a mount is container start-up latency. Forking the process that already has
+lazyfs imported skips that; it is only safe while the process has a single thread (a fork copies
+no other threads but all their locks), so a caller with threads still running gets the exec path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable
+
+JOIN_IDLE_THREADS = 0.2  # seconds to let finished pools' threads exit before deciding
+
+
+class Forked:
+    """The part of subprocess.Popen the mount code uses, for a forked child."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def single_threaded() -> bool:
+    for t in threading.enumerate():
+        if t is not threading.main_thread():
+            t.join(JOIN_IDLE_THREADS)
+    return threading.active_count() == 1
+
+
+def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd: int,
+          close_fd: int, debug: bool = False):
+    """Start the daemon detached (new session, stdin /dev/null, output to log_file) and return a
+    Popen-like handle. ``run`` is what the daemon's main would do, called in a forked child;
+    ``exec_args`` start it in a new interpreter instead when forking is not safe."""
+    if not single_threaded() or os.environ.get("LAZYFS_DAEMON_EXEC"):
+        with open(log_file, "ab") as out:
+            return subprocess.Popen(exec_args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    pass_fds=(keep_fd,), start_new_session=True, close_fds=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return Forked(pid)
+    code = 1
+    try:
+        os.setsid()
+        os.close(close_fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the caller's handlers are not ours
+            signal.signal(sig, signal.SIG_DFL)
+        logging.basicConfig(force=True, stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        code = run()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import report
-from bench.images import WORKLOADS, Images
+from bench.images import SNAPSHOT_MODES, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, Node, Sample
 from lazyfs.errors import LazyfsError
@@ -91,10 +91,14 @@ class Servers:
         self.stop()
         raise LazyfsError(f"{cmd[2:4]} did not start; see {self.log.name}")
 
-    def requests(self) -> int:
+    def counters(self) -> tuple[int, int]:
+        """(requests answered, body bytes sent) so far: what nodes took over the link."""
         text = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
-        return int(sum(float(line.split()[-1]) for line in text.splitlines()
-                       if line.startswith("lazyfs_server_requests_total{")))
+        lines = text.splitlines()
+
+        def total(prefix: str) -> int:
+            return int(sum(float(line.split()[-1]) for line in lines if line.startswith(prefix)))
+        return total("lazyfs_server_requests_total{"), total("lazyfs_server_response_bytes_total{")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -122,7 +126,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     results: dict = {"date": started, "machine": _machine(), "link": {"rate": cfg.link,
                      "delay_ms": cfg.delay * 1000}, "runs": cfg.runs, "images": image_info,
                      "workloads": {}}
-    total = len(cfg.workloads) * len(cfg.modes) * cfg.runs
+    total = sum(len(SNAPSHOT_MODES if w == "snapshot" else cfg.modes) for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
     with Link(cfg.link) as link:
         results["link"]["where"] = link.describe()
@@ -144,6 +148,8 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
 def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick, say) -> dict:
     work = WORKLOADS[w]
     ref = f"bench/{work.image}:latest"
+    if w == "snapshot":
+        return _bench_snapshot(cfg, node, servers, work, ref, tick, say)
     samples: dict[str, list[dict]] = {m: [] for m in cfg.modes}
     if "lazy+profile" in cfg.modes:
         say(f"{w}: recording its startup profile")
@@ -157,13 +163,38 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
     for i in range(cfg.runs):
         for mode in cfg.modes:
             say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
-            before = servers.requests()
-            sample = _one(node, mode, ref, work)
-            if mode in ("lazy", "lazy+profile", "warm-node"):
-                sample.requests = servers.requests() - before
-            samples[mode].append(asdict(sample))
+            samples[mode].append(asdict(_counted(servers, lambda: _one(node, mode, ref, work),
+                                                 mode in ("lazy", "lazy+profile", "warm-node"))))
             tick(1)
     return {"image": work.image, "argv": work.argv, "samples": samples}
+
+
+def _counted(servers: Servers, measure, through_server: bool) -> Sample:
+    before = servers.counters()
+    sample = measure()
+    if through_server:
+        after = servers.counters()
+        sample.requests, sample.fetched_bytes = after[0] - before[0], after[1] - before[1]
+    return sample
+
+
+def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: str, tick, say) -> dict:
+    """Cold init (lazy, with the image's profile if it has one) versus restoring a snapshot
+    taken right after init, both on a cold node over the link."""
+    snap = "bench/torch-warm:latest"
+    say("snapshot: taking the snapshot (CRIU)")
+    _lazyfs("run", "--snapshot", snap, "--store", node.store, "--server", node.server_url,
+            "--cache-dir", str(node.home / "node-cache-profile"), ref, "--", *work.argv)
+    samples: dict[str, list[dict]] = {m: [] for m in SNAPSHOT_MODES}
+    for i in range(cfg.runs):
+        for mode in SNAPSHOT_MODES:
+            say(f"snapshot: {mode} run {i + 1}/{cfg.runs}")
+            measure = (lambda: node.restore(snap, ref, work)) if mode == "restore" else (
+                lambda: node.lazy(ref, work, "auto", cold=True))
+            samples[mode].append(asdict(_counted(servers, measure, True)))
+            tick(1)
+    return {"image": work.image, "argv": ["python3", "-c", "<import torch; build a 400 MB model; "
+                                          "snapshot.ready(); one inference>"], "samples": samples}
 
 
 def _one(node: Node, mode: str, ref: str, work) -> Sample:

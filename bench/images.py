@@ -43,6 +43,25 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 '''
 
 
+# The snapshot scenario's program: import torch, build a ~400 MB model, answer one inference.
+# Under `lazyfs run --snapshot` it calls snapshot.ready() once warm; a restore carries on there.
+SNAPSHOT_PROGRAM = """
+try:
+    import lazyfs_snapshot as snapshot
+except ImportError:  # a plain run: no snapshot helper injected
+    snapshot = None
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(6)])
+with torch.no_grad():
+    model(torch.ones(1, 4096))
+if snapshot:
+    snapshot.ready()
+with torch.no_grad():
+    print("served", float(model(torch.ones(1, 4096)).sum()), flush=True)
+"""
+
+
 class BenchImageError(LazyfsError):
     pass
 
@@ -52,7 +71,7 @@ class Workload:
     name: str
     image: str
     argv: list[str]
-    expect: str = ""  # a line the workload prints when done (empty: exit, or HTTP readiness)
+    expect: str = ""  # start of the line the workload prints when done (empty: HTTP readiness)
     http_port: int = 0  # ready when this port first answers GET /
 
 
@@ -64,7 +83,10 @@ WORKLOADS = {
     "imports": Workload("imports", "pyenv", ["python3", "-c", f"import {PYENV_IMPORTS}; print('imported')"],
                         "imported"),
     "http": Workload("http", "pyenv", ["python3", "/srv/app.py", "18080"], http_port=18080),
+    # Not a mode matrix: cold init versus restoring a snapshot taken right after init (CRIU).
+    "snapshot": Workload("snapshot", "torch", ["python3", "-c", SNAPSHOT_PROGRAM], "served "),
 }
+SNAPSHOT_MODES = ("cold-init", "restore")
 
 
 def sh(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -91,7 +91,7 @@ def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | Non
                 proc.send_signal(signal.SIGTERM)  # lazyfs run stops the container and unmounts
         else:
             for line in proc.stdout:
-                if done is None and line.strip() == work.expect:
+                if done is None and line.startswith(work.expect):
                     done = time.monotonic() - t0
         code = proc.wait(timeout=60)
     except BaseException:
@@ -138,6 +138,18 @@ class Node:
                       {"blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})
+
+    def restore(self, snap: str, ref: str, work: Workload) -> Sample:
+        """Restore a snapshot on a cold node (empty node cache, page cache dropped)."""
+        shutil.rmtree(self.cold_cache, ignore_errors=True)
+        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--restore", snap,
+               "--server", self.server_url, "--cache-dir", str(self.cold_cache), ref]
+        drop_caches()
+        t0 = time.monotonic()
+        seconds, marks = timed(cmd, work, t0, {"fallback": "lazyfs: warning: starting"})
+        if "fallback" in marks:
+            raise BenchRunError(f"restore of {snap} fell back to a cold start")
+        return Sample(seconds)
 
     def pull(self, tag: str, work: Workload) -> Sample:
         drop_caches()

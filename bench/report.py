@@ -26,10 +26,10 @@ def summarise(workload: dict) -> dict:
                      "read_bytes": _median([s["read_bytes"] for s in samples]),
                      # uncompressed bytes of the blocks fetched: the read amplification of the format
                      "fetched_raw_bytes": _median([s["phases"].get("fetched_raw_bytes") for s in samples])}
-    for base in ("pull", "local"):
+    for base in ("pull", "local", "cold-init"):
         if base in out and out[base]["median_s"] > 0:
             for mode in out:
-                out[mode][f"x_{base}"] = out[mode]["median_s"] / out[base]["median_s"]
+                out[mode][f"x_{base.replace('-', '_')}"] = out[mode]["median_s"] / out[base]["median_s"]
     for mode, row in out.items():
         if row["read_bytes"]:
             row["fetched_over_read"] = row["fetched_bytes"] / row["read_bytes"]
@@ -51,7 +51,16 @@ def markdown(results: dict) -> str:
         info = results["images"][results["workloads"][w]["image"]]
         lines += [f"### {w}: `{' '.join(results['workloads'][w]['argv'])}`", "",
                   f"Image {info['ref']}: {info['files']} files, {info['bytes'] / MiB:.0f} MiB, "
-                  f"{info['layers']} layer(s), {info['compressed_bytes'] / MiB:.0f} MiB compressed.", "",
+                  f"{info['layers']} layer(s), {info['compressed_bytes'] / MiB:.0f} MiB compressed.", ""]
+        if "cold-init" in summary:
+            lines += ["| mode | median s | min–max s | × cold-init | fetched MiB | requests |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {mode} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
+                      f"{_f(r.get('x_cold_init'), '.2f')} | {r['fetched_bytes'] / MiB:.1f} | "
+                      f"{_f(r['requests'], '.0f')} |" for mode, r in summary.items()]
+            lines.append("")
+            continue
+        lines += [
                   "| mode | median s | min–max s | × pull | × local | mount ms | fetched MiB | "
                   "read MiB | fetched/read | raw/read | requests |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -73,7 +82,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(results["summary"])
-    modes = [m for m in ("pull", "lazy", "lazy+profile", "warm-node", "local")
+    modes = [m for m in ("pull", "lazy", "lazy+profile", "warm-node", "local", "cold-init", "restore")
              if any(m in results["summary"][w] for w in workloads)]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(workloads)), 4))
     width = 0.8 / max(1, len(modes))

@@ -18,7 +18,8 @@ from lazyfs.cli.common import RichProgress, err, parse_duration
                   "Writes results.json, results.md and results.png to --out. Needs root.")
 def bench(
     workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, "
-                                                 "imports, http (repeatable; default: all)."),
+                                                 "imports, http, snapshot (cold init vs CRIU "
+                                                 "restore; needs CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
                                              "warm-node, local (repeatable; default: all)."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
@@ -40,7 +41,15 @@ def bench(
     except ImportError:
         raise typer.BadParameter("the chart needs matplotlib: pip install 'lazyfs[bench]'") from None
     rate_bits(link)
-    cfg = BenchConfig(list(workload or WORKLOADS), list(mode or MODES), runs, link,
+    chosen = list(workload or WORKLOADS)
+    if not workload and "snapshot" in chosen:
+        from snapshot.criu import CriuError, find
+        try:
+            find()
+        except CriuError as exc:  # the scenario needs CRIU; the rest does not
+            err.print(f"bench: leaving out the snapshot scenario: {exc}", highlight=False)
+            chosen.remove("snapshot")
+    cfg = BenchConfig(chosen, list(mode or MODES), runs, link,
                       parse_duration(latency), out=out)
     if home:
         cfg.home = home

@@ -48,8 +48,12 @@ class Forked:
 
 
 def single_threaded() -> bool:
+    """True if this is the main thread and the only one (after letting finished pools' threads
+    exit: a closed executor's idle workers leave within moments)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
     for t in threading.enumerate():
-        if t is not threading.main_thread():
+        if t is not threading.main_thread() and not t.daemon:
             t.join(JOIN_IDLE_THREADS)
     return threading.active_count() == 1
 

@@ -29,6 +29,7 @@ from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
 from lazyfs.store.objects import MAX_MANIFEST
 
+BODY_BYTES = "lazyfs.body_bytes"  # set by handlers that stream their answer
 log = logging.getLogger("lazyfs.server")
 OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -154,7 +155,7 @@ class CacheServer:
         route = resource.canonical if resource is not None else "unmatched"
         self.metrics.requests.labels(route, request.method, str(response.status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
-        self.metrics.response_bytes.labels(route).inc(response.body_length or 0)
+        self.metrics.response_bytes.labels(route).inc(_body_bytes(request, response))
 
     def _auth(self, request: web.Request, write: bool) -> None:
         if not write and not self.config.auth_reads:
@@ -238,6 +239,12 @@ class CacheServer:
                 return await self.filler.obtain("blocks", digest)
         tasks = [asyncio.ensure_future(one(d)) for d in wanted]
         resp = web.StreamResponse(headers={"Content-Type": batch.MEDIA_TYPE})
+        sent = 0
+
+        async def send(data: bytes) -> None:
+            nonlocal sent
+            await resp.write(data)
+            sent += len(data)
         try:
             await resp.prepare(request)
             for digest, task in zip(wanted, tasks):
@@ -247,16 +254,17 @@ class CacheServer:
                         with open(path, "rb") as f:
                             frame = f.read()
                 except NotFound:
-                    await resp.write(batch.encode_header(digest, 404, 0))
+                    await send(batch.encode_header(digest, 404, 0))
                     continue
                 except (LazyfsError, OSError):
-                    await resp.write(batch.encode_header(digest, 502, 0))
+                    await send(batch.encode_header(digest, 502, 0))
                     continue
-                await resp.write(batch.encode_header(digest, 200, len(frame)) + frame)
+                await send(batch.encode_header(digest, 200, len(frame)) + frame)
             await resp.write_eof()
         finally:
             for task in tasks:
                 task.cancel()
+            resp[BODY_BYTES] = sent
         return resp
 
     async def list_objects(self, request: web.Request, kind: str) -> web.StreamResponse:
@@ -353,3 +361,16 @@ class CacheServer:
             return lease.check_name(request.match_info["name"])
         except StoreError as exc:
             raise HttpError(400, str(exc)) from None
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes of an answer. aiohttp's body_length counts what went through its writer,
+    headers included, and misses what sendfile(2) sent (every cached block), so a response
+    that declares its length is counted by that, a streamed one by what its handler wrote."""
+    if request.method == "HEAD":
+        return 0
+    if BODY_BYTES in response:
+        return response[BODY_BYTES]
+    if response.content_length is not None:
+        return response.content_length
+    return response.body_length or 0

@@ -3,6 +3,7 @@ eviction, restart. Origins are real LocalStores, wrapped to count (and slow) the
 from __future__ import annotations
 
 import hashlib
+import random
 import json
 import http.client as http_client
 import os
@@ -196,7 +197,7 @@ def test_two_servers_cannot_share_a_cache_dir(tmp_path, origin):
 
 
 def test_metrics_and_healthz(tmp_path, origin):
-    digest, frame = block.encode(b"m" * 5000)
+    digest, frame = block.encode(random.Random(5).randbytes(5000))
     origin.put_block(digest, frame)
     with ServerThread(origin, tmp_path / "cache") as srv:
         for _ in range(3):
@@ -206,6 +207,13 @@ def test_metrics_and_healthz(tmp_path, origin):
         assert 'lazyfs_server_requests_total{code="200",method="GET",route="/v1/blocks/{digest}"} 3.0' in text
         assert "lazyfs_server_request_seconds_bucket" in text
         assert f"lazyfs_server_cache_bytes {float(len(frame))}" in text
+        # Body bytes count cached answers too, though sendfile(2) sends those: 3 full bodies
+        # and one 100-byte range; a HEAD sends none.
+        http.request("GET", f"{srv.url}/v1/blocks/{digest}", headers={"Range": "bytes=0-99"})
+        http.request("HEAD", f"{srv.url}/v1/blocks/{digest}")
+        text = http.request("GET", f"{srv.url}/metrics").data.decode()
+        assert (f'lazyfs_server_response_bytes_total{{route="/v1/blocks/{{digest}}"}} '
+                f'{float(3 * len(frame) + 100)}') in text
         assert http.request("GET", f"{srv.url}/healthz").status == 200
 
 

@@ -172,3 +172,17 @@ def test_first_small_file_read_in_a_directory_fetches_its_siblings(env_dirs, tmp
                 name = f"mod{i:02d}.pyc"
                 assert (mnt / "pkg" / name).read_bytes() == (root / "pkg" / name).read_bytes()
             assert m.stats()["store"]["block_gets"] == 20
+
+
+def test_build_can_record_the_profile(env_dirs, tmp_path):
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "data").mkdir()
+    (root / "data" / "a").write_bytes(random.Random(1).randbytes(MiB))
+    res = lazyfs_cli("build", f"dir:{root}", "--tag", "prof/built:1",
+                     "--profile-command", "sh -c 'cat /data/a > /dev/null'")
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    prof = _profile(store, "prof/built:1")
+    assert _blocks_of(store, "prof/built:1", "data/a") <= {b.digest for b in prof.blocks}
+    assert res.stdout.strip().splitlines()[-1] == prof.image  # still prints the image digest
+    bad = lazyfs_cli("build", f"dir:{root}", "--profile-command", "true", check=False)
+    assert bad.returncode != 0 and "--tag" in bad.stderr

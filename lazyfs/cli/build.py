@@ -27,9 +27,15 @@ def build(
                                           "the whole image has been verified (default: $TMPDIR)."),
     max_size: str = typer.Option("64G", "--max-size", help="Refuse images whose layers inflate past "
                                  "this many bytes in all (decompression bombs)."),
+    profile_command: Optional[str] = typer.Option(None, "--profile-command", metavar="CMD",
+                                                  help="After publishing, run CMD (a shell-quoted "
+                                                  "command line) once in a container on the image and "
+                                                  "publish its startup profile (as `lazyfs profile`)."),
 ):
     from imagebuilder.build import build as run_build
 
+    if profile_command is not None and not tag:
+        raise typer.BadParameter("--profile-command needs --tag (the profile is recorded on the tagged image)")
     st = open_store(store)
     with RichProgress() as progress:
         result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress,
@@ -38,7 +44,24 @@ def build(
     err.print(f"built {tag or source}: {len(result.manifest.entries)} entries from {result.layers} "
               f"layer(s); {c.blocks} blocks ({human(c.raw_bytes)}), {c.uploaded} new to {st.url} "
               f"({human(c.uploaded_bytes)} written)", highlight=False)
+    if profile_command is not None:
+        _record_profile(tag, profile_command, store, st)
     print(result.digest)
+
+
+def _record_profile(tag: str, command: str, store: Optional[str], st) -> None:
+    import shlex
+
+    from lazyfs.remote.source import Source
+    from lazyfs.runner.profile_run import record
+    from lazyfs.runner.session import RunOptions
+
+    argv = shlex.split(command)
+    if not argv:
+        raise typer.BadParameter("--profile-command is empty")
+    _, prof = record(RunOptions(tag, argv, Source(store)), st)
+    err.print(f"startup profile of {tag}: {len(prof.blocks)} blocks ({human(prof.bytes)}) from "
+              f"`{command}`", highlight=False)
 
 
 @app.command(help="List the tagged images in a store.")

@@ -17,7 +17,7 @@ from imagebuilder import sources
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE, BlockStager, CommitStats
 from imagebuilder.sources import rootfs
 from imagebuilder.tarlayer import read_layer
-from imagebuilder.tree import LayerEntry, Tree
+from imagebuilder.tree import MAX_ENTRIES, LayerEntry, Tree
 
 
 class Progress(Protocol):
@@ -42,7 +42,7 @@ DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
 
 def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
           tmp_dir: str | None = None, progress: Progress | None = None,
-          max_size: int = DEFAULT_MAX_SIZE) -> BuildResult:
+          max_size: int = DEFAULT_MAX_SIZE, max_entries: int = MAX_ENTRIES) -> BuildResult:
     ref = reference.parse_tagged(tag) if tag else None
     progress = progress or NoProgress()
     store.check(write=True)
@@ -53,7 +53,7 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
                 tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
             stager = BlockStager(Path(staging), store, chunk_size)
             try:
-                tree = _flatten(image, stager, progress, max_size)
+                tree = _flatten(image, stager, progress, max_size, max_entries)
                 manifest = tree.to_manifest(image.config, chunk_size)
                 used = tree.referenced_digests()
                 advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
@@ -69,8 +69,9 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
     return BuildResult(digest, manifest, commit, len(image.layers) or 1)
 
 
-def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress, max_size: int) -> Tree:
-    tree = Tree()
+def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress, max_size: int,
+             max_entries: int = MAX_ENTRIES) -> Tree:
+    tree = Tree(max_entries)
 
     def adder(index: int, label: str, whiteouts: bool):
         def on_entry(entry: LayerEntry, stream: BinaryIO | None) -> None:

@@ -85,9 +85,10 @@ def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None 
 
 
 class Tree:
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.root = Node(Inode(EntryType.DIR, mode=0o755), layer=-1, children={})
         self.count = 1
+        self.max_entries = max_entries
 
     # -- applying layers ------------------------------------------------------------------------
     def apply(self, layer_index: int, layer: str, e: LayerEntry, whiteouts: bool = True) -> None:
@@ -127,8 +128,8 @@ class Tree:
 
     def _count(self, layer: str) -> None:
         self.count += 1
-        if self.count > MAX_ENTRIES:
-            raise LimitExceeded(f"layer {layer}: image has more than {MAX_ENTRIES} entries")
+        if self.count > self.max_entries:
+            raise LimitExceeded(f"layer {layer}: image has more than {self.max_entries} entries")
 
     @staticmethod
     def _set_dir_meta(node: Node, e: LayerEntry, layer_index: int) -> None:

@@ -157,6 +157,15 @@ def _check_whiteout_missing(m: Manifest) -> None:
     assert b"etc/hello" in _entries(m)
 
 
+def _check_opaque_root(m: Manifest) -> None:
+    # An opaque root hides every lower layer: only what this layer brings is left.
+    assert sorted(_entries(m)) == [b"", b"fresh"], sorted(_entries(m))
+
+
+def _check_many(m: Manifest) -> None:
+    assert sum(p.startswith(b"many/") for p in _entries(m)) == 20_000
+
+
 CORPUS: dict[str, Case] = {
     # --- refused: names that escape or cannot exist ----------------------------------------------
     "dotdot-entry": Case(lambda t: _layers(t, [TarEntry("etc/../../escape", b"x")]), "contains '..'"),
@@ -197,6 +206,11 @@ CORPUS: dict[str, Case] = {
                                         "unsupported manifest media type"),
     "unknown-layer-media-type": Case(lambda t: _raw_layout(t, gzip.compress(_good_tar()), media="text/plain"),
                                      "unsupported layer media type"),
+    "whiteout-of-root": Case(lambda t: _layers(t, [TarEntry(".wh.", b"")]), "names no file"),
+    "whiteout-name-with-slash": Case(lambda t: _layers(t, [TarEntry("etc/.wh./passwd", b"")]),
+                                     "whiteout used as a directory"),
+    "too-many-entries": Case(lambda t: _layers(t, [TarEntry(f"many/f{i}", b"") for i in range(2_000)]),
+                             "more than 1000 entries", args=("--max-entries", "1000")),
     "missing-index": Case(_no_index, "index.json is missing"),
     "docker-archive-missing-layer": Case(_docker_missing_layer, "is missing"),
     "empty-file": Case(_empty_file, "not an image"),
@@ -209,6 +223,11 @@ CORPUS: dict[str, Case] = {
                               None, _check_duplicate),
     "whiteout-of-missing-path": Case(lambda t: _layers(t, [TarEntry("etc/.wh.nothing", b"")]), None,
                                      _check_whiteout_missing),
+    "opaque-whiteout-of-root": Case(lambda t: _layers(t, [TarEntry(".wh..wh..opq", b""),
+                                                          TarEntry("fresh", b"only this")]),
+                                    None, _check_opaque_root),
+    "many-entries-within-limits": Case(lambda t: _layers(t, [TarEntry(f"many/f{i}", b"") for i in range(20_000)]),
+                                       None, _check_many, args=("--max-entries", "20100")),
     "non-utf8-names": Case(lambda t: _layers(t, [TarEntry("caf\udce9", b"latin-1 name"),
                                                  TarEntry("\udcff\udcfe", b"raw bytes")]), None, _check_non_utf8),
 }

@@ -11,7 +11,7 @@ import pytest
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from lazyfs.store import objects
 from lazyfs.store.local import LocalStore
-from tests.conftest import lazyfs_cli
+from tests.conftest import ROOT, lazyfs_cli
 from tests.hostile import BASE, CORPUS, Case
 
 
@@ -45,9 +45,11 @@ EXTRA = {
 ALL = {**CORPUS, **EXTRA}
 
 
-def test_corpus_is_large_enough():
+def test_corpus_is_large_enough_and_documented():
     assert len(CORPUS) >= 25
     assert sum(c.expect is not None for c in CORPUS.values()) >= 20
+    doc = (ROOT / "docs" / "security.md").read_text()
+    assert [name for name in CORPUS if f"`{name}`" not in doc] == []  # the table lists every case
 
 
 @pytest.mark.parametrize("case", sorted(ALL))

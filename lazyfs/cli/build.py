@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
+from imagebuilder.tree import MAX_ENTRIES
 from lazyfs.cli import app
 from lazyfs.cli.common import JsonOpt, RichProgress, StoreOpt, err, human, out, parse_size
 from lazyfs.store import objects, open_store
@@ -27,6 +28,8 @@ def build(
                                           "the whole image has been verified (default: $TMPDIR)."),
     max_size: str = typer.Option("64G", "--max-size", help="Refuse images whose layers inflate past "
                                  "this many bytes in all (decompression bombs)."),
+    max_entries: int = typer.Option(MAX_ENTRIES, "--max-entries", min=1, help="Refuse images with "
+                                    "more entries (files, directories, links) than this."),
     profile_command: Optional[str] = typer.Option(None, "--profile-command", metavar="CMD",
                                                   help="After publishing, run CMD (a shell-quoted "
                                                   "command line) once in a container on the image and "
@@ -39,7 +42,7 @@ def build(
     st = open_store(store)
     with RichProgress() as progress:
         result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress,
-                           max_size=parse_size(max_size))
+                           max_size=parse_size(max_size), max_entries=max_entries)
     c = result.commit
     err.print(f"built {tag or source}: {len(result.manifest.entries)} entries from {result.layers} "
               f"layer(s); {c.blocks} blocks ({human(c.raw_bytes)}), {c.uploaded} new to {st.url} "

@@ -67,7 +67,7 @@ def test_wrong_bytes_from_origin_never_enter_the_cache(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "empty"])
-def test_power_cut_leftovers_are_never_served(tmp_path, damage):
+def test_power_cut_leftovers_are_never_served(tmp_path, damage, caplog):
     """A rename that outran its data (power cut without fsync) leaves a short or garbage file under
     the final name; temp files may be left in tmp/. Neither is ever served."""
     digest, data = _blob(300_000)
@@ -88,6 +88,7 @@ def test_power_cut_leftovers_are_never_served(tmp_path, damage):
     assert origin.calls == [digest]
     assert fresh.stats.snapshot()["dropped_corrupt"] == 1
     assert path.read_bytes() == data
+    assert f"dropping damaged cached block {digest}" in caplog.text  # the log line says what happened
 
 
 def test_cache_survives_restart_without_fetching(tmp_path):

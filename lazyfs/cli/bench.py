@@ -54,7 +54,7 @@ def bench(
     if home:
         cfg.home = home
     say = lambda m: err.print(f"bench: {m}", highlight=False, markup=False)  # noqa: E731
-    with RichProgress() as progress:
+    with RichProgress(counting="runs") as progress:
         results = run(cfg, progress, say)
     from bench.report import markdown
     print(markdown(results))

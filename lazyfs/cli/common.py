@@ -6,8 +6,8 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 STORE_HELP = ("Block store: a directory (or file://PATH), s3://BUCKET/PREFIX (AWS_* settings as "
               "for boto3), or a cache server http://HOST:PORT ($LAZYFS_TOKEN for writes). "
@@ -42,15 +42,18 @@ out = Console()
 class RichProgress:
     """Byte/item progress bars on a terminal; silent when stderr is not a TTY (logs, CI)."""
 
-    def __init__(self) -> None:
+    def __init__(self, counting: str | None = None) -> None:
+        """counting: None for byte transfers, else the word for what is counted ("runs")."""
         self.enabled = sys.stderr.isatty()
+        self.counting = counting
         self.progress: Optional[Progress] = None
 
     def __enter__(self):
         if self.enabled:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                                     transient=True)
+            amount = ((DownloadColumn(), TransferSpeedColumn()) if self.counting is None else
+                      (MofNCompleteColumn(), TextColumn(self.counting), TimeElapsedColumn()))
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount,
+                                     TimeRemainingColumn(), console=err, transient=True)
             self.progress.__enter__()
         return self
 

@@ -133,7 +133,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
         args += ["--profile", profile]
     proc = spawn.start(args, lambda: run_daemon(digest, source, cache, mnt, str(ref), write_fd, debug,
                                                  os.path.abspath(trace) if trace else None, profile),
-                       logf, write_fd, read_fd, debug)
+                       logf, write_fd, debug)
     os.close(write_fd)
     try:
         ready = _wait_ready(read_fd, proc, timeout)

@@ -59,7 +59,7 @@ def single_threaded() -> bool:
 
 
 def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd: int,
-          close_fd: int, debug: bool = False):
+          debug: bool = False):
     """Start the daemon detached (new session, stdin /dev/null, output to log_file) and return a
     Popen-like handle. ``run`` is what the daemon's main would do, called in a forked child;
     ``exec_args`` start it in a new interpreter instead when forking is not safe."""
@@ -75,7 +75,11 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
     code = 1
     try:
         os.setsid()
-        os.close(close_fd)
+        # Keep only stdio and the readiness pipe, as close_fds does on the exec path: an inherited
+        # copy of the caller's stdout pipe would keep its reader waiting for the daemon to exit.
+        maxfd = os.sysconf("SC_OPEN_MAX")
+        os.closerange(3, keep_fd)
+        os.closerange(keep_fd + 1, maxfd if maxfd > 0 else 65536)
         null = os.open(os.devnull, os.O_RDONLY)
         out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(null, 0)

@@ -132,9 +132,8 @@ class Node:
         t0 = time.monotonic()
         seconds, marks = timed(cmd, work, t0, {"mount": "lazyfs: mounted "})
         s = json.loads(stats.read_text()) if stats.exists() else {}
-        store = s.get("store", {})
-        return Sample(seconds, marks.get("mount"), store.get("block_bytes", 0) + store.get("manifest_bytes", 0),
-                      0, s.get("read_bytes", 0),
+        # Bytes and requests over the link are the server's counters (coldstart._counted).
+        return Sample(seconds, marks.get("mount"), 0, 0, s.get("read_bytes", 0),
                       {"blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})

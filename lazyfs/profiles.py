@@ -22,14 +22,19 @@ log = logging.getLogger("lazyfs.profile")
 AUTO, NONE = "auto", "none"
 
 
-def from_trace(index: ImageIndex, lines: Iterable[str]) -> list[ProfileBlock]:
-    """The blocks a `--trace` file's reads touched, each once, in first-touch order."""
+def parse_trace(lines: Iterable[str]) -> list[tuple[float, str, int, int]]:
+    """(time, path, offset, size) of each read in a `--trace` file, in time order (reads from
+    several threads may be written out of order)."""
     reads = []
     for line in lines:
         if line.strip():
             r = json.loads(line)
             reads.append((float(r["t"]), r["path"], int(r["offset"]), int(r["size"])))
-    reads.sort(key=lambda r: r[0])  # reads from several threads may be written out of order
+    return sorted(reads, key=lambda r: r[0])
+
+
+def from_trace(index: ImageIndex, reads: list[tuple[float, str, int, int]]) -> list[ProfileBlock]:
+    """The blocks the reads touched, each once, in first-touch order."""
     t0 = reads[0][0] if reads else 0.0
     seen: set[str] = set()
     out: list[ProfileBlock] = []
@@ -45,8 +50,10 @@ def from_trace(index: ImageIndex, lines: Iterable[str]) -> list[ProfileBlock]:
 
 
 def record(manifest: Manifest, image_digest: str, trace_lines: Iterable[str], meta: dict) -> Profile:
-    blocks = from_trace(ImageIndex(manifest), trace_lines)
-    return Profile(image_digest, tuple(blocks), {"recorded": time.time(), **meta})
+    reads = parse_trace(trace_lines)
+    blocks = from_trace(ImageIndex(manifest), reads)
+    return Profile(image_digest, tuple(blocks), {"recorded": time.time(), "reads": len(reads),
+                                                 "read_bytes": sum(r[3] for r in reads), **meta})
 
 
 def publish(store: BlockStore, profile: Profile) -> str:

@@ -3,7 +3,6 @@ first and in what order, and publish that as the image's startup profile."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -39,11 +38,8 @@ def record(opts: session.RunOptions, publish_to: BlockStore | None, say=lambda m
         finally:
             reader.close()
         with open(trace, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.readlines()
-        read_bytes = sum(int(json.loads(x)["size"]) for x in lines if x.strip())
-        prof = profiles.record(manifest, digest, lines, {
-            "ref": opts.ref, "argv": opts.argv, "reads": len(lines), "read_bytes": read_bytes,
-            "run_seconds": round(elapsed, 3)})
+            prof = profiles.record(manifest, digest, f, {
+                "ref": opts.ref, "argv": opts.argv, "run_seconds": round(elapsed, 3)})
     finally:
         os.unlink(trace)
     published = profiles.publish(publish_to, prof) if publish_to is not None else ""

@@ -10,7 +10,6 @@ import base64
 import hmac
 import json
 import logging
-import time
 from dataclasses import dataclass
 from urllib.parse import unquote
 

@@ -12,7 +12,6 @@ import hashlib
 import os
 import random
 import urllib.request
-from pathlib import Path
 
 import pytest
 

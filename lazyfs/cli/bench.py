@@ -21,7 +21,9 @@ def bench(
                                                  "imports, http, snapshot (cold init vs CRIU "
                                                  "restore; needs CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
-                                             "warm-node, local (repeatable; default: all)."),
+                                             "warm-node, local (repeatable; default: all). The "
+                                             "snapshot workload always runs its own two: cold-init "
+                                             "and restore."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
     link: str = typer.Option("1gbit", "--link", help="Link rate in tc's spelling: 100mbit, 1gbit, "
                              "10gbit, ..."),

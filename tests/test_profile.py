@@ -3,6 +3,7 @@ the profiled blocks before the workload asks for them, and a stale or wrong prof
 bandwidth at most, never a wrong byte."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -63,6 +64,8 @@ def test_record_publish_prefetch_round_trip(env_dirs, tmp_path, monkeypatch):
     assert a | b <= set(listed) and not c & set(listed)  # what it read, not what it did not
     assert max(listed.index(d) for d in a) < min(listed.index(d) for d in b)  # in read order
     assert prof.meta["read_bytes"] >= 4 * MiB and prof.meta["argv"] == WORKLOAD
+    shown = json.loads(lazyfs_cli("inspect", "prof/bb:1", "--json").stdout)["profile"]
+    assert shown["blocks"] == len(listed) and shown["argv"] == WORKLOAD
     # The profile is not an image: `lazyfs images` does not list it, gc keeps it.
     assert "lazyfs-profile" not in lazyfs_cli("images").stdout
     assert "swept_manifests\": 0" in lazyfs_cli("gc", "--grace", "0s", "--json").stdout

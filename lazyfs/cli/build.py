@@ -91,6 +91,7 @@ def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
 @app.command(help="Show an image's files, bytes, blocks, bytes stored and dedup ratio.")
 def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[str] = StoreOpt,
             as_json: bool = JsonOpt):
+    from lazyfs import profiles
     from lazyfs.imagestats import all_images, block_sizes, image_stats
 
     st = open_store(store)
@@ -98,11 +99,18 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[
     manifest = objects.read_manifest(st, digest)
     others = {d: set(block_sizes(m)) for _, d, m in all_images(st)}
     stats = image_stats(st, ref, digest, manifest, others)
+    prof = profiles.load(st, digest)
+    profile = None if prof is None else {
+        "blocks": len(prof.blocks), "bytes": prof.bytes, "argv": prof.meta.get("argv"),
+        "recorded": prof.meta.get("recorded"), "read_bytes": prof.meta.get("read_bytes")}
     if as_json:
-        print(json.dumps({**stats.to_dict(), "config": manifest.config}, indent=2))
+        print(json.dumps({**stats.to_dict(), "config": manifest.config, "profile": profile}, indent=2))
         return
     table = Table(box=None, show_header=False)
     for key, value in stats.to_dict().items():
         shown = human(value) if key.endswith("bytes") or key.endswith("stored") else str(value)
         table.add_row(key.replace("_", " "), shown)
+    table.add_row("startup profile", "none (lazyfs profile records one)" if profile is None else
+                  f"{profile['blocks']} blocks, {human(profile['bytes'])}, from "
+                  f"`{' '.join(profile['argv'] or [])}`")
     out.print(table)

@@ -86,7 +86,11 @@ class Prefetcher:
             if not self.cache.claim(digest):
                 self.stats.add(already=1)
                 continue
-            if self.cache.adopt(digest, size):  # on disk from an earlier mount: verified, done
+            try:
+                on_disk = self.cache.adopt(digest, size)  # from an earlier mount: verified, done
+            except OSError:  # unreadable cache file: fetch it; storing the fetch will say more
+                on_disk = False
+            if on_disk:
                 self.cache.release(digest)
                 self.stats.add(already=1)
                 continue

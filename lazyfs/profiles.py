@@ -76,14 +76,19 @@ def load(store: BlockStore, image_digest: str, choice: str = AUTO) -> Profile | 
         if choice == AUTO:
             target = proffmt.tag_for(image_digest)
         else:
-            target = None
             digest = choice if digests.is_valid(choice) else objects.resolve(store, choice)
             data = objects.read_manifest_bytes(store, digest)
             if proffmt.is_profile(data):
                 return proffmt.decode(data)
             target = proffmt.tag_for(digest)  # an image: use the profile recorded for it
-        data = objects.read_manifest_bytes(store, store.get_tag(*target))
-        return proffmt.decode(data)
+        try:
+            profile_digest = store.get_tag(*target)
+        except NotFound:
+            if choice == AUTO:
+                return None
+            raise NotFound(f"no startup profile recorded for {choice} (tag {target[0]}:{target[1]}; "
+                           "record one with `lazyfs profile`)") from None
+        return proffmt.decode(objects.read_manifest_bytes(store, profile_digest))
     except NotFound:
         if choice != AUTO:
             raise

@@ -33,6 +33,13 @@ SiblingsOpt = typer.Option(True, "--siblings/--no-siblings", help="When a direct
 ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
                           "prefetch (see `lazyfs profile`): auto (the image's own, if published), "
                           "none, a profile digest, or an image NAME:TAG whose profile to use.")
+RuntimeOpt = typer.Option("auto", "--runtime", help="auto (podman if present, else namespaces), "
+                          "podman, or namespaces.")
+EnvOpt = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")
+WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Working directory inside the container "
+                          "(default: the image's WorkingDir, else /).")
+UserOpt = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image.")
+NetworkOpt = typer.Option("none", "--network", help="none (default) or host.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
@@ -66,6 +73,13 @@ class RichProgress:
             return lambda n: None
         tid = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(tid, n)
+
+
+def sayer(verbose: bool) -> Callable[[str], None]:
+    """What --verbose commands use to report progress: a "lazyfs: " line on stderr, or nothing."""
+    if not verbose:
+        return lambda msg: None
+    return lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)
 
 
 def human(n: float) -> str:

@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import CacheOpt, ServerOpt, StoreOpt, err, human, parse_duration, source
+from lazyfs.cli.common import (CacheOpt, EnvOpt, NetworkOpt, RuntimeOpt, ServerOpt, StoreOpt, UserOpt,
+                               WorkdirOpt, err, human, parse_duration, sayer, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -22,11 +23,11 @@ def profile(
     store: Optional[str] = StoreOpt,
     server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
-    runtime: str = typer.Option("auto", "--runtime", help="auto, podman or namespaces (as lazyfs run)."),
-    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", "-w"),
-    user: Optional[str] = typer.Option(None, "--user", "-u"),
-    network: str = typer.Option("none", "--network", help="none (default) or host."),
+    runtime: str = RuntimeOpt,
+    env: Optional[List[str]] = EnvOpt,
+    workdir: Optional[str] = WorkdirOpt,
+    user: Optional[str] = UserOpt,
+    network: str = NetworkOpt,
     duration: Optional[str] = typer.Option(None, "--duration", help="Record for this long, then "
                                            "stop the workload (for servers, which never exit); "
                                            "without it, record until the command exits 0."),
@@ -48,7 +49,7 @@ def profile(
         raise typer.BadParameter("publishing needs a writable --store (the origin) besides --server")
     opts = RunOptions(ref, argv, src, cache_dir, runtime, None, list(env or []), workdir, user,
                       network, stop_after=parse_duration(duration) if duration else None)
-    say = (lambda m: err.print(f"lazyfs: {m}", highlight=False, markup=False)) if verbose else (lambda m: None)
+    say = sayer(verbose)
     target = open_store(store) if publish else None
     digest, prof = record(opts, target, say)
     if output:

@@ -8,8 +8,9 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
-                               SiblingsOpt, StoreOpt, err, parse_duration, source)
+from lazyfs.cli.common import (CacheOpt, DeadlineOpt, EnvOpt, HedgeOpt, NetworkOpt, ProfileOpt,
+                               ReadaheadOpt, RuntimeOpt, ServerOpt, SiblingsOpt, StoreOpt, UserOpt,
+                               WorkdirOpt, parse_duration, sayer, source)
 
 
 @app.command(context_settings={"allow_interspersed_args": False},
@@ -27,15 +28,13 @@ def run(
     readahead: int = ReadaheadOpt,
     siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
-    runtime: str = typer.Option("auto", "--runtime", help="auto (podman if present, else "
-                                "namespaces), podman, or namespaces."),
+    runtime: str = RuntimeOpt,
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
                                         "directory (default: a temporary one, removed on exit)."),
-    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", "-w", help="Working directory inside the "
-                                          "container (default: the image's WorkingDir, else /)."),
-    user: Optional[str] = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image."),
-    network: str = typer.Option("none", "--network", help="none (default) or host."),
+    env: Optional[List[str]] = EnvOpt,
+    workdir: Optional[str] = WorkdirOpt,
+    user: Optional[str] = UserOpt,
+    network: str = NetworkOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and where."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per read of "
                                         "the image (path, offset, size, time) to this file."),
@@ -61,7 +60,7 @@ def run(
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
                       network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
                       profile=profile)
-    say = (lambda msg: err.print(f"lazyfs: {msg}", highlight=False, markup=False)) if verbose else (lambda m: None)
+    say = sayer(verbose)
 
     def report(s: dict) -> None:
         if stats_json:

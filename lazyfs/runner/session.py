@@ -111,15 +111,8 @@ def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> i
     proc = subprocess.Popen(cmd)
 
     def terminate() -> None:
-        """docker-stop semantics: SIGTERM to the runtime and the container's init, SIGKILL after
-        STOP_GRACE. (unshare ignores SIGTERM while it waits, and a PID 1 without a handler
-        ignores it too, so without the escalation a stop could wait forever.)"""
-        proc.send_signal(signal.SIGTERM)
-        for child in _children(proc.pid):
-            try:
-                os.kill(child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """docker-stop semantics: SIGTERM, SIGKILL after STOP_GRACE."""
+        _sigterm(proc)
         try:
             proc.wait(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:
@@ -149,18 +142,27 @@ def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> i
     return 128 - code if code < 0 else code
 
 
-def _children(pid: int) -> list[int]:
+def _sigterm(proc: subprocess.Popen) -> None:
+    """SIGTERM to the runtime and to the container's init: unshare ignores SIGTERM while it
+    waits, so the init must get it directly (and one without a handler, as PID 1, still ignores
+    it: callers escalate to SIGKILL)."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(x) for x in f.read().split()]
     except OSError:
-        return []
+        children = []
+    for child in children:
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _stop(proc: subprocess.Popen, force_stop) -> int:
     for step in ("wait", "term", "kill"):
         if step == "term":
-            proc.send_signal(signal.SIGTERM)
+            _sigterm(proc)
         elif step == "kill":
             force_stop()
             proc.kill()

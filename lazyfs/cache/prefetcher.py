@@ -11,6 +11,7 @@ way to get it); everything not yet claimed it fetches itself, at once. Blocks ar
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -140,3 +141,12 @@ class Prefetcher:
             for digest in sizes:  # never leave a claim behind: readers would wait forever
                 self.stats.add(failed=1)
                 self.cache.release(digest)
+
+
+def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[str, int]]) -> None:
+    """Batch-fetch in the background those of ``wanted`` the node has no file for (sibling
+    prefetch): verifying unused blocks already on disk would cost a warm node reads and
+    hashing for nothing."""
+    missing = [(d, n) for d, n in wanted if not os.path.exists(cache.path(d))]
+    if missing:
+        Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True).start()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from lazyfs import paths
@@ -106,14 +107,17 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     with os.scandir(mnt) as it:
         if next(it, None) is not None:
             raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden)")
-    if checked and profile in ("auto", "none"):
-        digest = ref  # every manifest fetch is start-up latency: do not repeat the caller's
-    else:
+    digest = ref
+    named_profile = profile not in ("auto", "none")
+    # Fail here, in the user's terminal, not in a log file; but every manifest fetch is start-up
+    # latency, so do not repeat the check a caller (lazyfs run) has made.
+    if not checked or named_profile:
         reader = source.open()
         try:
-            digest = objects.resolve(reader, ref)
-            objects.read_config(reader, digest)  # fail here, in the user's terminal, not in a log file
-            if profile not in ("auto", "none"):
+            if not checked:
+                digest = objects.resolve(reader, ref)
+                objects.read_config(reader, digest)
+            if named_profile:
                 from lazyfs import profiles
                 profiles.load(reader, digest, profile)
         finally:
@@ -219,6 +223,7 @@ def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str
     from fuse import FUSE
 
     from lazyfs.cache.nodecache import NodeCache
+    from lazyfs.cache.prefetcher import fetch_missing
     from lazyfs.fs.fuseops import CODEC, LazyOps
     from lazyfs.fs.index import ImageIndex
 
@@ -234,17 +239,10 @@ def serve(digest: str, source: Source, cache_dir: str, mountpoint: str, ref: str
         if prefetcher:
             out["prefetch"] = prefetcher.stats.snapshot()
         return out
-    from lazyfs.cache.prefetcher import Prefetcher
-
-    def fetch_siblings(wanted):
-        # Only what the node does not have: verifying unused siblings on disk would cost a warm
-        # node reads and hashing for nothing.
-        missing = [(d, n) for d, n in wanted if not os.path.exists(cache.path(d))]
-        if missing:
-            Prefetcher(cache, reader.fetch_blocks, missing, batch=len(missing), quiet=True).start()
     # A profile knows what the workload reads; guessing by directory would only add bytes.
+    siblings = source.siblings and prefetcher is None
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
-                  fetch_siblings=fetch_siblings if source.siblings and prefetcher is None else None)
+                  fetch_siblings=partial(fetch_missing, cache, reader.fetch_blocks) if siblings else None)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"1")

@@ -25,7 +25,7 @@ from lazyfs.format import block
 from lazyfs.remote import rendezvous
 from lazyfs.store.base import BlockStore
 from lazyfs.store.http import HttpStore, NotCached
-from lazyfs.store.objects import MAX_MANIFEST, fetch_blocks
+from lazyfs.store.objects import MAX_MANIFEST, counted_frames, fetch_blocks
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
@@ -238,10 +238,7 @@ class Fleet:
 
             def counted(wanted, _client=client, _name=name):
                 try:
-                    for digest, frame in _client.get_blocks(wanted):
-                        if frame is not None:
-                            self.stats.add(block_gets=1, block_bytes=len(frame))
-                        yield digest, frame
+                    yield from counted_frames(_client.get_blocks(wanted), self.stats)
                 except LazyfsError as exc:
                     self._failed(_name, f"batch of {len(wanted)} blocks", exc)
                     raise

@@ -23,15 +23,10 @@ class CountingStore:
     def fetch_blocks(self, items: list[tuple[str, int]]):
         """Verified bytes of many blocks (the prefetcher's fetch): one batch request where the
         store has one (a cache server), else one read per block."""
-        from lazyfs.store.objects import fetch_blocks
+        from lazyfs.store.objects import counted_frames, fetch_blocks
         batch = getattr(self.inner, "get_blocks", None)
-
-        def counted(wanted):
-            for digest, frame in batch(wanted):
-                if frame is not None:
-                    self.stats.add(block_gets=1, block_bytes=len(frame))
-                yield digest, frame
-        return fetch_blocks(items, self.fetch_block, counted if batch else None)
+        counted = (lambda wanted: counted_frames(batch(wanted), self.stats)) if batch else None
+        return fetch_blocks(items, self.fetch_block, counted)
 
     def get_manifest(self, digest: str) -> bytes:
         data = self.inner.get_manifest(digest)

@@ -47,6 +47,15 @@ def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> byte
     return block.decode(digest, store.get_block(digest), expected_size=size)
 
 
+def counted_frames(frames, stats):
+    """Pass a batch read's (digest, frame) pairs through, counting delivered blocks in ``stats``
+    (block_gets, block_bytes) as single gets are counted."""
+    for digest, frame in frames:
+        if frame is not None:
+            stats.add(block_gets=1, block_bytes=len(frame))
+        yield digest, frame
+
+
 def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames=None):
     """Verified bytes of many blocks, in order: (digest, bytes) or (digest, the error).
 

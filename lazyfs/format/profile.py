@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSPROF\x01\n"
 TAG_NAME = "lazyfs-profile"
@@ -50,7 +51,7 @@ def is_profile(data: bytes) -> bool:
 def encode(profile: Profile) -> bytes:
     body = {"image": profile.image, "meta": profile.meta,
             "blocks": [[b.digest, b.size, round(b.t, 6)] for b in profile.blocks]}
-    return MAGIC + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + canonical_json(body)
 
 
 def decode(data: bytes) -> Profile:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSSNAP\x01\n"
 MAX_FILES = 100_000
@@ -45,7 +46,7 @@ def encode(snap: Snapshot) -> bytes:
             "meta": snap.meta,
             "files": [{"name": f.name, "size": f.size, "chunks": [list(c) for c in f.chunks]}
                       for f in sorted(snap.files, key=lambda f: f.name)]}
-    return MAGIC + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + canonical_json(body)
 
 
 def decode(data: bytes) -> Snapshot:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import report
-from bench.images import SNAPSHOT_MODES, WORKLOADS, Images
+from bench.images import SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, Node, Sample
 from lazyfs.errors import LazyfsError
@@ -126,7 +126,8 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     results: dict = {"date": started, "machine": _machine(), "link": {"rate": cfg.link,
                      "delay_ms": cfg.delay * 1000}, "runs": cfg.runs, "images": image_info,
                      "workloads": {}}
-    total = sum(len(SNAPSHOT_MODES if w == "snapshot" else cfg.modes) for w in cfg.workloads) * cfg.runs
+    total = sum(len(SNAPSHOT_MODES if w in SNAPSHOT_WORKLOADS else cfg.modes)
+                for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
     with Link(cfg.link) as link:
         results["link"]["where"] = link.describe()
@@ -148,7 +149,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
 def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick, say) -> dict:
     work = WORKLOADS[w]
     ref = f"bench/{work.image}:latest"
-    if w == "snapshot":
+    if w in SNAPSHOT_WORKLOADS:
         return _bench_snapshot(cfg, node, servers, work, ref, tick, say)
     samples: dict[str, list[dict]] = {m: [] for m in cfg.modes}
     if "lazy+profile" in cfg.modes:
@@ -180,21 +181,26 @@ def _counted(servers: Servers, measure, through_server: bool) -> Sample:
 
 def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: str, tick, say) -> dict:
     """Cold init (lazy, with the image's profile if it has one) versus restoring a snapshot
-    taken right after init, both on a cold node over the link."""
-    snap = "bench/torch-warm:latest"
-    say("snapshot: taking the snapshot (CRIU)")
+    taken right after init, eagerly and lazily, all on a cold node over the link."""
+    snap = f"bench/{work.name}-warm:latest"
+    say(f"{work.name}: taking the snapshot (CRIU)")
     _lazyfs("run", "--snapshot", snap, "--store", node.store, "--server", node.server_url,
             "--cache-dir", str(node.home / "node-cache-profile"), ref, "--", *work.argv)
+    say(f"{work.name}: a first lazy restore records the working set")
+    node.restore(snap, ref, work, "--lazy", "--store", node.store)
     samples: dict[str, list[dict]] = {m: [] for m in SNAPSHOT_MODES}
+    flags = {"restore": ("--eager",), "lazy-restore": ("--lazy", "--no-working-set"),
+             "lazy-restore+ws": ("--lazy",)}
     for i in range(cfg.runs):
         for mode in SNAPSHOT_MODES:
-            say(f"snapshot: {mode} run {i + 1}/{cfg.runs}")
-            measure = (lambda: node.restore(snap, ref, work)) if mode == "restore" else (
+            say(f"{work.name}: {mode} run {i + 1}/{cfg.runs}")
+            measure = (lambda: node.restore(snap, ref, work, *flags[mode])) if mode in flags else (
                 lambda: node.lazy(ref, work, "auto", cold=True))
             samples[mode].append(asdict(_counted(servers, measure, True)))
             tick(1)
-    return {"image": work.image, "argv": ["python3", "-c", "<import torch; build a 400 MB model; "
-                                          "snapshot.ready(); one inference>"], "samples": samples}
+    what = ("build 4 models of 100 MB; snapshot.ready(); answer with one of them" if work.name == "snapshot-one"
+            else "build a 400 MB model; snapshot.ready(); one inference")
+    return {"image": work.image, "argv": ["python3", "-c", f"<import torch; {what}>"], "samples": samples}
 
 
 def _one(node: Node, mode: str, ref: str, work) -> Sample:

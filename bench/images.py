@@ -43,8 +43,10 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 '''
 
 
-# The snapshot scenario's program: import torch, build a ~400 MB model, answer one inference.
-# Under `lazyfs run --snapshot` it calls snapshot.ready() once warm; a restore carries on there.
+# The snapshot scenarios' programs: import torch, build ~400 MB of weights, answer one request.
+# Under `lazyfs run --snapshot` they call snapshot.ready() once warm; a restore carries on there.
+# "snapshot": one model whose first answer needs every weight. "snapshot-one": four models of
+# ~100 MB (a multi-model server) whose first answer needs one of them.
 SNAPSHOT_PROGRAM = """
 try:
     import lazyfs_snapshot as snapshot
@@ -59,6 +61,22 @@ if snapshot:
     snapshot.ready()
 with torch.no_grad():
     print("served", float(model(torch.ones(1, 4096)).sum()), flush=True)
+"""
+SNAPSHOT_ONE_PROGRAM = """
+try:
+    import lazyfs_snapshot as snapshot
+except ImportError:
+    snapshot = None
+import torch
+torch.manual_seed(0)
+models = [torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]) for _ in range(4)]
+with torch.no_grad():
+    for m in models:
+        m(torch.ones(1, 2048))
+if snapshot:
+    snapshot.ready()
+with torch.no_grad():
+    print("served", float(models[0](torch.ones(1, 2048)).sum()), flush=True)
 """
 
 
@@ -85,8 +103,12 @@ WORKLOADS = {
     "http": Workload("http", "pyenv", ["python3", "/srv/app.py", "18080"], http_port=18080),
     # Not a mode matrix: cold init versus restoring a snapshot taken right after init (CRIU).
     "snapshot": Workload("snapshot", "torch", ["python3", "-c", SNAPSHOT_PROGRAM], "served "),
+    "snapshot-one": Workload("snapshot-one", "torch", ["python3", "-c", SNAPSHOT_ONE_PROGRAM], "served "),
 }
-SNAPSHOT_MODES = ("cold-init", "restore")
+SNAPSHOT_WORKLOADS = ("snapshot", "snapshot-one")
+# restore: fetch the whole snapshot, then CRIU; lazy-restore: memory on demand, no working set;
+# lazy-restore+ws: on demand after prefetching the working set a first restore recorded.
+SNAPSHOT_MODES = ("cold-init", "restore", "lazy-restore", "lazy-restore+ws")
 
 
 def sh(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -138,10 +138,12 @@ class Node:
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})
 
-    def restore(self, snap: str, ref: str, work: Workload) -> Sample:
-        """Restore a snapshot on a cold node (empty node cache, page cache dropped)."""
+    def restore(self, snap: str, ref: str, work: Workload, *flags: str) -> Sample:
+        """Restore a snapshot on a cold node (empty node cache, page cache dropped); ``flags``
+        pick eager or lazy (`lazyfs run --eager/--lazy/--no-working-set`, or `--store` for the
+        untimed first restore that publishes the working set it records)."""
         shutil.rmtree(self.cold_cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--restore", snap,
+        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", *flags, "--restore", snap,
                "--server", self.server_url, "--cache-dir", str(self.cold_cache), ref]
         drop_caches()
         t0 = time.monotonic()

@@ -67,8 +67,10 @@ def dump(criu: str, pid: int, images: Path, leave_running: bool = False) -> None
         raise CriuError(f"criu dump of pid {pid} failed:\n  {_tail(images / 'dump.log')}")
 
 
-def restore_command(criu: str, images: Path, pidfile: Path, log: Path) -> list[str]:
+def restore_command(criu: str, images: Path, pidfile: Path, log: Path, lazy: bool = False) -> list[str]:
     """The restored root task becomes a sibling of criu (so a child of whoever started criu),
-    in a new PID namespace of its own, and criu exits once it runs."""
+    in a new PID namespace of its own, and criu exits once it runs. ``lazy``: private anonymous
+    memory is left to the page server listening in ``images`` (snapshot.lazyserver)."""
     return [criu, "restore", "-D", str(images), "-o", str(log), "-v4", "--restore-detached",
-            "--restore-sibling", "--pidfile", str(pidfile), "--file-locks", "--link-remap"]
+            "--restore-sibling", "--pidfile", str(pidfile), "--file-locks", "--link-remap",
+            *(["--lazy-pages"] if lazy else [])]

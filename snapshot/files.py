@@ -6,9 +6,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import xxhash
 
+from lazyfs import paths
+from lazyfs.cache.nodecache import NodeCache
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import block
 from lazyfs.format.snapshot import SnapFile
@@ -74,9 +77,28 @@ def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapF
     return files, new, total
 
 
-def fetch(fetch_block, files: tuple[SnapFile, ...], root: Path) -> int:
+def block_fetcher(source, cache_dir: str | None, reader):
+    """``fetch(digest, size) -> bytes``, verified, for a snapshot's blocks. From a remote store or
+    fleet they go through the node cache, so the next restore on this node reads them locally;
+    from a local store that would only copy them twice."""
+    spec = source.store or paths.default_store()
+    if not source.servers and urlparse(spec).scheme in ("", "file"):
+        return reader.fetch_block
+    cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
+    return lambda digest, size: cache.read(digest, size, 0, size)
+
+
+def is_pages(name: str) -> bool:
+    """A CRIU pages file (memory contents), as opposed to the small images that describe it."""
+    base = name.rpartition("/")[2]
+    return name.startswith("criu/") and base.startswith("pages-") and base.endswith(".img")
+
+
+def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]] | None = None) -> int:
     """Write each file under ``root`` from verified blocks (``fetch_block(digest, size)`` must
-    verify, as Fleet.fetch_block and CountingStore.fetch_block do). Returns bytes written."""
+    verify, as Fleet.fetch_block and CountingStore.fetch_block do). Returns bytes written.
+    ``only``: for the files it names, just the blocks overlapping these (offset, length) ranges;
+    the rest of such a file stays a hole (a lazy restore's pages files)."""
     jobs = []
     for f in files:
         target = root / f.name
@@ -84,9 +106,13 @@ def fetch(fetch_block, files: tuple[SnapFile, ...], root: Path) -> int:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(fd, f.size)
         os.close(fd)
-        offset = 0
+        ranges = sorted(only[f.name]) if only is not None and f.name in only else None
+        offset = r = 0
         for digest, size in f.chunks:
-            jobs.append((target, offset, digest, size))
+            while ranges and r < len(ranges) and sum(ranges[r]) <= offset:
+                r += 1  # ranges that end before this block
+            if ranges is None or (r < len(ranges) and ranges[r][0] < offset + size):
+                jobs.append((target, offset, digest, size))
             offset += size
 
     def one(job) -> int:

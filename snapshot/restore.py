@@ -15,10 +15,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlparse
 
 from lazyfs import paths
-from lazyfs.cache.nodecache import NodeCache
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run
@@ -26,7 +24,9 @@ from lazyfs.store import objects
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.capture import Follower
-from snapshot.files import fetch
+from snapshot.files import block_fetcher, fetch
+from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager
+from snapshot.lazyserver import Config
 from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace, inject_helper
 
 log = logging.getLogger("lazyfs.snapshot")
@@ -47,26 +47,41 @@ def load(reader, image_ref: str, snap_ref: str) -> tuple[str, str, snapfmt.Snaps
     return digest, snap_digest, snap
 
 
-def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
+def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = True,
+            working_set: bool = True) -> int:
+    """``lazy``: fetch only what criu restore reads itself and serve the process's memory on
+    demand; else fetch the whole snapshot before restoring. ``working_set``: with ``lazy``,
+    prefetch the working set an earlier restore recorded, or record one if there is none."""
     snap = None
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
     try:
         criu = criu_mod.find()
         reader = opts.source.open()
         try:
-            digest, _, snap = load(reader, opts.ref, snap_ref)
+            digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
             t0 = time.monotonic()
+            fetch_block = block_fetcher(opts.source, opts.cache_dir, reader)
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:
                 mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir)
                 try:
-                    fetched = fetch(_fetcher(opts, reader), snap.files, ws.base / "snap")
+                    if lazy:
+                        fetched = fetch_eager(fetch_block, snap.files, ws.base / "snap")
+                    else:
+                        fetched = fetch(fetch_block, snap.files, ws.base / "snap")
                 finally:
                     mounting.result()
             fetch_s = time.monotonic() - t0
         finally:
             reader.close()
-        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say)
+        pages = None
+        if lazy:
+            pages = PageServer(Config(str(ws.base / "snap" / "criu"), snap_digest, opts.source,
+                                      opts.cache_dir, str(ws.base / "restored.pid"),
+                                      str(ws.base / "pages.json"), working_set=working_set,
+                                      record=working_set, publish_to=_publish_target(opts)),
+                                ws.base / "pages.log")
+        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages)
     except SnapshotMismatch:
         ws.remove()
         raise
@@ -78,15 +93,12 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None) -> int:
         raise
 
 
-def _fetcher(opts: RunOptions, reader):
-    """Verified block bytes for the snapshot's files. From a remote store or fleet they go through
-    the node cache, so the next restore on this node reads them locally; from a local store
-    that would only copy them twice."""
-    spec = opts.source.store or paths.default_store()
-    if not opts.source.servers and urlparse(spec).scheme in ("", "file"):
-        return reader.fetch_block
-    cache = NodeCache(opts.cache_dir or paths.default_cache_dir(), reader.fetch_block)
-    return lambda digest, size: cache.read(digest, size, 0, size)
+def _publish_target(opts: RunOptions) -> str | None:
+    """Where a first lazy restore publishes the working set it recorded: the origin store, or
+    the first cache server (which needs the token)."""
+    if opts.source.store or not opts.source.servers:
+        return opts.source.store or paths.default_store()
+    return opts.source.servers[0]
 
 
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
@@ -99,7 +111,45 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
     return cold_run(cold, say)
 
 
-def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say) -> int:
+def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
+             pages: PageServer | None) -> int:
+    try:
+        pid, stdio_at, times = _criu_restore(criu, digest, snap, ws, pages)
+    except BaseException:
+        if pages is not None:
+            pages.finish()
+        raise
+    prepare_s, restore_s = times
+    say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
+        f"mounted the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
+        f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
+    status: dict = {}
+    try:
+        with Follower(ws.stdio, stdio_at):
+            code = _wait(pid)
+    finally:
+        if pages is not None:
+            status = pages.finish()
+        ws.remove()
+    if pages is not None:
+        if status.get("error") or not status:
+            raise LazyRestoreFailed(f"the restored process was killed: "
+                                    f"{status.get('error') or pages.failure()}")
+        say(_describe(status))
+    return code
+
+
+def _describe(s: dict) -> str:
+    mib = 1 << 20
+    return (f"lazy restore: {s.get('faults', 0)} faults fetched {s.get('demand_bytes', 0) / mib:.1f} "
+            f"MiB (+{s.get('readahead_bytes', 0) / mib:.1f} MiB readahead), working set "
+            f"{s.get('profile_bytes', 0) / mib:.1f} MiB of {s.get('working_set_blocks', 0)} blocks "
+            f"prefetched, {s.get('background_bytes', 0) / mib:.1f} MiB in the background"
+            + (f"; recorded a working set of {s['working_set_recorded']} blocks"
+               if s.get("working_set_recorded") else ""))
+
+
+def _criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     t0 = time.monotonic()
     gpu_meta = snap.meta.get("gpu")
     cuda = _check_gpus(gpu_meta) if gpu_meta else None
@@ -117,7 +167,8 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
     pidfile = ws.base / "restored.pid"
     cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
            "snapshot.restorer", "--workspace", str(ws.base), "--at", snap.mount_path, "--",
-           *criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log")]
+           *criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
+                                     lazy=pages is not None)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 or not pidfile.exists():
         tail = criu_mod._tail(ws.base / "restore.log")
@@ -138,15 +189,7 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         os.kill(pid, signal.SIGKILL)
         _wait(pid)
         raise
-    restore_s = time.monotonic() - t0
-    say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
-        f"mounted the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
-        f"{restore_s - prepare_s:.2f}s")
-    try:
-        with Follower(ws.stdio, stdio_at):
-            return _wait(pid)
-    finally:
-        ws.remove()
+    return pid, stdio_at, (prepare_s, time.monotonic() - t0)
 
 
 def _check_gpus(meta: dict) -> "gpu.Cuda":

@@ -2,6 +2,8 @@
 FUSE mount. Snapshot once, restore twice; shared blocks; corrupt blocks; the wrong image."""
 from __future__ import annotations
 
+import hashlib
+import random
 import re
 import shutil
 import subprocess
@@ -12,11 +14,13 @@ from lazyfs.format import block
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.store import objects
 from lazyfs.store.local import LocalStore
+from lazyfs.format import profile as proffmt
 from snapshot import criu
+from snapshot.criuimg import parse_pagemap
 from tests.conftest import lazyfs_cli, mount_skip_reason
 
 PROGRAM = r'''
-import os, random, sys
+import hashlib, os, random, sys
 import numpy as np
 import lazyfs_snapshot as snapshot
 counter = 0
@@ -33,10 +37,14 @@ counter += 1
 state.write(f"after {counter}\n")
 state.flush()
 print("continued", generation, counter, len(big), float(arr.sum()), flush=True)
+print("digest", hashlib.sha256(big).hexdigest(), flush=True)  # every byte of the 48 MiB, read back
 print("random", random.random(), float(np.random.rand()), flush=True)
 print("state", open("/tmp/state.txt").read().replace("\n", "|"), flush=True)
 sys.exit(7)
 '''
+
+
+BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
 
 def _skip_reason() -> str | None:
@@ -91,6 +99,7 @@ def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image):
         generation, counter, big, total = out["continued"]
         assert counter == "6" and big == str(48 * 1024 * 1024)
         assert float(total) == sum(range(2_000_000))
+        assert out["digest"] == [BIG_DIGEST]
         assert " ".join(out["state"]) == "tick 1|tick 2|tick 3|tick 4|tick 5|after 6|"
         outs.append((generation, out["random"]))
     assert outs[0][0] != outs[1][0]  # each restored copy has its own identity
@@ -124,6 +133,77 @@ def test_corrupt_snapshot_block_falls_back_to_a_cold_start(image):
     out = _lines(r.stdout)
     assert out["warm"] == ["5"] and out["continued"][:2] == ["0", "6"]  # ran from the start
     assert r.returncode == 7
+
+
+def _lazy_big_block(image, snap) -> str:
+    """A block of the pages file that lies wholly inside the 48 MiB bytearray's memory (the one
+    lazy extent of that size), which the program reads only after the restore."""
+    def file_bytes(name):
+        f = next(f for f in snap.files if f.name == name)
+        return b"".join(objects.fetch_block(image, d, n) for d, n in f.chunks)
+    pm = parse_pagemap(file_bytes("criu/pagemap-1.img"))
+    runs: list[list[int]] = []  # [offset, end] of lazy memory contiguous in both address and file
+    for e in pm.extents:
+        if e.lazy and runs and runs[-1][2] == e.vaddr and runs[-1][1] == e.offset:
+            runs[-1][1:] = [e.offset + e.pages * 4096, e.end]
+        elif e.lazy:
+            runs.append([e.offset, e.offset + e.pages * 4096, e.end])
+    start, end, _ = max(runs, key=lambda r: r[1] - r[0])
+    assert end - start >= 48 * 1024 * 1024
+    pages = next(f for f in snap.files if f.name == f"criu/{pm.pages_file}")
+    off = 0
+    for digest, n in pages.chunks:
+        if off >= (start + end) // 2 and off + n <= end:
+            return digest
+        off += n
+    raise AssertionError("no block inside the bytearray")
+
+
+def _stat(stderr: str, pattern: str) -> float:
+    m = re.search(pattern, stderr)
+    assert m, stderr
+    return float(m.group(1))
+
+
+def test_lazy_restore_fetches_little_records_its_working_set_and_prefetches_it(image):
+    _snapshot("warm/py:1")
+    snap_digest = image.get_tag("warm/py", "1")
+    snap = snapfmt.decode(objects.read_manifest_bytes(image, snap_digest))
+    total = sum(f.size for f in snap.files)
+    runs = []
+    for mode in ("--lazy", "--lazy", "--eager"):
+        r = lazyfs_cli("run", "-v", mode, "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+        out = _lines(r.stdout)
+        assert out["continued"][1] == "6" and out["digest"] == [BIG_DIGEST]
+        runs.append(r.stderr)
+    first, second, eager = runs
+    # Lazy: before CRIU starts, only the small images and the pages CRIU maps itself.
+    assert _stat(first, r"fetched (\d+) bytes") < 0.25 * total
+    assert _stat(eager, r"fetched (\d+) bytes") == total
+    recorded = _stat(first, r"recorded a working set of (\d+) blocks")
+    ws = proffmt.decode(objects.read_manifest_bytes(image, image.get_tag(*proffmt.tag_for(snap_digest))))
+    assert len(ws.blocks) == recorded > 0 and ws.image == snap_digest
+    # The second restore prefetches those blocks, so the process faults on far fewer pages.
+    assert _stat(second, r"of (\d+) blocks prefetched") == recorded
+    assert "recorded a working set" not in second
+    assert _stat(second, r"lazy restore: (\d+) faults") < _stat(first, r"lazy restore: (\d+) faults")
+
+
+def test_lazy_restore_with_a_corrupt_memory_block_is_killed_and_starts_cold(image):
+    """The bad block is fetched only when the restored process reads that memory: the page
+    server must kill the process (never hand it other bytes or zeroes) and lazyfs starts cold."""
+    _snapshot("warm/py:1")
+    snap = snapfmt.decode(objects.read_manifest_bytes(image, image.get_tag("warm/py", "1")))
+    victim = _lazy_big_block(image, snap)
+    size = next(n for f in snap.files for d, n in f.chunks if d == victim)
+    image._block_path(victim).write_bytes(block.encode(b"\0" * size)[1])
+    r = lazyfs_cli("run", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
+    assert "the restored process was killed" in r.stderr and victim in r.stderr, r.stderr
+    assert "starting snap/py:1 cold instead" in r.stderr
+    digests = [line for line in r.stdout.splitlines() if line.startswith("digest")]
+    assert digests == [f"digest {BIG_DIGEST}"]  # only the cold run got that far
+    assert _lines(r.stdout)["warm"] == ["5"] and r.returncode == 7
 
 
 def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):

@@ -18,12 +18,12 @@ from lazyfs.cli.common import RichProgress, err, parse_duration
                   "Writes results.json, results.md and results.png to --out. Needs root.")
 def bench(
     workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, "
-                                                 "imports, http, snapshot (cold init vs CRIU "
-                                                 "restore; needs CRIU) (repeatable; default: all)."),
+                                                 "imports, http, snapshot, snapshot-one (cold init "
+                                                 "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
                                              "warm-node, local (repeatable; default: all). The "
-                                             "snapshot workload always runs its own two: cold-init "
-                                             "and restore."),
+                                             "snapshot workloads always run their own: cold-init, "
+                                             "restore, lazy-restore, lazy-restore+ws."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
     link: str = typer.Option("1gbit", "--link", help="Link rate in tc's spelling: 100mbit, 1gbit, "
                              "10gbit, ..."),
@@ -44,13 +44,14 @@ def bench(
         raise typer.BadParameter("the chart needs matplotlib: pip install 'lazyfs[bench]'") from None
     rate_bits(link)
     chosen = list(workload or WORKLOADS)
-    if not workload and "snapshot" in chosen:
+    from bench.images import SNAPSHOT_WORKLOADS
+    if not workload:
         from snapshot.criu import CriuError, find
         try:
             find()
-        except CriuError as exc:  # the scenario needs CRIU; the rest does not
-            err.print(f"bench: leaving out the snapshot scenario: {exc}", highlight=False)
-            chosen.remove("snapshot")
+        except CriuError as exc:  # the scenarios need CRIU; the rest do not
+            err.print(f"bench: leaving out the snapshot scenarios: {exc}", highlight=False)
+            chosen = [w for w in chosen if w not in SNAPSHOT_WORKLOADS]
     cfg = BenchConfig(chosen, list(mode or MODES), runs, link,
                       parse_duration(latency), out=out)
     if home:

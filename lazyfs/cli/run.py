@@ -48,6 +48,14 @@ def run(
     restore: Optional[str] = typer.Option(None, "--restore", metavar="SNAP", help="Restore the "
                                           "snapshot SNAP of this image and let it carry on; if the "
                                           "restore fails, start cold instead (with a warning)."),
+    lazy: bool = typer.Option(True, "--lazy/--eager", help="With --restore: fetch only what CRIU "
+                              "restores itself and serve the process's memory as it touches it, "
+                              "the working set a first restore recorded ahead of it (--lazy); or "
+                              "fetch the whole snapshot first (--eager)."),
+    working_set: bool = typer.Option(True, "--working-set/--no-working-set", help="With --restore "
+                                     "--lazy: prefetch the memory a first lazy restore of this "
+                                     "snapshot recorded as its working set (a first restore records "
+                                     "it when the store takes writes); --no-working-set does neither."),
     snapshot_timeout: str = typer.Option("1h", "--snapshot-timeout", help="With --snapshot: give "
                                          "up if snapshot.ready() is not called within this long."),
 ):
@@ -81,5 +89,5 @@ def run(
         raise typer.Exit(capture(opts, snapshot, say, parse_duration(snapshot_timeout)))
     if restore:
         from snapshot.restore import restore as restore_run
-        raise typer.Exit(restore_run(opts, restore, say))
+        raise typer.Exit(restore_run(opts, restore, say, lazy=lazy, working_set=working_set))
     raise typer.Exit(run_session(opts, say))

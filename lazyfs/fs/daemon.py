@@ -140,7 +140,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
                        logf, write_fd, debug)
     os.close(write_fd)
     try:
-        ready = _wait_ready(read_fd, proc, timeout)
+        ready = spawn.wait_ready(read_fd, proc, timeout)
     except BaseException:  # Ctrl-C while waiting: leave no daemon or half-made mount behind
         _abandon(proc, mnt)
         raise
@@ -161,18 +161,6 @@ def _abandon(proc: subprocess.Popen, mnt: str) -> None:
     proc.wait()
     if mount_entry(mnt):
         _fusermount("-u", "-z", mnt)
-
-
-def _wait_ready(fd: int, proc: subprocess.Popen, timeout: float) -> bool:
-    import select
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            return os.read(fd, 1) == b"1"
-        if proc.poll() is not None:
-            return False
-    return False
 
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -100,3 +102,16 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def wait_ready(fd: int, proc, timeout: float) -> bool:
+    """True once the daemon writes b"1" to its readiness pipe; False if it exits or the time
+    runs out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            return os.read(fd, 1) == b"1"
+        if proc.poll() is not None:
+            return False
+    return False

@@ -1,0 +1,382 @@
+"""Serving a lazily restored process's memory from verified blocks (userfaultfd).
+
+`criu restore --lazy-pages` maps a restored task's private anonymous memory empty, registers it
+with a userfaultfd and hands the descriptor over a Unix socket (the task's pid as an int, then
+the descriptor; after the last task the word LAZY_PAGES_RESTORE_FINISHED). From then on a
+thread touching a missing page sleeps until its page is copied in. This handler takes CRIU's
+`lazy-pages` daemon's place so that:
+
+- a fault fetches the whole block holding its page (a content-defined run of pages, ~256 KiB)
+  at once and maps every missing page of it, ahead of everything else (pagefetch.py);
+- a block that cannot be fetched or fails verification never becomes memory: the restored tree
+  is killed (``on_fatal``) before this process lets go of the descriptors, which would make the
+  kernel fill the missing pages with zeroes;
+- the blocks faulted in, in first-touch order, are the snapshot's working set: published as a
+  profile, the next restore fetches them before the process asks (REAP's idea);
+- once faults go quiet the rest streams in the background, and a task whose every page is in
+  is released (its descriptor closed), so later faults are the kernel's own again.
+
+Pages are tracked per task as page number -> offset in the pages file; CRIU cuts nothing
+smaller than a page and snapshot.files cuts pages files at page boundaries, so every page lies
+in exactly one block.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from snapshot import uffd
+from snapshot.criuimg import PAGE, PageMap
+from snapshot.pagefetch import BACKGROUND, DEMAND, NAMES, PROFILE, READAHEAD, ChunkFetcher
+
+log = logging.getLogger("lazyfs.snapshot.lazy")
+READAHEAD_BLOCKS = 3  # blocks after a faulting one, same task (memory is often walked in order)
+QUIET = 0.3  # seconds without a fault before the background transfer starts
+
+
+class LazyRestoreError(Exception):
+    """A page the restored process needs could not be produced (the process has been killed)."""
+
+
+@dataclass
+class Blocks:
+    """Every block of every pages file, numbered globally: key -> (digest, size, file, start)."""
+    digests: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    files: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # name -> (first key, starts)
+
+    def add_file(self, name: str, chunks) -> None:
+        first, starts, off = len(self.digests), [], 0
+        for digest, size in chunks:
+            if off % PAGE:
+                raise LazyRestoreError(f"{name}: block boundary at {off} is not page aligned")
+            starts.append(off)
+            self.digests.append(digest)
+            self.sizes.append(size)
+            off += size
+        self.files[name] = (first, starts)
+
+    def key(self, name: str, offset: int) -> tuple[int, int]:
+        """(block key, offset of the block in its file) for a byte of a pages file."""
+        first, starts = self.files[name]
+        i = bisect.bisect_right(starts, offset) - 1
+        return first + i, starts[i]
+
+
+class Task:
+    """One restored process's lazily mapped memory (threads share it)."""
+
+    def __init__(self, name: str, fd: int, pages_file: str):
+        self.name, self.fd, self.pages_file = name, fd, pages_file
+        self.origin: dict[int, int] = {}  # page number -> pages-file offset, while mapped
+        self.missing: dict[int, set[int]] = defaultdict(set)  # block key -> pages not yet in
+        self.where: dict[int, int] = {}  # missing page -> its block key
+        self.live = False  # its memory is registered (restore finished, or it faulted)
+
+    def track(self, blocks: Blocks, pages: dict[int, int]) -> None:
+        for page, off in pages.items():
+            key, _ = blocks.key(self.pages_file, off)
+            self.missing[key].add(page)
+            self.where[page] = key
+        self.origin.update(pages)
+
+    def drop(self, page: int) -> None:
+        key = self.where.pop(page, None)
+        if key is not None:
+            self.missing[key].discard(page)
+            if not self.missing[key]:
+                del self.missing[key]
+
+
+def lazy_pages(pagemap: PageMap) -> dict[int, int]:
+    return {e.vaddr // PAGE + i: e.offset + i * PAGE
+            for e in pagemap.extents if e.lazy for i in range(e.pages)}
+
+
+class Handler:
+    def __init__(self, blocks: Blocks, fetch_block, pagemap_for, on_fatal, working_set=(),
+                 workers: int = 8):
+        self.blocks = blocks
+        self.pagemap_for = pagemap_for  # image pid -> PageMap
+        self.on_fatal = on_fatal  # kills the restored tree; called before any descriptor closes
+        self.tasks: list[Task] = []
+        self.lock = threading.RLock()
+        self.early: dict[int, bytes] = {}  # blocks that arrived before their task was live
+        self.finished = False  # criu restore said RESTORE_FINISHED
+        self.error: str | None = None
+        self.demanded: list[tuple[int, float]] = []  # (key, seconds since start): the working set
+        self._demanded: set[int] = set()
+        self.t0 = time.monotonic()
+        self.last_fault = self.t0
+        self.background_at: float | None = None
+        self.done_at: float | None = None
+        self.counts = defaultdict(int)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing: list[int] = []
+        self.fetcher = ChunkFetcher(lambda k: fetch_block(blocks.digests[k], blocks.sizes[k]),
+                                    self._deliver, self._fail, workers=workers)
+        for key in working_set:
+            self.fetcher.want(key, PROFILE)
+
+    # --- tasks arriving from criu restore -------------------------------------------------------
+    def add_task(self, pid: int, fd: int) -> None:
+        pagemap = self.pagemap_for(pid)
+        task = Task(f"pid {pid}", fd, pagemap.pages_file)
+        task.track(self.blocks, lazy_pages(pagemap))
+        with self.lock:
+            self.tasks.append(task)
+            self.counts["lazy_pages"] += len(task.where)
+        log.debug("%s: %d lazy pages in %d blocks", task.name, len(task.where), len(task.missing))
+
+    def restore_finished(self) -> None:
+        with self.lock:
+            self.finished = True
+            self.last_fault = time.monotonic()  # the quiet period starts when the tree runs
+            self.counts["finished_ms"] = self._ms()
+            for task in self.tasks:
+                self._make_live(task)
+            self.early.clear()
+
+    def _make_live(self, task: Task) -> None:
+        task.live = True
+        for key, data in list(self.early.items()):
+            if key in task.missing:
+                self._copy(task, key, data)
+        self._maybe_release(task)
+
+    # --- blocks arriving from the fetcher (worker threads) --------------------------------------
+    def _deliver(self, key: int, data: bytes, prio: int) -> None:
+        log.debug("block %d arrived (%d bytes, %s)", key, len(data), NAMES[prio])
+        with self.lock:
+            self.counts[f"{NAMES[prio]}_blocks"] += 1
+            self.counts[f"{NAMES[prio]}_bytes"] += len(data)
+            if not self.finished:  # tasks may still be on their way
+                self.early[key] = data
+            for task in list(self.tasks):
+                if key in task.missing and task.live:
+                    self._copy(task, key, data)
+                    self._maybe_release(task)
+        self._poke()
+
+    def _fail(self, key: int, exc: BaseException) -> None:
+        with self.lock:
+            needed = any(key in t.missing for t in self.tasks) or not self.finished
+        if needed:
+            self.fatal(f"block {self.blocks.digests[key]} of the snapshot's memory could not be "
+                       f"fetched: {exc}")
+
+    def fatal(self, why: str) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = why
+                log.error("lazy restore failed: %s; killing the restored process", why)
+                self.on_fatal()
+        self._poke()
+
+    def _copy(self, task: Task, key: int, data: bytes) -> None:
+        """Map every missing page of block ``key`` into ``task`` (lock held)."""
+        pages = sorted(task.missing.pop(key, ()))
+        _, start = self.blocks.key(task.pages_file, task.origin[pages[0]]) if pages else (0, 0)
+        i = 0
+        while i < len(pages):
+            j = i + 1  # a run: consecutive pages whose bytes are consecutive in the block
+            while (j < len(pages) and pages[j] == pages[j - 1] + 1
+                   and task.origin[pages[j]] == task.origin[pages[j - 1]] + PAGE):
+                j += 1
+            off = task.origin[pages[i]] - start
+            rc = uffd.copy(task.fd, pages[i] * PAGE, data, off, (j - i) * PAGE)
+            log.debug("%s: copy %#x +%d pages from block %d: %s", task.name, pages[i] * PAGE, j - i, key, rc)
+            if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
+                for k in range(i, j):  # part of the run is there or gone: page by page
+                    rc = uffd.copy(task.fd, pages[k] * PAGE, data, task.origin[pages[k]] - start, PAGE)
+                    if rc in (errno.ESRCH, errno.ENOSPC):
+                        break
+            if rc in (errno.ESRCH, errno.ENOSPC):
+                self._gone(task)
+                return
+            self.counts["copied_pages"] += j - i
+            i = j
+        for page in pages:
+            task.where.pop(page, None)
+
+    def _maybe_release(self, task: Task) -> None:
+        if task.live and not task.where and task in self.tasks:
+            self._release(task)
+
+    def _release(self, task: Task) -> None:
+        # The loop thread closes it (after it stops polling it): a number closed under its feet
+        # could come back as another task's descriptor.
+        self.tasks.remove(task)
+        self._closing.append(task.fd)
+        self._poke()
+        log.debug("%s: every page is in; released", task.name)
+
+    def _gone(self, task: Task) -> None:
+        log.debug("%s: the process has exited", task.name)
+        task.where.clear()
+        task.missing.clear()
+        if task in self.tasks:
+            self._release(task)
+
+    # --- events from the restored processes (the loop thread) ------------------------------------
+    def handle(self, task: Task, events: list[uffd.Event]) -> None:
+        with self.lock:
+            if not task.live:
+                self._make_live(task)  # it runs, so its memory is registered
+            for ev in events:
+                if task not in self.tasks:
+                    return
+                if ev.kind == uffd.EVENT_PAGEFAULT:
+                    self._fault(task, ev.a // PAGE)
+                elif ev.kind in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
+                    self._remove(task, ev)
+                elif ev.kind == uffd.EVENT_REMAP:
+                    self._remap(task, ev.a // PAGE, ev.b // PAGE, ev.c // PAGE)
+                elif ev.kind == uffd.EVENT_FORK:
+                    self._fork(task, ev.a)
+
+    def _fault(self, task: Task, page: int) -> None:
+        self.last_fault = time.monotonic()
+        key = task.where.get(page)
+        log.debug("%s: fault at %#x (block %s)", task.name, page * PAGE, key)
+        if key is None:  # never had content (or just arrived): a zero page, or a wake-up
+            self.counts["zero_faults"] += 1
+            if uffd.zeropage(task.fd, page * PAGE) in (errno.EEXIST, errno.ENOENT):
+                uffd.wake(task.fd, page * PAGE)
+            return
+        self.counts["faults"] += 1
+        if key not in self._demanded:
+            self._demanded.add(key)
+            self.demanded.append((key, round(self.last_fault - self.t0, 4)))
+        self.fetcher.want(key, DEMAND)
+        for nxt in range(key + 1, key + 1 + READAHEAD_BLOCKS):
+            if nxt in task.missing:
+                self.fetcher.want(nxt, READAHEAD)
+
+    def _remove(self, task: Task, ev: uffd.Event) -> None:
+        first, last = ev.a // PAGE, (ev.b + PAGE - 1) // PAGE
+        for page in [p for p in task.origin if first <= p < last]:
+            del task.origin[page]
+            task.drop(page)
+        if ev.kind == uffd.EVENT_REMOVE:  # madvise(DONTNEED): the range reads as zeroes from now
+            if uffd.unregister(task.fd, ev.a, ev.b - ev.a) == errno.ESRCH:
+                self._gone(task)
+                return
+        self._maybe_release(task)
+
+    def _remap(self, task: Task, old: int, new: int, n: int) -> None:
+        moved = {p: task.origin.pop(p) for p in [p for p in task.origin if old <= p < old + n]}
+        missing = [p for p in moved if p in task.where]
+        for page in missing:
+            task.drop(page)
+        task.origin.update({p - old + new: off for p, off in moved.items()})
+        for page in missing:
+            key, _ = self.blocks.key(task.pages_file, moved[page])
+            task.missing[key].add(page - old + new)
+            task.where[page - old + new] = key
+
+    def _fork(self, parent: Task, fd: int) -> None:
+        """The child starts with the parent's memory as it was at fork. Pages copied into the
+        parent since cannot be told apart, so every page the parent ever had lazily is copied
+        into the child again (EEXIST for those it already has)."""
+        child = Task(f"child of {parent.name}", fd, parent.pages_file)
+        child.track(self.blocks, dict(parent.origin))
+        child.live = True
+        self.tasks.append(child)
+        self.counts["forks"] += 1
+        for key in child.missing:
+            self.fetcher.want(key, DEMAND)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _ms(self) -> int:
+        return int((time.monotonic() - self.t0) * 1000)
+
+    def _background(self) -> None:
+        """Queue every block still missing somewhere (in address order), once faults are quiet."""
+        with self.lock:
+            keys = sorted({k for t in self.tasks for k in t.missing})
+            self.background_at = time.monotonic()
+            self.counts["background_ms"] = self._ms()
+        for key in keys:
+            self.fetcher.want(key, BACKGROUND)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run until every page of every task is in (after restore finished), an error, or
+        ``stop``. Tasks arrive from another thread (add_task), which pokes the loop."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        watched: dict[int, Task] = {}
+        try:
+            while not stop.is_set() and self.error is None:
+                with self.lock:
+                    current = {t.fd: t for t in self.tasks}
+                    closing, self._closing = self._closing, []
+                    if self.finished and not self.tasks:
+                        self.done_at = time.monotonic()
+                        self.counts["done_ms"] = self._ms()
+                for fd in set(watched) - set(current):
+                    poller.unregister(fd)
+                for fd in closing:
+                    os.close(fd)
+                if self.done_at is not None:
+                    return
+                for fd, task in current.items():
+                    if watched.get(fd) is not task:
+                        poller.register(fd, select.POLLIN)
+                watched = current
+                if (self.background_at is None and self.finished
+                        and time.monotonic() - self.last_fault >= QUIET):
+                    self._background()
+                for fd, mask in poller.poll(50):
+                    if fd == self._wake_r:
+                        os.read(fd, 4096)
+                    elif fd in watched:
+                        self._read_events(watched[fd], mask)
+        except BaseException as exc:
+            self.fatal(f"the page handler broke: {exc!r}")
+            raise
+        finally:
+            self.fetcher.stop()
+
+    def _read_events(self, task: Task, mask: int) -> None:
+        if task not in self.tasks:
+            return
+        if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not mask & select.POLLIN:
+            with self.lock:
+                self._gone(task)
+            return
+        try:
+            buf = os.read(task.fd, uffd.MSG_SIZE * 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            with self.lock:
+                self._gone(task)
+            return
+        if not buf:
+            with self.lock:
+                self._gone(task)
+            return
+        self.handle(task, uffd.parse(buf))
+
+    def close(self) -> None:
+        """Let go of every descriptor. Only after the tree is dead or every page is in."""
+        with self.lock:
+            for task in list(self.tasks):
+                self._release(task)
+            for fd in (*self._closing, self._wake_r, self._wake_w):
+                os.close(fd)
+            self._closing = []

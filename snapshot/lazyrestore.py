@@ -1,0 +1,87 @@
+"""The parts of `lazyfs run --restore` that make it lazy: fetch only what `criu restore` itself
+reads, and run the page server (snapshot.lazyserver) that feeds the rest on demand."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lazyfs.errors import RunError
+from lazyfs.fs import spawn
+from snapshot.criuimg import parse_pagemap
+from snapshot.files import fetch, is_pages
+from snapshot.lazyserver import SOCKET_NAME, Config, run as serve_pages
+
+
+class LazyRestoreFailed(RunError):
+    """The restored process needed memory that could not be fetched; it has been killed."""
+
+
+def fetch_eager(fetch_block, files, root: Path) -> int:
+    """Every file but the pages files in full; of those, only the pages CRIU restores itself
+    (stacks, file-backed and shared memory: whatever its pagemaps do not flag lazy)."""
+    pages = [f for f in files if is_pages(f.name)]
+    done = fetch(fetch_block, [f for f in files if not is_pages(f.name)], root)
+    eager: dict[str, list[tuple[int, int]]] = {f.name: [] for f in pages}
+    for path in sorted((root / "criu").glob("pagemap-*.img")):
+        pm = parse_pagemap(path.read_bytes())
+        eager.setdefault(f"criu/{pm.pages_file}", []).extend(pm.eager())
+    return done + fetch(fetch_block, pages, root, only=eager)
+
+
+class PageServer:
+    """The lazy-pages process for one restore: started before `criu restore --lazy-pages`
+    connects, told to stop once the restored tree has exited."""
+
+    def __init__(self, cfg: Config, log_file: Path):
+        self.cfg = cfg
+        self.log_file = log_file
+        read_fd, write_fd = os.pipe()
+        args = [sys.executable, "-m", "snapshot.lazyserver", *cfg.args(), "--ready-fd", str(write_fd)]
+        self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd), log_file, write_fd)
+        os.close(write_fd)
+        try:
+            if not spawn.wait_ready(read_fd, self.proc, 30.0):
+                self.proc.kill()
+                self.proc.wait()
+                raise RunError(f"the lazy page server did not start: {self.failure()}")
+        finally:
+            os.close(read_fd)
+
+    def socket(self) -> Path:
+        return Path(self.cfg.images) / SOCKET_NAME
+
+    def status(self) -> dict:
+        try:
+            return json.loads(Path(self.cfg.status).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def failure(self) -> str:
+        err = self.status().get("error")
+        if err:
+            return err
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return " / ".join(lines[-3:]) or "(no log)"
+
+    def finish(self, timeout: float = 30.0) -> dict:
+        """After the restored tree has exited: stop serving and return the status."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.status()
+

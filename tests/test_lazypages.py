@@ -1,0 +1,199 @@
+"""The lazy-restore page handler against a real userfaultfd, without CRIU: this process registers
+a memory region of its own, hands the descriptor to a Handler as criu restore would, and reads
+the region from another thread (through ctypes, which lets go of the GIL while it faults)."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import random
+import struct
+import threading
+
+import pytest
+
+from lazyfs.errors import DigestMismatch
+from snapshot import uffd
+from snapshot.criuimg import PAGE, Extent, PageMap
+from snapshot.lazypages import Blocks, Handler
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+SYS_USERFAULTFD = 323  # x86_64
+FEATURES = 1 << 2 | 1 << 3 | 1 << 6  # EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP (no FORK: one process)
+UFFDIO_API = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F
+UFFDIO_REGISTER = (3 << 30) | (32 << 16) | (0xAA << 8) | 0x00
+PAGES = 256  # 1 MiB region
+
+
+def _userfaultfd() -> int | None:
+    fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        return None
+    fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("<QQQ", 0xAA, FEATURES, 0)), True)
+    return fd
+
+
+def _skip_reason() -> str | None:
+    if os.uname().machine != "x86_64":
+        return "the test's userfaultfd syscall number is x86_64's"
+    fd = _userfaultfd()
+    if fd is None:
+        return f"userfaultfd is not available here ({os.strerror(ctypes.get_errno())})"
+    os.close(fd)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+class Memory:
+    """A registered region and the 'pages file' its contents come from, cut into uneven blocks."""
+
+    def __init__(self, fail: set[int] = frozenset()):
+        self.content = random.Random(7).randbytes(PAGES * PAGE)
+        self.addr = libc.mmap(None, PAGES * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        self.fd = _userfaultfd()
+        fcntl.ioctl(self.fd, UFFDIO_REGISTER,
+                    bytearray(struct.pack("<QQQQ", self.addr, PAGES * PAGE, 1, 0)), True)
+        self.chunks, off = [], 0
+        for n in [3, 16, 1, 40, 8, 64, 24, 100]:  # pages per block, 256 in all
+            data = self.content[off:off + n * PAGE]
+            self.chunks.append((hashlib.sha256(data).hexdigest(), data))
+            off += n * PAGE
+        self.blocks = Blocks()
+        self.blocks.add_file("pages-1.img", [("sha256:" + d, len(b)) for d, b in self.chunks])
+        self.by_digest = {"sha256:" + d: b for d, b in self.chunks}
+        self.fetched: list[str] = []
+        self.fail = {"sha256:" + self.chunks[i][0] for i in fail}
+        self.fatal_calls: list[str] = []
+
+    def fetch(self, digest: str, size: int) -> bytes:
+        self.fetched.append(digest)
+        if digest in self.fail:
+            raise DigestMismatch(digest, "sha256:" + "0" * 64)
+        return self.by_digest[digest]
+
+    def handler(self, working_set=()) -> Handler:
+        pm = PageMap(1, (Extent(self.addr, PAGES, 0, True),))
+        h = Handler(self.blocks, self.fetch, lambda pid: pm,
+                    lambda: self.fatal_calls.append("killed"), working_set=working_set)
+        h.add_task(1, self.fd)
+        return h
+
+    def read(self, offset: int, n: int) -> bytes:
+        buf = ctypes.create_string_buffer(n)
+        ctypes.memmove(buf, self.addr + offset, n)  # faults here, with the GIL released
+        return buf.raw
+
+
+def _serve(h: Handler):
+    stop = threading.Event()
+    t = threading.Thread(target=h.serve, args=(stop,), daemon=True)
+    t.start()
+    return stop, t
+
+
+def test_faults_map_whole_blocks_and_the_rest_follows_in_the_background():
+    mem = Memory()
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    off = 20 * PAGE + 100  # inside the 4th block (pages 20..59)
+    assert mem.read(off, 5000) == mem.content[off:off + 5000]
+    assert mem.fetched[0] == "sha256:" + mem.chunks[3][0]
+    assert h.counts["faults"] >= 1
+    t.join(10)  # quiet, then background: every page in, descriptor released
+    assert not t.is_alive() and h.counts["done_ms"] > 0
+    assert mem.read(0, PAGES * PAGE) == mem.content
+    assert h.demanded[0][0] == 3 and mem.fatal_calls == []
+    assert sorted(set(mem.fetched)) == sorted(mem.by_digest)  # each block at least once
+    h.close()
+
+
+def test_working_set_blocks_arrive_before_the_first_fault():
+    mem = Memory()
+    h = mem.handler(working_set=[5, 7])
+    stop, t = _serve(h)
+    h.restore_finished()
+    for _ in range(200):
+        if h.counts["profile_blocks"] == 2:
+            break
+        threading.Event().wait(0.01)
+    off = 71 * PAGE  # block 5 (pages 68..131)
+    assert mem.read(off, PAGE) == mem.content[off:off + PAGE]
+    assert h.counts["faults"] == 0  # it was mapped before the process touched it
+    stop.set()
+    t.join(10)
+    h.close()
+
+
+def test_remapped_and_removed_memory():
+    mem = Memory()
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    # Move the last 100 pages elsewhere (mremap waits until the handler has read the event).
+    old = mem.addr + 156 * PAGE
+    spot = libc.mmap(None, 100 * PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    new = libc.mremap(old, 100 * PAGE, 100 * PAGE, 1 | 2, spot)  # MAYMOVE | FIXED, onto our spot
+    assert new == spot, os.strerror(ctypes.get_errno())
+    buf = ctypes.create_string_buffer(PAGE)
+    ctypes.memmove(buf, new + 10 * PAGE, PAGE)
+    assert buf.raw == mem.content[166 * PAGE:167 * PAGE]
+    # madvise(DONTNEED) before the pages came in: they read as zeroes, and are not fetched.
+    assert libc.madvise(mem.addr, 3 * PAGE, 4) == 0
+    assert mem.read(0, 3 * PAGE) == b"\0" * 3 * PAGE
+    assert mem.read(3 * PAGE, PAGE) == mem.content[3 * PAGE:4 * PAGE]
+    t.join(10)
+    assert not t.is_alive()
+    assert "sha256:" + mem.chunks[0][0] not in mem.fetched  # every page of block 0 was dropped
+    ctypes.memmove(buf, new + 99 * PAGE, PAGE)
+    assert buf.raw == mem.content[255 * PAGE:]
+    libc.munmap(new, 100 * PAGE)
+    h.close()
+
+
+def test_a_block_that_fails_verification_kills_before_letting_go():
+    """The handler must call on_fatal (in lazyfs: SIGKILL the restored tree) before it closes the
+    descriptor, because closing it makes the kernel hand out zero pages."""
+    mem = Memory(fail={1})
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    seen: list[tuple[bytes, list]] = []
+    reader = threading.Thread(target=lambda: seen.append((mem.read(3 * PAGE, 16), list(mem.fatal_calls))),
+                              daemon=True)
+    reader.start()
+    t.join(10)
+    assert not t.is_alive() and "could not be fetched" in (h.error or "")
+    assert mem.fatal_calls == ["killed"]
+    h.close()  # only now may the blocked reader run on (with a zero page, as the kernel does)
+    reader.join(10)
+    data, fatal_before = seen[0]
+    assert fatal_before == ["killed"]
+    assert data == b"\0" * 16  # what a survivor would have seen: why the kill comes first
+
+
+def test_userfaultfd_messages_parse():
+    msg = struct.pack("<BBHI", uffd.EVENT_PAGEFAULT, 0, 0, 0) + struct.pack("<QQQ", 0, 0x7f00_0000_1234, 0)
+    rm = struct.pack("<BBHI", uffd.EVENT_REMAP, 0, 0, 0) + struct.pack("<QQQ", 0x1000, 0x9000, 0x2000)
+    events = uffd.parse(msg + rm + b"\0" * 7)  # a torn tail is ignored
+    assert events == [uffd.Event(uffd.EVENT_PAGEFAULT, 0x7f00_0000_1234),
+                      uffd.Event(uffd.EVENT_REMAP, 0x1000, 0x9000, 0x2000)]
+    assert uffd.UFFDIO_COPY == 0xC028AA03 and uffd.UFFDIO_ZEROPAGE == 0xC020AA04
+    assert uffd.UFFDIO_WAKE == 0x8010AA02 and uffd.UFFDIO_UNREGISTER == 0x8010AA01
+    assert errno.EEXIST in uffd.BENIGN

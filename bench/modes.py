@@ -147,10 +147,11 @@ class Node:
                "--server", self.server_url, "--cache-dir", str(self.cold_cache), ref]
         drop_caches()
         t0 = time.monotonic()
-        seconds, marks = timed(cmd, work, t0, {"fallback": "lazyfs: warning: starting"})
+        seconds, marks = timed(cmd, work, t0, {"fallback": "lazyfs: warning: starting",
+                                               "resumed": "lazyfs: restored "})
         if "fallback" in marks:
             raise BenchRunError(f"restore of {snap} fell back to a cold start")
-        return Sample(seconds)
+        return Sample(seconds, phases={"resumed_s": round(marks.get("resumed", 0.0), 3)})
 
     def pull(self, tag: str, work: Workload) -> Sample:
         drop_caches()

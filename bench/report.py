@@ -25,7 +25,9 @@ def summarise(workload: dict) -> dict:
                      "requests": _median([s["requests"] for s in samples]),
                      "read_bytes": _median([s["read_bytes"] for s in samples]),
                      # uncompressed bytes of the blocks fetched: the read amplification of the format
-                     "fetched_raw_bytes": _median([s["phases"].get("fetched_raw_bytes") for s in samples])}
+                     "fetched_raw_bytes": _median([s["phases"].get("fetched_raw_bytes") for s in samples]),
+                     # restores: start → the restored process runs again (lazyfs run -v's line)
+                     "resumed_s": _median([s["phases"].get("resumed_s") for s in samples])}
     for base in ("pull", "local", "cold-init"):
         if base in out and out[base]["median_s"] > 0:
             for mode in out:
@@ -53,11 +55,12 @@ def markdown(results: dict) -> str:
                   f"Image {info['ref']}: {info['files']} files, {info['bytes'] / MiB:.0f} MiB, "
                   f"{info['layers']} layer(s), {info['compressed_bytes'] / MiB:.0f} MiB compressed.", ""]
         if "cold-init" in summary:
-            lines += ["| mode | median s | min–max s | × cold-init | fetched MiB | requests |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["| mode | median s | min–max s | × cold-init | process resumed s | fetched MiB | requests |",
+                      "|---|---|---|---|---|---|---|"]
             lines += [f"| {mode} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
-                      f"{_f(r.get('x_cold_init'), '.2f')} | {r['fetched_bytes'] / MiB:.1f} | "
-                      f"{_f(r['requests'], '.0f')} |" for mode, r in summary.items()]
+                      f"{_f(r.get('x_cold_init'), '.2f')} | {_f(r.get('resumed_s'), '.2f')} | "
+                      f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['requests'], '.0f')} |"
+                      for mode, r in summary.items()]
             lines.append("")
             continue
         lines += [
@@ -82,7 +85,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(results["summary"])
-    modes = [m for m in ("pull", "lazy", "lazy+profile", "warm-node", "local", "cold-init", "restore")
+    modes = [m for m in ("pull", "lazy", "lazy+profile", "warm-node", "local", "cold-init", "restore",
+                         "lazy-restore", "lazy-restore+ws")
              if any(m in results["summary"][w] for w in workloads)]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(workloads)), 4))
     width = 0.8 / max(1, len(modes))

@@ -16,13 +16,10 @@ thread touching a missing page sleeps until its page is copied in. This handler 
 - once faults go quiet the rest streams in the background, and a task whose every page is in
   is released (its descriptor closed), so later faults are the kernel's own again.
 
-Pages are tracked per task as page number -> offset in the pages file; CRIU cuts nothing
-smaller than a page and snapshot.files cuts pages files at page boundaries, so every page lies
-in exactly one block.
+Which block holds which page of which task is pagetable.py's business.
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 import os
@@ -30,74 +27,15 @@ import select
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from snapshot import uffd
-from snapshot.criuimg import PAGE, PageMap
+from snapshot.criuimg import PAGE
 from snapshot.pagefetch import BACKGROUND, DEMAND, NAMES, PROFILE, READAHEAD, ChunkFetcher
+from snapshot.pagetable import Blocks, Task, lazy_pages
 
 log = logging.getLogger("lazyfs.snapshot.lazy")
-READAHEAD_BLOCKS = 3  # blocks after a faulting one, same task (memory is often walked in order)
+READAHEAD_MAX = 8  # blocks ahead of a run of faults walking memory in order
 QUIET = 0.3  # seconds without a fault before the background transfer starts
-
-
-class LazyRestoreError(Exception):
-    """A page the restored process needs could not be produced (the process has been killed)."""
-
-
-@dataclass
-class Blocks:
-    """Every block of every pages file, numbered globally: key -> (digest, size, file, start)."""
-    digests: list[str] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    files: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # name -> (first key, starts)
-
-    def add_file(self, name: str, chunks) -> None:
-        first, starts, off = len(self.digests), [], 0
-        for digest, size in chunks:
-            if off % PAGE:
-                raise LazyRestoreError(f"{name}: block boundary at {off} is not page aligned")
-            starts.append(off)
-            self.digests.append(digest)
-            self.sizes.append(size)
-            off += size
-        self.files[name] = (first, starts)
-
-    def key(self, name: str, offset: int) -> tuple[int, int]:
-        """(block key, offset of the block in its file) for a byte of a pages file."""
-        first, starts = self.files[name]
-        i = bisect.bisect_right(starts, offset) - 1
-        return first + i, starts[i]
-
-
-class Task:
-    """One restored process's lazily mapped memory (threads share it)."""
-
-    def __init__(self, name: str, fd: int, pages_file: str):
-        self.name, self.fd, self.pages_file = name, fd, pages_file
-        self.origin: dict[int, int] = {}  # page number -> pages-file offset, while mapped
-        self.missing: dict[int, set[int]] = defaultdict(set)  # block key -> pages not yet in
-        self.where: dict[int, int] = {}  # missing page -> its block key
-        self.live = False  # its memory is registered (restore finished, or it faulted)
-
-    def track(self, blocks: Blocks, pages: dict[int, int]) -> None:
-        for page, off in pages.items():
-            key, _ = blocks.key(self.pages_file, off)
-            self.missing[key].add(page)
-            self.where[page] = key
-        self.origin.update(pages)
-
-    def drop(self, page: int) -> None:
-        key = self.where.pop(page, None)
-        if key is not None:
-            self.missing[key].discard(page)
-            if not self.missing[key]:
-                del self.missing[key]
-
-
-def lazy_pages(pagemap: PageMap) -> dict[int, int]:
-    return {e.vaddr // PAGE + i: e.offset + i * PAGE
-            for e in pagemap.extents if e.lazy for i in range(e.pages)}
 
 
 class Handler:
@@ -111,7 +49,9 @@ class Handler:
         self.early: dict[int, bytes] = {}  # blocks that arrived before their task was live
         self.finished = False  # criu restore said RESTORE_FINISHED
         self.error: str | None = None
-        self.demanded: list[tuple[int, float]] = []  # (key, seconds since start): the working set
+        # (key, seconds since start) of each block the tree asked for, directly or by walking
+        # memory in order (readahead): the working set
+        self.demanded: list[tuple[int, float]] = []
         self._demanded: set[int] = set()
         self.t0 = time.monotonic()
         self.last_fault = self.t0
@@ -252,13 +192,31 @@ class Handler:
                 uffd.wake(task.fd, page * PAGE)
             return
         self.counts["faults"] += 1
+        self.counts.setdefault("first_fault_ms", self._ms())
+        self.counts["last_fault_ms"] = self._ms()
+        self._note(key)
+        self.fetcher.want(key, DEMAND)
+        if task.last_key < key <= task.last_key + 1 + task.window:  # still walking forward
+            # Blocks read ahead that the walk has passed were read: part of the working set.
+            # Those it never reaches were a guess, and stay out of it.
+            for k in task.ahead:
+                if k < key:
+                    self._note(k)
+            task.ahead = [k for k in task.ahead if k > key]
+            task.window = min(READAHEAD_MAX, task.window * 2 or 1)
+            for nxt in range(key + 1, key + 1 + task.window):
+                if nxt in task.missing:
+                    task.ahead.append(nxt)
+                    self.fetcher.want(nxt, READAHEAD)
+        elif key != task.last_key:
+            task.window = 0
+            task.ahead = []
+        task.last_key = key
+
+    def _note(self, key: int) -> None:
         if key not in self._demanded:
             self._demanded.add(key)
-            self.demanded.append((key, round(self.last_fault - self.t0, 4)))
-        self.fetcher.want(key, DEMAND)
-        for nxt in range(key + 1, key + 1 + READAHEAD_BLOCKS):
-            if nxt in task.missing:
-                self.fetcher.want(nxt, READAHEAD)
+            self.demanded.append((key, round(time.monotonic() - self.t0, 4)))
 
     def _remove(self, task: Task, ev: uffd.Event) -> None:
         first, last = ev.a // PAGE, (ev.b + PAGE - 1) // PAGE

@@ -9,11 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from lazyfs.errors import RunError
+import logging
+
+from lazyfs import profiles
+from lazyfs.errors import LazyfsError, RunError
+from lazyfs.format.profile import Profile, ProfileBlock
 from lazyfs.fs import spawn
+from lazyfs.fs.index import ImageIndex
+from lazyfs.remote.source import Source
+from lazyfs.store import objects, open_store
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import fetch, is_pages
 from snapshot.lazyserver import SOCKET_NAME, Config, run as serve_pages
+
+
+log = logging.getLogger("lazyfs.snapshot")
 
 
 class LazyRestoreFailed(RunError):
@@ -85,3 +95,31 @@ class PageServer:
                 self.proc.wait()
         return self.status()
 
+
+
+def record_working_set(source: Source, publish_to: str, snap_digest: str, image_digest: str,
+                       page_blocks: list, trace_lines: list[str], meta: dict) -> int:
+    """Publish a snapshot's working set: the page-image blocks its first lazy restore faulted in
+    (from the page server) and the image blocks the restored process read through the mount
+    (its read trace), each in first-touch order, as one profile of the snapshot (format.md §9).
+    A later restore hands it to both: the page server takes the page blocks, the image mount the
+    image's. Returns the number of blocks published (0 if the store takes no writes)."""
+    reader = source.open()
+    try:
+        manifest = objects.read_manifest(reader, image_digest)
+    finally:
+        reader.close()
+    blocks = [ProfileBlock(d, int(n), float(t)) for d, n, t in page_blocks]
+    seen = {b.digest for b in blocks}
+    for b in profiles.from_trace(ImageIndex(manifest), profiles.parse_trace(trace_lines)):
+        if b.digest not in seen:
+            seen.add(b.digest)
+            blocks.append(b)
+    try:
+        profiles.publish(open_store(publish_to), Profile(snap_digest, tuple(blocks), {
+            "kind": "snapshot working set", "page_blocks": len(page_blocks),
+            "image_blocks": len(blocks) - len(page_blocks), **meta}))
+    except LazyfsError as exc:  # a read-only store: the next restore records again
+        log.warning("could not publish the snapshot's working set: %s", exc)
+        return 0
+    return len(blocks)

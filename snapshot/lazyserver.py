@@ -1,6 +1,6 @@
 """The lazy-pages process of `lazyfs run --restore`: receives the userfaultfds from
 `criu restore --lazy-pages` and serves the snapshot's memory from verified blocks until every
-page is in (lazypages.Handler), then records the working set and writes a status file.
+page is in (lazypages.Handler), then writes a status file (errors, counters, working set).
 
 It runs apart from `lazyfs run` (forked, or as `python -m snapshot.lazyserver`) so that the
 restored process keeps its memory source whatever happens to the command that started it; it
@@ -23,9 +23,8 @@ from pathlib import Path
 
 from lazyfs import profiles
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.format.profile import Profile, ProfileBlock
 from lazyfs.remote.source import Source
-from lazyfs.store import objects, open_store
+from lazyfs.store import objects
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import block_fetcher
 from snapshot.lazypages import Blocks, Handler
@@ -44,16 +43,13 @@ class Config:
     pidfile: str  # criu writes the restored root's pid here
     status: str  # JSON written at the end: error (or null), counters
     working_set: bool = True  # prefetch the recorded working set, if there is one
-    record: bool = True  # publish the working set if none was recorded yet
-    publish_to: str | None = None  # store spec to publish it to (default: the source's store)
+    record: bool = True  # report the working set (status file) if none was recorded yet
 
     def args(self) -> list[str]:
         out = ["--images", self.images, "--snapshot", self.snapshot, "--pidfile", self.pidfile,
                "--status", self.status, *self.source.args()]
         if self.cache_dir:
             out += ["--cache-dir", self.cache_dir]
-        if self.publish_to:
-            out += ["--publish-to", self.publish_to]
         return out + ([] if self.working_set else ["--no-working-set"]) + (
             [] if self.record else ["--no-record"])
 
@@ -94,33 +90,47 @@ def _link(listener: socket.socket, handler: Handler, stop: threading.Event) -> N
         handler._poke()
 
 
-def _killer(pidfile: str):
-    def kill() -> None:
-        def wait_and_kill() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    pid = int(Path(pidfile).read_text())
-                except (OSError, ValueError):
-                    time.sleep(0.01)
-                    continue
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                return
-        if Path(pidfile).exists():
-            wait_and_kill()
-        else:  # criu restore is still running: kill the tree the moment it exists
-            threading.Thread(target=wait_and_kill, daemon=True).start()
-    return kill
+class Killer:
+    """SIGKILL for the restored tree (its root is its PID namespace's init, so the whole tree
+    goes). Before criu restore has written the root's pid, it waits for it: the server must not
+    let go of the userfaultfds of a tree that is about to run (``wait`` before closing)."""
+
+    def __init__(self, pidfile: str, stop: threading.Event):
+        self.pidfile, self.stop = Path(pidfile), stop
+        self.thread: threading.Thread | None = None
+
+    def __call__(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._kill, name="killer", daemon=True)
+            self.thread.start()
+            self.thread.join(0.5)
+
+    def _kill(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                pid = int(self.pidfile.read_text())
+            except (OSError, ValueError):
+                if self.stop.is_set():  # lazyfs run is done with criu: it restored nothing
+                    return
+                time.sleep(0.01)
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 def run(cfg: Config, ready_fd: int | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     status: dict = {"error": None}
-    handler = None
+    handler = killer = None
     try:
         reader = cfg.source.open()
         snap = snapfmt.decode(objects.read_manifest_bytes(reader, cfg.snapshot))
@@ -136,9 +146,10 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         plan = [first[b.digest] for b in profile.blocks if b.digest in first] if profile else []
         status["working_set_blocks"] = len(plan)
         images = Path(cfg.images)
+        killer = Killer(cfg.pidfile, stop)
         handler = Handler(blocks, block_fetcher(cfg.source, cfg.cache_dir, reader),
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
-                          _killer(cfg.pidfile), working_set=plan)
+                          killer, working_set=plan)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"
         listener.bind(str(tmp))
@@ -150,7 +161,7 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         handler.serve(stop)
         status["error"] = handler.error
         status.update(handler.counts)
-        status["working_set_recorded"] = _record(cfg, handler, profile is None)
+        status["working_set"] = _working_set(cfg, handler, profile is None)
     except Exception as exc:  # noqa: BLE001 - reported through the status file
         status["error"] = status.get("error") or f"{type(exc).__name__}: {exc}"
         log.error("lazy restore: %s", status["error"])
@@ -158,8 +169,8 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         if handler is not None:
             if handler.error is None and handler.tasks and not stop.is_set():
                 handler.fatal("the page handler is exiting with pages missing")
-            elif handler.tasks and stop.is_set():
-                pass  # lazyfs run says the restored tree has exited: nothing left to protect
+            if killer is not None:
+                killer.wait()
             handler.close()
         tmp_status = cfg.status + ".tmp"
         Path(tmp_status).write_text(json.dumps(status))
@@ -167,27 +178,14 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
     return 0 if status["error"] is None else 3
 
 
-def _record(cfg: Config, handler: Handler, none_yet: bool) -> int:
-    """Publish the blocks faulted in, in first-touch order, as the snapshot's working set."""
+def _working_set(cfg: Config, handler: Handler, none_yet: bool) -> list | None:
+    """The blocks faulted in (or read ahead of faults), in first-touch order, as [digest, size,
+    t]: `lazyfs run` publishes them, with the image blocks the process read, as the snapshot's
+    working set (lazyrestore.record_working_set)."""
     if not (cfg.record and none_yet and handler.finished and handler.demanded and handler.error is None):
-        return 0
-    spec = cfg.publish_to or cfg.source.store
-    if spec is None:
-        return 0
-    blocks = handler.blocks
-    seen, out = set(), []
-    for key, t in handler.demanded:
-        if blocks.digests[key] not in seen:
-            seen.add(blocks.digests[key])
-            out.append(ProfileBlock(blocks.digests[key], blocks.sizes[key], t))
-    try:
-        profiles.publish(open_store(spec), Profile(cfg.snapshot, tuple(out),
-                                                   {"recorded": time.time(), "kind": "snapshot working set",
-                                                    "faults": handler.counts["faults"]}))
-    except Exception as exc:  # noqa: BLE001 - a read-only store: the next restore just records again
-        log.warning("could not publish the snapshot's working set: %s", exc)
-        return 0
-    return len(out)
+        return None
+    b = handler.blocks
+    return [[b.digests[key], b.sizes[key], t] for key, t in handler.demanded]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pidfile", required=True)
     p.add_argument("--status", required=True)
     p.add_argument("--cache-dir")
-    p.add_argument("--publish-to")
     p.add_argument("--no-working-set", dest="working_set", action="store_false")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--ready-fd", type=int)
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if os.environ.get("LAZYFS_PAGES_DEBUG") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     cfg = Config(a.images, a.snapshot, Source.from_namespace(a), a.cache_dir, a.pidfile, a.status,
-                 a.working_set, a.record, a.publish_to)
+                 a.working_set, a.record)
     return run(cfg, a.ready_fd)
 
 

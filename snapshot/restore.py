@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from lazyfs import paths
+from lazyfs import paths, profiles
+from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run
@@ -25,7 +26,7 @@ from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.capture import Follower
 from snapshot.files import block_fetcher, fetch
-from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager
+from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
 from snapshot.lazyserver import Config
 from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace, inject_helper
 
@@ -53,6 +54,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     demand; else fetch the whole snapshot before restoring. ``working_set``: with ``lazy``,
     prefetch the working set an earlier restore recorded, or record one if there is none."""
     snap = None
+    pages = None
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
     try:
         criu = criu_mod.find()
@@ -60,10 +62,24 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
         try:
             digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
             t0 = time.monotonic()
+            # The working set an earlier lazy restore recorded lists page blocks (the page server
+            # takes those) and image blocks (the mount takes those, instead of the image's own
+            # startup profile, which is for starting the command, not for carrying on).
+            known = working_set and profiles.load(reader, snap_digest) is not None
+            record = lazy and working_set and not known
+            mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) if known else "none"
+            if lazy:  # first, so the working set streams in while everything else happens
+                images = ws.base / "snap" / "criu"
+                images.mkdir(parents=True)
+                pages = PageServer(Config(str(images), snap_digest, opts.source, opts.cache_dir,
+                                          str(ws.base / "restored.pid"), str(ws.base / "pages.json"),
+                                          working_set=working_set, record=record),
+                                   ws.base / "pages.log")
             fetch_block = block_fetcher(opts.source, opts.cache_dir, reader)
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:
-                mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir)
+                mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir,
+                                       mount_profile, _trace(ws) if record else None)
                 try:
                     if lazy:
                         fetched = fetch_eager(fetch_block, snap.files, ws.base / "snap")
@@ -74,26 +90,30 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             fetch_s = time.monotonic() - t0
         finally:
             reader.close()
-        pages = None
-        if lazy:
-            pages = PageServer(Config(str(ws.base / "snap" / "criu"), snap_digest, opts.source,
-                                      opts.cache_dir, str(ws.base / "restored.pid"),
-                                      str(ws.base / "pages.json"), working_set=working_set,
-                                      record=working_set, publish_to=_publish_target(opts)),
-                                ws.base / "pages.log")
-        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages)
+        recording = (snap_digest, _publish_target(opts)) if record else None
+        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording)
     except SnapshotMismatch:
         ws.remove()
         raise
     except (LazyfsError, OSError) as exc:
-        ws.remove()
+        _abandon(ws, pages)
         return _cold(opts, snap_ref, exc, snap, say)
-    except BaseException:  # Ctrl-C: leave no mount behind
-        ws.remove()
+    except BaseException:  # Ctrl-C: leave no mount (or page server) behind
+        _abandon(ws, pages)
         raise
 
 
-def _publish_target(opts: RunOptions) -> str | None:
+def _abandon(ws: Workspace, pages: PageServer | None) -> None:
+    if pages is not None and pages.proc.poll() is None:
+        pages.finish()
+    ws.remove()
+
+
+def _trace(ws: Workspace) -> Path:
+    return ws.base / "image-trace.jsonl"
+
+
+def _publish_target(opts: RunOptions) -> str:
     """Where a first lazy restore publishes the working set it recorded: the origin store, or
     the first cache server (which needs the token)."""
     if opts.source.store or not opts.source.servers:
@@ -112,7 +132,7 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
-             pages: PageServer | None) -> int:
+             pages: PageServer | None, recording: tuple[str, str] | None) -> int:
     try:
         pid, stdio_at, times = _criu_restore(criu, digest, snap, ws, pages)
     except BaseException:
@@ -124,17 +144,24 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         f"mounted the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
         f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
     status: dict = {}
+    trace_lines: list[str] = []
     try:
         with Follower(ws.stdio, stdio_at):
             code = _wait(pid)
     finally:
         if pages is not None:
             status = pages.finish()
+            if recording is not None and _trace(ws).exists():
+                trace_lines = _trace(ws).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
         ws.remove()
     if pages is not None:
         if status.get("error") or not status:
             raise LazyRestoreFailed(f"the restored process was killed: "
                                     f"{status.get('error') or pages.failure()}")
+        if recording is not None and status.get("working_set"):
+            status["working_set_recorded"] = record_working_set(
+                opts.source, recording[1], recording[0], digest, status["working_set"], trace_lines,
+                {"ref": snap.meta.get("ref"), "faults": status.get("faults", 0)})
         say(_describe(status))
     return code
 

@@ -51,9 +51,11 @@ class Workspace:
         self.mount_image(digest, source, cache_dir)
         self.overlay.mount()
 
-    def mount_image(self, digest: str, source: Source, cache_dir: str | None) -> None:
+    def mount_image(self, digest: str, source: Source, cache_dir: str | None, profile: str = "auto",
+                    trace: Path | None = None) -> None:
         self.image.mkdir(parents=True, exist_ok=True)
-        daemon.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"))
+        daemon.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"),
+                     profile=profile, trace=str(trace) if trace else None, checked=True)
         self.mounted = True
 
     def inject_helper(self) -> None:

@@ -1,0 +1,77 @@
+"""Bookkeeping for a lazy restore: which block holds each missing page of each restored task.
+Pure, no I/O (the page handler, lazypages.py, does the kernel side).
+
+Pages are tracked per task as page number -> offset in the pages file; CRIU cuts nothing
+smaller than a page and snapshot.files cuts pages files at page boundaries, so every page lies
+in exactly one block.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from lazyfs.errors import LazyfsError
+from snapshot.criuimg import PAGE, PageMap
+
+
+class PageLayoutError(LazyfsError):
+    """A snapshot's page images are laid out in a way a lazy restore cannot serve."""
+
+
+@dataclass
+class Blocks:
+    """Every block of every pages file, numbered globally: key -> (digest, size, file, start)."""
+    digests: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    files: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # name -> (first key, starts)
+
+    def add_file(self, name: str, chunks) -> None:
+        first, starts, off = len(self.digests), [], 0
+        for digest, size in chunks:
+            if off % PAGE:
+                raise PageLayoutError(f"{name}: block boundary at {off} is not page aligned")
+            starts.append(off)
+            self.digests.append(digest)
+            self.sizes.append(size)
+            off += size
+        self.files[name] = (first, starts)
+
+    def key(self, name: str, offset: int) -> tuple[int, int]:
+        """(block key, offset of the block in its file) for a byte of a pages file."""
+        first, starts = self.files[name]
+        i = bisect.bisect_right(starts, offset) - 1
+        return first + i, starts[i]
+
+
+class Task:
+    """One restored process's lazily mapped memory (threads share it)."""
+
+    def __init__(self, name: str, fd: int, pages_file: str):
+        self.name, self.fd, self.pages_file = name, fd, pages_file
+        self.origin: dict[int, int] = {}  # page number -> pages-file offset, while mapped
+        self.missing: dict[int, set[int]] = defaultdict(set)  # block key -> pages not yet in
+        self.where: dict[int, int] = {}  # missing page -> its block key
+        self.live = False  # its memory is registered (restore finished, or it faulted)
+        self.last_key = -2  # block of the last fault, and how far ahead to read while the
+        self.window = 0     # faults keep walking forward (as file readahead does)
+        self.ahead: list[int] = []  # blocks read ahead of the walk, not yet passed by it
+
+    def track(self, blocks: Blocks, pages: dict[int, int]) -> None:
+        for page, off in pages.items():
+            key, _ = blocks.key(self.pages_file, off)
+            self.missing[key].add(page)
+            self.where[page] = key
+        self.origin.update(pages)
+
+    def drop(self, page: int) -> None:
+        key = self.where.pop(page, None)
+        if key is not None:
+            self.missing[key].discard(page)
+            if not self.missing[key]:
+                del self.missing[key]
+
+
+def lazy_pages(pagemap: PageMap) -> dict[int, int]:
+    return {e.vaddr // PAGE + i: e.offset + i * PAGE
+            for e in pagemap.extents if e.lazy for i in range(e.pages)}

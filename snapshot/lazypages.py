@@ -97,12 +97,13 @@ class Handler:
         with self.lock:
             self.counts[f"{NAMES[prio]}_blocks"] += 1
             self.counts[f"{NAMES[prio]}_bytes"] += len(data)
-            if not self.finished:  # tasks may still be on their way
-                self.early[key] = data
-            for task in list(self.tasks):
-                if key in task.missing and task.live:
-                    self._copy(task, key, data)
-                    self._maybe_release(task)
+            for same in self.blocks.by_digest[self.blocks.digests[key]]:
+                if not self.finished:  # tasks may still be on their way
+                    self.early[same] = data
+                for task in list(self.tasks):
+                    if same in task.missing and task.live:
+                        self._copy(task, same, data)
+                        self._maybe_release(task)
         self._poke()
 
     def _fail(self, key: int, exc: BaseException) -> None:
@@ -249,8 +250,8 @@ class Handler:
         child.live = True
         self.tasks.append(child)
         self.counts["forks"] += 1
-        for key in child.missing:
-            self.fetcher.want(key, DEMAND)
+        for key in child.missing:  # its own faults come first; this makes sure it completes
+            self.fetcher.want(key, BACKGROUND)
 
     # --- the loop --------------------------------------------------------------------------------
     def _poke(self) -> None:

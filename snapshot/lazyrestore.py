@@ -109,16 +109,18 @@ def record_working_set(source: Source, publish_to: str, snap_digest: str, image_
         manifest = objects.read_manifest(reader, image_digest)
     finally:
         reader.close()
-    blocks = [ProfileBlock(d, int(n), float(t)) for d, n, t in page_blocks]
-    seen = {b.digest for b in blocks}
-    for b in profiles.from_trace(ImageIndex(manifest), profiles.parse_trace(trace_lines)):
-        if b.digest not in seen:
+    blocks: list[ProfileBlock] = []
+    seen: set[str] = set()
+    pages = [ProfileBlock(d, int(n), float(t)) for d, n, t in page_blocks]
+    for b in pages + profiles.from_trace(ImageIndex(manifest), profiles.parse_trace(trace_lines)):
+        if b.digest not in seen:  # each once: identical memory makes identical blocks
             seen.add(b.digest)
             blocks.append(b)
+    n_pages = len({b.digest for b in pages})
     try:
         profiles.publish(open_store(publish_to), Profile(snap_digest, tuple(blocks), {
-            "kind": "snapshot working set", "page_blocks": len(page_blocks),
-            "image_blocks": len(blocks) - len(page_blocks), **meta}))
+            "kind": "snapshot working set", "page_blocks": n_pages,
+            "image_blocks": len(blocks) - n_pages, **meta}))
     except LazyfsError as exc:  # a read-only store: the next restore records again
         log.warning("could not publish the snapshot's working set: %s", exc)
         return 0

@@ -25,6 +25,9 @@ class Blocks:
     digests: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     files: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # name -> (first key, starts)
+    # Identical memory (a forked tree's shared pages, zeroed runs) makes identical blocks: one
+    # fetch serves every key with that digest.
+    by_digest: dict[str, list[int]] = field(default_factory=dict)
 
     def add_file(self, name: str, chunks) -> None:
         first, starts, off = len(self.digests), [], 0
@@ -32,6 +35,7 @@ class Blocks:
             if off % PAGE:
                 raise PageLayoutError(f"{name}: block boundary at {off} is not page aligned")
             starts.append(off)
+            self.by_digest.setdefault(digest, []).append(len(self.digests))
             self.digests.append(digest)
             self.sizes.append(size)
             off += size

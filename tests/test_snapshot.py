@@ -44,6 +44,29 @@ sys.exit(7)
 '''
 
 
+FORK_PROGRAM = r'''
+import hashlib, os, random
+import lazyfs_snapshot as snapshot
+big = bytearray(random.Random(1).randbytes(24 * 1024 * 1024))
+r, w = os.pipe()
+child = os.fork()
+if child == 0:  # a worker forked before the snapshot, with memory of its own
+    mine = bytearray(random.Random(2).randbytes(8 * 1024 * 1024))
+    os.close(w)
+    os.read(r, 1)  # runs on once the parent, restored, says so
+    print("worker", hashlib.sha256(big).hexdigest(), hashlib.sha256(mine).hexdigest(), flush=True)
+    os._exit(0)
+os.close(r)
+snapshot.ready()
+os.write(w, b"x")
+os.waitpid(child, 0)
+late = os.fork()  # forked after the restore, before all the memory is in
+if late == 0:
+    print("late", hashlib.sha256(big).hexdigest(), flush=True)
+    os._exit(0)
+os.waitpid(late, 0)
+print("parent", hashlib.sha256(big).hexdigest(), flush=True)
+'''
 BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
 
@@ -65,6 +88,7 @@ def numpy_rootfs(tmp_path_factory):
         pytest.skip(f"debootstrap of a python3+numpy image failed: {proc.stdout[-500:]}{proc.stderr[-500:]}")
     (root / "app").mkdir()
     (root / "app" / "prog.py").write_text(PROGRAM)
+    (root / "app" / "fork.py").write_text(FORK_PROGRAM)
     return root
 
 
@@ -207,6 +231,20 @@ def test_lazy_restore_with_a_corrupt_memory_block_is_killed_and_starts_cold(imag
     digests = [line for line in r.stdout.splitlines() if line.startswith("digest")]
     assert digests == [f"digest {BIG_DIGEST}"]  # only the cold run got that far
     assert _lines(r.stdout)["warm"] == ["5"] and r.returncode == 7
+
+
+def test_lazy_restore_of_a_process_tree_and_a_fork_after_it(image):
+    """Two processes in the snapshot (each its own userfaultfd and pages) and a third forked
+    after the restore (userfaultfd's fork event): every byte right, with and without the
+    working set the first restore recorded."""
+    lazyfs_cli("run", "--snapshot", "warm/fork:1", "snap/py:1", "--", "python3", "/app/fork.py", timeout=300)
+    big = hashlib.sha256(random.Random(1).randbytes(24 * 1024 * 1024)).hexdigest()
+    mine = hashlib.sha256(random.Random(2).randbytes(8 * 1024 * 1024)).hexdigest()
+    for _ in range(2):
+        r = lazyfs_cli("run", "-v", "--restore", "warm/fork:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+        assert _lines(r.stdout) == {"worker": [big, mine], "late": [big], "parent": [big]}
+    assert "recorded a working set" not in r.stderr and _stat(r.stderr, r"of (\d+) blocks prefetched") > 0
 
 
 def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):

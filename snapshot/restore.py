@@ -66,15 +66,18 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             # takes those) and image blocks (the mount takes those, instead of the image's own
             # startup profile, which is for starting the command, not for carrying on).
             known = working_set and profiles.load(reader, snap_digest) is not None
-            record = lazy and working_set and not known
-            mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) if known else "none"
-            if lazy:  # first, so the working set streams in while everything else happens
-                images = ws.base / "snap" / "criu"
-                images.mkdir(parents=True)
-                pages = PageServer(Config(str(images), snap_digest, opts.source, opts.cache_dir,
-                                          str(ws.base / "restored.pid"), str(ws.base / "pages.json"),
-                                          working_set=working_set, record=record),
-                                   ws.base / "pages.log")
+        finally:
+            reader.close()  # a fleet reader's threads end here, so the page server can be forked
+        record = lazy and working_set and not known
+        mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) if known else "none"
+        if lazy:  # first, so the working set streams in while everything else happens
+            images = ws.base / "snap" / "criu"
+            images.mkdir(parents=True)
+            pages = PageServer(Config(str(images), snap_digest, opts.source, opts.cache_dir,
+                                      str(ws.base / "restored.pid"), str(ws.base / "pages.json"),
+                                      working_set=working_set, record=record), ws.base / "pages.log")
+        reader = opts.source.open()
+        try:
             fetch_block = block_fetcher(opts.source, opts.cache_dir, reader)
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:

@@ -89,10 +89,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
     snap = reference.parse(snap_ref)
     if snap.digest:
         raise RunError("--snapshot takes a NAME[:TAG] to publish under, not a digest")
-    if opts.source.store or not opts.source.servers:
-        store = open_store(opts.source.store)
-    else:  # image from a fleet and no --store: publish through the first server (needs the token)
-        store = open_store(opts.source.servers[0])
+    store = open_store(opts.source.publish_target())
     store.check(write=True)
     digest, spec = resolve(opts)
     ws = Workspace(MOUNT_BASE / uuid.uuid4().hex[:16])

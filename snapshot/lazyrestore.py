@@ -97,7 +97,7 @@ class PageServer:
 
 
 
-def record_working_set(source: Source, publish_to: str, snap_digest: str, image_digest: str,
+def record_working_set(source: Source, publish_to: str | None, snap_digest: str, image_digest: str,
                        page_blocks: list, trace_lines: list[str], meta: dict) -> int:
     """Publish a snapshot's working set: the page-image blocks its first lazy restore faulted in
     (from the page server) and the image blocks the restored process read through the mount

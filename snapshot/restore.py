@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from lazyfs import paths, profiles
+from lazyfs import profiles
 from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
@@ -93,7 +93,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             fetch_s = time.monotonic() - t0
         finally:
             reader.close()
-        recording = (snap_digest, _publish_target(opts)) if record else None
+        recording = (snap_digest, opts.source.publish_target()) if record else None
         return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording)
     except SnapshotMismatch:
         ws.remove()
@@ -116,14 +116,6 @@ def _trace(ws: Workspace) -> Path:
     return ws.base / "image-trace.jsonl"
 
 
-def _publish_target(opts: RunOptions) -> str:
-    """Where a first lazy restore publishes the working set it recorded: the origin store, or
-    the first cache server (which needs the token)."""
-    if opts.source.store or not opts.source.servers:
-        return opts.source.store or paths.default_store()
-    return opts.source.servers[0]
-
-
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
     """Run the snapshot's command from scratch, helper importable but no snapshot taken."""
     print(f"lazyfs: warning: restore of snapshot {snap_ref} failed: {exc}\n"
@@ -135,7 +127,7 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
-             pages: PageServer | None, recording: tuple[str, str] | None) -> int:
+             pages: PageServer | None, recording: tuple[str, str | None] | None) -> int:
     try:
         pid, stdio_at, times = _criu_restore(criu, digest, snap, ws, pages)
     except BaseException:

@@ -29,6 +29,14 @@ class Source:
                          options=FleetOptions(hedge_after=self.hedge_after, deadline=self.deadline))
         return CountingStore(open_store(self.store))
 
+    def publish_target(self) -> str | None:
+        """The store spec a node writes what it made (snapshots, working sets) to: the origin
+        store (None: the default store), or with only a fleet, the first cache server (which
+        needs the token)."""
+        if self.store or not self.servers:
+            return self.store
+        return self.servers[0]
+
     def describe(self) -> str:
         if not self.servers:
             return self.store or paths.default_store()

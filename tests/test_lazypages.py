@@ -141,7 +141,9 @@ def test_working_set_blocks_arrive_before_the_first_fault():
     h.close()
 
 
-def test_remapped_and_removed_memory():
+def test_remapped_and_removed_memory(monkeypatch):
+    import snapshot.lazypages
+    monkeypatch.setattr(snapshot.lazypages, "QUIET", 2.0)  # no background before the madvise
     mem = Memory()
     h = mem.handler()
     stop, t = _serve(h)

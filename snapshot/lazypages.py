@@ -73,6 +73,7 @@ class Handler:
         with self.lock:
             self.tasks.append(task)
             self.counts["lazy_pages"] += len(task.where)
+        self.poke()  # the loop starts watching its descriptor
         log.debug("%s: %d lazy pages in %d blocks", task.name, len(task.where), len(task.missing))
 
     def restore_finished(self) -> None:
@@ -83,6 +84,7 @@ class Handler:
             for task in self.tasks:
                 self._make_live(task)
             self.early.clear()
+        self.poke()
 
     def _make_live(self, task: Task) -> None:
         task.live = True
@@ -104,7 +106,7 @@ class Handler:
                     if same in task.missing and task.live:
                         self._copy(task, same, data)
                         self._maybe_release(task)
-        self._poke()
+        self.poke()
 
     def _fail(self, key: int, exc: BaseException) -> None:
         with self.lock:
@@ -119,7 +121,7 @@ class Handler:
                 self.error = why
                 log.error("lazy restore failed: %s; killing the restored process", why)
                 self.on_fatal()
-        self._poke()
+        self.poke()
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""
@@ -156,7 +158,7 @@ class Handler:
         # could come back as another task's descriptor.
         self.tasks.remove(task)
         self._closing.append(task.fd)
-        self._poke()
+        self.poke()
         log.debug("%s: every page is in; released", task.name)
 
     def _gone(self, task: Task) -> None:
@@ -221,7 +223,7 @@ class Handler:
 
     def _remove(self, task: Task, ev: uffd.Event) -> None:
         first, last = ev.a // PAGE, (ev.b + PAGE - 1) // PAGE
-        for page in [p for p in task.origin if first <= p < last]:
+        for page in task.mapped_in(first, last):
             del task.origin[page]
             task.drop(page)
         if ev.kind == uffd.EVENT_REMOVE:  # madvise(DONTNEED): the range reads as zeroes from now
@@ -231,15 +233,12 @@ class Handler:
         self._maybe_release(task)
 
     def _remap(self, task: Task, old: int, new: int, n: int) -> None:
-        moved = {p: task.origin.pop(p) for p in [p for p in task.origin if old <= p < old + n]}
-        missing = [p for p in moved if p in task.where]
+        moved = {p: task.origin.pop(p) for p in task.mapped_in(old, old + n)}
+        missing = {p for p in moved if p in task.where}
         for page in missing:
             task.drop(page)
-        task.origin.update({p - old + new: off for p, off in moved.items()})
-        for page in missing:
-            key, _ = self.blocks.key(task.pages_file, moved[page])
-            task.missing[key].add(page - old + new)
-            task.where[page - old + new] = key
+        task.origin.update({p - old + new: off for p, off in moved.items() if p not in missing})
+        task.track(self.blocks, {p - old + new: moved[p] for p in missing})
 
     def _fork(self, parent: Task, fd: int) -> None:
         """The child starts with the parent's memory as it was at fork. Pages copied into the
@@ -254,7 +253,7 @@ class Handler:
             self.fetcher.want(key, BACKGROUND)
 
     # --- the loop --------------------------------------------------------------------------------
-    def _poke(self) -> None:
+    def poke(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -313,19 +312,15 @@ class Handler:
     def _read_events(self, task: Task, mask: int) -> None:
         if task not in self.tasks:
             return
-        if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not mask & select.POLLIN:
-            with self.lock:
-                self._gone(task)
-            return
-        try:
-            buf = os.read(task.fd, uffd.MSG_SIZE * 64)
-        except BlockingIOError:
-            return
-        except OSError:
-            with self.lock:
-                self._gone(task)
-            return
-        if not buf:
+        buf = b""
+        if mask & select.POLLIN or not mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            try:
+                buf = os.read(task.fd, uffd.MSG_SIZE * 64)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+        if not buf:  # hung up, unreadable or at its end: the process has exited
             with self.lock:
                 self._gone(task)
             return

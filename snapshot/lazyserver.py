@@ -26,7 +26,7 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
 from snapshot.criuimg import parse_pagemap
-from snapshot.files import block_fetcher
+from snapshot.files import block_fetcher, is_pages
 from snapshot.lazypages import Blocks, Handler
 
 log = logging.getLogger("lazyfs.snapshot.lazy")
@@ -80,14 +80,13 @@ def _link(listener: socket.socket, handler: Handler, stop: threading.Event) -> N
                 if len(fds) != 1:
                     raise EOFError
                 handler.add_task(word, fds[0])
-                handler._poke()
     except (EOFError, OSError) as exc:
         log.info("criu restore hung up before it finished (%s)", exc or "EOF")
         stop.set()
     except BaseException as exc:  # noqa: BLE001 - a task we cannot serve must not run
         handler.fatal(f"cannot serve the restored task: {exc}")
     finally:
-        handler._poke()
+        handler.poke()
 
 
 class Killer:
@@ -136,14 +135,12 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         snap = snapfmt.decode(objects.read_manifest_bytes(reader, cfg.snapshot))
         blocks = Blocks()
         for f in snap.files:
-            name = f.name.rpartition("/")[2]
-            if f.name.startswith("criu/pages-") and name.endswith(".img"):
-                blocks.add_file(name, f.chunks)
+            if is_pages(f.name):
+                blocks.add_file(f.name.rpartition("/")[2], f.chunks)
         profile = profiles.load(reader, cfg.snapshot) if cfg.working_set else None
-        first = {}
-        for key, digest in enumerate(blocks.digests):
-            first.setdefault(digest, key)
-        plan = [first[b.digest] for b in profile.blocks if b.digest in first] if profile else []
+        # One key per digest: a delivery serves every key with that digest.
+        plan = [blocks.by_digest[b.digest][0] for b in profile.blocks
+                if b.digest in blocks.by_digest] if profile else []
         status["working_set_blocks"] = len(plan)
         images = Path(cfg.images)
         killer = Killer(cfg.pidfile, stop)
@@ -200,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     Source.add_arguments(p)
     a = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if os.environ.get("LAZYFS_PAGES_DEBUG") else logging.INFO,
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     cfg = Config(a.images, a.snapshot, Source.from_namespace(a), a.cache_dir, a.pidfile, a.status,
                  a.working_set, a.record)

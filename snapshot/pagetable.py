@@ -68,6 +68,13 @@ class Task:
             self.where[page] = key
         self.origin.update(pages)
 
+    def mapped_in(self, first: int, last: int) -> list[int]:
+        """Pages in [first, last) that hold snapshot memory. Events stall the process until read,
+        so walk whichever is smaller: the range, or the pages."""
+        if last - first < len(self.origin):
+            return [p for p in range(first, last) if p in self.origin]
+        return [p for p in self.origin if first <= p < last]
+
     def drop(self, page: int) -> None:
         key = self.where.pop(page, None)
         if key is not None:

@@ -76,8 +76,7 @@ def _node_star(args):
 def run(nodes: int, server_count: int, image_bytes: int, work: Path, s3) -> dict:
     from lazyfs.store import objects
     from lazyfs.store.s3 import S3Store
-    from tests.conftest import lazyfs_cli
-    from tests.servers import CacheServer
+    from bench.servers import CacheServer, lazyfs_cli
 
     url = f"s3://lazyfs-burst/{os.getpid()}"
     s3.make_bucket("lazyfs-burst")
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--servers", type=int, default=3)
     p.add_argument("--image-mb", type=int, default=64)
     a = p.parse_args(argv)
-    from tests.servers import SeaweedS3
+    from bench.servers import SeaweedS3
     with tempfile.TemporaryDirectory(prefix="lazyfs-burst-") as tmp:
         s3 = SeaweedS3(Path(tmp) / "s3").start()
         os.environ.update(s3.env())

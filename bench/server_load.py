@@ -3,7 +3,7 @@
     python -m bench.server_load                    # hot reads: 32 clients, 1 MiB blocks
     python -m bench.server_load --mix --clients 64 --requests 10000 --block-size 128k
 
-Starts a real `lazyfs serve` process (tests/servers.py) over a local origin. Hot mode warms the cache with every
+Starts a real `lazyfs serve` process (bench/servers.py) over a local origin. Hot mode warms the cache with every
 block, then N concurrent aiohttp clients GET cached blocks. Mixed mode sends, per 10 requests:
 6 GETs of cached blocks, 1 GET of a block never asked for before (a miss: origin fetch), 1 Range
 GET, 1 batch of 8 blocks, 1 HEAD. Prints JSON: throughput, latency percentiles, errors, wrong
@@ -28,7 +28,7 @@ import aiohttp
 from lazyfs.cli.common import parse_size
 from lazyfs.format import batch, block
 from lazyfs.store.local import LocalStore
-from tests.servers import CacheServer
+from bench.servers import CacheServer
 
 
 def peak_rss(pid: int) -> int:

@@ -199,8 +199,7 @@ class CacheServer:
                                 {"Content-Range": f"bytes */{len(frame)}"})
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(frame)}"
             return web.Response(body=frame[start:stop], status=206, headers=headers)
-        self.cache.pin(kind, digest)
-        return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)
+        return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)  # pinned
 
     async def head_object(self, request: web.Request, kind: str) -> web.Response:
         self._auth(request, write=False)
@@ -214,17 +213,23 @@ class CacheServer:
                 raise NotFound(f"block {digest} not found")
         else:
             path, frame = await self.filler.obtain(kind, digest)
-            size = len(frame) if frame is not None else self.cache.size(kind, digest)
+            if path is not None:
+                size = self.cache.size(kind, digest)
+                self.cache.unpin(kind, digest)
+            else:
+                size = len(frame)
         return web.Response(headers={"Content-Type": OCTETS, "Content-Length": str(size),
                                      "Accept-Ranges": "bytes"})
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
         self._auth(request, write=False)
         try:
-            wanted = (await request.json())["digests"]
-            assert isinstance(wanted, list) and all(isinstance(d, str) for d in wanted)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise HttpError(400, 'body must be JSON {"digests": ["sha256:...", ...]}') from None
+            body = await request.json()
+        except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
+            body = None
+        wanted = body.get("digests") if isinstance(body, dict) else None
+        if not isinstance(wanted, list) or not all(isinstance(d, str) for d in wanted):
+            raise HttpError(400, 'body must be JSON {"digests": ["sha256:...", ...]}')
         if len(wanted) > batch.MAX_DIGESTS:
             raise HttpError(413, f"at most {batch.MAX_DIGESTS} digests per batch")
         bad = [d for d in wanted if not digests.is_valid(d)]
@@ -232,10 +237,16 @@ class CacheServer:
             raise HttpError(400, f"not a sha256 digest: {bad[0][:100]!r}")
         await self._delay()
         gate = asyncio.Semaphore(BATCH_PARALLEL)
+        pinned: list[str] = []  # digests pinned for this answer and not yet sent
 
         async def one(digest):
+            """The frame's cache path (pinned by obtain: later inserts of this batch must not
+            evict it before it is sent) or its bytes."""
             async with gate:
-                return await self.filler.obtain("blocks", digest)
+                path, frame = await self.filler.obtain("blocks", digest)
+                if path is not None:
+                    pinned.append(digest)
+                return path, frame
         tasks = [asyncio.ensure_future(one(d)) for d in wanted]
         resp = web.StreamResponse(headers={"Content-Type": batch.MEDIA_TYPE})
         sent = 0
@@ -250,8 +261,11 @@ class CacheServer:
                 try:
                     path, frame = await task
                     if frame is None:
-                        with open(path, "rb") as f:
-                            frame = f.read()
+                        try:  # off the event loop: a big frame must not stall other requests
+                            frame = await self.filler.call(_read_file, path)
+                        finally:
+                            pinned.remove(digest)
+                            self.cache.unpin("blocks", digest)
                 except NotFound:
                     await send(batch.encode_header(digest, 404, 0))
                     continue
@@ -263,6 +277,8 @@ class CacheServer:
         finally:
             for task in tasks:
                 task.cancel()
+            for digest in pinned:  # obtained but never sent (the client went away)
+                self.cache.unpin("blocks", digest)
             resp[BODY_BYTES] = sent
         return resp
 
@@ -360,6 +376,11 @@ class CacheServer:
             return lease.check_name(request.match_info["name"])
         except StoreError as exc:
             raise HttpError(400, str(exc)) from None
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

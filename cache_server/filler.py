@@ -40,16 +40,30 @@ class Filler:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def obtain(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
-        """(path of the cached frame, None), or (None, frame) when it could not be cached."""
+        """(path of the cached frame, None), the entry pinned so no insert evicts it before it
+        is sent: the caller unpins it (DiskCache.unpin). Or (None, frame) when the frame is not
+        in the cache (too big for it, or evicted again by other inserts before this caller
+        resumed: then the bytes in hand serve it)."""
         found = self.cache.lookup(kind, digest)
         if found:
             path, verified = found
             if verified or await self._single(("verify", kind, digest), self._verify_file,
                                               kind, digest, path):
-                self.metrics.hit()
-                return path, None
+                if self._pin(kind, digest):  # an await ago it was there; is it still?
+                    self.metrics.hit()
+                    return path, None
         self.metrics.miss()
-        return await self._single((kind, digest), self._fill, kind, digest)
+        path, frame = await self._single((kind, digest), self._fill, kind, digest)
+        if path is not None and self._pin(kind, digest):
+            return path, None
+        return None, frame
+
+    def _pin(self, kind: str, digest: str) -> bool:
+        """Pin the entry if it is (still) cached; no await may come between this and use."""
+        if self.cache.size(kind, digest) is None:
+            return False
+        self.cache.pin(kind, digest)
+        return True
 
     async def _single(self, key: tuple, fn, *args):
         fut = self._inflight.get(key)
@@ -100,7 +114,7 @@ class Filler:
             raise
         path = self.cache.insert(kind, digest, frame)
         self.metrics.cache_state(self.cache)
-        return (path, None) if path else (None, frame)
+        return path, frame  # the frame too: waiters resume later, when it may be evicted
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,8 @@ from imagebuilder import sources
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE, BlockStager, CommitStats
 from imagebuilder.sources import rootfs
 from imagebuilder.tarlayer import read_layer
-from imagebuilder.tree import MAX_ENTRIES, LayerEntry, Tree
+from imagebuilder.tree import LayerEntry, Tree
+from lazyfs.format.manifest import MAX_ENTRIES
 
 
 class Progress(Protocol):

@@ -8,14 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LimitExceeded, UnsafeEntry
-from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
+from lazyfs.format.manifest import MAX_ENTRIES, MAX_NAME, Chunk, Entry, EntryType, Manifest
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
-MAX_NAME = 255
 MAX_DEPTH = 256
 MAX_PATH = 4096
-MAX_ENTRIES = 4_000_000
 
 
 @dataclass(slots=True)

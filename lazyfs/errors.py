@@ -94,6 +94,10 @@ class UnsupportedMediaType(ImageSourceError):
     pass
 
 
+class UnsupportedTransport(ImageSourceError):
+    """A source spelled with a transport lazyfs does not read (``docker://``, ``containers-storage:``)."""
+
+
 class LayerDigestMismatch(ImageSourceError, IntegrityError):
     def __init__(self, what: str, expected: str, actual: str):
         LazyfsError.__init__(self, f"{what}: content hashes to {actual}, image says {expected}")

@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lazyfs.format import manifest as mf
-from lazyfs.format import profile as proffmt
+from lazyfs.format import kinds, manifest as mf
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
 from lazyfs.store import objects
@@ -48,13 +47,14 @@ def mark(store: BlockStore) -> tuple[set[str], set[str]]:
         digest = todo.pop()
         manifests.add(digest)
         data = objects.read_manifest_bytes(store, digest)
-        if snapfmt.is_snapshot(data):
+        what = kinds.kind(data)
+        if what == kinds.SNAPSHOT:
             snap = snapfmt.decode(data)
             blocks |= snap.blocks()
             if snap.image not in manifests:
                 todo.add(snap.image)
             continue
-        if proffmt.is_profile(data):
+        if what == kinds.PROFILE:
             # A hint, not a reference: its blocks live as long as an image that uses them.
             continue
         m = mf.decode(data)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lazyfs.format import manifest as mf
-from lazyfs.format import profile as proffmt
-from lazyfs.format import snapshot as snapfmt
+from lazyfs.format import kinds, manifest as mf
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
@@ -60,7 +58,7 @@ def all_images(store: BlockStore) -> list[tuple[str, str, Manifest]]:
     for name, tag, digest in store.list_tags():
         if digest not in cache:
             data = objects.read_manifest_bytes(store, digest)
-            if snapfmt.is_snapshot(data) or proffmt.is_profile(data):
+            if kinds.kind(data) != kinds.IMAGE:
                 continue  # a process snapshot or a startup profile, not an image
             cache[digest] = mf.decode(data)
         out.append((f"{name}:{tag}", digest, cache[digest]))

@@ -1,6 +1,7 @@
 """Default locations: the embedded store, the node cache, mount state and logs."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def default_cache_dir() -> Path:
 
 def state_dir() -> Path:
     return Path(os.environ.get("LAZYFS_STATE_DIR") or platformdirs.user_state_dir(APP))
+
+
+def mount_key(mountpoint: str) -> str:
+    """The name a mountpoint goes by in state files and control sockets: a hash of its real
+    path (paths can be long and hold any byte)."""
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
 
 
 def default_token() -> str | None:

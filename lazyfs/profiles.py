@@ -4,14 +4,13 @@ The codec is lazyfs.format.profile; this module does the reading and writing aro
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Iterable
 
 from lazyfs.errors import LazyfsError, NotFound
-from lazyfs.format import block, digest as digests
-from lazyfs.format import profile as proffmt
+from lazyfs.format import block, digest as digests, kinds
+from lazyfs.format import profile as proffmt, trace as tracefmt
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.format.profile import Profile, ProfileBlock
 from lazyfs.fs.index import ImageIndex
@@ -22,18 +21,12 @@ log = logging.getLogger("lazyfs.profile")
 AUTO, NONE = "auto", "none"
 
 
-def parse_trace(lines: Iterable[str]) -> list[tuple[float, str, int, int]]:
-    """(time, path, offset, size) of each read in a `--trace` file, in time order (reads from
-    several threads may be written out of order)."""
-    reads = []
-    for line in lines:
-        if line.strip():
-            r = json.loads(line)
-            reads.append((float(r["t"]), r["path"], int(r["offset"]), int(r["size"])))
-    return sorted(reads, key=lambda r: r[0])
+def parse_trace(lines: Iterable[str]) -> list[tracefmt.Read]:
+    """The reads of a `--trace` file, in time order."""
+    return tracefmt.decode_all(lines)
 
 
-def from_trace(index: ImageIndex, reads: list[tuple[float, str, int, int]]) -> list[ProfileBlock]:
+def from_trace(index: ImageIndex, reads: list[tracefmt.Read]) -> list[ProfileBlock]:
     """The blocks the reads touched, each once, in first-touch order."""
     t0 = reads[0][0] if reads else 0.0
     seen: set[str] = set()
@@ -78,7 +71,7 @@ def load(store: BlockStore, image_digest: str, choice: str = AUTO) -> Profile | 
         else:
             digest = choice if digests.is_valid(choice) else objects.resolve(store, choice)
             data = objects.read_manifest_bytes(store, digest)
-            if proffmt.is_profile(data):
+            if kinds.kind(data) == kinds.PROFILE:
                 return proffmt.decode(data)
             target = proffmt.tag_for(digest)  # an image: use the profile recorded for it
         try:

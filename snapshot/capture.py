@@ -19,7 +19,8 @@ from lazyfs.store import objects, open_store
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.files import publish
-from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace
+from lazyfs.runner.helper import MARKER_DIR, with_python_path
+from snapshot.workspace import MOUNT_BASE, Workspace
 
 
 class Follower:
@@ -97,10 +98,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         ws.upper.mkdir(parents=True)
         ws.inject_helper()
         ws.mount(digest, opts.source, opts.cache_dir)
-        pypath = next((kv.split("=", 1)[1] for kv in spec.env if kv.startswith("PYTHONPATH=")), "")
-        env = [kv for kv in spec.env if not kv.startswith("PYTHONPATH=")] + [
-            f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}",
-            f"PYTHONPATH=/{MARKER_DIR}/python" + (f":{pypath}" if pypath else "")]
+        env = with_python_path(spec.env) + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
         # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
         # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",

@@ -28,7 +28,7 @@ from snapshot.capture import Follower
 from snapshot.files import block_fetcher, fetch
 from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
 from snapshot.lazyserver import Config
-from snapshot.workspace import MARKER_DIR, MOUNT_BASE, Workspace, inject_helper
+from snapshot.workspace import MOUNT_BASE, Workspace
 
 log = logging.getLogger("lazyfs.snapshot")
 
@@ -117,13 +117,11 @@ def _trace(ws: Workspace) -> Path:
 
 
 def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
-    """Run the snapshot's command from scratch, helper importable but no snapshot taken."""
+    """Run the snapshot's command from scratch: ready() returns 0, no snapshot is taken."""
     print(f"lazyfs: warning: restore of snapshot {snap_ref} failed: {exc}\n"
           f"lazyfs: warning: starting {opts.ref} cold instead", file=sys.stderr, flush=True)
     argv = opts.argv or (snap.meta.get("argv", []) if snap else [])
-    cold = replace(opts, argv=list(argv), env=opts.env + [f"PYTHONPATH=/{MARKER_DIR}/python"],
-                   prepare_upper=inject_helper)
-    return cold_run(cold, say)
+    return cold_run(replace(opts, argv=list(argv)), say)  # every run has the helper
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,

@@ -19,22 +19,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lazyfs.fs import daemon
+from lazyfs.fs import mounts
 from lazyfs.remote.source import Source
+from lazyfs.runner import helper
+from lazyfs.runner.helper import MARKER_DIR
 from lazyfs.runner.overlay import Overlay
 
 log = logging.getLogger("lazyfs.snapshot")
 MOUNT_BASE = Path("/run/lazyfs/snap")
-HELPER = Path(__file__).parent / "helper" / "lazyfs_snapshot.py"
-MARKER_DIR = ".lazyfs"  # inside the container root
-
-
-def inject_helper(upper: Path) -> None:
-    """Put the helper module where the container's Python finds it, in a writable layer that is
-    not mounted yet (an upper layer is written directly only then)."""
-    target = upper / MARKER_DIR / "python"
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(HELPER, target / HELPER.name)
 
 
 class Workspace:
@@ -54,12 +46,14 @@ class Workspace:
     def mount_image(self, digest: str, source: Source, cache_dir: str | None, profile: str = "auto",
                     trace: Path | None = None) -> None:
         self.image.mkdir(parents=True, exist_ok=True)
-        daemon.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"),
+        mounts.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"),
                      profile=profile, trace=str(trace) if trace else None, checked=True)
         self.mounted = True
 
     def inject_helper(self) -> None:
-        inject_helper(self.upper)
+        """The helper in the writable layer (part of the snapshot), written before the overlay
+        is mounted (an upper layer is written directly only then)."""
+        helper.install(self.upper)
 
     def marker(self, name: str) -> Path:
         """A marker file as the container sees it, through the overlay (so no cache hides it)."""
@@ -74,7 +68,7 @@ class Workspace:
             self.overlay.mounted = False
         if self.mounted:
             try:
-                daemon.umount(str(self.image), lazy=True)
+                mounts.umount(str(self.image), lazy=True)
             except Exception as exc:  # cleanup goes on; the caller's outcome matters more
                 log.warning("unmounting %s: %s", self.image, exc)
             self.mounted = False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import lazyfs_cli  # noqa: F401 - the tests' way to run the CLI
 from lazyfs.store.local import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def any_store(request, tmp_path):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One real SeaweedFS S3 server for the session; AWS_* variables point at it (for the CLI too)."""
-    from tests.servers import SeaweedS3
+    from bench.servers import SeaweedS3
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     try:
         server.start()
@@ -98,19 +99,64 @@ def mount_skip_reason() -> str | None:
     return None
 
 
-needs_mount = pytest.mark.skipif(mount_skip_reason() is not None, reason=str(mount_skip_reason()))
+# Every test that mounts carries the `mount` marker: `-m "not mount"` runs the rest on a machine
+# without FUSE, and here a marked test skips with the reason when mounting is impossible.
+needs_mount = pytest.mark.mount
 
 
-def lazyfs_cli(*args, env=None, check=True, timeout=120, input=None):
-    """Run the real CLI in a subprocess, the way a user does."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run([*LAZYFS, *map(str, args)], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, input=input, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lazyfs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("mount") is not None:
+        reason = mount_skip_reason()
+        if reason is not None:
+            pytest.skip(reason)
+
+
+def lazyfs_mounts() -> list[str]:
+    """Mountpoints of lazyfs FUSE mounts and of the overlays `lazyfs run` puts on them."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if "fuse.lazyfs" in line or "/lazyfs/run/" in fields[4] or "/lazyfs/snap/" in fields[4]:
+                out.append(fields[4].encode().decode("unicode_escape"))
+    return out
+
+
+def _podman_leftovers() -> list[str]:
+    """Names of lazyfs containers podman still has (created, running or stopped)."""
+    if not shutil.which("podman"):
+        return []
+    proc = subprocess.run(["podman", "--runtime", shutil.which("runc") or "runc", "ps", "-a",
+                           "--filter", "name=^lazyfs-", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout.split()
+
+
+@pytest.fixture(autouse=True)
+def _leave_nothing_mounted(request):
+    """After every mount test: what it left mounted (or a container it left running) is taken
+    down here, so one failing test cannot make the ones after it fail too. The test that left
+    it fails on its own assertions."""
+    yield
+    if request.node.get_closest_marker("mount") is None:
+        return
+    for mp in sorted(lazyfs_mounts(), key=len, reverse=True):  # overlays above their image
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    if any(b"lazyfs-" in open(f"/proc/{p}/cmdline", "rb").read() for p in _conmons()):
+        for name in _podman_leftovers():
+            subprocess.run(["podman", "--runtime", shutil.which("runc") or "runc", "rm", "-f",
+                            "-t", "0", name], capture_output=True, timeout=60)
+
+
+def _conmons() -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == "conmon":
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 @pytest.fixture

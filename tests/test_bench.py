@@ -22,6 +22,7 @@ def _skip_reason() -> str | None:
     return mount_skip_reason()
 
 
+@pytest.mark.mount
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     out = tmp_path / "out"

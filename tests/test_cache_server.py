@@ -21,7 +21,7 @@ from lazyfs.store.counting import CountingStore
 from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore
 from tests.conftest import TEST_TOKEN
-from tests.servers import CacheServer
+from bench.servers import CacheServer
 
 http = urllib3.PoolManager(maxsize=64)
 
@@ -279,3 +279,38 @@ def test_cli_errors_are_one_line(tmp_path, s3_server):
     assert bad.returncode != 0 and "at least 16" in bad.stderr
     down = lazyfs_cli("images", "--store", "http://127.0.0.1:9", check=False)
     assert down.returncode != 0 and "refused" in down.stderr.lower()
+
+
+def test_a_batch_larger_than_the_cache_sends_every_block_it_fetched(tmp_path, origin):
+    """Blocks of one batch answer are pinned until sent: inserting the later ones into a cache
+    too small for all of them must not evict the earlier ones before they go out."""
+    blocks = _blocks(8, size=100_000, seed=3)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    frame_size = len(blocks[0][1])
+    with ServerThread(origin, tmp_path / "cache", cache_size=int(frame_size * 2.5)) as srv:
+        got = list(HttpStore(srv.url).get_blocks([d for d, _ in blocks]))
+        assert got == blocks
+        cache = srv.server.cache
+        assert cache.bytes <= frame_size * 2.5  # pins released: the cap holds again
+        assert not cache._pins
+
+
+def test_batch_bodies_are_checked_without_asserts(tmp_path, origin):
+    """Request checks are code, not `assert` (which `python -O` removes): a real server run
+    with PYTHONOPTIMIZE=1 still refuses malformed batch bodies."""
+    digest, frame = block.encode(b"one block")
+    origin.put_block(digest, frame)
+    srv = CacheServer(str(origin.root), tmp_path / "cache", env={"PYTHONOPTIMIZE": "1"}).start()
+    try:
+        for body in ({"digests": {digest: 1}}, {"digests": [digest, 7]}, [digest], {"digests": digest},
+                     "[" * 50_000):
+            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            r = http.request("POST", f"{srv.url}/v1/blocks/batch", body=raw,
+                             headers={"Content-Type": "application/json"})
+            assert r.status == 400, (body if not isinstance(body, str) else "deep", r.status)
+            assert "digests" in json.loads(r.data)["error"]
+        ok = http.request("POST", f"{srv.url}/v1/blocks/batch", body=json.dumps({"digests": [digest]}))
+        assert ok.status == 200 and ok.data.endswith(frame)
+    finally:
+        srv.stop()

@@ -3,6 +3,7 @@ lying servers, deadlines (no FUSE here; test_fleet_mount.py does it through a mo
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
 from lazyfs.errors import BlockNotFound, StoreUnavailable
-from lazyfs.format import block
+from lazyfs.format import batch as batchfmt, block
 from lazyfs.remote import rendezvous
 from lazyfs.remote.fleet import Fleet, FleetOptions
 from lazyfs.store.counting import CountingStore
@@ -142,6 +143,14 @@ class _Liar(_Quiet):
         self.end_headers()
         self.wfile.write(self.frame)
 
+    def do_POST(self):  # noqa: N802 - a batch answer with the wrong frame for every block
+        wanted = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["digests"]
+        body = b"".join(batchfmt.encode_header(d, 200, len(self.frame)) + self.frame for d in wanted)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
 
 def test_wrong_bytes_are_detected_and_fetched_elsewhere(tmp_path, origin):
     store, blocks = origin
@@ -156,6 +165,22 @@ def test_wrong_bytes_are_detected_and_fetched_elsewhere(tmp_path, origin):
             assert fleet.stats.wrong_bytes >= 1
             fleet.close()
     finally:
+        liar.shutdown()
+
+
+def test_wrong_bytes_in_a_batch_are_counted_and_fetched_elsewhere(origin):
+    """A batch answer's wrong frames count as a single read's would, and go elsewhere."""
+    store, blocks = origin
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    fleet = Fleet([f"http://127.0.0.1:{liar.server_address[1]}"], origin=store)
+    try:
+        wanted = [(d, len(block.decode(d, f))) for d, f in blocks[:5]]
+        got = dict(fleet.fetch_blocks(wanted))
+        assert got == {d: block.decode(d, f) for d, f in blocks[:5]}  # from the origin
+        assert fleet.stats.wrong_bytes >= 5 and fleet.stats.origin_reads == 5
+    finally:
+        fleet.close()
         liar.shutdown()
 
 

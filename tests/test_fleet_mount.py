@@ -15,9 +15,9 @@ from lazyfs.store import objects
 from lazyfs.store.local import LocalStore
 from lazyfs.store.s3 import S3Store
 from tests.conftest import Mounted, lazyfs_cli, needs_mount
-from tests.servers import CacheServer
+from bench.servers import CacheServer
 
-pytestmark = [needs_mount, pytest.mark.mount]
+pytestmark = needs_mount
 MiB = 1024 * 1024
 
 
@@ -96,7 +96,7 @@ def fleet_image(tmp_path, node):
 
 def test_kill_one_server_mid_read_then_both(fleet_image, tmp_path):
     src, origin, servers = fleet_image
-    from tests.servers import free_port
+    from bench.servers import free_port
     dead_origin = f"http://127.0.0.1:{free_port()}"  # an origin that is configured but unreachable
     m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", servers[0].url, "--server",
                 servers[1].url, "--store", dead_origin, "--deadline", "3s", "--readahead", "1")

@@ -34,25 +34,30 @@ def test_round_trip(m):
     assert mf.encode(Manifest(tuple(reversed(m.entries)), m.config, m.chunk_size)) == data
 
 
+DECODERS = [pytest.param(mf.decode, id="decode"), pytest.param(mf.decode_config, id="decode_config")]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 @settings(max_examples=500)
-@given(st.binary(max_size=400))
-def test_decode_garbage_is_typed(data):
+@given(data=st.binary(max_size=400))
+def test_decode_garbage_is_typed(decoder, data):
     try:
-        mf.decode(data)
+        decoder(data)
     except ManifestFormatError:
         pass
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(manifests(max_entries=8), st.data())
-def test_decode_mutations_are_typed(m, data):
+@given(m=manifests(max_entries=8), data=st.data())
+def test_decode_mutations_are_typed(decoder, m, data):
     raw = bytearray(mf.encode(_order_preserving(m)))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
     try:
-        mf.decode(bytes(raw[:cut]))
+        decoder(bytes(raw[:cut]))
     except ManifestFormatError:
         pass
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from imagebuilder.build import build
 from lazyfs import gc
+from lazyfs.errors import StoreUnavailable
 from lazyfs.store import objects
 from lazyfs.store.lease import Lease, LeaseConflict
 from lazyfs.store.local import LocalStore
@@ -113,3 +115,32 @@ def test_cli(two_images, env_dirs, tmp_path):
     assert json.loads(out.stdout)["evicted"] == 0
     bad = lazyfs_cli("gc", "--node-cache", check=False)
     assert bad.returncode != 0 and "--max-size" in bad.stderr
+
+
+class _FlakyLeases:
+    """A real store whose lease writes fail while ``down`` is set."""
+
+    def __init__(self, inner):
+        self.inner, self.down = inner, False
+
+    def put_lease(self, name, data):
+        if self.down:
+            raise StoreUnavailable("store unreachable")
+        return self.inner.put_lease(name, data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_failing_lease_refresh_is_logged_once_per_outage(tmp_path, caplog):
+    store = _FlakyLeases(LocalStore(tmp_path / "store"))
+    with caplog.at_level(logging.WARNING, logger="lazyfs.lease"):
+        with Lease(store, "build", conflicts=("gc",), refresh_every=0.05) as lease:
+            store.down = True
+            time.sleep(0.4)  # several failed refreshes
+            failed = [r for r in caplog.records if "refresh failed" in r.getMessage()]
+            assert len(failed) == 1 and lease.name in failed[0].getMessage()
+            assert "lapses in" in failed[0].getMessage()
+            store.down = False
+            time.sleep(0.3)
+        assert any("refreshed again" in r.getMessage() for r in caplog.records)

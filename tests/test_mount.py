@@ -147,7 +147,7 @@ def test_mount_outlives_its_shell_and_umount_leaves_no_process(big_image, tmp_pa
     subprocess.run(["sh", "-c", cmd], check=True, cwd=ROOT, capture_output=True, env=os.environ)
     time.sleep(0.5)
     assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
-    from lazyfs.fs.daemon import read_state
+    from lazyfs.fs.mounts import read_state
     state = read_state(str(mnt))
     assert state is not None and os.path.exists(f"/proc/{state.pid}")
     lazyfs_cli("umount", mnt)
@@ -197,7 +197,7 @@ def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path):
     mnt = tmp_path / "mnt"
     m = Mounted("lazy/big:1", mnt)
     with m:
-        from lazyfs.fs.daemon import read_state
+        from lazyfs.fs.mounts import read_state
         assert (mnt / "data" / "large-3.bin").read_bytes() == (big_image[0] / "data" / "large-3.bin").read_bytes()
         os.kill(read_state(str(mnt)).pid, 9)
         time.sleep(0.3)
@@ -275,3 +275,30 @@ def test_full_node_cache_disk_still_reads_correctly(big_image, tmp_path):
                 assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+@pytest.mark.parametrize("exec_path", [False, True], ids=["forked", "exec"])
+def test_daemon_started_forked_or_as_a_fresh_interpreter(big_image, tmp_path, exec_path):
+    """Both ways of starting the daemon serve the same mount with the same options: the exec
+    path gets them back from DaemonArgs.argv() (LAZYFS_DAEMON_EXEC=1 forces it)."""
+    from lazyfs.fs.mounts import read_state
+    src, _, _ = big_image
+    trace = tmp_path / "trace.jsonl"
+    env = {"LAZYFS_DAEMON_EXEC": "1"} if exec_path else {}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazyfs_cli("mount", "lazy/big:1", mnt, "--trace", trace, "--readahead", "0", "--no-siblings",
+               "--deadline", "7s", env=env)
+    try:
+        assert (mnt / "etc" / "motd").read_bytes() == (src / "etc" / "motd").read_bytes()
+        state = read_state(str(mnt))
+        cmdline = Path(f"/proc/{state.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert (b"lazyfs.fs.daemon" in cmdline) == exec_path
+        if exec_path:
+            assert cmdline[cmdline.index(b"--deadline") + 1] == b"7.0"
+            assert b"--no-siblings" in cmdline and cmdline[-1] == str(mnt).encode()
+        from lazyfs.fs import control
+        assert control.query(str(mnt))["store"]["block_gets"] == 1  # no readahead, no siblings
+        assert '"/etc/motd"' in trace.read_text()
+    finally:
+        lazyfs_cli("umount", mnt, check=False)

@@ -154,3 +154,31 @@ def test_prefetch_fetches_once_in_the_background(tmp_path):
     assert sorted(origin.calls) == sorted(blobs)
     s = cache.stats.snapshot()
     assert s["misses"] == 6 and s["prefetched"] >= 1
+
+
+def test_a_claim_is_released_when_its_block_is_left_even_on_error(tmp_path):
+    digest, data = _blob(10_000, seed=7)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin, claim_wait=30)
+    with pytest.raises(RuntimeError):
+        with cache.claim(digest):
+            assert cache.claim(digest) is None  # owned: nobody else may load it meanwhile
+            raise RuntimeError("the batch broke")
+    started = time.monotonic()
+    assert cache.read(digest, len(data), 0, 4) == data[:4]  # no wait: the claim is gone
+    assert time.monotonic() - started < 5 and origin.calls == [digest]
+
+
+def test_a_claim_nobody_releases_cannot_block_readers_forever(tmp_path, caplog):
+    digest, data = _blob(10_000, seed=8)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin, claim_wait=0.3)
+    stuck = cache.claim(digest)  # an owner that never finishes (a bug, or a hung thread)
+    assert stuck is not None
+    started = time.monotonic()
+    assert cache.read(digest, len(data), 0, 4) == data[:4]
+    assert 0.3 <= time.monotonic() - started < 5
+    assert "loading elsewhere" in caplog.text and digest in caplog.text
+    stuck.release()
+    stuck.release()  # twice is harmless
+    assert cache.read(digest, len(data), 4, 4) == data[4:8]

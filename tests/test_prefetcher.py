@@ -19,6 +19,7 @@ class BatchOrigin(FakeOrigin):
         super().__init__(blobs, delay)
         self.missing, self.wrong = set(missing), set(wrong)
         self.batches: list[list[str]] = []
+        self.rejected: list[str] = []
 
     def frames_of(self, wanted):
         self.batches.append(list(wanted))
@@ -37,7 +38,8 @@ class BatchOrigin(FakeOrigin):
         return self(digest, size)
 
     def fetch_many(self, items):
-        return fetch_blocks(items, self.one, self.frames_of)
+        return fetch_blocks(items, self.one, self.frames_of,
+                            lambda digest, exc: self.rejected.append(digest))
 
 
 def _blobs(n, size=50_000):
@@ -84,6 +86,7 @@ def test_failures_release_claims_and_reads_still_get_right_bytes(tmp_path):
     pf = Prefetcher(cache, origin.fetch_many, [(d, len(blobs[d])) for d in order], batch=8, streams=2)
     assert pf.start().wait(10)
     assert pf.stats.failed == 4 and pf.stats.fetched == 4
+    assert sorted(origin.rejected) == sorted(order[2:4])  # wrong bytes in a batch are reported
     # Nothing is left claimed: a read of a failed block fetches it itself (and here fails cleanly).
     origin.missing.clear()
     origin.wrong.clear()
@@ -102,7 +105,8 @@ def test_batch_that_breaks_off_falls_back_to_single_fetches(tmp_path):
     def broken(wanted):
         yield wanted[0], origin.frames[wanted[0]]
         raise LazyfsError("connection reset mid-batch")
-    results = list(fetch_blocks([(d, len(blobs[d])) for d in order], origin.one, broken))
+    results = list(fetch_blocks([(d, len(blobs[d])) for d in order], origin.one, broken,
+                                lambda d, e: None))
     assert [d for d, _ in results] == order
     assert all(data == blobs[d] for d, data in results)
     assert origin.calls == order[1:]

@@ -16,9 +16,9 @@ from lazyfs.format import profile as proffmt
 from lazyfs.store import objects
 from lazyfs.store.local import LocalStore
 from tests.conftest import Mounted, busybox_rootfs, lazyfs_cli, needs_mount
-from tests.servers import CacheServer
+from bench.servers import CacheServer
 
-pytestmark = [needs_mount, pytest.mark.mount]
+pytestmark = needs_mount
 MiB = 1024 * 1024
 WORKLOAD = ["sh", "-c", "cat /data/a /data/b > /dev/null"]
 

@@ -12,7 +12,8 @@ import pytest
 
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from lazyfs.runner import runtime as rt
-from tests.conftest import LAZYFS, ROOT, busybox_rootfs, lazyfs_cli, needs_mount
+from tests.conftest import (LAZYFS, ROOT, _podman_leftovers, busybox_rootfs, lazyfs_cli,
+                            lazyfs_mounts, needs_mount)
 
 pytestmark = needs_mount
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
@@ -26,9 +27,6 @@ def bb_image(env_dirs, tmp_path):
     return root
 
 
-def _lazyfs_mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line for line in f if "fuse.lazyfs" in line or "/lazyfs/run/" in line]
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -38,7 +36,7 @@ def test_exit_code_and_output(bb_image, runtime):
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "NAME=lazyfs-busybox\n"
     assert ("podman" if runtime == "podman" else "namespaces") in proc.stderr  # --verbose says which
-    assert _lazyfs_mounts() == []
+    assert lazyfs_mounts() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -77,20 +75,33 @@ def test_image_config_supplies_command_env_and_workdir(env_dirs, tmp_path):
     assert out.stdout == "overridden\n"
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.1, 1.0], ids=["at-mount", "while-starting", "running"])
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs):
+def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay):
+    """Ctrl-C ends a run within seconds wherever it lands: while the image mounts, while the
+    runtime starts the container (podman's client dies then and used to leave the container,
+    and with it the mount, behind), or once the container runs."""
     proc = subprocess.Popen([*LAZYFS, "run", "--runtime", runtime, "run/bb:1", "--", "sleep", "60"],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not _lazyfs_mounts() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # let the container start
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
-    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while not lazyfs_mounts() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
+        t0 = time.monotonic()
+        proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 10  # grace (2 s) + SIGTERM grace (2 s) + teardown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
     assert proc.returncode != 0
-    assert _lazyfs_mounts() == []
+    assert lazyfs_mounts() == []
     assert list(Path(env_dirs["LAZYFS_STATE_DIR"], "run").iterdir()) == []
+    if runtime == "podman":
+        assert _podman_leftovers() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -100,7 +111,7 @@ def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_
     proc = subprocess.Popen([*LAZYFS, "run", "--runtime", runtime, "run/bb:1", "--", "sleep", "60"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not _lazyfs_mounts() and time.monotonic() < deadline:
+    while not lazyfs_mounts() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
     t0 = time.monotonic()
@@ -108,7 +119,7 @@ def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_
     proc.wait(timeout=30)
     assert time.monotonic() - t0 < 15  # grace (2 s) plus teardown, not the 60 s sleep
     assert proc.returncode != 0
-    assert _lazyfs_mounts() == []
+    assert lazyfs_mounts() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -126,4 +137,50 @@ def test_missing_command_in_image(bb_image, runtime):
     proc = lazyfs_cli("run", "--runtime", runtime, "run/bb:1", "--", "/no/such/binary", check=False)
     assert proc.returncode in (126, 127), (proc.returncode, proc.stderr)
     assert "/no/such/binary" in proc.stderr
-    assert _lazyfs_mounts() == []
+    assert lazyfs_mounts() == []
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_snapshot_helper_is_in_every_run(env_dirs, tmp_path, runtime):
+    """`import lazyfs_snapshot` works in a plain run: the helper sits in a layer of its own,
+    first on PYTHONPATH, the image's own PYTHONPATH kept after it, nothing written to --upper."""
+    from lazyfs.runner.helper import SOURCE
+    root = busybox_rootfs(tmp_path / "rootfs")
+    layout = write_layout(tmp_path / "oci", [make_tar([
+        TarEntry("bin/busybox", (root / "bin" / "busybox").read_bytes(), mode=0o755),
+        TarEntry("bin/sh", type=b"2", linkname="busybox", mode=0o777),
+        TarEntry("bin/cat", type=b"2", linkname="busybox", mode=0o777)])], "v1",
+        config={"Env": ["PATH=/bin", "PYTHONPATH=/opt/app"]})
+    lazyfs_cli("build", f"oci:{layout}:v1", "--tag", "run/helper:1")
+    upper = tmp_path / "upper"
+    out = lazyfs_cli("run", "--runtime", runtime, "--upper", upper, "run/helper:1", "--", "sh", "-c",
+                     "echo $PYTHONPATH; cat /.lazyfs/python/lazyfs_snapshot.py").stdout
+    path, _, module = out.partition("\n")
+    assert path == "/.lazyfs/python:/opt/app"
+    assert module == SOURCE.read_text()
+    assert not (upper / ".lazyfs").exists()
+
+
+def test_options_between_the_image_and_the_command(env_dirs, tmp_path):
+    """`lazyfs run NAME:TAG --store DIR -- CMD` and docker's `lazyfs run --store DIR NAME:TAG CMD`
+    both read from DIR (the image is not in the default store, so a dropped --store fails)."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    other = tmp_path / "other-store"
+    lazyfs_cli("build", f"dir:{root}", "--tag", "run/elsewhere:1", "--store", other)
+    after = lazyfs_cli("run", "run/elsewhere:1", "--store", other, "-e", "X=after", "--", "sh", "-c",
+                       "echo $X; cat /etc/os-release")
+    assert after.stdout == "after\nNAME=lazyfs-busybox\n"
+    before = lazyfs_cli("run", "--store", other, "-e", "X=before", "run/elsewhere:1", "sh", "-c",
+                        "echo $X")
+    assert before.stdout == "before\n"
+    # Without --, what follows the image is the command, its own -- included.
+    assert lazyfs_cli("run", "--store", other, "run/elsewhere:1", "echo", "--", "-x").stdout == "-- -x\n"
+    bad = lazyfs_cli("run", "run/elsewhere:1", "--stroe", other, "--", "true", check=False)
+    assert bad.returncode == 2 and "No such option" in bad.stderr and "--stroe" in bad.stderr
+    stray = lazyfs_cli("run", "run/elsewhere:1", "-v", "sh", "--", "true", check=False)
+    assert stray.returncode == 2 and "unexpected argument 'sh'" in stray.stderr
+    # lazyfs profile takes the same order.
+    prof = lazyfs_cli("profile", "run/elsewhere:1", "--store", other, "--no-publish", "--",
+                      "cat", "/etc/os-release")
+    assert "not published" in prof.stderr and "blocks" in prof.stderr
+    assert lazyfs_mounts() == []

@@ -75,7 +75,8 @@ def _skip_reason() -> str | None:
         None if shutil.which("debootstrap") else "debootstrap is not installed")
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
 
 
 @pytest.fixture(scope="session")
@@ -260,8 +261,10 @@ def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
 
 
 def test_ready_without_a_snapshot_run_is_a_no_op(image):
-    """The helper is importable in plain runs too (`lazyfs run` injects it only for snapshots, so
-    here the program finds it through the fallback path of a restore of a missing snapshot)."""
+    """The same program runs cold: a plain `lazyfs run` has the helper, and ready() returns 0."""
+    r = lazyfs_cli("run", "snap/py:1", "--", "python3", "/app/prog.py", "1", check=False, timeout=300)
+    assert _lines(r.stdout)["continued"][:2] == ["0", "6"] and r.returncode == 7, r.stderr
+    # And when a restore falls back to a cold start.
     r = lazyfs_cli("run", "--restore", "no/such:snap", "snap/py:1", "--", "python3", "/app/prog.py",
                    "1", check=False, timeout=300)
     assert "not found" in r.stderr and "cold instead" in r.stderr
@@ -270,7 +273,7 @@ def test_ready_without_a_snapshot_run_is_a_no_op(image):
 
 def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
     from tests.conftest import TEST_TOKEN
-    from tests.servers import CacheServer
+    from bench.servers import CacheServer
     token = tmp_path / "token"
     token.write_text(TEST_TOKEN)
     server = CacheServer(env_dirs["LAZYFS_STORE"], tmp_path / "server-cache", token_file=token,

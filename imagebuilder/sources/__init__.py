@@ -6,16 +6,20 @@ a bare path is detected from its contents.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from pathlib import Path
 
-from lazyfs.errors import NotAnImage
+from lazyfs.errors import NotAnImage, UnsupportedTransport
 
 from imagebuilder.sources import docker, oci
 from imagebuilder.sources.blobs import DirBlobs, TarBlobs
 from imagebuilder.sources.model import ImageInput, LayerRef
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
+# What a transport prefix looks like (skopeo's docker://, containers-storage:, ...): a spec that
+# starts so and names no existing path is a transport this build cannot read, not a missing file.
+_TRANSPORT_RE = re.compile(r"^([a-z][a-z0-9+.-]*):")
 
 __all__ = ["open_source", "parse", "ImageInput", "LayerRef", "TRANSPORTS"]
 
@@ -36,6 +40,12 @@ def parse(spec: str) -> tuple[str, str, str | None]:
             return "dir", rest, None
         path, ref = _split_ref(rest)
         return transport, path, ref
+    other = _TRANSPORT_RE.match(spec)
+    if other and not os.path.exists(spec) and not os.path.exists(spec.partition(":")[0]):
+        supported = ", ".join(f"{t}:" for t in TRANSPORTS)
+        raise UnsupportedTransport(f"{spec}: unsupported image transport {other.group(1)!r} "
+                                   f"(supported: {supported}, or a path to a layout, archive or "
+                                   "root filesystem)")
     return _detect(spec), spec, None
 
 

@@ -29,6 +29,27 @@ log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
 STALE_TEMP_SECONDS = 600
 PREFETCH_QUEUE = 64
+CLAIM_WAIT = 120.0  # seconds a reader waits for another's fetch of a block before its own
+
+
+class Claim:
+    """A block one caller is loading (NodeCache.claim); release() (or leaving the with-block)
+    wakes its readers. Releasing twice is harmless."""
+
+    def __init__(self, cache: "NodeCache", digest: str):
+        self.cache, self.digest = cache, digest
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.cache._release(self.digest)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass
@@ -43,8 +64,9 @@ class CacheStats(Counters):
 
 class NodeCache:
     def __init__(self, root: str | os.PathLike, fetch: Callable[[str, int], bytes],
-                 prefetch_threads: int = 8):
+                 prefetch_threads: int = 8, claim_wait: float = CLAIM_WAIT):
         self.root = Path(root)
+        self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
         self._prefetch_pool: ThreadPoolExecutor | None = None
@@ -81,6 +103,7 @@ class NodeCache:
         if digest in self._verified:
             self.stats.add(hits=1)
             return self.path(digest)
+        owned = True
         while True:
             found, waiter = self._claim(digest)
             if found is not None:
@@ -88,7 +111,14 @@ class NodeCache:
                 return found
             if waiter is None:
                 break  # ours to load
-            waiter.wait()  # another thread is fetching this digest; then re-check
+            # Another thread is fetching this digest; then re-check. Its fetch is bounded by the
+            # source's deadline, so a wait past claim_wait means a claim nobody will release:
+            # fetch it here rather than wait forever.
+            if not waiter.wait(self.claim_wait):
+                log.warning("cache: block %s has been loading elsewhere for %.0f s; fetching it "
+                            "here", digest, self.claim_wait)
+                owned = False
+                break
         try:
             where = self._adopt(digest, size)
             if where is not None:
@@ -101,11 +131,12 @@ class NodeCache:
                 raise
             return self._store(digest, size, data)
         finally:
-            self.release(digest)
+            if owned:
+                self._release(digest)
 
     def _claim(self, digest: str) -> tuple[str | bytes | None, threading.Event | None]:
         """(where, None) if the block is known good; (None, event) if another thread is loading
-        it; (None, None) if the caller now owns loading it (and must release() it)."""
+        it; (None, None) if the caller now owns loading it (and must _release() it)."""
         with self._lock:
             if digest in self._verified:
                 return self.path(digest), None
@@ -117,13 +148,15 @@ class NodeCache:
                 self._inflight[digest] = threading.Event()
             return None, waiter
 
-    def claim(self, digest: str) -> bool:
-        """Own the loading of a block nobody has or is loading (batch prefetch); the owner calls
-        adopt/complete and then release(). Readers of it wait for the owner meanwhile."""
+    def claim(self, digest: str) -> "Claim | None":
+        """Own the loading of a block nobody has or is loading (a batch prefetch): a Claim, or
+        None if it is cached or another thread loads it. Readers of a claimed block wait for the
+        owner, who may adopt() or complete() it and then releases the claim: by leaving it as a
+        context manager, so a claim is released whatever happens."""
         found, waiter = self._claim(digest)
-        return found is None and waiter is None
+        return Claim(self, digest) if found is None and waiter is None else None
 
-    def release(self, digest: str) -> None:
+    def _release(self, digest: str) -> None:
         with self._lock:
             event = self._inflight.pop(digest, None)
         if event is not None:

@@ -14,10 +14,11 @@ import logging
 import os
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from lazyfs.cache.nodecache import NodeCache
+from lazyfs.cache.nodecache import Claim, NodeCache
 from lazyfs.counters import Counters
 from lazyfs.errors import LazyfsError
 
@@ -74,37 +75,42 @@ class Prefetcher:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
-    def _take(self) -> list[tuple[str, int]]:
+    def _take(self, claims: ExitStack) -> dict[str, tuple[int, Claim]]:
         """The next blocks of the profile this stream now owns (skipping what is cached or
-        already being fetched)."""
-        out: list[tuple[str, int]] = []
+        already being fetched), with their claims, which ``claims`` releases at the latest."""
+        out: dict[str, tuple[int, Claim]] = {}
         while len(out) < self.batch and not self._stop.is_set():
             with self._lock:
                 if self._next >= len(self.blocks):
                     break
                 digest, size = self.blocks[self._next]
                 self._next += 1
-            if not self.cache.claim(digest):
+            claim = self.cache.claim(digest)
+            if claim is None:
                 self.stats.add(already=1)
                 continue
+            claims.enter_context(claim)
             try:
                 on_disk = self.cache.adopt(digest, size)  # from an earlier mount: verified, done
             except OSError:  # unreadable cache file: fetch it; storing the fetch will say more
                 on_disk = False
             if on_disk:
-                self.cache.release(digest)
+                claim.release()
                 self.stats.add(already=1)
                 continue
-            out.append((digest, size))
+            out[digest] = (size, claim)
         return out
 
     def _stream(self) -> None:
         try:
             while not self._stop.is_set():
-                mine = self._take()
-                if not mine:
-                    break
-                self._fetch(mine)
+                # Every claim of a batch is released when it is done, fetched or not: a claim
+                # left behind would make readers of that block wait for nothing.
+                with ExitStack() as claims:
+                    mine = self._take(claims)
+                    if not mine:
+                        break
+                    self._fetch(mine)
         finally:
             with self._lock:
                 self._running -= 1
@@ -116,14 +122,13 @@ class Prefetcher:
                          "%d already there, %d failed", s["elapsed_ms"], s["fetched"], s["planned"],
                          s["fetched_bytes"], s["already"], s["failed"])
 
-    def _fetch(self, mine: list[tuple[str, int]]) -> None:
-        sizes = dict(mine)
+    def _fetch(self, mine: dict[str, tuple[int, Claim]]) -> None:
         self.stats.add(batches=1)
         try:
-            for digest, result in self.fetch_many(mine):
-                if digest not in sizes:
+            for digest, result in self.fetch_many([(d, n) for d, (n, _) in mine.items()]):
+                if digest not in mine:
                     continue
-                size = sizes.pop(digest)
+                size, claim = mine.pop(digest)
                 try:
                     if isinstance(result, Exception):
                         raise result
@@ -134,13 +139,10 @@ class Prefetcher:
                     self.stats.add(failed=1)
                     log.debug("prefetch of %s failed: %s", digest, exc)
                 finally:
-                    self.cache.release(digest)
+                    claim.release()  # its readers go on now, not at the end of the batch
         except (LazyfsError, OSError) as exc:
             log.warning("profile prefetch batch failed: %s", exc)
-        finally:
-            for digest in sizes:  # never leave a claim behind: readers would wait forever
-                self.stats.add(failed=1)
-                self.cache.release(digest)
+        self.stats.add(failed=len(mine))  # what the batch never delivered
 
 
 def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[str, int]]) -> None:

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
-from imagebuilder.tree import MAX_ENTRIES
+from imagebuilder.build import DEFAULT_MAX_SIZE
+from lazyfs.format.manifest import MAX_ENTRIES
 from lazyfs.cli import app
 from lazyfs.cli.common import JsonOpt, RichProgress, StoreOpt, err, human, out, parse_size
 from lazyfs.store import objects, open_store
@@ -26,17 +27,20 @@ def build(
                                    help="Bytes per block; smaller files are one block each."),
     tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
                                           "the whole image has been verified (default: $TMPDIR)."),
-    max_size: str = typer.Option("64G", "--max-size", help="Refuse images whose layers inflate past "
+    max_size: str = typer.Option(f"{DEFAULT_MAX_SIZE >> 30}G", "--max-size", help="Refuse images whose layers inflate past "
                                  "this many bytes in all (decompression bombs)."),
-    max_entries: int = typer.Option(MAX_ENTRIES, "--max-entries", min=1, help="Refuse images with "
+    max_entries: int = typer.Option(MAX_ENTRIES, "--max-entries", min=1, max=MAX_ENTRIES,
+                                    help="Refuse images with "
                                     "more entries (files, directories, links) than this."),
     profile_command: Optional[str] = typer.Option(None, "--profile-command", metavar="CMD",
                                                   help="After publishing, run CMD (a shell-quoted "
                                                   "command line) once in a container on the image and "
                                                   "publish its startup profile (as `lazyfs profile`)."),
 ):
+    from imagebuilder import sources
     from imagebuilder.build import build as run_build
 
+    sources.parse(source)  # an unreadable source spelling fails before a store is created
     if profile_command is not None and not tag:
         raise typer.BadParameter("--profile-command needs --tag (the profile is recorded on the tagged image)")
     st = open_store(store)

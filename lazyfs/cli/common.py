@@ -4,10 +4,13 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+from lazyfs.remote import defaults
 
 STORE_HELP = ("Block store: a directory (or file://PATH), s3://BUCKET/PREFIX (AWS_* settings as "
               "for boto3), or a cache server http://HOST:PORT ($LAZYFS_TOKEN for writes). "
@@ -19,15 +22,19 @@ ServerOpt = typer.Option(None, "--server", metavar="URL", help="A lazyfs cache s
                          "fleet: blocks are sharded by rendezvous hashing, with failover and hedging). "
                          "With --server, --store names the origin to fall back to (optional). "
                          "$LAZYFS_TOKEN or $LAZYFS_TOKEN_FILE for servers that want a token.")
-DeadlineOpt = typer.Option("30s", "--deadline", help="A block read that gets no good answer in this "
+DeadlineOpt = typer.Option(defaults.duration(defaults.DEADLINE), "--deadline",
+                           help="A block read that gets no good answer in this "
                            "long fails with EIO (and a log line) instead of hanging.")
-HedgeOpt = typer.Option("500ms", "--hedge-after", help="When a server has not answered after this "
+HedgeOpt = typer.Option(defaults.duration(defaults.HEDGE_AFTER), "--hedge-after",
+                        help="When a server has not answered after this "
                         "long (or 2x the recent p90, if larger), ask the next server's cache too; "
                         "after 4x, let it fetch from the origin. The first good answer wins.")
-ReadaheadOpt = typer.Option(4, "--readahead", min=0, help="While a file is read sequentially, "
+ReadaheadOpt = typer.Option(defaults.READAHEAD, "--readahead", min=0,
+                            help="While a file is read sequentially, "
                             "how many of its next blocks to fetch in parallel in the background "
                             "(0: off).")
-SiblingsOpt = typer.Option(True, "--siblings/--no-siblings", help="When a directory's first small "
+SiblingsOpt = typer.Option(defaults.SIBLINGS, "--siblings/--no-siblings",
+                           help="When a directory's first small "
                            "file is read, fetch its other small files (up to 128 files, 8 MiB) in one "
                            "batch: an import reads a package's modules one after another.")
 ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
@@ -41,6 +48,67 @@ WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Working directory insid
 UserOpt = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image.")
 NetworkOpt = typer.Option("none", "--network", help="none (default) or host.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+class CommandLineCommand(typer.core.TyperCommand):
+    """A command of the form ``lazyfs CMD [OPTIONS] NAME:TAG [-- COMMAND ARGS...]``.
+
+    Two habits meet here: docker's (options before the image; everything after it is the
+    command) and ``lazyfs run NAME:TAG --store DIR -- CMD`` (options after the image, the command
+    after ``--``). When the image is followed by an option and a ``--`` comes later, what stands
+    between them is parsed as lazyfs options; otherwise everything after the image stays the
+    command, so ``lazyfs run img grep -- -x file`` still runs grep with its own ``--``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, options_after_image(self.get_params(ctx), list(args)))
+
+
+def options_after_image(params, args: list[str]) -> list[str]:
+    """``args`` with options given between NAME:TAG and ``--`` moved before NAME:TAG."""
+    takes_value = {}
+    for p in params:
+        if isinstance(p, click.Option):
+            takes_value.update({n: not (p.is_flag or p.count) for n in p.opts})
+            takes_value.update({n: False for n in p.secondary_opts})
+
+    def skip_options(seq: list[str]) -> int:
+        """Index of the first positional argument (or "--") in seq."""
+        i = 0
+        while i < len(seq) and seq[i] != "--" and seq[i].startswith("-") and len(seq[i]) > 1:
+            name, needs_next = value_option(seq[i])
+            if name not in takes_value:
+                raise click.NoSuchOption(name)
+            if needs_next:
+                if i + 1 >= len(seq) or seq[i + 1] == "--":
+                    raise click.UsageError(f"option {name} needs a value")
+                i += 1
+            i += 1
+        return i
+
+    def value_option(a: str) -> tuple[str, bool]:
+        """(the option, whether its value is the next argument), as click reads ``--name[=V]``
+        and clusters of short options (``-vs DIR``: the first that takes a value ends it)."""
+        if a.startswith("--"):
+            name = a.split("=", 1)[0]
+            return name, "=" not in a and takes_value.get(name, False)
+        for k in range(1, len(a)):
+            name = "-" + a[k]
+            if name not in takes_value or takes_value[name]:
+                return name, takes_value.get(name, False) and k == len(a) - 1
+        return a[:2], False
+
+    image = skip_options(args)
+    if image >= len(args) or args[image] == "--":
+        return args
+    after = args[image + 1:]
+    if not after or after[0] == "--" or not after[0].startswith("-") or "--" not in after:
+        return args
+    end = after.index("--")
+    stray = skip_options(after[:end])
+    if stray < end:
+        raise click.UsageError(f"unexpected argument {after[stray]!r} between {args[image]} and "
+                               "--: lazyfs options go there, the command goes after --")
+    return args[:image] + after[:end] + [args[image]] + after[end:]
+
 
 err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
 out = Console()
@@ -109,8 +177,10 @@ def parse_size(text: str) -> int:
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def source(store: Optional[str], servers: Optional[list[str]], deadline: str = "30s",
-           hedge_after: str = "500ms", readahead: int = 4, siblings: bool = True):
+def source(store: Optional[str], servers: Optional[list[str]],
+           deadline: str = defaults.duration(defaults.DEADLINE),
+           hedge_after: str = defaults.duration(defaults.HEDGE_AFTER),
+           readahead: int = defaults.READAHEAD, siblings: bool = defaults.SIBLINGS):
     """The --store/--server/... options of mount and run, as a lazyfs.remote.source.Source."""
     from lazyfs.remote.source import Source
     dl = parse_duration(deadline)

@@ -35,21 +35,23 @@ def mount(
                                         "(path, offset, size, time) to this file."),
 ):
     from lazyfs import paths
-    from lazyfs.fs import daemon
+    from lazyfs.fs import daemon, mounts
     from lazyfs.store import objects
 
     src = source(store, server, deadline, hedge_after, readahead, siblings)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        daemon.clean_stale(mountpoint)
+        mounts.clean_stale(mountpoint)
         reader = src.open()
         digest = objects.resolve(reader, ref)
         reader.close()
-        daemon.serve(digest, src, str(cache_dir or paths.default_cache_dir()),
-                     os.path.realpath(mountpoint), ref, debug=debug, trace=trace, profile=profile)
+        daemon.serve(daemon.DaemonArgs(digest, src, str(cache_dir or paths.default_cache_dir()),
+                                       os.path.realpath(mountpoint), ref, debug=debug,
+                                       trace=os.path.abspath(trace) if trace else None,
+                                       profile=profile))
         return
-    state = daemon.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace,
+    state = mounts.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace,
                          profile=profile)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
@@ -58,9 +60,9 @@ def mount(
 @app.command(help="Unmount a lazyfs mount and wait for its daemon to exit.")
 def umount(mountpoint: str = typer.Argument(...),
            lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy.")):
-    from lazyfs.fs import daemon
+    from lazyfs.fs import mounts
 
-    daemon.umount(mountpoint, lazy=lazy)
+    mounts.umount(mountpoint, lazy=lazy)
 
 
 @app.command(help="Print a mount's counters (blocks fetched, bytes, cache hits, FUSE requests) "

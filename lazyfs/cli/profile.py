@@ -7,15 +7,16 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, EnvOpt, NetworkOpt, RuntimeOpt, ServerOpt, StoreOpt, UserOpt,
-                               WorkdirOpt, err, human, parse_duration, sayer, source)
+from lazyfs.cli.common import (CacheOpt, CommandLineCommand, EnvOpt, NetworkOpt, RuntimeOpt,
+                               ServerOpt, StoreOpt, UserOpt, WorkdirOpt, err, human, parse_duration, sayer, source)
 
 
-@app.command(context_settings={"allow_interspersed_args": False},
+@app.command(cls=CommandLineCommand, context_settings={"allow_interspersed_args": False},
              help="Record a startup profile: run CMD once in a container on the image, note which "
                   "blocks it reads first and in what order, and publish that with the image (to "
                   "--store). Later mounts and runs of the image fetch those blocks ahead of the "
-                  "workload, in batches, while its own reads still go first. Example: "
+                  "workload, in batches, while its own reads still go first. Options go before "
+                  "NAME:TAG, or between it and the -- that starts the command. Example: "
                   "lazyfs profile torch:latest -- python3 -c 'import torch'")
 def profile(
     ref: str = typer.Argument(..., metavar="NAME:TAG"),

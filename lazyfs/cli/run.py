@@ -8,15 +8,19 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, DeadlineOpt, EnvOpt, HedgeOpt, NetworkOpt, ProfileOpt,
-                               ReadaheadOpt, RuntimeOpt, ServerOpt, SiblingsOpt, StoreOpt, UserOpt,
-                               WorkdirOpt, parse_duration, sayer, source)
+from lazyfs.cli.common import (CacheOpt, CommandLineCommand, DeadlineOpt, EnvOpt, HedgeOpt,
+                               NetworkOpt, ProfileOpt, ReadaheadOpt, RuntimeOpt, ServerOpt,
+                               SiblingsOpt, StoreOpt, UserOpt, WorkdirOpt, parse_duration, sayer,
+                               source)
 
 
-@app.command(context_settings={"allow_interspersed_args": False},
+@app.command(cls=CommandLineCommand, context_settings={"allow_interspersed_args": False},
              help="Run a command in a container on a lazily mounted image, with a writable overlay "
                   "on top; exits with the command's exit code. Without CMD, the image's "
-                  "Entrypoint/Cmd run. Example: lazyfs run demo:latest -- sh -c 'cat /etc/os-release'")
+                  "Entrypoint/Cmd run. Options go before NAME:TAG, or between it and the -- "
+                  "that starts the command; without --, all after NAME:TAG is the command. "
+                  "`import lazyfs_snapshot` works in every run. Example: "
+                  "lazyfs run demo:latest --store ./store -- sh -c 'cat /etc/os-release'")
 def run(
     ref: str = typer.Argument(..., metavar="NAME:TAG"),
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),

@@ -3,26 +3,28 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Optional
 
+import typer
 from rich.table import Table
 
 from lazyfs.cli import app
-from lazyfs.cli.common import JsonOpt, StoreOpt, human, out
+from lazyfs.cli.common import JsonOpt, StoreOpt, err, human, out
 
 
 @app.command(help="List process snapshots (made with `lazyfs run --snapshot SNAP`): the image each "
                   "one pins, its size and when it was taken. Restore one with "
                   "`lazyfs run --restore SNAP NAME:TAG`.")
 def snapshots(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
-    from lazyfs.format import snapshot as snapfmt
+    from lazyfs.format import kinds, snapshot as snapfmt
     from lazyfs.store import objects, open_store
 
     st = open_store(store)
     rows = []
     for name, tag, digest in st.list_tags():
         data = objects.read_manifest_bytes(st, digest)
-        if not snapfmt.is_snapshot(data):
+        if kinds.kind(data) != kinds.SNAPSHOT:
             continue
         snap = snapfmt.decode(data)
         rows.append({"snapshot": f"{name}:{tag}", "digest": digest, "image": snap.image,
@@ -38,3 +40,24 @@ def snapshots(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
                       str(r["blocks"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
                       " ".join(r["argv"] or []))
     out.print(table)
+
+
+@app.command("snapshot-helper", help="Write the snapshot helper module lazyfs_snapshot.py (standard "
+                                     "library only) into DIR, for images run by other tools, or "
+                                     "print it with '-'. Every `lazyfs run` already has it on "
+                                     "PYTHONPATH. Example, in a Dockerfile's build context: "
+                                     "lazyfs snapshot-helper ./app/ (then COPY it beside the app).")
+def snapshot_helper(directory: str = typer.Argument(..., metavar="DIR|-")):
+    import shutil
+    import sys
+
+    from lazyfs.runner.helper import SOURCE
+
+    if directory == "-":
+        sys.stdout.write(SOURCE.read_text())
+        return
+    target = Path(directory)
+    if not target.is_dir():
+        raise typer.BadParameter(f"{directory} is not a directory")
+    shutil.copyfile(SOURCE, target / SOURCE.name)
+    err.print(f"wrote {target / SOURCE.name}", highlight=False)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from lazyfs.errors import FormatError
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.format.guard import total
 
 MEDIA_TYPE = "application/vnd.lazyfs.blocks.v1"
 MAX_HEADER = 100
@@ -31,6 +32,7 @@ def encode_header(digest: str, status: int, length: int) -> bytes:
     return f"{digest} {status} {length}\n".encode("ascii")
 
 
+@total("batch record header")
 def decode_header(line: bytes) -> RecordHeader:
     """Parse one header line (with or without its LF); raises FormatError on anything odd."""
     try:

@@ -12,6 +12,7 @@ import zstandard
 
 from lazyfs.errors import BlockFormatError, DigestMismatch
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import total
 
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 # zstd's compress bound for MAX_BLOCK_SIZE (incompressible input grows by ~1/256 plus headers):
@@ -59,6 +60,7 @@ def declared_size(frame: bytes, digest: str | None = None, limit: int = MAX_BLOC
     return size
 
 
+@total("block frame", BlockFormatError)
 def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_SIZE,
                expected_size: int | None = None) -> bytes:
     """Inflate one frame without checking its digest (see ``decode`` for the checked form)."""
@@ -78,6 +80,7 @@ def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_S
     return data
 
 
+@total("block frame", BlockFormatError)
 def decode(digest: str, frame: bytes, expected_size: int | None = None,
            limit: int = MAX_BLOCK_SIZE) -> bytes:
     """Inflate ``frame`` and return its bytes only if they hash to ``digest``."""

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format.block import MAX_BLOCK_SIZE
+from lazyfs.format.guard import total
 
 MAGIC = b"LZFSMANI"
 VERSION = 1
@@ -23,7 +24,7 @@ MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 65536
 MAX_XATTRS = 1024
 MAX_CONFIG = 1 << 20
-MAX_ENTRIES = 10_000_000
+MAX_ENTRIES = 4_000_000  # also the build's default --max-entries, which cannot exceed it
 
 _HEADER = struct.Struct("<8sHHII")  # magic, version, flags, chunk_size, entry_count
 _U8 = struct.Struct("<B")
@@ -208,24 +209,15 @@ class _Reader:
         return data
 
 
+@total("manifest", ManifestFormatError)
 def decode(data: bytes) -> Manifest:
-    try:
-        return _decode(data)
-    except ManifestFormatError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
-            struct.error) as exc:
-        raise ManifestFormatError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
+    return _decode(data)
 
 
+@total("manifest", ManifestFormatError)
 def decode_config(data: bytes) -> dict:
     """Only the image config, without decoding the entries (what `lazyfs run` needs up front)."""
-    try:
-        return _decode_head(_Reader(data))[2]
-    except ManifestFormatError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ManifestFormatError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
+    return _decode_head(_Reader(data))[2]
 
 
 def _decode_head(r: _Reader) -> tuple[int, int, dict]:

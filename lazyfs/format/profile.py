@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import total
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSPROF\x01\n"
@@ -54,26 +55,24 @@ def encode(profile: Profile) -> bytes:
     return MAGIC + canonical_json(body)
 
 
+@total("startup profile", ManifestFormatError)
 def decode(data: bytes) -> Profile:
     if not is_profile(data):
         raise ManifestFormatError("not a lazyfs startup profile (bad magic)")
-    try:
-        body = json.loads(data[len(MAGIC):])
-        raw = body["blocks"]
-        if not isinstance(raw, list) or len(raw) > MAX_BLOCKS:
-            raise ManifestFormatError(f"a profile lists at most {MAX_BLOCKS} blocks")
-        blocks, seen = [], set()
-        for d, n, t in raw:
-            d = digests.validate(d)
-            if d in seen:
-                raise ManifestFormatError(f"profile lists block {d} twice")
-            if int(n) < 0 or float(t) < 0:
-                raise ManifestFormatError(f"profile entry for {d} has a negative size or time")
-            seen.add(d)
-            blocks.append(ProfileBlock(d, int(n), float(t)))
-        meta = body.get("meta", {})
-        if not isinstance(meta, dict):
-            raise ManifestFormatError("profile meta is not an object")
-        return Profile(digests.validate(body["image"]), tuple(blocks), meta)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ManifestFormatError(f"malformed startup profile: {exc}") from None
+    body = json.loads(data[len(MAGIC):])
+    raw = body["blocks"]
+    if not isinstance(raw, list) or len(raw) > MAX_BLOCKS:
+        raise ManifestFormatError(f"a profile lists at most {MAX_BLOCKS} blocks")
+    blocks, seen = [], set()
+    for d, n, t in raw:
+        d = digests.validate(d)
+        if d in seen:
+            raise ManifestFormatError(f"profile lists block {d} twice")
+        if int(n) < 0 or float(t) < 0:
+            raise ManifestFormatError(f"profile entry for {d} has a negative size or time")
+        seen.add(d)
+        blocks.append(ProfileBlock(d, int(n), float(t)))
+    meta = body.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ManifestFormatError("profile meta is not an object")
+    return Profile(digests.validate(body["image"]), tuple(blocks), meta)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import total
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSSNAP\x01\n"
@@ -49,23 +50,21 @@ def encode(snap: Snapshot) -> bytes:
     return MAGIC + canonical_json(body)
 
 
+@total("snapshot manifest", ManifestFormatError)
 def decode(data: bytes) -> Snapshot:
     if not is_snapshot(data):
         raise ManifestFormatError("not a lazyfs snapshot manifest (bad magic)")
-    try:
-        body = json.loads(data[len(MAGIC):])
-        files = []
-        for f in body["files"]:
-            chunks = tuple((digests.validate(d), int(n)) for d, n in f["chunks"])
-            name = str(f["name"])
-            if name.startswith("/") or ".." in name.split("/") or not name:
-                raise ManifestFormatError(f"snapshot file name {name!r} is not a safe relative path")
-            if sum(n for _, n in chunks) != int(f["size"]) or any(n < 0 for _, n in chunks):
-                raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
-            files.append(SnapFile(name, int(f["size"]), chunks))
-        if len(files) > MAX_FILES:
-            raise ManifestFormatError("snapshot lists too many files")
-        return Snapshot(digests.validate(body["image"]), str(body["mount_path"]), tuple(files),
-                        float(body.get("created", 0.0)), dict(body.get("meta", {})))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ManifestFormatError(f"malformed snapshot manifest: {exc}") from None
+    body = json.loads(data[len(MAGIC):])
+    files = []
+    for f in body["files"]:
+        chunks = tuple((digests.validate(d), int(n)) for d, n in f["chunks"])
+        name = str(f["name"])
+        if name.startswith("/") or ".." in name.split("/") or not name:
+            raise ManifestFormatError(f"snapshot file name {name!r} is not a safe relative path")
+        if sum(n for _, n in chunks) != int(f["size"]) or any(n < 0 for _, n in chunks):
+            raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
+        files.append(SnapFile(name, int(f["size"]), chunks))
+    if len(files) > MAX_FILES:
+        raise ManifestFormatError("snapshot lists too many files")
+    return Snapshot(digests.validate(body["image"]), str(body["mount_path"]), tuple(files),
+                    float(body.get("created", 0.0)), dict(body.get("meta", {})))

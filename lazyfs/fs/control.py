@@ -6,19 +6,18 @@ mount itself so that reading them never changes what the image looks like.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import threading
 from typing import Callable
 
+from lazyfs import paths
 from lazyfs.errors import MountError
 
 
 def address(mountpoint: str) -> str:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
-    return f"\0lazyfs-{os.geteuid()}-{key}"
+    return f"\0lazyfs-{os.geteuid()}-{paths.mount_key(mountpoint)}"
 
 
 def serve(mountpoint: str, stats: Callable[[], dict]) -> socket.socket:

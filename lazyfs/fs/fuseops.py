@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import errno
-import json
 import logging
 import os
 import threading
@@ -18,6 +17,7 @@ from fuse import FuseOSError, Operations
 from lazyfs.cache.nodecache import NodeCache
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.index import ImageIndex, Inode
+from lazyfs.format import trace as tracefmt
 from lazyfs.format.manifest import EntryType
 
 log = logging.getLogger("lazyfs.fuse")
@@ -159,8 +159,8 @@ class LazyOps(Operations):
         self.reads += 1
         self.read_bytes += len(data)
         if self.trace:
-            line = json.dumps({"t": round(time.monotonic() - self._t0, 6), "path": path,
-                               "offset": offset, "size": len(data)}, ensure_ascii=False)
+            line = tracefmt.encode(tracefmt.Read(time.monotonic() - self._t0, path, offset,
+                                                 len(data)))
             with self._trace_lock:
                 self.trace.write(line + "\n")
                 self.trace.flush()

@@ -4,6 +4,8 @@ A fresh interpreter costs 0.1-0.2 s before it does anything (more with a cold pa
 every millisecond of a mount is container start-up latency. Forking the process that already has
 lazyfs imported skips that; it is only safe while the process has a single thread (a fork copies
 no other threads but all their locks), so a caller with threads still running gets the exec path.
+Setting LAZYFS_DAEMON_EXEC=1 forces the exec path (to debug it, or to run the daemon under a tool
+that follows exec, like strace -f or py-spy); docs/architecture.md says so too.
 """
 from __future__ import annotations
 

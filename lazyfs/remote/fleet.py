@@ -21,11 +21,10 @@ from typing import Callable, TypeVar
 from lazyfs.counters import Counters
 from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, StoreError,
                            StoreUnavailable)
-from lazyfs.format import block
-from lazyfs.remote import rendezvous
+from lazyfs.remote import defaults, rendezvous
 from lazyfs.store.base import BlockStore
 from lazyfs.store.http import HttpStore, NotCached
-from lazyfs.store.objects import MAX_MANIFEST, counted_frames, fetch_blocks
+from lazyfs.store import objects
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
@@ -50,8 +49,8 @@ class FleetStats(Counters):
 
 @dataclass(frozen=True)
 class FleetOptions:
-    hedge_after: float = 0.5
-    deadline: float = 30.0
+    hedge_after: float = defaults.HEDGE_AFTER
+    deadline: float = defaults.DEADLINE
     connect_timeout: float = 1.0
     threads: int = 32
 
@@ -204,8 +203,6 @@ class Fleet:
     def _verified(self, kind: str, digest: str, raw: bool = False, size: int | None = None) -> bytes:
         """An object's frame (or, with raw, its decoded bytes) from the first source whose answer
         hashes to ``digest``."""
-        limit = MAX_MANIFEST if kind == "manifest" else block.MAX_BLOCK_SIZE
-
         def attempt(name: str, store: BlockStore, cached_only: bool) -> bytes:
             self._count_origin(name)
             if kind == "manifest":
@@ -214,7 +211,7 @@ class Fleet:
                 frame = store.get_block(digest, cached_only=True)
             else:
                 frame = store.get_block(digest)
-            data = block.decode(digest, frame, expected_size=size, limit=limit)
+            data = objects.verify(kind, digest, frame, size)
             if kind == "block":
                 self.stats.add(block_gets=1, block_bytes=len(frame))
             else:
@@ -231,18 +228,22 @@ class Fleet:
         server; what a batch does not deliver goes through fetch_block (failover, hedging)."""
         groups: dict[str, list[tuple[str, int]]] = {}
         for digest, size in items:
-            name, _ = self.candidates(f"block {digest}")[0]  # the owner _race would ask first
+            # The owner _race would ask first: always a server (there is at least one).
+            name, _ = self.candidates(f"block {digest}")[0]
             groups.setdefault(name, []).append((digest, size))
         for name, group in groups.items():
-            client = self.clients.get(name)
+            client = self.clients[name]
 
             def counted(wanted, _client=client, _name=name):
                 try:
-                    yield from counted_frames(_client.get_blocks(wanted), self.stats)
+                    yield from objects.counted_frames(_client.get_blocks(wanted), self.stats)
                 except LazyfsError as exc:
                     self._failed(_name, f"batch of {len(wanted)} blocks", exc)
                     raise
-            yield from fetch_blocks(group, self.fetch_block, counted if client else None)
+
+            def rejected(digest, exc, _name=name):
+                self._failed(_name, f"block {digest}", exc)  # counted as a single read's would be
+            yield from objects.fetch_blocks(group, self.fetch_block, counted, rejected)
 
     def get_block(self, digest: str) -> bytes:
         return self._verified("block", digest)

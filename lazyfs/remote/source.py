@@ -6,28 +6,29 @@ import argparse
 from dataclasses import dataclass
 
 from lazyfs import paths
+from lazyfs.remote import defaults
 from lazyfs.store import open_store
-from lazyfs.store.counting import CountingStore
+from lazyfs.store.base import BlockSource
+from lazyfs.store.reader import StoreReader
 
 
 @dataclass(frozen=True)
 class Source:
     store: str | None = None  # with servers: the origin to fall back to (None: servers only)
     servers: tuple[str, ...] = ()
-    deadline: float = 30.0  # seconds a block read may take before it fails (EIO)
-    hedge_after: float = 0.5  # seconds before a slow server request is duplicated to the next
-    readahead: int = 4  # blocks after the one read sequentially, fetched in the background
-    siblings: bool = True  # first small file read in a directory: batch-fetch its small siblings
+    deadline: float = defaults.DEADLINE
+    hedge_after: float = defaults.HEDGE_AFTER
+    readahead: int = defaults.READAHEAD
+    siblings: bool = defaults.SIBLINGS
 
-    def open(self):
-        """A reader with get_tag/get_manifest/get_block, fetch_block(digest, size) (verified
-        bytes), .stats and .url: a Fleet, or a CountingStore over one store."""
+    def open(self) -> BlockSource:
+        """The BlockSource to read from: a Fleet, or a StoreReader over one store."""
         if self.servers:
             from lazyfs.remote.fleet import Fleet, FleetOptions
             origin = open_store(self.store) if self.store else None
             return Fleet(list(self.servers), origin, token=paths.default_token(),
                          options=FleetOptions(hedge_after=self.hedge_after, deadline=self.deadline))
-        return CountingStore(open_store(self.store))
+        return StoreReader(open_store(self.store))
 
     def publish_target(self) -> str | None:
         """The store spec a node writes what it made (snapshots, working sets) to: the origin
@@ -55,9 +56,9 @@ class Source:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store")
         p.add_argument("--server", action="append", default=[])
-        p.add_argument("--deadline", type=float, default=30.0)
-        p.add_argument("--hedge-after", type=float, default=0.5)
-        p.add_argument("--readahead", type=int, default=4)
+        p.add_argument("--deadline", type=float, default=defaults.DEADLINE)
+        p.add_argument("--hedge-after", type=float, default=defaults.HEDGE_AFTER)
+        p.add_argument("--readahead", type=int, default=defaults.READAHEAD)
         p.add_argument("--no-siblings", dest="siblings", action="store_false")
 
     @classmethod

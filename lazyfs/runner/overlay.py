@@ -8,14 +8,16 @@ from lazyfs.errors import RunError
 
 
 class Overlay:
-    def __init__(self, lower: Path, upper: Path, work: Path, merged: Path):
-        self.lower, self.upper, self.work, self.merged = lower, upper, work, merged
+    def __init__(self, lower: Path | list[Path], upper: Path, work: Path, merged: Path):
+        """``lower``: the read-only layer, or several, the topmost first."""
+        self.lowers = list(lower) if isinstance(lower, list) else [lower]
+        self.upper, self.work, self.merged = upper, work, merged
         self.mounted = False
 
     def mount(self) -> Path:
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
-        opts = f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}"
+        opts = f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}"
         res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)],
                              capture_output=True, text=True)
         if res.returncode != 0:
@@ -24,11 +26,16 @@ class Overlay:
         self.mounted = True
         return self.merged
 
-    def unmount(self) -> None:
+    def unmount(self, detach_if_busy: bool = True) -> bool:
+        """Unmount; True if it is gone. Busy means a process of the container still uses it:
+        with ``detach_if_busy`` it is detached anyway (umount -l), else it stays mounted and the
+        caller can stop what holds it first."""
         if not self.mounted:
-            return
+            return True
         res = subprocess.run(["umount", str(self.merged)], capture_output=True, text=True)
         if res.returncode != 0:
-            # Something still holds it (a stray process of the container): detach it anyway.
+            if not detach_if_busy:
+                return False
             subprocess.run(["umount", "-l", str(self.merged)], capture_output=True)
         self.mounted = False
+        return True

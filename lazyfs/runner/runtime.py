@@ -6,6 +6,7 @@ capped at the caller's hard limit and nproc is given explicitly.
 """
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import subprocess
@@ -57,12 +58,41 @@ def command(runtime: str, rootfs: Path, spec: Spec, name: str) -> list[str]:
     return namespaces_command(rootfs, spec)
 
 
+FORCE_STOP_TIMEOUT = 10.0  # seconds `podman rm -f` may take before lazyfs gives up on it
+
+
 def force_stop(runtime: str, name: str) -> None:
-    """Kill a container whose runtime client is about to be killed (podman's conmon outlives it;
-    unshare takes its children down itself through --kill-child)."""
-    if runtime == "podman":
+    """Kill a container whose runtime client was killed or died (podman's conmon outlives it;
+    unshare takes its children down itself through --kill-child). Bounded: a Ctrl-C must end
+    `lazyfs run` within seconds, whatever podman is doing."""
+    if runtime != "podman":
+        return
+    try:
         subprocess.run(["podman", "--runtime", shutil.which("runc") or "runc", "rm", "-f", "-t", "0",
-                        name], capture_output=True, timeout=30)
+                        name], capture_output=True, timeout=FORCE_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass  # the overlay is then detached lazily; the container's end frees it
+
+
+def outlived(runtime: str, name: str) -> bool:
+    """Whether the container ``name`` still exists after its runtime client exited. podman's
+    conmon keeps a container going when the client dies while starting it (a Ctrl-C reaches
+    the whole foreground process group); its mount namespace would then pin the image mount.
+    A scan of /proc for that conmon costs milliseconds, no podman call."""
+    if runtime != "podman":
+        return False  # unshare --kill-child and the PID namespace take everything down
+    needle = b"\0-n\0" + name.encode() + b"\0"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle in cmdline and os.path.basename(cmdline.split(b"\0", 1)[0]) == b"conmon":
+            return True
+    return False
 
 
 def podman_command(rootfs: Path, spec: Spec, name: str) -> list[str]:

@@ -8,15 +8,16 @@ import signal
 import subprocess
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lazyfs import paths
 from lazyfs.errors import RunError
-from lazyfs.fs import daemon
+from lazyfs.fs import mounts
 from lazyfs.fs import control
-from lazyfs.runner import runtime as rt
+from lazyfs.runner import helper, runtime as rt
 from lazyfs.runner.overlay import Overlay
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
@@ -51,7 +52,7 @@ def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
     argv = entrypoint + (opts.argv or list(config.get("Cmd") or []))
     if not argv:
         raise RunError(f"{opts.ref} has no Entrypoint or Cmd; give a command after --")
-    return rt.Spec(argv=argv, env=list(config.get("Env") or []) + opts.env,
+    return rt.Spec(argv=argv, env=helper.with_python_path(list(config.get("Env") or []) + opts.env),
                    workdir=opts.workdir or config.get("WorkingDir") or "/",
                    user=opts.user if opts.user is not None else config.get("User", ""),
                    tty=opts.tty, network=opts.network)
@@ -74,50 +75,89 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     image_mnt = rundir / "image"
     image_mnt.mkdir(parents=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
-    overlay = Overlay(image_mnt, upper, rundir / "work", rundir / "rootfs")
+    # The snapshot helper in a read-only layer of its own above the image: importable in every
+    # run, never written into the image or the user's --upper.
+    helper_layer = rundir / "helper"
+    helper.install(helper_layer)
+    overlay = Overlay([helper_layer, image_mnt], upper, rundir / "work", rundir / "rootfs")
     if opts.prepare_upper:
         upper.mkdir(parents=True, exist_ok=True)
         opts.prepare_upper(upper)
+    name = f"lazyfs-{rundir.name}"
     mounted = False
+    stopped = threading.Event()  # set by a Ctrl-C or a stop: the runtime may not have finished
     try:
-        state = daemon.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
+        state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
                              trace=opts.trace, profile=opts.profile, checked=True)
         mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))
-        name = f"lazyfs-{rundir.name}"
         cmd = rt.command(runtime, rootfs, spec, name)
         say("exec: " + " ".join(cmd))
-        code = _supervise(cmd, lambda: rt.force_stop(runtime, name), opts.stop_after)
+        code = _supervise(cmd, lambda: rt.force_stop(runtime, name), stopped, opts.stop_after)
         if opts.report:
             opts.report(control.query(str(image_mnt)))
         return code
+    except BaseException:
+        stopped.set()
+        raise
     finally:
-        overlay.unmount()
-        if mounted:
-            try:
-                daemon.umount(str(image_mnt), lazy=True)
-            except Exception as exc:  # cleanup must go on; report, don't mask the run's outcome
-                log.warning("unmounting %s: %s", image_mnt, exc)
-        # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
-        shutil.rmtree(rundir, ignore_errors=True)
+        with _uninterrupted():
+            _teardown(runtime, name, overlay, image_mnt if mounted else None, stopped.is_set())
+            # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
+            shutil.rmtree(rundir, ignore_errors=True)
 
 
-def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> int:
+@contextmanager
+def _uninterrupted():
+    """Hold off Ctrl-C while a run tears down (bounded: seconds): a second Ctrl-C there would
+    leave mounts behind instead of ending the run sooner."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None,
+              stopped: bool) -> None:
+    """Everything a run set up goes, whatever happened. A Ctrl-C reaches podman too, and one
+    that comes while it starts the container kills the client and leaves the container behind
+    (created, or running under conmon, its mount namespace pinning the image mount)."""
+    if rt.outlived(runtime, name) or not overlay.unmount(detach_if_busy=False):
+        log.warning("container %s outlived its runtime; stopping it", name)
+        rt.force_stop(runtime, name)
+    elif stopped:
+        rt.force_stop(runtime, name)  # a container podman created but never started
+    overlay.unmount()
+    if image_mnt is not None:
+        try:
+            mounts.umount(str(image_mnt), lazy=True)
+        except Exception as exc:  # cleanup must go on; report, don't mask the run's outcome
+            log.warning("unmounting %s: %s", image_mnt, exc)
+
+
+def _supervise(cmd: list[str], force_stop, stopped: threading.Event,
+               stop_after: float | None = None) -> int:
     """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
-    terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends."""
+    terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends.
+    ``stopped`` is set when the run was stopped rather than left to end by itself."""
     proc = subprocess.Popen(cmd)
 
     def terminate() -> None:
         """docker-stop semantics: SIGTERM, SIGKILL after STOP_GRACE."""
+        stopped.set()
         _sigterm(proc)
         try:
             proc.wait(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:
-            force_stop()
             proc.kill()
+            force_stop()
     timer = threading.Timer(stop_after, terminate) if stop_after else None
     if timer:
         timer.daemon = True
@@ -133,6 +173,7 @@ def _supervise(cmd: list[str], force_stop, stop_after: float | None = None) -> i
         try:
             code = proc.wait()
         except KeyboardInterrupt:
+            stopped.set()
             code = _stop(proc, force_stop)
     finally:
         if timer:
@@ -164,8 +205,8 @@ def _stop(proc: subprocess.Popen, force_stop) -> int:
         if step == "term":
             _sigterm(proc)
         elif step == "kill":
+            proc.kill()  # the client first: it may hold the container's lock
             force_stop()
-            proc.kill()
         try:
             return proc.wait(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:

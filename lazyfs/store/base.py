@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from lazyfs.counters import Counters
+from lazyfs.errors import NotFound
 
 
 @runtime_checkable
@@ -26,6 +27,11 @@ class BlockStore(Protocol):
 
     def get_block(self, digest: str) -> bytes:
         """The stored frame; raises BlockNotFound."""
+
+    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Many frames, in request order: (digest, frame), or (digest, None) for a block the
+        store does not have. One round trip where the backend has a batch call (a cache
+        server), else one read each (get_blocks_one_by_one). Raises if the read breaks off."""
 
     def put_block(self, digest: str, frame: bytes) -> bool:
         """Store a frame atomically; returns False when it was already there."""
@@ -65,6 +71,40 @@ class BlockStore(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class BlockSource(Protocol):
+    """Where a mount (or a restore) reads an image from: one store (lazyfs.store.reader.
+    StoreReader) or a fleet of cache servers (lazyfs.remote.fleet.Fleet). Unlike a BlockStore,
+    it hands out block bytes only after they hashed to their digest, and it counts what it read
+    in ``stats`` (block_gets, block_bytes, wrong_bytes, ...), which `lazyfs stats` reports."""
+
+    url: str
+    stats: Counters
+
+    def get_tag(self, name: str, tag: str) -> str: ...
+
+    def get_manifest(self, digest: str) -> bytes:
+        """The manifest's stored frame (lazyfs.store.objects.read_manifest_bytes verifies it)."""
+
+    def fetch_block(self, digest: str, size: int | None = None) -> bytes:
+        """The block's bytes, verified against ``digest`` (and ``size``); else a LazyfsError."""
+
+    def fetch_blocks(self, items: list[tuple[str, int]]) -> Iterator[tuple[str, bytes | Exception]]:
+        """Verified bytes of many (digest, size) blocks in batches where the source can: each
+        digest once, with its bytes or the LazyfsError that kept them away."""
+
+    def close(self) -> None: ...
+
+
+def get_blocks_one_by_one(store: BlockStore, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+    """BlockStore.get_blocks for backends without a batch call."""
+    for digest in wanted:
+        try:
+            yield digest, store.get_block(digest)
+        except NotFound:
+            yield digest, None
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     digest: str
@@ -83,3 +123,4 @@ class StoreStats(Counters):
     puts: int = 0
     put_bytes: int = 0
     errors: int = 0
+    wrong_bytes: int = 0  # answers that did not hash to their digest (never handed on)

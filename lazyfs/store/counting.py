@@ -1,4 +1,5 @@
-"""A store wrapper that counts what passes through it (the laziness tests and benchmarks read it)."""
+"""A BlockStore wrapper that counts what passes through it (the laziness tests and benchmarks
+read it). It verifies nothing: lazyfs.store.reader.StoreReader is the verifying reader on top."""
 from __future__ import annotations
 
 from lazyfs.store.base import BlockStore, StoreStats
@@ -15,18 +16,9 @@ class CountingStore:
         self.stats.add(block_gets=1, block_bytes=len(data))
         return data
 
-    def fetch_block(self, digest: str, size: int | None = None) -> bytes:
-        """Verified block bytes (the node cache's fetch function)."""
-        from lazyfs.store.objects import fetch_block
-        return fetch_block(self, digest, size)
-
-    def fetch_blocks(self, items: list[tuple[str, int]]):
-        """Verified bytes of many blocks (the prefetcher's fetch): one batch request where the
-        store has one (a cache server), else one read per block."""
-        from lazyfs.store.objects import counted_frames, fetch_blocks
-        batch = getattr(self.inner, "get_blocks", None)
-        counted = (lambda wanted: counted_frames(batch(wanted), self.stats)) if batch else None
-        return fetch_blocks(items, self.fetch_block, counted)
+    def get_blocks(self, wanted: list[str]):
+        from lazyfs.store.objects import counted_frames
+        return counted_frames(self.inner.get_blocks(wanted), self.stats)
 
     def get_manifest(self, digest: str) -> bytes:
         data = self.inner.get_manifest(digest)

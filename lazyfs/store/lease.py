@@ -8,6 +8,7 @@ belongs to a crashed process and is ignored (and removed by gc).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from lazyfs.errors import StoreError
 from lazyfs.store.base import BlockStore
 
+log = logging.getLogger("lazyfs.lease")
 LEASE_TTL = 600.0
 REFRESH_EVERY = 60.0
 
 
 def check_name(name: str) -> str:
     """A lease name is one path component: stores use it as a file name or key suffix."""
-    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 200:
         raise StoreError(f"invalid lease name {name[:100]!r}")
     return name
 
@@ -59,8 +61,10 @@ def read_leases(store: BlockStore) -> list[LeaseInfo]:
 class Lease:
     """Hold a lease of ``kind`` for a with-block; refuse if a conflicting live lease exists."""
 
-    def __init__(self, store: BlockStore, kind: str, conflicts: tuple[str, ...]):
+    def __init__(self, store: BlockStore, kind: str, conflicts: tuple[str, ...],
+                 refresh_every: float = REFRESH_EVERY):
         self.store, self.kind, self.conflicts = store, kind, conflicts
+        self.refresh_every = refresh_every
         self.name = f"{kind}-{uuid.uuid4().hex[:12]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,11 +88,25 @@ class Lease:
         return self
 
     def _refresh(self) -> None:
-        while not self._stop.wait(REFRESH_EVERY):
+        last_ok = time.monotonic()
+        failing = False
+        while not self._stop.wait(self.refresh_every):
             try:
                 self._write()
-            except Exception:  # a transient store error must not kill the build; TTL covers it
-                pass
+            except Exception as exc:  # noqa: BLE001 - a transient store error must not kill the
+                # build (the TTL covers it), but once the lease lapses gc may delete what the
+                # build reuses: say so, once per outage, with how long is left.
+                if not failing:
+                    left = LEASE_TTL - (time.monotonic() - last_ok)
+                    log.warning("lease %s on %s: refresh failed (%s: %s); it lapses in %.0f s "
+                                "unless a refresh succeeds", self.name, self.store.url,
+                                type(exc).__name__, exc, max(0.0, left))
+                failing = True
+                continue
+            if failing:
+                log.warning("lease %s on %s: refreshed again", self.name, self.store.url)
+            failing = False
+            last_ok = time.monotonic()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

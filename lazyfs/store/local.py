@@ -20,7 +20,7 @@ from lazyfs.format import digest as digests
 from lazyfs.format import reference
 from lazyfs.fsutil import atomic_write
 from lazyfs.store import lease
-from lazyfs.store.base import ObjectInfo
+from lazyfs.store.base import ObjectInfo, get_blocks_one_by_one
 
 MARKER = "lazyfs-store.json"
 BATCH = 512  # blocks per syncfs in put_blocks
@@ -151,6 +151,9 @@ class LocalStore:
 
     def get_block(self, digest: str) -> bytes:
         return self._read(self._block_path(digest), BlockNotFound(digest))
+
+    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+        return get_blocks_one_by_one(self, wanted)
 
     def put_block(self, digest: str, frame: bytes) -> bool:
         return self._put(self._block_path(digest), frame)

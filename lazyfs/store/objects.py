@@ -17,14 +17,23 @@ def resolve(store: BlockStore, ref: str | reference.Reference) -> str:
     return store.get_tag(ref.name, ref.tag)
 
 
-def read_manifest_bytes(store: BlockStore, digest: str) -> bytes:
-    frame = store.get_manifest(digest)
+def verify(kind: str, digest: str, frame: bytes, size: int | None = None) -> bytes:
+    """The bytes a fetched frame holds, only if they hash to ``digest`` (and are ``size`` long):
+    the one check every read path makes before a byte is handed on. ``kind``: "block" or
+    "manifest" (which may be larger, and whose errors say so)."""
+    if kind == "block":
+        return block.decode(digest, frame, expected_size=size)
     try:
         return block.decode(digest, frame, limit=MAX_MANIFEST)
     except DigestMismatch as exc:
         raise DigestMismatch(digest, exc.actual, what="manifest") from None
     except BlockFormatError as exc:
         raise ManifestFormatError(f"manifest {digest}: {exc}") from None
+
+
+def read_manifest_bytes(store, digest: str) -> bytes:
+    """A manifest's verified bytes, from a BlockStore or a BlockSource."""
+    return verify("manifest", digest, store.get_manifest(digest))
 
 
 def read_manifest(store: BlockStore, digest: str) -> mf.Manifest:
@@ -44,7 +53,7 @@ def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
 
 def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> bytes:
     """Get a block and return its bytes only if they hash to ``digest``."""
-    return block.decode(digest, store.get_block(digest), expected_size=size)
+    return verify("block", digest, store.get_block(digest), size)
 
 
 def counted_frames(frames, stats):
@@ -56,24 +65,27 @@ def counted_frames(frames, stats):
         yield digest, frame
 
 
-def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames=None):
+def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames, rejected):
     """Verified bytes of many blocks, in order: (digest, bytes) or (digest, the error).
 
-    ``get_frames(digests)`` is a batch read (a cache server's POST /v1/blocks/batch) yielding
-    (digest, frame or None); a block it does not deliver good bytes for, or every block after it
-    breaks off, gets one more chance through ``fetch_one(digest, size)`` (which may fail over)."""
+    ``get_frames(digests)`` is a batch read (BlockStore.get_blocks) yielding (digest, frame or
+    None). A frame that fails verification is reported to ``rejected(digest, error)`` (counted
+    as a single read's would be) and never handed on; it, a block the batch lacks, and every
+    block after a batch that breaks off get one more chance through ``fetch_one(digest, size)``
+    (which may fail over)."""
     sizes = dict(items)
     pending = list(sizes)
-    if get_frames is not None and pending:
+    if pending:
         done: set[str] = set()
         try:
             for digest, frame in get_frames(pending):
-                if frame is None:
+                if frame is None or digest not in sizes:
                     continue
                 try:
-                    data = block.decode(digest, frame, expected_size=sizes[digest])
-                except LazyfsError:
-                    continue  # wrong bytes from this server: the single fetch goes elsewhere
+                    data = verify("block", digest, frame, sizes[digest])
+                except LazyfsError as exc:
+                    rejected(digest, exc)  # wrong bytes from here: the single fetch goes elsewhere
+                    continue
                 done.add(digest)
                 yield digest, data
         except LazyfsError:

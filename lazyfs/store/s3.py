@@ -18,7 +18,7 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, NotFound, StoreError
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
 from lazyfs.store import lease
-from lazyfs.store.base import ObjectInfo
+from lazyfs.store.base import ObjectInfo, get_blocks_one_by_one
 from lazyfs.store.parallel import parallel_puts
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -161,6 +161,9 @@ class S3Store:
 
     def get_block(self, digest: str) -> bytes:
         return self._get(self._block_key(digest), BlockNotFound(digest))
+
+    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+        return get_blocks_one_by_one(self, wanted)
 
     def put_block(self, digest: str, frame: bytes) -> bool:
         return self._put_new(self._block_key(digest), frame)

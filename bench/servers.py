@@ -1,6 +1,7 @@
-"""Real server processes for tests: SeaweedFS (an S3-protocol server) and `lazyfs serve`.
+"""Real server processes for tests and benchmarks: SeaweedFS (an S3-protocol server), `lazyfs
+serve`, and the CLI itself run as a user runs it.
 
-Both listen on 127.0.0.1 only. Each is started as a child process, waited for until it answers,
+The servers listen on 127.0.0.1 only. Each is started as a child process, waited for until it answers,
 and stopped by PID (SIGTERM, then SIGKILL after a timeout: weed may ignore SIGTERM for a while).
 """
 from __future__ import annotations
@@ -18,9 +19,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 S3_ACCESS_KEY = "lazyfs-test-key"
 S3_SECRET_KEY = "lazyfs-test-secret-0123456789"
+
+
+def lazyfs_cli(*args, env=None, check=True, timeout=120, input=None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, the way a user does; raise with its output if it fails
+    (``check``)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lazyfs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def free_port() -> int:
@@ -140,7 +153,7 @@ class CacheServer:
         env.update(self.env or {})
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env=env)
+                                         env=env)
         _wait_http(self.url + "/healthz", self.proc, timeout, self.log)
         return self
 

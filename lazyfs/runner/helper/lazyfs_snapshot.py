@@ -1,5 +1,6 @@
-"""lazyfs snapshot helper: call ready() once the process is warm. Injected by `lazyfs run
---snapshot` at /.lazyfs/python (on PYTHONPATH); standard library only.
+"""lazyfs snapshot helper: call ready() once the process is warm. Every `lazyfs run` puts it at
+/.lazyfs/python (first on PYTHONPATH); standard library only, so it can also be copied into an
+image (`lazyfs snapshot-helper DIR`).
 
     import lazyfs_snapshot as snapshot
     # ... import torch, load weights, warm up ...

@@ -1,0 +1,36 @@
+"""Total decoding: a decoder returns a value or raises a FormatError, whatever bytes it is given.
+
+Hostile bytes reach every decoder (a manifest from a store, a profile, a batch answer), and the
+standard library answers them with many exception types (json's RecursionError on deep nesting,
+OverflowError for ``int(float("inf"))``, struct.error on short input, UnicodeDecodeError, ...).
+One decorator turns all of them into the decoder's typed error, so no caller can forget one.
+"""
+from __future__ import annotations
+
+import functools
+import struct
+from typing import Callable, TypeVar
+
+from lazyfs.errors import FormatError
+
+F = TypeVar("F", bound=Callable)
+
+# What malformed input makes the standard library raise (UnicodeDecodeError is a ValueError).
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+             RecursionError, struct.error)
+
+
+def total(what: str, error: type[FormatError] = FormatError) -> Callable[[F], F]:
+    """Decorate a decoder of ``what`` so that malformed input raises ``error``, never anything
+    else; the decoder's own FormatErrors pass through unchanged."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def decoder(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FormatError:
+                raise
+            except MALFORMED as exc:
+                raise error(f"malformed {what} ({type(exc).__name__}: {exc})") from None
+        return decoder  # type: ignore[return-value]
+    return wrap

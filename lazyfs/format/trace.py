@@ -1,0 +1,37 @@
+"""The read trace (`lazyfs mount --trace FILE`, docs/format.md §10): one line per read the
+kernel sent the mount, which startup profiles and working sets are made from. Pure codec."""
+from __future__ import annotations
+
+import json
+from typing import Iterable, NamedTuple
+
+from lazyfs.errors import FormatError
+from lazyfs.format.guard import total
+
+
+class Read(NamedTuple):
+    t: float  # seconds since the mount started, to the microsecond
+    path: str  # the file's path in the image, "/"-rooted; non-UTF-8 bytes as surrogate escapes
+    offset: int
+    size: int  # bytes the read returned
+
+
+def encode(read: Read) -> str:
+    """One trace line, without its newline (write the file with errors="surrogateescape")."""
+    return json.dumps({"t": round(read.t, 6), "path": read.path, "offset": read.offset,
+                       "size": read.size}, ensure_ascii=False)
+
+
+@total("read trace line")
+def decode(line: str) -> Read:
+    r = json.loads(line)
+    read = Read(float(r["t"]), str(r["path"]), int(r["offset"]), int(r["size"]))
+    if read.t < 0 or read.offset < 0 or read.size < 0:
+        raise FormatError(f"read trace line has a negative time, offset or size: {line[:200]!r}")
+    return read
+
+
+def decode_all(lines: Iterable[str]) -> list[Read]:
+    """The reads of a trace file in time order (reads from several threads may be written out of
+    order); blank lines are skipped."""
+    return sorted((decode(line) for line in lines if line.strip()), key=lambda r: r.t)

@@ -1,0 +1,83 @@
+"""The command line without mounts: argument orders, transports, the helper, installed modules."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+import typer.main
+
+from lazyfs.cli import _register, app
+from lazyfs.cli.common import options_after_image
+from lazyfs.runner.helper import SOURCE
+from tests.conftest import lazyfs_cli
+
+
+@pytest.fixture(scope="module")
+def run_params():
+    _register(["lazyfs", "run"])
+    cmd = typer.main.get_command(app).commands["run"]
+    return cmd.get_params(click.Context(cmd))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["img", "--store", "D", "--", "sh"], ["--store", "D", "img", "--", "sh"]),
+    (["img", "--store=D", "-v", "--", "sh"], ["--store=D", "-v", "img", "--", "sh"]),
+    (["img", "-vs", "D", "--", "sh"], ["-vs", "D", "img", "--", "sh"]),
+    (["img", "-e", "A=--", "--", "sh"], ["-e", "A=--", "img", "--", "sh"]),
+    (["--store", "D", "img", "sh", "-c", "x"], ["--store", "D", "img", "sh", "-c", "x"]),
+    (["img", "grep", "--", "-x"], ["img", "grep", "--", "-x"]),  # no option first: all command
+    (["img", "-v", "sh"], ["img", "-v", "sh"]),  # no --: all command
+    (["img", "--", "sh"], ["img", "--", "sh"]),
+    (["--", "img"], ["--", "img"]),
+])
+def test_options_after_the_image_move_before_it(run_params, args, expected):
+    assert options_after_image(run_params, args) == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["img", "--store", "--", "sh"], "option --store needs a value"),
+    (["img", "-v", "extra", "--", "sh"], "unexpected argument 'extra' between img and --"),
+    (["img", "--stroe", "D", "--", "sh"], "No such option.*--stroe"),
+    (["img", "-vq", "--", "sh"], "No such option.*-q"),
+])
+def test_malformed_options_after_the_image(run_params, args, message):
+    with pytest.raises(click.UsageError, match=message):
+        options_after_image(run_params, args)
+
+
+@pytest.mark.parametrize("spec, transport", [("docker://registry.example/app:1", "docker"),
+                                             ("containers-storage:app:1", "containers-storage"),
+                                             ("docker-daemon:app:1", "docker-daemon")])
+def test_unsupported_transport_says_so(tmp_path, spec, transport):
+    r = lazyfs_cli("build", spec, "--tag", "a/b:1", "--store", tmp_path / "store", check=False)
+    assert r.returncode == 1
+    assert f"unsupported image transport '{transport}'" in r.stderr
+    assert "oci:, oci-archive:, docker-archive:, dir:" in r.stderr
+    assert "no such file" not in r.stderr
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+def test_a_missing_path_is_still_a_missing_path(tmp_path):
+    r = lazyfs_cli("build", str(tmp_path / "nope"), "--tag", "a/b:1", check=False)
+    assert r.returncode == 1 and "no such file or directory" in r.stderr
+
+
+def test_snapshot_helper_command_writes_the_module(tmp_path):
+    lazyfs_cli("snapshot-helper", tmp_path)
+    assert (tmp_path / "lazyfs_snapshot.py").read_text() == SOURCE.read_text()
+    assert lazyfs_cli("snapshot-helper", "-").stdout == SOURCE.read_text()
+    # Outside a snapshot run ready() returns 0 at once: one program, no second code path.
+    code = "import lazyfs_snapshot as s; print(s.ready())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    assert out.stdout == "0\n", out.stderr
+
+
+def test_bench_runs_without_a_checkout(tmp_path):
+    """bench/ is installed and tests/ is not: its modules import from anywhere."""
+    code = "import bench.server_load, bench.fleet_burst, bench.servers, bench.coldstart"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr

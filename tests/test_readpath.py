@@ -1,0 +1,161 @@
+"""The read path's core without root or FUSE: ImageIndex (chunk maps, link counts, stat) and
+LazyOps (errno mapping, readahead and sibling decisions) against a fake cache."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import stat
+
+import pytest
+from fuse import FuseOSError
+from hypothesis import given, strategies as st
+
+from lazyfs.cache.nodecache import CacheStats
+from lazyfs.errors import BlockNotFound, DigestMismatch
+from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
+from lazyfs.fs.fuseops import SIBLING_MAX_SIZE, LazyOps
+from lazyfs.fs.index import ImageIndex
+
+
+def _chunk(data: bytes) -> Chunk:
+    return Chunk("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+class FakeCache:
+    """Blocks from a dict; records what readahead asked for; fails on demand."""
+
+    def __init__(self, blocks: dict[str, bytes]):
+        self.blocks = blocks
+        self.stats = CacheStats()
+        self.prefetched: list[list[tuple[str, int]]] = []
+        self.fail: dict[str, Exception] = {}
+
+    def read(self, digest, size, offset, length):
+        if digest in self.fail:
+            raise self.fail[digest]
+        return self.blocks[digest][offset:offset + length]
+
+    def prefetch(self, wanted):
+        self.prefetched.append(list(wanted))
+
+
+PARTS = [bytes([i]) * 1000 for i in range(1, 6)]  # a 5,000-byte file in 5 chunks
+SMALL = [f"module {i}\n".encode() for i in range(4)]
+
+
+def _image():
+    big = Entry(b"lib/big.so", EntryType.REG, mode=0o755, size=5000,
+                chunks=tuple(_chunk(p) for p in PARTS))
+    entries = [Entry(b"", EntryType.DIR, mode=0o755), Entry(b"lib", EntryType.DIR, mode=0o755),
+               big, Entry(b"lib/big-link", EntryType.HARDLINK, link=b"lib/big.so"),
+               Entry(b"lib/sub", EntryType.DIR, mode=0o700),
+               Entry(b"lib/link", EntryType.SYMLINK, mode=0o777, size=6, target=b"big.so"),
+               Entry(b"pkg", EntryType.DIR, mode=0o755),
+               Entry(b"pkg/huge.bin", EntryType.REG, mode=0o644, size=SIBLING_MAX_SIZE + 1,
+                     chunks=(Chunk("sha256:" + "ab" * 32, SIBLING_MAX_SIZE + 1),)),
+               Entry(b"dev", EntryType.DIR, mode=0o755),
+               Entry(b"dev/null", EntryType.CHR, mode=0o666, rdev=(1, 3))]
+    entries += [Entry(f"pkg/m{i}.py".encode(), EntryType.REG, mode=0o644, size=len(d),
+                      chunks=(_chunk(d),)) for i, d in enumerate(SMALL)]
+    blocks = {_chunk(d).digest: d for d in PARTS + SMALL}
+    return ImageIndex(Manifest(tuple(entries), {}, 1000)), blocks
+
+
+@pytest.fixture
+def ops():
+    index, blocks = _image()
+    fetched = []
+    o = LazyOps(index, FakeCache(blocks), readahead=2, fetch_siblings=fetched.append)
+    o.siblings_fetched = fetched
+    return o
+
+
+def test_link_counts_inodes_and_stat():
+    index, _ = _image()
+    big, link = index.lookup(b"lib/big.so"), index.lookup(b"lib/big-link")
+    assert big is link and big.nlink == 2  # a hardlink shares its target's inode
+    assert index.lookup(b"lib").nlink == 3  # ".", its entry in /, and sub's ".."
+    assert index.lookup(b"").nlink == 5  # lib, pkg and dev
+    s = index.stat(big)
+    assert stat.S_ISREG(s["st_mode"]) and s["st_mode"] & 0o7777 == 0o755 and s["st_size"] == 5000
+    assert index.stat(index.lookup(b"dev/null"))["st_rdev"] == 0x103
+    assert index.total_size == 5000 + SIBLING_MAX_SIZE + 1 + sum(map(len, SMALL))
+    assert index.children[index.lookup(b"").ino] == [b"lib", b"pkg", b"dev"]
+
+
+@given(st.integers(0, 5200), st.integers(0, 6000))
+def test_chunks_for_covers_exactly_the_range(offset, length):
+    index, _ = _image()
+    inode = index.lookup(b"lib/big.so")
+    whole = b"".join(PARTS)
+    got = b"".join(PARTS[[c.digest for c in inode.entry.chunks].index(c.digest)][inner:inner + n]
+                   for c, inner, n in inode.chunks_for(offset, length))
+    assert got == whole[offset:offset + length]
+
+
+def test_chunks_after():
+    inode = _image()[0].lookup(b"lib/big.so")
+    assert [c.size for c in inode.chunks_after(1000, 2)] == [1000, 1000]
+    assert inode.chunks_after(1000, 2)[0] == inode.entry.chunks[1]
+    assert inode.chunks_after(1500, 9) == inode.entry.chunks[2:]
+    assert inode.chunks_after(5000, 2) == ()
+
+
+def test_reads_across_chunks(ops):
+    assert ops.read("/lib/big.so", 1500, 500, None) == PARTS[0][500:] + PARTS[1]
+    assert ops.read("/lib/big-link", 10, 4995, None) == PARTS[4][-5:]
+    assert ops.read("/lib/big.so", 10, 5000, None) == b""
+    assert ops.reads == 3 and ops.read_bytes == 1505
+
+
+@pytest.mark.parametrize("call, code", [
+    (lambda o: o.getattr("/nope"), errno.ENOENT),
+    (lambda o: list(o.readdir("/lib/big.so", None)), errno.ENOTDIR),
+    (lambda o: o.readlink("/lib/big.so"), errno.EINVAL),
+    (lambda o: o.getxattr("/lib", "user.x"), errno.ENODATA),
+    (lambda o: o.access("/lib", 2), errno.EROFS),
+    (lambda o: o.unlink("/lib/big.so"), errno.EROFS),
+    (lambda o: o.write("/lib/big.so", b"x", 0, None), errno.EROFS),
+])
+def test_errno_mapping(ops, call, code):
+    with pytest.raises(FuseOSError) as info:
+        call(ops)
+    assert info.value.errno == code
+
+
+@pytest.mark.parametrize("error", [BlockNotFound(_chunk(PARTS[1]).digest),
+                                   DigestMismatch(_chunk(PARTS[1]).digest, "sha256:" + "0" * 64),
+                                   OSError(errno.EIO, "disk")])
+def test_a_block_that_cannot_be_had_is_eio_with_a_log_line(ops, caplog, error):
+    ops.cache.fail[_chunk(PARTS[1]).digest] = error
+    with caplog.at_level(logging.ERROR), pytest.raises(FuseOSError) as info:
+        ops.read("/lib/big.so", 2000, 0, None)
+    assert info.value.errno == errno.EIO
+    assert "EIO reading /lib/big.so" in caplog.text
+    if not isinstance(error, OSError):
+        assert _chunk(PARTS[1]).digest in caplog.text  # the log names the block
+
+
+def test_readdir_readlink_and_xattrs(ops):
+    names = [n if isinstance(n, str) else n[0] for n in ops.readdir("/lib", None)]
+    assert names == [".", "..", "big.so", "big-link", "sub", "link"]
+    assert ops.readlink("/lib/link") == "big.so"
+
+
+def test_readahead_only_for_sequential_reads(ops):
+    ops.read("/lib/big.so", 1000, 0, None)  # first read: nothing to follow yet
+    assert ops.cache.prefetched == []
+    ops.read("/lib/big.so", 1000, 1000, None)  # continues where the last ended
+    assert ops.cache.prefetched == [[(c.digest, c.size) for c in _image()[0]
+                                     .lookup(b"lib/big.so").entry.chunks[2:4]]]
+    ops.read("/lib/big.so", 100, 4000, None)  # a jump: no readahead
+    assert len(ops.cache.prefetched) == 1
+
+
+def test_siblings_once_per_directory_small_files_only(ops):
+    ops.read("/pkg/m0.py", 100, 0, None)
+    assert ops.siblings_fetched == [[(_chunk(d).digest, len(d)) for d in SMALL]]  # not huge.bin
+    ops.read("/pkg/m1.py", 100, 0, None)  # same directory: asked once only
+    ops.read("/lib/big.so", 100, 0, None)  # lib/ has no single-block files: nothing to ask
+    assert len(ops.siblings_fetched) == 1

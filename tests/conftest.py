@@ -111,14 +111,17 @@ def pytest_runtest_setup(item):
             pytest.skip(reason)
 
 
-def lazyfs_mounts() -> list[str]:
-    """Mountpoints of lazyfs FUSE mounts and of the overlays `lazyfs run` puts on them."""
+def lazyfs_mounts(under: str | Path | None = None) -> list[str]:
+    """Mountpoints of lazyfs FUSE mounts and of the overlays `lazyfs run` puts on them (only
+    those below ``under``, if given)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if "fuse.lazyfs" in line or "/lazyfs/run/" in fields[4] or "/lazyfs/snap/" in fields[4]:
-                out.append(fields[4].encode().decode("unicode_escape"))
+            mp = fields[4].encode().decode("unicode_escape")
+            if ("fuse.lazyfs" in line or "/lazyfs/run/" in mp or "/lazyfs/snap/" in mp) and \
+                    (under is None or mp.startswith(f"{under}/")):
+                out.append(mp)
     return out
 
 
@@ -133,14 +136,15 @@ def _podman_leftovers() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _leave_nothing_mounted(request):
-    """After every mount test: what it left mounted (or a container it left running) is taken
-    down here, so one failing test cannot make the ones after it fail too. The test that left
-    it fails on its own assertions."""
+def _leave_nothing_mounted(request, tmp_path_factory):
+    """After every mount test: what it left mounted below this session's temporary directory
+    (or a lazyfs container it left running) is taken down here, so one failing test cannot
+    make the ones after it fail too. The test that left it fails on its own assertions."""
     yield
     if request.node.get_closest_marker("mount") is None:
         return
-    for mp in sorted(lazyfs_mounts(), key=len, reverse=True):  # overlays above their image
+    mine = tmp_path_factory.getbasetemp().resolve()
+    for mp in sorted(lazyfs_mounts(mine), key=len, reverse=True):  # overlays above their image
         subprocess.run(["umount", "-l", mp], capture_output=True)
     if any(b"lazyfs-" in open(f"/proc/{p}/cmdline", "rb").read() for p in _conmons()):
         for name in _podman_leftovers():

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def test_full_node_cache_disk_still_reads_correctly(big_image, tmp_path):
             for i in range(4):  # 20 MiB through a 1 MiB cache disk
                 assert (mnt / "data" / f"large-{i}.bin").read_bytes() == \
                     (src / "data" / f"large-{i}.bin").read_bytes()
-        assert "serving it from memory" in (tmp_path / "m.log").read_text()
+        assert "serving them from memory" in (tmp_path / "m.log").read_text()
         for f in (small / "blocks").rglob("*"):
             if f.is_file():
                 assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
@@ -302,3 +303,63 @@ def test_daemon_started_forked_or_as_a_fresh_interpreter(big_image, tmp_path, ex
         assert '"/etc/motd"' in trace.read_text()
     finally:
         lazyfs_cli("umount", mnt, check=False)
+
+
+def test_a_cached_block_rewritten_on_disk_is_never_served(big_image, tmp_path, env_dirs):
+    """docs/security.md: a block file that changed after the mount verified it is verified again
+    before any byte of it reaches the kernel; rewritten bytes are dropped and fetched again."""
+    src, _, entries = big_image
+    motd = entries[b"etc/motd"].chunks[0].digest
+    cached = Path(env_dirs["LAZYFS_CACHE_DIR"], "blocks", motd[7:9], motd[7:])
+    with Mounted("lazy/big:1", tmp_path / "mnt", "--log-file", tmp_path / "mount.log") as mnt:
+        good = (mnt / "etc" / "motd").read_bytes()
+        assert good == (src / "etc" / "motd").read_bytes() and cached.exists()
+        with open(cached, "r+b") as f:  # in place: same inode, same size, other bytes
+            f.write(b"X" * len(good))
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the kernel must ask the daemon again
+        assert (mnt / "etc" / "motd").read_bytes() == good
+        assert Mounted("", mnt).stats()["cache"]["dropped_corrupt"] == 1
+    assert "changed on disk after it was verified" in (tmp_path / "mount.log").read_text()
+    assert cached.read_bytes() == good  # the refetched block replaced it
+
+
+def test_a_full_cache_disk_degrades_to_a_bounded_memory_cache(env_dirs, tmp_path):
+    """The node cache on a disk with no room (8 MiB tmpfs) under 8 readers going through 116 MB,
+    three times with the page cache dropped: exact bytes throughout, one log line for the
+    outage (not one per block), memory within its bound."""
+    from lazyfs.cache.nodecache import MEMORY_FALLBACK
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    want = {}
+    for i in range(4):
+        data = os.urandom(29 * 1024 * 1024)
+        (root / f"f{i}").write_bytes(data)
+        want[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    lazyfs_cli("build", f"dir:{root}", "--tag", "full/disk:1")
+    cache = Path(env_dirs["LAZYFS_CACHE_DIR"])
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(cache)], check=True)
+    try:
+        log = tmp_path / "mount.log"
+        with Mounted("full/disk:1", tmp_path / "mnt", "--log-file", log) as mnt:
+            wrong = []
+
+            def reader(k):
+                for j in range(4):
+                    name = f"f{(k + j) % 4}"
+                    with open(mnt / name, "rb") as f:
+                        if hashlib.file_digest(f, "sha256").hexdigest() != want[name]:
+                            wrong.append(name)
+            for _ in range(3):
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+                [t.start() for t in threads]
+                [t.join() for t in threads]
+            assert wrong == []
+            from lazyfs.fs import control
+            s = control.query(str(mnt))["cache"]
+            assert s["disk_write_errors"] > 0 and 0 < s["memory_bytes"] <= MEMORY_FALLBACK
+        errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "cannot write blocks" in errors[0], errors[:3]
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], capture_output=True)

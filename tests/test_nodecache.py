@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -113,7 +114,7 @@ def test_full_cache_disk_still_serves_correct_bytes(tmp_path):
             assert cache.read(digest, len(data), 0, len(data)) == data
         for digest, data in blobs.items():  # served again, from disk or the memory fallback
             assert cache.read(digest, len(data), 100, 50) == data[100:150]
-        assert cache.stats.snapshot()["errors"] >= 1  # the disk did refuse some
+        assert cache.stats.snapshot()["disk_write_errors"] >= 1  # the disk did refuse some
         for f in (small / "blocks").rglob("*"):
             if f.is_file():
                 assert "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() in blobs
@@ -182,3 +183,81 @@ def test_a_claim_nobody_releases_cannot_block_readers_forever(tmp_path, caplog):
     stuck.release()
     stuck.release()  # twice is harmless
     assert cache.read(digest, len(data), 4, 4) == data[4:8]
+
+
+@pytest.mark.parametrize("how", ["in-place", "replaced", "touched"])
+def test_a_verified_block_changed_on_disk_is_checked_again(tmp_path, caplog, how):
+    digest, data = _blob(50_000, seed=9)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin)
+    assert cache.read(digest, len(data), 0, 10) == data[:10]
+    path = Path(cache.path(digest))
+    if how == "in-place":
+        with open(path, "r+b") as f:
+            f.write(b"\0" * 10)
+    elif how == "replaced":  # a new file (new inode) under the same name
+        tmp = tmp_path / "evil"
+        tmp.write_bytes(b"\1" * len(data))
+        os.replace(tmp, path)
+    else:  # metadata only (as another daemon's gc bookkeeping does): still the block
+        os.utime(path)
+    assert cache.read(digest, len(data), 0, 10) == data[:10]
+    changed = how != "touched"
+    assert len(origin.calls) == (2 if changed else 1)
+    assert cache.stats.dropped_corrupt == int(changed)
+    assert ("changed on disk after it was verified" in caplog.text) == changed
+    assert path.read_bytes() == data
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs to fill the disk needs root")
+def test_a_full_cache_disk_is_logged_once_and_used_again_when_it_has_room(tmp_path, caplog,
+                                                                          monkeypatch):
+    from lazyfs.cache import nodecache
+    monkeypatch.setattr(nodecache, "DISK_RETRY", 0.0)  # try the disk on every block here
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        blobs = dict(_blob(100_000, seed=100 + i) for i in range(12))
+        cache = NodeCache(small, FakeOrigin(blobs))
+        with caplog.at_level(logging.WARNING, logger="lazyfs.cache"):
+            for digest, data in blobs.items():
+                assert cache.read(digest, len(data), 0, len(data)) == data
+            refused = [r for r in caplog.records if "cannot write blocks" in r.getMessage()]
+            assert len(refused) == 1 and cache.stats.disk_write_errors >= 8
+            for f in (small / "blocks").rglob("*"):
+                if f.is_file():
+                    f.unlink()  # room again
+            extra, data = _blob(100_000, seed=200)
+            cache.fetch.frames[extra] = block.encode(data)[1]
+            assert cache.read(extra, len(data), 0, 10) == data[:10]
+            assert any("writing blocks to" in r.getMessage() for r in caplog.records)
+            assert Path(cache.path(extra)).exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_memory_blocks_are_bounded_and_keep_a_loop_larger_than_memory_partly():
+    """A workload read over and over that does not fit: plain LRU would evict each block just
+    before its next use (no hit at all); what stays keeps hitting, and a new working set that
+    fits takes over."""
+    from lazyfs.cache.memory import MemoryBlocks
+    mem = MemoryBlocks(capacity=40 * 1000)
+    loop = [f"sha256:{i:064x}" for i in range(80)]  # twice what fits
+    hits = 0
+    for rnd in range(5):
+        for d in loop:
+            if mem.get(d) is None:
+                mem.used(d)
+                mem.put(d, b"x" * 1000)
+            elif rnd > 0:
+                hits += 1
+            assert mem.bytes <= mem.capacity
+    assert hits / (4 * len(loop)) >= 0.3
+    fresh = [f"sha256:{i + 1000:064x}" for i in range(30)]  # fits: soon all hits
+    for _ in range(12):
+        for d in fresh:
+            if mem.get(d) is None:
+                mem.used(d)
+                mem.put(d, b"y" * 1000)
+    assert all(mem.get(d) is not None for d in fresh)

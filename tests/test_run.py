@@ -16,6 +16,13 @@ from tests.conftest import (LAZYFS, ROOT, _podman_leftovers, busybox_rootfs, laz
                             lazyfs_mounts, needs_mount)
 
 pytestmark = needs_mount
+
+
+def _mounts() -> list[str]:
+    """This test's run mounts (image and overlay live under its LAZYFS_STATE_DIR)."""
+    return lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
+
+
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
             for name, reason in rt.available().items()]
 
@@ -36,7 +43,7 @@ def test_exit_code_and_output(bb_image, runtime):
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "NAME=lazyfs-busybox\n"
     assert ("podman" if runtime == "podman" else "namespaces") in proc.stderr  # --verbose says which
-    assert lazyfs_mounts() == []
+    assert _mounts() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -86,7 +93,7 @@ def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay):
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
-        while not lazyfs_mounts() and time.monotonic() < deadline:
+        while not _mounts() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
@@ -98,7 +105,7 @@ def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay):
             proc.kill()
         proc.communicate()
     assert proc.returncode != 0
-    assert lazyfs_mounts() == []
+    assert _mounts() == []
     assert list(Path(env_dirs["LAZYFS_STATE_DIR"], "run").iterdir()) == []
     if runtime == "podman":
         assert _podman_leftovers() == []
@@ -111,7 +118,7 @@ def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_
     proc = subprocess.Popen([*LAZYFS, "run", "--runtime", runtime, "run/bb:1", "--", "sleep", "60"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not lazyfs_mounts() and time.monotonic() < deadline:
+    while not _mounts() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
     t0 = time.monotonic()
@@ -119,7 +126,7 @@ def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_
     proc.wait(timeout=30)
     assert time.monotonic() - t0 < 15  # grace (2 s) plus teardown, not the 60 s sleep
     assert proc.returncode != 0
-    assert lazyfs_mounts() == []
+    assert _mounts() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -137,7 +144,7 @@ def test_missing_command_in_image(bb_image, runtime):
     proc = lazyfs_cli("run", "--runtime", runtime, "run/bb:1", "--", "/no/such/binary", check=False)
     assert proc.returncode in (126, 127), (proc.returncode, proc.stderr)
     assert "/no/such/binary" in proc.stderr
-    assert lazyfs_mounts() == []
+    assert _mounts() == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -183,4 +190,4 @@ def test_options_between_the_image_and_the_command(env_dirs, tmp_path):
     prof = lazyfs_cli("profile", "run/elsewhere:1", "--store", other, "--no-publish", "--",
                       "cat", "/etc/os-release")
     assert "not published" in prof.stderr and "blocks" in prof.stderr
-    assert lazyfs_mounts() == []
+    assert _mounts() == []

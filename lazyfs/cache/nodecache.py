@@ -4,22 +4,22 @@ The fetch function is injected: ``fetch(digest, size)`` returns the block's byte
 verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the
 cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
 Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
-via temp file + rename, and each cached file is re-hashed the first time a process uses it, so a
-file damaged on disk (power cut, bit rot) is dropped and fetched again rather than served.
+via temp file + rename, and each cached file is re-hashed the first time a process uses it and
+again whenever its file changed since (inode, size or change time), so a file damaged or rewritten
+on disk (power cut, bit rot, a local writer) is dropped and fetched again rather than served.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
 from lazyfs.format import digest as digests
@@ -29,6 +29,7 @@ log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
 STALE_TEMP_SECONDS = 600
 PREFETCH_QUEUE = 64
+DISK_RETRY = 5.0  # seconds between tries of a cache disk that refused a write
 CLAIM_WAIT = 120.0  # seconds a reader waits for another's fetch of a block before its own
 
 
@@ -60,11 +61,14 @@ class CacheStats(Counters):
     prefetched: int = 0  # misses started by readahead rather than a read
     dropped_corrupt: int = 0
     errors: int = 0
+    disk_write_errors: int = 0  # blocks the cache disk refused (they were served from memory)
+    memory_bytes: int = 0  # held in memory meanwhile (lazyfs.cache.memory, bounded)
 
 
 class NodeCache:
     def __init__(self, root: str | os.PathLike, fetch: Callable[[str, int], bytes],
-                 prefetch_threads: int = 8, claim_wait: float = CLAIM_WAIT):
+                 prefetch_threads: int = 8, claim_wait: float = CLAIM_WAIT,
+                 memory_fallback: int = MEMORY_FALLBACK):
         self.root = Path(root)
         self.claim_wait = claim_wait
         self.fetch = fetch
@@ -72,12 +76,15 @@ class NodeCache:
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._prefetching = 0
         self.stats = CacheStats()
-        self._verified: set[str] = set()
+        # Verified blocks on disk, with the identity their file had then (inode, size, change
+        # time): a file changed since (its ctime moved; no user-space write can keep it) is
+        # verified again before a byte of it is served (docs/security.md).
+        self._verified: dict[str, tuple[int, int, int]] = {}
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
-        self._memory: OrderedDict[str, bytes] = OrderedDict()
-        self._memory_bytes = 0
+        self._memory = MemoryBlocks(memory_fallback)
+        self._disk_refused_at: float | None = None  # when the cache disk last refused a write
         (self.root / "blocks").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         self._sweep_temp()
@@ -140,9 +147,9 @@ class NodeCache:
         with self._lock:
             if digest in self._verified:
                 return self.path(digest), None
-            if digest in self._memory:
-                self._memory.move_to_end(digest)
-                return self._memory[digest], None
+            data = self._memory.get(digest) if self._memory else None
+            if data is not None:
+                return data, None
             waiter = self._inflight.get(digest)
             if waiter is None:
                 self._inflight[digest] = threading.Event()
@@ -165,11 +172,12 @@ class NodeCache:
     def _adopt(self, digest: str, size: int) -> str | None:
         """The block's path if a good copy is already on disk (another process fetched it)."""
         path = self.path(digest)
-        if not self._check_on_disk(path, digest, size):
+        identity = self._check_on_disk(path, digest, size)
+        if identity is None:
             return None
         self.stats.add(hits=1)
         with self._lock:
-            self._verified.add(digest)
+            self._verified[digest] = identity
         return path
 
     def adopt(self, digest: str, size: int) -> bool:
@@ -187,48 +195,74 @@ class NodeCache:
         self.stats.add(fetched_raw_bytes=len(data))
         path = self.path(digest)
         if self._insert(path, data):
-            with self._lock:
-                self._verified.add(digest)
+            try:
+                identity = _identity(os.stat(path))
+            except OSError:
+                identity = None  # gone already (evicted by another process): read() refetches
+            if identity is not None:
+                with self._lock:
+                    self._verified[digest] = identity
             return path
         with self._lock:
-            self._memory[digest] = data
-            self._memory_bytes += len(data)
-            while self._memory_bytes > MEMORY_FALLBACK and len(self._memory) > 1:
-                self._memory_bytes -= len(self._memory.popitem(last=False)[1])
+            self._memory.used(digest)
+            self._memory.put(digest, data)
+            self.stats.memory_bytes = self._memory.bytes
         return data
 
-    def _check_on_disk(self, path: str, digest: str, size: int) -> bool:
+    def _check_on_disk(self, path: str, digest: str, size: int) -> tuple[int, int, int] | None:
+        """The file's identity if it holds the block, else None (a damaged file is dropped)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return False
-        if len(data) == size and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
-            try:
-                os.utime(path)  # "recently used", for `lazyfs gc --node-cache`
-            except OSError:
-                pass
-            return True
+            return None
+        try:
+            data = _read_all(fd, size + 1)
+            if len(data) == size and digests.compute(data) == digest:
+                try:
+                    os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
+                except OSError:
+                    pass
+                return _identity(os.fstat(fd))  # after utime, which moves the change time
+        finally:
+            os.close(fd)
         log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
                   digest, len(data), size)
+        self._drop(path)
+        return None
+
+    def _drop(self, path: str) -> None:
         self.stats.add(dropped_corrupt=1)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        return False
 
     def _insert(self, path: str, data: bytes) -> bool:
+        """Write a block to the cache disk; False if it refuses. A full or broken cache disk must
+        not fail the read (the verified bytes are in hand): blocks are then served from memory,
+        the disk is tried again every DISK_RETRY seconds, and the log says so once per outage."""
+        refused_at = self._disk_refused_at
+        if refused_at is not None and time.monotonic() - refused_at < DISK_RETRY:
+            return False
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write(path, data, self.root / "tmp", durable=False)
-            return True
         except OSError as exc:
-            # A full or broken cache disk must not fail the read: the verified bytes are in hand.
-            log.error("cache: cannot write block %s to %s: %s; serving it from memory",
-                      os.path.basename(path), self.root, exc.strerror)
-            self.stats.add(errors=1)
+            self.stats.add(disk_write_errors=1)
+            with self._lock:  # several readers meet a full disk at once: one says so
+                first = self._disk_refused_at is None
+                self._disk_refused_at = time.monotonic()
+            if first:
+                log.error("cache: cannot write blocks to %s (%s); serving them from memory (up to "
+                          "%d MiB, the most used kept) and trying the disk again every %.0f s",
+                          self.root, exc.strerror, self._memory.capacity >> 20, DISK_RETRY)
             return False
+        if refused_at is not None:
+            with self._lock:
+                back, self._disk_refused_at = self._disk_refused_at is not None, None
+            if back:
+                log.warning("cache: writing blocks to %s again", self.root)
+        return True
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a
@@ -264,7 +298,7 @@ class NodeCache:
             self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, digest: str, size: int, offset: int, length: int) -> bytes:
-        for _ in range(2):
+        for _ in range(3):
             where = self.locate(digest, size)
             if isinstance(where, bytes):
                 return where[offset:offset + length]
@@ -273,11 +307,44 @@ class NodeCache:
             except FileNotFoundError:
                 # Evicted by another process sharing the cache since we verified it: fetch again.
                 with self._lock:
-                    self._verified.discard(digest)
+                    self._verified.pop(digest, None)
                 continue
             try:
+                if _identity(os.fstat(fd)) != self._verified.get(digest) and \
+                        not self._reverify(fd, where, digest, size):
+                    continue  # changed on disk and wrong now: dropped, fetched again
                 return os.pread(fd, length, offset)
             finally:
                 os.close(fd)
         raise StoreUnavailable(f"node cache {self.root}: block {digest} keeps disappearing")
 
+    def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
+        """A verified block's file changed since (another process touched it, or someone wrote
+        to it): hash it again; keep it if it is still the block, else drop it."""
+        data = _read_all(fd, size + 1)
+        if len(data) == size and digests.compute(data) == digest:
+            with self._lock:
+                self._verified[digest] = _identity(os.fstat(fd))
+            return True
+        log.error("cache: block %s changed on disk after it was verified (%s); dropping it and "
+                  "fetching it again", digest, path)
+        with self._lock:
+            self._verified.pop(digest, None)
+        self._drop(path)
+        return False
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_ctime_ns
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a file from its start."""
+    parts, pos = [], 0
+    while pos < limit:
+        chunk = os.pread(fd, limit - pos, pos)
+        if not chunk:
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return b"".join(parts)

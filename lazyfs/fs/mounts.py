@@ -132,20 +132,19 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
                        partial(run_daemon, args), logf, write_fd, debug)
     os.close(write_fd)
     try:
-        ready = spawn.wait_ready(read_fd, proc, timeout)
-    except BaseException:  # Ctrl-C while waiting: leave no daemon or half-made mount behind
+        if not spawn.wait_ready(read_fd, proc, timeout):
+            tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
+            raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  "
+                             + "\n  ".join(tail))
+        state = MountState(mnt, proc.pid, digest, str(ref), source.describe(), cache, str(logf))
+        _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
+        _state_file(mnt).write_text(json.dumps(asdict(state)))
+        return state
+    except BaseException:  # a failure, or Ctrl-C at any point: no daemon or half-made mount left
         _abandon(proc, mnt)
         raise
     finally:
         os.close(read_fd)
-    if not ready:
-        _abandon(proc, mnt)
-        tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
-        raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  " + "\n  ".join(tail))
-    state = MountState(mnt, proc.pid, digest, str(ref), source.describe(), cache, str(logf))
-    _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
-    _state_file(mnt).write_text(json.dumps(asdict(state)))
-    return state
 
 
 def _abandon(proc: subprocess.Popen, mnt: str) -> None:

@@ -1,6 +1,7 @@
 """A writable overlayfs layer over the read-only image mount: writes never reach the node cache."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -30,8 +31,8 @@ class Overlay:
         """Unmount; True if it is gone. Busy means a process of the container still uses it:
         with ``detach_if_busy`` it is detached anyway (umount -l), else it stays mounted and the
         caller can stop what holds it first."""
-        if not self.mounted:
-            return True
+        if not self.mounted and not os.path.ismount(self.merged):
+            return True  # (asked of the kernel too: a Ctrl-C can land while mount(8) runs)
         res = subprocess.run(["umount", str(self.merged)], capture_output=True, text=True)
         if res.returncode != 0:
             if not detach_if_busy:

@@ -84,12 +84,10 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         upper.mkdir(parents=True, exist_ok=True)
         opts.prepare_upper(upper)
     name = f"lazyfs-{rundir.name}"
-    mounted = False
     stopped = threading.Event()  # set by a Ctrl-C or a stop: the runtime may not have finished
     try:
         state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
                              trace=opts.trace, profile=opts.profile, checked=True)
-        mounted = True
         say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
@@ -105,7 +103,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         raise
     finally:
         with _uninterrupted():
-            _teardown(runtime, name, overlay, image_mnt if mounted else None, stopped.is_set())
+            _teardown(runtime, name, overlay, image_mnt, stopped.is_set())
             # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
             shutil.rmtree(rundir, ignore_errors=True)
 
@@ -124,8 +122,7 @@ def _uninterrupted():
         signal.signal(signal.SIGINT, old)
 
 
-def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None,
-              stopped: bool) -> None:
+def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path, stopped: bool) -> None:
     """Everything a run set up goes, whatever happened. A Ctrl-C reaches podman too, and one
     that comes while it starts the container kills the client and leaves the container behind
     (created, or running under conmon, its mount namespace pinning the image mount)."""
@@ -135,7 +132,9 @@ def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None,
     elif stopped:
         rt.force_stop(runtime, name)  # a container podman created but never started
     overlay.unmount()
-    if image_mnt is not None:
+    # Whether the mount got as far as mounting is asked of the kernel, not of a flag: a Ctrl-C
+    # can land between the daemon answering and mount() returning.
+    if mounts.mount_entry(str(image_mnt)) or mounts.is_stale(str(image_mnt)):
         try:
             mounts.umount(str(image_mnt), lazy=True)
         except Exception as exc:  # cleanup must go on; report, don't mask the run's outcome
@@ -174,7 +173,9 @@ def _supervise(cmd: list[str], force_stop, stopped: threading.Event,
             code = proc.wait()
         except KeyboardInterrupt:
             stopped.set()
-            code = _stop(proc, force_stop)
+            # A Ctrl-C'd run does not report success: podman answers 0 when the Ctrl-C came
+            # while it was still creating the container, which never ran the command.
+            code = _stop(proc, force_stop) or 128 + signal.SIGINT
     finally:
         if timer:
             timer.cancel()

@@ -202,3 +202,42 @@ def test_a_hung_server_gives_eio_at_the_deadline_not_a_hang(fleet_image, tmp_pat
         assert "no good answer within the 2.0s deadline" in log
     finally:
         hole.close()
+
+
+def test_a_server_restart_inside_the_deadline_is_a_stall_not_errors(fleet_image, tmp_path):
+    """One server, no origin, --deadline 30s: SIGKILL of the server while 8 readers read, a
+    restart on the same port a few seconds later. Reads stall and resume: no EIO, exact bytes,
+    and the daemon logs the outage once, not once per read."""
+    src, origin, servers = fleet_image
+    server = servers[0]
+    log = tmp_path / "mount.log"
+    m = Mounted("fleet/app:1", tmp_path / "mnt", "--server", server.url, "--deadline", "30s",
+                "--readahead", "0", "--no-siblings", "--log-file", log)
+    names = ["data/big.bin", "data/big2.bin", "bin/tool"] + [f"data/f{i}.txt" for i in range(5)]
+    errors, done = [], []
+    with m as mnt:
+        def reader(name):
+            try:
+                got = bytearray()
+                with open(mnt / name, "rb") as f:
+                    while chunk := f.read(256 * 1024):
+                        got += chunk
+                        time.sleep(0.05)  # still reading when the server goes
+                done.append(bytes(got) == (src / name).read_bytes())
+            except OSError as exc:
+                errors.append((name, exc))
+        threads = [threading.Thread(target=reader, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        server.kill()
+        time.sleep(4)
+        server.start()  # same port, same cache directory
+        for t in threads:
+            t.join(60)
+        assert errors == [] and done == [True] * len(names)
+        assert m.stats()["store"]["retries"] >= 1
+    text = log.read_text()
+    assert text.count(" ERROR ") == 0, text[-2000:]
+    assert 1 <= text.count(f"{server.url} failed for") <= 2  # once per outage (and thread race)
+    assert "answers again" in text

@@ -29,6 +29,7 @@ from lazyfs.store import objects
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
 DOWN_FOR = 3.0
+RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # backoff between rounds while every source fails
 ESCALATE = 4  # hedge delays before a hedge may make another server fill from the origin
 
 
@@ -45,6 +46,7 @@ class FleetStats(Counters):
     origin_reads: int = 0
     wrong_bytes: int = 0
     deadline_failures: int = 0
+    retries: int = 0  # rounds started again after every source had failed (an outage)
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,22 @@ class Fleet:
         self.stats.add(failovers=1)
         if isinstance(exc, (IntegrityError, FormatError)):
             self.stats.add(wrong_bytes=1)
-        if name != "origin":
+        with self._lock:
+            now = time.monotonic()
+            # Failing within the last minute: this outage has been logged already.
+            known = self._down.get(name, float("-inf")) > now - 60
+            self._down[name] = now + DOWN_FOR
+        # Once per outage, not once per read: a server down for 10 s under 8 readers would
+        # otherwise write thousands of lines.
+        (log.debug if known else log.warning)("%s failed for %s: %s%s", name, key, exc,
+                                              "" if known else " (said once until it answers)")
+
+    def _answered(self, name: str) -> None:
+        if name in self._down:
             with self._lock:
-                self._down[name] = time.monotonic() + DOWN_FOR
-        log.warning("%s failed for %s: %s", name, key, exc)
+                was_down = self._down.pop(name, None) is not None
+            if was_down:
+                log.warning("%s answers again", name)
 
     def hedge_delay(self) -> float:
         """--hedge-after, or 2 x the recent p90 latency when the fleet is slower than that
@@ -133,6 +147,7 @@ class Fleet:
 
         launch(*queue.popleft(), True)
         last = started
+        retry_in = RETRY_FIRST
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -175,6 +190,7 @@ class Fleet:
                     continue
                 if full:
                     self._observe(time.monotonic() - launched)
+                self._answered(name)
                 return result
             if queue and not any(full for _, full, _ in running.values()):
                 launch(*queue.popleft(), True)  # failover: at once, and a full request
@@ -186,14 +202,27 @@ class Fleet:
                     if isinstance(e, NotFound) and (n == "origin" or
                                                     all(isinstance(x, NotFound) for _, x in errors)):
                         raise e
-                tried = "; ".join(f"{n}: {e}" for n, e in errors)
-                raise StoreUnavailable(f"{key}: every source failed ({tried})")
+                # Every source failed: an outage (a server restarting, a network blip) is a
+                # stall, not an error. Ask them all again, backing off, until the deadline.
+                pause = min(retry_in, deadline - time.monotonic())
+                if pause <= 0:
+                    break
+                time.sleep(pause)
+                retry_in = min(retry_in * 2, RETRY_MAX)
+                self.stats.add(retries=1)
+                queue = deque(self.candidates(key))
+                probed.clear()
+                launch(*queue.popleft(), True)
+                last = time.monotonic()
         self.stats.add(deadline_failures=1)
         waiting = ", ".join(n for n, _, _ in running.values()) or "none"
+        errors = errors[-len(self.clients) - 1:]  # the last round's, not every retry's
         log.error("%s: no good answer within the %.1fs deadline (still waiting on %s; failed: %s)",
                   key, self.options.deadline, waiting,
                   "; ".join(f"{n}: {e}" for n, e in errors) or "none")
-        raise StoreUnavailable(f"{key}: no answer within {self.options.deadline:.1f}s from {self.url}")
+        last = "; ".join(f"{n}: {e}" for n, e in errors)
+        raise StoreUnavailable(f"{key}: no good answer within {self.options.deadline:.1f}s from "
+                               f"{self.url}" + (f" (every source failed; last: {last})" if last else ""))
 
     def _count_origin(self, name: str) -> None:
         if name == "origin":

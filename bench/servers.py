@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -136,9 +137,11 @@ class CacheServer:
     """`lazyfs serve` as a real process; kill() simulates a crash."""
 
     def __init__(self, store: str, cache_dir: Path, token_file: Path | None = None, extra=(),
-                 env: dict | None = None, port: int | None = None):
+                 env: dict | None = None, port: int | None = None, nofile: int | None = None):
+        """``nofile``: the server's open-file limit (soft and hard), as a small node has."""
         self.store, self.cache_dir, self.token_file, self.extra = store, cache_dir, token_file, extra
         self.env = env
+        self.nofile = nofile
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -152,8 +155,10 @@ class CacheServer:
         env = dict(os.environ)
         env.update(self.env or {})
         with open(self.log, "ab") as out:
+            limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+                     ) if self.nofile else None
             self.proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                         env=env)
+                                         env=env, preexec_fn=limit)
         _wait_http(self.url + "/healthz", self.proc, timeout, self.log)
         return self
 

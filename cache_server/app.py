@@ -10,6 +10,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -33,8 +34,15 @@ log = logging.getLogger("lazyfs.server")
 OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
 BATCH_PARALLEL = 16
-SERVER_KEY = web.AppKey("lazyfs_server", object)
 KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
+# Request bodies, per route (each enforced while reading, before the body is in memory) and in
+# total across requests: a client without a token can make the server hold at most BATCH_BODY.
+BATCH_BODY = 128 * 1024  # batch.MAX_DIGESTS digests as JSON fit in ~77 KiB
+TAG_BODY = 256
+LEASE_BODY = 4096
+BODIES_IN_FLIGHT = 256 * 1024 * 1024
+BODY_TIMEOUT = 60.0  # seconds for a whole request body to arrive
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 @dataclass
@@ -45,9 +53,12 @@ class ServerConfig:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str, headers: dict | None = None,
+                 close: bool = False):
+        """``close``: end the connection after the answer (a body left unread must not be
+        drained, nor the next request parsed out of it)."""
         super().__init__(message)
-        self.status, self.headers = status, headers or {}
+        self.status, self.headers, self.close = status, headers or {}, close
 
 
 def _error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -80,13 +91,16 @@ class AccessLog(AbstractAccessLogger):
     """Per-request metrics, and (when its logger is at INFO) one JSON line per request."""
 
     def log(self, request, response, time):  # noqa: A002 - aiohttp's signature
-        server = request.app.get(SERVER_KEY) if hasattr(request, "app") else None
+        # Requests aiohttp could not parse come as a bare BaseRequest (no app, no route): they
+        # are logged and counted too, under the route "unparsed".
+        guard = getattr(getattr(request, "protocol", None), "guard", None)
+        server = getattr(guard, "server", None)
         if server is not None:
             server.record(request, response, time)
         if self.logger.isEnabledFor(logging.INFO):
             self.logger.info(json.dumps({
                 "remote": request.remote, "method": request.method, "path": request.path,
-                "status": response.status, "bytes": response.body_length,
+                "status": response.status, "bytes": _body_bytes(request, response),
                 "ms": round(time * 1000, 3), "range": request.headers.get("Range")}))
 
 
@@ -97,11 +111,11 @@ class CacheServer:
         self.metrics.cache_capacity.set(cache.capacity)
         self.metrics.cache_state(cache)
         self.filler = Filler(origin, cache, self.metrics)
+        self._body_bytes = 0  # reserved by request bodies being read now (one event loop)
 
     # -- plumbing ------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=KIND_LIMIT["manifests"])
-        app[SERVER_KEY] = self
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics_page)
@@ -139,7 +153,10 @@ class CacheServer:
                 raise HttpError(400, "path segments '.' and '..' are refused")
             return await handler(request)
         except HttpError as exc:
-            return _error_response(exc.status, str(exc), exc.headers)
+            resp = _error_response(exc.status, str(exc), exc.headers)
+            if exc.close:
+                resp.force_close()
+            return resp
         except NotFound as exc:
             return _error_response(404, str(exc))
         except (IntegrityError, FormatError) as exc:  # the origin holds bad bytes
@@ -149,9 +166,13 @@ class CacheServer:
 
     def record(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
         """Called once per answered request, after its body went out."""
-        info = getattr(request, "match_info", None)
+        try:
+            info = request.match_info
+        except (AttributeError, AssertionError):  # aiohttp answered before routing (a parse error)
+            info = None
         resource = info.route.resource if info is not None else None
-        route = resource.canonical if resource is not None else "unmatched"
+        route = resource.canonical if resource is not None else (
+            "unmatched" if info is not None else "unparsed")
         self.metrics.requests.labels(route, request.method, str(response.status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         self.metrics.response_bytes.labels(route).inc(_body_bytes(request, response))
@@ -164,7 +185,9 @@ class CacheServer:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise HttpError(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(header[7:].strip().encode(), self.config.token.encode()):
+        # Header values arrive decoded with surrogateescape: any bytes, even ones no token has.
+        sent = header[7:].strip().encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, self.config.token.encode()):
             raise HttpError(403, "wrong token")
 
     @staticmethod
@@ -173,6 +196,39 @@ class CacheServer:
         if not digests.is_valid(value):
             raise HttpError(400, f"not a sha256 digest: {value[:100]!r}")
         return value
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        """The request body, refused with 413 as soon as it is known to exceed ``limit`` (by
+        its Content-Length, or while reading a chunked one), with 408 if it does not arrive
+        within BODY_TIMEOUT, and with 503 while BODIES_IN_FLIGHT are being read already."""
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise HttpError(413, f"body of {declared} bytes exceeds this route's {limit}",
+                            close=True)
+        reserved = declared if declared is not None else 0
+        if self._body_bytes + reserved > BODIES_IN_FLIGHT:
+            raise HttpError(503, "server busy reading other bodies; retry shortly",
+                            {"Retry-After": "1"}, close=True)
+        self._body_bytes += reserved
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                async for chunk in request.content.iter_chunked(1 << 16):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise HttpError(413, f"body exceeds this route's {limit} bytes", close=True)
+                    if len(buf) > reserved:  # chunked: reserve as it grows
+                        if self._body_bytes + len(buf) - reserved > BODIES_IN_FLIGHT:
+                            raise HttpError(503, "server busy reading other bodies; retry "
+                                            "shortly", {"Retry-After": "1"}, close=True)
+                        self._body_bytes += len(buf) - reserved
+                        reserved = len(buf)
+        except TimeoutError:
+            raise HttpError(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s",
+                            close=True) from None
+        finally:
+            self._body_bytes -= reserved
+        return bytes(buf)
 
     async def _delay(self) -> None:
         if self.config.delay:
@@ -189,17 +245,19 @@ class CacheServer:
             raise HttpError(504, "not cached here (only-if-cached)")
         path, frame = await self.filler.obtain(kind, digest)
         headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
-        if frame is not None:  # too big for the cache: from memory
-            rng = request.http_range
-            if rng.start is None and rng.stop is None:
-                return web.Response(body=frame, headers=headers)
-            start, stop, _ = rng.indices(len(frame))
-            if start >= stop:
-                raise HttpError(416, "range not satisfiable",
-                                {"Content-Range": f"bytes */{len(frame)}"})
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(frame)}"
-            return web.Response(body=frame[start:stop], status=206, headers=headers)
-        return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)  # pinned
+        if frame is None:  # pinned in the cache: sendfile, then unpin
+            try:
+                _byte_range(request.headers.get("Range"), self.cache.size(kind, digest))
+            except HttpError:
+                self.cache.unpin(kind, digest)
+                raise
+            return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)
+        rng = _byte_range(request.headers.get("Range"), len(frame))  # too big for the cache
+        if rng is None:
+            return web.Response(body=frame, headers=headers)
+        start, stop = rng
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(frame)}"
+        return web.Response(body=frame[start:stop], status=206, headers=headers)
 
     async def head_object(self, request: web.Request, kind: str) -> web.Response:
         self._auth(request, write=False)
@@ -223,8 +281,9 @@ class CacheServer:
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
         self._auth(request, write=False)
+        raw = await self._read_body(request, BATCH_BODY)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
             body = None
         wanted = body.get("digests") if isinstance(body, dict) else None
@@ -317,6 +376,9 @@ class CacheServer:
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         self.metrics.cache_state(self.cache)
+        guard = getattr(request.protocol, "guard", None)
+        if guard is not None:
+            self.metrics.connection_state(guard)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -324,10 +386,7 @@ class CacheServer:
     async def put_object(self, request: web.Request, kind: str) -> web.Response:
         self._auth(request, write=True)
         digest = self._digest(request)
-        limit = KIND_LIMIT[kind]
-        if request.content_length is not None and request.content_length > limit:
-            raise HttpError(413, f"body of {request.content_length} bytes exceeds {limit}")
-        frame = await request.read()
+        frame = await self._read_body(request, KIND_LIMIT[kind])
         try:
             await self.filler.call(verify, kind, digest, frame)
         except (IntegrityError, FormatError) as exc:
@@ -348,7 +407,7 @@ class CacheServer:
     async def put_tag(self, request: web.Request) -> web.Response:
         self._auth(request, write=True)
         ref = self._ref(request)
-        value = (await request.read())[:200].decode("ascii", "replace").strip()
+        value = (await self._read_body(request, TAG_BODY)).decode("ascii", "replace").strip()
         if not digests.is_valid(value):
             raise HttpError(400, f"tag body must be a sha256 digest, got {value[:80]!r}")
         await self.filler.call(self.origin.put_tag, ref.name, ref.tag, value)
@@ -362,7 +421,7 @@ class CacheServer:
     async def put_lease(self, request: web.Request) -> web.Response:
         self._auth(request, write=True)
         name = self._lease_name(request)
-        await self.filler.call(self.origin.put_lease, name, await request.read())
+        await self.filler.call(self.origin.put_lease, name, await self._read_body(request, LEASE_BODY))
         return web.Response(status=204)
 
     async def delete_lease(self, request: web.Request) -> web.Response:
@@ -376,6 +435,30 @@ class CacheServer:
             return lease.check_name(request.match_info["name"])
         except StoreError as exc:
             raise HttpError(400, str(exc)) from None
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, stop) of a ``Range: bytes=A-B`` header (one range; ``A-``, ``-N`` suffixes), None
+    without one. Anything else, multi-range, reversed, empty (``-0``) or past the end, is 416:
+    the same answer whether the object is served from the cache or from memory."""
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    unsatisfiable = HttpError(416, f"range not satisfiable for {size} bytes: {header[:80]!r}",
+                              {"Content-Range": f"bytes */{size}"})
+    if m is None or not (m[1] or m[2]):
+        raise unsatisfiable
+    if m[1]:
+        start = int(m[1])
+        stop = int(m[2]) + 1 if m[2] else size
+    else:
+        start, stop = size - int(m[2]), size
+        if int(m[2]) == 0:
+            raise unsatisfiable
+    start, stop = max(start, 0), min(stop, size)
+    if start >= stop:
+        raise unsatisfiable
+    return start, stop
 
 
 def _read_file(path: str) -> bytes:

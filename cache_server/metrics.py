@@ -37,8 +37,15 @@ class Metrics:
                                    registry=r)
         self.cache_capacity = Gauge("lazyfs_server_cache_capacity_bytes", "--cache-size", registry=r)
         self.evictions = Counter("lazyfs_server_cache_evictions", "Objects evicted (LRU)", registry=r)
+        self.connections = Gauge("lazyfs_server_connections", "Open client connections, and "
+                                 "those closed by the limits (cache_server/protocol.py)",
+                                 ["state"], registry=r)
         self._hits = self._misses = 0
         self._evicted_seen = 0
+
+    def connection_state(self, guard) -> None:
+        for state in ("open", "refused", "evicted", "timed_out"):
+            self.connections.labels(state).set(getattr(guard, state))
 
     def hit(self) -> None:
         self._hits += 1

@@ -116,7 +116,9 @@ def test_kill_one_server_mid_read_then_both(fleet_image, tmp_path):
             (mnt / "data" / "big2.bin").read_bytes()  # nothing of it is cached on the node
         elapsed = time.monotonic() - started
         assert exc.value.errno == errno.EIO
-        assert elapsed < 3 + 2, elapsed  # the deadline, not a hang
+        # Each read the kernel sends waits out the deadline (an outage is retried, not failed
+        # at once), and it may send two before giving up: bounded, not a hang.
+        assert 3 <= elapsed < 2 * 3 + 2, elapsed
         # Metadata needs no server: the mount keeps answering.
         assert sorted(os.listdir(mnt / "data"))[:3] == ["big.bin", "big2.bin", "f0.txt"]
         assert os.stat(mnt / "data" / "big2.bin").st_size == 8 * MiB

@@ -35,8 +35,18 @@ def serve(
                               "data request (e.g. 1ms): emulates a network RTT in benchmarks."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per "
                                     "request on stderr."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", min=1, help="Open "
+                                                  "connections at most (default 1024, or half "
+                                                  "the open-file limit if lower). Past it the "
+                                                  "oldest connection still waiting for its "
+                                                  "headers is closed, or, if none, the new one "
+                                                  "gets 503."),
+    header_timeout: str = typer.Option("10s", "--header-timeout", help="A connection that has "
+                                       "not sent a request's headers this long after connecting "
+                                       "(or after its previous answer) is closed."),
 ):
     from cache_server.app import ServerConfig
+    from cache_server.protocol import Guard, default_max_connections
     from cache_server.server import ServeOptions, parse_listen, serve_forever
     from lazyfs.errors import LazyfsError
     from lazyfs.store import open_store
@@ -55,9 +65,13 @@ def serve(
     origin.check()
     size = parse_size(cache_size)
     delay_s = parse_duration(delay)
+    guard = Guard(max_connections=max_connections or default_max_connections(),
+                  header_timeout=parse_duration(header_timeout))
     opts = ServeOptions(host, port, cache_dir, size,
-                        ServerConfig(token=token, auth_reads=auth_reads, delay=delay_s), access_log)
+                        ServerConfig(token=token, auth_reads=auth_reads, delay=delay_s), access_log,
+                        guard)
     err.print(f"lazyfs serve: {origin.url} on http://{host}:{port}, cache {cache_dir} "
               f"({human(size)}), writes {'need the token' if token else 'disabled'}"
-              + (f", +{delay_s * 1000:.1f} ms per request" if delay_s else ""), highlight=False)
+              + (f", +{delay_s * 1000:.1f} ms per request" if delay_s else "")
+              + f", at most {guard.max_connections} connections", highlight=False)
     serve_forever(origin, opts)

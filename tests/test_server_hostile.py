@@ -44,12 +44,17 @@ def _raw(srv, data: bytes, wait: float = 3.0) -> bytes:
     """Send bytes as they are and read until the server closes or goes quiet."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as s:
         s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
+        return _answer(s)
+
+
+def _answer(s: socket.socket) -> bytes:
+    """What the server sends until it closes or goes quiet."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
     return out
 
 
@@ -130,13 +135,7 @@ def _chunked(srv, path: str, headers: dict, total: int) -> bytes:
                 sent += 1 << 20
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server stopped taking it (what it read past the limit it dropped)
-        out = b""
-        try:
-            while part := s.recv(65536):
-                out += part
-        except (socket.timeout, ConnectionResetError):
-            pass
-    return out
+        return _answer(s)
 
 
 def test_slow_and_idle_clients_cannot_starve_the_server(server):

@@ -10,9 +10,7 @@ import base64
 import hmac
 import json
 import logging
-import re
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -21,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
+from cache_server.requests import (BATCH_BODY, LEASE_BODY, TAG_BODY, Bodies, HttpError,
+                                   byte_range, climbs, error_response)
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound, StoreError
 from lazyfs.format import batch, reference
 from lazyfs.format import digest as digests
@@ -35,14 +35,6 @@ OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
 BATCH_PARALLEL = 16
 KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
-# Request bodies, per route (each enforced while reading, before the body is in memory) and in
-# total across requests: a client without a token can make the server hold at most BATCH_BODY.
-BATCH_BODY = 128 * 1024  # batch.MAX_DIGESTS digests as JSON fit in ~77 KiB
-TAG_BODY = 256
-LEASE_BODY = 4096
-BODIES_IN_FLIGHT = 256 * 1024 * 1024
-BODY_TIMEOUT = 60.0  # seconds for a whole request body to arrive
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 @dataclass
@@ -50,25 +42,6 @@ class ServerConfig:
     token: str | None = None  # None: writes are refused
     auth_reads: bool = False
     delay: float = 0.0  # added before answering data requests (emulated network latency)
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None,
-                 close: bool = False):
-        """``close``: end the connection after the answer (a body left unread must not be
-        drained, nor the next request parsed out of it)."""
-        super().__init__(message)
-        self.status, self.headers, self.close = status, headers or {}, close
-
-
-def _error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _traversal(raw_path: str) -> bool:
-    """Whether the path as sent (before normalisation) tries to climb: '../x' is a bad digest,
-    not a request for '/v1/x'."""
-    return any(seg in (".", "..") for seg in unquote(raw_path.split("?", 1)[0]).split("/"))
 
 
 class _CacheFile(web.FileResponse):
@@ -111,7 +84,7 @@ class CacheServer:
         self.metrics.cache_capacity.set(cache.capacity)
         self.metrics.cache_state(cache)
         self.filler = Filler(origin, cache, self.metrics)
-        self._body_bytes = 0  # reserved by request bodies being read now (one event loop)
+        self.bodies = Bodies()
 
     # -- plumbing ------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -149,20 +122,20 @@ class CacheServer:
     async def _middleware(self, request: web.Request, handler):
         """Typed errors become JSON answers with the right status (metrics: see AccessLog)."""
         try:
-            if _traversal(request.raw_path):
+            if climbs(request.raw_path):
                 raise HttpError(400, "path segments '.' and '..' are refused")
             return await handler(request)
         except HttpError as exc:
-            resp = _error_response(exc.status, str(exc), exc.headers)
+            resp = error_response(exc.status, str(exc), exc.headers)
             if exc.close:
                 resp.force_close()
             return resp
         except NotFound as exc:
-            return _error_response(404, str(exc))
+            return error_response(404, str(exc))
         except (IntegrityError, FormatError) as exc:  # the origin holds bad bytes
-            return _error_response(502, f"origin: {exc}")
+            return error_response(502, f"origin: {exc}")
         except LazyfsError as exc:  # origin unreachable, refused, ...
-            return _error_response(502, f"origin: {exc}")
+            return error_response(502, f"origin: {exc}")
 
     def record(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
         """Called once per answered request, after its body went out."""
@@ -197,39 +170,6 @@ class CacheServer:
             raise HttpError(400, f"not a sha256 digest: {value[:100]!r}")
         return value
 
-    async def _read_body(self, request: web.Request, limit: int) -> bytes:
-        """The request body, refused with 413 as soon as it is known to exceed ``limit`` (by
-        its Content-Length, or while reading a chunked one), with 408 if it does not arrive
-        within BODY_TIMEOUT, and with 503 while BODIES_IN_FLIGHT are being read already."""
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise HttpError(413, f"body of {declared} bytes exceeds this route's {limit}",
-                            close=True)
-        reserved = declared if declared is not None else 0
-        if self._body_bytes + reserved > BODIES_IN_FLIGHT:
-            raise HttpError(503, "server busy reading other bodies; retry shortly",
-                            {"Retry-After": "1"}, close=True)
-        self._body_bytes += reserved
-        buf = bytearray()
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                async for chunk in request.content.iter_chunked(1 << 16):
-                    buf += chunk
-                    if len(buf) > limit:
-                        raise HttpError(413, f"body exceeds this route's {limit} bytes", close=True)
-                    if len(buf) > reserved:  # chunked: reserve as it grows
-                        if self._body_bytes + len(buf) - reserved > BODIES_IN_FLIGHT:
-                            raise HttpError(503, "server busy reading other bodies; retry "
-                                            "shortly", {"Retry-After": "1"}, close=True)
-                        self._body_bytes += len(buf) - reserved
-                        reserved = len(buf)
-        except TimeoutError:
-            raise HttpError(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s",
-                            close=True) from None
-        finally:
-            self._body_bytes -= reserved
-        return bytes(buf)
-
     async def _delay(self) -> None:
         if self.config.delay:
             await asyncio.sleep(self.config.delay)
@@ -247,12 +187,12 @@ class CacheServer:
         headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
         if frame is None:  # pinned in the cache: sendfile, then unpin
             try:
-                _byte_range(request.headers.get("Range"), self.cache.size(kind, digest))
+                byte_range(request.headers.get("Range"), self.cache.size(kind, digest))
             except HttpError:
                 self.cache.unpin(kind, digest)
                 raise
             return _CacheFile(path, lambda: self.cache.unpin(kind, digest), headers=headers)
-        rng = _byte_range(request.headers.get("Range"), len(frame))  # too big for the cache
+        rng = byte_range(request.headers.get("Range"), len(frame))  # too big for the cache
         if rng is None:
             return web.Response(body=frame, headers=headers)
         start, stop = rng
@@ -281,7 +221,7 @@ class CacheServer:
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
         self._auth(request, write=False)
-        raw = await self._read_body(request, BATCH_BODY)
+        raw = await self.bodies.read(request, BATCH_BODY)
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
@@ -386,7 +326,7 @@ class CacheServer:
     async def put_object(self, request: web.Request, kind: str) -> web.Response:
         self._auth(request, write=True)
         digest = self._digest(request)
-        frame = await self._read_body(request, KIND_LIMIT[kind])
+        frame = await self.bodies.read(request, KIND_LIMIT[kind])
         try:
             await self.filler.call(verify, kind, digest, frame)
         except (IntegrityError, FormatError) as exc:
@@ -407,7 +347,7 @@ class CacheServer:
     async def put_tag(self, request: web.Request) -> web.Response:
         self._auth(request, write=True)
         ref = self._ref(request)
-        value = (await self._read_body(request, TAG_BODY)).decode("ascii", "replace").strip()
+        value = (await self.bodies.read(request, TAG_BODY)).decode("ascii", "replace").strip()
         if not digests.is_valid(value):
             raise HttpError(400, f"tag body must be a sha256 digest, got {value[:80]!r}")
         await self.filler.call(self.origin.put_tag, ref.name, ref.tag, value)
@@ -421,7 +361,7 @@ class CacheServer:
     async def put_lease(self, request: web.Request) -> web.Response:
         self._auth(request, write=True)
         name = self._lease_name(request)
-        await self.filler.call(self.origin.put_lease, name, await self._read_body(request, LEASE_BODY))
+        await self.filler.call(self.origin.put_lease, name, await self.bodies.read(request, LEASE_BODY))
         return web.Response(status=204)
 
     async def delete_lease(self, request: web.Request) -> web.Response:
@@ -435,30 +375,6 @@ class CacheServer:
             return lease.check_name(request.match_info["name"])
         except StoreError as exc:
             raise HttpError(400, str(exc)) from None
-
-
-def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, stop) of a ``Range: bytes=A-B`` header (one range; ``A-``, ``-N`` suffixes), None
-    without one. Anything else, multi-range, reversed, empty (``-0``) or past the end, is 416:
-    the same answer whether the object is served from the cache or from memory."""
-    if header is None:
-        return None
-    m = _RANGE_RE.fullmatch(header.strip())
-    unsatisfiable = HttpError(416, f"range not satisfiable for {size} bytes: {header[:80]!r}",
-                              {"Content-Range": f"bytes */{size}"})
-    if m is None or not (m[1] or m[2]):
-        raise unsatisfiable
-    if m[1]:
-        start = int(m[1])
-        stop = int(m[2]) + 1 if m[2] else size
-    else:
-        start, stop = size - int(m[2]), size
-        if int(m[2]) == 0:
-            raise unsatisfiable
-    start, stop = max(start, 0), min(stop, size)
-    if start >= stop:
-        raise unsatisfiable
-    return start, stop
 
 
 def _read_file(path: str) -> bytes:

@@ -30,6 +30,8 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from cache_server.requests import error_response
+
 log = logging.getLogger("lazyfs.server")
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
 MAX_CONNECTIONS = 1024
@@ -161,7 +163,7 @@ class GuardedHandler(RequestHandler):
             raise ConnectionError("an answer was already under way; the connection is closed")
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
         what = "internal error" if status >= 500 else "the request could not be parsed"
-        resp = web.json_response({"error": f"{status} {phrase}: {what}"}, status=status)
+        resp = error_response(status, f"{status} {phrase}: {what}")
         resp.force_close()
         return resp
 

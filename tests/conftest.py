@@ -146,21 +146,11 @@ def _leave_nothing_mounted(request, tmp_path_factory):
     mine = tmp_path_factory.getbasetemp().resolve()
     for mp in sorted(lazyfs_mounts(mine), key=len, reverse=True):  # overlays above their image
         subprocess.run(["umount", "-l", mp], capture_output=True)
-    if any(b"lazyfs-" in open(f"/proc/{p}/cmdline", "rb").read() for p in _conmons()):
+    from lazyfs.runner.runtime import conmon_containers
+    if any(name.startswith("lazyfs-") for name in conmon_containers()):
         for name in _podman_leftovers():
             subprocess.run(["podman", "--runtime", shutil.which("runc") or "runc", "rm", "-f",
                             "-t", "0", name], capture_output=True, timeout=60)
-
-
-def _conmons() -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == "conmon":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
 
 
 @pytest.fixture

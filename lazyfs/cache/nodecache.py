@@ -216,17 +216,17 @@ class NodeCache:
         except FileNotFoundError:
             return None
         try:
-            data = _read_all(fd, size + 1)
-            if len(data) == size and digests.compute(data) == digest:
+            if _holds(fd, digest, size):
                 try:
                     os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
                 except OSError:
                     pass
                 return _identity(os.fstat(fd))  # after utime, which moves the change time
+            on_disk = os.fstat(fd).st_size
         finally:
             os.close(fd)
         log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
-                  digest, len(data), size)
+                  digest, on_disk, size)
         self._drop(path)
         return None
 
@@ -321,8 +321,7 @@ class NodeCache:
     def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
         to it): hash it again; keep it if it is still the block, else drop it."""
-        data = _read_all(fd, size + 1)
-        if len(data) == size and digests.compute(data) == digest:
+        if _holds(fd, digest, size):
             with self._lock:
                 self._verified[digest] = _identity(os.fstat(fd))
             return True
@@ -338,13 +337,13 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_ctime_ns
 
 
-def _read_all(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes of a file from its start."""
+def _holds(fd: int, digest: str, size: int) -> bool:
+    """Whether the open file holds exactly the block: ``size`` bytes hashing to ``digest``."""
     parts, pos = [], 0
-    while pos < limit:
-        chunk = os.pread(fd, limit - pos, pos)
+    while pos <= size:  # one byte past the size, to see a file that is too long
+        chunk = os.pread(fd, size + 1 - pos, pos)
         if not chunk:
             break
         parts.append(chunk)
         pos += len(chunk)
-    return b"".join(parts)
+    return pos == size and digests.compute(b"".join(parts)) == digest

@@ -19,7 +19,7 @@ from lazyfs.store import objects, open_store
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.files import publish
-from lazyfs.runner.helper import MARKER_DIR, with_python_path
+from lazyfs.runner.helper import MARKER_DIR
 from snapshot.workspace import MOUNT_BASE, Workspace
 
 
@@ -98,7 +98,8 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         ws.upper.mkdir(parents=True)
         ws.inject_helper()
         ws.mount(digest, opts.source, opts.cache_dir)
-        env = with_python_path(spec.env) + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
+        # spec.env already has the helper first on PYTHONPATH (session.container_spec).
+        env = spec.env + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
         # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
         # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",

@@ -22,6 +22,11 @@ class ManifestFormatError(FormatError):
     pass
 
 
+class KernelLayoutUnsupported(FormatError):
+    """The image's tree has something the kernel's EROFS + overlayfs layout cannot express; such an
+    image is served by the FUSE path instead."""
+
+
 class BlockFormatError(FormatError):
     def __init__(self, message: str, digest: str | None = None):
         super().__init__(message if digest is None else f"block {digest}: {message}")

@@ -11,7 +11,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLik
     """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), then rename it to ``path``.
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
-    torn file (stores). Caches pass False: they re-verify what they read after a crash anyway."""
+    torn file (stores, and the node cache, whose files the kernel may serve unhashed)."""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -112,14 +112,17 @@ def pytest_runtest_setup(item):
 
 
 def lazyfs_mounts(under: str | Path | None = None) -> list[str]:
-    """Mountpoints of lazyfs FUSE mounts and of the overlays `lazyfs run` puts on them (only
-    those below ``under``, if given)."""
+    """Mountpoints of lazyfs FUSE mounts, of the kernel path's EROFS images and overlays, and of
+    the overlays `lazyfs run` puts on them (only those below ``under``, if given)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             mp = fields[4].encode().decode("unicode_escape")
-            if ("fuse.lazyfs" in line or "/lazyfs/run/" in mp or "/lazyfs/snap/" in mp) and \
+            kernel_path = (" - erofs " in line and "/erofs/" in line) or \
+                (" - overlay " in line and ".d/meta::" in line)
+            if ("fuse.lazyfs" in line or kernel_path or "/lazyfs/run/" in mp
+                    or "/lazyfs/snap/" in mp) and \
                     (under is None or mp.startswith(f"{under}/")):
                 out.append(mp)
     return out
@@ -151,6 +154,18 @@ def _leave_nothing_mounted(request, tmp_path_factory):
         for name in _podman_leftovers():
             subprocess.run(["podman", "--runtime", shutil.which("runc") or "runc", "rm", "-f",
                             "-t", "0", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture(params=["kernel", "fuse"])
+def data_path(request, monkeypatch):
+    """Run the test on both data paths (lazyfs.fs.kernel, and the FUSE fallback)."""
+    if request.param == "kernel":
+        from lazyfs.fs import kernel
+        reason = kernel.unavailable()
+        if reason:
+            pytest.skip(f"kernel data path unavailable: {reason}")
+    monkeypatch.setenv("LAZYFS_DATA_PATH", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def _diff(expected: dict, actual: dict) -> list[str]:
 
 
 @needs_mount
-def test_mounted_tree_equals_umoci_unpack(umoci_image, env_dirs, tmp_path):
+def test_mounted_tree_equals_umoci_unpack(umoci_image, env_dirs, tmp_path, data_path):
     layout, oracle = umoci_image
     digest = lazyfs_cli("build", f"oci:{layout}:test", "--tag", "rt/umoci:1").stdout.strip().splitlines()[-1]
     assert digest.startswith("sha256:")

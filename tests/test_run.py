@@ -84,7 +84,7 @@ def test_image_config_supplies_command_env_and_workdir(env_dirs, tmp_path):
 
 @pytest.mark.parametrize("delay", [0.0, 0.1, 1.0], ids=["at-mount", "while-starting", "running"])
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay):
+def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay, data_path):
     """Ctrl-C ends a run within seconds wherever it lands: while the image mounts, while the
     runtime starts the container (podman's client dies then and used to leave the container,
     and with it the mount, behind), or once the container runs."""

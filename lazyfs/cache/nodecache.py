@@ -180,6 +180,10 @@ class NodeCache:
             self._verified[digest] = identity
         return path
 
+    def on_disk(self, digest: str) -> bool:
+        """Whether the block's file is in the cache directory (without fetching or verifying)."""
+        return digest in self._verified or os.path.exists(self.path(digest))
+
     def adopt(self, digest: str, size: int) -> bool:
         return self._adopt(digest, size) is not None
 
@@ -246,7 +250,9 @@ class NodeCache:
             return False
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write(path, data, self.root / "tmp", durable=False)
+            # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
+            # is, with no re-hash, so a power cut must not leave a torn block under its name.
+            atomic_write(path, data, self.root / "tmp", durable=True)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so

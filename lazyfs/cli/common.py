@@ -40,6 +40,14 @@ SiblingsOpt = typer.Option(defaults.SIBLINGS, "--siblings/--no-siblings",
 ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
                           "prefetch (see `lazyfs profile`): auto (the image's own, if published), "
                           "none, a profile digest, or an image NAME:TAG whose profile to use.")
+DataPathOpt = typer.Option("auto", "--data-path", metavar="auto|kernel|fuse", envvar="LAZYFS_DATA_PATH",
+                           show_envvar=True, help="Who serves "
+                           "the image: kernel (EROFS metadata + overlayfs; only missing data goes "
+                           "through the lazyfs daemon), fuse (every request through the daemon), or "
+                           "auto (kernel where it is available: root, EROFS, Linux 6.12+).")
+CompleteOpt = typer.Option(False, "--complete/--no-complete", help="Kernel path: after the start, "
+                           "when reads have been quiet for 2 s, fetch the rest of every file the "
+                           "start read part of, so the next mount serves it from the kernel.")
 RuntimeOpt = typer.Option("auto", "--runtime", help="auto (podman if present, else namespaces), "
                           "podman, or namespaces.")
 EnvOpt = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")

@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, DeadlineOpt, HedgeOpt, ProfileOpt, ReadaheadOpt, ServerOpt,
-                               SiblingsOpt, StoreOpt, err, source)
+from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, DeadlineOpt, HedgeOpt, ProfileOpt,
+                               ReadaheadOpt, ServerOpt, SiblingsOpt, StoreOpt, err, source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
@@ -27,7 +27,12 @@ def mount(
     readahead: int = ReadaheadOpt,
     siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
-    foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until unmounted."),
+    data_path: str = DataPathOpt,
+    complete: bool = CompleteOpt,
+    foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until "
+                                    "unmounted; serves through FUSE (the kernel path's overlay is "
+                                    "mounted by the detached client)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say which data path serves."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Daemon log (default: under "
                                            "~/.local/state/lazyfs/mounts/)."),
     debug: bool = typer.Option(False, "--debug", help="Log every FUSE request."),
@@ -38,6 +43,8 @@ def mount(
     from lazyfs.fs import daemon, mounts
     from lazyfs.store import objects
 
+    if foreground and data_path == "kernel":
+        raise typer.BadParameter("--foreground serves through FUSE; drop --data-path kernel")
     src = source(store, server, deadline, hedge_after, readahead, siblings)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
@@ -51,10 +58,20 @@ def mount(
                                        trace=os.path.abspath(trace) if trace else None,
                                        profile=profile))
         return
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="lazyfs: %(message)s")
     state = mounts.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace,
-                         profile=profile)
+                         profile=profile, data_path=data_path, complete=complete)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
+    if verbose:
+        err.print("data path: " + describe_layout(state.layout), highlight=False)
+
+
+def describe_layout(layout: str) -> str:
+    return ("kernel (EROFS metadata + overlayfs; data on local disk served by the kernel, the "
+            "rest fetched through the lazyfs daemon)" if layout == "kernel"
+            else "fuse (every lookup and read through the lazyfs daemon)")
 
 
 @app.command(help="Unmount a lazyfs mount and wait for its daemon to exit.")

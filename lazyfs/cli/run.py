@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, CommandLineCommand, DeadlineOpt, EnvOpt, HedgeOpt,
+from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, DeadlineOpt,
+                               EnvOpt, HedgeOpt,
                                NetworkOpt, ProfileOpt, ReadaheadOpt, RuntimeOpt, ServerOpt,
                                SiblingsOpt, StoreOpt, UserOpt, WorkdirOpt, parse_duration, sayer,
                                source)
@@ -32,6 +33,8 @@ def run(
     readahead: int = ReadaheadOpt,
     siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
+    data_path: str = DataPathOpt,
+    complete: bool = CompleteOpt,
     runtime: str = RuntimeOpt,
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
                                         "directory (default: a temporary one, removed on exit)."),
@@ -71,14 +74,14 @@ def run(
     src = source(store, server, deadline, hedge_after, readahead, siblings)
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
                       network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
-                      profile=profile)
+                      profile=profile, data_path=data_path, complete=complete)
     say = sayer(verbose)
 
     def report(s: dict) -> None:
         if stats_json:
             with open(stats_json, "w") as f:
                 json.dump(s, f, indent=1)
-        say(f"image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
+        say(f"data path: {s.get('data_path', 'fuse')}; image reads: {s['cache']['misses']} blocks fetched ({s['store']['block_bytes']} bytes "
             f"received), {s['cache']['hits']} cache hits; FUSE requests: "
             + ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items(), key=lambda kv: -kv[1])))
     opts.report = report

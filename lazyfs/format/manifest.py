@@ -104,6 +104,22 @@ def sort_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
+def link_counts(entries) -> list[int]:
+    """st_nlink of each entry's inode, by index: names of a file (itself and its HARDLINKs), or 2
+    plus the subdirectories of a directory. A HARDLINK's own slot is unused. ``entries`` in
+    canonical order, so a parent comes before its children."""
+    path_index = {e.path: i for i, e in enumerate(entries)}
+    counts = [1] * len(entries)
+    for i, e in enumerate(entries):
+        if e.type == EntryType.HARDLINK:
+            counts[path_index[e.link]] += 1
+        elif e.type == EntryType.DIR:
+            counts[i] += 1
+            if e.path:
+                counts[path_index[e.path.rpartition(b"/")[0]]] += 1  # the subdirectory's ".."
+    return counts
+
+
 # --- encoding ----------------------------------------------------------------------------------
 
 def encode(manifest: Manifest) -> bytes:

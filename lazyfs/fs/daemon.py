@@ -11,9 +11,10 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs import control
+from lazyfs.fs import control, kernel
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
 
@@ -32,6 +33,12 @@ class DaemonArgs:
     debug: bool = False
     trace: str | None = None  # append every read (docs/format.md §10) to this file
     profile: str = "auto"  # startup profile to prefetch (lazyfs.profiles.load)
+    # "kernel": serve only the data objects, on lazyfs.fs.kernel's FUSE layer below runtime_dir,
+    # and answer b"K" when ready (the client mounts EROFS and the overlay); "fuse": the whole image
+    # on the mountpoint, b"1". A kernel-path daemon whose tree the layout cannot hold falls back.
+    layout: str = "fuse"
+    runtime_dir: str = ""
+    complete: bool = False  # fetch the rest of partly read files in the background
 
     def argv(self) -> list[str]:
         """The daemon's command line (``python -m lazyfs.fs.daemon ARGV``)."""
@@ -43,6 +50,10 @@ class DaemonArgs:
             out.append("--debug")
         if self.trace:
             out += ["--trace", self.trace]
+        if self.layout != "fuse":
+            out += ["--layout", self.layout, "--runtime-dir", self.runtime_dir]
+        if self.complete:
+            out.append("--complete")
         return out + ["--", self.mountpoint]
 
     @classmethod
@@ -57,9 +68,12 @@ class DaemonArgs:
         p.add_argument("--debug", action="store_true")
         p.add_argument("--trace")
         p.add_argument("--profile", default="auto")
+        p.add_argument("--layout", choices=("fuse", "kernel"), default="fuse")
+        p.add_argument("--runtime-dir", default="")
+        p.add_argument("--complete", action="store_true")
         a = p.parse_args(argv)
         return cls(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-                   a.debug, a.trace, a.profile)
+                   a.debug, a.trace, a.profile, a.layout, a.runtime_dir, a.complete)
 
 
 def serve(args: DaemonArgs) -> None:
@@ -69,45 +83,54 @@ def serve(args: DaemonArgs) -> None:
     from lazyfs.cache.nodecache import NodeCache
     from lazyfs.cache.prefetcher import fetch_missing
     from lazyfs.fs.fuseops import CODEC, LazyOps
-    from lazyfs.fs.index import ImageIndex
 
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
     ref, ready_fd, trace = args.ref, args.ready_fd, args.trace
     reader = source.open()
     manifest = objects.read_manifest(reader, digest)
-    index = ImageIndex(manifest)
     cache = NodeCache(cache_dir, reader.fetch_block)
+    kernel_path = args.layout == "kernel" and _kernel_image(manifest, digest, args)
+    index, completer = _index(manifest, cache, kernel_path, args)
     prefetcher = _prefetcher(reader, digest, manifest, cache, args.profile)
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
 
     def extra() -> dict:
-        out = {"store": reader.stats.snapshot(), "digest": digest}
+        out = {"store": reader.stats.snapshot(), "digest": digest,
+               "data_path": "kernel" if kernel_path else "fuse"}
         if prefetcher:
             out["prefetch"] = prefetcher.stats.snapshot()
+        if completer:
+            out["complete"] = completer.stats.snapshot()
         return out
     # A profile knows what the workload reads; guessing by directory would only add bytes.
     siblings = source.siblings and prefetcher is None
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
-                  fetch_siblings=partial(fetch_missing, cache, reader.fetch_blocks) if siblings else None)
+                  fetch_siblings=partial(fetch_missing, cache, reader.fetch_blocks) if siblings else None,
+                  on_read=(lambda inode: completer.read(index.object_of(inode), inode.entry.chunks))
+                  if completer else None)
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
-            os.write(_fd, b"1")
+            os.write(_fd, b"K" if kernel_path else b"1")
             os.close(_fd)
         ops.init = init
     has_xattrs = any(e.xattrs for e in manifest.entries)
-    if not has_xattrs:
+    if not has_xattrs or kernel_path:
         # The kernel (and overlayfs above us) asks for xattrs on nearly every lookup; answering
-        # ENOSYS once makes it stop asking for the life of the mount.
+        # ENOSYS once makes it stop asking for the life of the mount. On the kernel path the
+        # xattrs are in the EROFS image.
         ops.getxattr = ops.listxattr = None
     try:
         control_sock = control.serve(mountpoint, ops.stats)
     except OSError as exc:  # counters are a convenience: never fail a mount over them
         log.warning("no control socket for %s (%s): `lazyfs stats` will not answer", mountpoint, exc)
         control_sock = None
-    log.info("mounting %s (%s) from %s on %s: %d entries, %d bytes, xattrs %s, cache %s",
+    target = str(kernel.layout(cache_dir, digest, args.runtime_dir).fuse) if kernel_path else mountpoint
+    os.makedirs(target, exist_ok=True)
+    log.info("mounting %s (%s) from %s on %s: %d entries, %d bytes, xattrs %s, cache %s, data path %s",
              ref or digest, digest, source.describe(), mountpoint, len(manifest.entries),
-             index.total_size, "yes" if has_xattrs else "none", cache_dir)
-    FUSE(ops, mountpoint, foreground=True, nothreads=False, encoding=CODEC, ro=True,
+             index.total_size, "yes" if has_xattrs else "none", cache_dir,
+             f"kernel (missing data through FUSE on {target})" if kernel_path else "fuse")
+    FUSE(ops, target, foreground=True, nothreads=False, encoding=CODEC, ro=True,
          allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
          attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=args.debug)
@@ -115,9 +138,49 @@ def serve(args: DaemonArgs) -> None:
         control_sock.close()
     if prefetcher:
         prefetcher.stop()
+    if completer:
+        completer.stop()
     cache.close()
     reader.close()
     log.info("unmounted %s", mountpoint)
+
+
+def _kernel_image(manifest, digest: str, args: DaemonArgs) -> bool:
+    """Make sure the node has the EROFS image of this manifest; False (FUSE path) if the tree has
+    something the layout cannot hold."""
+    import hashlib
+
+    from lazyfs.errors import KernelLayoutUnsupported
+    from lazyfs.format import erofs
+    from lazyfs.fsutil import atomic_write
+
+    image = kernel.layout(args.cache_dir, digest, args.runtime_dir).image
+    if image.exists():
+        return True
+    try:
+        data = erofs.encode(manifest, uuid=hashlib.sha256(digest.encode()).digest()[:16])
+    except KernelLayoutUnsupported as exc:
+        log.warning("serving %s through FUSE: %s", args.ref or digest, exc)
+        return False
+    image.parent.mkdir(parents=True, exist_ok=True)
+    (Path(args.cache_dir) / "tmp").mkdir(parents=True, exist_ok=True)
+    atomic_write(image, data, Path(args.cache_dir) / "tmp")
+    log.info("wrote the EROFS metadata image %s (%d bytes)", image, len(data))
+    return True
+
+
+def _index(manifest, cache, kernel_path: bool, args: DaemonArgs):
+    """The namespace this daemon serves, and (kernel path) the completer of its objects."""
+    from lazyfs.fs.index import ImageIndex
+
+    if not kernel_path:
+        return ImageIndex(manifest), None
+    from lazyfs.cache.completer import Completer
+    from lazyfs.fs.dataindex import DataIndex
+
+    completer = Completer(cache, kernel.layout(args.cache_dir, args.digest, "").locals[1],
+                          background=args.complete).start()
+    return DataIndex(manifest), completer
 
 
 def _prefetcher(reader, digest: str, manifest, cache, choice: str):

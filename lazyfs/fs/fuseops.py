@@ -43,6 +43,11 @@ def _search(name):
 codecs.register(_search)
 
 
+def _name(inode: Inode) -> str:
+    """The image path of a file, for logs (on the kernel path FUSE sees only object names)."""
+    return "/" + inode.entry.path.decode("utf-8", "backslashreplace")
+
+
 def _b(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape").strip(b"/")
 
@@ -51,7 +56,7 @@ class LazyOps(Operations):
     use_ns = True  # times are integer nanoseconds
 
     def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None,
-                 readahead: int = 0, fetch_siblings=None):
+                 readahead: int = 0, fetch_siblings=None, on_read=None):
         self.index = index
         self.cache = cache
         self.readahead = readahead
@@ -59,6 +64,7 @@ class LazyOps(Operations):
         self._dirs_seen: set[int] = set()
         self._read_end: dict[int, int] = {}  # inode -> where its last read ended
         self.stats_extra = stats_extra
+        self.on_read = on_read  # called with the inode after each read (lazyfs.cache.completer)
         self.reads = 0
         self.read_bytes = 0
         self.ops: dict[str, int] = {}
@@ -87,9 +93,7 @@ class LazyOps(Operations):
             raise FuseOSError(errno.ENOTDIR)
         yield "."
         yield ".."
-        prefix = inode.entry.path + b"/" if inode.entry.path else b""
-        for name in self.index.children[inode.ino]:
-            child = self.index.by_path[prefix + name]
+        for name, child in self.index.listdir(inode):
             yield name.decode("utf-8", "surrogateescape"), {
                 "st_ino": child.ino, "st_mode": self.index.stat(child)["st_mode"]}, 0
 
@@ -135,11 +139,11 @@ class LazyOps(Operations):
             for chunk, inner, n in inode.chunks_for(offset, size):
                 parts.append(self.cache.read(chunk.digest, chunk.size, inner, n))
         except LazyfsError as exc:
-            log.error("EIO reading %s (offset %d): block %s: %s", path, offset,
+            log.error("EIO reading %s (offset %d): block %s: %s", _name(inode), offset,
                       getattr(exc, "digest", None) or "?", exc)
             raise FuseOSError(errno.EIO) from None
         except OSError as exc:
-            log.error("EIO reading %s (offset %d): node cache: %s", path, offset, exc)
+            log.error("EIO reading %s (offset %d): node cache: %s", _name(inode), offset, exc)
             raise FuseOSError(errno.EIO) from None
         # Readahead only for a file being read sequentially (this read starts where the last one
         # on it ended), as the kernel's own heuristic does: a header peek or the scattered reads
@@ -156,10 +160,13 @@ class LazyOps(Operations):
             self.cache.prefetch((c.digest, c.size) for c in
                                 inode.chunks_after(offset + size, self.readahead))
         data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.on_read:
+            self.on_read(inode)
         self.reads += 1
         self.read_bytes += len(data)
         if self.trace:
-            line = tracefmt.encode(tracefmt.Read(time.monotonic() - self._t0, path, offset,
+            name = "/" + inode.entry.path.decode("utf-8", "surrogateescape")  # the image's path
+            line = tracefmt.encode(tracefmt.Read(time.monotonic() - self._t0, name, offset,
                                                  len(data)))
             with self._trace_lock:
                 self.trace.write(line + "\n")

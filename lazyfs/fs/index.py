@@ -10,7 +10,7 @@ import os
 import stat as st
 from dataclasses import dataclass
 
-from lazyfs.format.manifest import Entry, EntryType, Manifest
+from lazyfs.format.manifest import Entry, EntryType, Manifest, link_counts
 
 _FMT = {EntryType.REG: st.S_IFREG, EntryType.DIR: st.S_IFDIR, EntryType.SYMLINK: st.S_IFLNK,
         EntryType.CHR: st.S_IFCHR, EntryType.BLK: st.S_IFBLK, EntryType.FIFO: st.S_IFIFO,
@@ -65,15 +65,7 @@ class ImageIndex:
         self.children: dict[int, list[bytes]] = {}
         by_index: list[Inode] = []
         path_index = {e.path: i for i, e in enumerate(entries)}
-        nlinks = [1] * len(entries)
-        for e in entries:
-            if e.type == EntryType.HARDLINK:
-                nlinks[path_index[e.link]] += 1
-            elif e.type == EntryType.DIR:
-                nlinks[path_index[e.path]] = 2
-        for e in entries:
-            if e.type == EntryType.DIR and e.path:
-                nlinks[path_index[e.path.rpartition(b"/")[0]]] += 1  # each subdir's ".."
+        nlinks = link_counts(entries)
         for i, e in enumerate(entries):
             if e.type == EntryType.HARDLINK:
                 inode = by_index[path_index[e.link]]
@@ -90,6 +82,10 @@ class ImageIndex:
 
     def lookup(self, path: bytes) -> Inode | None:
         return self.by_path.get(path)
+
+    def listdir(self, inode: Inode) -> list[tuple[bytes, Inode]]:
+        prefix = inode.entry.path + b"/" if inode.entry.path else b""
+        return [(name, self.by_path[prefix + name]) for name in self.children[inode.ino]]
 
     @staticmethod
     def stat(inode: Inode) -> dict:

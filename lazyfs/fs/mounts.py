@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import MountError
-from lazyfs.fs import spawn
+from lazyfs.fs import kernel, spawn
 from lazyfs.fs.daemon import DaemonArgs, run_daemon
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
@@ -39,6 +39,11 @@ class MountState:
     store: str
     cache_dir: str
     log_file: str
+    layout: str = "fuse"  # "kernel": an overlay on the mountpoint (lazyfs.fs.kernel)
+    runtime_dir: str = ""  # the kernel path's own mounts (metadata image, FUSE data layer)
+
+    def kernel_layout(self) -> "kernel.Layout":
+        return kernel.layout(self.cache_dir, self.digest, self.runtime_dir)
 
 
 def _state_file(mountpoint: str) -> Path:
@@ -67,6 +72,11 @@ def mount_entry(mountpoint: str) -> dict | None:
 
 
 def is_stale(mountpoint: str) -> bool:
+    """Whether the daemon behind a mount is gone. On the kernel path the mountpoint itself keeps
+    answering (metadata and local data are the kernel's), so it is the FUSE data layer that tells."""
+    state = read_state(mountpoint)
+    if state is not None and state.layout == "kernel":
+        mountpoint = str(state.kernel_layout().fuse)
     # stat() of the root can be answered from the kernel's attribute cache; statfs always asks
     # the daemon, so it is what reveals a dead one.
     try:
@@ -88,15 +98,36 @@ def clean_stale(mountpoint: str) -> bool:
     if not is_stale(mountpoint):
         return False
     log.warning("%s: the lazyfs daemon behind this mount is gone; unmounting the dead mount", mountpoint)
-    _fusermount("-u", "-z", mountpoint)
+    state = read_state(mountpoint)
+    for path in _mounts_of(state) if state else [mountpoint]:
+        _unmount(path, lazy=True)
+    _state_file(mountpoint).unlink(missing_ok=True)
     return True
+
+
+def choose_layout(data_path: str) -> str:
+    """"kernel" or "fuse" for ``--data-path`` auto|kernel|fuse (kernel where the machine allows)."""
+    if data_path not in kernel.MODES:
+        raise MountError(f"--data-path must be one of {', '.join(kernel.MODES)}, not {data_path!r}")
+    if data_path == "fuse":
+        return "fuse"
+    reason = kernel.unavailable()
+    if reason is None:
+        return "kernel"
+    if data_path == "kernel":
+        raise MountError(f"--data-path kernel is not available here: {reason}")
+    log.info("data path: fuse (%s)", reason)
+    return "fuse"
 
 
 def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
-          trace: str | None = None, profile: str = "auto", checked: bool = False) -> MountState:
+          trace: str | None = None, profile: str = "auto", checked: bool = False,
+          data_path: str = "auto", complete: bool = False) -> MountState:
     """Start a detached daemon and wait until the mount answers. ``checked``: the caller has
-    resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run)."""
+    resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run).
+    ``data_path``: auto, kernel or fuse (lazyfs.fs.kernel); ``complete``: fetch the rest of
+    partly read files in the background (kernel path)."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
     if not os.path.isdir(mnt):
@@ -106,6 +137,13 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     with os.scandir(mnt) as it:
         if next(it, None) is not None:
             raise MountError(f"mountpoint {mountpoint} is not empty (its files would be hidden)")
+    layout = choose_layout(data_path)
+    if trace and layout == "kernel":
+        # A trace (and the startup profile made from it) must see every read; on the kernel path
+        # reads of data already on the node never reach the daemon.
+        if data_path == "kernel":
+            raise MountError("--trace needs every read to reach lazyfs: use --data-path fuse")
+        layout = "fuse"
     digest = ref
     named_profile = profile not in ("auto", "none")
     # Fail here, in the user's terminal, not in a log file; but every manifest fetch is start-up
@@ -125,33 +163,72 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     logf = Path(log_file) if log_file else paths.state_dir() / "mounts" / (
         _state_file(mnt).stem + ".log")
     logf.parent.mkdir(parents=True, exist_ok=True)
+    state = MountState(mnt, 0, digest, str(ref), source.describe(), cache, str(logf), layout,
+                       str(paths.state_dir() / "mounts" / (_state_file(mnt).stem + ".d")))
+    try:
+        return _start(state, source, debug, trace, profile, complete, timeout)
+    except MountError as exc:
+        if layout != "kernel" or data_path != "auto":
+            raise
+        log.warning("the kernel data path failed (%s); serving %s through FUSE", exc, ref)
+        state.layout = "fuse"
+        return _start(state, source, debug, trace, profile, complete, timeout)
+
+
+def _start(state: MountState, source: Source, debug: bool, trace: str | None, profile: str,
+           complete: bool, timeout: float) -> MountState:
+    mnt, logf = state.mountpoint, Path(state.log_file)
     read_fd, write_fd = os.pipe()
-    args = DaemonArgs(digest, source, cache, mnt, str(ref), write_fd, debug,
-                      os.path.abspath(trace) if trace else None, profile)
+    args = DaemonArgs(state.digest, source, state.cache_dir, mnt, state.ref, write_fd, debug,
+                      os.path.abspath(trace) if trace else None, profile, state.layout,
+                      state.runtime_dir, complete)
     proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
                        partial(run_daemon, args), logf, write_fd, debug)
     os.close(write_fd)
+    state.pid = proc.pid
     try:
-        if not spawn.wait_ready(read_fd, proc, timeout):
+        ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K"))
+        if ready is None:
             tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
-            raise MountError(f"mount of {ref} on {mountpoint} failed; log {logf}:\n  "
+            raise MountError(f"mount of {state.ref} on {mnt} failed; log {logf}:\n  "
                              + "\n  ".join(tail))
-        state = MountState(mnt, proc.pid, digest, str(ref), source.describe(), cache, str(logf))
+        state.layout = "kernel" if ready == b"K" else "fuse"
+        if state.layout == "kernel":
+            kernel.mount(state.kernel_layout(), mnt)
         _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
         _state_file(mnt).write_text(json.dumps(asdict(state)))
         return state
     except BaseException:  # a failure, or Ctrl-C at any point: no daemon or half-made mount left
-        _abandon(proc, mnt)
+        _abandon(proc, state)
         raise
     finally:
         os.close(read_fd)
 
 
-def _abandon(proc: subprocess.Popen, mnt: str) -> None:
+def _abandon(proc: subprocess.Popen, state: MountState) -> None:
     proc.kill()
     proc.wait()
-    if mount_entry(mnt):
-        _fusermount("-u", "-z", mnt)
+    for path in _mounts_of(state):
+        if mount_entry(path):
+            _unmount(path, lazy=True)
+    if state.layout == "kernel":
+        shutil.rmtree(state.runtime_dir, ignore_errors=True)
+
+
+def _mounts_of(state: MountState) -> list[str]:
+    """Every mount of one lazyfs mount, the topmost first."""
+    if state.layout != "kernel":
+        return [state.mountpoint]
+    lay = state.kernel_layout()
+    return [state.mountpoint, str(lay.meta), str(lay.fuse)]
+
+
+def _unmount(path: str, lazy: bool) -> subprocess.CompletedProcess | None:
+    entry = mount_entry(path)
+    if entry and not entry["fstype"].startswith("fuse"):
+        return None if kernel.unmount_one(path, lazy) else subprocess.CompletedProcess(
+            [], 1, "", "target is busy")
+    return _fusermount("-u", *(["-z"] if lazy else []), path)
 
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
@@ -161,17 +238,21 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
     if entry is None and not is_stale(mnt):
         _state_file(mnt).unlink(missing_ok=True)
         raise MountError(f"{mountpoint} is not mounted")
-    if entry and entry["fstype"] != FS_TYPE:
+    kernel_path = state is not None and state.layout == "kernel"
+    if entry and entry["fstype"] != ("overlay" if kernel_path else FS_TYPE):
         raise MountError(f"{mountpoint} is a {entry['fstype']} mount, not lazyfs")
-    res = _fusermount("-u", *(["-z"] if lazy else []), mnt)
-    if res.returncode != 0 and mount_entry(mnt):
-        msg = (res.stderr or res.stdout).strip()
-        if "busy" in msg:
-            raise MountError(f"{mountpoint} is busy (a process is using it); stop it or use --lazy")
-        raise MountError(f"unmounting {mountpoint} failed: {msg}")
+    for path in _mounts_of(state) if kernel_path else [mnt]:
+        res = _unmount(path, lazy)
+        if res is not None and res.returncode != 0 and mount_entry(path):
+            msg = (res.stderr or res.stdout).strip()
+            if "busy" in msg:
+                raise MountError(f"{mountpoint} is busy (a process is using it); stop it or use --lazy")
+            raise MountError(f"unmounting {mountpoint} failed: {msg}")
     if state:
         _wait_exit(state.pid, timeout)
     _state_file(mnt).unlink(missing_ok=True)
+    if kernel_path:
+        shutil.rmtree(state.runtime_dir, ignore_errors=True)
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -106,14 +106,15 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
             os._exit(code)
 
 
-def wait_ready(fd: int, proc, timeout: float) -> bool:
-    """True once the daemon writes b"1" to its readiness pipe; False if it exits or the time
-    runs out first."""
+def wait_ready(fd: int, proc, timeout: float, accept: tuple[bytes, ...] = (b"1",)) -> bytes | None:
+    """The byte the daemon writes to its readiness pipe once it serves, if it is one of
+    ``accept``; None if it exits or the time runs out first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r, _, _ = select.select([fd], [], [], 0.1)
         if r:
-            return os.read(fd, 1) == b"1"
+            got = os.read(fd, 1)
+            return got if got in accept else None
         if proc.poll() is not None:
-            return False
-    return False
+            return None
+    return None

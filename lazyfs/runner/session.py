@@ -42,6 +42,8 @@ class RunOptions:
     report: Callable[[dict], None] | None = None  # gets the mount's counters after the command
     trace: str | None = None  # record every read of the image (lazyfs mount --trace)
     profile: str = "auto"  # startup profile to prefetch (lazyfs mount --profile)
+    data_path: str = "auto"  # lazyfs mount --data-path
+    complete: bool = False  # lazyfs mount --complete
     stop_after: float | None = None  # send the command SIGTERM after this many seconds
     prepare_upper: Callable[[Path], None] | None = None  # add files to the writable layer first
 
@@ -87,8 +89,10 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     stopped = threading.Event()  # set by a Ctrl-C or a stop: the runtime may not have finished
     try:
         state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
-                             trace=opts.trace, profile=opts.profile, checked=True)
-        say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid})")
+                             trace=opts.trace, profile=opts.profile, checked=True,
+                             data_path=opts.data_path, complete=opts.complete)
+        say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid}, data path "
+            f"{state.layout})")
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))

@@ -1,0 +1,113 @@
+"""The kernel-served data path: the image's EROFS metadata image under overlayfs, with its file
+bytes in data-only lower layers (docs/architecture.md, "The kernel data path").
+
+    mountpoint  overlay, read-only: lowerdir=META::BLOCKS::OBJECTS::FUSE
+    META        the EROFS image of the manifest (lazyfs.format.erofs), file-backed, read-only
+    BLOCKS      the node cache's verified blocks: every one-chunk file the node holds
+    OBJECTS     whole multi-chunk files the node holds (lazyfs.cache.completer)
+    FUSE        the daemon's mount of every object (lazyfs.fs.dataindex), fetching what is missing
+
+overlayfs takes a file's bytes from the first data layer that has its object, so metadata never
+leaves the kernel and neither do reads of data already on local disk. Mounts are mount(2) calls
+(about 1 ms together), not mount(8) runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.errors import MountError
+
+MODES = ("auto", "kernel", "fuse")  # --data-path
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MNT_DETACH = 2
+MIN_KERNEL = (6, 12)  # file-backed EROFS mounts (6.12); overlayfs data-only layers came in 6.5
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    image: Path
+    meta: Path
+    locals: tuple[Path, ...]
+    fuse: Path
+
+    def lowerdir(self) -> str:
+        data = [*self.locals, self.fuse]
+        return _escape(self.meta) + "".join("::" + _escape(d) for d in data)
+
+
+def layout(cache_dir: str | os.PathLike, digest: str, runtime_dir: str | os.PathLike) -> Layout:
+    """Where everything of one kernel-path mount lives. The image is per node (it depends only on
+    the manifest); the mountpoints are per mount."""
+    cache, rt = Path(cache_dir), Path(runtime_dir)
+    return Layout(image=cache / "erofs" / (digest[len("sha256:"):] + ".img"), meta=rt / "meta",
+                  locals=(cache / "blocks", cache / "objects"), fuse=rt / "data")
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot use the kernel path, or None if it can."""
+    if os.geteuid() != 0:
+        return "mounting EROFS and overlayfs needs root"
+    try:
+        with open("/proc/filesystems") as f:
+            have = {line.split()[-1] for line in f if line.strip()}
+    except OSError as exc:
+        return f"cannot read /proc/filesystems ({exc.strerror})"
+    for fs in ("erofs", "overlay"):
+        if fs not in have:
+            return f"the kernel has no {fs} filesystem"
+    try:
+        release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return None
+    if release < MIN_KERNEL:
+        return (f"kernel {os.uname().release} predates file-backed EROFS mounts "
+                f"({MIN_KERNEL[0]}.{MIN_KERNEL[1]})")
+    return None
+
+
+def mount(lay: Layout, target: str) -> None:
+    """Mount the metadata image and the overlay on ``target``; on failure nothing stays mounted."""
+    lay.meta.mkdir(parents=True, exist_ok=True)
+    for d in (*lay.locals, lay.image.parent):
+        # The kernel serves these files unhashed (docs/security.md): only root may change them.
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    _mount(str(lay.image), str(lay.meta), "erofs", MS_RDONLY | MS_NODEV, None)
+    try:
+        _mount("overlay", target, "overlay", MS_RDONLY | MS_NODEV | MS_NOSUID,
+               "lowerdir=" + lay.lowerdir())
+    except BaseException:
+        unmount_one(str(lay.meta), lazy=True)
+        raise
+
+
+def unmount_one(path: str, lazy: bool = False) -> bool:
+    """umount2(2); True if it is gone (or was never mounted), False while busy."""
+    if _libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return True  # not a mountpoint (any more)
+    if err == errno.EBUSY:
+        return False
+    raise MountError(f"unmounting {path} failed: {os.strerror(err)}")
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                   data.encode() if data is not None else None) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"{fstype} mount on {target} failed: {os.strerror(err)}"
+                         + (" (a kernel without this feature: use --data-path fuse)"
+                            if err in (errno.EINVAL, errno.ENOTBLK, errno.EOPNOTSUPP) else ""))
+
+
+def _escape(path: Path) -> str:
+    """overlayfs option syntax: ':' separates layers and ',' options; a backslash escapes both."""
+    return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")

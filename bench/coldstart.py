@@ -35,6 +35,7 @@ class BenchConfig:
     delay: float = 0.001  # seconds per request: the emulated round trip
     home: Path = Path.home() / ".cache" / "lazyfs" / "bench"
     out: Path = Path("bench-results")
+    data_path: str = "auto"  # lazyfs run --data-path of the lazy modes (warm-node-fuse: fuse)
 
 
 def _lazyfs(*args: str) -> str:
@@ -133,7 +134,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
         results["link"]["where"] = link.describe()
         servers = Servers(cfg, store, images.layout)
         try:
-            node = Node(cfg.home, servers.url, str(store), servers.blob_url)
+            node = Node(cfg.home, servers.url, str(store), servers.blob_url, cfg.data_path)
             for w in cfg.workloads:
                 results["workloads"][w] = _bench_workload(cfg, node, servers, w, tick, say)
         finally:
@@ -155,17 +156,17 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
     if "lazy+profile" in cfg.modes:
         say(f"{w}: recording its startup profile")
         _record_profile(node, ref, work)
-    if "warm-node" in cfg.modes:
-        node.lazy(ref, work, "none", cold=True)  # not timed; fills nothing kept
-        node.warm_cache.mkdir(parents=True, exist_ok=True)
-        node.lazy(ref, work, "none", cold=False)  # fills the warm node cache
-    if "local" in cfg.modes:
+    if "warm-node" in cfg.modes or "warm-node-fuse" in cfg.modes:
+        say(f"{w}: filling the warm node cache with the whole image")
+        node.fill_warm(ref)
+    if "local" in cfg.modes or "local-erofs" in cfg.modes:
         node.ensure_local(work.image)
     for i in range(cfg.runs):
         for mode in cfg.modes:
             say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
             samples[mode].append(asdict(_counted(servers, lambda: _one(node, mode, ref, work),
-                                                 mode in ("lazy", "lazy+profile", "warm-node"))))
+                                                 mode in ("lazy", "lazy+profile", "warm-node",
+                                                          "warm-node-fuse"))))
             tick(1)
     return {"image": work.image, "argv": work.argv, "samples": samples}
 
@@ -208,8 +209,12 @@ def _one(node: Node, mode: str, ref: str, work) -> Sample:
         return node.pull(work.image, work)
     if mode == "local":
         return node.local_run(work.image, work)
+    if mode == "local-erofs":
+        return node.local_erofs_run(work.image, work)
     if mode == "warm-node":
         return node.lazy(ref, work, "auto", cold=False)
+    if mode == "warm-node-fuse":
+        return node.lazy(ref, work, "auto", cold=False, data_path="fuse")
     return node.lazy(ref, work, "auto" if mode == "lazy+profile" else "none", cold=True)
 
 

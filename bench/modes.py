@@ -24,7 +24,9 @@ from bench.pull import pull
 from lazyfs.errors import LazyfsError
 from lazyfs.runner import runtime as rt
 
-MODES = ("pull", "lazy", "lazy+profile", "warm-node", "local")
+# warm-node-fuse: warm-node with --data-path fuse, the fallback, for the side-by-side;
+# local-erofs: the extracted rootfs as an EROFS image on local disk, the kernel's own reference.
+MODES = ("pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "local-erofs", "local")
 RUN_TIMEOUT = 600.0
 
 
@@ -109,8 +111,10 @@ def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | Non
 class Node:
     """The node side: where its node cache and extracted images live, and how it starts things."""
 
-    def __init__(self, home: Path, server_url: str, store: str, blob_url: str):
+    def __init__(self, home: Path, server_url: str, store: str, blob_url: str,
+                 data_path: str = "auto"):
         self.home = home
+        self.data_path = data_path  # lazyfs run --data-path for the lazy modes
         self.server_url = server_url
         self.store = store
         self.blob_url = blob_url
@@ -118,7 +122,8 @@ class Node:
         self.warm_cache = home / "node-cache-warm"  # filled once, kept (warm-node)
         self.local = home / "local"
 
-    def lazy(self, ref: str, work: Workload, profile: str, cold: bool) -> Sample:
+    def lazy(self, ref: str, work: Workload, profile: str, cold: bool,
+             data_path: str | None = None) -> Sample:
         cache = self.cold_cache if cold else self.warm_cache
         if cold:
             shutil.rmtree(cache, ignore_errors=True)
@@ -127,16 +132,46 @@ class Node:
         cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--runtime", "namespaces",
                "--server", self.server_url, "--cache-dir", str(cache), "--profile", profile,
                "--network", "host" if work.http_port else "none", "--stats-json", str(stats),
-               ref, "--", *work.argv]
+               "--data-path", data_path or self.data_path, ref, "--", *work.argv]
         drop_caches()
         t0 = time.monotonic()
         seconds, marks = timed(cmd, work, t0, {"mount": "lazyfs: mounted "})
         s = json.loads(stats.read_text()) if stats.exists() else {}
         # Bytes and requests over the link are the server's counters (coldstart._counted).
         return Sample(seconds, marks.get("mount"), 0, 0, s.get("read_bytes", 0),
-                      {"blocks_fetched": s.get("cache", {}).get("misses", 0),
+                      {"data_path": s.get("data_path", "fuse"),
+                       "blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})
+
+    def fill_warm(self, ref: str) -> None:
+        """A warm node: one that holds the whole image, every file complete (so the kernel data
+        path serves all of it). Mounts the image on the warm cache, reads every file once, and
+        waits until the last whole-file object is written."""
+        from lazyfs.fs import control
+
+        mnt = self.home / "fill-mnt"
+        mnt.mkdir(exist_ok=True)
+        base = [sys.executable, "-m", "lazyfs.cli"]
+        subprocess.run([*base, "mount", "--server", self.server_url, "--cache-dir",
+                        str(self.warm_cache), "--profile", "none", ref, str(mnt)], check=True,
+                       capture_output=True)
+        try:
+            for dirpath, _, files in os.walk(mnt):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        with open(path, "rb") as f:
+                            while f.read(1 << 20):
+                                pass
+            last, settled = None, time.monotonic()
+            while time.monotonic() - settled < 3:  # the completer writes objects after the reads
+                n = control.query(str(mnt)).get("complete", {}).get("objects_written")
+                if n != last:
+                    last, settled = n, time.monotonic()
+                time.sleep(0.2)
+        finally:
+            subprocess.run([*base, "umount", str(mnt)], capture_output=True)
 
     def restore(self, snap: str, ref: str, work: Workload, *flags: str) -> Sample:
         """Restore a snapshot on a cold node (empty node cache, page cache dropped); ``flags``
@@ -174,6 +209,39 @@ class Node:
         drop_caches()
         t0 = time.monotonic()
         seconds, _ = timed(self._local_cmd(rootfs, work), work, t0, stop_by_kill=True)
+        return Sample(seconds)
+
+    def local_erofs_run(self, tag: str, work: Workload) -> Sample:
+        """The extracted rootfs as an EROFS image (mkfs.erofs, made once) mounted from its file:
+        what the kernel's own read-only filesystem gives on this disk, the reference the kernel
+        data path is measured against. The mount is not timed, as `local` does not time the
+        extraction."""
+        from lazyfs.fs import kernel
+
+        rootfs = self.ensure_local(tag)
+        image = self.local / tag / "rootfs.erofs"
+        if not image.exists():
+            subprocess.run(["mkfs.erofs", "--quiet", "--preserve-mtime", str(image) + ".part", str(rootfs)], check=True,
+                           capture_output=True)
+            os.rename(str(image) + ".part", image)
+        # A writable layer on top, as every container (and `lazyfs run`) has one.
+        base = self.local / tag / "erofs-run"
+        shutil.rmtree(base, ignore_errors=True)
+        lower, upper, work_dir, root = (base / d for d in ("lower", "upper", "work", "rootfs"))
+        for d in (lower, upper, work_dir, root):
+            d.mkdir(parents=True)
+        kernel._mount(str(image), str(lower), "erofs", kernel.MS_RDONLY, None)
+        try:
+            kernel._mount("overlay", str(root), "overlay", 0,
+                          f"lowerdir={lower},upperdir={upper},workdir={work_dir}")
+            try:
+                drop_caches()
+                t0 = time.monotonic()
+                seconds, _ = timed(self._local_cmd(root, work), work, t0, stop_by_kill=True)
+            finally:
+                kernel.unmount_one(str(root), lazy=True)
+        finally:
+            kernel.unmount_one(str(lower), lazy=True)
         return Sample(seconds)
 
     @staticmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from bench.modes import MODES
+
 MiB = 1024 * 1024
 
 
@@ -27,8 +29,11 @@ def summarise(workload: dict) -> dict:
                      # uncompressed bytes of the blocks fetched: the read amplification of the format
                      "fetched_raw_bytes": _median([s["phases"].get("fetched_raw_bytes") for s in samples]),
                      # restores: start → the restored process runs again (lazyfs run -v's line)
-                     "resumed_s": _median([s["phases"].get("resumed_s") for s in samples])}
-    for base in ("pull", "local", "cold-init"):
+                     "resumed_s": _median([s["phases"].get("resumed_s") for s in samples]),
+                     # which data path served the lazy modes (lazyfs.fs.kernel, or fuse)
+                     "data_path": "/".join(sorted({s["phases"]["data_path"] for s in samples
+                                                   if s["phases"].get("data_path")})) or None}
+    for base in ("pull", "local", "local-erofs", "cold-init"):
         if base in out and out[base]["median_s"] > 0:
             for mode in out:
                 out[mode][f"x_{base.replace('-', '_')}"] = out[mode]["median_s"] / out[base]["median_s"]
@@ -64,14 +69,15 @@ def markdown(results: dict) -> str:
             lines.append("")
             continue
         lines += [
-                  "| mode | median s | min–max s | × pull | × local | mount ms | fetched MiB | "
-                  "read MiB | fetched/read | raw/read | requests |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| mode | data path | median s | min–max s | × pull | × local | × local-erofs | "
+                  "mount ms | fetched MiB | read MiB | fetched/read | raw/read | requests |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mode, r in summary.items():
             mount = None if r["mount_s"] is None else r["mount_s"] * 1000
             lines.append(
-                f"| {mode} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
-                f"{_f(r.get('x_pull'), '.2f')} | {_f(r.get('x_local'), '.2f')} | {_f(mount, '.0f')} | "
+                f"| {mode} | {r.get('data_path') or '–'} | {r['median_s']:.2f} | "
+                f"{r['min_s']:.2f}–{r['max_s']:.2f} | {_f(r.get('x_pull'), '.2f')} | "
+                f"{_f(r.get('x_local'), '.2f')} | {_f(r.get('x_local_erofs'), '.2f')} | {_f(mount, '.0f')} | "
                 f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['read_bytes'] and r['read_bytes'] / MiB, '.1f')} | "
                 f"{_f(r.get('fetched_over_read'), '.2f')} | {_f(r.get('raw_over_read'), '.2f')} | "
                 f"{_f(r['requests'], '.0f')} |")
@@ -85,8 +91,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(results["summary"])
-    modes = [m for m in ("pull", "lazy", "lazy+profile", "warm-node", "local", "cold-init", "restore",
-                         "lazy-restore", "lazy-restore+ws")
+    modes = [m for m in (*MODES, "cold-init", "restore", "lazy-restore", "lazy-restore+ws")
              if any(m in results["summary"][w] for w in workloads)]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(workloads)), 4))
     width = 0.8 / max(1, len(modes))

@@ -110,18 +110,21 @@ class CacheGcReport:
 
 
 def collect_node_cache(root: str | os.PathLike, max_bytes: int, dry_run: bool = False) -> CacheGcReport:
-    """Evict least recently used blocks (a mount marks a block used by touching it) until the
-    cache is at most ``max_bytes``. Safe beside running mounts: a mount whose block vanished
+    """Evict least recently used files (blocks, whole objects, EROFS metadata images) until the
+    cache is at most ``max_bytes``. A FUSE mount marks a block used by touching it; what the
+    kernel serves (lazyfs.fs.kernel) is marked by its access time (relatime: at least daily).
+    Safe beside running mounts: an open file stays readable, and a mount whose block vanished
     fetches it again."""
     report = CacheGcReport(dry_run=dry_run)
     files = []
-    for path in Path(root, "blocks").rglob("*"):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        if path.is_file():
-            files.append((st.st_mtime, st.st_size, path))
+    for sub in ("blocks", "objects", "erofs"):
+        for path in Path(root, sub).rglob("*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if path.is_file():
+                files.append((max(st.st_mtime, st.st_atime), st.st_size, path))
     report.files = len(files)
     total = report.bytes_before = sum(size for _, size, _ in files)
     for mtime, size, path in sorted(files):

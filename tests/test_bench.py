@@ -30,7 +30,8 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
                      "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
     results = json.loads((out / "results.json").read_text())
     w = results["workloads"]["minimal"]
-    assert set(w["samples"]) == {"pull", "lazy", "lazy+profile", "warm-node", "local"}
+    assert set(w["samples"]) == {"pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse",
+                                 "local-erofs", "local"}
     for mode, samples in w["samples"].items():
         assert len(samples) == 1 and 0 < samples[0]["seconds"] < 60, (mode, samples)
     s = w["samples"]
@@ -39,6 +40,10 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     assert s["lazy"][0]["fetched_bytes"] > 0 and s["lazy"][0]["mount_s"] < s["lazy"][0]["seconds"]
     assert s["lazy"][0]["requests"] > 0 and s["lazy"][0]["read_bytes"] > 0
     assert s["warm-node"][0]["phases"]["blocks_fetched"] == 0  # the node cache had everything
+    assert s["warm-node-fuse"][0]["phases"]["blocks_fetched"] == 0
+    from lazyfs.fs import kernel
+    assert s["warm-node"][0]["phases"]["data_path"] == ("fuse" if kernel.unavailable() else "kernel")
+    assert s["warm-node-fuse"][0]["phases"]["data_path"] == "fuse"
     assert s["lazy+profile"][0]["phases"]["prefetch"]["fetched"] > 0  # the profile was used
     summary = results["summary"]["minimal"]
     for mode, row in summary.items():
@@ -47,7 +52,8 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
         assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
         assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 1 + 5 and "| lazy+profile |" in md and md in res.stdout
+    assert md.count("\n| ") == 1 + 7 and "| lazy+profile |" in md and md in res.stdout
+    assert "| warm-node-fuse | fuse |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]
 

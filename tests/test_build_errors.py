@@ -70,7 +70,9 @@ def test_hostile_input(case, tmp_path, env_dirs):
     if c.expect is None:
         assert proc.returncode == 0, proc.stderr
         store = LocalStore(store_dir)
-        c.check(objects.read_manifest(store, store.get_tag("case/img", "1")))
+        manifest = objects.read_manifest(store, store.get_tag("case/img", "1"))
+        c.check(manifest)
+        _kernel_image_is_sound(manifest, tmp_path / "meta.img")
         return
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
@@ -78,6 +80,23 @@ def test_hostile_input(case, tmp_path, env_dirs):
     assert c.expect in lines[0], lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert _listing(store_dir) == before
+
+
+def _kernel_image_is_sound(manifest, path: Path) -> None:
+    """What an accepted hostile input becomes on the kernel data path: an EROFS image that
+    fsck.erofs passes, or the typed refusal that sends the mount to FUSE."""
+    import shutil
+    import subprocess
+
+    from lazyfs.errors import KernelLayoutUnsupported
+    from lazyfs.format import erofs
+    try:
+        path.write_bytes(erofs.encode(manifest))
+    except KernelLayoutUnsupported:
+        return
+    if shutil.which("fsck.erofs"):
+        fsck = subprocess.run(["fsck.erofs", str(path)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stderr
 
 
 def test_bad_tag_is_refused_before_reading(tmp_path, env_dirs):

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import RichProgress, err, parse_duration
+from lazyfs.cli.common import DataPathOpt, RichProgress, err, parse_duration
 
 
 @app.command(help="Benchmark cold starts (docs/benchmarks.md): for each workload, start it from a "
@@ -21,7 +21,9 @@ def bench(
                                                  "imports, http, snapshot, snapshot-one (cold init "
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
-                                             "warm-node, local (repeatable; default: all). The "
+                                             "warm-node, warm-node-fuse (warm-node with --data-path "
+                                             "fuse), local-erofs (the rootfs as EROFS on local "
+                                             "disk), local (repeatable; default: all). The "
                                              "snapshot workloads always run their own: cold-init, "
                                              "restore, lazy-restore, lazy-restore+ws."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
@@ -32,6 +34,7 @@ def bench(
     home: Optional[Path] = typer.Option(None, "--home", help="Where images, the bench store and "
                                         "caches are kept between runs (default ~/.cache/lazyfs/bench)."),
     out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Directory for the results."),
+    data_path: str = DataPathOpt,
 ):
     from bench.coldstart import BenchConfig, run
     from bench.images import WORKLOADS
@@ -53,7 +56,7 @@ def bench(
             err.print(f"bench: leaving out the snapshot scenarios: {exc}", highlight=False)
             chosen = [w for w in chosen if w not in SNAPSHOT_WORKLOADS]
     cfg = BenchConfig(chosen, list(mode or MODES), runs, link,
-                      parse_duration(latency), out=out)
+                      parse_duration(latency), out=out, data_path=data_path)
     if home:
         cfg.home = home
     say = lambda m: err.print(f"bench: {m}", highlight=False, markup=False)  # noqa: E731

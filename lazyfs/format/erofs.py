@@ -94,8 +94,9 @@ def encode(manifest: Manifest, uuid: bytes = bytes(16)) -> bytes:
             pos += BLOCK - pos % BLOCK  # inline data must not cross a block boundary
         nodes[i], nids[i] = node, pos // 32
         pos = (pos + size + 31) // 32 * 32
-    # Pass 2: directory blocks, then the inodes.
-    next_block = (pos + BLOCK - 1) // BLOCK
+    # Pass 2: directory blocks, then the inodes. At least one byte of the block after the last
+    # inode stays in the inode area: fsck.erofs 1.5 reads an xattr header past every inode.
+    next_block = pos // BLOCK + 1
     out = bytearray(next_block * BLOCK)
     extra = bytearray()
     for i, node in nodes.items():

@@ -1,0 +1,109 @@
+"""The kernel data path (lazyfs.fs.kernel): what it serves itself, what it leaves to the daemon,
+how partly read files become kernel-served, and when it falls back to FUSE."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.fs import kernel
+from tests.conftest import Mounted, lazyfs_cli, lazyfs_mounts, needs_mount
+
+pytestmark = [needs_mount, pytest.mark.skipif(kernel.unavailable() is not None,
+                                              reason=f"kernel data path: {kernel.unavailable()}")]
+SIZE = 5 * 1024 * 1024 + 7  # 11 chunks of 512 KiB
+
+
+@pytest.fixture
+def image(env_dirs, tmp_path):
+    src = tmp_path / "rootfs"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "big.bin").write_bytes(os.urandom(SIZE))
+    (src / "data" / "other.bin").write_bytes(os.urandom(SIZE))
+    (src / "hello").write_text("hello\n")
+    lazyfs_cli("build", f"dir:{src}", "--tag", "kp/img:1")
+    return src
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pred()
+
+
+def test_partly_read_then_completed_is_kernel_served_on_the_next_mount(image, tmp_path):
+    want = (image / "data" / "big.bin").read_bytes()
+    m = Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel", "--complete",
+                "--readahead", "0", "--no-siblings")
+    with m as mnt:
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            f.seek(3 * 512 * 1024)
+            assert f.read(100) == want[3 * 512 * 1024:][:100]
+        assert m.stats()["store"]["block_gets"] == 1  # chunk-level laziness on this path too
+        # After reads have been quiet for a while, the rest of the file arrives, and only it.
+        assert _wait(lambda: m.stats()["complete"]["objects_written"] == 1)
+        s = m.stats()
+        assert s["complete"]["background_blocks"] == 10 and s["store"]["block_gets"] == 11
+        assert s["complete"]["object_bytes"] == SIZE
+        assert (mnt / "data" / "other.bin").stat().st_size == SIZE  # never read: never fetched
+        assert s["store"]["block_gets"] == 11
+    m = Mounted("kp/img:1", tmp_path / "b", "--data-path", "kernel")
+    with m as mnt:
+        assert (mnt / "data" / "big.bin").read_bytes() == want
+        s = m.stats()
+        assert s["data_path"] == "kernel"
+        assert s["reads"] == 0 and s["store"]["block_gets"] == 0  # the kernel served every byte
+
+
+def test_without_complete_a_partly_read_file_stays_partial(image, tmp_path):
+    want = (image / "data" / "big.bin").read_bytes()
+    m = Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel", "--readahead", "0",
+                "--no-siblings")
+    with m as mnt:
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            assert f.read(100) == want[:100]
+        time.sleep(3)  # longer than the completer's idle wait
+        assert m.stats()["store"]["block_gets"] == 1
+    m = Mounted("kp/img:1", tmp_path / "b", "--data-path", "kernel")
+    with m as mnt:
+        assert (mnt / "data" / "big.bin").read_bytes() == want  # the rest through the daemon
+        s = m.stats()
+        assert s["reads"] > 0 and s["store"]["block_gets"] == 10
+
+
+def test_verbose_mount_and_stats_say_which_path_serves(image, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = lazyfs_cli("mount", "kp/img:1", mnt, "-v", "--data-path", "kernel")
+    try:
+        assert "data path: kernel" in out.stderr
+        assert [e for e in lazyfs_mounts(str(tmp_path)) if e == str(mnt)]
+        assert (mnt / "hello").read_text() == "hello\n"
+        assert '"data_path": "kernel"' in lazyfs_cli("stats", mnt).stdout
+    finally:
+        lazyfs_cli("umount", mnt)
+    assert lazyfs_mounts(str(tmp_path)) == []  # overlay, EROFS and FUSE mounts all gone
+    out = lazyfs_cli("mount", "kp/img:1", mnt, "-v", "--data-path", "fuse")
+    try:
+        assert "data path: fuse" in out.stderr
+        assert '"data_path": "fuse"' in lazyfs_cli("stats", mnt).stdout
+    finally:
+        lazyfs_cli("umount", mnt)
+
+
+def test_a_tree_the_layout_cannot_hold_falls_back_to_fuse(env_dirs, tmp_path):
+    src = tmp_path / "rootfs"
+    src.mkdir()
+    (src / "file").write_text("x\n")
+    os.setxattr(src / "file", "user.k", b"v")
+    os.mknod(src / "whiteout-lookalike", 0o600 | 0o020000, os.makedev(0, 0))
+    lazyfs_cli("build", f"dir:{src}", "--tag", "kp/odd:1")
+    m = Mounted("kp/odd:1", tmp_path / "mnt", "--log-file", tmp_path / "mount.log")
+    with m as mnt:
+        assert m.stats()["data_path"] == "fuse"
+        assert sorted(os.listdir(mnt)) == ["file", "whiteout-lookalike"]  # not hidden as a whiteout
+        assert (mnt / "file").read_text() == "x\n"
+    assert "overlayfs reads as a whiteout" in Path(tmp_path / "mount.log").read_text()

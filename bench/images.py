@@ -3,6 +3,8 @@
 - ``minimal``: static busybox; the command prints one line.
 - ``torch``: Debian bookworm minbase / + python3 / + the CPU torch wheel from /opt/wheels and its
   PyPI dependencies: three layers, as a team would build it.
+- ``torch-nopyc``: the same with ``pip install --no-compile``: no .pyc, so every start also
+  compiles (how many images are built, and the harder case for a read path).
 - ``pyenv``: bookworm minbase / + python3 / + many pure-Python packages (tens of thousands of
   small files); its workloads import many of them, or serve HTTP.
 
@@ -98,6 +100,8 @@ WORKLOADS = {
                         "lazyfs-minimal-ready"),
     "torch": Workload("torch", "torch", ["python3", "-c", "import torch; print(torch.ones(2).sum())"],
                       "tensor(2.)"),
+    "torch-nopyc": Workload("torch-nopyc", "torch-nopyc",
+                            ["python3", "-c", "import torch; print(torch.ones(2).sum())"], "tensor(2.)"),
     "imports": Workload("imports", "pyenv", ["python3", "-c", f"import {PYENV_IMPORTS}; print('imported')"],
                         "imported"),
     "http": Workload("http", "pyenv", ["python3", "/srv/app.py", "18080"], http_port=18080),
@@ -136,7 +140,7 @@ class Images:
             if not self.layout.exists():
                 self.home.mkdir(parents=True, exist_ok=True)
                 sh("umoci", "init", "--layout", str(self.layout))
-            getattr(self, "_build_" + name)()
+            getattr(self, "_build_" + name.replace("-", "_"))()
             (self.home / f"{name}.done").write_text(json.dumps({"image": name}))
         return self.layout
 
@@ -189,14 +193,14 @@ class Images:
         self.say("building image python (apt-get install python3)")
         self._stage("base", "python", populate)
 
-    def _pip(self, root: Path, *requirements: str) -> None:
+    def _pip(self, root: Path, *requirements: str, compile_pyc: bool = True) -> None:
         target = root / SITE
         target.mkdir(parents=True, exist_ok=True)
         # The image's python3 is CPython 3.11 on x86_64, as is the interpreter running this, so
         # pip picks the same wheels it would inside the image.
         sh("python3", "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-cache-dir",
            "--find-links", TORCH_WHEEL_DIR, "--only-binary", ":all:", "--target", str(target),
-           *requirements, timeout=3600)
+           *([] if compile_pyc else ["--no-compile"]), *requirements, timeout=3600)
 
     def _build_torch(self) -> None:
         self.ensure("python")
@@ -204,6 +208,13 @@ class Images:
             raise BenchImageError(f"no torch wheel in {TORCH_WHEEL_DIR}")
         self.say("building image torch (pip install torch from /opt/wheels)")
         self._stage("python", "torch", lambda root: self._pip(root, "torch==2.13.0"),
+                    ["--config.cmd=python3"])
+
+    def _build_torch_nopyc(self) -> None:
+        self.ensure("python")
+        self.say("building image torch-nopyc (pip install --no-compile torch from /opt/wheels)")
+        self._stage("python", "torch-nopyc",
+                    lambda root: self._pip(root, "torch==2.13.0", compile_pyc=False),
                     ["--config.cmd=python3"])
 
     def _build_pyenv(self) -> None:

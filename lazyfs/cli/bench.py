@@ -17,7 +17,7 @@ from lazyfs.cli.common import DataPathOpt, RichProgress, err, parse_duration
                   "latency at the servers). Builds its images offline once (cached under --home). "
                   "Writes results.json, results.md and results.png to --out. Needs root.")
 def bench(
-    workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, "
+    workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, torch-nopyc, "
                                                  "imports, http, snapshot, snapshot-one (cold init "
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "

@@ -33,6 +33,7 @@ FLAT_PLAIN, FLAT_INLINE, CHUNK_BASED = 0, 2, 4
 NULL_ADDR = 0xFFFFFFFF
 FIRST_INODE = SUPER_OFFSET + 128
 VOLUME_NAME = b"lazyfs"
+VERSION = 1  # of this layout: part of the image's file name, so a node never reuses an older one
 
 _SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB23s")
 _INODE = struct.Struct("<HHHHQIIIIqII16s")  # erofs_inode_extended

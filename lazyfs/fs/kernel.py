@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import MountError
+from lazyfs.format import erofs
 
 MODES = ("auto", "kernel", "fuse")  # --data-path
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
@@ -45,7 +46,8 @@ def layout(cache_dir: str | os.PathLike, digest: str, runtime_dir: str | os.Path
     """Where everything of one kernel-path mount lives. The image is per node (it depends only on
     the manifest); the mountpoints are per mount."""
     cache, rt = Path(cache_dir), Path(runtime_dir)
-    return Layout(image=cache / "erofs" / (digest[len("sha256:"):] + ".img"), meta=rt / "meta",
+    name = f"{digest[len('sha256:'):]}-v{erofs.VERSION}.img"
+    return Layout(image=cache / "erofs" / name, meta=rt / "meta",
                   locals=(cache / "blocks", cache / "objects"), fuse=rt / "data")
 
 

@@ -137,17 +137,16 @@ def _node(e: Entry, nlink: int, ino: int, kids: list | None) -> _Node:
     _check(e)
     xattrs = [(_OVERLAY + b"overlay." + k[len(_OVERLAY):] if k.startswith(_OVERLAY) else k, v)
               for k, v in e.xattrs]
-    layout, tail, data, i_u = FLAT_PLAIN, b"", b"", 0
+    layout, tail, data, i_u, redirect = FLAT_PLAIN, b"", b"", 0, None
     if e.type == EntryType.REG and e.size:
-        oid = dataobj.object_id(e.chunks)
-        xattrs += [METACOPY, (REDIRECT, b"/" + dataobj.relpath(oid).encode())]
+        redirect = b"/" + dataobj.relpath(dataobj.object_id(e.chunks)).encode()
         bits = max(BLOCK_BITS, (e.size - 1).bit_length())
         chunks = -(-e.size >> bits)
         layout, i_u, tail = CHUNK_BASED, bits - BLOCK_BITS, _U32.pack(NULL_ADDR) * chunks
     elif e.type in (EntryType.CHR, EntryType.BLK):
         major, minor = e.rdev
         i_u = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)  # the kernel's new_encode_dev
-    body = _xattr_body(e.path, xattrs)
+    body = _xattr_body(e.path, xattrs, redirect)
     if e.type == EntryType.SYMLINK:
         tail = e.target
     elif e.type == EntryType.DIR:
@@ -168,19 +167,36 @@ def _check(e: Entry) -> None:
         raise KernelLayoutUnsupported(f"{e.path!r}: device number {e.rdev} beyond 12:20 bits")
 
 
-def _xattr_body(path: bytes, xattrs) -> bytes:
-    if not xattrs:
+def _xattr_item(key: bytes, value: bytes) -> bytes | None:
+    """One inline xattr entry, padded to 4 bytes; None if EROFS has no encoding for it."""
+    index, name = _ACLS.get(key), b""
+    if index is None:
+        index, name = next(((i, key[len(p):]) for p, i in _PREFIXES if key.startswith(p)),
+                           (None, b""))
+    if index is None or len(name) > 255 or len(value) > 0xFFFF:
+        return None
+    item = _XATTR.pack(len(name), index, len(value)) + name + value
+    return item + bytes(-len(item) % 4)
+
+
+_HEAD_BYTES = _XATTR_HEAD.pack(0, 0, bytes(7))
+_METACOPY_ITEM = _xattr_item(*METACOPY)
+# Every redirect value has the same length ("/" + 2 + "/" + 64): one header for all of them.
+_REDIRECT_HEAD = _xattr_item(REDIRECT, bytes(68))[:-68]
+
+
+def _xattr_body(path: bytes, xattrs, redirect: bytes | None) -> bytes:
+    """The inline xattr body: the entry's own xattrs, then (regular files) the overlay pair."""
+    if not xattrs and redirect is None:
         return b""
-    out = bytearray(_XATTR_HEAD.pack(0, 0, bytes(7)))
+    out = bytearray(_HEAD_BYTES)
     for key, value in xattrs:
-        index, name = _ACLS.get(key), b""
-        if index is None:
-            index, name = next(((i, key[len(p):]) for p, i in _PREFIXES if key.startswith(p)),
-                               (None, b""))
-        if index is None or len(name) > 255 or len(value) > 0xFFFF:
+        item = _xattr_item(key, value)
+        if item is None:
             raise KernelLayoutUnsupported(f"{path!r}: xattr {key!r} has no EROFS encoding")
-        item = _XATTR.pack(len(name), index, len(value)) + name + value
-        out += item + bytes(-len(item) % 4)
+        out += item
+    if redirect is not None:
+        out += _METACOPY_ITEM + _REDIRECT_HEAD + redirect
     if (len(out) - _XATTR_HEAD.size) // 4 + 1 > 0xFFFF:
         raise KernelLayoutUnsupported(f"{path!r}: xattrs too large for an EROFS inode")
     return bytes(out)

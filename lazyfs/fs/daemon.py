@@ -85,27 +85,33 @@ def serve(args: DaemonArgs) -> None:
     from lazyfs.fs.fuseops import CODEC, LazyOps
 
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
-    ref, ready_fd, trace = args.ref, args.ready_fd, args.trace
+    ready_fd, trace = args.ready_fd, args.trace
     reader = source.open()
-    manifest = objects.read_manifest(reader, digest)
     cache = NodeCache(cache_dir, reader.fetch_block)
-    kernel_path = args.layout == "kernel" and _kernel_image(manifest, digest, args)
-    index, completer = _index(manifest, cache, kernel_path, args)
-    prefetcher = _prefetcher(reader, digest, manifest, cache, args.profile)
+    prefetch: list = []  # the startup profile's Prefetcher (or None), once the manifest is in
+    index, kernel_path = _index(reader, cache, args, prefetch)
+    completer = None
+    if kernel_path:
+        from lazyfs.cache.completer import Completer
+        completer = Completer(cache, kernel.layout(cache_dir, digest, "").locals[1],
+                              background=args.complete).start()
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
 
     def extra() -> dict:
         out = {"store": reader.stats.snapshot(), "digest": digest,
                "data_path": "kernel" if kernel_path else "fuse"}
-        if prefetcher:
-            out["prefetch"] = prefetcher.stats.snapshot()
+        if prefetch and prefetch[0]:
+            out["prefetch"] = prefetch[0].stats.snapshot()
         if completer:
             out["complete"] = completer.stats.snapshot()
         return out
-    # A profile knows what the workload reads; guessing by directory would only add bytes.
-    siblings = source.siblings and prefetcher is None
+
+    def siblings(wanted) -> None:
+        # A profile knows what the workload reads; guessing by directory would only add bytes.
+        if not (prefetch and prefetch[0]):
+            fetch_missing(cache, reader.fetch_blocks, wanted)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
-                  fetch_siblings=partial(fetch_missing, cache, reader.fetch_blocks) if siblings else None,
+                  fetch_siblings=siblings if source.siblings else None,
                   on_read=(lambda inode: completer.read(index.object_of(inode), inode.entry.chunks))
                   if completer else None)
     if ready_fd is not None:
@@ -113,8 +119,7 @@ def serve(args: DaemonArgs) -> None:
             os.write(_fd, b"K" if kernel_path else b"1")
             os.close(_fd)
         ops.init = init
-    has_xattrs = any(e.xattrs for e in manifest.entries)
-    if not has_xattrs or kernel_path:
+    if kernel_path or not any(e.xattrs for e in index.manifest.entries):
         # The kernel (and overlayfs above us) asks for xattrs on nearly every lookup; answering
         # ENOSYS once makes it stop asking for the life of the mount. On the kernel path the
         # xattrs are in the EROFS image.
@@ -126,9 +131,8 @@ def serve(args: DaemonArgs) -> None:
         control_sock = None
     target = str(kernel.layout(cache_dir, digest, args.runtime_dir).fuse) if kernel_path else mountpoint
     os.makedirs(target, exist_ok=True)
-    log.info("mounting %s (%s) from %s on %s: %d entries, %d bytes, xattrs %s, cache %s, data path %s",
-             ref or digest, digest, source.describe(), mountpoint, len(manifest.entries),
-             index.total_size, "yes" if has_xattrs else "none", cache_dir,
+    log.info("mounting %s (%s) from %s on %s, cache %s, data path %s", args.ref or digest, digest,
+             source.describe(), mountpoint, cache_dir,
              f"kernel (missing data through FUSE on {target})" if kernel_path else "fuse")
     FUSE(ops, target, foreground=True, nothreads=False, encoding=CODEC, ro=True,
          allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
@@ -136,8 +140,8 @@ def serve(args: DaemonArgs) -> None:
          fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=args.debug)
     if control_sock:
         control_sock.close()
-    if prefetcher:
-        prefetcher.stop()
+    if prefetch and prefetch[0]:
+        prefetch[0].stop()
     if completer:
         completer.stop()
     cache.close()
@@ -145,7 +149,28 @@ def serve(args: DaemonArgs) -> None:
     log.info("unmounted %s", mountpoint)
 
 
-def _kernel_image(manifest, digest: str, args: DaemonArgs) -> bool:
+def _index(reader, cache, args: DaemonArgs, prefetch: list):
+    """The namespace this daemon serves, and whether it is the kernel path's data namespace.
+    When the node already has the EROFS image, the kernel needs nothing from the manifest to
+    serve the tree, so it is loaded in the background and the mount answers at once."""
+    from lazyfs.fs.dataindex import DataIndex, DeferredIndex
+    from lazyfs.fs.index import ImageIndex
+
+    def load(index_type, manifest=None):
+        manifest = manifest or objects.read_manifest(reader, args.digest)
+        index = index_type(manifest)
+        prefetch.append(_prefetcher(reader, args.digest, manifest, cache, args.profile))
+        log.info("%s: %d entries, %d bytes", args.ref or args.digest, len(manifest.entries),
+                 index.total_size)
+        return index
+    if args.layout == "kernel" and kernel.layout(args.cache_dir, args.digest, "").image.exists():
+        return DeferredIndex(lambda: load(DataIndex)), True
+    manifest = objects.read_manifest(reader, args.digest)
+    kernel_path = args.layout == "kernel" and _kernel_image(manifest, args)
+    return load(DataIndex if kernel_path else ImageIndex, manifest), kernel_path
+
+
+def _kernel_image(manifest, args: DaemonArgs) -> bool:
     """Make sure the node has the EROFS image of this manifest; False (FUSE path) if the tree has
     something the layout cannot hold."""
     import hashlib
@@ -154,9 +179,8 @@ def _kernel_image(manifest, digest: str, args: DaemonArgs) -> bool:
     from lazyfs.format import erofs
     from lazyfs.fsutil import atomic_write
 
+    digest = args.digest
     image = kernel.layout(args.cache_dir, digest, args.runtime_dir).image
-    if image.exists():
-        return True
     try:
         data = erofs.encode(manifest, uuid=hashlib.sha256(digest.encode()).digest()[:16])
     except KernelLayoutUnsupported as exc:
@@ -167,20 +191,6 @@ def _kernel_image(manifest, digest: str, args: DaemonArgs) -> bool:
     atomic_write(image, data, Path(args.cache_dir) / "tmp")
     log.info("wrote the EROFS metadata image %s (%d bytes)", image, len(data))
     return True
-
-
-def _index(manifest, cache, kernel_path: bool, args: DaemonArgs):
-    """The namespace this daemon serves, and (kernel path) the completer of its objects."""
-    from lazyfs.fs.index import ImageIndex
-
-    if not kernel_path:
-        return ImageIndex(manifest), None
-    from lazyfs.cache.completer import Completer
-    from lazyfs.fs.dataindex import DataIndex
-
-    completer = Completer(cache, kernel.layout(args.cache_dir, args.digest, "").locals[1],
-                          background=args.complete).start()
-    return DataIndex(manifest), completer
 
 
 def _prefetcher(reader, digest: str, manifest, cache, choice: str):

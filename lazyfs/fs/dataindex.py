@@ -4,13 +4,32 @@ object of the image (lazyfs.format.dataobj), nothing else.
 overlayfs looks an object up here only when no local data layer has it, so this is where the
 missing bytes of an image come from, fetched chunk by chunk as reads ask for them. The image's own
 paths stay in ``by_path``/``children`` (ImageIndex) for the sibling heuristic; ``lookup`` sees only
-the data namespace.
+the data namespace. Inode numbers: 1 for the root, 2 + the prefix's value for the 256 fan-out
+directories, 258 + the manifest index for an object, so none means two things.
 """
 from __future__ import annotations
 
+import logging
+import threading
+from typing import Callable
+
+from lazyfs.errors import StoreUnavailable
 from lazyfs.format import dataobj
 from lazyfs.format.manifest import Entry, EntryType, Manifest
 from lazyfs.fs.index import ImageIndex, Inode
+
+log = logging.getLogger("lazyfs.mount")
+_HEX = "0123456789abcdef"
+ROOT = Inode(1, Entry(b"", EntryType.DIR, 0o555), 2)
+FANOUT = {f"{a}{b}".encode(): Inode(2 + int(a + b, 16), Entry(f"{a}{b}".encode(), EntryType.DIR,
+                                                               0o555), 2)
+          for a in _HEX for b in _HEX}
+OBJECT_INO_BASE = 2 + len(FANOUT)
+
+
+def static_dir(path: bytes) -> Inode | None:
+    """The root and the fan-out directories: known without the manifest."""
+    return ROOT if path == b"" else FANOUT.get(path)
 
 
 class DataIndex(ImageIndex):
@@ -18,7 +37,8 @@ class DataIndex(ImageIndex):
         super().__init__(manifest)
         self.objects: dict[bytes, Inode] = {}  # "ab/abcd…" -> the first inode with that content
         self.oids: dict[int, str] = {}  # ino -> object id
-        fanout: dict[bytes, list[bytes]] = {}
+        self.listing: dict[int, list[tuple[bytes, Inode]]] = {
+            ROOT.ino: sorted(FANOUT.items())}
         for inode in self.by_path.values():
             e = inode.entry
             if e.type != EntryType.REG or not e.size or inode.ino in self.oids:
@@ -28,24 +48,64 @@ class DataIndex(ImageIndex):
             key = dataobj.relpath(oid).encode()
             if key not in self.objects:
                 self.objects[key] = inode
-                fanout.setdefault(key[:2], []).append(key[3:])
-        # Directory inodes after the image's own numbers, so no number means two things.
-        base = len(manifest.entries) + 1
-        root = self.by_path[b""].entry
-        self.root = Inode(base, Entry(b"", EntryType.DIR, 0o555, mtime_ns=root.mtime_ns), 2)
-        self.dirs: dict[bytes, Inode] = {b"": self.root}
-        self.listing: dict[int, list[tuple[bytes, Inode]]] = {base: []}
-        for n, (head, names) in enumerate(sorted(fanout.items()), start=1):
-            d = Inode(base + n, Entry(head, EntryType.DIR, 0o555, mtime_ns=root.mtime_ns), 2)
-            self.dirs[head] = d
-            self.listing[base].append((head, d))
-            self.listing[d.ino] = [(name, self.objects[head + b"/" + name]) for name in names]
+                self.listing.setdefault(FANOUT[key[:2]].ino, []).append((key[3:], inode))
 
     def lookup(self, path: bytes) -> Inode | None:
-        return self.objects.get(path) or self.dirs.get(path)
+        return self.objects.get(path) or static_dir(path)
 
     def listdir(self, inode: Inode) -> list[tuple[bytes, Inode]]:
         return self.listing.get(inode.ino, [])
 
+    def stat(self, inode: Inode) -> dict:
+        out = ImageIndex.stat(inode)
+        if inode.ino in self.oids:
+            out["st_ino"] = OBJECT_INO_BASE + inode.ino - 1
+        return out
+
     def object_of(self, inode: Inode) -> str | None:
         return self.oids.get(inode.ino)
+
+
+class DeferredIndex:
+    """A DataIndex built in the background. On the kernel path the kernel answers all metadata
+    from the EROFS image, so the daemon can answer the mount before it has decoded the manifest;
+    a request that needs an object waits until the index is there (or fails, if it never is)."""
+
+    def __init__(self, build: Callable[[], DataIndex]):
+        self._index: DataIndex | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, args=(build,), name="lazyfs-index", daemon=True).start()
+
+    def _run(self, build) -> None:
+        try:
+            self._index = build()
+        except BaseException as exc:  # reported on every request that needed it
+            self._error = exc
+            log.error("cannot load the image's manifest: %s", exc)
+        finally:
+            self._ready.set()
+
+    def get(self) -> DataIndex:
+        self._ready.wait()
+        if self._index is None:
+            raise StoreUnavailable(f"the image's manifest could not be loaded: {self._error}")
+        return self._index
+
+    def lookup(self, path: bytes) -> Inode | None:
+        found = static_dir(path)
+        return found if found is not None else self.get().lookup(path)
+
+    def stat(self, inode: Inode) -> dict:
+        return ImageIndex.stat(inode) if self._index is None else self._index.stat(inode)
+
+    @property
+    def total_size(self) -> int:
+        return self._index.total_size if self._index else 0
+
+    @property
+    def entry_count(self) -> int:
+        return self._index.entry_count if self._index else 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)

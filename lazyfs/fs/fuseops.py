@@ -75,7 +75,11 @@ class LazyOps(Operations):
     def __call__(self, op, *args):
         # Count every request the kernel sends, by kind: the FUSE round trip is the unit of cost.
         self.ops[op] = self.ops.get(op, 0) + 1
-        return getattr(self, op)(*args)
+        try:
+            return getattr(self, op)(*args)
+        except LazyfsError as exc:  # e.g. a kernel-path mount whose manifest could not load
+            log.error("EIO for %s %s: %s", op, args[:1], exc)
+            raise FuseOSError(errno.EIO) from None
 
     def _inode(self, path: str) -> Inode:
         inode = self.index.lookup(_b(path))
@@ -94,8 +98,9 @@ class LazyOps(Operations):
         yield "."
         yield ".."
         for name, child in self.index.listdir(inode):
+            st = self.index.stat(child)
             yield name.decode("utf-8", "surrogateescape"), {
-                "st_ino": child.ino, "st_mode": self.index.stat(child)["st_mode"]}, 0
+                "st_ino": st["st_ino"], "st_mode": st["st_mode"]}, 0
 
     def readlink(self, path):
         inode = self._inode(path)
@@ -116,7 +121,7 @@ class LazyOps(Operations):
 
     def statfs(self, path):
         blocks = (self.index.total_size + 4095) // 4096
-        n = len(self.index.manifest.entries)
+        n = self.index.entry_count
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": blocks, "f_bfree": 0, "f_bavail": 0,
                 "f_files": n, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
 

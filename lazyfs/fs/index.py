@@ -83,6 +83,10 @@ class ImageIndex:
     def lookup(self, path: bytes) -> Inode | None:
         return self.by_path.get(path)
 
+    @property
+    def entry_count(self) -> int:
+        return len(self.manifest.entries)
+
     def listdir(self, inode: Inode) -> list[tuple[bytes, Inode]]:
         prefix = inode.entry.path + b"/" if inode.entry.path else b""
         return [(name, self.by_path[prefix + name]) for name in self.children[inode.ino]]

@@ -255,6 +255,22 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
         shutil.rmtree(state.runtime_dir, ignore_errors=True)
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie: a detached daemon's parent is init, which may reap it only seconds
+    later, and a zombie holds nothing (its mounts and descriptors are released)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
 def _wait_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -264,9 +280,7 @@ def _wait_exit(pid: int, timeout: float) -> None:
                 return
         except ChildProcessError:
             pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _exited(pid):
             return
         time.sleep(0.02)
     log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)

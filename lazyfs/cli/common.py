@@ -6,9 +6,6 @@ from typing import Callable, Optional
 
 import click
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from lazyfs.remote import defaults
 
@@ -118,8 +115,25 @@ def options_after_image(params, args: list[str]) -> list[str]:
     return args[:image] + after[:end] + [args[image]] + after[end:]
 
 
-err = Console(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
-out = Console()
+class LazyConsole:
+    """A rich Console made on first use: importing rich costs ~0.1 s, which every `lazyfs run`
+    would otherwise pay before its container starts."""
+
+    def __init__(self, **kwargs) -> None:
+        self._kwargs, self._console = kwargs, None
+
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.console(), name)
+
+
+err = LazyConsole(stderr=True, soft_wrap=True)  # messages are lines, not paragraphs
+out = LazyConsole()
 
 
 class RichProgress:
@@ -129,14 +143,17 @@ class RichProgress:
         """counting: None for byte transfers, else the word for what is counted ("runs")."""
         self.enabled = sys.stderr.isatty()
         self.counting = counting
-        self.progress: Optional[Progress] = None
+        self.progress = None  # a rich Progress once started
 
     def __enter__(self):
         if self.enabled:
+            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
             amount = ((DownloadColumn(), TransferSpeedColumn()) if self.counting is None else
                       (MofNCompleteColumn(), TextColumn(self.counting), TimeElapsedColumn()))
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount,
-                                     TimeRemainingColumn(), console=err, transient=True)
+                                     TimeRemainingColumn(), console=err.console(), transient=True)
             self.progress.__enter__()
         return self
 

@@ -14,7 +14,6 @@ leaves the kernel and neither do reads of data already on local disk. Mounts are
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ MODES = ("auto", "kernel", "fuse")  # --data-path
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MNT_DETACH = 2
 MIN_KERNEL = (6, 12)  # file-backed EROFS mounts (6.12); overlayfs data-only layers came in 6.5
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (find_library forks ldconfig)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike,
@@ -12,13 +13,24 @@ def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLik
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
     torn file (stores, and the node cache, whose files the kernel may serve unhashed)."""
+    atomic_write_parts(path, (data,), tmp_dir, durable)
+
+
+def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
+                       tmp_dir: str | os.PathLike, durable: bool = True,
+                       mode: int | None = None) -> None:
+    """atomic_write of the concatenation of ``parts``, produced one at a time (a file too large
+    to hold in memory); ``mode``: the file's permissions, set before it gets its name."""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.rename(tmp, Path(path))
     except BaseException:
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from lazyfs.counters import Counters
 from lazyfs.errors import LazyfsError
 from lazyfs.format import dataobj
 from lazyfs.format.manifest import Chunk
+from lazyfs.fsutil import atomic_write_parts
 
 log = logging.getLogger("lazyfs.cache")
 IDLE = 2.0  # seconds without a demand read before background completion fetches
@@ -127,21 +127,9 @@ class Completer:
     def _write(self, oid: str, chunks: tuple[Chunk, ...]) -> None:
         dest = self.path(oid)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache.root / "tmp", prefix=".object-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for c in chunks:  # NodeCache.read hands out only bytes that match the digest
-                    f.write(self.cache.read(c.digest, c.size, 0, c.size))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o444)
-            os.rename(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        # NodeCache.read hands out only bytes that match the digest.
+        atomic_write_parts(dest, (self.cache.read(c.digest, c.size, 0, c.size) for c in chunks),
+                           self.cache.root / "tmp", mode=0o444)
         size = sum(c.size for c in chunks)
         self.stats.add(objects_written=1, object_bytes=size)
         log.info("object %s complete (%d chunks, %d bytes): served by the kernel from the next "

@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError
@@ -93,8 +92,7 @@ def serve(args: DaemonArgs) -> None:
     completer = None
     if kernel_path:
         from lazyfs.cache.completer import Completer
-        completer = Completer(cache, kernel.layout(cache_dir, digest, "").locals[1],
-                              background=args.complete).start()
+        completer = Completer(cache, kernel.objects_dir(cache_dir), background=args.complete).start()
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
 
     def extra() -> dict:
@@ -163,7 +161,7 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list):
         log.info("%s: %d entries, %d bytes", args.ref or args.digest, len(manifest.entries),
                  index.total_size)
         return index
-    if args.layout == "kernel" and kernel.layout(args.cache_dir, args.digest, "").image.exists():
+    if args.layout == "kernel" and kernel.image_path(args.cache_dir, args.digest).exists():
         return DeferredIndex(lambda: load(DataIndex)), True
     manifest = objects.read_manifest(reader, args.digest)
     kernel_path = args.layout == "kernel" and _kernel_image(manifest, args)
@@ -180,7 +178,7 @@ def _kernel_image(manifest, args: DaemonArgs) -> bool:
     from lazyfs.fsutil import atomic_write
 
     digest = args.digest
-    image = kernel.layout(args.cache_dir, digest, args.runtime_dir).image
+    image = kernel.image_path(args.cache_dir, digest)
     try:
         data = erofs.encode(manifest, uuid=hashlib.sha256(digest.encode()).digest()[:16])
     except KernelLayoutUnsupported as exc:

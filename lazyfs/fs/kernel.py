@@ -41,13 +41,22 @@ class Layout:
         return _escape(self.meta) + "".join("::" + _escape(d) for d in data)
 
 
+def image_path(cache_dir: str | os.PathLike, digest: str) -> Path:
+    """The node's EROFS image of a manifest: built once per node and image, kept for later mounts."""
+    return Path(cache_dir) / "erofs" / f"{digest[len('sha256:'):]}-v{erofs.VERSION}.img"
+
+
+def objects_dir(cache_dir: str | os.PathLike) -> Path:
+    """Where whole multi-chunk files live (lazyfs.cache.completer writes them)."""
+    return Path(cache_dir) / "objects"
+
+
 def layout(cache_dir: str | os.PathLike, digest: str, runtime_dir: str | os.PathLike) -> Layout:
-    """Where everything of one kernel-path mount lives. The image is per node (it depends only on
-    the manifest); the mountpoints are per mount."""
-    cache, rt = Path(cache_dir), Path(runtime_dir)
-    name = f"{digest[len('sha256:'):]}-v{erofs.VERSION}.img"
-    return Layout(image=cache / "erofs" / name, meta=rt / "meta",
-                  locals=(cache / "blocks", cache / "objects"), fuse=rt / "data")
+    """Where everything of one kernel-path mount lives. The image and data layers are per node
+    (they depend only on the manifest and the node cache); the mountpoints are per mount."""
+    rt = Path(runtime_dir)
+    return Layout(image=image_path(cache_dir, digest), meta=rt / "meta",
+                  locals=(Path(cache_dir) / "blocks", objects_dir(cache_dir)), fuse=rt / "data")
 
 
 def unavailable() -> str | None:

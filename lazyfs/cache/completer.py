@@ -27,9 +27,9 @@ from lazyfs.errors import LazyfsError
 from lazyfs.format import dataobj
 from lazyfs.format.manifest import Chunk
 from lazyfs.fsutil import atomic_write_parts
+from lazyfs.remote import defaults
 
 log = logging.getLogger("lazyfs.cache")
-IDLE = 2.0  # seconds without a demand read before background completion fetches
 RECHECK = 1.0  # seconds between looks at files that were read but are not complete yet
 
 
@@ -44,7 +44,7 @@ class CompleterStats(Counters):
 
 class Completer:
     def __init__(self, cache: NodeCache, objects_dir: str | os.PathLike, background: bool = False,
-                 idle: float = IDLE):
+                 idle: float = defaults.COMPLETE_IDLE):
         self.cache, self.root = cache, Path(objects_dir)
         self.background, self.idle = background, idle
         self.stats = CompleterStats()

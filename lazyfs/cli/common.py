@@ -43,8 +43,9 @@ DataPathOpt = typer.Option("auto", "--data-path", metavar="auto|kernel|fuse", en
                            "through the lazyfs daemon), fuse (every request through the daemon), or "
                            "auto (kernel where it is available: root, EROFS, Linux 6.12+).")
 CompleteOpt = typer.Option(False, "--complete/--no-complete", help="Kernel path: after the start, "
-                           "when reads have been quiet for 2 s, fetch the rest of every file the "
-                           "start read part of, so the next mount serves it from the kernel.")
+                           f"when reads have been quiet for {defaults.COMPLETE_IDLE:g} s, fetch the "
+                           "rest of every file the start read part of, so the next mount serves it "
+                           "from the kernel.")
 RuntimeOpt = typer.Option("auto", "--runtime", help="auto (podman if present, else namespaces), "
                           "podman, or namespaces.")
 EnvOpt = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")

@@ -5,6 +5,7 @@ DEADLINE = 30.0  # seconds a block read may take before it fails (EIO)
 HEDGE_AFTER = 0.5  # seconds before a slow server request is duplicated to the next server
 READAHEAD = 4  # blocks after the one read sequentially, fetched in the background
 SIBLINGS = True  # first small file read in a directory: batch-fetch its small siblings
+COMPLETE_IDLE = 2.0  # --complete: seconds without a demand read before background fetches start
 
 
 def duration(seconds: float) -> str:

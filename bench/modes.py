@@ -230,9 +230,9 @@ class Node:
         lower, upper, work_dir, root = (base / d for d in ("lower", "upper", "work", "rootfs"))
         for d in (lower, upper, work_dir, root):
             d.mkdir(parents=True)
-        kernel._mount(str(image), str(lower), "erofs", kernel.MS_RDONLY, None)
+        kernel.mount_one(str(image), str(lower), "erofs", kernel.MS_RDONLY, None)
         try:
-            kernel._mount("overlay", str(root), "overlay", 0,
+            kernel.mount_one("overlay", str(root), "overlay", 0,
                           f"lowerdir={lower},upperdir={upper},workdir={work_dir}")
             try:
                 drop_caches()

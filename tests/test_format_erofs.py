@@ -179,7 +179,7 @@ def test_every_image_passes_fsck_and_mounts_as_the_manifest(m):
         mnt.mkdir()
         fsck = subprocess.run([FSCK, str(img)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        kernel._mount(str(img), str(mnt), "erofs", kernel.MS_RDONLY, None)
+        kernel.mount_one(str(img), str(mnt), "erofs", kernel.MS_RDONLY, None)
         try:
             got = _tree(mnt)
         finally:

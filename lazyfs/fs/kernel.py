@@ -88,9 +88,9 @@ def mount(lay: Layout, target: str) -> None:
         # The kernel serves these files unhashed (docs/security.md): only root may change them.
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
-    _mount(str(lay.image), str(lay.meta), "erofs", MS_RDONLY | MS_NODEV, None)
+    mount_one(str(lay.image), str(lay.meta), "erofs", MS_RDONLY | MS_NODEV, None)
     try:
-        _mount("overlay", target, "overlay", MS_RDONLY | MS_NODEV | MS_NOSUID,
+        mount_one("overlay", target, "overlay", MS_RDONLY | MS_NODEV | MS_NOSUID,
                "lowerdir=" + lay.lowerdir())
     except BaseException:
         unmount_one(str(lay.meta), lazy=True)
@@ -109,7 +109,8 @@ def unmount_one(path: str, lazy: bool = False) -> bool:
     raise MountError(f"unmounting {path} failed: {os.strerror(err)}")
 
 
-def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+def mount_one(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+    """mount(2), with a MountError that says which mount failed and why."""
     if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
                    data.encode() if data is not None else None) != 0:
         err = ctypes.get_errno()

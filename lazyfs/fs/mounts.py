@@ -98,8 +98,7 @@ def clean_stale(mountpoint: str) -> bool:
     if not is_stale(mountpoint):
         return False
     log.warning("%s: the lazyfs daemon behind this mount is gone; unmounting the dead mount", mountpoint)
-    state = read_state(mountpoint)
-    for path in _mounts_of(state) if state else [mountpoint]:
+    for path in _mounts_of(read_state(mountpoint), mountpoint):
         _unmount(path, lazy=True)
     _state_file(mountpoint).unlink(missing_ok=True)
     return True
@@ -208,27 +207,30 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
 def _abandon(proc: subprocess.Popen, state: MountState) -> None:
     proc.kill()
     proc.wait()
-    for path in _mounts_of(state):
+    for path in _mounts_of(state, state.mountpoint):
         if mount_entry(path):
             _unmount(path, lazy=True)
     if state.layout == "kernel":
         shutil.rmtree(state.runtime_dir, ignore_errors=True)
 
 
-def _mounts_of(state: MountState) -> list[str]:
+def _mounts_of(state: MountState | None, mnt: str) -> list[str]:
     """Every mount of one lazyfs mount, the topmost first."""
-    if state.layout != "kernel":
-        return [state.mountpoint]
+    if state is None or state.layout != "kernel":
+        return [mnt]
     lay = state.kernel_layout()
-    return [state.mountpoint, str(lay.meta), str(lay.fuse)]
+    return [mnt, str(lay.meta), str(lay.fuse)]
 
 
-def _unmount(path: str, lazy: bool) -> subprocess.CompletedProcess | None:
+def _unmount(path: str, lazy: bool) -> str | None:
+    """Unmount one mount; None when it is gone, else why not ("busy" when in use)."""
     entry = mount_entry(path)
     if entry and not entry["fstype"].startswith("fuse"):
-        return None if kernel.unmount_one(path, lazy) else subprocess.CompletedProcess(
-            [], 1, "", "target is busy")
-    return _fusermount("-u", *(["-z"] if lazy else []), path)
+        return None if kernel.unmount_one(path, lazy) else "target is busy"
+    res = _fusermount("-u", *(["-z"] if lazy else []), path)
+    if res.returncode != 0 and mount_entry(path):
+        return (res.stderr or res.stdout).strip()
+    return None
 
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
@@ -241,10 +243,9 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
     kernel_path = state is not None and state.layout == "kernel"
     if entry and entry["fstype"] != ("overlay" if kernel_path else FS_TYPE):
         raise MountError(f"{mountpoint} is a {entry['fstype']} mount, not lazyfs")
-    for path in _mounts_of(state) if kernel_path else [mnt]:
-        res = _unmount(path, lazy)
-        if res is not None and res.returncode != 0 and mount_entry(path):
-            msg = (res.stderr or res.stdout).strip()
+    for path in _mounts_of(state, mnt):
+        msg = _unmount(path, lazy)
+        if msg is not None:
             if "busy" in msg:
                 raise MountError(f"{mountpoint} is busy (a process is using it); stop it or use --lazy")
             raise MountError(f"unmounting {mountpoint} failed: {msg}")

@@ -8,6 +8,7 @@ from typing import BinaryIO, Callable, Protocol
 
 from lazyfs.errors import ImageSourceError
 from lazyfs.format import reference
+from lazyfs import provenance
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
@@ -36,6 +37,7 @@ class BuildResult:
     manifest: Manifest
     commit: CommitStats
     layers: int
+    source: dict  # where the image came from (ImageInput.source): ref, manifest, index, platform
 
 
 DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
@@ -43,11 +45,12 @@ DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
 
 def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
           tmp_dir: str | None = None, progress: Progress | None = None,
-          max_size: int = DEFAULT_MAX_SIZE, max_entries: int = MAX_ENTRIES) -> BuildResult:
+          max_size: int = DEFAULT_MAX_SIZE, max_entries: int = MAX_ENTRIES,
+          options: sources.SourceOptions | None = None) -> BuildResult:
     ref = reference.parse_tagged(tag) if tag else None
     progress = progress or NoProgress()
     store.check(write=True)
-    image = sources.open_source(source)
+    image = sources.open_source(source, options)
     try:
         # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
         with Lease(store, "build", conflicts=("gc",)), \
@@ -63,11 +66,14 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
                 stager.close()
             # Blocks are all in the store before the manifest that needs them; the tag goes last.
             digest = objects.write_manifest(store, manifest)
+            if image.source.get("manifest"):
+                transport = sources.parse(source)[0]
+                provenance.publish(store, digest, {"transport": transport, **image.source})
             if ref:
                 store.put_tag(ref.name, ref.tag, digest)
     finally:
         image.close()
-    return BuildResult(digest, manifest, commit, len(image.layers) or 1)
+    return BuildResult(digest, manifest, commit, len(image.layers) or 1, dict(image.source))
 
 
 def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress, max_size: int,

@@ -135,6 +135,11 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
     except LazyfsError:
         raise
     except ARCHIVE_ERRORS as exc:
+        # A blob damaged in storage or in transit usually breaks the decoder first; the digest says
+        # what really happened, so finish hashing the (bounded) rest before blaming the archive.
+        actual = _rest_hash(outer) if digest else None
+        if actual is not None and actual != digest:
+            raise LayerDigestMismatch(f"layer {layer}", digest, actual) from None
         raise ImageSourceError(f"layer {layer}: not a readable tar archive ({exc or type(exc).__name__})") from None
     except OSError as exc:
         raise ImageSourceError(f"layer {layer}: read failed ({exc})") from None
@@ -145,6 +150,14 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
     if diff_id and inner.digest() != diff_id:
         raise LayerDigestMismatch(f"layer {layer} (uncompressed diff_id)", diff_id, inner.digest())
     return inner.count
+
+
+def _rest_hash(outer: HashingReader) -> str | None:
+    try:
+        outer.drain()
+    except (OSError, LazyfsError):
+        return None  # unreadable: the archive error stands
+    return outer.digest()
 
 
 def to_entry(layer: str, info: tarfile.TarInfo) -> LayerEntry:

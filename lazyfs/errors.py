@@ -123,6 +123,18 @@ class LimitExceeded(ImageSourceError):
     pass
 
 
+class PlatformNotFound(NotAnImage):
+    """An image index has no image for the platform asked for; the message lists what it has."""
+
+
+class RegistryError(ImageSourceError):
+    """A registry (``docker://``) could not be reached or answered with an error."""
+
+
+class RegistryAuthError(RegistryError):
+    """A registry refused us (HTTP 401/403): missing, wrong or insufficient credentials."""
+
+
 # --- mounting and running ----------------------------------------------------------------------
 
 class MountError(LazyfsError):

@@ -39,7 +39,7 @@ class GcReport:
 
 def mark(store: BlockStore) -> tuple[set[str], set[str]]:
     """Manifests reachable from tags (images, snapshots and the images snapshots pin, startup
-    profiles), and the blocks images and snapshots reference."""
+    profiles, provenance records), and the blocks images and snapshots reference."""
     todo = {digest for _, _, digest in store.list_tags()}
     manifests: set[str] = set()
     blocks: set[str] = set()
@@ -54,8 +54,8 @@ def mark(store: BlockStore) -> tuple[set[str], set[str]]:
             if snap.image not in manifests:
                 todo.add(snap.image)
             continue
-        if what == kinds.PROFILE:
-            # A hint, not a reference: its blocks live as long as an image that uses them.
+        if what in (kinds.PROFILE, kinds.PROVENANCE):
+            # A hint, not a reference: what it names lives only as long as an image tag does.
             continue
         m = mf.decode(data)
         blocks.update(c.digest for e in m.entries if e.type == EntryType.REG for c in e.chunks)

@@ -47,14 +47,13 @@ def test_malformed_options_after_the_image(run_params, args, message):
         options_after_image(run_params, args)
 
 
-@pytest.mark.parametrize("spec, transport", [("docker://registry.example/app:1", "docker"),
-                                             ("containers-storage:app:1", "containers-storage"),
+@pytest.mark.parametrize("spec, transport", [("containers-storage:app:1", "containers-storage"),
                                              ("docker-daemon:app:1", "docker-daemon")])
 def test_unsupported_transport_says_so(tmp_path, spec, transport):
     r = lazyfs_cli("build", spec, "--tag", "a/b:1", "--store", tmp_path / "store", check=False)
     assert r.returncode == 1
     assert f"unsupported image transport '{transport}'" in r.stderr
-    assert "oci:, oci-archive:, docker-archive:, dir:" in r.stderr
+    assert "docker://, oci:, oci-archive:, docker-archive:, dir:" in r.stderr
     assert "no such file" not in r.stderr
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
 

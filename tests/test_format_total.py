@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lazyfs.format
 from lazyfs.errors import FormatError
-from lazyfs.format import batch, block, manifest as mf, profile, snapshot, trace
+from lazyfs.format import batch, block, manifest as mf, profile, provenance, snapshot, trace
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -29,6 +29,7 @@ DECODERS = {
     "manifest.decode_config": (mf.decode_config, _manifest_head),
     "profile.decode": (profile.decode, lambda body: profile.MAGIC + body),
     "snapshot.decode": (snapshot.decode, lambda body: snapshot.MAGIC + body),
+    "provenance.decode": (provenance.decode, lambda body: provenance.MAGIC + body),
     "batch.decode_header": (batch.decode_header, lambda body: body + b"\n"),
     "block.decode": (lambda data: block.decode(DIGEST, data), lambda body: body),
     "block.decompress": (block.decompress, lambda body: body),
@@ -53,7 +54,8 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["image", "blocks", "files", "meta", "name", "size", "chunks",
-                         "mount_path", "created", "Env", "t", "path", "offset"]), inner,
+                         "mount_path", "created", "Env", "t", "path", "offset", "source", "ref",
+                         "manifest"]), inner,
         max_size=4),
     max_leaves=12)
 

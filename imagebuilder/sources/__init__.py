@@ -1,7 +1,8 @@
 """Image sources, named with the transports skopeo and podman users know.
 
-``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE[:NAME:TAG]``, ``dir:ROOTFS``;
-a bare path is detected from its contents.
+``docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]`` (a registry), ``oci:DIR[:TAG]``,
+``oci-archive:FILE[:TAG]``, ``docker-archive:FILE[:NAME:TAG]``, ``dir:ROOTFS``; a bare path is
+detected from its contents.
 """
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ from pathlib import Path
 
 from lazyfs.errors import NotAnImage, UnsupportedTransport
 
-from imagebuilder.sources import docker, oci
+from imagebuilder.sources import docker, dockerref, oci
 from imagebuilder.sources.blobs import DirBlobs, TarBlobs
-from imagebuilder.sources.model import ImageInput, LayerRef
+from imagebuilder.sources.model import ImageInput, LayerRef, SourceOptions
 
-TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
+TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir")
 # What a transport prefix looks like (skopeo's docker://, containers-storage:, ...): a spec that
 # starts so and names no existing path is a transport this build cannot read, not a missing file.
 _TRANSPORT_RE = re.compile(r"^([a-z][a-z0-9+.-]*):")
 
-__all__ = ["open_source", "parse", "ImageInput", "LayerRef", "TRANSPORTS"]
+__all__ = ["open_source", "parse", "ImageInput", "LayerRef", "SourceOptions", "TRANSPORTS"]
 
 
 def _split_ref(rest: str) -> tuple[str, str | None]:
@@ -33,7 +34,9 @@ def _split_ref(rest: str) -> tuple[str, str | None]:
 
 
 def parse(spec: str) -> tuple[str, str, str | None]:
-    """Return (transport, path, ref)."""
+    """Return (transport, path, ref); for ``docker://`` the path is the registry reference."""
+    if dockerref.is_docker(spec):
+        return "docker", str(dockerref.parse(spec)), None
     transport, colon, rest = spec.partition(":")
     if colon and transport in TRANSPORTS:
         if transport == "dir":
@@ -42,7 +45,7 @@ def parse(spec: str) -> tuple[str, str, str | None]:
         return transport, path, ref
     other = _TRANSPORT_RE.match(spec)
     if other and not os.path.exists(spec) and not os.path.exists(spec.partition(":")[0]):
-        supported = ", ".join(f"{t}:" for t in TRANSPORTS)
+        supported = ", ".join("docker://" if t == "docker" else f"{t}:" for t in TRANSPORTS)
         raise UnsupportedTransport(f"{spec}: unsupported image transport {other.group(1)!r} "
                                    f"(supported: {supported}, or a path to a layout, archive or "
                                    "root filesystem)")
@@ -67,8 +70,21 @@ def _detect(path: str) -> str:
     raise NotAnImage(f"{path}: a tar archive, but neither an OCI archive nor a docker-archive")
 
 
-def open_source(spec: str) -> ImageInput:
+def open_source(spec: str, options: SourceOptions | None = None) -> ImageInput:
+    options = options or SourceOptions()
+    platform = options.platform or oci.HOST_PLATFORM
+    oci.parse_platform(platform)  # a misspelt --platform fails before anything is read
     transport, path, ref = parse(spec)
+    if transport == "docker":
+        from imagebuilder.sources import remote  # urllib3 and the auth code only when needed
+
+        return remote.load(spec, SourceOptions(platform, options.creds, options.tls_verify))
+    image = _open_local(transport, path, ref, platform)
+    image.source.setdefault("ref", f"{transport}:{os.path.abspath(path)}" + (f":{ref}" if ref else ""))
+    return image
+
+
+def _open_local(transport: str, path: str, ref: str | None, platform: str) -> ImageInput:
     p = Path(path)
     label = f"{transport}:{path}"
     if transport == "dir":
@@ -78,13 +94,13 @@ def open_source(spec: str) -> ImageInput:
     if transport == "oci":
         if not p.is_dir():
             raise NotAnImage(f"{label}: not a directory")
-        return oci.load(DirBlobs(p), ref, label)
+        return oci.load(DirBlobs(p), ref, label, platform)
     if not p.is_file():
         raise NotAnImage(f"{label}: no such file")
     blobs = TarBlobs(p)
     try:
         if transport == "oci-archive":
-            return oci.load(blobs, ref, label)
+            return oci.load(blobs, ref, label, platform)
         return docker.load(blobs, ref, label)
     except BaseException:
         blobs.close()

@@ -10,6 +10,15 @@ from typing import BinaryIO, Callable
 RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "StopSignal", "ExposedPorts")
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read a source: the platform to take from an index (every transport), and for
+    ``docker://`` the credentials (``USER:PASS``, else the auth files) and TLS verification."""
+    platform: str = ""  # "" means this machine's (imagebuilder.sources.oci.HOST_PLATFORM)
+    creds: str | None = None
+    tls_verify: bool = True
+
+
 @dataclass
 class LayerRef:
     name: str
@@ -26,6 +35,9 @@ class ImageInput:
     config: dict = field(default_factory=dict)
     rootfs: Path | None = None  # set for dir: sources, which have no layers
     close: Callable[[], None] = lambda: None
+    # Where it came from, for provenance (lazyfs/format/provenance.py): "ref", "manifest" (the
+    # digest of the image manifest read), "index" (of the index it was chosen from), "platform".
+    source: dict = field(default_factory=dict)
 
 
 def runtime_config(config: dict) -> dict:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import platform
+from typing import Callable
 
-from lazyfs.errors import ImageSourceError, NotAnImage, UnsupportedMediaType
+from lazyfs.errors import ImageSourceError, NotAnImage, PlatformNotFound, UnsupportedMediaType
 from lazyfs.format import digest as digests
 
 from imagebuilder.sources.blobs import BlobSource
@@ -35,48 +36,92 @@ def _descriptor_digest(label: str, desc: dict) -> str:
     return digest
 
 
-def _pick(label: str, index: dict, tag: str | None) -> dict:
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list) or not manifests:
-        raise NotAnImage(f"{label}: index.json lists no images")
+HOST_PLATFORM = f"linux/{_ARCH}"
+
+
+def parse_platform(text: str) -> tuple[str, str, str | None]:
+    """``OS/ARCH[/VARIANT]`` (``linux/amd64``, ``linux/arm64/v8``) → its parts."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise NotAnImage(f"invalid platform {text!r} (expected OS/ARCH[/VARIANT], e.g. linux/amd64)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def platform_of(plat: dict) -> str:
+    """The ``OS/ARCH[/VARIANT]`` spelling of an index entry's or config's platform fields."""
+    text = f"{plat.get('os', '?')}/{plat.get('architecture', '?')}"
+    return text + (f"/{plat['variant']}" if plat.get("variant") else "")
+
+
+def choose_platform(label: str, manifests: list, platform: str) -> dict:
+    want_os, want_arch, want_variant = parse_platform(platform)
+    for m in manifests:
+        plat = m.get("platform") or {}
+        if plat.get("os") == want_os and plat.get("architecture") == want_arch and (
+                want_variant is None or plat.get("variant", "v8" if want_arch == "arm64" else None) == want_variant):
+            return m
+    has = sorted({platform_of(m.get("platform") or {}) for m in manifests})
+    raise PlatformNotFound(f"{label}: no image for platform {platform} (the index has: {', '.join(has)}); "
+                           "choose one with --platform")
+
+
+def _pick(label: str, index: dict, tag: str | None, platform: str = HOST_PLATFORM) -> dict:
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not manifests or not all(isinstance(m, dict) for m in manifests):
+        raise NotAnImage(f"{label}: the index lists no images")
     if tag:
-        found = [m for m in manifests if isinstance(m, dict)
-                 and (m.get("annotations") or {}).get(REF_NAME) in (tag, )]
-        found = found or [m for m in manifests if isinstance(m, dict) and
-                          str((m.get("annotations") or {}).get(REF_NAME, "")).endswith(":" + tag)]
+        found = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) in (tag, )]
+        found = found or [m for m in manifests
+                          if str((m.get("annotations") or {}).get(REF_NAME, "")).endswith(":" + tag)]
         if not found:
-            names = sorted(str((m.get("annotations") or {}).get(REF_NAME)) for m in manifests
-                           if isinstance(m, dict))
+            names = sorted(str((m.get("annotations") or {}).get(REF_NAME)) for m in manifests)
             raise NotAnImage(f"{label}: no image tagged {tag!r} (has: {', '.join(names)})")
         return found[0]
-    if len(manifests) == 1:
+    if len(manifests) == 1 and not manifests[0].get("platform"):
         return manifests[0]
-    for m in manifests:  # an index of platforms: take this machine's
-        plat = m.get("platform") or {}
-        if plat.get("os") == "linux" and plat.get("architecture") == _ARCH:
-            return m
-    raise NotAnImage(f"{label}: holds {len(manifests)} images; name one as oci:PATH:TAG")
+    if not any(m.get("platform") for m in manifests):
+        raise NotAnImage(f"{label}: holds {len(manifests)} images; name one as oci:PATH:TAG")
+    return choose_platform(label, manifests, platform)  # an index of platforms
 
 
-def load(blobs: BlobSource, tag: str | None, label: str) -> ImageInput:
+Fetch = Callable[[dict], "tuple[dict, str | None, str]"]
+
+
+def resolve(label: str, doc: dict, media: str | None, digest: str, fetch: Fetch,
+            platform: str) -> tuple[dict, str, list[str]]:
+    """Follow image indexes down to one image manifest: (manifest, its digest, the digests of the
+    indexes passed on the way). ``fetch(descriptor)`` → (document, media type, digest), verified."""
+    indexes = []
+    for _ in range(4):  # nested indexes are legal; bound the depth
+        if not isinstance(doc, dict):
+            raise ImageSourceError(f"{label}: manifest {digest} is not a JSON object")
+        media = media or doc.get("mediaType")
+        if media in INDEX_TYPES:
+            indexes.append(digest)
+            doc, media, digest = fetch(_pick(label, doc, None, platform))
+            continue
+        if media not in MANIFEST_TYPES:
+            raise UnsupportedMediaType(f"{label}: unsupported manifest media type {media!r}")
+        return doc, digest, indexes
+    raise ImageSourceError(f"{label}: image indexes nested too deeply")
+
+
+def load(blobs: BlobSource, tag: str | None, label: str, platform: str = HOST_PLATFORM) -> ImageInput:
     if not blobs.exists("oci-layout"):
         raise NotAnImage(f"{label}: no oci-layout file (not an OCI image layout)")
     layout = blobs.read_json("oci-layout")
     if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
         raise NotAnImage(f"{label}: unsupported oci-layout version {layout!r:.80}")
-    desc = _pick(label, blobs.read_json("index.json"), tag)
-    for _ in range(4):  # nested indexes are legal; bound the depth
-        media = desc.get("mediaType")
+
+    def fetch(desc: dict) -> tuple[dict, str | None, str]:
         digest = _descriptor_digest(label, desc)
-        doc = blobs.read_json(blobs.blob_path(digest), digest)
-        media = media or doc.get("mediaType")
-        if media in INDEX_TYPES:
-            desc = _pick(label, doc, None)
-            continue
-        if media not in MANIFEST_TYPES:
-            raise UnsupportedMediaType(f"{label}: unsupported manifest media type {media!r}")
-        return _image(blobs, doc, label)
-    raise ImageSourceError(f"{label}: image indexes nested too deeply")
+        return blobs.read_json(blobs.blob_path(digest), digest), desc.get("mediaType"), digest
+
+    doc, media, digest = fetch(_pick(label, blobs.read_json("index.json"), tag, platform))
+    manifest, digest, indexes = resolve(label, doc, media, digest, fetch, platform)
+    image = _image(blobs, manifest, label)
+    image.source.update(manifest=digest, **({"index": indexes[0]} if indexes else {}))
+    return image
 
 
 def _image(blobs: BlobSource, manifest: dict, label: str) -> ImageInput:
@@ -103,4 +148,5 @@ def _image(blobs: BlobSource, manifest: dict, label: str) -> ImageInput:
             raise NotAnImage(f"{label}: layer blob {digest} is missing")
         refs.append(LayerRef(digest[:19], lambda p=path: blobs.open(p), digest,
                              diff_id if digests.is_valid(diff_id) else None, blobs.size(path)))
-    return ImageInput(label, refs, runtime_config(config), close=blobs.close)
+    source = {"platform": platform_of(config)}
+    return ImageInput(label, refs, runtime_config(config), close=blobs.close, source=source)

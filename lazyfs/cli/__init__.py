@@ -21,6 +21,16 @@ MODULES = {"bench": "bench", "build": "build", "images": "build", "inspect": "bu
            "snapshot-helper": "snapshots"}
 
 
+# Boolean options podman spells with an optional value: bare `--tls-verify` means true, and
+# `--tls-verify=false` turns it off. Click options take a value or none, never either.
+OPTIONAL_TRUE = ("--tls-verify",)
+
+
+def _optional_values(argv: list[str]) -> list[str]:
+    end = argv.index("--") if "--" in argv else len(argv)  # never touch a container's command
+    return [f"{a}=true" if a in OPTIONAL_TRUE and i < end else a for i, a in enumerate(argv)]
+
+
 @app.callback()
 def _group() -> None:
     """Keeps `lazyfs COMMAND` a command group even when only one command module is loaded."""
@@ -34,6 +44,7 @@ def _register(argv: list[str] | None = None) -> None:
 
 
 def main() -> None:
+    sys.argv = _optional_values(sys.argv)
     _register()
     try:
         app()

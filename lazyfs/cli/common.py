@@ -200,6 +200,16 @@ def parse_size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def parse_bool(option: str, text: str) -> bool:
+    """``--tls-verify=false`` and friends, spelled as podman and skopeo accept them."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise typer.BadParameter(f"{option} takes true or false, not {text!r}")
+
+
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -1,0 +1,82 @@
+"""The ``docker://`` source: an image read straight from a registry, layer streams and all.
+
+The registry's manifests, index and config are read whole and verified against their digests; each
+layer is a :class:`~imagebuilder.sources.registry.BlobReader` that read_layer hashes as it streams,
+so a layer is never held whole in memory or on disk, and nothing reaches the store before the build
+has verified every byte (imagebuilder/build.py stages blocks until then).
+"""
+from __future__ import annotations
+
+import json
+
+from lazyfs.errors import ImageSourceError, NotAnImage
+from lazyfs.format import digest as digests
+
+from imagebuilder.sources import dockerref, oci, regauth
+from imagebuilder.sources.blobs import BlobSource
+from imagebuilder.sources.model import ImageInput, SourceOptions
+from imagebuilder.sources.registry import BlobReader, Registry
+
+
+class RegistryBlobs(BlobSource):
+    """The blobs of one repository, named as in a layout (``blobs/sha256/HEX``) so oci._image reads
+    them the same way."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.label = f"docker://{registry.ref.host}/{registry.ref.repo}"
+        self.sizes: dict[str, int | None] = {}
+
+    @staticmethod
+    def _digest(name: str) -> str:
+        digest = "sha256:" + name.rpartition("/")[2]
+        if not name.startswith("blobs/sha256/") or not digests.is_valid(digest):
+            raise ImageSourceError(f"not a blob name: {name!r}")
+        return digest
+
+    def exists(self, name: str) -> bool:
+        digest = self._digest(name)
+        if digest not in self.sizes:
+            self.sizes[digest] = self.registry.blob_size(digest)
+        return self.sizes[digest] is not None
+
+    def size(self, name: str) -> int | None:
+        return self.sizes.get(self._digest(name))
+
+    def open(self, name: str) -> BlobReader:
+        digest = self._digest(name)
+        return self.registry.blob(digest, self.sizes.get(digest))
+
+
+def load(spec: str, options: SourceOptions) -> ImageInput:
+    ref = dockerref.parse(spec)
+    label = f"docker://{ref}"
+    creds = regauth.from_creds(options.creds) if options.creds else None
+    registry = Registry(ref, creds, tls_verify=options.tls_verify)
+
+    def fetch(desc: dict) -> tuple[dict, str | None, str]:
+        digest = desc.get("digest")
+        if not digests.is_valid(digest or ""):
+            raise ImageSourceError(f"{label}: index entry has no valid digest: {str(desc)[:120]}")
+        doc, media, _ = _manifest(registry, digest, label)
+        return doc, desc.get("mediaType") or media, digest
+
+    doc, media, digest = _manifest(registry, ref.reference, label)
+    manifest, digest, indexes = oci.resolve(label, doc, media, digest, fetch, options.platform)
+    image = oci._image(RegistryBlobs(registry), manifest, label)
+    image.source.update(ref=label, manifest=digest, **({"index": indexes[0]} if indexes else {}))
+    return image
+
+
+def _manifest(registry: Registry, reference: str, label: str) -> tuple[dict, str | None, str]:
+    data, media, digest = registry.manifest(reference)
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImageSourceError(f"{label}: manifest {reference} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise NotAnImage(f"{label}: manifest {reference} is not a JSON object")
+    if doc.get("schemaVersion") == 1:
+        raise ImageSourceError(f"{label}: a Docker schema 1 manifest (deprecated); push the image "
+                               "again with a current docker, podman or skopeo")
+    return doc, media, digest

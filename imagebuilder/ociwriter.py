@@ -56,8 +56,9 @@ def _blob(root: Path, data: bytes) -> str:
 
 
 def write_layout(root: Path, layers: list[bytes], tag: str = "latest", config: dict | None = None,
-                 compress: bool = True) -> Path:
-    """An OCI layout at ``root`` with one image of ``layers`` (uncompressed tars) under ``tag``."""
+                 compress: bool = True, platform: str = "linux/amd64") -> Path:
+    """An OCI layout at ``root`` with one image of ``layers`` (uncompressed tars) under ``tag``,
+    its config saying ``platform`` (OS/ARCH[/VARIANT])."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     descs, diff_ids = [], []
@@ -66,8 +67,9 @@ def write_layout(root: Path, layers: list[bytes], tag: str = "latest", config: d
         blob = gzip.compress(tar, mtime=0) if compress else tar
         media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
         descs.append({"mediaType": media, "digest": _blob(root, blob), "size": len(blob)})
-    cfg = {"architecture": "amd64", "os": "linux", "config": config or {},
-           "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    os_, arch, *variant = platform.split("/")
+    cfg = {"architecture": arch, "os": os_, **({"variant": variant[0]} if variant else {}),
+           "config": config or {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     cfg_bytes = json.dumps(cfg).encode()
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",

@@ -69,7 +69,8 @@ def run_demo(store_spec: str | None, runtime: str, say: Callable[[str], None], p
         say("[2/3] mounting it on an empty node cache and running /app/start.sh in a container")
         t0 = time.monotonic()
         code = run(RunOptions(TAG, [], Source(store.url), str(work / "node-cache"), runtime,
-                              report=stats.update), say=lambda m: say("      " + m))
+                              report=stats.update, node=False),  # self-contained: no resident agent
+                   say=lambda m: say("      " + m))
         elapsed = time.monotonic() - t0
         fetched = stats.get("cache", {}).get("fetched_raw_bytes", 0)
         blocks = stats.get("store", {}).get("block_gets", 0)

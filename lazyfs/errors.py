@@ -143,3 +143,13 @@ class MountError(LazyfsError):
 
 class RunError(LazyfsError):
     pass
+
+
+# --- the node agent ----------------------------------------------------------------------------
+
+class NodeError(LazyfsError):
+    """The node agent (`lazyfs node`) refused a request or could not be reached or started."""
+
+
+class NodeUnavailable(NodeError):
+    """No agent answers on the socket and none could be started."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lazyfs.format import kinds, manifest as mf
 from lazyfs.format import snapshot as snapfmt
@@ -111,28 +110,7 @@ class CacheGcReport:
 
 def collect_node_cache(root: str | os.PathLike, max_bytes: int, dry_run: bool = False) -> CacheGcReport:
     """Evict least recently used files (blocks, whole objects, EROFS metadata images) until the
-    cache is at most ``max_bytes``. A FUSE mount marks a block used by touching it; what the
-    kernel serves (lazyfs.fs.kernel) is marked by its access time (relatime: at least daily).
-    Safe beside running mounts: an open file stays readable, and a mount whose block vanished
-    fetches it again."""
-    report = CacheGcReport(dry_run=dry_run)
-    files = []
-    for sub in ("blocks", "objects", "erofs"):
-        for path in Path(root, sub).rglob("*"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            if path.is_file():
-                files.append((max(st.st_mtime, st.st_atime), st.st_size, path))
-    report.files = len(files)
-    total = report.bytes_before = sum(size for _, size, _ in files)
-    for mtime, size, path in sorted(files):
-        if total <= max_bytes:
-            break
-        report.evicted += 1
-        report.evicted_bytes += size
-        total -= size
-        if not dry_run:
-            path.unlink(missing_ok=True)
-    return report
+    cache is at most ``max_bytes`` (lazyfs.cache.cap says why that is safe beside mounts)."""
+    from lazyfs.cache import cap
+    t = cap.trim(root, max_bytes, dry_run=dry_run, below=1.0)
+    return CacheGcReport(t.files, t.bytes_before, t.evicted, t.evicted_bytes, dry_run=dry_run)

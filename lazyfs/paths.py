@@ -22,6 +22,16 @@ def state_dir() -> Path:
     return Path(os.environ.get("LAZYFS_STATE_DIR") or platformdirs.user_state_dir(APP))
 
 
+def node_dir() -> Path:
+    """The node agent's state: its shared mounts, their leases, its log."""
+    return state_dir() / "node"
+
+
+def node_socket() -> Path:
+    """The node agent's socket: ``$LAZYFS_NODE_SOCKET``, else beside its state."""
+    return Path(os.environ.get("LAZYFS_NODE_SOCKET") or node_dir() / "node.sock")
+
+
 def mount_key(mountpoint: str) -> str:
     """The name a mountpoint goes by in state files and control sockets: a hash of its real
     path (paths can be long and hold any byte)."""

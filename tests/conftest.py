@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from bench.servers import lazyfs_cli  # noqa: F401 - the tests' way to run the CLI
+
+# Tests mount on their own unless they test the node agent (tests/test_node.py turns it on):
+# a resident agent per test would outlive it and share mounts across tests.
+os.environ["LAZYFS_NODE"] = "off"
 from lazyfs.store.local import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -63,13 +63,20 @@ class CacheStats(Counters):
     errors: int = 0
     disk_write_errors: int = 0  # blocks the cache disk refused (they were served from memory)
     memory_bytes: int = 0  # held in memory meanwhile (lazyfs.cache.memory, bounded)
+    evicted: int = 0  # files this mount's trims removed to keep the node cache's cap
+    evicted_bytes: int = 0
 
 
 class NodeCache:
     def __init__(self, root: str | os.PathLike, fetch: Callable[[str, int], bytes],
                  prefetch_threads: int = 8, claim_wait: float = CLAIM_WAIT,
-                 memory_fallback: int = MEMORY_FALLBACK):
+                 memory_fallback: int = MEMORY_FALLBACK, cap_bytes: int | None = None):
         self.root = Path(root)
+        # The node's cap (lazyfs node --cache-size): trimmed each time a tenth of it was written
+        # here; ``keep_longer`` (the startup profile's blocks) go last.
+        self.cap_bytes = cap_bytes
+        self.keep_longer: set[str] = set()
+        self._written_since_trim = cap_bytes or 0  # trim at the first write: others filled it too
         self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
@@ -268,7 +275,21 @@ class NodeCache:
                 back, self._disk_refused_at = self._disk_refused_at is not None, None
             if back:
                 log.warning("cache: writing blocks to %s again", self.root)
+        if self.cap_bytes:
+            self._count_toward_cap(len(data))
         return True
+
+    def _count_toward_cap(self, n: int) -> None:
+        with self._lock:
+            self._written_since_trim += n
+            due = self._written_since_trim >= self.cap_bytes // 10
+            if due:
+                self._written_since_trim = 0
+        if due:
+            from lazyfs.cache import cap
+            report = cap.trim(self.root, self.cap_bytes, self.keep_longer)
+            if report.evicted:
+                self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a

@@ -16,7 +16,7 @@ app = typer.Typer(
 # Which module defines each command: a container start imports only what it runs (every
 # millisecond of `lazyfs run` is start-up latency), help and unknown commands import them all.
 MODULES = {"bench": "bench", "build": "build", "images": "build", "inspect": "build", "demo": "demo",
-           "gc": "gc", "mount": "mount", "umount": "mount", "stats": "mount", "profile": "profile",
+           "gc": "gc", "mount": "mount", "node": "node", "umount": "mount", "stats": "mount", "profile": "profile",
            "run": "run", "serve": "serve", "snapshots": "snapshots",
            "snapshot-helper": "snapshots"}
 

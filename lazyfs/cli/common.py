@@ -42,6 +42,9 @@ DataPathOpt = typer.Option("auto", "--data-path", metavar="auto|kernel|fuse", en
                            "the image: kernel (EROFS metadata + overlayfs; only missing data goes "
                            "through the lazyfs daemon), fuse (every request through the daemon), or "
                            "auto (kernel where it is available: root, EROFS, Linux 6.12+).")
+NodeOpt = typer.Option(True, "--node/--no-node", help="Share the image's mount with the node's "
+                       "other users through the node agent (`lazyfs node`, started on first use; "
+                       "LAZYFS_NODE=off turns it off); --no-node mounts for this command alone.")
 CompleteOpt = typer.Option(False, "--complete/--no-complete", help="Kernel path: after the start, "
                            f"when reads have been quiet for {defaults.COMPLETE_IDLE:g} s, fetch the "
                            "rest of every file the start read part of, so the next mount serves it "

@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, DeadlineOpt, HedgeOpt, ProfileOpt,
-                               ReadaheadOpt, ServerOpt, SiblingsOpt, StoreOpt, err, source)
+from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, DeadlineOpt, HedgeOpt, NodeOpt,
+                               ProfileOpt, ReadaheadOpt, ServerOpt, SiblingsOpt, StoreOpt, err, source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
@@ -29,6 +29,7 @@ def mount(
     profile: str = ProfileOpt,
     data_path: str = DataPathOpt,
     complete: bool = CompleteOpt,
+    node: bool = NodeOpt,
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached until "
                                     "unmounted; serves through FUSE (the kernel path's overlay is "
                                     "mounted by the detached client)."),
@@ -60,12 +61,46 @@ def mount(
         return
     if verbose:
         logging.basicConfig(level=logging.INFO, format="lazyfs: %(message)s")
+    if node and not (trace or debug or log_file) and _node_enabled():
+        # The image's shared mount, bound onto the mountpoint (a trace or a debug log must see
+        # this mount's requests alone, so those mount on their own).
+        from lazyfs.node import client
+        got = client.call("bind", ref=ref, target=mountpoint, source=src.args(), cache_dir=cache_dir,
+                          data_path=data_path, profile=profile, complete=complete)
+        err.print(f"mounted {ref} ({got['digest'][:19]}) on {got['target']}: the node's shared mount "
+                  f"of it (daemon pid {got['daemon_pid']})", highlight=False)
+        if verbose:
+            err.print("data path: " + describe_layout(got["layout"]), highlight=False)
+        return
     state = mounts.mount(ref, mountpoint, src, cache_dir, log_file, debug=debug, trace=trace,
                          profile=profile, data_path=data_path, complete=complete)
     err.print(f"mounted {ref} ({state.digest[:19]}) on {state.mountpoint}; daemon pid {state.pid}, "
               f"log {state.log_file}", highlight=False)
     if verbose:
         err.print("data path: " + describe_layout(state.layout), highlight=False)
+
+
+def _node_enabled() -> bool:
+    from lazyfs.node import client
+    return client.enabled()
+
+
+def _node_target(mountpoint: str) -> str | None:
+    """The node agent's shared mount behind a `lazyfs mount` made through it, if it is one."""
+    from lazyfs.fs import mounts
+    if mounts.read_state(mountpoint) is not None or not _node_enabled():
+        return None
+    from lazyfs.errors import NodeError
+    from lazyfs.node import client
+    try:
+        answer = client.call("status", autostart=False)
+    except NodeError:
+        return None
+    target = os.path.realpath(mountpoint)
+    for image in answer["images"]:
+        if any(u["target"] == target for u in image["users"]):
+            return image["mountpoint"]
+    return None
 
 
 def describe_layout(layout: str) -> str:
@@ -79,6 +114,10 @@ def umount(mountpoint: str = typer.Argument(...),
            lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy.")):
     from lazyfs.fs import mounts
 
+    if _node_target(mountpoint) is not None:
+        from lazyfs.node import client
+        client.call("unbind", target=mountpoint, lazy=lazy, autostart=False)
+        return
     mounts.umount(mountpoint, lazy=lazy)
 
 
@@ -87,4 +126,4 @@ def umount(mountpoint: str = typer.Argument(...),
 def stats(mountpoint: str = typer.Argument(...)):
     from lazyfs.fs import control
 
-    print(json.dumps(control.query(mountpoint), indent=2))
+    print(json.dumps(control.query(_node_target(mountpoint) or mountpoint), indent=2))

@@ -9,7 +9,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, DeadlineOpt,
-                               EnvOpt, HedgeOpt,
+                               EnvOpt, HedgeOpt, NodeOpt,
                                NetworkOpt, ProfileOpt, ReadaheadOpt, RuntimeOpt, ServerOpt,
                                SiblingsOpt, StoreOpt, UserOpt, WorkdirOpt, parse_duration, sayer,
                                source)
@@ -35,6 +35,7 @@ def run(
     profile: str = ProfileOpt,
     data_path: str = DataPathOpt,
     complete: bool = CompleteOpt,
+    node: bool = NodeOpt,
     runtime: str = RuntimeOpt,
     upper: Optional[str] = typer.Option(None, "--upper", help="Keep the writable layer in this "
                                         "directory (default: a temporary one, removed on exit)."),
@@ -74,7 +75,7 @@ def run(
     src = source(store, server, deadline, hedge_after, readahead, siblings)
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
                       network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
-                      profile=profile, data_path=data_path, complete=complete)
+                      profile=profile, data_path=data_path, complete=complete, node=node)
     say = sayer(verbose)
 
     def report(s: dict) -> None:

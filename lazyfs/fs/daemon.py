@@ -38,6 +38,7 @@ class DaemonArgs:
     layout: str = "fuse"
     runtime_dir: str = ""
     complete: bool = False  # fetch the rest of partly read files in the background
+    cache_size: int | None = None  # trim the node cache to this many bytes as it grows (lazyfs.cache.cap)
 
     def argv(self) -> list[str]:
         """The daemon's command line (``python -m lazyfs.fs.daemon ARGV``)."""
@@ -53,6 +54,8 @@ class DaemonArgs:
             out += ["--layout", self.layout, "--runtime-dir", self.runtime_dir]
         if self.complete:
             out.append("--complete")
+        if self.cache_size:
+            out += ["--cache-size", str(self.cache_size)]
         return out + ["--", self.mountpoint]
 
     @classmethod
@@ -70,9 +73,10 @@ class DaemonArgs:
         p.add_argument("--layout", choices=("fuse", "kernel"), default="fuse")
         p.add_argument("--runtime-dir", default="")
         p.add_argument("--complete", action="store_true")
+        p.add_argument("--cache-size", type=int)
         a = p.parse_args(argv)
         return cls(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-                   a.debug, a.trace, a.profile, a.layout, a.runtime_dir, a.complete)
+                   a.debug, a.trace, a.profile, a.layout, a.runtime_dir, a.complete, a.cache_size)
 
 
 def serve(args: DaemonArgs) -> None:
@@ -86,7 +90,7 @@ def serve(args: DaemonArgs) -> None:
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
     ready_fd, trace = args.ready_fd, args.trace
     reader = source.open()
-    cache = NodeCache(cache_dir, reader.fetch_block)
+    cache = NodeCache(cache_dir, reader.fetch_block, cap_bytes=args.cache_size)
     prefetch: list = []  # the startup profile's Prefetcher (or None), once the manifest is in
     index, kernel_path = _index(reader, cache, args, prefetch)
     completer = None
@@ -200,6 +204,7 @@ def _prefetcher(reader, digest: str, manifest, cache, choice: str):
     if prof is None:
         return None
     wanted = profiles.plan(prof, manifest, digest)
+    cache.keep_longer = {d for d, _ in wanted}  # under a cap, what the next start needs goes last
     log.info("startup profile: prefetching %d blocks (%d bytes)", len(wanted), sum(n for _, n in wanted))
     return Prefetcher(cache, reader.fetch_blocks, wanted).start()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs import paths
-from lazyfs.errors import RunError
+from lazyfs.errors import LazyfsError, RunError
 from lazyfs.fs import mounts
 from lazyfs.fs import control
 from lazyfs.runner import helper, runtime as rt
@@ -46,6 +46,7 @@ class RunOptions:
     complete: bool = False  # lazyfs mount --complete
     stop_after: float | None = None  # send the command SIGTERM after this many seconds
     prepare_upper: Callable[[Path], None] | None = None  # add files to the writable layer first
+    node: bool = True  # share the image's mount through the node agent (lazyfs.node), if enabled
 
 
 def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
@@ -70,12 +71,46 @@ def resolve(opts: RunOptions) -> tuple[str, rt.Spec]:
         reader.close()
 
 
+def uses_node(opts: RunOptions) -> bool:
+    """Whether this run shares the image's mount through the node agent. A trace must see every
+    read of one run, so it mounts on its own."""
+    if not opts.node or opts.trace:
+        return False
+    from lazyfs.node import client
+    return client.enabled()
+
+
 def run(opts: RunOptions, say=lambda msg: None) -> int:
     runtime = rt.choose(opts.runtime)
-    digest, spec = resolve(opts)
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
-    image_mnt = rundir / "image"
-    image_mnt.mkdir(parents=True)
+    lease = _acquire(opts) if uses_node(opts) else None
+    try:
+        return _run(opts, runtime, rundir, lease, say)
+    finally:
+        if lease is not None:
+            from lazyfs.node import client
+            with _uninterrupted():
+                try:
+                    client.release(lease["lease"])
+                except LazyfsError as exc:  # the agent also drops it when it sees this process exit
+                    log.warning("handing back the image mount: %s", exc)
+
+
+def _acquire(opts: RunOptions) -> dict:
+    from lazyfs.node import client
+    return client.acquire(opts.ref, opts.source, opts.cache_dir, opts.data_path, opts.profile,
+                          opts.complete)
+
+
+def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) -> int:
+    if lease is None:
+        digest, spec = resolve(opts)
+        image_mnt = rundir / "image"
+    else:
+        digest, spec = lease["digest"], container_spec(lease["config"], opts)
+        image_mnt = Path(lease["mountpoint"])
+    rundir.mkdir(parents=True)
+    image_mnt.mkdir(exist_ok=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
     # The snapshot helper in a read-only layer of its own above the image: importable in every
     # run, never written into the image or the user's --upper.
@@ -88,11 +123,16 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
     name = f"lazyfs-{rundir.name}"
     stopped = threading.Event()  # set by a Ctrl-C or a stop: the runtime may not have finished
     try:
-        state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
-                             trace=opts.trace, profile=opts.profile, checked=True,
-                             data_path=opts.data_path, complete=opts.complete)
-        say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid}, data path "
-            f"{state.layout})")
+        if lease is None:
+            state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
+                                 trace=opts.trace, profile=opts.profile, checked=True,
+                                 data_path=opts.data_path, complete=opts.complete)
+            say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid}, data path "
+                f"{state.layout})")
+        else:
+            say(f"{'mounted' if lease['mounted'] else 'sharing'} {opts.ref} ({digest[:19]}) on "
+                f"{image_mnt} through the node agent (daemon {lease['daemon_pid']}, data path "
+                f"{lease['layout']})")
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))
@@ -107,7 +147,7 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
         raise
     finally:
         with _uninterrupted():
-            _teardown(runtime, name, overlay, image_mnt, stopped.is_set())
+            _teardown(runtime, name, overlay, image_mnt if lease is None else None, stopped.is_set())
             # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
             shutil.rmtree(rundir, ignore_errors=True)
 
@@ -126,7 +166,7 @@ def _uninterrupted():
         signal.signal(signal.SIGINT, old)
 
 
-def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path, stopped: bool) -> None:
+def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None, stopped: bool) -> None:
     """Everything a run set up goes, whatever happened. A Ctrl-C reaches podman too, and one
     that comes while it starts the container kills the client and leaves the container behind
     (created, or running under conmon, its mount namespace pinning the image mount)."""
@@ -136,6 +176,8 @@ def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path, stoppe
     elif stopped:
         rt.force_stop(runtime, name)  # a container podman created but never started
     overlay.unmount()
+    if image_mnt is None:
+        return  # the node agent's shared mount: handed back, not unmounted
     # Whether the mount got as far as mounting is asked of the kernel, not of a flag: a Ctrl-C
     # can land between the daemon answering and mount() returning.
     if mounts.mount_entry(str(image_mnt)) or mounts.is_stale(str(image_mnt)):

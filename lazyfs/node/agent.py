@@ -1,0 +1,359 @@
+"""`lazyfs node`: the resident agent. One process, one thread, one selector loop.
+
+It keeps the shared mounts (lazyfs.node.table), the open stores and fleets and the image configs
+they gave, and the node cache's cap. It is never in the data path: each shared mount is served by
+its own mount daemon (lazyfs.fs.daemon), a separate process that holds the FUSE connection and
+outlives the agent. So a SIGKILL or an upgrade of the agent cannot break a container's reads; the
+next agent adopts the mounts from their state files (table.load_all) and goes on counting users.
+
+Single-threaded on purpose: a mount daemon, and a `lazyfs run` started through the agent
+(lazyfs.node.zygote), are forked from it, which is only safe with one thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs import paths
+from lazyfs.errors import LazyfsError, MountError, NodeError
+from lazyfs.fs import mounts
+from lazyfs.node import table, wire
+from lazyfs.node.metrics import Metrics
+from lazyfs.node.table import Lease, Shared
+
+log = logging.getLogger("lazyfs.node")
+TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
+BUSY_RETRY = 1.0  # an idle mount that is still busy (a container outlived its run) is tried again
+
+
+@dataclass
+class AgentOptions:
+    socket: Path
+    idle: float  # seconds an unused shared mount stays
+    cache_size: int | None  # bytes; None: no cap
+    metrics: str | None  # HOST:PORT for /metrics, or None
+    takeover: bool = False
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions):
+        self.opts = opts
+        self.sel = selectors.DefaultSelector()
+        self.shared: dict[str, Shared] = {}
+        self.readers: dict[tuple, object] = {}  # source args → open BlockSource (the fetchers)
+        self.configs: dict[str, dict] = {}  # manifest digest → image config
+        self.pidfds: dict[int, tuple[str, str]] = {}  # pidfd → (shared key, lease id)
+        self.stopping = False
+        self.handoff = False
+        self.metrics = Metrics(self)
+        self.listener: socket.socket | None = None
+        self.next_tick = 0.0
+        from lazyfs.node import handlers  # the request handlers, one module
+        self.handlers = handlers
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def run(self, ready=lambda msg: None) -> int:
+        self._claim_socket()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(wake_r, selectors.EVENT_READ, lambda s: s.recv(64))
+        self._adopt()
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.metrics.start(self.sel)
+        ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
+        _sd_notify("READY=1")
+        try:
+            while not self.stopping:
+                timeout = max(0.0, min(self.next_tick, self._next_idle()) - time.monotonic())
+                for key, _ in self.sel.select(timeout):
+                    key.data(key.fileobj)
+                self._tick()
+        finally:
+            signal.set_wakeup_fd(-1)
+            self._shutdown()
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _claim_socket(self) -> None:
+        path = self.opts.socket
+        if len(os.fsencode(path)) > 100:
+            raise NodeError(f"socket path {path} is too long for a Unix socket (at most 100 bytes); "
+                            "set --socket or LAZYFS_NODE_SOCKET")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        paths.node_dir().mkdir(parents=True, exist_ok=True)
+        os.chmod(paths.node_dir(), 0o700)
+        if path.exists():
+            pid = _live_agent(path)
+            if pid is not None and not self.opts.takeover:
+                raise NodeError(f"a node agent already runs on {path} (pid {pid}); "
+                                "`lazyfs node --takeover` replaces it without unmounting anything")
+            if pid is not None:
+                _hand_off(path, pid)
+            path.unlink(missing_ok=True)  # stale: its agent died without removing it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no moment where another user can connect
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listener = sock
+        (paths.node_dir() / "agent.pid").write_text(f"{os.getpid()}\n")
+
+    def _shutdown(self) -> None:
+        """SIGTERM: unmount what nobody uses; leave what containers use for the next agent."""
+        if self.listener is not None:
+            self.listener.close()
+            if _live_agent(self.opts.socket) is None:
+                self.opts.socket.unlink(missing_ok=True)
+        self.metrics.stop()
+        if not self.handoff:
+            for shared in list(self.shared.values()):
+                if not shared.leases:
+                    self.unmount(shared)
+        for reader in self.readers.values():
+            try:
+                reader.close()
+            except Exception:  # a store that fails to close must not keep the agent up
+                pass
+        log.info("node agent %d stopped; %d mount(s) left for the next agent", os.getpid(), len(self.shared))
+
+    # -- connections ----------------------------------------------------------------------------
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        pid, uid, _ = wire.peer_credentials(conn)
+        if uid != 0:
+            wire.send(conn, {"ok": False, "error": "the node agent serves root only", "kind": "NodeError"})
+            conn.close()
+            return
+        conn.settimeout(10.0)  # a client that stops reading must not stall the agent for long
+        reader = wire.LineReader(conn)
+        self.sel.register(conn, selectors.EVENT_READ, lambda c: self._readable(c, reader, pid))
+
+    def _readable(self, conn: socket.socket, reader: wire.LineReader, pid: int) -> None:
+        try:
+            alive = reader.feed()
+            while (line := reader.line()) is not None:
+                self._answer(conn, wire.decode(line), reader, pid)
+        except (OSError, NodeError) as exc:
+            log.debug("client %d: %s", pid, exc)
+            alive = False
+        if not alive or conn.fileno() < 0:
+            self._close(conn, reader)
+
+    def _close(self, conn: socket.socket, reader: wire.LineReader) -> None:
+        try:
+            self.sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        for fd in reader.fds:
+            os.close(fd)
+        reader.fds.clear()
+        conn.close()
+
+    def _answer(self, conn: socket.socket, req: dict, reader: wire.LineReader, pid: int) -> None:
+        op = req.get("op")
+        fn = getattr(self.handlers, f"op_{op}", None) if isinstance(op, str) else None
+        self.metrics.requests.labels(op=str(op) if fn else "unknown").inc()
+        if fn is None:
+            wire.send(conn, {"ok": False, "error": f"unknown request {op!r}", "kind": "NodeError"})
+            return
+        try:
+            answer = fn(self, req, pid, conn, reader)
+        except LazyfsError as exc:
+            answer = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
+        except OSError as exc:
+            answer = {"ok": False, "error": str(exc), "kind": "OSError"}
+        if answer is not None:  # None: the handler handed the connection on (zygote)
+            wire.send(conn, {"ok": True, **answer} if "ok" not in answer else answer)
+
+    # -- shared mounts --------------------------------------------------------------------------
+    def add_lease(self, shared: Shared, lease: Lease) -> None:
+        shared.leases.append(lease)
+        shared.idle_since = None
+        table.save(shared)
+        if lease.kind == "run":
+            self._watch(shared, lease)
+
+    def drop_lease(self, shared: Shared, lease_id: str) -> None:
+        shared.leases = [x for x in shared.leases if x.id != lease_id]
+        for fd, (k, lid) in list(self.pidfds.items()):
+            if lid == lease_id:
+                self._unwatch(fd)
+        if not shared.leases:
+            shared.idle_since = time.time()
+            if self.opts.idle <= 0:
+                self.unmount(shared)
+                return
+        table.save(shared)
+
+    def _watch(self, shared: Shared, lease: Lease) -> None:
+        try:
+            fd = os.pidfd_open(lease.pid)
+        except ProcessLookupError:
+            self.drop_lease(shared, lease.id)
+            return
+        self.pidfds[fd] = (shared.key, lease.id)
+        self.sel.register(fd, selectors.EVENT_READ, self._holder_exited)
+
+    def _unwatch(self, fd: int) -> None:
+        self.pidfds.pop(fd, None)
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(fd)
+
+    def _holder_exited(self, fd: int) -> None:
+        key, lease_id = self.pidfds.get(fd, (None, None))
+        self._unwatch(fd)
+        shared = self.shared.get(key)
+        if shared is not None and any(x.id == lease_id for x in shared.leases):
+            log.info("%s: a user exited without handing its lease back; dropping it", shared.ref)
+            self.drop_lease(shared, lease_id)
+
+    def unmount(self, shared: Shared) -> bool:
+        """Unmount an unused shared mount; False (and tried again later) while it is busy."""
+        t0 = time.monotonic()
+        self.metrics.snapshot(shared)
+        try:
+            if mounts.mount_entry(shared.mountpoint) or mounts.is_stale(shared.mountpoint):
+                mounts.umount(shared.mountpoint, timeout=5.0)
+        except MountError as exc:
+            if "busy" in str(exc):
+                log.warning("%s: idle but still busy (a container outlived its run?); trying again",
+                            shared.ref)
+                shared.idle_since = time.time() - self.opts.idle + BUSY_RETRY
+                return False
+            log.warning("%s: %s", shared.ref, exc)
+        self.shared.pop(shared.key, None)
+        self.metrics.retire(shared)
+        table.forget(shared)
+        try:
+            os.rmdir(shared.mountpoint)
+        except OSError:
+            pass
+        self.metrics.unmounts.inc()
+        self.metrics.unmount_seconds.observe(time.monotonic() - t0)
+        log.info("%s: unmounted after %.0f s idle (%.3f s)", shared.ref,
+                 time.time() - (shared.idle_since or time.time()), time.monotonic() - t0)
+        return True
+
+    def _next_idle(self) -> float:
+        due = [s.idle_since + self.opts.idle for s in self.shared.values()
+               if not s.leases and s.idle_since is not None]
+        if not due:
+            return float("inf")
+        return time.monotonic() + max(0.0, min(due) - time.time())
+
+    def _tick(self) -> None:
+        now = time.time()
+        for shared in list(self.shared.values()):
+            if not shared.leases and shared.idle_since is not None and now >= shared.idle_since + self.opts.idle:
+                self.unmount(shared)
+        if time.monotonic() < self.next_tick:
+            return
+        self.next_tick = time.monotonic() + TICK
+        _reap()
+        for shared in list(self.shared.values()):
+            self.handlers.check(self, shared)
+        if self.opts.cache_size:
+            self.handlers.enforce_cap(self)
+
+    def _adopt(self) -> None:
+        """Take over the mounts a previous agent left: live ones with their live users; dead
+        ones (their daemon died too) are cleaned away."""
+        for shared in table.load_all():
+            if not os.path.isdir(shared.mountpoint) or mounts.is_stale(shared.mountpoint) or \
+                    not mounts.mount_entry(shared.mountpoint):
+                log.warning("%s: its mount died with the previous agent's run; cleaning it", shared.ref)
+                mounts.clean_stale(shared.mountpoint)
+                table.forget(shared)
+                shutil.rmtree(shared.mountpoint, ignore_errors=True)
+                continue
+            live = [x for x in shared.leases if x.holder_alive()]
+            shared.leases = []
+            self.shared[shared.key] = shared
+            for lease in live:
+                self.add_lease(shared, lease)
+            if not live:
+                shared.idle_since = shared.idle_since or time.time()
+                table.save(shared)
+            log.info("adopted %s (%s) with %d user(s)", shared.ref, shared.mountpoint, len(live))
+
+
+def _reap() -> None:
+    """Collect exited children (mount daemons after their unmount, forked runs)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _live_agent(path: Path) -> int | None:
+    """The pid of the agent answering on ``path``, or None if nothing answers (a stale socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(str(path))
+        wire.send(sock, {"op": "hello"})
+        answer = wire.LineReader(sock).read_message() or {}
+        return int(answer.get("pid", 0)) or None
+    except (OSError, NodeError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def _hand_off(path: Path, pid: int) -> None:
+    """Ask the running agent to leave everything mounted and exit, and wait until it has."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10.0)
+    try:
+        sock.connect(str(path))
+        wire.send(sock, {"op": "handoff"})
+        wire.LineReader(sock).read_message()
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 10.0
+    while table.proc_start(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if table.proc_start(pid) is not None:
+        raise NodeError(f"the running agent (pid {pid}) did not hand over within 10 s")
+
+
+def _sd_notify(state: str) -> None:
+    """systemd's Type=notify readiness: one datagram to $NOTIFY_SOCKET, if there is one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(state.encode(), addr)
+        except OSError as exc:
+            log.warning("NOTIFY_SOCKET %s: %s", addr, exc)

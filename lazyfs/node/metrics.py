@@ -1,0 +1,124 @@
+"""The agent's Prometheus metrics, served at ``/metrics`` on a local port from its own loop.
+
+prometheus_client's own server runs a thread; the agent stays single-threaded (it forks), so it
+answers scrapes itself: one small HTTP/1.0 exchange per connection, bounded in size and time.
+"""
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("lazyfs.node")
+
+
+class Metrics:
+    def __init__(self, agent):
+        self.agent = agent
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lazyfs_node_requests", "Requests to the agent", ["op"], registry=r)
+        self.mounts = Counter("lazyfs_node_mounts", "Shared mounts made", registry=r)
+        self.reuses = Counter("lazyfs_node_mount_reuses", "Users given a mount already up", registry=r)
+        self.unmounts = Counter("lazyfs_node_unmounts", "Idle shared mounts unmounted", registry=r)
+        self.mount_seconds = Histogram("lazyfs_node_mount_seconds", "Time to mount an image", registry=r)
+        self.unmount_seconds = Histogram("lazyfs_node_unmount_seconds", "Time to unmount an idle image",
+                                         registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+        self.last_counters: dict[str, dict] = {}  # shared key → its daemon's counters, last asked
+        self.retired: dict[str, tuple[int, int]] = {}  # cache dir → (hits, misses) of mounts gone
+        r.register(_Live(self))
+        self.listener: socket.socket | None = None
+        self.address: str | None = None
+
+    def start(self, sel: selectors.BaseSelector) -> None:
+        spec = self.agent.opts.metrics
+        if not spec:
+            return
+        host, _, port = spec.rpartition(":")
+        try:
+            sock = socket.create_server((host or "127.0.0.1", int(port)))
+        except (OSError, ValueError) as exc:
+            log.warning("metrics: cannot listen on %s (%s); serving none", spec, exc)
+            return
+        sock.setblocking(False)
+        self.listener = sock
+        self.address = "%s:%d" % sock.getsockname()[:2]
+        sel.register(sock, selectors.EVENT_READ, self._serve)
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def snapshot(self, shared) -> None:
+        """Ask a mount's daemon for its counters now (before an unmount takes it away)."""
+        from lazyfs.fs import control
+        from lazyfs.errors import MountError
+        try:
+            self.last_counters[shared.key] = control.query(shared.mountpoint, timeout=1.0)
+        except MountError:
+            pass
+
+    def retire(self, shared) -> None:
+        """Keep an unmounted image's last counters in its cache's hit ratio."""
+        c = self.last_counters.pop(shared.key, {}).get("cache", {})
+        hits, misses = self.retired.get(shared.options["cache_dir"], (0, 0))
+        self.retired[shared.options["cache_dir"]] = (hits + c.get("hits", 0), misses + c.get("misses", 0))
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+    def _serve(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                path = head.split(b" ")[1] if head.count(b" ") >= 2 else b""
+                if path.split(b"?")[0] == b"/metrics":
+                    body, status = generate_latest(self.registry), b"200 OK"
+                else:
+                    body, status = b"see /metrics\n", b"404 Not Found"
+                conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+
+
+class _Live:
+    """What is true now, asked at scrape time: images, users, cache use and hits."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        from lazyfs.fs import control
+        from lazyfs.errors import MountError
+        agent = self.metrics.agent
+        images = GaugeMetricFamily("lazyfs_node_images", "Shared mounts up")
+        users = GaugeMetricFamily("lazyfs_node_users", "Leases on shared mounts", labels=["kind"])
+        hits = GaugeMetricFamily("lazyfs_node_cache_hits", "Cache hits of the mounts up", labels=["image"])
+        misses = GaugeMetricFamily("lazyfs_node_cache_misses", "Blocks fetched by the mounts up", labels=["image"])
+        images.add_metric([], len(agent.shared))
+        kinds = {"run": 0, "mount": 0}
+        for s in agent.shared.values():
+            for lease in s.leases:
+                kinds[lease.kind] = kinds.get(lease.kind, 0) + 1
+            try:
+                self.metrics.last_counters[s.key] = control.query(s.mountpoint, timeout=1.0)
+            except MountError:
+                continue
+            c = self.metrics.last_counters[s.key].get("cache", {})
+            hits.add_metric([s.ref], c.get("hits", 0))
+            misses.add_metric([s.ref], c.get("misses", 0))
+        for kind, n in kinds.items():
+            users.add_metric([kind], n)
+        yield from (images, users, hits, misses)

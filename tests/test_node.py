@@ -1,0 +1,244 @@
+"""The node agent (`lazyfs node`): shared mounts, idle unmount, surviving its own SIGKILL, the cache
+cap, start on demand, stale sockets, root only. Real mounts, real runs, real agent processes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import busybox_rootfs, lazyfs_cli, lazyfs_mounts
+
+pytestmark = pytest.mark.mount
+RUN = ("run", "--runtime", "namespaces")
+
+
+@pytest.fixture
+def node(env_dirs, tmp_path, monkeypatch):
+    """The agent turned on, on a short socket path, unmounting 1 s after the last user leaves.
+    Whatever agent the test started is stopped afterwards, and what it left mounted goes too."""
+    sockdir = Path(tempfile.mkdtemp(prefix="lzn-", dir="/tmp"))
+    env = {"LAZYFS_NODE": "auto", "LAZYFS_NODE_SOCKET": str(sockdir / "node.sock"),
+           "LAZYFS_NODE_METRICS": "127.0.0.1:0", "LAZYFS_NODE_IDLE": "1s"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield env
+    pidfile = Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.pid"
+    if pidfile.exists():
+        _stop(int(pidfile.read_text()))
+    for mp in sorted(lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    subprocess.run(["rm", "-rf", str(sockdir)])
+
+
+def _stop(pid: int, sig=signal.SIGTERM) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.025)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _status() -> dict:
+    return json.loads(lazyfs_cli("node", "status", "--json").stdout)
+
+
+def _image(tmp_path: Path, files: dict[str, bytes], tag: str = "node/app:1") -> str:
+    root = busybox_rootfs(tmp_path / "rootfs")
+    for applet in ("dd", "md5sum", "true"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "data").mkdir()
+    for name, data in files.items():
+        (root / "data" / name).write_bytes(data)
+    lazyfs_cli("build", f"dir:{root}", "--tag", tag)
+    return tag
+
+
+def _random(n: int, seed: int) -> bytes:
+    return hashlib.shake_256(str(seed).encode()).digest(n)
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lazyfs.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_share_one_mount_until_the_grace_period_ends(node, tmp_path):
+    data = _random(3 << 20, 1)
+    tag = _image(tmp_path, {"a": data})
+    first = _cli(*RUN, "-v", tag, "--", "sh", "-c", "sha256sum /data/a; echo started; sleep 3")
+    try:
+        assert first.stdout.readline().split()[0] == hashlib.sha256(data).hexdigest()
+        assert first.stdout.readline().strip() == "started"
+        before = _status()["images"]
+        assert len(before) == 1 and len(before[0]["users"]) == 1
+        fetched = before[0]["counters"]["cache"]["misses"]
+        second = lazyfs_cli(*RUN, "-v", tag, "--", "sha256sum", "/data/a")
+        assert second.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+        assert "sharing" in second.stderr and "mounted " not in second.stderr.split("sharing")[0]
+        after = _status()["images"]
+        assert len(after) == 1 and after[0]["mountpoint"] == before[0]["mountpoint"]
+        assert after[0]["daemon_pid"] == before[0]["daemon_pid"]
+        assert after[0]["counters"]["cache"]["misses"] == fetched  # the second start fetched nothing
+    finally:
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    released = time.monotonic()
+    assert [len(i["users"]) for i in _status()["images"]] == [0]  # still up: the grace period
+    _wait(lambda: not _status()["images"], 10, "the idle unmount")
+    assert time.monotonic() - released >= 0.9
+    assert not lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
+
+
+def test_agent_killed_while_readers_read_is_taken_over(node, tmp_path, env_dirs):
+    files = {f"f{i}": _random(4 << 20, 10 + i) for i in range(4)}
+    tag = _image(tmp_path, files)
+    agent = _cli("node")
+    assert "ready" in agent.stdout.readline()
+    # Each reader reads its file a MiB at a time with pauses, so most of it is read (and fetched
+    # through the image's mount daemon) after the agent is gone.
+    slow = "for i in 0 1 2 3; do dd if=/data/{n} bs=1M skip=$i count=1 2>/dev/null; sleep 0.5; done | sha256sum"
+    readers = [_cli(*RUN, tag, "--", "sh", "-c", slow.format(n=n)) for n in files]
+    try:
+        (image,) = _wait(lambda: [i for i in _status()["images"] if len(i["users"]) == 4], 30, "4 users")
+        agent.kill()
+        agent.wait()
+        from lazyfs.fs import control
+        at_kill = control.query(image["mountpoint"])["cache"]["misses"]
+        time.sleep(0.3)
+        second = _cli("node")
+        assert "1 mount(s) adopted" in second.stdout.readline()
+        adopted = _status()["images"]
+        assert len(adopted) == 1 and 1 <= len(adopted[0]["users"]) <= 4
+        for n, proc in zip(files, readers):
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert out.split()[0] == hashlib.sha256(files[n]).hexdigest(), n
+        # The image's daemon kept fetching for them while no agent ran.
+        assert control.query(image["mountpoint"])["cache"]["misses"] > at_kill
+        _wait(lambda: not _status()["images"], 10, "the idle unmount after the readers")
+        assert not lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])
+    finally:
+        for proc in readers:
+            if proc.poll() is None:
+                proc.kill()
+        _stop(agent.pid, signal.SIGKILL)
+    second.terminate()
+    assert second.wait(timeout=15) == 0
+
+
+def test_cache_cap_holds_under_twice_its_size(node, tmp_path, env_dirs, monkeypatch):
+    from lazyfs.cache import cap
+
+    limit = 4 << 20
+    monkeypatch.setenv("LAZYFS_NODE_CACHE_SIZE", str(limit))
+    files = {f"f{i}": _random(1 << 20, 100 + i) for i in range(8)}
+    tag = _image(tmp_path, files)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], cap.usage(env_dirs["LAZYFS_CACHE_DIR"])[1])
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for _ in range(2):  # twice through: what the first pass evicted is fetched again
+            out = lazyfs_cli(*RUN, tag, "--", "sh", "-c", "md5sum /data/*").stdout
+            sums = dict(line.split()[::-1] for line in out.splitlines())
+            assert sums == {f"/data/{n}": hashlib.md5(d).hexdigest() for n, d in files.items()}
+    finally:
+        stop.set()
+        sampler.join()
+    # A trim runs each time a tenth of the cap was written; blocks in flight add one block each.
+    assert peak[0] <= limit * 1.3, f"cache reached {peak[0]} bytes under a {limit}-byte cap"
+    assert cap.usage(env_dirs["LAZYFS_CACHE_DIR"])[1] <= limit
+
+
+def test_start_on_demand_replaces_a_stale_socket(node, tmp_path):
+    tag = _image(tmp_path, {"x": b"x\n"})
+    path = node["LAZYFS_NODE_SOCKET"]
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)  # what a SIGKILLed agent leaves: a socket file nobody listens on
+    dead.close()
+    assert os.path.exists(path)
+    r = lazyfs_cli(*RUN, tag, "--", "cat", "/data/x")
+    assert r.stdout == "x\n"
+    assert _status()["agent"]["pid"] > 0
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_non_root_gets_a_clear_error(node, tmp_path):
+    proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                           sys.executable, "-m", "lazyfs.cli", *RUN, "some/image:1", "--", "true"],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": "/"})
+    assert proc.returncode == 1
+    assert "root only" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_mount_and_umount_through_the_agent(node, tmp_path):
+    tag = _image(tmp_path, {"m": b"mounted\n"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazyfs_cli("mount", tag, mnt)
+    try:
+        assert (mnt / "data" / "m").read_bytes() == b"mounted\n"
+        (users,) = [i["users"] for i in _status()["images"]]
+        assert [u["kind"] for u in users] == ["mount"] and users[0]["target"] == str(mnt)
+        assert json.loads(lazyfs_cli("stats", mnt).stdout)["cache"]["misses"] >= 1
+    finally:
+        lazyfs_cli("umount", mnt)
+    assert not os.path.ismount(mnt)
+    _wait(lambda: not _status()["images"], 10, "the idle unmount")
+
+
+def test_takeover_replaces_a_running_agent_without_unmounting(node, tmp_path):
+    tag = _image(tmp_path, {"t": b"still here\n"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    first = _cli("node")
+    assert "ready" in first.stdout.readline()
+    lazyfs_cli("mount", tag, mnt)
+    refused = lazyfs_cli("node", check=False, timeout=30)
+    assert refused.returncode == 1 and "--takeover" in refused.stderr
+    second = _cli("node", "--takeover")
+    try:
+        assert "1 mount(s) adopted" in second.stdout.readline()
+        assert first.wait(timeout=15) == 0
+        assert (mnt / "data" / "t").read_bytes() == b"still here\n"
+        assert [len(i["users"]) for i in _status()["images"]] == [1]
+        lazyfs_cli("umount", mnt)
+        _wait(lambda: not _status()["images"], 10, "the idle unmount")
+    finally:
+        second.terminate()
+        second.wait(timeout=15)

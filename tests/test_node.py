@@ -180,8 +180,8 @@ def test_cache_cap_holds_under_twice_its_size(node, tmp_path, env_dirs, monkeypa
     finally:
         stop.set()
         sampler.join()
-    # A trim runs each time a tenth of the cap was written; blocks in flight add one block each.
-    assert peak[0] <= limit * 1.3, f"cache reached {peak[0]} bytes under a {limit}-byte cap"
+    # Room is made before each block is written, so the cap holds at every moment.
+    assert peak[0] <= limit, f"cache reached {peak[0]} bytes under a {limit}-byte cap"
     assert cap.usage(env_dirs["LAZYFS_CACHE_DIR"])[1] <= limit
 
 

@@ -128,8 +128,9 @@ class Completer:
         dest = self.path(oid)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # NodeCache.read hands out only bytes that match the digest.
-        atomic_write_parts(dest, (self.cache.read(c.digest, c.size, 0, c.size) for c in chunks),
-                           self.cache.root / "tmp", mode=0o444)
+        with self.cache.room(sum(c.size for c in chunks)):
+            atomic_write_parts(dest, (self.cache.read(c.digest, c.size, 0, c.size) for c in chunks),
+                               self.cache.root / "tmp", mode=0o444)
         size = sum(c.size for c in chunks)
         self.stats.add(objects_written=1, object_bytes=size)
         log.info("object %s complete (%d chunks, %d bytes): served by the kernel from the next "

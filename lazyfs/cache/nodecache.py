@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,13 @@ class NodeCache:
                  prefetch_threads: int = 8, claim_wait: float = CLAIM_WAIT,
                  memory_fallback: int = MEMORY_FALLBACK, cap_bytes: int | None = None):
         self.root = Path(root)
-        # The node's cap (lazyfs node --cache-size): trimmed each time a tenth of it was written
-        # here; ``keep_longer`` (the startup profile's blocks) go last.
+        # The node's cap (lazyfs node --cache-size): room is made before a block is written, so
+        # the cache never grows past it; ``keep_longer`` (the startup profile's blocks) go last.
         self.cap_bytes = cap_bytes
         self.keep_longer: set[str] = set()
-        self._written_since_trim = cap_bytes or 0  # trim at the first write: others filled it too
+        self._cap_lock = threading.Lock()
+        self._cap_estimate: int | None = None  # bytes on disk: scanned at a trim, plus writes since
+        self._cap_pending = 0  # bytes being written now
         self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
@@ -259,7 +262,8 @@ class NodeCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
             # is, with no re-hash, so a power cut must not leave a torn block under its name.
-            atomic_write(path, data, self.root / "tmp", durable=True)
+            with self.room(len(data)):
+                atomic_write(path, data, self.root / "tmp", durable=True)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so
@@ -275,21 +279,34 @@ class NodeCache:
                 back, self._disk_refused_at = self._disk_refused_at is not None, None
             if back:
                 log.warning("cache: writing blocks to %s again", self.root)
-        if self.cap_bytes:
-            self._count_toward_cap(len(data))
         return True
 
-    def _count_toward_cap(self, n: int) -> None:
-        with self._lock:
-            self._written_since_trim += n
-            due = self._written_since_trim >= self.cap_bytes // 10
-            if due:
-                self._written_since_trim = 0
-        if due:
-            from lazyfs.cache import cap
-            report = cap.trim(self.root, self.cap_bytes, self.keep_longer)
-            if report.evicted:
-                self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
+    @contextmanager
+    def room(self, n: int):
+        """Write ``n`` bytes into the cache inside this block, under the cap (if there is one):
+        when they would not fit, it trims first. Every writer into the cache uses it (blocks
+        here, whole files in the completer). Writes in flight are counted until they land, so
+        blocks written at once cannot overshoot together; what other processes wrote meanwhile
+        is seen at the next trim's scan."""
+        if not self.cap_bytes:
+            yield
+            return
+        from lazyfs.cache import cap
+        with self._cap_lock:
+            if self._cap_estimate is None or self._cap_estimate + self._cap_pending + n > self.cap_bytes:
+                report = cap.trim(self.root, max(0, self.cap_bytes - self._cap_pending - n), self.keep_longer)
+                self._cap_estimate = report.bytes_before - report.evicted_bytes
+                if report.evicted:
+                    self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
+                    log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
+                             report.evicted, report.evicted_bytes, self.cap_bytes)
+            self._cap_pending += n
+        try:
+            yield
+        finally:
+            with self._cap_lock:
+                self._cap_pending -= n
+                self._cap_estimate += n
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a

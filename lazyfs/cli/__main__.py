@@ -1,3 +1,3 @@
-from lazyfs.cli import main
+from lazyfs.entry import main
 
 main()

@@ -38,7 +38,7 @@ class Layout:
 
     def lowerdir(self) -> str:
         data = [*self.locals, self.fuse]
-        return _escape(self.meta) + "".join("::" + _escape(d) for d in data)
+        return escape(self.meta) + "".join("::" + escape(d) for d in data)
 
 
 def image_path(cache_dir: str | os.PathLike, digest: str) -> Path:
@@ -119,6 +119,6 @@ def mount_one(source: str, target: str, fstype: str, flags: int, data: str | Non
                             if err in (errno.EINVAL, errno.ENOTBLK, errno.EOPNOTSUPP) else ""))
 
 
-def _escape(path: Path) -> str:
+def escape(path: Path) -> str:
     """overlayfs option syntax: ':' separates layers and ',' options; a backslash escapes both."""
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")

@@ -78,6 +78,9 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
         return Forked(pid)
     code = 1
     try:
+        # Not the caller's signal wakeup fd (the node agent's self-pipe): its number is reused
+        # below, and a signal would write a byte into whatever file got it.
+        signal.set_wakeup_fd(-1)
         os.setsid()
         # Keep only stdio and the readiness pipe, as close_fds does on the exec path: an inherited
         # copy of the caller's stdout pipe would keep its reader waiting for the daemon to exit.
@@ -91,7 +94,7 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
         os.dup2(out, 2)
         os.close(null)
         os.close(out)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the caller's handlers are not ours
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         logging.basicConfig(force=True, stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

@@ -69,6 +69,8 @@ class Agent:
             signal.signal(sig, self._on_signal)
         self.sel.register(wake_r, selectors.EVENT_READ, lambda s: s.recv(64))
         self._adopt()
+        from lazyfs.node import zygote
+        zygote.preload()
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.metrics.start(self.sel)
         ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
@@ -151,13 +153,17 @@ class Agent:
     def _readable(self, conn: socket.socket, reader: wire.LineReader, pid: int) -> None:
         try:
             alive = reader.feed()
-            while (line := reader.line()) is not None:
+            while conn.fileno() >= 0 and (line := reader.line()) is not None:
                 self._answer(conn, wire.decode(line), reader, pid)
         except (OSError, NodeError) as exc:
             log.debug("client %d: %s", pid, exc)
             alive = False
         if not alive or conn.fileno() < 0:
             self._close(conn, reader)
+
+    def forget_connection(self, conn: socket.socket, reader: wire.LineReader) -> None:
+        """Stop serving a connection another process now answers on (our copy is closed)."""
+        self._close(conn, reader)
 
     def _close(self, conn: socket.socket, reader: wire.LineReader) -> None:
         try:

@@ -153,6 +153,24 @@ def op_unbind(agent, req, pid, conn, reader) -> dict:
     return {"known": False}
 
 
+def op_exec(agent, req, pid, conn, reader) -> dict | None:
+    """Start a `lazyfs run` from a fork of the agent (lazyfs.node.zygote)."""
+    from lazyfs.fs import spawn
+    from lazyfs.node import zygote
+    fds, reader.fds = reader.fds[:3], reader.fds[3:]
+    if len(fds) != 3 or not spawn.single_threaded():
+        for fd in fds:
+            os.close(fd)
+        return {"ok": False, "error": "cannot fork a run now", "kind": "NodeError"}
+    worker = zygote.start(conn, fds, req)
+    for fd in fds:
+        os.close(fd)
+    from lazyfs.node import wire
+    wire.send(conn, {"ok": True, "pid": worker})
+    agent.forget_connection(conn, reader)  # the worker answers on it from now on
+    return None
+
+
 def op_status(agent, req, pid, conn, reader) -> dict:
     images = []
     for s in agent.shared.values():

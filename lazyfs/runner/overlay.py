@@ -1,11 +1,13 @@
-"""A writable overlayfs layer over the read-only image mount: writes never reach the node cache."""
+"""A writable overlayfs layer over the read-only image mount: writes never reach the node cache.
+
+Mounted with mount(2), not mount(8): two processes fewer on every container start."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
-from lazyfs.errors import RunError
+from lazyfs.errors import MountError, RunError
+from lazyfs.fs import kernel
 
 
 class Overlay:
@@ -18,12 +20,12 @@ class Overlay:
     def mount(self) -> Path:
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
-        opts = f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}"
-        res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RunError(f"overlayfs mount on {self.merged} failed: {res.stderr.strip()} "
-                           "(needs root and an upper directory on a local filesystem)")
+        opts = (f"lowerdir={':'.join(kernel.escape(p) for p in self.lowers)},"
+                f"upperdir={kernel.escape(self.upper)},workdir={kernel.escape(self.work)}")
+        try:
+            kernel.mount_one("overlay", str(self.merged), "overlay", 0, opts)
+        except MountError as exc:
+            raise RunError(f"{exc} (needs root and an upper directory on a local filesystem)") from None
         self.mounted = True
         return self.merged
 
@@ -32,11 +34,10 @@ class Overlay:
         with ``detach_if_busy`` it is detached anyway (umount -l), else it stays mounted and the
         caller can stop what holds it first."""
         if not self.mounted and not os.path.ismount(self.merged):
-            return True  # (asked of the kernel too: a Ctrl-C can land while mount(8) runs)
-        res = subprocess.run(["umount", str(self.merged)], capture_output=True, text=True)
-        if res.returncode != 0:
+            return True  # (asked of the kernel too: a Ctrl-C can land while mount(2) runs)
+        if not kernel.unmount_one(str(self.merged)):
             if not detach_if_busy:
                 return False
-            subprocess.run(["umount", "-l", str(self.merged)], capture_output=True)
+            kernel.unmount_one(str(self.merged), lazy=True)
         self.mounted = False
         return True

@@ -129,7 +129,8 @@ def namespaces_command(rootfs: Path, spec: Spec) -> list[str]:
 
 def nsinit_command(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
     """lazyfs.runner.nsinit's command line for a spec (``extra``: more nsinit options)."""
-    cmd = [sys.executable, "-m", "lazyfs.runner.nsinit", *extra, "--rootfs", str(rootfs),
+    from lazyfs.runner import nsinit
+    cmd = [sys.executable, "-I", "-S", nsinit.__file__, *extra, "--rootfs", str(rootfs),
            "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
     if spec.user:
         cmd += ["--user", spec.user]

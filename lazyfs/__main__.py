@@ -1,0 +1,3 @@
+from lazyfs.entry import main
+
+main()

@@ -1,0 +1,84 @@
+"""Starting `lazyfs run` from the agent: fork, become the client's process, run the CLI.
+
+The agent has lazyfs (the CLI, the run path, the mount code) imported already, so a fork of it is
+a `lazyfs run` with no interpreter start and no imports. The forked worker takes the client's
+stdio descriptors, working directory and environment, runs the ordinary CLI code on the client's
+command line, and writes the exit status to the client's connection. It is a child of the agent,
+not of the client, so the terminal's Ctrl-C reaches only the client. The worker leads a process
+group of its own (its runtime and container are in it), and the client sends a SIGINT to that whole
+group, as a terminal sends it to its foreground group; other signals go to the worker, which
+handles them as `lazyfs run` always has.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+
+PRELOAD = ("lazyfs.cli", "lazyfs.cli.run", "lazyfs.runner.session", "lazyfs.runner.nsinit",
+           "lazyfs.node.client", "lazyfs.fs.control")
+
+
+def preload() -> None:
+    """Import what a run needs, once, in the agent (so that forks of it start warm)."""
+    import importlib
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import typer.main
+
+    import lazyfs.cli
+    lazyfs.cli._register(["lazyfs", "run"])
+    lazyfs.cli.prebuilt = typer.main.get_command(lazyfs.cli.app)
+
+
+def start(conn: socket.socket, fds: list[int], req: dict) -> int:
+    """Fork the worker; returns its pid (in the agent)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        code = _worker(conn, fds, req)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.sendall(b'{"exit": %d}\n' % code)
+        except BaseException:
+            pass
+        os._exit(code)
+
+
+def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    os.setsid()  # out of the agent's process group: its signals are not the run's
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    keep = {0, 1, 2, conn.fileno()}
+    for fd in os.listdir("/proc/self/fd"):
+        if int(fd) not in keep:
+            try:
+                os.close(int(fd))
+            except OSError:
+                pass
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+    logging.root.handlers.clear()
+    logging.getLogger("lazyfs.node").setLevel(logging.NOTSET)
+    sys.argv = ["lazyfs", *[str(a) for a in req["argv"]]]
+    from lazyfs.cli import main
+    main()
+    return 0

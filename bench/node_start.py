@@ -8,8 +8,8 @@ The minimal bench image (static busybox, bench/images.py) is built into a store 
 node cache, state directory and agent of its own (nothing is shared with the machine's). Cases:
 
 - ``warm``: `lazyfs run -- /bin/true` on an image the agent has mounted (namespaces runtime), and
-  the same with podman, beside `podman run --rootfs` of the same tree on its own (podman's own
-  cost); and `--no-node` (a mount per run, as before the agent) for comparison;
+  the same with podman, beside `podman run --rootfs` of a copy of the same tree on local disk
+  (podman's own cost); and `--no-node` (a mount per run, as before the agent) for comparison;
 - ``cold``: the image not mounted (the agent unmounts it when the run ends: --idle 0): time to the
   first line of output, with the node cache holding the image's blocks, and with it emptied first;
 - ``burst``: 10 runs started at once on a warm node: wall time, how many mounts, the agent's,
@@ -119,9 +119,12 @@ def run_cases(tag: str, store_src: Path, runs: int, say) -> dict:
             if shutil.which("podman") and shutil.which("runc"):
                 pod = [*LAZYFS, "run", "--runtime", "podman", tag, "--", *true]
                 result["warm_podman"] = _stats([_timed(pod, node.env) for _ in range(runs)])
-                mnt = node.status()["images"][0]["mountpoint"]
-                bare = ["podman", "--runtime", shutil.which("runc"), "run", "--rm", "--network", "none",
-                        "--rootfs", mnt, *true]
+                # podman on its own, on a copy of the same tree on local disk (it writes /etc).
+                rootfs = work / "podman-rootfs"
+                subprocess.run(["cp", "-a", node.status()["images"][0]["mountpoint"] + "/.", str(rootfs)],
+                               check=True)
+                from lazyfs.runner import runtime as rt
+                bare = rt.podman_command(rootfs, rt.Spec(argv=true), "lazyfs-bench-bare")
                 result["podman_alone"] = _stats([_timed(bare, node.env) for _ in range(runs)])
             say("burst: 10 at once")
             result["burst_10"] = _burst(node, [*run, "/bin/busybox", "sh", "-c", "sleep 1"])

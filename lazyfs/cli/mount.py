@@ -65,8 +65,8 @@ def mount(
         # The image's shared mount, bound onto the mountpoint (a trace or a debug log must see
         # this mount's requests alone, so those mount on their own).
         from lazyfs.node import client
-        got = client.call("bind", ref=ref, target=mountpoint, source=src.args(), cache_dir=cache_dir,
-                          data_path=data_path, profile=profile, complete=complete)
+        got = client.call("bind", ref=ref, target=os.path.abspath(mountpoint), data_path=data_path,
+                          profile=profile, complete=complete, **client.where(src, cache_dir))
         err.print(f"mounted {ref} ({got['digest'][:19]}) on {got['target']}: the node's shared mount "
                   f"of it (daemon pid {got['daemon_pid']})", highlight=False)
         if verbose:

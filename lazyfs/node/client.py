@@ -114,11 +114,23 @@ def call(op: str, autostart: bool = True, fds: list[int] = (), **fields) -> dict
     return answer
 
 
+def where(source, cache_dir: str | None) -> dict:
+    """The store and cache directory as this process means them (its environment's defaults, its
+    working directory), spelled so the agent, with its own environment and directory, reads the
+    same ones."""
+    from dataclasses import replace
+    store = source.store or (None if source.servers else paths.default_store())
+    if store and "://" not in store:
+        store = os.path.abspath(store)
+    return {"source": replace(source, store=store).args(),
+            "cache_dir": os.path.abspath(cache_dir or paths.default_cache_dir())}
+
+
 def acquire(ref: str, source, cache_dir: str | None, data_path: str, profile: str,
             complete: bool) -> dict:
     """A lease on the image's shared mount for this process: digest, mountpoint, config, lease."""
-    return call("acquire", ref=ref, source=source.args(), cache_dir=cache_dir, data_path=data_path,
-                profile=profile, complete=complete)
+    return call("acquire", ref=ref, data_path=data_path, profile=profile, complete=complete,
+                **where(source, cache_dir))
 
 
 def release(lease: str) -> None:

@@ -97,7 +97,12 @@ class Args:
 
 
 def main() -> None:
-    a = Args(sys.argv[1:])
+    enter(Args(sys.argv[1:]))
+
+
+def enter(a: Args) -> None:
+    """Set up the container root, chroot, drop privileges, exec; returns only by SystemExit.
+    Runs as the container's PID 1: in this script, or in a fork (lazyfs.runner.nsfork)."""
     if a.setsid:
         os.setsid()
     if a.stdio:

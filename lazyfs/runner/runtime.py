@@ -130,10 +130,24 @@ def namespaces_command(rootfs: Path, spec: Spec) -> list[str]:
 def nsinit_command(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
     """lazyfs.runner.nsinit's command line for a spec (``extra``: more nsinit options)."""
     from lazyfs.runner import nsinit
-    cmd = [sys.executable, "-I", "-S", nsinit.__file__, *extra, "--rootfs", str(rootfs),
-           "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
+    return [sys.executable, "-I", "-S", nsinit.__file__, *nsinit_args(rootfs, spec, *extra)]
+
+
+def nsinit_args(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
+    cmd = [*extra, "--rootfs", str(rootfs), "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
     if spec.user:
         cmd += ["--user", spec.user]
     for kv in spec.env:
         cmd += ["--env", kv]
     return cmd + ["--", *spec.argv]
+
+
+def start(runtime: str, rootfs: Path, spec: Spec, name: str):
+    """Start the container; a Popen, or for the namespaces runtime in a single-threaded caller a
+    forked equivalent of `unshare` + nsinit (lazyfs.runner.nsfork) that skips two program starts."""
+    if runtime == "namespaces":
+        from lazyfs.fs import spawn
+        if spawn.single_threaded():
+            from lazyfs.runner import nsfork
+            return nsfork.start(rootfs, spec)
+    return subprocess.Popen(command(runtime, rootfs, spec, name))

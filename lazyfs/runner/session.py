@@ -136,9 +136,8 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))
-        cmd = rt.command(runtime, rootfs, spec, name)
-        say("exec: " + " ".join(cmd))
-        code = _supervise(cmd, lambda: rt.force_stop(runtime, name), stopped, opts.stop_after)
+        code = _supervise(lambda: rt.start(runtime, rootfs, spec, name), lambda: rt.force_stop(runtime, name),
+                          stopped, opts.stop_after, say)
         if opts.report:
             opts.report(control.query(str(image_mnt)))
         return code
@@ -187,12 +186,13 @@ def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None,
             log.warning("unmounting %s: %s", image_mnt, exc)
 
 
-def _supervise(cmd: list[str], force_stop, stopped: threading.Event,
-               stop_after: float | None = None) -> int:
+def _supervise(start, force_stop, stopped: threading.Event, stop_after: float | None = None,
+               say=lambda msg: None) -> int:
     """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
     terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends.
     ``stopped`` is set when the run was stopped rather than left to end by itself."""
-    proc = subprocess.Popen(cmd)
+    proc = start()
+    say("exec: " + " ".join(map(str, proc.args)))
 
     def terminate() -> None:
         """docker-stop semantics: SIGTERM, SIGKILL after STOP_GRACE."""

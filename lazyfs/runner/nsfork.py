@@ -1,0 +1,147 @@
+"""The namespaces runtime without starting programs: `unshare --mount --pid --fork --kill-child
+--uts --ipc [--net] --propagation private` and nsinit, done by forks of the caller.
+
+`unshare` and a fresh interpreter for nsinit cost about 25 ms of every container start (measured
+in docs/node.md); a fork of a process that has lazyfs imported costs about one. It is the same
+sequence: the first fork unshares the namespaces, makes every mount private, and waits for the
+second, which is PID 1 of the new PID namespace, dies with its parent (PR_SET_PDEATHSIG, as
+--kill-child), and runs nsinit.enter (mounts, chroot, user, exec). The waiting process ignores
+SIGINT and SIGTERM and passes the container's exit status on, a death by signal as that signal,
+as unshare does, so lazyfs.runner.session supervises it exactly like the unshare command.
+Only for single-threaded callers (runtime.start checks): a fork copies no other thread.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from lazyfs.runner import nsinit
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Process:
+    """The part of subprocess.Popen that lazyfs.runner.session uses."""
+
+    def __init__(self, pid: int, description: list[str]):
+        self.pid = pid
+        self.args = description
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                os.close(self._pidfd)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            ready, _, _ = select.select([self._pidfd], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start(rootfs: Path, spec) -> Process:
+    args = nsinit.Args(_args(rootfs, spec))
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
+    if spec.network == "none":
+        flags |= CLONE_NEWNET
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _waiter(flags, args)
+    return Process(pid, ["(namespaces)", *args.argv])
+
+
+def _args(rootfs: Path, spec) -> list[str]:
+    from lazyfs.runner.runtime import nsinit_args
+    return nsinit_args(rootfs, spec)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def _waiter(flags: int, args: nsinit.Args) -> None:
+    """The first fork: `unshare --fork --kill-child`. Never returns."""
+    code = 127
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # as unshare does while it waits
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        _check(_libc.unshare(flags) == 0, "unshare")
+        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0, "making mounts private")
+        child = os.fork()
+        if child == 0:
+            _init(args)
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)  # die as the container died
+        code = os.waitstatus_to_exitcode(status)
+    except BaseException:
+        traceback.print_exc()
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _init(args: nsinit.Args) -> None:
+    """The second fork: PID 1 of the container. Never returns."""
+    code = 127
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # as unshare --kill-child
+        maxfd = os.sysconf("SC_OPEN_MAX")
+        os.closerange(3, maxfd if maxfd > 0 else 65536)
+        nsinit.enter(args)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            code = 1
+        else:
+            code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        traceback.print_exc()
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(code)

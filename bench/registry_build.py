@@ -16,13 +16,15 @@ Every run builds into a fresh, empty store, so every block is compressed and wri
 
 If ``registry`` ≈ max(``local``, ``download``), streaming already overlaps download with chunking
 and compression, and fetching layers ahead in parallel could only win the difference.
-Prints JSON (medians and every run) and writes it to --out.
+Prints JSON (medians and every run, wall and CPU seconds: this machine's wall times vary by a
+third from run to run, its CPU seconds much less) and writes it to --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -58,7 +60,19 @@ def _download(host: str, repo: str) -> int:
     return total
 
 
-def run_mode(mode: str, reg: RegistryServer, layout: str, repo: str, work: Path) -> float:
+def run_mode(mode: str, reg: RegistryServer, layout: str, repo: str, work: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the processes it ran: less sensitive to a noisy machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    wall = _run_mode(mode, reg, layout, repo, work)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+           + self_after.ru_utime + self_after.ru_stime - self_before.ru_utime - self_before.ru_stime)
+    return wall, cpu
+
+
+def _run_mode(mode: str, reg: RegistryServer, layout: str, repo: str, work: Path) -> float:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     ref = f"docker://{reg.host}/{repo}"
@@ -93,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     layout = f"{images.ensure(args.workload)}:{args.workload}"
     modes = args.mode or list(MODES)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="lazyfs-regbench-") as tmp, Link(args.link) as link:
         work = Path(tmp)
         with RegistryServer(work / "registry") as reg:
@@ -100,12 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
             layer_bytes = _download(reg.host, f"bench/{args.workload}")
             for i in range(args.runs):
                 for mode in modes:  # interleaved, so drift hits every mode alike
-                    times[mode].append(round(run_mode(mode, reg, layout, f"bench/{args.workload}:1", work), 3))
-                    print(f"bench: run {i + 1} {mode}: {times[mode][-1]:.2f} s", file=sys.stderr)
+                    wall, used = run_mode(mode, reg, layout, f"bench/{args.workload}:1", work)
+                    times[mode].append(round(wall, 3))
+                    cpu[mode].append(round(used, 3))
+                    print(f"bench: run {i + 1} {mode}: {wall:.2f} s ({used:.2f} s CPU)", file=sys.stderr)
         link_text = link.describe()
     med = {m: round(statistics.median(v), 3) for m, v in times.items()}
     result = {"workload": args.workload, "link": link_text, "runs": args.runs,
               "compressed_layer_bytes": layer_bytes, "median_s": med, "runs_s": times,
+              "median_cpu_s": {m: round(statistics.median(v), 3) for m, v in cpu.items()}, "cpu_s": cpu,
               "cpus": os.cpu_count()}
     if "registry" in med and "skopeo+oci" in med:
         result["registry_over_skopeo_oci"] = round(med["registry"] / med["skopeo+oci"], 3)

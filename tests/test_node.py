@@ -242,3 +242,23 @@ def test_takeover_replaces_a_running_agent_without_unmounting(node, tmp_path):
     finally:
         second.terminate()
         second.wait(timeout=15)
+
+
+def test_a_run_forked_by_the_agent_keeps_stdio_exit_code_and_ctrl_c(node, tmp_path):
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # starts the agent: the runs below are forks of it
+    piped = subprocess.run([sys.executable, "-m", "lazyfs.cli", *RUN, tag, "--", "sh", "-c",
+                            "cat; echo to-stderr >&2; exit 7"], input="from stdin\n", capture_output=True,
+                           text=True, timeout=60)
+    assert (piped.returncode, piped.stdout, piped.stderr) == (7, "from stdin\n", "to-stderr\n")
+    stats = tmp_path / "stats.json"  # a relative path: the run works in the client's directory
+    subprocess.run([sys.executable, "-m", "lazyfs.cli", *RUN, "--stats-json", "stats.json", tag, "--",
+                    "true"], cwd=tmp_path, check=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "cache" in json.loads(stats.read_text())
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", *RUN, tag, "--", "sh", "-c",
+                             "trap 'echo got INT; exit 9' INT; echo ready; sleep 30 & wait"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C reaches the client
+    out, _ = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (9, "got INT\n")

@@ -56,6 +56,9 @@ def build(
 
     sources.parse(source)  # an unreadable source spelling fails before a store is created
     options = sources.SourceOptions(platform or "", creds, parse_bool("--tls-verify", tls_verify))
+    if platform:
+        from imagebuilder.sources.oci import parse_platform
+        parse_platform(platform)  # a misspelt platform fails before a store is created, too
     if profile_command is not None and not tag:
         raise typer.BadParameter("--profile-command needs --tag (the profile is recorded on the tagged image)")
     st = open_store(store)

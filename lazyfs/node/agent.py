@@ -79,8 +79,15 @@ class Agent:
             while not self.stopping:
                 timeout = max(0.0, min(self.next_tick, self._next_idle()) - time.monotonic())
                 for key, _ in self.sel.select(timeout):
-                    key.data(key.fileobj)
-                self._tick()
+                    try:
+                        key.data(key.fileobj)
+                    except Exception:  # one client's trouble is not the node's
+                        log.exception("serving %r failed", key.fileobj)
+                try:
+                    self._tick()
+                except Exception:  # a check that failed is tried again next tick
+                    log.exception("periodic check failed")
+                    self.next_tick = time.monotonic() + TICK
         finally:
             signal.set_wakeup_fd(-1)
             self._shutdown()
@@ -188,6 +195,9 @@ class Agent:
             answer = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
         except OSError as exc:
             answer = {"ok": False, "error": str(exc), "kind": "OSError"}
+        except Exception as exc:  # a bug or a malformed request must not take the node's agent down
+            log.exception("request %r from pid %d failed", op, pid)
+            answer = {"ok": False, "error": f"the node agent failed on {op!r}: {exc!r}", "kind": "NodeError"}
         if answer is not None:  # None: the handler handed the connection on (zygote)
             wire.send(conn, {"ok": True, **answer} if "ok" not in answer else answer)
 

@@ -11,6 +11,7 @@ handles them as `lazyfs run` always has.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,9 @@ def start(conn: socket.socket, fds: list[int], req: dict) -> int:
     """Fork the worker; returns its pid (in the agent)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # The agent's objects to the permanent generation: the worker's collections then never walk
+    # them, which would touch (and so copy) every page of the agent's heap.
+    gc.freeze()
     pid = os.fork()
     if pid:
         return pid

@@ -25,10 +25,11 @@ JOIN_IDLE_THREADS = 0.2  # seconds to let finished pools' threads exit before de
 
 
 class Forked:
-    """The part of subprocess.Popen the mount code uses, for a forked child."""
+    """The part of subprocess.Popen the mount and run code use, for a forked child."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, args: list[str] | None = None):
         self.pid = pid
+        self.args = args or [f"(forked {pid})"]
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -38,13 +39,24 @@ class Forked:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
-    def wait(self) -> int:
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and timeout is not None:
+            fd = os.pidfd_open(self.pid)  # readable once the child has exited
+            try:
+                if not select.select([fd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+            finally:
+                os.close(fd)
         if self.returncode is None:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)

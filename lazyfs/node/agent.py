@@ -327,33 +327,31 @@ def _reap() -> None:
             return
 
 
-def _live_agent(path: Path) -> int | None:
-    """The pid of the agent answering on ``path``, or None if nothing answers (a stale socket)."""
+def _ask(path: Path, op: str, timeout: float) -> dict | None:
+    """One request to whatever agent listens on ``path``; None if none answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(2.0)
+    sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-        wire.send(sock, {"op": "hello"})
-        answer = wire.LineReader(sock).read_message() or {}
-        return int(answer.get("pid", 0)) or None
-    except (OSError, NodeError, ValueError):
+        wire.send(sock, {"op": op})
+        return wire.LineReader(sock).read_message()
+    except (OSError, NodeError):
         return None
     finally:
         sock.close()
 
 
+def _live_agent(path: Path) -> int | None:
+    """The pid of the agent answering on ``path``, or None if nothing answers (a stale socket)."""
+    try:
+        return int((_ask(path, "hello", 2.0) or {}).get("pid", 0)) or None
+    except (TypeError, ValueError):
+        return None
+
+
 def _hand_off(path: Path, pid: int) -> None:
     """Ask the running agent to leave everything mounted and exit, and wait until it has."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10.0)
-    try:
-        sock.connect(str(path))
-        wire.send(sock, {"op": "handoff"})
-        wire.LineReader(sock).read_message()
-    except OSError:
-        pass
-    finally:
-        sock.close()
+    _ask(path, "handoff", 10.0)
     deadline = time.monotonic() + 10.0
     while table.proc_start(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)

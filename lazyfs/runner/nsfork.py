@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import signal
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
+from lazyfs.fs.spawn import Forked
 from lazyfs.runner import nsinit
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -30,45 +29,7 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class Process:
-    """The part of subprocess.Popen that lazyfs.runner.session uses."""
-
-    def __init__(self, pid: int, description: list[str]):
-        self.pid = pid
-        self.args = description
-        self.returncode: int | None = None
-        self._pidfd = os.pidfd_open(pid)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid == self.pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-                os.close(self._pidfd)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            ready, _, _ = select.select([self._pidfd], [], [], timeout)
-            if not ready:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-            os.close(self._pidfd)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-def start(rootfs: Path, spec) -> Process:
+def start(rootfs: Path, spec) -> Forked:
     args = nsinit.Args(_args(rootfs, spec))
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
     if spec.network == "none":
@@ -78,7 +39,7 @@ def start(rootfs: Path, spec) -> Process:
     pid = os.fork()
     if pid == 0:
         _waiter(flags, args)
-    return Process(pid, ["(namespaces)", *args.argv])
+    return Forked(pid, ["(namespaces)", *args.argv])
 
 
 def _args(rootfs: Path, spec) -> list[str]:

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 JOIN_IDLE_THREADS = 0.2  # seconds to let finished pools' threads exit before deciding
 
@@ -88,8 +88,8 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
     pid = os.fork()
     if pid:
         return Forked(pid)
-    code = 1
-    try:
+
+    def daemon() -> int:
         # Not the caller's signal wakeup fd (the node agent's self-pipe): its number is reused
         # below, and a signal would write a byte into whatever file got it.
         signal.set_wakeup_fd(-1)
@@ -110,15 +110,34 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
             signal.signal(sig, signal.SIG_DFL)
         logging.basicConfig(force=True, stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-        code = run()
+        return run()
+    child(daemon)
+
+
+def child(body: Callable[[], int | None], failed: int = 1,
+          last: Callable[[int], None] = lambda code: None) -> NoReturn:
+    """The end of every forked child: run ``body`` and _exit with its code, never returning into
+    the parent's stack. A SystemExit gives its code (a message is printed, as the interpreter
+    would); anything else is printed and exits ``failed``. ``last(code)`` runs after stdio is
+    flushed (say, to report the code to someone)."""
+    code = failed
+    try:
+        got = body()
+        code = 0 if got is None else got
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
         traceback.print_exc()
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-        finally:
-            os._exit(code)
+            last(code)
+        except BaseException:
+            pass
+        os._exit(code)
 
 
 def wait_ready(fd: int, proc, timeout: float, accept: tuple[bytes, ...] = (b"1",)) -> bytes | None:

@@ -17,7 +17,8 @@ import os
 import signal
 import socket
 import sys
-import traceback
+
+from lazyfs.fs import spawn
 
 PRELOAD = ("lazyfs.cli", "lazyfs.cli.run", "lazyfs.runner.session", "lazyfs.runner.nsinit",
            "lazyfs.node.client", "lazyfs.fs.control")
@@ -45,21 +46,7 @@ def start(conn: socket.socket, fds: list[int], req: dict) -> int:
     pid = os.fork()
     if pid:
         return pid
-    code = 1
-    try:
-        code = _worker(conn, fds, req)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            conn.sendall(b'{"exit": %d}\n' % code)
-        except BaseException:
-            pass
-        os._exit(code)
+    spawn.child(lambda: _worker(conn, fds, req), last=lambda code: conn.sendall(b'{"exit": %d}\n' % code))
 
 
 def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:

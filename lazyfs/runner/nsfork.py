@@ -16,10 +16,9 @@ import ctypes
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
-from lazyfs.fs.spawn import Forked
+from lazyfs.fs.spawn import Forked, child
 from lazyfs.runner import nsinit
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -54,20 +53,19 @@ def _check(ok: bool, what: str) -> None:
 
 def _waiter(flags: int, args: nsinit.Args) -> None:
     """The first fork: `unshare --fork --kill-child`. Never returns."""
-    code = 127
-    try:
+    def wait_for_container() -> int:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # as unshare does while it waits
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         _check(_libc.unshare(flags) == 0, "unshare")
         _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0, "making mounts private")
-        child = os.fork()
-        if child == 0:
-            _init(args)
+        pid = os.fork()
+        if pid == 0:
+            child(lambda: _init(args), failed=127)
         while True:
             try:
-                _, status = os.waitpid(child, 0)
+                _, status = os.waitpid(pid, 0)
                 break
             except InterruptedError:
                 continue
@@ -75,34 +73,15 @@ def _waiter(flags: int, args: nsinit.Args) -> None:
             sig = os.WTERMSIG(status)
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)  # die as the container died
-        code = os.waitstatus_to_exitcode(status)
-    except BaseException:
-        traceback.print_exc()
-    try:
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+        return os.waitstatus_to_exitcode(status)
+    child(wait_for_container, failed=127)
 
 
 def _init(args: nsinit.Args) -> None:
-    """The second fork: PID 1 of the container. Never returns."""
-    code = 127
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # as unshare --kill-child
-        maxfd = os.sysconf("SC_OPEN_MAX")
-        os.closerange(3, maxfd if maxfd > 0 else 65536)
-        nsinit.enter(args)
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            code = 1
-        else:
-            code = exc.code if isinstance(exc.code, int) else 0
-    except BaseException:
-        traceback.print_exc()
-    try:
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    """The second fork: PID 1 of the container; nsinit.enter execs or exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # as unshare --kill-child
+    maxfd = os.sysconf("SC_OPEN_MAX")
+    os.closerange(3, maxfd if maxfd > 0 else 65536)
+    nsinit.enter(args)

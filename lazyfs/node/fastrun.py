@@ -65,10 +65,7 @@ def _field(line: bytes, name: bytes) -> int | None:
 def _readline(sock) -> bytes:
     data = b""
     while not data.endswith(b"\n"):
-        try:
-            chunk = sock.recv(4096)
-        except InterruptedError:
-            continue
+        chunk = sock.recv(4096)  # retried across the signals we forward (PEP 475)
         if not chunk:
             break
         data += chunk

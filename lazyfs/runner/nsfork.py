@@ -63,12 +63,7 @@ def _waiter(flags: int, args: nsinit.Args) -> None:
         pid = os.fork()
         if pid == 0:
             child(lambda: _init(args), failed=127)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        _, status = os.waitpid(pid, 0)  # retried across signals by Python itself (PEP 475)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             signal.signal(sig, signal.SIG_DFL)

@@ -28,17 +28,23 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def start(rootfs: Path, spec) -> Forked:
+def start(rootfs: Path, spec, started: list) -> None:
+    """Fork the container; its handle goes into ``started`` before a Ctrl-C can interrupt (SIGINT
+    is held back across the fork, and delivered once the handle is recorded)."""
     args = nsinit.Args(_args(rootfs, spec))
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
     if spec.network == "none":
         flags |= CLONE_NEWNET
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        _waiter(flags, args)
-    return Forked(pid, ["(namespaces)", *args.argv])
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _waiter(flags, args)
+        started.append(Forked(pid, ["(namespaces)", *args.argv]))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _args(rootfs: Path, spec) -> list[str]:
@@ -58,6 +64,8 @@ def _waiter(flags: int, args: nsinit.Args) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # as unshare does while it waits
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        # start() held SIGINT back across the fork; the container must get it again.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _check(_libc.unshare(flags) == 0, "unshare")
         _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0, "making mounts private")
         pid = os.fork()

@@ -142,12 +142,15 @@ def nsinit_args(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
     return cmd + ["--", *spec.argv]
 
 
-def start(runtime: str, rootfs: Path, spec: Spec, name: str):
-    """Start the container; a Popen, or for the namespaces runtime in a single-threaded caller a
-    forked equivalent of `unshare` + nsinit (lazyfs.runner.nsfork) that skips two program starts."""
+def start(runtime: str, rootfs: Path, spec: Spec, name: str, started: list) -> None:
+    """Start the container and append its handle to ``started``: a Popen, or for the namespaces
+    runtime in a single-threaded caller a forked equivalent of `unshare` + nsinit
+    (lazyfs.runner.nsfork) that skips two program starts. The handle is recorded before a Ctrl-C
+    can interrupt, so the caller can always stop what started."""
     if runtime == "namespaces":
         from lazyfs.fs import spawn
         if spawn.single_threaded():
             from lazyfs.runner import nsfork
-            return nsfork.start(rootfs, spec)
-    return subprocess.Popen(command(runtime, rootfs, spec, name))
+            nsfork.start(rootfs, spec, started)
+            return
+    started.append(subprocess.Popen(command(runtime, rootfs, spec, name)))

@@ -136,8 +136,8 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))
-        code = _supervise(lambda: rt.start(runtime, rootfs, spec, name), lambda: rt.force_stop(runtime, name),
-                          stopped, opts.stop_after, say)
+        code = _supervise(lambda started: rt.start(runtime, rootfs, spec, name, started),
+                          lambda: rt.force_stop(runtime, name), stopped, opts.stop_after, say)
         if opts.report:
             opts.report(control.query(str(image_mnt)))
         return code
@@ -191,7 +191,16 @@ def _supervise(start, force_stop, stopped: threading.Event, stop_after: float | 
     """Run the runtime; forward SIGTERM/SIGHUP. On Ctrl-C the container got SIGINT from the
     terminal; a PID 1 that ignores it is sent SIGTERM, then stopped by force, so a run always ends.
     ``stopped`` is set when the run was stopped rather than left to end by itself."""
-    proc = start()
+    started: list = []  # the handle, which start() records before a Ctrl-C can land
+    try:
+        start(started)
+    except KeyboardInterrupt:
+        if not started:
+            raise
+        stopped.set()  # a Ctrl-C while the container started: stop what did start
+        code = _stop(started[0], force_stop) or 128 + signal.SIGINT
+        return 128 - code if code < 0 else code
+    proc = started[0]
     say("exec: " + " ".join(map(str, proc.args)))
 
     def terminate() -> None:

@@ -182,11 +182,21 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
     args = DaemonArgs(state.digest, source, state.cache_dir, mnt, state.ref, write_fd, debug,
                       os.path.abspath(trace) if trace else None, profile, state.layout,
                       state.runtime_dir, complete, cache_size)
-    proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
-                       partial(run_daemon, args), logf, write_fd, debug)
+    # A Ctrl-C that lands while the daemon is forked waits until its handle is known and the code
+    # that abandons it is listening; otherwise the daemon would be left serving on its own.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
+                           partial(run_daemon, args), logf, write_fd, debug)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     os.close(write_fd)
     state.pid = proc.pid
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K"))
         if ready is None:
             tail = logf.read_text(errors="replace").strip().splitlines()[-5:]

@@ -108,6 +108,7 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
         os.close(out)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # the caller held it across the fork
         logging.basicConfig(force=True, stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
         return run()

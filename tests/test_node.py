@@ -199,10 +199,12 @@ def test_start_on_demand_replaces_a_stale_socket(node, tmp_path):
 
 
 def test_non_root_gets_a_clear_error(node, tmp_path):
-    # The CLI is imported first, then the process becomes nobody and runs `lazyfs run`: the
+    # All of lazyfs is imported first, then the process becomes nobody and runs `lazyfs run`: the
     # checkout need not be readable by nobody (a fresh clone in a 0700 temporary directory is not).
-    as_nobody = ("import os, sys; import lazyfs.entry; from lazyfs.node import zygote; zygote.preload(); "
-                 "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+    as_nobody = ("import importlib, os, pkgutil, sys, lazyfs\n"
+                 "for m in pkgutil.walk_packages(lazyfs.__path__, 'lazyfs.'):\n"
+                 "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+                 "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
                  "sys.argv = ['lazyfs', *sys.argv[1:]]; from lazyfs.entry import main; main()")
     proc = subprocess.run([sys.executable, "-c", as_nobody, *RUN, "some/image:1", "--", "true"],
                           capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": "/"})

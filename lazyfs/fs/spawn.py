@@ -9,6 +9,7 @@ that follows exec, like strace -f or py-spy); docs/architecture.md says so too.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -94,6 +95,10 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
         # below, and a signal would write a byte into whatever file got it.
         signal.set_wakeup_fd(-1)
         os.setsid()
+        # Finalize the caller's garbage now, while its descriptors are still its own: a socket
+        # object collected after the closerange below would close whatever reused its number
+        # (a new connection of the daemon's: "Bad file descriptor").
+        gc.collect()
         # Keep only stdio and the readiness pipe, as close_fds does on the exec path: an inherited
         # copy of the caller's stdout pipe would keep its reader waiting for the daemon to exit.
         maxfd = os.sysconf("SC_OPEN_MAX")

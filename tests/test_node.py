@@ -268,3 +268,117 @@ def test_a_run_forked_by_the_agent_keeps_stdio_exit_code_and_ctrl_c(node, tmp_pa
     proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C reaches the client
     out, _ = proc.communicate(timeout=20)
     assert (proc.returncode, out) == (9, "got INT\n")
+
+
+def _metrics() -> str:
+    import urllib.request
+    addr = _status()["agent"]["metrics"]
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def _agent_log(env_dirs) -> str:
+    return (Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.log").read_text(errors="replace")
+
+
+def test_runs_stay_forked_after_a_run_through_cache_servers(node, tmp_path, env_dirs):
+    """A fleet's pool threads live in the agent; runs are forked by its fork server, so every run
+    after one through --server still takes the fast path, and the counters prove it."""
+    from bench.servers import CacheServer
+    local = _image(tmp_path / "a", {"x": b"local\n"})
+    origin = tmp_path / "origin"
+    remote = _image(tmp_path / "b", {"x": b"remote\n"}, tag="node/fleet:1")
+    lazyfs_cli("build", f"dir:{tmp_path / 'b' / 'rootfs'}", "--tag", remote, "--store", origin)
+    server = CacheServer(str(origin), tmp_path / "server", extra=("--no-access-log",)).start()
+    try:
+        lazyfs_cli(*RUN, "--server", server.url, remote, "--", "cat", "/data/x")  # starts the agent
+        before = _status()["agent"]["runs"]
+        outs = [lazyfs_cli(*RUN, *(("--server", server.url) if i % 2 else ()), local if i % 2 == 0 else remote,
+                           "--", "cat", "/data/x").stdout for i in range(4)]
+        assert outs == ["local\n", "remote\n"] * 2
+        after = _status()["agent"]["runs"]
+        assert (after["forked"] - before["forked"], after["fallbacks"]) == (4, 0)
+        text = _metrics()
+        assert _sample(text, "lazyfs_node_forked_runs_total") == after["forked"]
+        assert _sample(text, "lazyfs_node_run_fallbacks_total") == 0
+    finally:
+        server.stop()
+
+
+def test_a_run_the_agent_cannot_fork_is_logged_and_counted(node, tmp_path, env_dirs, monkeypatch):
+    tag = _image(tmp_path, {"x": b"x\n"})
+    monkeypatch.setenv("LAZYFS_DAEMON_EXEC", "1")  # the agent started below forks nothing
+    lazyfs_cli(*RUN, tag, "--", "true")
+    r = lazyfs_cli(*RUN, tag, "--", "cat", "/data/x")
+    assert r.stdout == "x\n"  # the slow path still runs it
+    runs = _status()["agent"]["runs"]
+    assert (runs["forked"], runs["fallbacks"]) == (0, 1)
+    assert "LAZYFS_DAEMON_EXEC" in runs["last_fallback"]
+    assert _sample(_metrics(), "lazyfs_node_run_fallbacks_total") == 1
+    assert "takes the slow path" in _agent_log(env_dirs)
+    assert "1 on the slow path" in lazyfs_cli("node", "status").stdout
+
+
+def test_a_warm_run_does_not_wait_for_another_images_stalled_cold_mount(node, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAZYFS_NODE_IDLE", "60s")
+    tag = _image(tmp_path, {"x": b"warm\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # the agent is up and the image mounted
+    hole = socket.socket()  # a cache server that accepts connections and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    stalled = _cli(*RUN, "--server", f"http://127.0.0.1:{hole.getsockname()[1]}", "--deadline", "60s",
+                   "elsewhere/app:1", "--", "true")
+    try:
+        time.sleep(1.0)  # its acquire is in the agent, waiting on the hole
+        assert stalled.poll() is None
+        started = time.monotonic()
+        r = lazyfs_cli(*RUN, tag, "--", "cat", "/data/x")
+        took = time.monotonic() - started
+        assert r.stdout == "warm\n"
+        assert took < 10.0, f"the warm run waited {took:.1f} s behind the stalled mount"
+        assert stalled.poll() is None  # (it was really still stalled all along)
+    finally:
+        stalled.kill()
+        stalled.wait()
+        hole.close()  # the agent's stalled request fails now, not at its deadline
+
+
+@pytest.mark.parametrize("payload", [
+    b"this is not json\n",
+    b"[" * 200_000 + b"]" * 200_000 + b"\n",
+    b'"a string, not an object"\n',
+    b'{"op": "acquire"}\n',
+    b'{"op": "acquire", "ref": 5}\n',
+    b'{"op": "acquire", "ref": "x", "source": "not a list"}\n',
+    b'{"op": "release"}\n',
+    b'{"op": "bind", "target": ["x"]}\n',
+    b'{"op": "exec", "argv": ["run"]}\n',
+    b'{"op": "no such request"}\n',
+    b"x" * (2 << 20),
+], ids=["text", "nested", "string", "no-ref", "ref-type", "source-type", "no-lease", "target-type",
+        "exec-no-fds", "unknown-op", "oversized"])
+def test_a_malformed_request_gets_one_line_and_the_agent_keeps_serving(node, tmp_path, env_dirs, payload):
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # starts the agent
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(node["LAZYFS_NODE_SOCKET"])
+        try:
+            s.sendall(payload)
+        except BrokenPipeError:  # it answered the first megabyte and hung up, as it should
+            pass
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"the agent hung up without an answer (got {answer[:200]!r})"
+            answer += chunk
+    assert answer.count(b"\n") == 1
+    got = json.loads(answer)
+    assert got["ok"] is False and got["kind"] == "NodeError"
+    assert "Error(" not in got["error"] and "Traceback" not in got["error"], got["error"]
+    assert lazyfs_cli(*RUN, tag, "--", "cat", "/data/x").stdout == "x\n"  # still serving
+    assert "Traceback" not in _agent_log(env_dirs)

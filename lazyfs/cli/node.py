@@ -68,6 +68,9 @@ def status(as_json: bool = JsonOpt):
     out.print(f"agent pid {a['pid']} on {a['socket']}; idle unmount after {a['idle']:g} s; cache cap "
               f"{human(a['cache_size']) if a['cache_size'] else 'none'}; metrics "
               f"{'http://' + a['metrics'] + '/metrics' if a['metrics'] else 'off'}", highlight=False)
+    runs = a["runs"]
+    out.print(f"runs: {runs['forked']} forked warm, {runs['fallbacks']} on the slow path (the full CLI)"
+              + (f"; last because: {runs['last_fallback']}" if runs["fallbacks"] else ""), highlight=False)
     table = Table("IMAGE", "DIGEST", "USERS", "DATA PATH", "UP", "HITS", "FETCHED", box=None)
     now = time.time()
     for im in answer["images"]:

@@ -122,12 +122,14 @@ def choose_layout(data_path: str) -> str:
 def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
           trace: str | None = None, profile: str = "auto", checked: bool = False,
-          data_path: str = "auto", complete: bool = False, cache_size: int | None = None) -> MountState:
+          data_path: str = "auto", complete: bool = False, cache_size: int | None = None,
+          forker=None) -> MountState:
     """Start a detached daemon and wait until the mount answers. ``checked``: the caller has
     resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run).
     ``data_path``: auto, kernel or fuse (lazyfs.fs.kernel); ``complete``: fetch the rest of
     partly read files in the background (kernel path); ``cache_size``: the node cache's cap
-    (lazyfs node --cache-size), kept by the daemon as it writes."""
+    (lazyfs node --cache-size), kept by the daemon as it writes; ``forker``: the node agent's fork
+    server (lazyfs.node.forker), which forks the daemon for a caller with threads."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
     if not os.path.isdir(mnt):
@@ -166,17 +168,17 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     state = MountState(mnt, 0, digest, str(ref), source.describe(), cache, str(logf), layout,
                        str(paths.state_dir() / "mounts" / (_state_file(mnt).stem + ".d")))
     try:
-        return _start(state, source, debug, trace, profile, complete, timeout, cache_size)
+        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker)
     except MountError as exc:
         if layout != "kernel" or data_path != "auto":
             raise
         log.warning("the kernel data path failed (%s); serving %s through FUSE", exc, ref)
         state.layout = "fuse"
-        return _start(state, source, debug, trace, profile, complete, timeout, cache_size)
+        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker)
 
 
 def _start(state: MountState, source: Source, debug: bool, trace: str | None, profile: str,
-           complete: bool, timeout: float, cache_size: int | None = None) -> MountState:
+           complete: bool, timeout: float, cache_size: int | None = None, forker=None) -> MountState:
     mnt, logf = state.mountpoint, Path(state.log_file)
     read_fd, write_fd = os.pipe()
     args = DaemonArgs(state.digest, source, state.cache_dir, mnt, state.ref, write_fd, debug,
@@ -187,7 +189,7 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
-                           partial(run_daemon, args), logf, write_fd, debug)
+                           partial(run_daemon, args), logf, write_fd, debug, forker)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_fd)

@@ -4,6 +4,7 @@ A fresh interpreter costs 0.1-0.2 s before it does anything (more with a cold pa
 every millisecond of a mount is container start-up latency. Forking the process that already has
 lazyfs imported skips that; it is only safe while the process has a single thread (a fork copies
 no other threads but all their locks), so a caller with threads still running gets the exec path.
+The node agent has threads, so its daemons come from its fork server (lazyfs.node.forker).
 Setting LAZYFS_DAEMON_EXEC=1 forces the exec path (to debug it, or to run the daemon under a tool
 that follows exec, like strace -f or py-spy); docs/architecture.md says so too.
 """
@@ -75,20 +76,62 @@ def single_threaded() -> bool:
     return threading.active_count() == 1
 
 
+class Watched(Forked):
+    """A process another one forked for us (the node's fork server, lazyfs.node.forker), watched
+    through a pidfd. Its exit status is its parent's to collect, so ``returncode`` is -1 once it
+    has exited."""
+
+    def __init__(self, pid: int, pidfd: int, args: list[str] | None = None):
+        super().__init__(pid, args)
+        self.pidfd = pidfd
+
+    def poll(self) -> int | None:
+        return self._exited(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._exited(timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self.pidfd, sig)  # never a reused pid
+
+    def _exited(self, timeout: float | None) -> int | None:
+        if self.returncode is None and select.select([self.pidfd], [], [], timeout)[0]:
+            self.returncode = -1
+            os.close(self.pidfd)
+        return self.returncode
+
+    def __del__(self):
+        if self.returncode is None:
+            os.close(self.pidfd)
+
+
 def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd: int,
-          debug: bool = False):
+          debug: bool = False, forker=None):
     """Start the daemon detached (new session, stdin /dev/null, output to log_file) and return a
     Popen-like handle. ``run`` is what the daemon's main would do, called in a forked child;
-    ``exec_args`` start it in a new interpreter instead when forking is not safe."""
-    if not single_threaded() or os.environ.get("LAZYFS_DAEMON_EXEC"):
+    ``exec_args`` start it in a new interpreter instead when forking is not safe. ``forker``: a
+    fork server (lazyfs.node.forker) that forks it for a caller with threads."""
+    exec_path = bool(os.environ.get("LAZYFS_DAEMON_EXEC"))
+    if forker is not None and not exec_path:
+        return forker.spawn(exec_args, log_file, keep_fd, debug)
+    if exec_path or not single_threaded():
         with open(log_file, "ab") as out:
             return subprocess.Popen(exec_args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     pass_fds=(keep_fd,), start_new_session=True, close_fds=True)
+    return Forked(fork_detached(run, log_file, keep_fd, debug))
+
+
+def fork_detached(run: Callable[[], int], log_file: Path | str, keep_fd: int, debug: bool = False) -> int:
+    """Fork a child that detaches (new session, stdin /dev/null, output to log_file, only
+    ``keep_fd`` kept) and runs ``run``; its pid. Only safe in a single-threaded caller."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
-        return Forked(pid)
+        return pid
 
     def daemon() -> int:
         # Not the caller's signal wakeup fd (the node agent's self-pipe): its number is reused

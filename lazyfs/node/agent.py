@@ -1,4 +1,4 @@
-"""`lazyfs node`: the resident agent. One process, one thread, one selector loop.
+"""`lazyfs node`: the resident agent. One selector loop, and a few threads that answer requests.
 
 It keeps the shared mounts (lazyfs.node.table), the open stores and fleets and the image configs
 they gave, and the node cache's cap. It is never in the data path: each shared mount is served by
@@ -6,8 +6,13 @@ its own mount daemon (lazyfs.fs.daemon), a separate process that holds the FUSE 
 outlives the agent. So a SIGKILL or an upgrade of the agent cannot break a container's reads; the
 next agent adopts the mounts from their state files (table.load_all) and goes on counting users.
 
-Single-threaded on purpose: a mount daemon, and a `lazyfs run` started through the agent
-(lazyfs.node.zygote), are forked from it, which is only safe with one thread.
+The loop (main thread) accepts connections, reads requests, watches run holders and ticks; each
+request is answered on a thread of ``self.pool``, so a cold mount that waits on a slow server does
+not hold up a warm run of another image. Every change to the agent's state happens with
+``self.lock`` held; a handler lets go of it only around slow work (fetching a manifest, mounting:
+``unlocked()``), and a mount in progress is marked so a second user of the same image waits for
+it rather than mounting it twice. The agent never forks: mount daemons and forked runs come from
+its fork server (lazyfs.node.forker), started while the agent still had one thread.
 """
 from __future__ import annotations
 
@@ -17,20 +22,26 @@ import selectors
 import shutil
 import signal
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import LazyfsError, MountError, NodeError
 from lazyfs.fs import mounts
 from lazyfs.node import table, wire
+from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics
 from lazyfs.node.table import Lease, Shared
 
 log = logging.getLogger("lazyfs.node")
 TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
 BUSY_RETRY = 1.0  # an idle mount that is still busy (a container outlived its run) is tried again
+WORKERS = 16  # requests answered at once; more wait in the pool's queue
 
 
 @dataclass
@@ -40,6 +51,15 @@ class AgentOptions:
     cache_size: int | None  # bytes; None: no cap
     metrics: str | None  # HOST:PORT for /metrics, or None
     takeover: bool = False
+
+
+@dataclass
+class RunCounts:
+    """How `lazyfs run`s reached the agent: forked warm, or fell back to the full CLI (slower)."""
+    forked: int = 0
+    fallbacks: int = 0
+    last_fallback: str = ""  # why, for `lazyfs node status`
+    forker_starts: int = 0
 
 
 class Agent:
@@ -55,6 +75,13 @@ class Agent:
         self.metrics = Metrics(self)
         self.listener: socket.socket | None = None
         self.next_tick = 0.0
+        self.lock = threading.RLock()
+        self.mounting: dict[str, threading.Event] = {}  # shared key → set when its mount is done
+        self.runs = RunCounts()
+        self.forker = ForkServer(str(paths.node_dir() / "agent.log"))
+        self.pool: ThreadPoolExecutor | None = None
+        self._later: deque = deque()
+        self._wake: socket.socket | None = None
         from lazyfs.node import handlers  # the request handlers, one module
         self.handlers = handlers
 
@@ -67,10 +94,13 @@ class Agent:
         signal.set_wakeup_fd(wake_w.fileno())
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self.sel.register(wake_r, selectors.EVENT_READ, lambda s: s.recv(64))
+        self.sel.register(wake_r, selectors.EVENT_READ, lambda s: s.recv(4096))
+        self._wake = wake_w
         self._adopt()
         from lazyfs.node import zygote
         zygote.preload()
+        self.forker.start()  # now, while this process has one thread: forks of it are safe
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.metrics.start(self.sel)
         ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
@@ -78,20 +108,42 @@ class Agent:
         try:
             while not self.stopping:
                 timeout = max(0.0, min(self.next_tick, self._next_idle()) - time.monotonic())
-                for key, _ in self.sel.select(timeout):
+                events = self.sel.select(timeout)
+                with self.lock:
+                    for key, _ in events:
+                        try:
+                            key.data(key.fileobj)
+                        except Exception:  # one client's trouble is not the node's
+                            log.exception("serving %r failed", key.fileobj)
+                    while self._later:
+                        self._later.popleft()()
                     try:
-                        key.data(key.fileobj)
-                    except Exception:  # one client's trouble is not the node's
-                        log.exception("serving %r failed", key.fileobj)
-                try:
-                    self._tick()
-                except Exception:  # a check that failed is tried again next tick
-                    log.exception("periodic check failed")
-                    self.next_tick = time.monotonic() + TICK
+                        self._tick()
+                    except Exception:  # a check that failed is tried again next tick
+                        log.exception("periodic check failed")
+                        self.next_tick = time.monotonic() + TICK
         finally:
             signal.set_wakeup_fd(-1)
-            self._shutdown()
+            with self.lock:
+                self._shutdown()
         return 0
+
+    def later(self, fn) -> None:
+        """Run ``fn`` on the loop's thread (which owns the selector), soon."""
+        self._later.append(fn)
+        try:
+            self._wake.send(b"\0")
+        except BlockingIOError:  # the loop has wake-ups pending already
+            pass
+
+    @contextmanager
+    def unlocked(self):
+        """Let other requests and the loop go on while this handler waits on slow work."""
+        self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.acquire()
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
@@ -131,6 +183,9 @@ class Agent:
             if _live_agent(self.opts.socket) is None:
                 self.opts.socket.unlink(missing_ok=True)
         self.metrics.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.forker.close()
         if not self.handoff:
             for shared in list(self.shared.values()):
                 if not shared.leases:
@@ -160,13 +215,44 @@ class Agent:
     def _readable(self, conn: socket.socket, reader: wire.LineReader, pid: int) -> None:
         try:
             alive = reader.feed()
-            while conn.fileno() >= 0 and (line := reader.line()) is not None:
-                self._answer(conn, wire.decode(line), reader, pid)
-        except (OSError, NodeError) as exc:
+        except NodeError as exc:  # a line past wire.MAX_LINE: say so, and hang up
+            try:
+                wire.send(conn, {"ok": False, "error": f"malformed request: {exc}", "kind": "NodeError"})
+            except OSError:
+                pass
+            self._close(conn, reader)
+            return
+        except OSError as exc:
             log.debug("client %d: %s", pid, exc)
             alive = False
-        if not alive or conn.fileno() < 0:
-            self._close(conn, reader)
+        line = reader.line()
+        if line is None:
+            if not alive:
+                self._close(conn, reader)
+            return
+        # One request at a time per connection: its later lines wait until this one is answered.
+        self.sel.unregister(conn)
+        self.pool.submit(self._serve, conn, reader, pid, line)
+
+    def _serve(self, conn: socket.socket, reader: wire.LineReader, pid: int, line: bytes) -> None:
+        """On a pool thread: answer one request, then hand the connection back to the loop."""
+        kept = False
+        try:
+            with self.lock:
+                kept = self._answer(conn, line, reader, pid)
+        except OSError as exc:  # the client went away before its answer
+            log.debug("client %d: %s", pid, exc)
+        except Exception:
+            log.exception("request from pid %d failed", pid)
+        self.later(lambda: self._resume(conn, reader, pid) if kept else self._close(conn, reader))
+
+    def _resume(self, conn: socket.socket, reader: wire.LineReader, pid: int) -> None:
+        if conn.fileno() < 0:
+            return
+        self.sel.register(conn, selectors.EVENT_READ, lambda c: self._readable(c, reader, pid))
+        if b"\n" in reader.buf:  # a request that arrived with the last one
+            self.sel.unregister(conn)
+            self.pool.submit(self._serve, conn, reader, pid, reader.line())
 
     def forget_connection(self, conn: socket.socket, reader: wire.LineReader) -> None:
         """Stop serving a connection another process now answers on (our copy is closed)."""
@@ -182,13 +268,20 @@ class Agent:
         reader.fds.clear()
         conn.close()
 
-    def _answer(self, conn: socket.socket, req: dict, reader: wire.LineReader, pid: int) -> None:
+    def _answer(self, conn: socket.socket, line: bytes, reader: wire.LineReader, pid: int) -> bool:
+        """Answer one request line; False when the connection is no longer ours to serve."""
+        try:
+            req = wire.decode(line)
+        except NodeError as exc:
+            self.metrics.requests.labels(op="malformed").inc()
+            wire.send(conn, {"ok": False, "error": f"malformed request: {exc}", "kind": "NodeError"})
+            return True
         op = req.get("op")
         fn = getattr(self.handlers, f"op_{op}", None) if isinstance(op, str) else None
         self.metrics.requests.labels(op=str(op) if fn else "unknown").inc()
         if fn is None:
-            wire.send(conn, {"ok": False, "error": f"unknown request {op!r}", "kind": "NodeError"})
-            return
+            wire.send(conn, {"ok": False, "error": f"unknown request {str(op)[:100]!r}", "kind": "NodeError"})
+            return True
         try:
             answer = fn(self, req, pid, conn, reader)
         except LazyfsError as exc:
@@ -198,8 +291,10 @@ class Agent:
         except Exception as exc:  # a bug or a malformed request must not take the node's agent down
             log.exception("request %r from pid %d failed", op, pid)
             answer = {"ok": False, "error": f"the node agent failed on {op!r}: {exc!r}", "kind": "NodeError"}
-        if answer is not None:  # None: the handler handed the connection on (zygote)
-            wire.send(conn, {"ok": True, **answer} if "ok" not in answer else answer)
+        if answer is None:  # the handler handed the connection on (a forked run answers on it)
+            return False
+        wire.send(conn, {"ok": True, **answer} if "ok" not in answer else answer)
+        return True
 
     # -- shared mounts --------------------------------------------------------------------------
     def add_lease(self, shared: Shared, lease: Lease) -> None:
@@ -207,13 +302,11 @@ class Agent:
         shared.idle_since = None
         table.save(shared)
         if lease.kind == "run":
-            self._watch(shared, lease)
+            self.later(lambda: self._watch(shared, lease))
 
     def drop_lease(self, shared: Shared, lease_id: str) -> None:
         shared.leases = [x for x in shared.leases if x.id != lease_id]
-        for fd, (k, lid) in list(self.pidfds.items()):
-            if lid == lease_id:
-                self._unwatch(fd)
+        self.later(lambda: self._unwatch_lease(lease_id))
         if not shared.leases:
             shared.idle_since = time.time()
             if self.opts.idle <= 0:
@@ -222,6 +315,8 @@ class Agent:
         table.save(shared)
 
     def _watch(self, shared: Shared, lease: Lease) -> None:
+        if shared.key not in self.shared or lease not in shared.leases:
+            return  # released before the loop got to it
         try:
             fd = os.pidfd_open(lease.pid)
         except ProcessLookupError:
@@ -230,8 +325,14 @@ class Agent:
         self.pidfds[fd] = (shared.key, lease.id)
         self.sel.register(fd, selectors.EVENT_READ, self._holder_exited)
 
+    def _unwatch_lease(self, lease_id: str) -> None:
+        for fd, (_, lid) in list(self.pidfds.items()):
+            if lid == lease_id:
+                self._unwatch(fd)
+
     def _unwatch(self, fd: int) -> None:
-        self.pidfds.pop(fd, None)
+        if self.pidfds.pop(fd, None) is None:
+            return  # unwatched already (its holder exited and the lease was dropped)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):

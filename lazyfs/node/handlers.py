@@ -3,13 +3,19 @@
 Requests: ``hello``, ``acquire`` (a lease on an image's shared mount, mounting it for the first
 user), ``release``, ``bind``/``unbind`` (`lazyfs mount`/`umount` through the agent), ``status``,
 ``handoff`` (an upgrade: leave everything mounted and exit), ``exec`` (lazyfs.node.zygote).
+
+Each runs on one of the agent's pool threads with ``agent.lock`` held, and lets go of it only
+around slow work (``agent.unlocked()``). A request that lacks a field, or has one of the wrong
+type, is answered with one line naming it (``_field``), never with a Python exception's repr.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import threading
 import time
+from dataclasses import asdict
 
 from lazyfs import paths
 from lazyfs.errors import MountError, NodeError
@@ -33,7 +39,19 @@ def op_handoff(agent, req, pid, conn, reader) -> dict:
     return {}
 
 
+def _field(req: dict, name: str, kind: type = str, default=None):
+    """``req[name]`` if it is a ``kind``; the default if absent and there is one; else NodeError."""
+    value = req.get(name, default)
+    if value is None and default is None:
+        raise NodeError(f"request {str(req.get('op'))[:40]!r} lacks the field {name!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise NodeError(f"request {str(req.get('op'))[:40]!r}: field {name!r} must be a {kind.__name__}")
+    return value
+
+
 def _source(args: list) -> Source:
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise NodeError("request: field 'source' must be a list of strings")
     p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     Source.add_arguments(p)
     try:
@@ -42,33 +60,51 @@ def _source(args: list) -> Source:
         raise NodeError(f"bad source in request: {exc}") from None
 
 
-def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
-    """The manifest digest and config of ``ref``, from the agent's open store or fleet."""
+def _reader(agent, source: Source):
+    """The agent's open store or fleet for ``source`` (opened once, shared by threads)."""
     key = tuple(source.args())
     reader = agent.readers.get(key)
     if reader is None:
-        reader = agent.readers[key] = source.open()
+        with agent.unlocked():
+            opened = source.open()
+        reader = agent.readers.setdefault(key, opened)
+        if reader is not opened:  # another request opened it meanwhile
+            opened.close()
+    return reader
+
+
+def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
+    """The manifest digest and config of ``ref``, from the agent's open store or fleet."""
+    key = tuple(source.args())
+    reader = _reader(agent, source)
     try:
-        digest = objects.resolve(reader, ref)
-        if digest not in agent.configs:
-            agent.configs[digest] = objects.read_config(reader, digest)
-        return digest, agent.configs[digest]
+        with agent.unlocked():
+            digest = objects.resolve(reader, ref)
+            config = agent.configs.get(digest) or objects.read_config(reader, digest)
+        agent.configs[digest] = config
+        return digest, config
     except BaseException:
-        agent.readers.pop(key, None)  # a fresh connection next time
-        reader.close()
+        if agent.readers.get(key) is reader:
+            agent.readers.pop(key)  # a fresh connection next time
+            reader.close()
         raise
 
 
 def op_acquire(agent, req, pid, conn, reader) -> dict:
     source = _source(req.get("source") or [])
-    digest, config = _resolve(agent, source, str(req["ref"]))
+    ref = _field(req, "ref")
+    kind = _field(req, "kind", default="run")
+    if kind not in ("run", "mount"):
+        raise NodeError(f"request 'acquire': kind must be run or mount, not {kind[:40]!r}")
     options = {"source": source.args(),
-               "cache_dir": os.path.abspath(req.get("cache_dir") or paths.default_cache_dir()),
-               "data_path": req.get("data_path") or "auto", "profile": req.get("profile") or "auto",
-               "complete": bool(req.get("complete")), "cache_size": agent.opts.cache_size}
-    shared, mounted = _shared(agent, digest, str(req["ref"]), options, source, config)
-    kind = req.get("kind") or "run"
-    lease = Lease.new(kind, pid if kind == "run" else 0, req.get("target") or "")
+               "cache_dir": os.path.abspath(_field(req, "cache_dir", default=str(paths.default_cache_dir()))),
+               "data_path": _field(req, "data_path", default="auto"),
+               "profile": _field(req, "profile", default="auto"),
+               "complete": _field(req, "complete", bool, default=False), "cache_size": agent.opts.cache_size}
+    target = _field(req, "target", default="")
+    digest, config = _resolve(agent, source, ref)
+    shared, mounted = _shared(agent, digest, ref, options, source, config)
+    lease = Lease.new(kind, pid if kind == "run" else 0, target)
     agent.add_lease(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
             "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted}
@@ -78,6 +114,9 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
             config: dict) -> tuple[Shared, bool]:
     """The live shared mount for these options, and whether this request had to mount it."""
     k = table.key(digest, options)
+    while (busy := agent.mounting.get(k)) is not None:  # another request is mounting it: wait
+        with agent.unlocked():
+            busy.wait()
     shared = agent.shared.get(k)
     if shared is not None and not mounts.is_stale(shared.mountpoint) and mounts.mount_entry(shared.mountpoint):
         agent.metrics.reuses.inc()
@@ -91,13 +130,21 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
     logs = paths.node_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    state = mounts.mount(digest, str(mnt), source, options["cache_dir"], str(logs / f"{k}.log"),
-                         checked=True, profile=options["profile"], data_path=options["data_path"],
-                         complete=options["complete"], cache_size=options["cache_size"])
+    done = agent.mounting[k] = threading.Event()
+    try:
+        with agent.unlocked():
+            state = mounts.mount(digest, str(mnt), source, options["cache_dir"], str(logs / f"{k}.log"),
+                                 checked=True, profile=options["profile"], data_path=options["data_path"],
+                                 complete=options["complete"], cache_size=options["cache_size"],
+                                 forker=agent.forker)
+            blocks = _profile_blocks(agent, source, digest, options)
+    finally:
+        del agent.mounting[k]
+        done.set()
     agent.metrics.mounts.inc()
     agent.metrics.mount_seconds.observe(time.monotonic() - t0)
     shared = Shared(k, digest, ref, options, str(mnt), state.pid, state.layout, config,
-                    mounted_at=time.time(), profile_blocks=_profile_blocks(agent, source, digest, options))
+                    mounted_at=time.time(), profile_blocks=blocks)
     agent.shared[k] = shared
     log.info("%s (%s): mounted on %s in %.3f s (%s data path)", ref, digest[:19], mnt,
              time.monotonic() - t0, state.layout)
@@ -117,21 +164,23 @@ def _find(agent, lease_id: str) -> Shared | None:
 
 
 def op_release(agent, req, pid, conn, reader) -> dict:
-    shared = _find(agent, str(req.get("lease")))
+    lease = _field(req, "lease")
+    shared = _find(agent, lease)
     if shared is None:
         return {"unmounted": False, "known": False}  # dropped already (its holder was seen exiting)
-    agent.drop_lease(shared, str(req["lease"]))
+    agent.drop_lease(shared, lease)
     return {"unmounted": shared.key not in agent.shared, "known": True}
 
 
 def op_bind(agent, req, pid, conn, reader) -> dict:
-    target = os.path.realpath(str(req["target"]))
+    given = _field(req, "target")
+    target = os.path.realpath(given)
     if not os.path.isdir(target):
-        raise MountError(f"mountpoint {req['target']} is not a directory")
+        raise MountError(f"mountpoint {given} is not a directory")
     if mounts.mount_entry(target):
-        raise MountError(f"{req['target']} is already a mountpoint (lazyfs umount {req['target']} first)")
+        raise MountError(f"{given} is already a mountpoint (lazyfs umount {given} first)")
     if os.listdir(target):
-        raise MountError(f"mountpoint {req['target']} is not empty (its files would be hidden)")
+        raise MountError(f"mountpoint {given} is not empty (its files would be hidden)")
     got = op_acquire(agent, {**req, "kind": "mount", "target": target}, pid, conn, reader)
     try:
         kernel.mount_one(got["mountpoint"], target, "none", MS_BIND, None)
@@ -142,40 +191,54 @@ def op_bind(agent, req, pid, conn, reader) -> dict:
 
 
 def op_unbind(agent, req, pid, conn, reader) -> dict:
-    target = os.path.realpath(str(req["target"]))
+    given = _field(req, "target")
+    target = os.path.realpath(given)
     for shared in list(agent.shared.values()):
         for lease in shared.leases:
             if lease.kind == "mount" and lease.target == target:
                 if not kernel.unmount_one(target, lazy=bool(req.get("lazy"))):
-                    raise MountError(f"{req['target']} is busy (a process is using it); stop it or use --lazy")
+                    raise MountError(f"{given} is busy (a process is using it); stop it or use --lazy")
                 agent.drop_lease(shared, lease.id)
                 return {"unmounted": shared.key not in agent.shared}
     return {"known": False}
 
 
 def op_exec(agent, req, pid, conn, reader) -> dict | None:
-    """Start a `lazyfs run` from a fork of the agent (lazyfs.node.zygote)."""
-    from lazyfs.fs import spawn
-    from lazyfs.node import zygote
+    """Start a `lazyfs run` as a fork of the fork server (lazyfs.node.forker, .zygote). Declining
+    sends the client down the full CLI's slower path: that is logged and counted, never silent."""
     fds, reader.fds = reader.fds[:3], reader.fds[3:]
-    if len(fds) != 3 or not spawn.single_threaded():
+    try:
+        if len(fds) != 3:
+            raise NodeError(f"an exec request carries stdin, stdout and stderr, not {len(fds)} descriptor(s)")
+        for name in ("argv", "env", "cwd"):
+            _field(req, name, {"argv": list, "env": dict, "cwd": str}[name])
+        if os.environ.get("LAZYFS_DAEMON_EXEC"):
+            raise NodeError("LAZYFS_DAEMON_EXEC is set in the agent's environment (nothing is forked)")
+        with agent.unlocked():  # a fork server restarting takes a moment; others go on
+            worker = agent.forker.run(conn.fileno(), fds, req)
+    except NodeError as exc:
+        agent.runs.fallbacks += 1
+        agent.runs.last_fallback = str(exc)
+        agent.runs.forker_starts = agent.forker.starts
+        log.warning("a run from pid %d takes the slow path (the full CLI, not a fork): %s", pid, exc)
+        return {"ok": False, "error": f"cannot fork a run now: {exc}", "kind": "NodeError"}
+    finally:
         for fd in fds:
             os.close(fd)
-        return {"ok": False, "error": "cannot fork a run now", "kind": "NodeError"}
-    worker = zygote.start(conn, fds, req)
-    for fd in fds:
-        os.close(fd)
-    from lazyfs.node import wire
-    wire.send(conn, {"ok": True, "pid": worker})
+    agent.runs.forked += 1
+    agent.runs.forker_starts = agent.forker.starts
+    log.debug("run from pid %d forked as pid %d", pid, worker)
     agent.forget_connection(conn, reader)  # the worker answers on it from now on
     return None
 
 
 def op_status(agent, req, pid, conn, reader) -> dict:
     images = []
-    for s in agent.shared.values():
+    for s in list(agent.shared.values()):
         try:
-            counters = agent.metrics.last_counters[s.key] = control.query(s.mountpoint, timeout=2.0)
+            with agent.unlocked():
+                counters = control.query(s.mountpoint, timeout=2.0)
+            agent.metrics.last_counters[s.key] = counters
         except MountError as exc:
             counters = {"error": str(exc)}
         images.append({"ref": s.ref, "digest": s.digest, "mountpoint": s.mountpoint, "layout": s.layout,
@@ -184,7 +247,8 @@ def op_status(agent, req, pid, conn, reader) -> dict:
                                  for x in s.leases],
                        "cache_dir": s.options["cache_dir"], "counters": counters})
     return {"agent": {"pid": os.getpid(), "socket": str(agent.opts.socket), "idle": agent.opts.idle,
-                      "cache_size": agent.opts.cache_size, "metrics": agent.metrics.address},
+                      "cache_size": agent.opts.cache_size, "metrics": agent.metrics.address,
+                      "forker_pid": agent.forker.pid, "runs": asdict(agent.runs)},
             "images": images, "caches": [_cache_use(d, agent) for d in _cache_dirs(agent)]}
 
 

@@ -1,7 +1,7 @@
 """The agent's Prometheus metrics, served at ``/metrics`` on a local port from its own loop.
 
-prometheus_client's own server runs a thread; the agent stays single-threaded (it forks), so it
-answers scrapes itself: one small HTTP/1.0 exchange per connection, bounded in size and time.
+The agent answers scrapes from its own loop (prometheus_client's server would be one more thread
+and one more port to manage): one small HTTP/1.0 exchange per connection, bounded in size and time.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import selectors
 import socket
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("lazyfs.node")
 
@@ -121,4 +121,12 @@ class _Live:
             misses.add_metric([s.ref], c.get("misses", 0))
         for kind, n in kinds.items():
             users.add_metric([kind], n)
-        yield from (images, users, hits, misses)
+        runs = agent.runs
+        forked = CounterMetricFamily("lazyfs_node_forked_runs", "`lazyfs run`s forked warm by the agent")
+        forked.add_metric([], runs.forked)
+        slow = CounterMetricFamily("lazyfs_node_run_fallbacks", "`lazyfs run`s the agent could not fork, "
+                                   "which took the full CLI's slower path (the agent's log says why)")
+        slow.add_metric([], runs.fallbacks)
+        starts = CounterMetricFamily("lazyfs_node_forker_starts", "Fork servers started (1 + restarts)")
+        starts.add_metric([], runs.forker_starts)
+        yield from (images, users, hits, misses, forked, slow, starts)

@@ -25,6 +25,8 @@ def decode(line: bytes) -> dict:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise NodeError(f"malformed message from the node agent socket ({exc})") from None
+    except RecursionError:  # nesting deeper than the parser goes: no lazyfs message is like that
+        raise NodeError("malformed message from the node agent socket (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise NodeError("malformed message from the node agent socket (not an object)")
     return obj

@@ -1,13 +1,13 @@
-"""Starting `lazyfs run` from the agent: fork, become the client's process, run the CLI.
+"""Starting `lazyfs run` from the node: fork, become the client's process, run the CLI.
 
-The agent has lazyfs (the CLI, the run path, the mount code) imported already, so a fork of it is
-a `lazyfs run` with no interpreter start and no imports. The forked worker takes the client's
-stdio descriptors, working directory and environment, runs the ordinary CLI code on the client's
-command line, and writes the exit status to the client's connection. It is a child of the agent,
-not of the client, so the terminal's Ctrl-C reaches only the client. The worker leads a process
-group of its own (its runtime and container are in it), and the client sends a SIGINT to that whole
-group, as a terminal sends it to its foreground group; other signals go to the worker, which
-handles them as `lazyfs run` always has.
+The node's fork server (lazyfs.node.forker) has lazyfs (the CLI, the run path, the mount code)
+imported already, so a fork of it is a `lazyfs run` with no interpreter start and no imports.
+The forked worker takes the client's stdio descriptors, working directory and environment, runs
+the ordinary CLI code on the client's command line, and writes its pid, then at the end its exit
+status, to the client's connection. It is not a child of the client, so the terminal's Ctrl-C
+reaches only the client. The worker leads a process group of its own (its runtime and container
+are in it), and the client sends a SIGINT to that whole group, as a terminal sends it to its
+foreground group; other signals go to the worker, which handles them as `lazyfs run` always has.
 """
 from __future__ import annotations
 
@@ -36,20 +36,23 @@ def preload() -> None:
     lazyfs.cli.prebuilt = typer.main.get_command(lazyfs.cli.app)
 
 
-def start(conn: socket.socket, fds: list[int], req: dict) -> int:
-    """Fork the worker; returns its pid (in the agent)."""
+def start(conn_fd: int, fds: list[int], req: dict) -> int:
+    """Fork the worker for the client on ``conn_fd`` with its stdio ``fds``; returns its pid."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # The agent's objects to the permanent generation: the worker's collections then never walk
-    # them, which would touch (and so copy) every page of the agent's heap.
+    # The preloaded objects to the permanent generation: the worker's collections then never walk
+    # them, which would touch (and so copy) every page of the parent's heap.
     gc.freeze()
     pid = os.fork()
     if pid:
         return pid
+    conn = socket.socket(fileno=os.dup(conn_fd))
+    # The pid first, from the worker itself: nothing it writes later can overtake it.
     spawn.child(lambda: _worker(conn, fds, req), last=lambda code: conn.sendall(b'{"exit": %d}\n' % code))
 
 
 def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
+    conn.sendall(b'{"ok": true, "pid": %d}\n' % os.getpid())
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -167,7 +167,7 @@ def test_cache_cap_holds_under_twice_its_size(node, tmp_path, env_dirs, monkeypa
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], cap.usage(env_dirs["LAZYFS_CACHE_DIR"])[1])
+            peak[0] = max(peak[0], cap.usage_scan(env_dirs["LAZYFS_CACHE_DIR"])[1])
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
@@ -182,7 +182,8 @@ def test_cache_cap_holds_under_twice_its_size(node, tmp_path, env_dirs, monkeypa
         sampler.join()
     # Room is made before each block is written, so the cap holds at every moment.
     assert peak[0] <= limit, f"cache reached {peak[0]} bytes under a {limit}-byte cap"
-    assert cap.usage(env_dirs["LAZYFS_CACHE_DIR"])[1] <= limit
+    assert cap.usage_scan(env_dirs["LAZYFS_CACHE_DIR"])[1] <= limit
+    assert cap.usage(env_dirs["LAZYFS_CACHE_DIR"]) == cap.usage_scan(env_dirs["LAZYFS_CACHE_DIR"])
 
 
 def test_start_on_demand_replaces_a_stale_socket(node, tmp_path):

@@ -261,3 +261,87 @@ def test_memory_blocks_are_bounded_and_keep_a_loop_larger_than_memory_partly():
                 mem.used(d)
                 mem.put(d, b"y" * 1000)
     assert all(mem.get(d) is not None for d in fresh)
+
+
+def _write_blocks(root: str, cap_bytes: int, seeds: range, errors) -> None:
+    """One writer process: its own NodeCache on the shared directory, reading (so writing) blocks
+    whose sizes are whole pages, so that a tmpfs charges exactly their bytes."""
+    try:
+        blobs = dict(_blob(4096 * (10 + s % 7), seed=s) for s in seeds)
+        cache = NodeCache(root, FakeOrigin(blobs), cap_bytes=cap_bytes)
+        for digest, data in blobs.items():
+            assert cache.read(digest, len(data), 0, len(data)) == data
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(repr(exc))
+        raise
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs of its own: statvfs then tells the bytes on it at one instant (a walk of a
+    directory that others write and evict in cannot)."""
+    root = tmp_path / "fs"
+    root.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs (for an instantaneous count of bytes on disk)")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def _used(root) -> int:
+    st = os.statvfs(root)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_the_cap_holds_under_concurrent_writers_and_the_ledger_stays_exact(tmpfs):
+    """Four processes write 120 distinct blocks (about 6.4 MB) into one cache capped at 2 MB: the
+    bytes on disk never pass the cap at any instant, every read is exact, and afterwards the
+    ledger's running total equals a walk of the cache, file for file and byte for byte."""
+    import multiprocessing
+    from lazyfs.cache import cap
+
+    limit = 2_000_000
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    writers = [ctx.Process(target=_write_blocks, args=(str(tmpfs), limit, range(i * 30, i * 30 + 30), errors))
+               for i in range(4)]
+    peak = 0
+    for w in writers:
+        w.start()
+    try:
+        while any(w.is_alive() for w in writers):
+            peak = max(peak, _used(tmpfs))
+            time.sleep(0.001)
+    finally:
+        for w in writers:
+            w.join(timeout=60)
+            if w.is_alive():
+                w.kill()
+    assert errors.empty(), errors.get()
+    assert [w.exitcode for w in writers] == [0] * 4
+    page = os.statvfs(tmpfs).f_frsize
+    assert 0 < peak <= limit + page, f"the cache reached {peak} bytes under a {limit}-byte cap"  # + the ledger's page
+    files, size = cap.usage_scan(tmpfs)
+    assert 0 < size <= limit
+    assert cap.usage(tmpfs) == (files, size)
+
+
+def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
+    from lazyfs.cache import cap
+
+    blobs = dict(_blob(10_000 + s, seed=s) for s in range(5))
+    cache = NodeCache(tmp_path, FakeOrigin(blobs))
+    for digest, data in blobs.items():
+        cache.read(digest, len(data), 0, 1)
+    assert cap.usage(tmp_path) == cap.usage_scan(tmp_path) == (5, sum(map(len, blobs.values())))
+    victim = next(p for p in (tmp_path / "blocks").rglob("*") if p.is_file())
+    gone = victim.stat().st_size
+    victim.unlink()  # removed behind the ledger's back: it drifts ...
+    assert cap.usage(tmp_path) == (5, sum(map(len, blobs.values())))
+    assert cap.ledger(tmp_path).reconcile()  # ... until a reconcile scans once
+    assert cap.usage(tmp_path) == (4, sum(map(len, blobs.values())) - gone)
+    (tmp_path / "usage").write_bytes(b"torn")  # a ledger torn by a crash is counted again
+    assert cap.usage(tmp_path) == cap.usage_scan(tmp_path)

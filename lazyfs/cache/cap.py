@@ -9,6 +9,9 @@ Evicting is safe beside running mounts, which is why this needs no lock: a file 
 its bytes until closed, and a block that vanished before a read is fetched again (the FUSE path's
 NodeCache.read retries; on the kernel path overlayfs falls through to the FUSE data layer). A read
 never sees wrong bytes, only a refetch.
+
+How full the cache is comes from its ledger (lazyfs.cache.ledger), kept by every writer; only a
+trim walks the whole cache, to order what to evict, and sets the ledger to what it found.
 """
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from lazyfs.cache.ledger import Ledger
+
 SUBDIRS = ("blocks", "objects", "erofs")
 TRIM_TO = 0.9  # a trim goes below the cap, so the next one is not one block away
+TRIM_TRIES = 3  # rounds a trim for a write makes while other writes keep taking the room
 
 
 @dataclass
@@ -44,36 +50,79 @@ def _files(root: str | os.PathLike) -> list[tuple[float, int, str]]:
     return out
 
 
-def usage(root: str | os.PathLike) -> tuple[int, int]:
-    """(files, bytes) in the cache."""
+def usage_scan(root: str | os.PathLike) -> tuple[int, int]:
+    """(files, bytes) in the cache, counted by walking it: seconds on a million files."""
     files = _files(root)
     return len(files), sum(size for _, size, _ in files)
 
 
+def ledger(root: str | os.PathLike) -> Ledger:
+    """The cache's running total (created from one scan the first time)."""
+    return Ledger(root, lambda: usage_scan(root))
+
+
+def usage(root: str | os.PathLike) -> tuple[int, int]:
+    """(files, bytes) in the cache, from its ledger: no walk."""
+    if not os.path.isdir(root):
+        return 0, 0
+    return ledger(root).usage()
+
+
 def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (),
-         dry_run: bool = False, below: float = TRIM_TO) -> TrimReport:
+         dry_run: bool = False, below: float = TRIM_TO, reserve: int = 0) -> TrimReport:
     """Evict until the cache holds at most ``max_bytes`` (``below`` × that, once it was over).
-    ``keep_longer``: block digests (hex or sha256:hex) to evict only after everything else."""
+    ``keep_longer``: block digests (hex or sha256:hex) to evict only after everything else.
+    ``reserve``: then count a file of that many bytes about to be written (lazyfs.cache.ledger),
+    without evicting anything if another trim has made room for it meanwhile. The ledger learns
+    what was evicted (and, when no writer moved it meanwhile, what the walk found)."""
+    if dry_run or not os.path.isdir(root):  # (no cache yet: nothing to evict, nothing to count)
+        return _trim(root, max_bytes, keep_longer, True, below, None)
+    book = ledger(root)
+    cap = max_bytes + reserve
+    with book.trimming():
+        report = TrimReport()
+        for _ in range(TRIM_TRIES):
+            if reserve and book.reserve(reserve, cap):
+                return report
+            got = _trim(root, max_bytes, keep_longer, False, below, book)
+            report = TrimReport(got.files, got.bytes_before, report.evicted + got.evicted,
+                                report.evicted_bytes + got.evicted_bytes, got.kept_profile)
+            if not reserve or not got.evicted:
+                break
+        if reserve:
+            book.reserve(reserve, None)  # no more room can be made: what is left is in flight
+        return report
+
+
+def _trim(root, max_bytes: int, keep_longer: Iterable[str], dry_run: bool, below: float,
+          book: Ledger | None) -> TrimReport:
     keep = {d.removeprefix("sha256:") for d in keep_longer}
+    before = book.record() if book else None
     files = _files(root)
     report = TrimReport(files=len(files), bytes_before=sum(size for _, size, _ in files))
     total = report.bytes_before
-    if total <= max_bytes:
+    # Writes in flight will land: room for them too, or they would pass the cap once on disk.
+    flight = before[2] if book else 0
+    if total + flight <= max_bytes:
+        if book:
+            book.replace_if(before, len(files), total)
         return report
-    goal = int(max_bytes * below)
+    goal = int(max_bytes * below) - flight
     order = sorted(files, key=lambda f: (os.path.basename(f[2]) in keep, f[0]))
     for _, size, path in order:
         if total <= goal:
             break
-        report.evicted += 1
-        report.evicted_bytes += size
         total -= size
         if not dry_run:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
+            except FileNotFoundError:  # removed meanwhile (by hand): no longer there to count
+                continue
+        report.evicted += 1
+        report.evicted_bytes += size
     report.kept_profile = sum(1 for _, _, p in files if os.path.basename(p) in keep and os.path.exists(p))
+    if book and not book.replace_if(before, len(files) - report.evicted, total):
+        book.evicted(report.evicted_bytes, report.evicted)
     return report
 
 

@@ -77,9 +77,6 @@ class NodeCache:
         # the cache never grows past it; ``keep_longer`` (the startup profile's blocks) go last.
         self.cap_bytes = cap_bytes
         self.keep_longer: set[str] = set()
-        self._cap_lock = threading.Lock()
-        self._cap_estimate: int | None = None  # bytes on disk: scanned at a trim, plus writes since
-        self._cap_pending = 0  # bytes being written now
         self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
@@ -283,30 +280,25 @@ class NodeCache:
 
     @contextmanager
     def room(self, n: int):
-        """Write ``n`` bytes into the cache inside this block, under the cap (if there is one):
-        when they would not fit, it trims first. Every writer into the cache uses it (blocks
-        here, whole files in the completer). Writes in flight are counted until they land, so
-        blocks written at once cannot overshoot together; what other processes wrote meanwhile
-        is seen at the next trim's scan."""
-        if not self.cap_bytes:
-            yield
-            return
+        """Write one file of ``n`` bytes into the cache inside this block, counted in the cache's
+        ledger (lazyfs.cache.ledger), and under the cap if there is one: the bytes are reserved
+        before they are written, across every process writing into this cache, and when they
+        would not fit a trim makes room first. Every writer into the cache uses it (blocks here,
+        whole files in the completer); a write that fails gives its reservation back."""
         from lazyfs.cache import cap
-        with self._cap_lock:
-            if self._cap_estimate is None or self._cap_estimate + self._cap_pending + n > self.cap_bytes:
-                report = cap.trim(self.root, max(0, self.cap_bytes - self._cap_pending - n), self.keep_longer)
-                self._cap_estimate = report.bytes_before - report.evicted_bytes
-                if report.evicted:
-                    self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
-                    log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
-                             report.evicted, report.evicted_bytes, self.cap_bytes)
-            self._cap_pending += n
+        ledger = cap.ledger(self.root)
+        if not ledger.reserve(n, self.cap_bytes):
+            report = cap.trim(self.root, max(0, self.cap_bytes - n), self.keep_longer, reserve=n)
+            if report.evicted:
+                self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
+                log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
+                         report.evicted, report.evicted_bytes, self.cap_bytes)
         try:
             yield
-        finally:
-            with self._cap_lock:
-                self._cap_pending -= n
-                self._cap_estimate += n
+        except BaseException:
+            ledger.cancel(n)
+            raise
+        ledger.commit(n)
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazyfs import paths
+from lazyfs.cache.ledger import RECONCILE_EVERY
 from lazyfs.errors import LazyfsError, MountError, NodeError
 from lazyfs.fs import mounts
 from lazyfs.node import table, wire
@@ -75,6 +76,8 @@ class Agent:
         self.metrics = Metrics(self)
         self.listener: socket.socket | None = None
         self.next_tick = 0.0
+        self.next_reconcile = time.monotonic() + RECONCILE_EVERY
+        self.ledgers_seen: dict[str, tuple] = {}  # cache dir → its ledger at the last reconcile
         self.lock = threading.RLock()
         self.mounting: dict[str, threading.Event] = {}  # shared key → set when its mount is done
         self.runs = RunCounts()
@@ -394,6 +397,9 @@ class Agent:
             self.handlers.check(self, shared)
         if self.opts.cache_size:
             self.handlers.enforce_cap(self)
+        if time.monotonic() >= self.next_reconcile:  # a scan: on a pool thread, without the lock
+            self.next_reconcile = time.monotonic() + RECONCILE_EVERY
+            self.pool.submit(self.handlers.reconcile, self, self.handlers.cache_dirs(self))
 
     def _adopt(self) -> None:
         """Take over the mounts a previous agent left: live ones with their live users; dead

@@ -249,10 +249,10 @@ def op_status(agent, req, pid, conn, reader) -> dict:
     return {"agent": {"pid": os.getpid(), "socket": str(agent.opts.socket), "idle": agent.opts.idle,
                       "cache_size": agent.opts.cache_size, "metrics": agent.metrics.address,
                       "forker_pid": agent.forker.pid, "runs": asdict(agent.runs)},
-            "images": images, "caches": [_cache_use(d, agent) for d in _cache_dirs(agent)]}
+            "images": images, "caches": [_cache_use(d, agent) for d in cache_dirs(agent)]}
 
 
-def _cache_dirs(agent) -> list[str]:
+def cache_dirs(agent) -> list[str]:
     return sorted({s.options["cache_dir"] for s in agent.shared.values()} | {str(paths.default_cache_dir())})
 
 
@@ -286,9 +286,19 @@ def check(agent, shared: Shared) -> None:
 
 
 def enforce_cap(agent) -> None:
-    """Trim every node cache the agent's mounts use to the cap (the daemons trim as they write
-    too; this catches what several of them wrote together)."""
+    """Trim every node cache the agent's mounts use to the cap, if its ledger says it is over
+    (the daemons reserve room as they write; this catches what was written around them, such as
+    metadata images). Reading a ledger is a few microseconds: no walk of the cache."""
     from lazyfs.cache import cap
-    for root in _cache_dirs(agent):
+    for root in cache_dirs(agent):
         if cap.usage(root)[1] > agent.opts.cache_size:
             cap.trim(root, agent.opts.cache_size, cap.keep_longer(agent.shared.values()))
+
+
+def reconcile(agent, roots: list[str]) -> None:
+    """On a pool thread, without the agent's lock: correct each cache ledger's drift (one walk
+    each), dropping reservations that have not moved since the last time (dead writers')."""
+    from lazyfs.cache import cap
+    for root in roots:
+        if os.path.isdir(root):
+            agent.ledgers_seen[root] = cap.ledger(root).reconcile(agent.ledgers_seen.get(root))

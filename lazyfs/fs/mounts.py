@@ -57,6 +57,16 @@ def read_state(mountpoint: str) -> MountState | None:
         return None
 
 
+def data_layers(mountpoint: str) -> str | None:
+    """The overlay ``lowerdir`` of a kernel-path mount (its metadata image, then its data-only
+    layers), so a writable overlay can sit on them directly instead of on the read-only overlay
+    at ``mountpoint``: one overlay fewer on every lookup and read. None for a FUSE mount."""
+    state = read_state(mountpoint)
+    if state is None or state.layout != "kernel":
+        return None
+    return state.kernel_layout().lowerdir()
+
+
 def mount_entry(mountpoint: str) -> dict | None:
     """The /proc/self/mountinfo line for mountpoint, as a dict, if something is mounted there."""
     target = os.path.realpath(mountpoint)

@@ -107,7 +107,8 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
     lease = Lease.new(kind, pid if kind == "run" else 0, target)
     agent.add_lease(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
-            "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted}
+            "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted,
+            "data_layers": mounts.data_layers(shared.mountpoint)}
 
 
 def _shared(agent, digest: str, ref: str, options: dict, source: Source,

@@ -11,17 +11,31 @@ from lazyfs.fs import kernel
 
 
 class Overlay:
-    def __init__(self, lower: Path | list[Path], upper: Path, work: Path, merged: Path):
-        """``lower``: the read-only layer, or several, the topmost first."""
+    def __init__(self, lower: Path | list[Path], upper: Path, work: Path, merged: Path,
+                 data_layers: str | None = None):
+        """``lower``: the read-only layer, or several, the topmost first. ``data_layers``: a
+        kernel-path image's own layers (lazyfs.fs.mounts.data_layers), put below ``lower`` in
+        place of its read-only overlay: the container then sits on one overlay, not two."""
         self.lowers = list(lower) if isinstance(lower, list) else [lower]
+        self.data_layers = data_layers
         self.upper, self.work, self.merged = upper, work, merged
         self.mounted = False
+
+    def sit_on(self, data_layers: str | None, keep: int) -> None:
+        """Before mount(): replace the lower layers after the first ``keep`` by a kernel-path
+        image's own layers (see __init__), if it has them."""
+        if data_layers:
+            self.lowers, self.data_layers = self.lowers[:keep], data_layers
 
     def mount(self) -> Path:
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
-        opts = (f"lowerdir={':'.join(kernel.escape(p) for p in self.lowers)},"
-                f"upperdir={kernel.escape(self.upper)},workdir={kernel.escape(self.work)}")
+        lowers = ":".join([*(kernel.escape(p) for p in self.lowers), *([self.data_layers] if self.data_layers else [])])
+        opts = (f"lowerdir={lowers},upperdir={kernel.escape(self.upper)},workdir={kernel.escape(self.work)}")
+        if self.data_layers:
+            # The metadata image's files are metacopy stubs redirected into the data layers;
+            # with an upper layer the kernel wants redirect_dir=on (not "follow") beside metacopy.
+            opts += ",metacopy=on,redirect_dir=on"
         try:
             kernel.mount_one("overlay", str(self.merged), "overlay", 0, opts)
         except MountError as exc:

@@ -123,6 +123,12 @@ class LimitExceeded(ImageSourceError):
     pass
 
 
+class BuildOptionError(LazyfsError):
+    """A build option outside its range (``--chunk-size``), refused before anything is read."""
+
+    exit_code = 2  # a usage error, as click reports its own
+
+
 class PlatformNotFound(NotAnImage):
     """An image index has no image for the platform asked for; the message lists what it has."""
 

@@ -27,7 +27,8 @@ def build(
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="NAME:TAG to point at the result."),
     store: Optional[str] = StoreOpt,
     chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size",
-                                   help="Bytes per block; smaller files are one block each."),
+                                   help="Bytes per block (1 to 16 MiB); smaller files are one "
+                                   "block each."),
     tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
                                           "the whole image has been verified (default: $TMPDIR)."),
     max_size: str = typer.Option(f"{DEFAULT_MAX_SIZE >> 30}G", "--max-size", help="Refuse images whose layers inflate past "

@@ -7,11 +7,12 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from lazyfs.errors import ImageSourceError
+from lazyfs.errors import ImageSourceError, LimitExceeded
 from lazyfs.format.manifest import EntryType
 
 from imagebuilder.tree import MAX_DEPTH, LayerEntry, split_path
 
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes in a path, its NUL included
 _KINDS = {stat.S_IFREG: EntryType.REG, stat.S_IFDIR: EntryType.DIR, stat.S_IFLNK: EntryType.SYMLINK,
           stat.S_IFCHR: EntryType.CHR, stat.S_IFBLK: EntryType.BLK, stat.S_IFIFO: EntryType.FIFO,
           stat.S_IFSOCK: EntryType.SOCK}
@@ -48,6 +49,10 @@ def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
         # path that deep: a path past PATH_MAX would be an OSError, not the refusal.
         split_path(str(root), rel)
         full = os.path.join(base, rel) if rel else base
+        if len(full) >= PATH_MAX:  # legal in an image, but this walk names files by whole paths
+            raise LimitExceeded(f"{root}: entry {rel[:64].decode(errors='replace')!r}...: "
+                                f"{len(full)} bytes from / is longer than this host's PATH_MAX "
+                                f"({PATH_MAX}); build from a shorter directory or an archive")
         st = top if not rel else os.lstat(full)
         kind = _KINDS.get(stat.S_IFMT(st.st_mode))
         if kind is None:

@@ -27,9 +27,40 @@ S3_SECRET_KEY = "lazyfs-test-secret-0123456789"
 def lazyfs_cli(*args, env=None, check=True, timeout=120, input=None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, the way a user does; raise with its output if it fails
     (``check``)."""
+    return _cli([sys.executable, "-m", "lazyfs.cli"], args, env, check, timeout, input)
+
+
+# The CLI, made to write its own peak RSS to the file named first as it exits: VmHWM, which exec
+# resets. (This process's RUSAGE_CHILDREN ru_maxrss would not do: it keeps the high-water mark of
+# the forked copy of this process the child was before its exec.)
+_MEASURED = ("import atexit, sys\n"
+             "report = sys.argv.pop(1)\n"
+             "def peak():\n"
+             "    with open('/proc/self/status') as f, open(report, 'w') as out:\n"
+             "        out.write(next(l for l in f if l.startswith('VmHWM:')).split()[1])\n"
+             "atexit.register(peak)\n"
+             "sys.argv[0] = 'lazyfs'\n"
+             "from lazyfs.cli import main\n"
+             "main()\n")
+
+
+def lazyfs_cli_peak(*args, env=None, check=True, timeout=120) -> tuple[subprocess.CompletedProcess, int]:
+    """lazyfs_cli, and the peak RSS the command reached, in bytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lazyfs-peak-") as tmp:
+        report = Path(tmp) / "peak"
+        proc = _cli([sys.executable, "-c", _MEASURED, report], args, env, check, timeout, None)
+        if not report.exists():
+            raise AssertionError(f"lazyfs {' '.join(map(str, args))} reported no peak RSS "
+                                 f"(killed?): {proc.stderr[-2000:]}")
+        return proc, int(report.read_text()) << 10
+
+
+def _cli(command: list, args, env, check: bool, timeout: float, input) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *map(str, args)], capture_output=True,
+    proc = subprocess.run([*map(str, command), *map(str, args)], capture_output=True,
                           text=True, env=full_env, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"lazyfs {' '.join(map(str, args))} failed ({proc.returncode}):\n"

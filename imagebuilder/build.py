@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from lazyfs.errors import ImageSourceError
-from lazyfs.format import reference
+from lazyfs.errors import BuildOptionError, ImageSourceError
+from lazyfs.format import block, reference
 from lazyfs import provenance
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
@@ -48,31 +48,44 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
           max_size: int = DEFAULT_MAX_SIZE, max_entries: int = MAX_ENTRIES,
           options: sources.SourceOptions | None = None) -> BuildResult:
     ref = reference.parse_tagged(tag) if tag else None
+    if not 0 < chunk_size <= block.MAX_BLOCK_SIZE:
+        raise BuildOptionError(f"--chunk-size must be 1 to {block.MAX_BLOCK_SIZE} bytes, not {chunk_size}")
     progress = progress or NoProgress()
-    store.check(write=True)
+    # The source first: one that cannot be read (no credentials, no such image) fails before a
+    # store is created. Reading it takes only its manifests and config; the layers come later.
     image = sources.open_source(source, options)
     try:
-        # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
-        with Lease(store, "build", conflicts=("gc",)), \
-                tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
-            stager = BlockStager(Path(staging), store, chunk_size)
-            try:
-                tree = _flatten(image, stager, progress, max_size, max_entries)
-                manifest = tree.to_manifest(image.config, chunk_size)
-                used = tree.referenced_digests()
-                advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
-                commit = stager.commit(used, advance)
-            finally:
-                stager.close()
-            # Blocks are all in the store before the manifest that needs them; the tag goes last.
-            digest = objects.write_manifest(store, manifest)
-            if image.source.get("manifest"):
-                transport = sources.parse(source)[0]
-                provenance.publish(store, digest, {"transport": transport, **image.source})
-            if ref:
-                store.put_tag(ref.name, ref.tag, digest)
+        store.check(write=True)
+        return _build(source, image, store, ref, chunk_size, tmp_dir, progress, max_size, max_entries)
+    except BaseException:
+        store.remove_if_unused()  # a failed build leaves no trace of a store it created
+        raise
     finally:
         image.close()
+
+
+def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: reference.Reference | None,
+           chunk_size: int, tmp_dir: str | None, progress: Progress, max_size: int,
+           max_entries: int) -> BuildResult:
+    # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
+    with Lease(store, "build", conflicts=("gc",)), \
+            tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
+        stager = BlockStager(Path(staging), store, chunk_size)
+        try:
+            tree = _flatten(image, stager, progress, max_size, max_entries)
+            manifest = tree.to_manifest(image.config, chunk_size)
+            used = tree.referenced_digests()
+            advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
+            commit = stager.commit(used, advance)
+        finally:
+            stager.close()
+        # Blocks are all in the store before the manifest that needs them; the tag goes last.
+        digest = objects.write_manifest(store, manifest)
+        if image.source.get("manifest"):
+            transport = sources.parse(source)[0]
+            provenance.publish(store, digest, {"transport": transport, **image.source})
+        if ref:
+            store.put_tag(ref.name, ref.tag, digest)
     return BuildResult(digest, manifest, commit, len(image.layers) or 1, dict(image.source))
 
 

@@ -123,12 +123,39 @@ class LimitExceeded(ImageSourceError):
     pass
 
 
+class BlobSizeMismatch(ImageSourceError, IntegrityError):
+    """A blob whose size is not the one its descriptor declares. The digest would catch a changed
+    blob only once it is read whole; the size is what bounds the read, so a mismatch is refused
+    as soon as it shows (OCI image spec, descriptor ``size``)."""
+
+    def __init__(self, what: str, digest: str, declared: int, actual: str):
+        LazyfsError.__init__(self, f"{what} {digest}: {actual}, its descriptor says {declared} bytes")
+        self.digest = digest
+        self.declared = declared
+
+
+class BuildOptionError(LazyfsError):
+    """A build option outside its range (``--chunk-size``), refused before anything is read."""
+
+    exit_code = 2  # a usage error, as click reports its own
+
+
 class PlatformNotFound(NotAnImage):
     """An image index has no image for the platform asked for; the message lists what it has."""
 
 
 class RegistryError(ImageSourceError):
-    """A registry (``docker://``) could not be reached or answered with an error."""
+    """A registry (``docker://``) could not be reached or answered with an error; ``digest`` names
+    the blob or manifest it was reading, when there was one."""
+
+    def __init__(self, message: str, digest: str | None = None):
+        super().__init__(message)
+        self.digest = digest
+
+
+class DownloadStalled(RegistryError):
+    """A download that stopped making progress: no byte for the stall timeout, or fewer bytes
+    than the minimum rate over a window (docs/registry.md, "Slow and stalled downloads")."""
 
 
 class RegistryAuthError(RegistryError):

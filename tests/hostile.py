@@ -46,8 +46,9 @@ def _blob(root: Path, data: bytes) -> str:
 
 def _raw_layout(t: Path, layer: bytes, media: str = OCI_TAR + "+gzip", diff_id: str | None = None,
                 config: bytes | None = None, manifest_media: str = "application/vnd.oci.image.manifest.v1+json",
-                manifest_raw: bytes | None = None) -> str:
-    """An OCI layout whose blobs are exactly as given (digests in the index match them)."""
+                manifest_raw: bytes | None = None, layer_size: int | None = None) -> str:
+    """An OCI layout whose blobs are exactly as given (digests in the index match them); the
+    layer's descriptor says it is ``layer_size`` bytes when that is given."""
     root = t / "raw"
     root.mkdir(parents=True)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
@@ -58,7 +59,8 @@ def _raw_layout(t: Path, layer: bytes, media: str = OCI_TAR + "+gzip", diff_id: 
         "schemaVersion": 2, "mediaType": manifest_media,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _blob(root, cfg),
                    "size": len(cfg)},
-        "layers": [{"mediaType": media, "digest": _blob(root, layer), "size": len(layer)}]}).encode()
+        "layers": [{"mediaType": media, "digest": _blob(root, layer),
+                    "size": len(layer) if layer_size is None else layer_size}]}).encode()
     index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest_media, "digest": _blob(root, manifest),
                                                 "size": len(manifest),
                                                 "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}
@@ -90,7 +92,11 @@ def _swapped_layer(t: Path) -> str:
     root = Path(src[4:].rsplit(":", 1)[0])
     index = json.loads((root / "index.json").read_text())
     m = json.loads((root / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text())
-    (root / "blobs/sha256" / m["layers"][1]["digest"][7:]).write_bytes(gzip.compress(make_tar([TarEntry("x", b"evil")])))
+    blob = root / "blobs/sha256" / m["layers"][1]["digest"][7:]
+    # Another layer of the same size (gzip skips zero padding), so the digest is what catches it.
+    evil = gzip.compress(make_tar([TarEntry("x", b"evil")]))
+    assert len(evil) <= blob.stat().st_size
+    blob.write_bytes(evil.ljust(blob.stat().st_size, b"\0"))
     return src
 
 
@@ -105,7 +111,7 @@ def _config_tampered(t: Path) -> str:
     index = json.loads((root / "index.json").read_text())
     m = json.loads((root / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text())
     cfg = root / "blobs/sha256" / m["config"]["digest"][7:]
-    cfg.write_text(cfg.read_text().replace('"os": "linux"', '"os": "evil"'))
+    cfg.write_text(cfg.read_text().replace('"os": "linux"', '"os": "LINUX"'))  # same size
     return src
 
 
@@ -196,6 +202,8 @@ CORPUS: dict[str, Case] = {
     "truncated-zstd-layer": Case(_truncated_zstd, "not a readable tar archive"),
     "layer-digest-mismatch": Case(_swapped_layer, "hashes to"),
     "diff-id-mismatch": Case(_wrong_diff_id, "diff_id"),
+    "layer-size-mismatch": Case(lambda t: _raw_layout(t, gzip.compress(_good_tar()), layer_size=10),
+                                "its descriptor says 10 bytes"),
     "config-digest-mismatch": Case(_config_tampered, "hashes to"),
     "decompression-bomb-layer": Case(_bomb, "inflates past", args=("--max-size", "10M")),
     "config-not-json": Case(lambda t: _raw_layout(t, gzip.compress(_good_tar()), config=b"{not json"),

@@ -102,3 +102,14 @@ def _kernel_image_is_sound(manifest, path: Path) -> None:
 def test_bad_tag_is_refused_before_reading(tmp_path, env_dirs):
     proc = lazyfs_cli("build", str(tmp_path), "--tag", "Bad Name", check=False)
     assert proc.returncode != 0 and "invalid image name" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["dotdot-entry", "truncated-gzip-layer", "missing-index"])
+def test_refused_build_leaves_no_store_it_created(case, tmp_path):
+    """The same refusals into a store that did not exist: not even its directory is left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    store = tmp_path / "new" / "store"
+    proc = lazyfs_cli("build", CORPUS[case].make(work), "--store", store, check=False)
+    assert proc.returncode == 1 and CORPUS[case].expect in proc.stderr
+    assert not (tmp_path / "new").exists()

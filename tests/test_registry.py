@@ -7,14 +7,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from bench.registry import RegistryServer, skip_reason
-from bench.servers import lazyfs_cli
+from bench.servers import lazyfs_cli, lazyfs_cli_peak
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from imagebuilder.sources.oci import REF_NAME
 from tests.images import _rand
@@ -315,16 +314,8 @@ def test_memory_stays_bounded_for_a_big_layer(registry, tmp_path):
     src = tmp_path / "big-layout"
     _layout_from_tar(src, layer)
     registry.push(f"oci:{src}:v1", "mem/big:1")
-    # The build reports its own peak as it exits: VmHWM, which exec resets. (ru_maxrss would not do:
-    # it keeps the high-water mark of the forked copy of pytest the child was before its exec.)
-    measure = ("import atexit, sys; atexit.register(lambda: print('maxrss', [l.split()[1] for l in "
-               "open('/proc/self/status') if l.startswith('VmHWM:')][0], file=sys.stderr)); "
-               "sys.argv[0] = 'lazyfs'; from lazyfs.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", measure, "build", f"docker://{registry.host}/mem/big:1",
-                           INSECURE, "--store", str(tmp_path / "store")], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = int(proc.stderr.split("maxrss")[-1].split()[0]) << 10
+    _, peak = lazyfs_cli_peak("build", f"docker://{registry.host}/mem/big:1", INSECURE,
+                              "--store", tmp_path / "store", timeout=300)
     print(f"peak RSS {peak >> 20} MiB for a {size >> 20} MiB layer")
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB for a {size >> 20} MiB layer"
 

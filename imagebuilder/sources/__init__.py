@@ -6,6 +6,7 @@ detected from its contents.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tarfile
@@ -15,14 +16,14 @@ from lazyfs.errors import NotAnImage, UnsupportedTransport
 
 from imagebuilder.sources import docker, dockerref, oci
 from imagebuilder.sources.blobs import DirBlobs, TarBlobs
-from imagebuilder.sources.model import ImageInput, LayerRef, SourceOptions
+from imagebuilder.sources.model import DownloadLimits, ImageInput, LayerRef, SourceOptions
 
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir")
 # What a transport prefix looks like (skopeo's docker://, containers-storage:, ...): a spec that
 # starts so and names no existing path is a transport this build cannot read, not a missing file.
 _TRANSPORT_RE = re.compile(r"^([a-z][a-z0-9+.-]*):")
 
-__all__ = ["open_source", "parse", "ImageInput", "LayerRef", "SourceOptions", "TRANSPORTS"]
+__all__ = ["open_source", "parse", "DownloadLimits", "ImageInput", "LayerRef", "SourceOptions", "TRANSPORTS"]
 
 
 def _split_ref(rest: str) -> tuple[str, str | None]:
@@ -78,7 +79,7 @@ def open_source(spec: str, options: SourceOptions | None = None) -> ImageInput:
     if transport == "docker":
         from imagebuilder.sources import remote  # urllib3 and the auth code only when needed
 
-        return remote.load(spec, SourceOptions(platform, options.creds, options.tls_verify))
+        return remote.load(spec, dataclasses.replace(options, platform=platform))
     image = _open_local(transport, path, ref, platform)
     image.source.setdefault("ref", f"{transport}:{os.path.abspath(path)}" + (f":{ref}" if ref else ""))
     return image

@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from lazyfs.errors import ImageSourceError, LayerDigestMismatch, NotAnImage
+from lazyfs.errors import BlobSizeMismatch, ImageSourceError, LayerDigestMismatch, NotAnImage
 from lazyfs.format import digest as digests
 
 MAX_JSON = 8 * 1024 * 1024
@@ -21,23 +21,40 @@ class BlobSource:
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str, size: int | None = None) -> BinaryIO:
+        """A stream of the file. ``size``, the size a descriptor declares for it, is for sources
+        that cannot tell a file's size before reading it (a registry): they hold the stream to it."""
         raise NotImplementedError
 
-    def size(self, name: str) -> int:
+    def size(self, name: str) -> int | None:
+        """The file's size, or None where it is not known before reading."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
-    def read_json(self, name: str, digest: str | None = None) -> dict | list:
-        """Read a small JSON file; when ``digest`` is given, the bytes must hash to it."""
+    def check_size(self, what: str, name: str, digest: str, declared: int) -> None:
+        """Refuse a blob whose size, where known before reading, is not what its descriptor says."""
+        actual = self.size(name)
+        if actual is not None and actual != declared:
+            raise BlobSizeMismatch(f"{self.label}: {what}", digest, declared, f"the blob is {actual} bytes")
+
+    def read_json(self, name: str, digest: str | None = None, size: int | None = None) -> dict | list:
+        """Read a small JSON file; when ``digest`` is given, the bytes must hash to it, and when
+        ``size`` is given (with it, from a descriptor), they must be that many."""
         if not self.exists(name):
             raise NotAnImage(f"{self.label}: {name} is missing")
-        with self.open(name) as f:
+        if size is not None:
+            if size > MAX_JSON:
+                raise ImageSourceError(f"{self.label}: {name}: its descriptor says {size} bytes, "
+                                       f"more than the {MAX_JSON} a JSON document may have")
+            self.check_size("blob", name, digest or name, size)
+        with self.open(name, size) as f:
             data = f.read(MAX_JSON + 1)
         if len(data) > MAX_JSON:
             raise ImageSourceError(f"{self.label}: {name} is larger than {MAX_JSON} bytes")
+        if size is not None and len(data) != size:
+            raise BlobSizeMismatch(f"{self.label}: blob", digest or name, size, f"it holds {len(data)} bytes")
         if digest and digests.compute(data) != digest:
             raise LayerDigestMismatch(f"{self.label}: {name}", digest, digests.compute(data))
         try:
@@ -64,7 +81,7 @@ class DirBlobs(BlobSource):
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str, size: int | None = None) -> BinaryIO:
         try:
             return open(self._path(name), "rb")
         except OSError as exc:
@@ -88,7 +105,7 @@ class TarBlobs(BlobSource):
         m = self.members.get(posixpath.normpath(name))
         return m is not None and (m.isfile() or m.issym() or m.islnk())
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str, size: int | None = None) -> BinaryIO:
         member = self.members.get(posixpath.normpath(name))
         if member is None:
             raise NotAnImage(f"{self.label}: {name} is missing")

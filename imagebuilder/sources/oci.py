@@ -29,11 +29,20 @@ REF_NAME = "org.opencontainers.image.ref.name"
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-def _descriptor_digest(label: str, desc: dict) -> str:
+def descriptor_digest(label: str, desc: dict) -> str:
     digest = desc.get("digest") if isinstance(desc, dict) else None
     if not digests.is_valid(digest or ""):
         raise ImageSourceError(f"{label}: descriptor has no valid sha256 digest: {str(desc)[:120]}")
     return digest
+
+
+def descriptor_size(label: str, desc: dict) -> int:
+    """The size a descriptor declares: required (OCI image spec), and what bounds the read of
+    the blob before its digest can be checked."""
+    size = desc.get("size") if isinstance(desc, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ImageSourceError(f"{label}: descriptor has no valid size: {str(desc)[:120]}")
+    return size
 
 
 HOST_PLATFORM = f"linux/{_ARCH}"
@@ -114,8 +123,9 @@ def load(blobs: BlobSource, tag: str | None, label: str, platform: str = HOST_PL
         raise NotAnImage(f"{label}: unsupported oci-layout version {layout!r:.80}")
 
     def fetch(desc: dict) -> tuple[dict, str | None, str]:
-        digest = _descriptor_digest(label, desc)
-        return blobs.read_json(blobs.blob_path(digest), digest), desc.get("mediaType"), digest
+        digest = descriptor_digest(label, desc)
+        size = descriptor_size(label, desc)
+        return blobs.read_json(blobs.blob_path(digest), digest, size), desc.get("mediaType"), digest
 
     doc, media, digest = fetch(_pick(label, blobs.read_json("index.json"), tag, platform))
     manifest, digest, indexes = resolve(label, doc, media, digest, fetch, platform)
@@ -128,8 +138,8 @@ def _image(blobs: BlobSource, manifest: dict, label: str) -> ImageInput:
     cdesc = manifest.get("config") or {}
     if cdesc.get("mediaType") not in CONFIG_TYPES:
         raise UnsupportedMediaType(f"{label}: unsupported config media type {cdesc.get('mediaType')!r}")
-    cdigest = _descriptor_digest(label, cdesc)
-    config = blobs.read_json(blobs.blob_path(cdigest), cdigest)
+    cdigest = descriptor_digest(label, cdesc)
+    config = blobs.read_json(blobs.blob_path(cdigest), cdigest, descriptor_size(label, cdesc))
     if not isinstance(config, dict):
         raise ImageSourceError(f"{label}: image config is not a JSON object")
     layers = manifest.get("layers")
@@ -142,11 +152,13 @@ def _image(blobs: BlobSource, manifest: dict, label: str) -> ImageInput:
     for desc, diff_id in zip(layers, diff_ids):
         if desc.get("mediaType") not in LAYER_TYPES:
             raise UnsupportedMediaType(f"{label}: unsupported layer media type {desc.get('mediaType')!r}")
-        digest = _descriptor_digest(label, desc)
+        digest = descriptor_digest(label, desc)
+        size = descriptor_size(label, desc)
         path = blobs.blob_path(digest)
         if not blobs.exists(path):
             raise NotAnImage(f"{label}: layer blob {digest} is missing")
-        refs.append(LayerRef(digest[:19], lambda p=path: blobs.open(p), digest,
-                             diff_id if digests.is_valid(diff_id) else None, blobs.size(path)))
+        blobs.check_size("layer", path, digest, size)
+        refs.append(LayerRef(digest[:19], lambda p=path, n=size: blobs.open(p, n), digest,
+                             diff_id if digests.is_valid(diff_id) else None, size))
     source = {"platform": platform_of(config)}
     return ImageInput(label, refs, runtime_config(config), close=blobs.close, source=source)

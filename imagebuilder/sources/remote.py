@@ -41,24 +41,22 @@ class RegistryBlobs(BlobSource):
         return self.sizes[digest] is not None
 
     def size(self, name: str) -> int | None:
+        """What the registry's HEAD said (Content-Length), once exists() has asked."""
         return self.sizes.get(self._digest(name))
 
-    def open(self, name: str) -> BlobReader:
-        digest = self._digest(name)
-        return self.registry.blob(digest, self.sizes.get(digest))
+    def open(self, name: str, size: int | None = None) -> BlobReader:
+        return self.registry.blob(self._digest(name), size)
 
 
 def load(spec: str, options: SourceOptions) -> ImageInput:
     ref = dockerref.parse(spec)
     label = f"docker://{ref}"
     creds = regauth.from_creds(options.creds) if options.creds else None
-    registry = Registry(ref, creds, tls_verify=options.tls_verify)
+    registry = Registry(ref, creds, tls_verify=options.tls_verify, limits=options.limits)
 
     def fetch(desc: dict) -> tuple[dict, str | None, str]:
-        digest = desc.get("digest")
-        if not digests.is_valid(digest or ""):
-            raise ImageSourceError(f"{label}: index entry has no valid digest: {str(desc)[:120]}")
-        doc, media, _ = _manifest(registry, digest, label)
+        digest = oci.descriptor_digest(label, desc)
+        doc, media, _ = _manifest(registry, digest, label, oci.descriptor_size(label, desc))
         return doc, desc.get("mediaType") or media, digest
 
     doc, media, digest = _manifest(registry, ref.reference, label)
@@ -68,8 +66,9 @@ def load(spec: str, options: SourceOptions) -> ImageInput:
     return image
 
 
-def _manifest(registry: Registry, reference: str, label: str) -> tuple[dict, str | None, str]:
-    data, media, digest = registry.manifest(reference)
+def _manifest(registry: Registry, reference: str, label: str,
+              size: int | None = None) -> tuple[dict, str | None, str]:
+    data, media, digest = registry.manifest(reference, size)
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -7,11 +7,12 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from lazyfs.errors import ImageSourceError
+from lazyfs.errors import ImageSourceError, LimitExceeded
 from lazyfs.format.manifest import EntryType
 
-from imagebuilder.tree import LayerEntry
+from imagebuilder.tree import MAX_DEPTH, LayerEntry, split_path
 
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes in a path, its NUL included
 _KINDS = {stat.S_IFREG: EntryType.REG, stat.S_IFDIR: EntryType.DIR, stat.S_IFLNK: EntryType.SYMLINK,
           stat.S_IFCHR: EntryType.CHR, stat.S_IFBLK: EntryType.BLK, stat.S_IFIFO: EntryType.FIFO,
           stat.S_IFSOCK: EntryType.SOCK}
@@ -44,7 +45,14 @@ def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
     stack = [b""]
     while stack:
         rel = stack.pop()
+        # The tree's own checks (depth, name and path length), before the host is asked about a
+        # path that deep: a path past PATH_MAX would be an OSError, not the refusal.
+        split_path(str(root), rel)
         full = os.path.join(base, rel) if rel else base
+        if len(full) >= PATH_MAX:  # legal in an image, but this walk names files by whole paths
+            raise LimitExceeded(f"{root}: entry {rel[:64].decode(errors='replace')!r}...: "
+                                f"{len(full)} bytes from / is longer than this host's PATH_MAX "
+                                f"({PATH_MAX}); build from a shorter directory or an archive")
         st = top if not rel else os.lstat(full)
         kind = _KINDS.get(stat.S_IFMT(st.st_mode))
         if kind is None:
@@ -74,14 +82,25 @@ def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
 
 
 def tree_size(root: Path) -> int:
+    """Bytes in the regular files under ``root``, for the progress bar: with a stack of its own,
+    not os.walk, whose recursion a deep tree turns into a RecursionError, and no deeper than the
+    walk may go (it refuses what lies below)."""
     total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
+    stack = [(os.fsencode(root), 0)]
+    while stack:
+        path, depth = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue  # unreadable or vanished: the walk reports what matters
+        for e in entries:
             try:
-                st = os.lstat(os.path.join(dirpath, f))
+                if e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH:
+                        stack.append((e.path, depth + 1))
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
     return total
 

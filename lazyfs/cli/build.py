@@ -9,11 +9,16 @@ from rich.table import Table
 
 from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
 from imagebuilder.build import DEFAULT_MAX_SIZE
+from imagebuilder.sources.model import DownloadLimits
 from lazyfs.format.manifest import MAX_ENTRIES
 from lazyfs.cli import app
-from lazyfs.cli.common import JsonOpt, RichProgress, StoreOpt, err, human, out, parse_bool, parse_size
+from lazyfs.cli.common import (JsonOpt, RichProgress, StoreOpt, err, human, out, parse_bool, parse_duration,
+                               parse_size)
 from lazyfs.errors import NotFound
+from lazyfs.remote.defaults import duration
 from lazyfs.store import objects, open_store
+
+LIMITS = DownloadLimits()
 
 
 @app.command(help="Build an image into lazyfs blocks and a manifest, publish them to a store, "
@@ -27,7 +32,8 @@ def build(
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="NAME:TAG to point at the result."),
     store: Optional[str] = StoreOpt,
     chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size",
-                                   help="Bytes per block; smaller files are one block each."),
+                                   help="Bytes per block (1 to 16 MiB); smaller files are one "
+                                   "block each."),
     tmp_dir: Optional[str] = typer.Option(None, "--tmp-dir", help="Where blocks are staged until "
                                           "the whole image has been verified (default: $TMPDIR)."),
     max_size: str = typer.Option(f"{DEFAULT_MAX_SIZE >> 30}G", "--max-size", help="Refuse images whose layers inflate past "
@@ -46,6 +52,17 @@ def build(
     tls_verify: str = typer.Option("true", "--tls-verify", metavar="BOOL",
                                    help="Verify the registry's TLS certificate (docker://). "
                                    "--tls-verify=false also allows a plain-HTTP registry."),
+    stall_timeout: str = typer.Option(duration(LIMITS.stall), "--stall-timeout", metavar="DURATION",
+                                      envvar="LAZYFS_REGISTRY_STALL_TIMEOUT", show_envvar=True,
+                                      help="docker://: a download that gets no byte for this long "
+                                      "(resumes included) fails."),
+    min_rate: str = typer.Option(f"{LIMITS.min_rate >> 10}k", "--min-rate", metavar="BYTES",
+                                 envvar="LAZYFS_REGISTRY_MIN_RATE", show_envvar=True,
+                                 help="docker://: a download that brings fewer bytes a second than "
+                                 "this, averaged over each --rate-window, fails (0: no minimum)."),
+    rate_window: str = typer.Option(duration(LIMITS.window), "--rate-window", metavar="DURATION",
+                                    envvar="LAZYFS_REGISTRY_RATE_WINDOW", show_envvar=True,
+                                    help="docker://: the window --min-rate is averaged over."),
     profile_command: Optional[str] = typer.Option(None, "--profile-command", metavar="CMD",
                                                   help="After publishing, run CMD (a shell-quoted "
                                                   "command line) once in a container on the image and "
@@ -55,7 +72,8 @@ def build(
     from imagebuilder.build import build as run_build
 
     sources.parse(source)  # an unreadable source spelling fails before a store is created
-    options = sources.SourceOptions(platform or "", creds, parse_bool("--tls-verify", tls_verify))
+    limits = DownloadLimits(parse_duration(stall_timeout), int(parse_size(min_rate)), parse_duration(rate_window))
+    options = sources.SourceOptions(platform or "", creds, parse_bool("--tls-verify", tls_verify), limits)
     if platform:
         from imagebuilder.sources.oci import parse_platform
         parse_platform(platform)  # a misspelt platform fails before a store is created, too

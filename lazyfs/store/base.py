@@ -20,6 +20,10 @@ class BlockStore(Protocol):
         """Raise StoreError/StoreUnavailable now if the store cannot be used (or written), so a
         long build fails before its work, not after."""
 
+    def remove_if_unused(self) -> None:
+        """Undo what check(write=True) created for a store that did not exist, if nothing was put
+        in it since (a failed build leaves no trace); a no-op for stores that create nothing."""
+
     def has_block(self, digest: str) -> bool: ...
 
     def block_size(self, digest: str) -> int | None:

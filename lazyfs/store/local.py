@@ -59,6 +59,8 @@ class LocalStore:
         self.url = f"file://{self.root}"
         self._ready = False
         self._lock = threading.Lock()
+        # Directories this object created for a new store, outermost first (remove_if_unused).
+        self._created: list[Path] | None = None
 
     # -- layout ----------------------------------------------------------------------------------
     def _block_path(self, digest: str) -> Path:
@@ -99,9 +101,11 @@ class LocalStore:
             # Another process may be initialising the same store: its layout names are fine.
             if self.root.exists() and any(p.name not in LAYOUT_NAMES for p in self.root.iterdir()):
                 raise StoreError(f"{self.root} exists and is not a lazyfs store (no {MARKER})")
+            missing = [d for d in (self.root, *self.root.parents) if not d.exists()][::-1]
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
             atomic_write(marker, json.dumps({"layout": LAYOUT_VERSION}).encode(), self.root / "tmp")
+            self._created = missing
         else:
             layout = json.loads(marker.read_text()).get("layout")
             if layout != LAYOUT_VERSION:
@@ -284,6 +288,36 @@ class LocalStore:
 
     def delete_lease(self, name: str) -> None:
         self._lease_path(name).unlink(missing_ok=True)
+
+    def remove_if_unused(self) -> None:
+        """Take back the store this object created, if nothing was put in it since: a build that
+        fails leaves no trace of a store it made. rmdir, never a recursive delete, so a store
+        another process has begun to use (its lease, its temp file, any object) stays."""
+        if self._created is None:
+            return
+        with self._lock:
+            try:
+                self._remove_unused()
+            except OSError:
+                pass  # what could not go stays; the build's own error is the one to report
+
+    def _remove_unused(self) -> None:
+        if any((self.root / sub).exists() for sub in ("blocks", "manifests", "tags")):
+            return
+        for sub in ("leases", "tmp"):
+            try:
+                (self.root / sub).rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return  # not empty: another process uses the store (a lease, a temp file)
+        if [p.name for p in self.root.iterdir()] != [MARKER]:
+            return
+        (self.root / MARKER).unlink()
+        self._created, created = None, self._created
+        self._ready = False
+        for d in reversed(created):  # the store's root and the parents made for it, innermost first
+            d.rmdir()
 
     def close(self) -> None:
         pass

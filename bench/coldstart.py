@@ -156,17 +156,17 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
     if "lazy+profile" in cfg.modes:
         say(f"{w}: recording its startup profile")
         _record_profile(node, ref, work)
-    if "warm-node" in cfg.modes or "warm-node-fuse" in cfg.modes:
+    if {"warm-node", "warm-node-fuse", "warm-node-podman"} & set(cfg.modes):
         say(f"{w}: filling the warm node cache with the whole image")
         node.fill_warm(ref)
-    if "local" in cfg.modes or "local-erofs" in cfg.modes:
+    if {"local", "local-erofs", "local-overlay"} & set(cfg.modes):
         node.ensure_local(work.image)
     for i in range(cfg.runs):
         for mode in cfg.modes:
             say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
             samples[mode].append(asdict(_counted(servers, lambda: _one(node, mode, ref, work),
                                                  mode in ("lazy", "lazy+profile", "warm-node",
-                                                          "warm-node-fuse"))))
+                                                          "warm-node-fuse", "warm-node-podman"))))
             tick(1)
     return {"image": work.image, "argv": work.argv, "samples": samples}
 
@@ -211,6 +211,12 @@ def _one(node: Node, mode: str, ref: str, work) -> Sample:
         return node.local_run(work.image, work)
     if mode == "local-erofs":
         return node.local_erofs_run(work.image, work)
+    if mode == "local-overlay":
+        return node.local_overlay_run(work.image, work)
+    if mode == "podman-image":
+        return node.podman_image_run(work.image, work)
+    if mode == "warm-node-podman":
+        return node.lazy(ref, work, "auto", cold=False, runtime="podman")
     if mode == "warm-node":
         return node.lazy(ref, work, "auto", cold=False)
     if mode == "warm-node-fuse":

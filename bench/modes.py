@@ -25,8 +25,16 @@ from lazyfs.errors import LazyfsError
 from lazyfs.runner import runtime as rt
 
 # warm-node-fuse: warm-node with --data-path fuse, the fallback, for the side-by-side;
-# local-erofs: the extracted rootfs as an EROFS image on local disk, the kernel's own reference.
-MODES = ("pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "local-erofs", "local")
+# warm-node-podman: warm-node with podman (runc) as the runtime, against podman-image;
+# podman-image: `podman run` of the image from containers-storage (a warm podman node);
+# local-erofs: the extracted rootfs as an EROFS image on local disk, the kernel's own reference;
+# local-overlay: the extracted rootfs under a fresh writable overlay, as every container has one
+# (and so every mode starts from the same byte code: nothing a run writes outlives it);
+# local: the extracted rootfs itself (what a run writes there, .pyc files, stays for the next).
+MODES = ("pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "warm-node-podman",
+         "podman-image", "local-erofs", "local-overlay", "local")
+PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
+              "--ulimit", "nproc=32768:32768")
 RUN_TIMEOUT = 600.0
 
 
@@ -42,6 +50,20 @@ class Sample:
     requests: int = 0  # HTTP requests the node made
     read_bytes: int = 0  # bytes the workload read from the image (FUSE reads; lazy modes)
     phases: dict = field(default_factory=dict)
+
+
+def _remove_written_since(root: Path, stamp: float) -> None:
+    """Byte code a run wrote into an extracted tree (files under __pycache__ newer than
+    ``stamp``), and the __pycache__ directories it made."""
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        if os.path.basename(dirpath) != "__pycache__":
+            continue
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_mtime >= stamp:
+                os.unlink(path)
+        if os.lstat(dirpath).st_mtime >= stamp and not os.listdir(dirpath):
+            os.rmdir(dirpath)
 
 
 def drop_caches() -> None:
@@ -123,13 +145,13 @@ class Node:
         self.local = home / "local"
 
     def lazy(self, ref: str, work: Workload, profile: str, cold: bool,
-             data_path: str | None = None) -> Sample:
+             data_path: str | None = None, runtime: str = "namespaces") -> Sample:
         cache = self.cold_cache if cold else self.warm_cache
         if cold:
             shutil.rmtree(cache, ignore_errors=True)
         stats = self.home / "run-stats.json"
         stats.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--runtime", "namespaces",
+        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--runtime", runtime,
                "--server", self.server_url, "--cache-dir", str(cache), "--profile", profile,
                "--network", "host" if work.http_port else "none", "--stats-json", str(stats),
                "--data-path", data_path or self.data_path, ref, "--", *work.argv]
@@ -205,10 +227,17 @@ class Node:
         return rootfs
 
     def local_run(self, tag: str, work: Workload) -> Sample:
+        """The workload in the extracted tree itself. What it writes there (Python's .pyc files)
+        is removed after each run, so every run, as in every other mode, starts from the image's
+        own byte code: a run that compiles pays for it each time, not only the first time."""
         rootfs = self.ensure_local(tag)
+        stamp = time.time()
         drop_caches()
         t0 = time.monotonic()
-        seconds, _ = timed(self._local_cmd(rootfs, work), work, t0, stop_by_kill=True)
+        try:
+            seconds, _ = timed(self._local_cmd(rootfs, work), work, t0, stop_by_kill=True)
+        finally:
+            _remove_written_since(rootfs, stamp)
         return Sample(seconds)
 
     def local_erofs_run(self, tag: str, work: Workload) -> Sample:
@@ -224,24 +253,53 @@ class Node:
             subprocess.run(["mkfs.erofs", "--quiet", "--preserve-mtime", str(image) + ".part", str(rootfs)], check=True,
                            capture_output=True)
             os.rename(str(image) + ".part", image)
-        # A writable layer on top, as every container (and `lazyfs run`) has one.
-        base = self.local / tag / "erofs-run"
-        shutil.rmtree(base, ignore_errors=True)
-        lower, upper, work_dir, root = (base / d for d in ("lower", "upper", "work", "rootfs"))
-        for d in (lower, upper, work_dir, root):
-            d.mkdir(parents=True)
+        lower = self.local / tag / "erofs-lower"
+        lower.mkdir(exist_ok=True)
         kernel.mount_one(str(image), str(lower), "erofs", kernel.MS_RDONLY, None)
         try:
-            kernel.mount_one("overlay", str(root), "overlay", 0,
-                          f"lowerdir={lower},upperdir={upper},workdir={work_dir}")
-            try:
-                drop_caches()
-                t0 = time.monotonic()
-                seconds, _ = timed(self._local_cmd(root, work), work, t0, stop_by_kill=True)
-            finally:
-                kernel.unmount_one(str(root), lazy=True)
+            return self._overlay_run(lower, tag, work)
         finally:
             kernel.unmount_one(str(lower), lazy=True)
+
+    def local_overlay_run(self, tag: str, work: Workload) -> Sample:
+        """The extracted rootfs under a fresh writable overlay: what a container on local disk
+        gets, and the floor the warm node is held to."""
+        return self._overlay_run(self.ensure_local(tag), tag, work)
+
+    def _overlay_run(self, lower: Path, tag: str, work: Workload) -> Sample:
+        """A run on ``lower`` under a writable layer made for this run alone, as every container
+        (and `lazyfs run`) has one; the overlay mount is not timed."""
+        from lazyfs.fs import kernel
+
+        base = self.local / tag / "overlay-run"
+        shutil.rmtree(base, ignore_errors=True)
+        upper, work_dir, root = (base / d for d in ("upper", "work", "rootfs"))
+        for d in (upper, work_dir, root):
+            d.mkdir(parents=True)
+        kernel.mount_one("overlay", str(root), "overlay", 0,
+                         f"lowerdir={kernel.escape(lower)},upperdir={upper},workdir={work_dir}")
+        try:
+            drop_caches()
+            t0 = time.monotonic()
+            seconds, _ = timed(self._local_cmd(root, work), work, t0, stop_by_kill=True)
+        finally:
+            kernel.unmount_one(str(root), lazy=True)
+            shutil.rmtree(base, ignore_errors=True)
+        return Sample(seconds)
+
+    def podman_image_run(self, tag: str, work: Workload) -> Sample:
+        """`podman run` of the image already in containers-storage (loaded once from the bench's
+        OCI layout with skopeo): a warm podman node, the yardstick for warm-node-podman."""
+        name = f"localhost/lazyfs-bench-{tag}:latest"
+        if subprocess.run(["podman", "image", "exists", name]).returncode != 0:
+            from bench.images import Images
+            subprocess.run(["skopeo", "copy", "--quiet", f"oci:{Images(self.home).layout}:{tag}",
+                            f"containers-storage:{name}"],
+                           check=True, capture_output=True)
+        cmd = [*PODMAN_RUN, "--network", "host" if work.http_port else "none", name, *work.argv]
+        drop_caches()
+        t0 = time.monotonic()
+        seconds, _ = timed(cmd, work, t0)
         return Sample(seconds)
 
     @staticmethod

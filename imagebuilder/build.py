@@ -8,7 +8,7 @@ from typing import BinaryIO, Callable, Protocol
 
 from lazyfs.errors import BuildOptionError, ImageSourceError
 from lazyfs.format import block, reference
-from lazyfs import provenance
+from lazyfs import metadata, provenance
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
@@ -79,7 +79,9 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
             commit = stager.commit(used, advance)
         finally:
             stager.close()
-        # Blocks are all in the store before the manifest that needs them; the tag goes last.
+        # Blocks are all in the store before the manifest that needs them (and its mount
+        # metadata before the manifest that names it); the tag goes last.
+        manifest = metadata.attach(store, manifest)
         digest = objects.write_manifest(store, manifest)
         if image.source.get("manifest"):
             transport = sources.parse(source)[0]

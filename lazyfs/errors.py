@@ -168,6 +168,11 @@ class MountError(LazyfsError):
     pass
 
 
+class MetadataRefused(MountError, IntegrityError):
+    """The EROFS image an image manifest pins is missing, malformed or not the bytes pinned: the
+    kernel never sees it, and no other data path stands in for the image's own metadata."""
+
+
 class RunError(LazyfsError):
     pass
 

@@ -53,10 +53,12 @@ def mark(store: BlockStore) -> tuple[set[str], set[str]]:
             if snap.image not in manifests:
                 todo.add(snap.image)
             continue
-        if what in (kinds.PROFILE, kinds.PROVENANCE):
+        if what in (kinds.PROFILE, kinds.PROVENANCE, kinds.META):
             # A hint, not a reference: what it names lives only as long as an image tag does.
             continue
         m = mf.decode(data)
+        if m.meta and m.meta not in manifests:
+            todo.add(m.meta)  # the image's mount metadata lives as long as the image
         blocks.update(c.digest for e in m.entries if e.type == EntryType.REG for c in e.chunks)
     return manifests, blocks
 

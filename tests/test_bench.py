@@ -31,7 +31,8 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     results = json.loads((out / "results.json").read_text())
     w = results["workloads"]["minimal"]
     assert set(w["samples"]) == {"pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse",
-                                 "local-erofs", "local"}
+                                 "warm-node-podman", "podman-image", "local-erofs", "local-overlay",
+                                 "local"}
     for mode, samples in w["samples"].items():
         assert len(samples) == 1 and 0 < samples[0]["seconds"] < 60, (mode, samples)
     s = w["samples"]
@@ -41,6 +42,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     assert s["lazy"][0]["requests"] > 0 and s["lazy"][0]["read_bytes"] > 0
     assert s["warm-node"][0]["phases"]["blocks_fetched"] == 0  # the node cache had everything
     assert s["warm-node-fuse"][0]["phases"]["blocks_fetched"] == 0
+    assert s["warm-node-podman"][0]["phases"]["blocks_fetched"] == 0
     from lazyfs.fs import kernel
     assert s["warm-node"][0]["phases"]["data_path"] == ("fuse" if kernel.unavailable() else "kernel")
     assert s["warm-node-fuse"][0]["phases"]["data_path"] == "fuse"
@@ -52,7 +54,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
         assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
         assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 1 + 7 and "| lazy+profile |" in md and md in res.stdout
+    assert md.count("\n| ") == 1 + 10 and "| lazy+profile |" in md and md in res.stdout
     assert "| warm-node-fuse | fuse |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]

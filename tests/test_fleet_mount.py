@@ -71,7 +71,9 @@ def test_build_to_s3_serve_through_two_servers_mount_and_read_everything(s3_url,
             assert os.stat(mnt / "data" / "f1.txt").st_ino == os.stat(mnt / "data" / "f1-link.txt").st_ino
             stats = m.stats()
         origin_gets = [s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers]
-        assert sum(origin_gets) == len(unique) + 1  # every unique block once, plus the manifest
+        # Every unique block once, plus the manifest (and, on the kernel path, the mount
+        # metadata record it names).
+        assert sum(origin_gets) == len(unique) + 1 + (stats["metadata"] == "shipped")
         assert all(n > 0 for n in origin_gets)  # both servers took a share
         assert stats["store"]["block_gets"] == len(unique)
         assert stats["store"]["failovers"] == 0
@@ -156,8 +158,11 @@ def test_concurrent_readers_on_two_mounts_share_one_fetch_per_block(fleet_image,
             t.join()
         expected = (src / "data" / "big2.bin").read_bytes()
         assert all(v == expected for v in results.values()) and len(results) == 3
+        from lazyfs.fs import control
+        shipped = control.query(str(m1))["metadata"] == "shipped"
     fetched = sum(s.metrics()["lazyfs_server_origin_fetches_total"] for s in servers)
-    assert fetched == 16 + 1  # 8 MiB in 512 KiB blocks, once each across the fleet; + manifest
+    # 8 MiB in 512 KiB blocks, once each across the fleet; + the manifest (+ its mount metadata)
+    assert fetched == 16 + 1 + shipped
 
 
 def test_run_through_the_fleet(tmp_path, node):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lazyfs.format
 from lazyfs.errors import FormatError
-from lazyfs.format import batch, block, manifest as mf, profile, provenance, snapshot, trace
+from lazyfs.format import batch, block, manifest as mf, metaimage, profile, provenance, snapshot, trace
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -27,6 +27,8 @@ def _manifest_head(config: bytes) -> bytes:
 DECODERS = {
     "manifest.decode": (mf.decode, _manifest_head),
     "manifest.decode_config": (mf.decode_config, _manifest_head),
+    "manifest.decode_meta": (mf.decode_meta, _manifest_head),
+    "metaimage.decode": (metaimage.decode, lambda body: metaimage.MAGIC + b"\x01\x00" + body),
     "profile.decode": (profile.decode, lambda body: profile.MAGIC + body),
     "snapshot.decode": (snapshot.decode, lambda body: snapshot.MAGIC + body),
     "provenance.decode": (provenance.decode, lambda body: provenance.MAGIC + body),

@@ -53,12 +53,14 @@ def test_untagged_image_is_swept_shared_blocks_stay(two_images, tmp_path):
     store._tag_path("gc/a", "1").unlink()
     _age(store, 7200)
     dry = gc.collect_store(store, grace=3600, dry_run=True)
-    assert set(dry.blocks) == _blocks(ra) - _blocks(rb) and dry.manifests == [ra.digest]
+    # An image's mount metadata record goes with it (and stays with b).
+    assert ra.manifest.meta and rb.manifest.meta
+    assert set(dry.blocks) == _blocks(ra) - _blocks(rb) and set(dry.manifests) == {ra.digest, ra.manifest.meta}
     assert store.has_block(next(iter(_blocks(ra) - _blocks(rb))))  # dry run changed nothing
     report = gc.collect_store(store, grace=3600)
     assert set(report.blocks) == _blocks(ra) - _blocks(rb)
     assert {b.digest for b in store.list_blocks()} == _blocks(rb)
-    assert {m.digest for m in store.list_manifests()} == {rb.digest}
+    assert {m.digest for m in store.list_manifests()} == {rb.digest, rb.manifest.meta}
     assert report.bytes > 0
     # What is left still reads back completely.
     m = objects.read_manifest(store, rb.digest)

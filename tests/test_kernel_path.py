@@ -107,3 +107,86 @@ def test_a_tree_the_layout_cannot_hold_falls_back_to_fuse(env_dirs, tmp_path):
         assert sorted(os.listdir(mnt)) == ["file", "whiteout-lookalike"]  # not hidden as a whiteout
         assert (mnt / "file").read_text() == "x\n"
     assert "overlayfs reads as a whiteout" in Path(tmp_path / "mount.log").read_text()
+
+
+def _store(env_dirs):
+    from lazyfs.store.local import LocalStore
+    return LocalStore(env_dirs["LAZYFS_STORE"])
+
+
+def test_a_cold_node_mounts_the_metadata_the_build_shipped(image, tmp_path, env_dirs):
+    """Nothing is generated on the mount's start path: the EROFS image comes from the store, and
+    it is byte for byte the image the node would have made from the manifest."""
+    from dataclasses import replace
+    from lazyfs.format import digest as digests, erofs, manifest as mf, metaimage
+    from lazyfs.store import objects
+
+    store = _store(env_dirs)
+    digest = objects.resolve(store, "kp/img:1")
+    manifest = objects.read_manifest(store, digest)
+    assert manifest.meta is not None
+    log = tmp_path / "mount.log"
+    m = Mounted("kp/img:1", tmp_path / "mnt", "--data-path", "kernel", "--log-file", log)
+    with m as mnt:
+        assert m.stats()["metadata"] == "shipped"
+        assert (mnt / "hello").read_text() == "hello\n"
+        assert (mnt / "data" / "big.bin").read_bytes() == (image / "data" / "big.bin").read_bytes()
+    text = log.read_text()
+    assert "fetched the EROFS metadata image shipped with the image" in text
+    assert "wrote the EROFS metadata image" not in text
+    bare = replace(manifest, meta=None)
+    expected = erofs.encode(bare, uuid=metaimage.uuid_for(digests.compute(mf.encode(bare))))
+    assert kernel.image_path(env_dirs["LAZYFS_CACHE_DIR"], digest).read_bytes() == expected
+
+
+def test_an_image_built_without_shipped_metadata_still_mounts(image, tmp_path, env_dirs):
+    from dataclasses import replace
+    from lazyfs.store import objects
+
+    store = _store(env_dirs)
+    old = replace(objects.read_manifest(store, objects.resolve(store, "kp/img:1")), meta=None)
+    store.put_tag("kp/old", "1", objects.write_manifest(store, old))
+    m = Mounted("kp/old:1", tmp_path / "mnt", "--data-path", "kernel")
+    with m as mnt:
+        assert m.stats()["metadata"] == "generated"
+        assert (mnt / "data" / "other.bin").read_bytes() == (image / "data" / "other.bin").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["other-record", "garbage", "missing"])
+def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, tmp_path, env_dirs, how):
+    """The kernel never parses an EROFS image the manifest does not pin, and no other data path
+    stands in: the mount fails with one line, whatever --data-path says."""
+    from lazyfs.format import block, erofs, manifest as mf, metaimage
+    from lazyfs.store import objects
+
+    store = _store(env_dirs)
+    digest = objects.resolve(store, "kp/img:1")
+    meta = objects.read_manifest(store, digest).meta
+    path = next((Path(env_dirs["LAZYFS_STORE"]) / "manifests").rglob(meta[7:]))
+    if how == "missing":
+        path.unlink()
+    else:  # a well-formed record (of an empty tree), or bytes that are no frame at all
+        empty = mf.Manifest((mf.Entry(b"", mf.EntryType.DIR, 0o755),))
+        frame = block.encode(metaimage.encode(erofs.encode(empty)))[1] if how == "other-record" else b"junk"
+        path.write_bytes(frame)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for data_path in ("auto", "kernel"):
+        r = lazyfs_cli("mount", "kp/img:1", mnt, "--data-path", data_path, check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        assert meta in lines[0] and "refusing to mount it" in lines[0]
+        assert lazyfs_mounts(str(tmp_path)) == [] and os.listdir(mnt) == []
+    assert not kernel.image_path(env_dirs["LAZYFS_CACHE_DIR"], digest).exists()
+    r = lazyfs_cli("run", "--runtime", "namespaces", "kp/img:1", "--", "true", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "refusing" in r.stderr
+
+
+def test_store_gc_keeps_an_images_metadata(image, env_dirs):
+    from lazyfs import gc
+    from lazyfs.store import objects
+
+    store = _store(env_dirs)
+    meta = objects.read_manifest(store, objects.resolve(store, "kp/img:1")).meta
+    gc.collect_store(store, grace=0)
+    assert objects.read_manifest_bytes(store, meta).startswith(b"LZFSMETA")

@@ -53,7 +53,9 @@ def test_reading_one_small_file_fetches_only_its_block(big_image, tmp_path, data
                 os.listxattr(os.path.join(dirpath, name), follow_symlinks=False)
         assert os.getxattr(mnt / "etc" / "motd", "user.note") == b"metadata only"
         s = m.stats()
-        assert s["store"]["block_gets"] == 0 and s["store"]["manifest_gets"] == 1
+        # (and on the kernel path the mount metadata record the manifest names)
+        assert s["store"]["block_gets"] == 0
+        assert s["store"]["manifest_gets"] == 1 + (s["metadata"] == "shipped")
         assert (mnt / "etc" / "motd").read_text() == "hello from a lazy image\n"
         s = m.stats()
         motd = entries[b"etc/motd"]

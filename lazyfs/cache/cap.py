@@ -69,17 +69,18 @@ def usage(root: str | os.PathLike) -> tuple[int, int]:
 
 
 def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (),
-         dry_run: bool = False, below: float = TRIM_TO, reserve: int = 0) -> TrimReport:
+         dry_run: bool = False, below: float = TRIM_TO, reserve: int = 0, wait: bool = True) -> TrimReport:
     """Evict until the cache holds at most ``max_bytes`` (``below`` × that, once it was over).
     ``keep_longer``: block digests (hex or sha256:hex) to evict only after everything else.
     ``reserve``: then count a file of that many bytes about to be written (lazyfs.cache.ledger),
-    without evicting anything if another trim has made room for it meanwhile. The ledger learns
+    without evicting anything if another trim has made room for it meanwhile. ``wait=False``:
+    nothing at all if another trim is running (BlockingIOError). The ledger learns
     what was evicted (and, when no writer moved it meanwhile, what the walk found)."""
     if dry_run or not os.path.isdir(root):  # (no cache yet: nothing to evict, nothing to count)
         return _trim(root, max_bytes, keep_longer, True, below, None)
     book = ledger(root)
     cap = max_bytes + reserve
-    with book.trimming():
+    with book.trimming(wait):
         report = TrimReport()
         for _ in range(TRIM_TRIES):
             if reserve and book.reserve(reserve, cap):

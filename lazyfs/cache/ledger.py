@@ -15,8 +15,9 @@ mid-walk might be missed); otherwise the trim subtracts what it evicted. Trims t
 processes (``trimming``): two at once would each count the other's evictions as their own. What can still drift: a
 block two processes wrote at once (counted twice: the next trim comes early, never late), a file
 removed by hand, and the reservation of a writer killed mid-write. ``reconcile`` corrects it: the
-node agent calls it every RECONCILE_EVERY seconds, and a reservation that has not moved between
-two of its calls is taken for a dead writer's and dropped.
+node agent calls it every RECONCILE_EVERY seconds. Between calls the agent reads what is in flight
+at every tick; whatever never left flight over the whole interval (the least amount seen) is a dead
+writer's reservation, since no write takes that long, and is dropped first.
 """
 from __future__ import annotations
 
@@ -61,11 +62,12 @@ class Ledger:
         os.pwrite(fd, RECORD.pack(*(max(0, x) for x in rec)), 0)
 
     @contextmanager
-    def trimming(self):
-        """One trim at a time on this cache, among all processes and threads."""
+    def trimming(self, wait: bool = True):
+        """One trim at a time on this cache, among all processes and threads. ``wait=False``:
+        BlockingIOError at once if another trim is running (it makes the room anyway)."""
         fd = os.open(self.path.with_name(TRIM_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             yield
         finally:
             os.close(fd)
@@ -103,27 +105,35 @@ class Ledger:
     def evicted(self, nbytes: int, nfiles: int) -> None:
         self._locked(lambda fd: self._put(fd, _plus(self._get(fd), -nbytes, -nfiles)))
 
-    def replace_if(self, before: Record, files: int, size: int, drop_flight: bool = False) -> bool:
+    def replace_if(self, before: Record, files: int, size: int) -> bool:
         """Set the total to a walk's (files, size) plus what is in flight, if the ledger is still
-        ``before`` (no writer moved it during the walk); ``drop_flight``: count nothing in flight
-        (reservations of writers that are gone)."""
+        ``before`` (no writer moved it during the walk)."""
         def compare_and_set(fd):
             rec = self._get(fd)
             if rec != before:
                 return False
-            fb, ff = (0, 0) if drop_flight else rec[2:]
+            fb, ff = rec[2:]
             self._put(fd, (size + fb, files + ff, fb, ff))
             return True
         return self._locked(compare_and_set)
 
-    def reconcile(self, last: Record | None = None) -> Record:
-        """Correct drift with one walk, without stopping writers. ``last``: what this returned the
-        previous time; a ledger that has not moved since has no live writer, so anything still in
-        flight is a dead writer's and is dropped. Returns the record to pass next time."""
+    def drop_stale(self, nbytes: int, nfiles: int) -> None:
+        """Forget reservations of writers that are gone: counted and in flight, never landed."""
+        def drop(fd):
+            size, files, fb, ff = self._get(fd)
+            nb, nf = min(nbytes, fb), min(nfiles, ff)
+            self._put(fd, (size - nb, files - nf, fb - nb, ff - nf))
+        self._locked(drop)
+
+    def reconcile(self, stale: tuple[int, int] = (0, 0)) -> bool:
+        """Correct drift, without stopping writers: drop ``stale`` (bytes, files) of reservations
+        (see the module's docstring), then walk once and set the total to what was found, unless a
+        writer moved the ledger meanwhile (the next call tries again). True if it was set."""
+        if any(stale):
+            self.drop_stale(*stale)
         before = self.record()
         files, size = self.scan()
-        self.replace_if(before, files, size, drop_flight=before == last)
-        return self.record()
+        return self.replace_if(before, files, size)
 
 
 def _plus(rec: Record, nbytes: int, nfiles: int) -> Record:

@@ -22,8 +22,12 @@ def bench(
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
                                              "warm-node, warm-node-fuse (warm-node with --data-path "
-                                             "fuse), local-erofs (the rootfs as EROFS on local "
-                                             "disk), local (repeatable; default: all). The "
+                                             "fuse), warm-node-podman (warm-node with podman as the "
+                                             "runtime), podman-image (podman run of the image from "
+                                             "containers-storage), local-erofs (the rootfs as EROFS "
+                                             "on local disk), local-overlay (the extracted rootfs "
+                                             "under a writable overlay), local (repeatable; "
+                                             "default: all). The "
                                              "snapshot workloads always run their own: cold-init, "
                                              "restore, lazy-restore, lazy-restore+ws."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),

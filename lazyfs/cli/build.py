@@ -160,7 +160,7 @@ def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
 
 
 @app.command(help="Show an image's files, bytes, blocks, bytes stored, dedup ratio, startup "
-                  "profile and source (registry reference, source manifest digest, platform).")
+                  "profile, mount metadata and source (registry reference, source manifest digest, platform).")
 def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[str] = StoreOpt,
             as_json: bool = JsonOpt):
     from lazyfs import profiles, provenance
@@ -179,7 +179,7 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[
     source = None if record is None else {**record.source, "built": record.meta.get("built")}
     if as_json:
         print(json.dumps({**stats.to_dict(), "config": manifest.config, "profile": profile,
-                          "source": source}, indent=2))
+                          "source": source, "mount_metadata": manifest.meta}, indent=2))
         return
     table = Table(box=None, show_header=False)
     for key, value in stats.to_dict().items():
@@ -188,6 +188,8 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[
     table.add_row("startup profile", "none (lazyfs profile records one)" if profile is None else
                   f"{profile['blocks']} blocks, {human(profile['bytes'])}, from "
                   f"`{' '.join(profile['argv'] or [])}`")
+    table.add_row("mount metadata", manifest.meta or "none shipped (nodes make the EROFS image "
+                  "themselves, or serve the image through FUSE)")
     if source is None:
         table.add_row("source", "not recorded (built from a root filesystem, or before lazyfs recorded sources)")
     for key, label in (("ref", "source"), ("manifest", "source manifest"), ("index", "source index"),

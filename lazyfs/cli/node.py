@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -52,7 +54,13 @@ def node(
     opts = AgentOptions(socket or paths.node_socket(), parse_duration(idle), cap or None,
                         None if metrics in ("", "off", "none") else metrics, takeover)
     agent = Agent(opts)
-    raise typer.Exit(agent.run(ready=lambda msg: print(f"lazyfs node: {msg}", flush=True)))
+    code = agent.run(ready=lambda msg: print(f"lazyfs node: {msg}", flush=True))
+    # Not an ordinary exit: that would wait for every pool thread, and one still in a mount
+    # stuck on a slow server would hold up a takeover (the agent gave them SHUTDOWN_WAIT).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @node_app.command(help="List the node's shared mounts, their users, cache use and hit ratio.")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lazyfs.errors import ManifestFormatError
+from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_BLOCK_SIZE
 from lazyfs.format.guard import total
 
@@ -27,6 +28,7 @@ MAX_CONFIG = 1 << 20
 MAX_ENTRIES = 4_000_000  # also the build's default --max-entries, which cannot exceed it
 
 _HEADER = struct.Struct("<8sHHII")  # magic, version, flags, chunk_size, entry_count
+FLAG_META = 0x1  # the header names a mount metadata record (lazyfs.format.metaimage) after the config
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -84,6 +86,9 @@ class Manifest:
     entries: tuple[Entry, ...]
     config: dict = field(default_factory=dict)
     chunk_size: int = 0
+    # The digest of the image's mount metadata record (lazyfs.format.metaimage), when the build
+    # made one: a node mounts that EROFS image instead of generating it from the entries.
+    meta: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.entries, tuple):
@@ -91,7 +96,8 @@ class Manifest:
 
     def __eq__(self, other):
         return (isinstance(other, Manifest) and self.entries == other.entries
-                and self.config == other.config and self.chunk_size == other.chunk_size)
+                and self.config == other.config and self.chunk_size == other.chunk_size
+                and self.meta == other.meta)
 
 
 def canonical_json(obj) -> bytes:
@@ -126,11 +132,13 @@ def encode(manifest: Manifest) -> bytes:
     entries = sorted(manifest.entries, key=lambda e: sort_key(e.path))
     index: dict[bytes, int] = {}
     out = bytearray()
-    out += _HEADER.pack(MAGIC, VERSION, 0, manifest.chunk_size, len(entries))
+    out += _HEADER.pack(MAGIC, VERSION, FLAG_META if manifest.meta else 0, manifest.chunk_size, len(entries))
     config = canonical_json(manifest.config)
     if not isinstance(manifest.config, dict) or len(config) > MAX_CONFIG:
         raise ManifestFormatError("config must be a JSON object of at most 1 MiB")
     out += _U32.pack(len(config)) + config
+    if manifest.meta:
+        out += digests.to_raw(manifest.meta)
     for i, e in enumerate(entries):
         if e.path in index:
             raise ManifestFormatError(f"duplicate path {e.path!r}")
@@ -236,13 +244,20 @@ def decode_config(data: bytes) -> dict:
     return _decode_head(_Reader(data))[2]
 
 
-def _decode_head(r: _Reader) -> tuple[int, int, dict]:
+@total("manifest", ManifestFormatError)
+def decode_meta(data: bytes) -> str | None:
+    """Only the digest of the mount metadata record, if the manifest names one (what a cold
+    mount needs first), without decoding the entries."""
+    return _decode_head(_Reader(data))[3]
+
+
+def _decode_head(r: _Reader) -> tuple[int, int, dict, str | None]:
     magic, version, flags, chunk_size, count = r.take(_HEADER)
     if magic != MAGIC:
         raise ManifestFormatError("not a lazyfs manifest (bad magic)")
     if version != VERSION:
         raise ManifestFormatError(f"unsupported manifest version {version} (this lazyfs reads {VERSION})")
-    if flags != 0:
+    if flags & ~FLAG_META:
         raise ManifestFormatError(f"unknown manifest flags {flags:#x}")
     if not 0 < count <= MAX_ENTRIES:
         raise ManifestFormatError(f"entry count {count} out of range")
@@ -253,7 +268,8 @@ def _decode_head(r: _Reader) -> tuple[int, int, dict]:
     config = json.loads(raw_config.decode("utf-8"))
     if not isinstance(config, dict) or canonical_json(config) != raw_config:
         raise ManifestFormatError("config section is not a canonical JSON object")
-    return chunk_size, count, config
+    meta = digests.from_raw(r.bytes(32)) if flags & FLAG_META else None
+    return chunk_size, count, config, meta
 
 
 _BY_CODE = {t.value: t for t in EntryType}
@@ -262,7 +278,7 @@ _NS = 1_000_000_000
 
 def _decode(data: bytes) -> Manifest:
     r = _Reader(data)
-    chunk_size, count, config = _decode_head(r)
+    chunk_size, count, config, meta_digest = _decode_head(r)
     buf, pos, end = r.buf, r.pos, len(r.buf)
     # One flat loop with local names: this runs once per entry on every mount's start-up.
     head, meta, reg, chunk, u8, u16, u32 = (_HEAD.unpack_from, _META.unpack_from, _REG.unpack_from,
@@ -362,4 +378,4 @@ def _decode(data: bytes) -> Manifest:
         types.append(etype)
     if pos != end:
         raise ManifestFormatError(f"{end - pos} unexpected bytes after the last entry")
-    return Manifest(tuple(entries), config, chunk_size)
+    return Manifest(tuple(entries), config, chunk_size, meta_digest)

@@ -9,15 +9,17 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, MetadataRefused
 from lazyfs.fs import control, kernel
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
 
 log = logging.getLogger("lazyfs.mount")
+REFUSED = b"X"  # on the readiness pipe: the mount is refused (MetadataRefused), no fallback
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def serve(args: DaemonArgs) -> None:
     reader = source.open()
     cache = NodeCache(cache_dir, reader.fetch_block, cap_bytes=args.cache_size)
     prefetch: list = []  # the startup profile's Prefetcher (or None), once the manifest is in
-    index, kernel_path = _index(reader, cache, args, prefetch)
+    index, kernel_path, metadata_from = _index(reader, cache, args, prefetch)
     completer = None
     if kernel_path:
         from lazyfs.cache.completer import Completer
@@ -101,7 +103,7 @@ def serve(args: DaemonArgs) -> None:
 
     def extra() -> dict:
         out = {"store": reader.stats.snapshot(), "digest": digest,
-               "data_path": "kernel" if kernel_path else "fuse"}
+               "data_path": "kernel" if kernel_path else "fuse", "metadata": metadata_from}
         if prefetch and prefetch[0]:
             out["prefetch"] = prefetch[0].stats.snapshot()
         if completer:
@@ -152,47 +154,67 @@ def serve(args: DaemonArgs) -> None:
 
 
 def _index(reader, cache, args: DaemonArgs, prefetch: list):
-    """The namespace this daemon serves, and whether it is the kernel path's data namespace.
-    When the node already has the EROFS image, the kernel needs nothing from the manifest to
-    serve the tree, so it is loaded in the background and the mount answers at once."""
+    """The namespace this daemon serves, whether it is the kernel path's data namespace, and
+    where the kernel path's EROFS image came from ("node": already here, "shipped": fetched as
+    the build made it, "generated": made here from the manifest; None on the FUSE path).
+    With the EROFS image on the node the kernel needs nothing from the manifest to serve the
+    tree, so the manifest is decoded in the background and the mount answers at once."""
+    from lazyfs import metadata
     from lazyfs.fs.dataindex import DataIndex, DeferredIndex
     from lazyfs.fs.index import ImageIndex
+    from lazyfs.format import manifest as mf
 
     def load(index_type, manifest=None):
         manifest = manifest or objects.read_manifest(reader, args.digest)
         index = index_type(manifest)
-        prefetch.append(_prefetcher(reader, args.digest, manifest, cache, args.profile))
         log.info("%s: %d entries, %d bytes", args.ref or args.digest, len(manifest.entries),
                  index.total_size)
+        # The profile is looked up beside the reads, never before them: a slow answer about it
+        # must not hold up the index every read needs.
+        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args.digest, manifest, cache,
+                                                                    args.profile)),
+                         name="lazyfs-profile", daemon=True).start()
         return index
     if args.layout == "kernel" and kernel.image_path(args.cache_dir, args.digest).exists():
-        return DeferredIndex(lambda: load(DataIndex)), True
-    manifest = objects.read_manifest(reader, args.digest)
-    kernel_path = args.layout == "kernel" and _kernel_image(manifest, args)
-    return load(DataIndex if kernel_path else ImageIndex, manifest), kernel_path
+        return DeferredIndex(lambda: load(DataIndex)), True, "node"
+    raw = objects.read_manifest_bytes(reader, args.digest)
+    if args.layout == "kernel":
+        shipped = metadata.fetch(reader, args.digest, raw)
+        if shipped is not None:
+            _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image")
+            return DeferredIndex(lambda: load(DataIndex, mf.decode(raw))), True, "shipped"
+    manifest = mf.decode(raw)
+    kernel_path = args.layout == "kernel" and _kernel_image(manifest, cache, args)
+    return load(DataIndex if kernel_path else ImageIndex, manifest), kernel_path, \
+        "generated" if kernel_path else None
 
 
-def _kernel_image(manifest, args: DaemonArgs) -> bool:
-    """Make sure the node has the EROFS image of this manifest; False (FUSE path) if the tree has
-    something the layout cannot hold."""
-    import hashlib
-
+def _kernel_image(manifest, cache, args: DaemonArgs) -> bool:
+    """Make the EROFS image of this manifest on the node (an image built without one shipped);
+    False (FUSE path) if the tree has something the layout cannot hold."""
     from lazyfs.errors import KernelLayoutUnsupported
-    from lazyfs.format import erofs
+    from lazyfs.format import erofs, metaimage
+
+    try:
+        data = erofs.encode(manifest, uuid=metaimage.uuid_for(args.digest))
+    except KernelLayoutUnsupported as exc:
+        log.warning("serving %s through FUSE: %s", args.ref or args.digest, exc)
+        return False
+    _keep_image(cache, args, data, "wrote the EROFS metadata image")
+    return True
+
+
+def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
+    """Put an EROFS image where the kernel path mounts it from: durably (the kernel parses it as
+    it is on disk, with no check of its own), counted in the node cache's ledger."""
     from lazyfs.fsutil import atomic_write
 
-    digest = args.digest
-    image = kernel.image_path(args.cache_dir, digest)
-    try:
-        data = erofs.encode(manifest, uuid=hashlib.sha256(digest.encode()).digest()[:16])
-    except KernelLayoutUnsupported as exc:
-        log.warning("serving %s through FUSE: %s", args.ref or digest, exc)
-        return False
+    image = kernel.image_path(args.cache_dir, args.digest)
     image.parent.mkdir(parents=True, exist_ok=True)
     (Path(args.cache_dir) / "tmp").mkdir(parents=True, exist_ok=True)
-    atomic_write(image, data, Path(args.cache_dir) / "tmp")
-    log.info("wrote the EROFS metadata image %s (%d bytes)", image, len(data))
-    return True
+    with cache.room(len(data)):
+        atomic_write(image, data, Path(args.cache_dir) / "tmp", durable=True)
+    log.info("%s: %s (%d bytes)", what, image, len(data))
 
 
 def _prefetcher(reader, digest: str, manifest, cache, choice: str):
@@ -234,6 +256,11 @@ def run_daemon(args: DaemonArgs) -> int:
         serve(args)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above
         log.error("FUSE mount failed (status %s)", exc)
+        return 1
+    except MetadataRefused as exc:  # no data path may serve an image whose own metadata is bad
+        log.error("%s", exc)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, REFUSED)
         return 1
     except (LazyfsError, OSError) as exc:
         log.error("%s", exc)

@@ -20,9 +20,9 @@ from functools import partial
 from pathlib import Path
 
 from lazyfs import paths
-from lazyfs.errors import MountError
+from lazyfs.errors import MetadataRefused, MountError
 from lazyfs.fs import kernel, spawn
-from lazyfs.fs.daemon import DaemonArgs, run_daemon
+from lazyfs.fs.daemon import REFUSED, DaemonArgs, run_daemon
 from lazyfs.remote.source import Source
 from lazyfs.store import objects
 
@@ -180,7 +180,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     try:
         return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker)
     except MountError as exc:
-        if layout != "kernel" or data_path != "auto":
+        if layout != "kernel" or data_path != "auto" or isinstance(exc, MetadataRefused):
             raise
         log.warning("the kernel data path failed (%s); serving %s through FUSE", exc, ref)
         state.layout = "fuse"
@@ -209,7 +209,10 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
     state.pid = proc.pid
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K"))
+        ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K", REFUSED))
+        if ready == REFUSED:  # the daemon's last log line says why, in one line
+            lines = logf.read_text(errors="replace").strip().splitlines()
+            raise MetadataRefused(lines[-1].partition(": ")[2] if lines else f"mount of {state.ref} refused")
         if ready is None:
             tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
             raise MountError(f"mount of {state.ref} on {mnt} failed; log {logf}:\n  "

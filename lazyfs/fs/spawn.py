@@ -55,7 +55,7 @@ class Forked:
         if self.returncode is None and timeout is not None:
             fd = os.pidfd_open(self.pid)  # readable once the child has exited
             try:
-                if not select.select([fd], [], [], timeout)[0]:
+                if not readable(fd, timeout):
                     raise subprocess.TimeoutExpired(self.args, timeout)
             finally:
                 os.close(fd)
@@ -63,6 +63,14 @@ class Forked:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+
+def readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` seconds (None: wait). poll(2), not
+    select(2): a process holding many pidfds has descriptor numbers past select's 1024."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def single_threaded() -> bool:
@@ -95,10 +103,13 @@ class Watched(Forked):
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            signal.pidfd_send_signal(self.pidfd, sig)  # never a reused pid
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)  # never a reused pid
+            except ProcessLookupError:  # exited (and reaped by its parent) already
+                pass
 
     def _exited(self, timeout: float | None) -> int | None:
-        if self.returncode is None and select.select([self.pidfd], [], [], timeout)[0]:
+        if self.returncode is None and readable(self.pidfd, timeout):
             self.returncode = -1
             os.close(self.pidfd)
         return self.returncode

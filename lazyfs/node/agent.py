@@ -42,7 +42,10 @@ from lazyfs.node.table import Lease, Shared
 log = logging.getLogger("lazyfs.node")
 TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
 BUSY_RETRY = 1.0  # an idle mount that is still busy (a container outlived its run) is tried again
-WORKERS = 16  # requests answered at once; more wait in the pool's queue
+WORKERS = 32  # requests answered at once (mounts, runs, status); more wait in the pool's queue
+# Answered on the loop's thread, never queued behind slow requests: each takes the lock briefly.
+INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff"})
+SHUTDOWN_WAIT = 5.0  # seconds a stopping agent lets requests in progress finish
 
 
 @dataclass
@@ -77,7 +80,9 @@ class Agent:
         self.listener: socket.socket | None = None
         self.next_tick = 0.0
         self.next_reconcile = time.monotonic() + RECONCILE_EVERY
-        self.ledgers_seen: dict[str, tuple] = {}  # cache dir → its ledger at the last reconcile
+        self.flight_low: dict[str, tuple[int, int]] = {}  # cache dir → least (bytes, files) seen in
+        # flight since the last reconcile: what stayed in flight all along is a dead writer's
+        self.trimming = False
         self.lock = threading.RLock()
         self.mounting: dict[str, threading.Event] = {}  # shared key → set when its mount is done
         self.runs = RunCounts()
@@ -119,7 +124,10 @@ class Agent:
                         except Exception:  # one client's trouble is not the node's
                             log.exception("serving %r failed", key.fileobj)
                     while self._later:
-                        self._later.popleft()()
+                        try:
+                            self._later.popleft()()
+                        except Exception:  # one watch or connection's trouble is not the node's
+                            log.exception("a deferred step failed")
                     try:
                         self._tick()
                     except Exception:  # a check that failed is tried again next tick
@@ -188,6 +196,7 @@ class Agent:
         self.metrics.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self._let_requests_finish()
         self.forker.close()
         if not self.handoff:
             for shared in list(self.shared.values()):
@@ -199,6 +208,15 @@ class Agent:
             except Exception:  # a store that fails to close must not keep the agent up
                 pass
         log.info("node agent %d stopped; %d mount(s) left for the next agent", os.getpid(), len(self.shared))
+
+    def _let_requests_finish(self) -> None:
+        """Requests in progress (a cold mount) get SHUTDOWN_WAIT seconds; the process then exits
+        without waiting for any still running (lazyfs node exits with os._exit), so a takeover
+        is never held up by a mount stuck on a slow server."""
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        for t in list(getattr(self.pool, "_threads", ())):
+            with self.unlocked():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     # -- connections ----------------------------------------------------------------------------
     def _accept(self, listener: socket.socket) -> None:
@@ -231,6 +249,15 @@ class Agent:
         line = reader.line()
         if line is None:
             if not alive:
+                self._close(conn, reader)
+            return
+        if _op(line) in INLINE_OPS:  # quick, and must not wait behind mounts: answered here
+            try:
+                kept = self._answer(conn, line, reader, pid)
+            except OSError as exc:
+                log.debug("client %d: %s", pid, exc)
+                kept = False
+            if not kept:
                 self._close(conn, reader)
             return
         # One request at a time per connection: its later lines wait until this one is answered.
@@ -392,14 +419,17 @@ class Agent:
         if time.monotonic() < self.next_tick:
             return
         self.next_tick = time.monotonic() + TICK
-        _reap()
+        self.forker.reap()
         for shared in list(self.shared.values()):
             self.handlers.check(self, shared)
-        if self.opts.cache_size:
-            self.handlers.enforce_cap(self)
-        if time.monotonic() >= self.next_reconcile:  # a scan: on a pool thread, without the lock
+        roots = self.handlers.cache_dirs(self)
+        self.handlers.watch_ledgers(self, roots)
+        if self.opts.cache_size and not self.trimming and self.handlers.over_cap(self, roots):
+            self.trimming = True  # walks: on a pool thread, without the lock, one at a time
+            self.pool.submit(self.handlers.enforce_cap, self, roots)
+        if time.monotonic() >= self.next_reconcile:
             self.next_reconcile = time.monotonic() + RECONCILE_EVERY
-            self.pool.submit(self.handlers.reconcile, self, self.handlers.cache_dirs(self))
+            self.pool.submit(self.handlers.reconcile, self, roots)
 
     def _adopt(self) -> None:
         """Take over the mounts a previous agent left: live ones with their live users; dead
@@ -423,15 +453,13 @@ class Agent:
             log.info("adopted %s (%s) with %d user(s)", shared.ref, shared.mountpoint, len(live))
 
 
-def _reap() -> None:
-    """Collect exited children (mount daemons after their unmount, forked runs)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+def _op(line: bytes) -> str | None:
+    """The request's op, if the line is a JSON object that has one (else the pool answers it)."""
+    try:
+        op = wire.decode(line).get("op")
+    except NodeError:
+        return None
+    return op if isinstance(op, str) else None
 
 
 def _ask(path: Path, op: str, timeout: float) -> dict | None:

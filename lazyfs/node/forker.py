@@ -85,8 +85,25 @@ class ForkServer:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.reap()
+
+    def kill(self) -> None:
+        if self.pid:
             try:
-                os.waitpid(self.pid, os.WNOHANG)
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = 0
+        self.close()
+
+    def reap(self) -> None:
+        """Collect the server if it exited (the agent's only child: what its threads start with
+        subprocess they wait for themselves, and runs and daemons are the server's children)."""
+        if self.pid:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                    self.pid = 0
             except ChildProcessError:
                 pass
 
@@ -104,33 +121,44 @@ class ForkServer:
 
     def _ask(self, msg: dict, fds: list[int]) -> tuple[int, int]:
         with self._lock:
-            for attempt in (1, 2):  # a server that died is started again once
+            for attempt in (1, 2):  # a server found dead before it read the request: once more
                 if self.sock is None:
                     self.start()
                 try:
                     wire.send(self.sock, msg, fds)
+                except OSError as exc:
+                    log.warning("the fork server (pid %d) is gone (%s); starting another", self.pid, exc)
+                    self.close()
+                    continue
+                try:
                     answer = self.reader.read_message()
                 except OSError as exc:
                     answer, why = None, str(exc)
                 else:
                     why = "it closed its socket"
-                if answer is not None:
-                    got = self.reader.fds
-                    self.reader.fds = []
-                    if not answer.get("ok") or len(got) != 1:
-                        for fd in got:
-                            os.close(fd)
-                        raise NodeError(f"the fork server refused: {answer.get('error', answer)}")
-                    return int(answer["pid"]), got[0]
-                log.warning("the fork server (pid %d) is gone (%s); starting another", self.pid, why)
-                self.close()
-            raise NodeError(f"the fork server does not answer ({why})")
+                if answer is None:
+                    # It may have forked already: never ask twice. A server that hangs is killed.
+                    log.warning("the fork server (pid %d) did not answer (%s); starting another "
+                                "for the next request", self.pid, why)
+                    self.kill()
+                    raise NodeError(f"the fork server did not answer ({why})")
+                got = self.reader.fds
+                self.reader.fds = []
+                if not answer.get("ok") or len(got) != 1:
+                    for fd in got:
+                        os.close(fd)
+                    raise NodeError(f"the fork server refused: {answer.get('error', answer)}")
+                return int(answer["pid"]), got[0]
+            raise NodeError("the fork server cannot be started")
 
 
 # -- the server -----------------------------------------------------------------------------------
 def serve(sock: socket.socket) -> int:
     """The server's loop, in its own process: until the agent closes the socket."""
     signal.set_wakeup_fd(-1)  # the agent's self-pipe; its number is reused below
+    # Whatever the thread that started us had blocked (mounts hold SIGINT back while they fork)
+    # must not be inherited by every run forked from here.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the agent to handle
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)

@@ -15,10 +15,11 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from lazyfs import paths
-from lazyfs.errors import MountError, NodeError
+from lazyfs.errors import LazyfsError, MountError, NodeError
 from lazyfs.fs import control, kernel, mounts
 from lazyfs.node import table
 from lazyfs.node.table import Lease, Shared
@@ -74,20 +75,15 @@ def _reader(agent, source: Source):
 
 
 def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
-    """The manifest digest and config of ``ref``, from the agent's open store or fleet."""
-    key = tuple(source.args())
+    """The manifest digest and config of ``ref``, from the agent's open store or fleet (kept open
+    when this fails: other requests may be using it, and its clients drop broken connections
+    themselves)."""
     reader = _reader(agent, source)
-    try:
-        with agent.unlocked():
-            digest = objects.resolve(reader, ref)
-            config = agent.configs.get(digest) or objects.read_config(reader, digest)
-        agent.configs[digest] = config
-        return digest, config
-    except BaseException:
-        if agent.readers.get(key) is reader:
-            agent.readers.pop(key)  # a fresh connection next time
-            reader.close()
-        raise
+    with agent.unlocked():
+        digest = objects.resolve(reader, ref)
+        config = agent.configs.get(digest) or objects.read_config(reader, digest)
+    agent.configs[digest] = config
+    return digest, config
 
 
 def op_acquire(agent, req, pid, conn, reader) -> dict:
@@ -131,14 +127,15 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
     logs = paths.node_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    reader = _reader(agent, source)
     done = agent.mounting[k] = threading.Event()
     try:
-        with agent.unlocked():
+        with agent.unlocked(), _removed_on_failure(mnt):
             state = mounts.mount(digest, str(mnt), source, options["cache_dir"], str(logs / f"{k}.log"),
                                  checked=True, profile=options["profile"], data_path=options["data_path"],
                                  complete=options["complete"], cache_size=options["cache_size"],
                                  forker=agent.forker)
-            blocks = _profile_blocks(agent, source, digest, options)
+            blocks = _profile_blocks(agent, reader, digest, options)
     finally:
         del agent.mounting[k]
         done.set()
@@ -152,11 +149,30 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
     return shared, True
 
 
-def _profile_blocks(agent, source: Source, digest: str, options: dict) -> list[str]:
+@contextmanager
+def _removed_on_failure(mountpoint):
+    """A mount that failed leaves no empty mountpoint behind."""
+    try:
+        yield
+    except BaseException:
+        try:
+            os.rmdir(mountpoint)
+        except OSError:
+            pass
+        raise
+
+
+def _profile_blocks(agent, reader, digest: str, options: dict) -> list[str]:
+    """The startup profile's blocks, kept longest under the cache cap (a preference: a profile
+    that cannot be read now only means none is preferred)."""
     if not agent.opts.cache_size or options["profile"] == "none":
         return []
     from lazyfs import profiles
-    prof = profiles.load(agent.readers[tuple(source.args())], digest, options["profile"])
+    try:
+        prof = profiles.load(reader, digest, options["profile"])
+    except LazyfsError as exc:
+        log.warning("%s: its startup profile is not kept longer under the cap: %s", digest[:19], exc)
+        return []
     return [b.digest for b in prof.blocks] if prof else []
 
 
@@ -286,20 +302,46 @@ def check(agent, shared: Shared) -> None:
         table.forget(shared)
 
 
-def enforce_cap(agent) -> None:
-    """Trim every node cache the agent's mounts use to the cap, if its ledger says it is over
-    (the daemons reserve room as they write; this catches what was written around them, such as
-    metadata images). Reading a ledger is a few microseconds: no walk of the cache."""
+def over_cap(agent, roots: list[str]) -> bool:
+    from lazyfs.cache import cap, ledger
+    return any(cap.usage(root)[1] > agent.opts.cache_size for root in roots
+               if os.path.exists(os.path.join(root, ledger.NAME)))
+
+
+def enforce_cap(agent, roots: list[str]) -> None:
+    """On a pool thread, without the agent's lock: trim every node cache the agent's mounts use
+    that its ledger says is over the cap (the daemons reserve room as they write; this catches
+    what was written around them). Skipped for a cache another process is trimming already."""
     from lazyfs.cache import cap
-    for root in cache_dirs(agent):
-        if cap.usage(root)[1] > agent.opts.cache_size:
-            cap.trim(root, agent.opts.cache_size, cap.keep_longer(agent.shared.values()))
+    try:
+        with agent.lock:
+            keep = cap.keep_longer(list(agent.shared.values()))
+        for root in roots:
+            if cap.usage(root)[1] > agent.opts.cache_size:
+                try:
+                    cap.trim(root, agent.opts.cache_size, keep, wait=False)
+                except BlockingIOError:
+                    pass
+    finally:
+        agent.later(lambda: setattr(agent, "trimming", False))
+
+
+def watch_ledgers(agent, roots: list[str]) -> None:
+    """Every tick: note the least each cache had in flight since the last reconcile."""
+    from lazyfs.cache import cap, ledger
+    for root in roots:
+        if os.path.exists(os.path.join(root, ledger.NAME)):  # (made by the first write, with a walk)
+            _, _, fb, ff = cap.ledger(root).record()
+            low = agent.flight_low.get(root, (fb, ff))
+            agent.flight_low[root] = (min(low[0], fb), min(low[1], ff))
 
 
 def reconcile(agent, roots: list[str]) -> None:
-    """On a pool thread, without the agent's lock: correct each cache ledger's drift (one walk
-    each), dropping reservations that have not moved since the last time (dead writers')."""
+    """On a pool thread, without the agent's lock: correct each cache ledger's drift, dropping
+    the reservations that stayed in flight over the whole interval (dead writers')."""
     from lazyfs.cache import cap
+    with agent.lock:
+        stale = {root: agent.flight_low.pop(root, (0, 0)) for root in roots}
     for root in roots:
-        if os.path.isdir(root):
-            agent.ledgers_seen[root] = cap.ledger(root).reconcile(agent.ledgers_seen.get(root))
+        if os.path.isdir(root) and not cap.ledger(root).reconcile(stale[root]):
+            log.info("cache %s: written to during the walk; its ledger is checked again later", root)

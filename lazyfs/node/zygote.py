@@ -54,6 +54,7 @@ def start(conn_fd: int, fds: list[int], req: dict) -> int:
 def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
     conn.sendall(b'{"ok": true, "pid": %d}\n' % os.getpid())
     signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)

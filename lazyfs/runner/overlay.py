@@ -3,11 +3,14 @@
 Mounted with mount(2), not mount(8): two processes fewer on every container start."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from lazyfs.errors import MountError, RunError
 from lazyfs.fs import kernel
+
+log = logging.getLogger("lazyfs.run")
 
 
 class Overlay:
@@ -17,6 +20,7 @@ class Overlay:
         kernel-path image's own layers (lazyfs.fs.mounts.data_layers), put below ``lower`` in
         place of its read-only overlay: the container then sits on one overlay, not two."""
         self.lowers = list(lower) if isinstance(lower, list) else [lower]
+        self.stacked = self.lowers  # what mount() falls back to if the data layers are refused
         self.data_layers = data_layers
         self.upper, self.work, self.merged = upper, work, merged
         self.mounted = False
@@ -30,6 +34,19 @@ class Overlay:
     def mount(self) -> Path:
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._mount()
+        except RunError as exc:
+            if not self.data_layers:
+                raise
+            # An upper filesystem without trusted xattrs (or an option this kernel refuses):
+            # the read-only image overlay below works everywhere.
+            log.warning("the writable layer cannot sit on the image's data layers (%s); stacking it "
+                        "on the image's mount", exc)
+            self.lowers, self.data_layers = self.stacked, None
+            return self._mount()
+
+    def _mount(self) -> Path:
         lowers = ":".join([*(kernel.escape(p) for p in self.lowers), *([self.data_layers] if self.data_layers else [])])
         opts = (f"lowerdir={lowers},upperdir={kernel.escape(self.upper)},workdir={kernel.escape(self.work)}")
         if self.data_layers:

@@ -129,12 +129,16 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
                                  data_path=opts.data_path, complete=opts.complete)
             say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid}, data path "
                 f"{state.layout})")
-            overlay.sit_on(mounts.data_layers(str(image_mnt)), keep=1)
+            if not opts.upper:  # (a kept --upper must stay usable on any image's mount: see below)
+                overlay.sit_on(mounts.data_layers(str(image_mnt)), keep=1)
         else:
             say(f"{'mounted' if lease['mounted'] else 'sharing'} {opts.ref} ({digest[:19]}) on "
                 f"{image_mnt} through the node agent (daemon {lease['daemon_pid']}, data path "
                 f"{lease['layout']})")
-            overlay.sit_on(lease.get("data_layers"), keep=1)
+            if not opts.upper:
+                # With metacopy, a chmod in the container leaves a data-less stub in the upper
+                # directory: fine for a run's own upper, which goes with it, not for a kept one.
+                overlay.sit_on(lease.get("data_layers"), keep=1)
         rootfs = overlay.mount()
         say(f"writable layer {upper}; runtime: " + (
             "podman with runc (--rootfs)" if runtime == "podman" else "namespaces (unshare + chroot)"))

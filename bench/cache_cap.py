@@ -17,13 +17,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from bench.servers import LAZYFS
 from lazyfs.cache import cap
 
-LAZYFS = [sys.executable, "-m", "lazyfs.cli"]
 MIB = 1 << 20
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from bench import report
 from bench.images import SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, Node, Sample
+from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 
 SERVER_PORT, BLOB_PORT = 17070, 17071
@@ -39,7 +42,7 @@ class BenchConfig:
 
 
 def _lazyfs(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([*LAZYFS, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise LazyfsError(f"lazyfs {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
     return proc.stdout
@@ -68,7 +71,7 @@ class Servers:
         self.procs: list[subprocess.Popen] = []
         self.log = open(cfg.home / "servers.log", "ab")
         delay = str(cfg.delay)
-        self._start([sys.executable, "-m", "lazyfs.cli", "serve", "--store", str(store), "--listen",
+        self._start([*LAZYFS, "serve", "--store", str(store), "--listen",
                      f"127.0.0.1:{SERVER_PORT}", "--cache-dir", str(cfg.home / "server-cache"),
                      "--cache-size", "64G", "--delay", delay, "--no-access-log"],
                     f"http://127.0.0.1:{SERVER_PORT}/healthz")
@@ -130,7 +133,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     total = sum(len(SNAPSHOT_MODES if w in SNAPSHOT_WORKLOADS else cfg.modes)
                 for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
-    with Link(cfg.link) as link:
+    with Link(cfg.link) as link, _private_node(cfg.home):
         results["link"]["where"] = link.describe()
         servers = Servers(cfg, store, images.layout)
         try:
@@ -145,6 +148,34 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     (cfg.out / "results.md").write_text(report.markdown(results))
     report.plot(results, cfg.out / "results.png")
     return results
+
+
+@contextmanager
+def _private_node(home: Path):
+    """The bench's own node agent, as a node would have one: started on first use inside the
+    bench's network namespace (so it reaches the bench's servers), with its own socket and state,
+    and stopped at the end. The machine's own agent, if one runs, is never touched."""
+    env = {"LAZYFS_NODE": "auto", "LAZYFS_NODE_SOCKET": str(home / "node.sock"),
+           "LAZYFS_STATE_DIR": str(home / "state"), "LAZYFS_NODE_METRICS": "off"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        pidfile = home / "state" / "node" / "agent.pid"
+        try:
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(200):  # it unmounts what no container uses, then exits
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        except (OSError, ValueError):
+            pass
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick, say) -> dict:

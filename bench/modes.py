@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from bench.images import Workload
 from bench.pull import pull
+from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 from lazyfs.runner import runtime as rt
 
@@ -151,7 +151,7 @@ class Node:
             shutil.rmtree(cache, ignore_errors=True)
         stats = self.home / "run-stats.json"
         stats.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", "--runtime", runtime,
+        cmd = [*LAZYFS, "run", "-v", "--runtime", runtime,
                "--server", self.server_url, "--cache-dir", str(cache), "--profile", profile,
                "--network", "host" if work.http_port else "none", "--stats-json", str(stats),
                "--data-path", data_path or self.data_path, ref, "--", *work.argv]
@@ -170,11 +170,9 @@ class Node:
         """A warm node: one that holds the whole image, every file complete (so the kernel data
         path serves all of it). Mounts the image on the warm cache, reads every file once, and
         waits until the last whole-file object is written."""
-        from lazyfs.fs import control
-
         mnt = self.home / "fill-mnt"
         mnt.mkdir(exist_ok=True)
-        base = [sys.executable, "-m", "lazyfs.cli"]
+        base = LAZYFS
         subprocess.run([*base, "mount", "--server", self.server_url, "--cache-dir",
                         str(self.warm_cache), "--profile", "none", ref, str(mnt)], check=True,
                        capture_output=True)
@@ -188,7 +186,10 @@ class Node:
                                 pass
             last, settled = None, time.monotonic()
             while time.monotonic() - settled < 3:  # the completer writes objects after the reads
-                n = control.query(str(mnt)).get("complete", {}).get("objects_written")
+                # `lazyfs stats`, not the control socket: through the node agent, the mount here
+                # is a bind of the agent's shared mount, whose daemon answers for that one.
+                n = json.loads(subprocess.run([*base, "stats", str(mnt)], check=True, capture_output=True,
+                                              text=True).stdout).get("complete", {}).get("objects_written")
                 if n != last:
                     last, settled = n, time.monotonic()
                 time.sleep(0.2)
@@ -200,7 +201,7 @@ class Node:
         pick eager or lazy (`lazyfs run --eager/--lazy/--no-working-set`, or `--store` for the
         untimed first restore that publishes the working set it records)."""
         shutil.rmtree(self.cold_cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "lazyfs.cli", "run", "-v", *flags, "--restore", snap,
+        cmd = [*LAZYFS, "run", "-v", *flags, "--restore", snap,
                "--server", self.server_url, "--cache-dir", str(self.cold_cache), ref]
         drop_caches()
         t0 = time.monotonic()

@@ -36,12 +36,13 @@ from pathlib import Path
 from bench.images import Images
 from bench.link import Link
 from bench.registry import RegistryServer, skip_reason
+from bench.servers import LAZYFS
 
 MODES = ("registry", "skopeo+oci", "local", "download")
 
 
 def _lazyfs(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([*LAZYFS, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"lazyfs {' '.join(args)}: {proc.stderr.strip()[-1000:]}")
 

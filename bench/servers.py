@@ -24,10 +24,15 @@ S3_ACCESS_KEY = "lazyfs-test-key"
 S3_SECRET_KEY = "lazyfs-test-secret-0123456789"
 
 
+# The lazyfs command as users run it: the package's entry point (lazyfs.entry), through which the
+# node agent forks `lazyfs run` (``-m lazyfs.cli`` would import the whole CLI first, ~0.25 s).
+LAZYFS = [sys.executable, "-m", "lazyfs"]
+
+
 def lazyfs_cli(*args, env=None, check=True, timeout=120, input=None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, the way a user does; raise with its output if it fails
     (``check``)."""
-    return _cli([sys.executable, "-m", "lazyfs.cli"], args, env, check, timeout, input)
+    return _cli(LAZYFS, args, env, check, timeout, input)
 
 
 # The CLI, made to write its own peak RSS to the file named first as it exits: VmHWM, which exec
@@ -179,7 +184,7 @@ class CacheServer:
         self.log = cache_dir.parent / f"serve-{self.port}.log"
 
     def start(self, timeout: float = 20.0) -> "CacheServer":
-        args = [sys.executable, "-m", "lazyfs.cli", "serve", "--store", self.store,
+        args = [*LAZYFS, "serve", "--store", self.store,
                 "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.cache_dir), *self.extra]
         if self.token_file:
             args += ["--token-file", str(self.token_file)]

@@ -340,7 +340,11 @@ def test_a_cached_block_rewritten_on_disk_is_never_served(big_image, tmp_path, e
     with Mounted("lazy/big:1", tmp_path / "mnt", "--log-file", tmp_path / "mount.log",
                  "--data-path", "fuse") as mnt:
         good = (mnt / "etc" / "motd").read_bytes()
-        assert good == (src / "etc" / "motd").read_bytes() and cached.exists()
+        assert good == (src / "etc" / "motd").read_bytes()
+        deadline = time.monotonic() + 10  # the block is written behind the read that fetched it
+        while not cached.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cached.exists()
         with open(cached, "r+b") as f:  # in place: same inode, same size, other bytes
             f.write(b"X" * len(good))
         Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the kernel must ask the daemon again

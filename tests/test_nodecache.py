@@ -88,6 +88,7 @@ def test_power_cut_leftovers_are_never_served(tmp_path, damage, caplog):
     assert fresh.read(digest, len(data), 0, len(data)) == data
     assert origin.calls == [digest]
     assert fresh.stats.snapshot()["dropped_corrupt"] == 1
+    fresh.flush()  # (the good block is written behind the read)
     assert path.read_bytes() == data
     assert f"dropping damaged cached block {digest}" in caplog.text  # the log line says what happened
 
@@ -95,7 +96,9 @@ def test_power_cut_leftovers_are_never_served(tmp_path, damage, caplog):
 def test_cache_survives_restart_without_fetching(tmp_path):
     digest, data = _blob(70_000)
     origin = FakeOrigin({digest: data})
-    NodeCache(tmp_path, origin).read(digest, len(data), 0, 1)
+    first = NodeCache(tmp_path, origin)
+    first.read(digest, len(data), 0, 1)
+    first.close()  # (as a daemon's unmount does: what it wrote behind its reads is on disk)
     again = NodeCache(tmp_path, origin)
     assert again.read(digest, len(data), 5, 5) == data[5:10]
     assert origin.calls == [digest]
@@ -137,6 +140,7 @@ def test_block_evicted_by_another_process_is_fetched_again(tmp_path):
     origin = FakeOrigin({digest: data})
     cache = NodeCache(tmp_path, origin)
     assert cache.read(digest, len(data), 0, 4) == data[:4]
+    cache.flush()
     os.unlink(cache.path(digest))
     assert cache.read(digest, len(data), 4, 4) == data[4:8]
     assert origin.calls == [digest, digest]
@@ -191,6 +195,7 @@ def test_a_verified_block_changed_on_disk_is_checked_again(tmp_path, caplog, how
     origin = FakeOrigin({digest: data})
     cache = NodeCache(tmp_path, origin)
     assert cache.read(digest, len(data), 0, 10) == data[:10]
+    cache.flush()
     path = Path(cache.path(digest))
     if how == "in-place":
         with open(path, "r+b") as f:
@@ -206,6 +211,7 @@ def test_a_verified_block_changed_on_disk_is_checked_again(tmp_path, caplog, how
     assert len(origin.calls) == (2 if changed else 1)
     assert cache.stats.dropped_corrupt == int(changed)
     assert ("changed on disk after it was verified" in caplog.text) == changed
+    cache.flush()  # (a block fetched again is written behind the read, too)
     assert path.read_bytes() == data
 
 
@@ -336,6 +342,7 @@ def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
     cache = NodeCache(tmp_path, FakeOrigin(blobs))
     for digest, data in blobs.items():
         cache.read(digest, len(data), 0, 1)
+    cache.flush()
     assert cap.usage(tmp_path) == cap.usage_scan(tmp_path) == (5, sum(map(len, blobs.values())))
     victim = next(p for p in (tmp_path / "blocks").rglob("*") if p.is_file())
     gone = victim.stat().st_size
@@ -345,3 +352,40 @@ def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
     assert cap.usage(tmp_path) == (4, sum(map(len, blobs.values())) - gone)
     (tmp_path / "usage").write_bytes(b"torn")  # a ledger torn by a crash is counted again
     assert cap.usage(tmp_path) == cap.usage_scan(tmp_path)
+
+
+def test_a_miss_never_waits_on_the_disk(tmp_path, monkeypatch):
+    """A block fetched for a read is answered from memory at once; its file is written behind
+    the read (temp file, fsync, rename), and the cache directory (which the kernel data path
+    reads itself) shows it only once it is durable."""
+    digest, data = _blob(100_000)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin)
+    disk = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):  # a disk that takes as long as the test lets it
+        assert disk.wait(30)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    started = time.monotonic()
+    assert cache.read(digest, len(data), 0, len(data)) == data
+    assert cache.read(digest, len(data), 5, 10) == data[5:15]  # from memory meanwhile
+    assert time.monotonic() - started < 5.0  # the reads did not wait for the disk
+    assert not os.path.exists(cache.path(digest))  # nothing under its name before it is durable
+    assert origin.calls == [digest]
+    disk.set()
+    cache.flush()
+    assert Path(cache.path(digest)).read_bytes() == data
+    assert cache.stats.snapshot()["written_behind"] == 1
+    cache.close()
+
+
+def test_past_the_write_behind_bound_a_miss_writes_its_block_first(tmp_path, monkeypatch):
+    from lazyfs.cache import nodecache
+    monkeypatch.setattr(nodecache, "WRITE_BEHIND", 0)
+    digest, data = _blob(50_000)
+    cache = NodeCache(tmp_path, FakeOrigin({digest: data}))
+    assert cache.read(digest, len(data), 0, 100) == data[:100]
+    assert Path(cache.path(digest)).read_bytes() == data  # on disk before the read returned
+    assert cache.stats.snapshot()["written_behind"] == 0

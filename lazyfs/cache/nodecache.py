@@ -4,7 +4,9 @@ The fetch function is injected: ``fetch(digest, size)`` returns the block's byte
 verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the
 cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
 Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
-via temp file + rename, and each cached file is re-hashed the first time a process uses it and
+via temp file + fsync + rename, written behind the read that fetched them: the verified bytes are
+served from memory at once, and the kernel (which reads the cache directory itself on the kernel
+data path) sees a block's file only once it is durable. A miss never waits on the disk; and each cached file is re-hashed the first time a process uses it and
 again whenever its file changed since (inode, size or change time), so a file damaged or rewritten
 on disk (power cut, bit rot, a local writer) is dropped and fetched again rather than served.
 """
@@ -32,6 +34,10 @@ STALE_TEMP_SECONDS = 600
 PREFETCH_QUEUE = 64
 DISK_RETRY = 5.0  # seconds between tries of a cache disk that refused a write
 CLAIM_WAIT = 120.0  # seconds a reader waits for another's fetch of a block before its own
+# Verified blocks held in memory while their writes land (write-behind); past this, a miss writes
+# its block itself before answering, so a slow disk slows reads rather than filling memory.
+WRITE_BEHIND = 64 * 1024 * 1024
+WRITERS = 2
 
 
 class Claim:
@@ -64,6 +70,7 @@ class CacheStats(Counters):
     errors: int = 0
     disk_write_errors: int = 0  # blocks the cache disk refused (they were served from memory)
     memory_bytes: int = 0  # held in memory meanwhile (lazyfs.cache.memory, bounded)
+    written_behind: int = 0  # blocks written after the read that fetched them was answered
     evicted: int = 0  # files this mount's trims removed to keep the node cache's cap
     evicted_bytes: int = 0
 
@@ -89,6 +96,10 @@ class NodeCache:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        # Verified blocks being written to disk behind their reads: served from here meanwhile.
+        self._landing: dict[str, bytes] = {}
+        self._landing_bytes = 0
+        self._writer: ThreadPoolExecutor | None = None
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
         self._memory = MemoryBlocks(memory_fallback)
         self._disk_refused_at: float | None = None  # when the cache disk last refused a write
@@ -154,7 +165,7 @@ class NodeCache:
         with self._lock:
             if digest in self._verified:
                 return self.path(digest), None
-            data = self._memory.get(digest) if self._memory else None
+            data = self._landing.get(digest) or (self._memory.get(digest) if self._memory else None)
             if data is not None:
                 return data, None
             waiter = self._inflight.get(digest)
@@ -204,6 +215,40 @@ class NodeCache:
             self.stats.add(errors=1)
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
+        with self._lock:
+            behind = self._disk_refused_at is None and self._landing_bytes + size <= WRITE_BEHIND \
+                and digest not in self._landing
+            if behind:
+                self._landing[digest] = data
+                self._landing_bytes += size
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cache-write")
+                writer = self._writer
+        if not behind:
+            return self._write(digest, data)
+        try:
+            writer.submit(self._land, digest, data)
+        except RuntimeError:  # being flushed or closed: write it here
+            self._land(digest, data)
+        self.stats.add(written_behind=1)
+        return data
+
+    def _land(self, digest: str, data: bytes) -> None:
+        """On a writer thread: the block to disk (durably), then no longer held in memory."""
+        try:
+            self._write(digest, data)
+        except Exception:  # never lose the block: it stays readable from memory until dropped
+            log.exception("cache: writing block %s failed", digest)
+            with self._lock:
+                self._memory.put(digest, data)
+        finally:
+            with self._lock:
+                self._landing.pop(digest, None)
+                self._landing_bytes -= len(data)
+
+    def _write(self, digest: str, data: bytes) -> str | bytes:
+        """Write a verified block; its path, or its bytes if the disk refused it (then held in
+        memory, bounded)."""
         path = self.path(digest)
         if self._insert(path, data):
             try:
@@ -332,6 +377,14 @@ class NodeCache:
     def close(self) -> None:
         if self._prefetch_pool is not None:
             self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every block written behind its read is on disk (or refused by it)."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def read(self, digest: str, size: int, offset: int, length: int) -> bytes:
         for _ in range(3):

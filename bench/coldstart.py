@@ -133,11 +133,12 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     total = sum(len(SNAPSHOT_MODES if w in SNAPSHOT_WORKLOADS else cfg.modes)
                 for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
-    with Link(cfg.link) as link, _private_node(cfg.home):
+    with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry:
         results["link"]["where"] = link.describe()
         servers = Servers(cfg, store, images.layout)
         try:
-            node = Node(cfg.home, servers.url, str(store), servers.blob_url, cfg.data_path)
+            node = Node(cfg.home, servers.url, str(store), servers.blob_url, cfg.data_path,
+                        registry.host if registry else None)
             for w in cfg.workloads:
                 results["workloads"][w] = _bench_workload(cfg, node, servers, w, tick, say)
         finally:
@@ -148,6 +149,26 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     (cfg.out / "results.md").write_text(report.markdown(results))
     report.plot(results, cfg.out / "results.png")
     return results
+
+
+@contextmanager
+def _registry(cfg: BenchConfig, images: Images, say):
+    """For podman-pull: Debian's docker-registry inside the link's namespace (started after the
+    harness entered it), holding the workloads' images as skopeo pushes them (gzip layers)."""
+    if "podman-pull" not in cfg.modes:
+        yield None
+        return
+    from bench.registry import RegistryServer, skip_reason
+    if skip_reason():
+        raise LazyfsError(f"podman-pull: {skip_reason()}")
+    registry = RegistryServer(cfg.home / "registry").start()
+    try:
+        for name in dict.fromkeys(WORKLOADS[w].image for w in cfg.workloads):
+            say(f"pushing {name} to the bench registry (podman-pull)")
+            registry.push(f"oci:{images.layout}:{name}", f"bench/{name}:latest")
+        yield registry
+    finally:
+        registry.stop()
 
 
 @contextmanager
@@ -238,6 +259,8 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
 def _one(node: Node, mode: str, ref: str, work) -> Sample:
     if mode == "pull":
         return node.pull(work.image, work)
+    if mode == "podman-pull":
+        return node.podman_pull_run(work.image, work)
     if mode == "local":
         return node.local_run(work.image, work)
     if mode == "local-erofs":

@@ -27,11 +27,13 @@ from lazyfs.runner import runtime as rt
 # warm-node-fuse: warm-node with --data-path fuse, the fallback, for the side-by-side;
 # warm-node-podman: warm-node with podman (runc) as the runtime, against podman-image;
 # podman-image: `podman run` of the image from containers-storage (a warm podman node);
+# podman-pull: `podman pull` from a real registry (Debian's docker-registry, over the bench's link)
+# into empty containers-storage of its own, then `podman run`: what users run today on a cold node;
 # local-erofs: the extracted rootfs as an EROFS image on local disk, the kernel's own reference;
 # local-overlay: the extracted rootfs under a fresh writable overlay, as every container has one
 # (and so every mode starts from the same byte code: nothing a run writes outlives it);
 # local: the extracted rootfs itself (what a run writes there, .pyc files, stays for the next).
-MODES = ("pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "warm-node-podman",
+MODES = ("pull", "podman-pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "warm-node-podman",
          "podman-image", "local-erofs", "local-overlay", "local")
 PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
               "--ulimit", "nproc=32768:32768")
@@ -134,8 +136,9 @@ class Node:
     """The node side: where its node cache and extracted images live, and how it starts things."""
 
     def __init__(self, home: Path, server_url: str, store: str, blob_url: str,
-                 data_path: str = "auto"):
+                 data_path: str = "auto", registry: str | None = None):
         self.home = home
+        self.registry = registry  # HOST:PORT of the bench's docker-registry (podman-pull)
         self.data_path = data_path  # lazyfs run --data-path for the lazy modes
         self.server_url = server_url
         self.store = store
@@ -287,6 +290,35 @@ class Node:
             kernel.unmount_one(str(root), lazy=True)
             shutil.rmtree(base, ignore_errors=True)
         return Sample(seconds)
+
+    def podman_pull_run(self, tag: str, work: Workload) -> Sample:
+        """A cold podman node: containers-storage of its own, emptied before each run, then
+        `podman pull` of the image from the registry over the link and `podman run` of it."""
+        import hashlib
+        root = self.home / "podman-pull"
+        # podman refuses a runroot longer than 50 characters: a short one under /run, per home.
+        runroot = f"/run/lazyfs-bench-{hashlib.sha256(str(self.home).encode()).hexdigest()[:12]}"
+        storage = ("--root", str(root / "storage"), "--runroot", runroot)
+        def empty() -> None:  # (rmi, not `system reset`: that would drop the machine's networks too)
+            subprocess.run(["podman", *storage, "rmi", "--all", "--force"], capture_output=True)
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(runroot, ignore_errors=True)
+        empty()
+        name = f"{self.registry}/bench/{tag}:latest"
+        try:
+            drop_caches()
+            t0 = time.monotonic()
+            got = subprocess.run(["podman", *storage, "pull", "--quiet", "--tls-verify=false", name],
+                                 capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            if got.returncode != 0:
+                raise BenchRunError(f"podman pull {name} failed: {got.stderr.strip()[-500:]}")
+            pulled = time.monotonic() - t0
+            cmd = [PODMAN_RUN[0], *storage, *PODMAN_RUN[1:], "--network", "host" if work.http_port else "none",
+                   name, *work.argv]
+            seconds, _ = timed(cmd, work, t0)
+        finally:
+            empty()
+        return Sample(seconds, phases={"download_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
 
     def podman_image_run(self, tag: str, work: Workload) -> Sample:
         """`podman run` of the image already in containers-storage (loaded once from the bench's

@@ -30,7 +30,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
                      "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
     results = json.loads((out / "results.json").read_text())
     w = results["workloads"]["minimal"]
-    assert set(w["samples"]) == {"pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse",
+    assert set(w["samples"]) == {"pull", "podman-pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse",
                                  "warm-node-podman", "podman-image", "local-erofs", "local-overlay",
                                  "local"}
     for mode, samples in w["samples"].items():
@@ -38,6 +38,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     s = w["samples"]
     assert s["pull"][0]["fetched_bytes"] >= results["images"]["minimal"]["compressed_bytes"]
     assert s["pull"][0]["phases"]["download_s"] > 0 and s["pull"][0]["requests"] >= 4
+    assert 0 < s["podman-pull"][0]["phases"]["download_s"] < s["podman-pull"][0]["seconds"]
     assert s["lazy"][0]["fetched_bytes"] > 0 and s["lazy"][0]["mount_s"] < s["lazy"][0]["seconds"]
     assert s["lazy"][0]["requests"] > 0 and s["lazy"][0]["read_bytes"] > 0
     assert s["warm-node"][0]["phases"]["blocks_fetched"] == 0  # the node cache had everything
@@ -54,7 +55,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
         assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
         assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 1 + 10 and "| lazy+profile |" in md and md in res.stdout
+    assert md.count("\n| ") == 1 + 11 and "| lazy+profile |" in md and md in res.stdout
     assert "| warm-node-fuse | fuse |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]

@@ -20,7 +20,8 @@ def bench(
     workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, torch-nopyc, "
                                                  "imports, http, snapshot, snapshot-one (cold init "
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
-    mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, lazy, lazy+profile, "
+    mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, podman-pull (podman "
+                                             "pull from a real registry + podman run), lazy, lazy+profile, "
                                              "warm-node, warm-node-fuse (warm-node with --data-path "
                                              "fuse), warm-node-podman (warm-node with podman as the "
                                              "runtime), podman-image (podman run of the image from "

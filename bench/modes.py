@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,15 +144,13 @@ class Node:
         self.server_url = server_url
         self.store = store
         self.blob_url = blob_url
-        self.cold_cache = home / "node-cache-cold"  # emptied before every cold run
+        self.cold_caches = home / "node-cache-cold"  # a new, empty one for every cold run
         self.warm_cache = home / "node-cache-warm"  # filled once, kept (warm-node)
         self.local = home / "local"
 
     def lazy(self, ref: str, work: Workload, profile: str, cold: bool,
              data_path: str | None = None, runtime: str = "namespaces") -> Sample:
-        cache = self.cold_cache if cold else self.warm_cache
-        if cold:
-            shutil.rmtree(cache, ignore_errors=True)
+        cache = self.cold_cache() if cold else self.warm_cache
         stats = self.home / "run-stats.json"
         stats.unlink(missing_ok=True)
         cmd = [*LAZYFS, "run", "-v", "--runtime", runtime,
@@ -168,6 +167,16 @@ class Node:
                        "blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {})})
+
+    def cold_cache(self) -> Path:
+        """An empty node cache no mount has used. Not the last one emptied: the node agent keeps
+        an image mounted for a while after its last run (--idle), and a cache directory names the
+        shared mount, so a run on the same directory would find the last run's mount up, with
+        its daemon's memory of blocks, over a directory emptied underneath it."""
+        shutil.rmtree(self.cold_caches, ignore_errors=True)  # (the old mounts serve no one)
+        path = self.cold_caches / uuid.uuid4().hex[:12]
+        path.mkdir(parents=True)
+        return path
 
     def fill_warm(self, ref: str) -> None:
         """A warm node: one that holds the whole image, every file complete (so the kernel data
@@ -203,9 +212,8 @@ class Node:
         """Restore a snapshot on a cold node (empty node cache, page cache dropped); ``flags``
         pick eager or lazy (`lazyfs run --eager/--lazy/--no-working-set`, or `--store` for the
         untimed first restore that publishes the working set it records)."""
-        shutil.rmtree(self.cold_cache, ignore_errors=True)
         cmd = [*LAZYFS, "run", "-v", *flags, "--restore", snap,
-               "--server", self.server_url, "--cache-dir", str(self.cold_cache), ref]
+               "--server", self.server_url, "--cache-dir", str(self.cold_cache()), ref]
         drop_caches()
         t0 = time.monotonic()
         seconds, marks = timed(cmd, work, t0, {"fallback": "lazyfs: warning: starting",

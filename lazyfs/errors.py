@@ -85,6 +85,14 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or written (I/O error, disk full, server down)."""
 
 
+class NotCached(StoreUnavailable):
+    """A cache-only request (Cache-Control: only-if-cached) a cache server could not answer."""
+
+
+class StoreAuthError(StoreUnavailable):
+    """A cache server refused our token (or wanted one)."""
+
+
 # --- image sources (build input) ---------------------------------------------------------------
 
 class ImageSourceError(LazyfsError):

@@ -10,7 +10,8 @@ from lazyfs.errors import LazyfsError
 app = typer.Typer(
     name="lazyfs", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Lazily loaded container images: build an image into content-addressed blocks, mount it "
-         "with FUSE fetching blocks on first read, and run containers on it.")
+         "so that only what is read is fetched (the kernel serves metadata and data already on the "
+         "node; a FUSE daemon fetches and verifies the rest), and run containers on it.")
 
 
 # Which module defines each command: a container start imports only what it runs (every

@@ -13,9 +13,10 @@ from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, DeadlineOpt, 
                                ProfileOpt, ReadaheadOpt, ServerOpt, SiblingsOpt, StoreOpt, err, source)
 
 
-@app.command(help="Mount an image read-only. Metadata is local after one manifest fetch; file "
-                  "blocks are fetched on first read, verified, and kept in the node cache. Returns "
-                  "once the mount answers (the daemon logs to --log-file).")
+@app.command(help="Mount an image read-only. Metadata is local after one manifest fetch (on the "
+                  "kernel data path, an EROFS image shipped with the build); file blocks are "
+                  "fetched on first read, verified, and kept in the node cache. Returns once the "
+                  "mount answers (the daemon logs to --log-file).")
 def mount(
     ref: str = typer.Argument(..., metavar="NAME:TAG", help="Image reference or manifest digest."),
     mountpoint: str = typer.Argument(..., help="Existing empty directory."),

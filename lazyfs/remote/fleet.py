@@ -23,7 +23,8 @@ from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, S
                            StoreUnavailable)
 from lazyfs.remote import defaults, rendezvous
 from lazyfs.store.base import BlockStore
-from lazyfs.store.http import HttpStore, NotCached
+from lazyfs.errors import NotCached
+from lazyfs.store.http import HttpStore
 from lazyfs.store import objects
 
 log = logging.getLogger("lazyfs.fleet")

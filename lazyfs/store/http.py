@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import urllib3
 
-from lazyfs.errors import (BlockNotFound, FormatError, ManifestNotFound, NotFound, StoreError,
-                           StoreUnavailable, TagNotFound)
+from lazyfs.errors import (BlockNotFound, FormatError, ManifestNotFound, NotCached, NotFound,
+                           StoreAuthError, StoreError, StoreUnavailable, TagNotFound)
 from lazyfs.format import batch
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
@@ -32,14 +32,6 @@ class Answer(NamedTuple):
     status: int
     headers: dict
     data: bytes
-
-
-class NotCached(StoreUnavailable):
-    """A cache-only request (Cache-Control: only-if-cached) the server could not answer."""
-
-
-class AuthError(StoreUnavailable):
-    """The server refused our token (or wanted one)."""
 
 
 class HttpStore:
@@ -84,7 +76,7 @@ class HttpStore:
         if resp.status >= 300:
             msg = _error_text(data) or resp.reason
             if resp.status in (401, 403):
-                raise AuthError(f"{self.url}: {method} {path}: {resp.status} {msg} "
+                raise StoreAuthError(f"{self.url}: {method} {path}: {resp.status} {msg} "
                                 "(set LAZYFS_TOKEN or LAZYFS_TOKEN_FILE)")
             if 400 <= resp.status < 500 and resp.status != 404:
                 raise StoreError(f"{self.url}: {method} {path}: {resp.status} {msg}")

@@ -117,6 +117,9 @@ def test_full_cache_disk_still_serves_correct_bytes(tmp_path):
             assert cache.read(digest, len(data), 0, len(data)) == data
         for digest, data in blobs.items():  # served again, from disk or the memory fallback
             assert cache.read(digest, len(data), 100, 50) == data[100:150]
+        cache.flush()  # the writes behind the reads have landed (or been refused) now
+        for digest, data in blobs.items():  # and after that
+            assert cache.read(digest, len(data), 0, len(data)) == data
         assert cache.stats.snapshot()["disk_write_errors"] >= 1  # the disk did refuse some
         for f in (small / "blocks").rglob("*"):
             if f.is_file():

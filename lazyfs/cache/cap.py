@@ -77,7 +77,7 @@ def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (
     nothing at all if another trim is running (BlockingIOError). The ledger learns
     what was evicted (and, when no writer moved it meanwhile, what the walk found)."""
     if dry_run or not os.path.isdir(root):  # (no cache yet: nothing to evict, nothing to count)
-        return _trim(root, max_bytes, keep_longer, True, below, None)
+        return _trim(root, max_bytes, keep_longer, below, None)
     book = ledger(root)
     cap = max_bytes + reserve
     with book.trimming(wait):
@@ -85,7 +85,7 @@ def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (
         for _ in range(TRIM_TRIES):
             if reserve and book.reserve(reserve, cap):
                 return report
-            got = _trim(root, max_bytes, keep_longer, False, below, book)
+            got = _trim(root, max_bytes, keep_longer, below, book)
             report = TrimReport(got.files, got.bytes_before, report.evicted + got.evicted,
                                 report.evicted_bytes + got.evicted_bytes, got.kept_profile)
             if not reserve or not got.evicted:
@@ -95,8 +95,9 @@ def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (
         return report
 
 
-def _trim(root, max_bytes: int, keep_longer: Iterable[str], dry_run: bool, below: float,
+def _trim(root, max_bytes: int, keep_longer: Iterable[str], below: float,
           book: Ledger | None) -> TrimReport:
+    """One walk and eviction; ``book`` None: a dry run (nothing removed, no ledger)."""
     keep = {d.removeprefix("sha256:") for d in keep_longer}
     before = book.record() if book else None
     files = _files(root)
@@ -114,7 +115,7 @@ def _trim(root, max_bytes: int, keep_longer: Iterable[str], dry_run: bool, below
         if total <= goal:
             break
         total -= size
-        if not dry_run:
+        if book:
             try:
                 os.unlink(path)
             except FileNotFoundError:  # removed meanwhile (by hand): no longer there to count

@@ -12,8 +12,9 @@ A walk of the cache happens only where one is needed anyway: at a trim (to order
 and when the file is missing or torn. A walk sets the total to what it found (plus what is in
 flight) only if no writer moved the ledger while it walked (``replace_if``: a file that landed
 mid-walk might be missed); otherwise the trim subtracts what it evicted. Trims take turns, across
-processes (``trimming``): two at once would each count the other's evictions as their own. What can still drift: a
-block two processes wrote at once (counted twice: the next trim comes early, never late), a file
+processes (``trimming``): two at once would each count the other's evictions as their own.
+
+What can still drift: a block two processes wrote at once (counted twice: the next trim comes early, never late), a file
 removed by hand, and the reservation of a writer killed mid-write. ``reconcile`` corrects it: the
 node agent calls it every RECONCILE_EVERY seconds. Between calls the agent reads what is in flight
 at every tick; whatever never left flight over the whole interval (the least amount seen) is a dead

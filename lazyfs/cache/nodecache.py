@@ -3,10 +3,11 @@
 The fetch function is injected: ``fetch(digest, size)`` returns the block's bytes and must have
 verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the
 cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
-Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only after their digest checks out,
-via temp file + fsync + rename, written behind the read that fetched them: the verified bytes are
-served from memory at once, and the kernel (which reads the cache directory itself on the kernel
-data path) sees a block's file only once it is durable. A miss never waits on the disk; and each cached file is re-hashed the first time a process uses it and
+Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only
+after their digest checks out, via temp file + fsync + rename, written behind the read that
+fetched them: the verified bytes are served from memory at once (a miss never waits on the disk),
+and the kernel, which reads the cache directory itself on the kernel data path, sees a block's
+file only once it is durable. Each cached file is re-hashed the first time a process uses it and
 again whenever its file changed since (inode, size or change time), so a file damaged or rewritten
 on disk (power cut, bit rot, a local writer) is dropped and fetched again rather than served.
 """

@@ -27,14 +27,14 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.cache.ledger import RECONCILE_EVERY
 from lazyfs.errors import LazyfsError, MountError, NodeError
 from lazyfs.fs import mounts
-from lazyfs.node import table, wire
+from lazyfs.node import listen, table, wire
 from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics
 from lazyfs.node.table import Lease, Shared
@@ -95,7 +95,7 @@ class Agent:
 
     # -- life cycle -----------------------------------------------------------------------------
     def run(self, ready=lambda msg: None) -> int:
-        self._claim_socket()
+        self.listener = listen.claim(self.opts.socket, self.opts.takeover)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -112,7 +112,7 @@ class Agent:
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.metrics.start(self.sel)
         ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
-        _sd_notify("READY=1")
+        listen.sd_notify("READY=1")
         try:
             while not self.stopping:
                 timeout = max(0.0, min(self.next_tick, self._next_idle()) - time.monotonic())
@@ -159,39 +159,11 @@ class Agent:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
-    def _claim_socket(self) -> None:
-        path = self.opts.socket
-        if len(os.fsencode(path)) > 100:
-            raise NodeError(f"socket path {path} is too long for a Unix socket (at most 100 bytes); "
-                            "set --socket or LAZYFS_NODE_SOCKET")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        paths.node_dir().mkdir(parents=True, exist_ok=True)
-        os.chmod(paths.node_dir(), 0o700)
-        if path.exists():
-            pid = _live_agent(path)
-            if pid is not None and not self.opts.takeover:
-                raise NodeError(f"a node agent already runs on {path} (pid {pid}); "
-                                "`lazyfs node --takeover` replaces it without unmounting anything")
-            if pid is not None:
-                _hand_off(path, pid)
-            path.unlink(missing_ok=True)  # stale: its agent died without removing it
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no moment where another user can connect
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        sock.setblocking(False)
-        self.listener = sock
-        (paths.node_dir() / "agent.pid").write_text(f"{os.getpid()}\n")
-
     def _shutdown(self) -> None:
         """SIGTERM: unmount what nobody uses; leave what containers use for the next agent."""
         if self.listener is not None:
             self.listener.close()
-            if _live_agent(self.opts.socket) is None:
+            if listen.live_agent(self.opts.socket) is None:
                 self.opts.socket.unlink(missing_ok=True)
         self.metrics.stop()
         if self.pool is not None:
@@ -460,49 +432,3 @@ def _op(line: bytes) -> str | None:
     except NodeError:
         return None
     return op if isinstance(op, str) else None
-
-
-def _ask(path: Path, op: str, timeout: float) -> dict | None:
-    """One request to whatever agent listens on ``path``; None if none answers."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(str(path))
-        wire.send(sock, {"op": op})
-        return wire.LineReader(sock).read_message()
-    except (OSError, NodeError):
-        return None
-    finally:
-        sock.close()
-
-
-def _live_agent(path: Path) -> int | None:
-    """The pid of the agent answering on ``path``, or None if nothing answers (a stale socket)."""
-    try:
-        return int((_ask(path, "hello", 2.0) or {}).get("pid", 0)) or None
-    except (TypeError, ValueError):
-        return None
-
-
-def _hand_off(path: Path, pid: int) -> None:
-    """Ask the running agent to leave everything mounted and exit, and wait until it has."""
-    _ask(path, "handoff", 10.0)
-    deadline = time.monotonic() + 10.0
-    while table.proc_start(pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if table.proc_start(pid) is not None:
-        raise NodeError(f"the running agent (pid {pid}) did not hand over within 10 s")
-
-
-def _sd_notify(state: str) -> None:
-    """systemd's Type=notify readiness: one datagram to $NOTIFY_SOCKET, if there is one."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(state.encode(), addr)
-        except OSError as exc:
-            log.warning("NOTIFY_SOCKET %s: %s", addr, exc)

@@ -314,3 +314,21 @@ def test_batch_bodies_are_checked_without_asserts(tmp_path, origin):
         assert ok.status == 200 and ok.data.endswith(frame)
     finally:
         srv.stop()
+
+
+def test_a_connection_is_reusable_after_a_head(tmp_path, origin):
+    """HEAD answers hand their connection back in a state the next request can use. Without retries
+    (which would hide it), a PUT after HEADs on the same keep-alive connection must succeed, and
+    report the block as new exactly once."""
+    with ServerThread(origin, tmp_path / "cache", config=ServerConfig(token=TEST_TOKEN)) as srv:
+        client = HttpStore(srv.url, token=TEST_TOKEN, retries=0, connections=1)
+        try:
+            for i in range(200):
+                digest, frame = block.encode(i.to_bytes(4, "big") * 50)
+                assert client.block_size(digest) is None
+                assert not client.has_block(digest)
+                assert client.put_block(digest, frame) is True
+                assert client.block_size(digest) == len(frame)
+                assert client.put_block(digest, frame) is False
+        finally:
+            client.http.clear()

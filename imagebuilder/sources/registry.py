@@ -351,6 +351,7 @@ class Registry:
     def blob_size(self, digest: str) -> int | None:
         """The blob's size from a HEAD, or None if the registry has no such blob."""
         resp = self.request("HEAD", f"/v2/{self.ref.repo}/blobs/{digest}")
+        resp.read(1)  # closes the answer, so its connection can carry the next request
         resp.release_conn()
         if resp.status == 404:
             return None

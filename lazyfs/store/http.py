@@ -62,7 +62,9 @@ class HttpStore:
         if resp.status < 300 and stream:
             return resp
         try:
-            data = resp.read(limit + 1) if method != "HEAD" else b""
+            # A HEAD answer is read too: http.client keeps a response open until it is read, and a
+            # connection handed back with one open fails its next request (ResponseNotReady).
+            data = resp.read(limit + 1)
             if len(data) > limit:
                 resp.close()  # never reuse a connection with an unread body still in it
         except urllib3.exceptions.HTTPError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import report
 from bench.images import SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
-from bench.modes import MODES, Node, Sample
+from bench.modes import MODES, BenchRunError, Node, Sample
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 
@@ -208,6 +208,9 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
     if "lazy+profile" in cfg.modes:
         say(f"{w}: recording its startup profile")
         _record_profile(node, ref, work)
+    if "lazy+learnt" in cfg.modes:
+        say(f"{w}: one cold start on another node, which learns its startup profile")
+        _learn_profile(node, ref, work)
     if {"warm-node", "warm-node-fuse", "warm-node-podman"} & set(cfg.modes):
         say(f"{w}: filling the warm node cache with the whole image")
         node.fill_warm(ref)
@@ -217,7 +220,7 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
         for mode in cfg.modes:
             say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
             samples[mode].append(asdict(_counted(servers, lambda: _one(node, mode, ref, work),
-                                                 mode in ("lazy", "lazy+profile", "warm-node",
+                                                 mode in ("lazy", "lazy+learnt", "lazy+profile", "warm-node",
                                                           "warm-node-fuse", "warm-node-podman"))))
             tick(1)
     return {"image": work.image, "argv": work.argv, "samples": samples}
@@ -275,7 +278,32 @@ def _one(node: Node, mode: str, ref: str, work) -> Sample:
         return node.lazy(ref, work, "auto", cold=False)
     if mode == "warm-node-fuse":
         return node.lazy(ref, work, "auto", cold=False, data_path="fuse")
-    return node.lazy(ref, work, "auto" if mode == "lazy+profile" else "none", cold=True)
+    if mode == "lazy+profile":  # the profile `lazyfs profile` recorded for the image
+        return node.lazy(ref, work, ref, cold=True)
+    if mode == "lazy+learnt":  # the profile of this workload the fleet learnt
+        return node.lazy(ref, work, "auto", cold=True)
+    return node.lazy(ref, work, "none", cold=True)  # the image's first start anywhere
+
+
+def _learn_profile(node: Node, ref: str, work, timeout: float = 120.0) -> None:
+    """A first cold start with nothing named: its mount learns the workload's startup profile and
+    contributes it through the cache server. Waits until the store has it."""
+    from lazyfs.errors import NotFound
+    from lazyfs.format import profile as proffmt
+    from lazyfs.store import objects, open_store
+
+    node.lazy(ref, work, "auto", cold=True)
+    store = open_store(node.store)
+    target = proffmt.tag_for(objects.resolve(store, ref), proffmt.workload_key(list(work.argv)))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.get_tag(*target)
+            return
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise BenchRunError(f"{ref}: no startup profile learnt within {timeout:.0f} s") from None
+            time.sleep(0.5)
 
 
 def _record_profile(node: Node, ref: str, work) -> None:

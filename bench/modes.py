@@ -34,8 +34,8 @@ from lazyfs.runner import runtime as rt
 # local-overlay: the extracted rootfs under a fresh writable overlay, as every container has one
 # (and so every mode starts from the same byte code: nothing a run writes outlives it);
 # local: the extracted rootfs itself (what a run writes there, .pyc files, stays for the next).
-MODES = ("pull", "podman-pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse", "warm-node-podman",
-         "podman-image", "local-erofs", "local-overlay", "local")
+MODES = ("pull", "podman-pull", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
+         "warm-node-podman", "podman-image", "local-erofs", "local-overlay", "local")
 PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
               "--ulimit", "nproc=32768:32768")
 RUN_TIMEOUT = 600.0

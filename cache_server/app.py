@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
+from cache_server.profiles import ProfileMerges
 from cache_server.requests import (BATCH_BODY, LEASE_BODY, TAG_BODY, Bodies, HttpError,
                                    byte_range, climbs, error_response)
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound, StoreError
@@ -41,6 +42,9 @@ KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST
 class ServerConfig:
     token: str | None = None  # None: writes are refused
     auth_reads: bool = False
+    # Nodes' credential: reads (with auth_reads) and startup profile contributions, never writes.
+    node_token: str | None = None
+    profiles: bool = True  # take startup profiles from nodes (cache_server.profiles)
     delay: float = 0.0  # added before answering data requests (emulated network latency)
 
 
@@ -85,6 +89,7 @@ class CacheServer:
         self.metrics.cache_state(cache)
         self.filler = Filler(origin, cache, self.metrics)
         self.bodies = Bodies()
+        self.profiles = ProfileMerges(self)
 
     # -- plumbing ------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -102,6 +107,7 @@ class CacheServer:
         r.add_get("/v1/tags", self.list_tags)
         r.add_get("/v1/tags/{ref:.+}", self.get_tag)
         r.add_put("/v1/tags/{ref:.+}", self.put_tag)
+        r.add_post("/v1/profiles/{digest}", self.profiles.contribute)
         r.add_get("/v1/leases", self.list_leases)
         r.add_put("/v1/leases/{name}", self.put_lease)
         r.add_delete("/v1/leases/{name}", self.delete_lease)
@@ -151,16 +157,37 @@ class CacheServer:
         self.metrics.response_bytes.labels(route).inc(_body_bytes(request, response))
 
     def _auth(self, request: web.Request, write: bool) -> None:
-        if not write and not self.config.auth_reads:
+        """Writes need the write token; reads, with auth_reads, the write token or the node token."""
+        if write:
+            if self.config.token is None:
+                raise HttpError(403, "writes are disabled on this server (start it with --token-file)")
+            self._bearer(request, (self.config.token,))
+        elif self.config.auth_reads:
+            self._bearer(request, self._node_tokens())
+
+    def auth_node(self, request: web.Request) -> None:
+        """What a node may do beyond reading (contribute a startup profile): on a server whose
+        reads are open and that has no node token, whoever may read; else the node token (or
+        the write token)."""
+        if not self.config.profiles:
+            raise HttpError(403, "this server takes no startup profiles (started with --no-profiles)")
+        if self.config.node_token is None and not self.config.auth_reads:
             return
-        if self.config.token is None:
-            raise HttpError(403, "writes are disabled on this server (start it with --token-file)")
+        self._bearer(request, self._node_tokens())
+
+    def _node_tokens(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.config.node_token, self.config.token) if t)
+
+    @staticmethod
+    def _bearer(request: web.Request, accepted: tuple[str, ...]) -> None:
+        if not accepted:
+            raise HttpError(403, "this server has no token to check (start it with --token-file)")
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise HttpError(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
         # Header values arrive decoded with surrogateescape: any bytes, even ones no token has.
         sent = header[7:].strip().encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent, self.config.token.encode()):
+        if not any([hmac.compare_digest(sent, t.encode()) for t in accepted]):
             raise HttpError(403, "wrong token")
 
     @staticmethod

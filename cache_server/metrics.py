@@ -40,6 +40,8 @@ class Metrics:
         self.connections = Gauge("lazyfs_server_connections", "Open client connections, and "
                                  "those closed by the limits (cache_server/protocol.py)",
                                  ["state"], registry=r)
+        self.profiles = Counter("lazyfs_server_profile_contributions", "Startup profiles nodes "
+                                "contributed, by result (merged, refused)", ["result"], registry=r)
         self._hits = self._misses = 0
         self._evicted_seen = 0
 

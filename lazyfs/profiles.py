@@ -1,10 +1,15 @@
-"""Startup profiles in a store: record one from a mount's read trace, publish it, find it at mount.
+"""Startup profiles in a store: record one from a mount's reads, publish it, find it at mount.
 
-The codec is lazyfs.format.profile; this module does the reading and writing around it.
+The codec is lazyfs.format.profile; this module does the reading and writing around it. A profile
+is made by hand (`lazyfs profile`, from a read trace) or by any node on its own: a mount records
+the blocks its workload touched first (:class:`Recorder`) and contributes them, and the store's
+profile of that image and workload becomes the merge of every contribution (:func:`contribute`,
+run by a cache server for the nodes behind it, which may not write the store themselves).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Iterable
 
@@ -57,16 +62,24 @@ def publish(store: BlockStore, profile: Profile) -> str:
     return digest
 
 
-def load(store: BlockStore, image_digest: str, choice: str = AUTO) -> Profile | None:
+def load(store: BlockStore, image_digest: str, choice: str = AUTO,
+         workload: str | None = None) -> Profile | None:
     """The profile a mount of ``image_digest`` should prefetch.
 
-    ``choice``: "auto" (the image's own profile, if one was published), "none", a profile
-    digest, or an image reference whose profile to use (say, the previous build's). With
-    "auto" any problem means no prefetch and a log line; a profile the user named must exist."""
+    ``choice``: "auto" (the profile of this workload on the image that nodes recorded, else the
+    image's own), "none", a profile digest, or an image reference whose profile to use (say, the
+    previous build's). With "auto" any problem means no prefetch and a log line; a profile the
+    user named must exist."""
     if choice == NONE:
         return None
     try:
         if choice == AUTO:
+            if workload is not None:
+                try:
+                    found = store.get_tag(*proffmt.tag_for(image_digest, workload))
+                    return proffmt.decode(objects.read_manifest_bytes(store, found))
+                except NotFound:
+                    pass
             target = proffmt.tag_for(image_digest)
         else:
             digest = choice if digests.is_valid(choice) else objects.resolve(store, choice)
@@ -102,3 +115,75 @@ def plan(profile: Profile, manifest: Manifest, image_digest: str) -> list[tuple[
         log.warning("startup profile was recorded on %s, not %s: %d of its %d blocks are in this "
                     "image", profile.image, image_digest, len(out), len(profile.blocks))
     return out
+
+
+def contribute(store: BlockStore, manifest: Manifest, image_digest: str, start: Profile,
+               workload: str | None) -> dict:
+    """Merge one start's profile into the store's profile of (image, workload) and publish the
+    result. Only blocks the image references count, with the sizes its manifest gives, at most
+    MAX_CONTRIBUTION of them: what a node sends can cost later starts some bandwidth, bounded by
+    the merge, and never a wrong byte. Two contributions merged at once may lose one of them
+    (the tag is replaced, not compared and swapped): a profile is a hint, and the next start
+    contributes again."""
+    if start.image != image_digest:
+        raise LazyfsError(f"a profile of {start.image} contributed for {image_digest}")
+    sizes = {c.digest: c.size for e in manifest.entries if e.type == EntryType.REG for c in e.chunks}
+    own = [ProfileBlock(b.digest, sizes[b.digest], b.t) for b in start.blocks if b.digest in sizes]
+    own = own[:proffmt.MAX_CONTRIBUTION]
+    meta = {k: start.meta[k] for k in ("argv", "ref") if k in start.meta}
+    if workload is not None:
+        meta["workload"] = proffmt.check_workload(workload)
+    target = proffmt.tag_for(image_digest, workload)
+    if not own:  # nothing of this image: the store's profile stays as it is
+        return {"profile": None, "blocks": None, "accepted": 0, "dropped": len(start.blocks),
+                "starts": None}
+    try:
+        old = proffmt.decode(objects.read_manifest_bytes(store, store.get_tag(*target)))
+        if old.image != image_digest:
+            old = None
+    except NotFound:
+        old = None
+    except LazyfsError as exc:  # a broken profile is replaced, not kept forever
+        log.warning("replacing the unreadable profile %s:%s: %s", *target, exc)
+        old = None
+    merged = proffmt.merge(old, Profile(image_digest, tuple(own), meta))
+    digest, frame = block.encode(proffmt.encode(merged), limit=objects.MAX_MANIFEST)
+    store.put_manifest(digest, frame)
+    store.put_tag(*target, digest)
+    return {"profile": digest, "blocks": len(merged.blocks), "accepted": len(own),
+            "dropped": len(start.blocks) - len(own), "starts": merged.meta["starts"]}
+
+
+class Recorder:
+    """The blocks a mount's workload touched, each once, in first-touch order, timed from the
+    first read; at most MAX_CONTRIBUTION of them. ``touched`` is on the read path: a dict lookup
+    for a block seen before, a lock only for a new one."""
+
+    def __init__(self, limit: int = proffmt.MAX_CONTRIBUTION):
+        self.limit = limit
+        self.first: float | None = None
+        self.last_new = 0.0  # monotonic time of the latest first touch
+        self._seen: dict[str, ProfileBlock] = {}
+        self._lock = threading.Lock()
+
+    def touched(self, digest: str, size: int) -> None:
+        if digest in self._seen:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if digest in self._seen or len(self._seen) >= self.limit:
+                return
+            if self.first is None:
+                self.first = now
+            self._seen[digest] = ProfileBlock(digest, size, now - self.first)
+            self.last_new = now
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def profile(self, image_digest: str, skip: frozenset = frozenset(), meta: dict | None = None) -> Profile:
+        """What was recorded, less ``skip`` (the blocks of the profile the mount prefetched: a
+        contribution of a start that had a profile is what that profile missed)."""
+        with self._lock:
+            blocks = [b for b in self._seen.values() if b.digest not in skip]
+        return Profile(image_digest, tuple(blocks), dict(meta or {}))

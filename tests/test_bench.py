@@ -30,7 +30,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
                      "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
     results = json.loads((out / "results.json").read_text())
     w = results["workloads"]["minimal"]
-    assert set(w["samples"]) == {"pull", "podman-pull", "lazy", "lazy+profile", "warm-node", "warm-node-fuse",
+    assert set(w["samples"]) == {"pull", "podman-pull", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
                                  "warm-node-podman", "podman-image", "local-erofs", "local-overlay",
                                  "local"}
     for mode, samples in w["samples"].items():
@@ -48,6 +48,8 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     assert s["warm-node"][0]["phases"]["data_path"] == ("fuse" if kernel.unavailable() else "kernel")
     assert s["warm-node-fuse"][0]["phases"]["data_path"] == "fuse"
     assert s["lazy+profile"][0]["phases"]["prefetch"]["fetched"] > 0  # the profile was used
+    assert s["lazy+learnt"][0]["phases"]["prefetch"]["planned"] > 0  # the one the fleet learnt
+    assert "prefetch" not in s["lazy"][0]["phases"] or not s["lazy"][0]["phases"]["prefetch"]
     summary = results["summary"]["minimal"]
     for mode, row in summary.items():
         median = statistics.median(x["seconds"] for x in s[mode])
@@ -55,7 +57,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
         assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
         assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 1 + 11 and "| lazy+profile |" in md and md in res.stdout
+    assert md.count("\n| ") == 1 + 12 and "| lazy+profile |" in md and md in res.stdout
     assert "| warm-node-fuse | fuse |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]

@@ -51,3 +51,60 @@ def test_profile_tag_is_a_valid_reference_keyed_by_image_digest():
     assert (ref.name, ref.tag) == (name, "sha256-" + "c" * 64)
     with pytest.raises(FormatError):
         proffmt.tag_for("sha256:short")
+
+
+contributions = st.builds(proffmt.Profile, st.just("sha256:" + "d" * 64), blocks, st.just({}))
+
+
+@given(st.lists(contributions, min_size=1, max_size=6), st.integers(1, 30), st.integers(0, 1 << 26))
+def test_merge_is_bounded_counted_and_in_time_order(starts, max_blocks, max_bytes):
+    merged = None
+    for c in starts:
+        merged = proffmt.merge(merged, c, max_blocks=max_blocks, max_bytes=max_bytes)
+    assert len(merged.blocks) <= max_blocks and merged.bytes <= max_bytes
+    assert merged.meta["starts"] == len(starts)
+    assert [b.t for b in merged.blocks] == sorted(b.t for b in merged.blocks)
+    touched, sizes = {}, {}
+    for c in starts:
+        for b in c.blocks:
+            touched[b.digest] = touched.get(b.digest, 0) + 1
+            sizes.setdefault(b.digest, b.size)
+    assert all(b.count <= touched[b.digest] for b in merged.blocks)
+    if len(touched) <= max_blocks and sum(sizes.values()) <= max_bytes:  # the cap never bit
+        assert {b.digest: b.count for b in merged.blocks} == touched
+    assert proffmt.encode(proffmt.decode(proffmt.encode(merged))) == proffmt.encode(merged)
+
+
+@given(contributions)
+def test_one_start_merged_into_nothing_is_that_start(prof):
+    merged = proffmt.merge(None, prof)
+    assert sorted(b.digest for b in merged.blocks) == sorted(b.digest for b in prof.blocks)
+    assert all(b.count == 1 for b in merged.blocks)
+
+
+def test_a_contribution_cannot_claim_weight_and_the_common_blocks_survive_the_cap():
+    image = "sha256:" + "e" * 64
+    d = lambda i: "sha256:" + hashlib.sha256(bytes([i])).hexdigest()  # noqa: E731
+    common = tuple(proffmt.ProfileBlock(d(i), 100, i / 10) for i in range(5))
+    merged = None
+    for _ in range(3):
+        merged = proffmt.merge(merged, proffmt.Profile(image, common), max_blocks=8)
+    hostile = proffmt.Profile(image, tuple(proffmt.ProfileBlock(d(100 + i), 1, 0.0, 10**9)
+                                           for i in range(50)))
+    merged = proffmt.merge(merged, hostile, max_blocks=8)
+    counts = {b.digest: b.count for b in merged.blocks}
+    assert all(counts[b.digest] == 3 for b in common)  # kept, with their own counts
+    assert len(merged.blocks) == 8 and max(counts.values()) == 3
+    with pytest.raises(FormatError):
+        proffmt.merge(merged, proffmt.Profile("sha256:" + "f" * 64, common))
+
+
+def test_workload_keys_and_their_tags():
+    key = proffmt.workload_key(["python3", "-c", "import torch"])
+    assert len(key) == 16 and key != proffmt.workload_key(["python3", "-c", "import  torch"])
+    assert proffmt.workload_key(["a", "b"]) != proffmt.workload_key(["a\0b"])
+    name, tag = proffmt.tag_for("sha256:" + "c" * 64, key)
+    assert reference.parse(f"{name}:{tag}").tag == f"sha256-{'c' * 64}-{key}"
+    for bad in ("ABCDEF0123456789", "short", "../../etc/passwd", 7):
+        with pytest.raises(FormatError):
+            proffmt.tag_for("sha256:" + "c" * 64, bad)

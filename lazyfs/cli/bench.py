@@ -12,7 +12,8 @@ from lazyfs.cli.common import DataPathOpt, RichProgress, err, parse_duration
 
 @app.command(help="Benchmark cold starts (docs/benchmarks.md): for each workload, start it from a "
                   "cold node (empty node cache, page cache dropped) in each mode — pull (download "
-                  "+ extract + run), lazy, lazy+profile, warm-node, local (the floor) — over an "
+                  "+ extract + run), lazy (the image's first start anywhere), lazy+learnt (after the fleet has "
+                  "seen it once), lazy+profile, warm-node, local (the floor) — over an "
                   "emulated link (a network namespace with tbf-shaped loopback, plus per-request "
                   "latency at the servers). Builds its images offline once (cached under --home). "
                   "Writes results.json, results.md and results.png to --out. Needs root.")
@@ -21,7 +22,10 @@ def bench(
                                                  "imports, http, snapshot, snapshot-one (cold init "
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, podman-pull (podman "
-                                             "pull from a real registry + podman run), lazy, lazy+profile, "
+                                             "pull from a real registry + podman run), lazy (no profile: the "
+                                             "image's first start anywhere), lazy+learnt (the "
+                                             "profile another node's first start learnt), "
+                                             "lazy+profile (the one `lazyfs profile` recorded), "
                                              "warm-node, warm-node-fuse (warm-node with --data-path "
                                              "fuse), warm-node-podman (warm-node with podman as the "
                                              "runtime), podman-image (podman run of the image from "

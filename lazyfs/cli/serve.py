@@ -29,8 +29,18 @@ def serve(
                                               "the bearer token that PUT/DELETE (and, with "
                                               "--auth-reads, reads) require. Without it the server "
                                               "is read-only."),
-    auth_reads: bool = typer.Option(False, "--auth-reads", help="Require the token for reads too "
-                                    "(/healthz and /metrics stay open)."),
+    auth_reads: bool = typer.Option(False, "--auth-reads", help="Require a token for reads too "
+                                    "(the write token or the node token; /healthz and /metrics "
+                                    "stay open)."),
+    node_token_file: Optional[Path] = typer.Option(None, "--node-token-file", help="File whose "
+                                                   "first line is the token nodes hold: it lets "
+                                                   "them read (with --auth-reads) and contribute "
+                                                   "startup profiles, never write. Without it, "
+                                                   "a server with open reads takes profiles from "
+                                                   "whoever may read."),
+    profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Take the startup "
+                                  "profiles nodes learn (POST /v1/profiles) and merge them into "
+                                  "the store's, so later cold starts on any node prefetch them."),
     delay: str = typer.Option("0", "--delay", help="Add this much latency before answering each "
                               "data request (e.g. 1ms): emulates a network RTT in benchmarks."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per "
@@ -53,14 +63,10 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
-    token = None
-    if token_file:
-        try:
-            token = token_file.read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            raise LazyfsError(f"--token-file {token_file}: {getattr(exc, 'strerror', None) or 'empty'}")
-        if len(token) < 16:
-            raise LazyfsError(f"--token-file {token_file}: the token must be at least 16 characters")
+    token = _token(token_file, "--token-file")
+    node_token = _token(node_token_file, "--node-token-file")
+    if token and node_token == token:
+        raise LazyfsError("--node-token-file holds the write token: nodes would be able to write")
     origin = open_store(store)
     origin.check()
     size = parse_size(cache_size)
@@ -68,10 +74,27 @@ def serve(
     guard = Guard(max_connections=max_connections or default_max_connections(),
                   header_timeout=parse_duration(header_timeout))
     opts = ServeOptions(host, port, cache_dir, size,
-                        ServerConfig(token=token, auth_reads=auth_reads, delay=delay_s), access_log,
+                        ServerConfig(token=token, auth_reads=auth_reads, node_token=node_token,
+                                     profiles=profiles, delay=delay_s), access_log,
                         guard)
     err.print(f"lazyfs serve: {origin.url} on http://{host}:{port}, cache {cache_dir} "
               f"({human(size)}), writes {'need the token' if token else 'disabled'}"
+              + (f", startup profiles from {'node-token holders' if node_token or auth_reads else 'readers'}"
+                 if profiles else ", no startup profiles")
               + (f", +{delay_s * 1000:.1f} ms per request" if delay_s else "")
               + f", at most {guard.max_connections} connections", highlight=False)
     serve_forever(origin, opts)
+
+
+def _token(path: Optional[Path], flag: str) -> Optional[str]:
+    """The first line of a token file (at least 16 characters), or None without one."""
+    from lazyfs.errors import LazyfsError
+    if path is None:
+        return None
+    try:
+        token = path.read_text().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise LazyfsError(f"{flag} {path}: {getattr(exc, 'strerror', None) or 'empty'}") from None
+    if len(token) < 16:
+        raise LazyfsError(f"{flag} {path}: the token must be at least 16 characters")
+    return token

@@ -33,7 +33,8 @@ class DaemonArgs:
     ready_fd: int | None = None  # gets b"1" once the kernel answers on the mountpoint
     debug: bool = False
     trace: str | None = None  # append every read (docs/format.md §10) to this file
-    profile: str = "auto"  # startup profile to prefetch (lazyfs.profiles.load)
+    profile: str = "auto"  # startup profile to prefetch (lazyfs.profiles.load); "auto" also learns one
+    workload: str | None = None  # the workload's key (lazyfs.format.profile.workload_key), if a run's
     # "kernel": serve only the data objects, on lazyfs.fs.kernel's FUSE layer below runtime_dir,
     # and answer b"K" when ready (the client mounts EROFS and the overlay); "fuse": the whole image
     # on the mountpoint, b"1". A kernel-path daemon whose tree the layout cannot hold falls back.
@@ -46,6 +47,8 @@ class DaemonArgs:
         """The daemon's command line (``python -m lazyfs.fs.daemon ARGV``)."""
         out = ["--digest", self.digest, *self.source.args(), "--cache-dir", self.cache_dir,
                "--ref", self.ref, "--profile", self.profile]
+        if self.workload:
+            out += ["--workload", self.workload]
         if self.ready_fd is not None:
             out += ["--ready-fd", str(self.ready_fd)]
         if self.debug:
@@ -72,13 +75,15 @@ class DaemonArgs:
         p.add_argument("--debug", action="store_true")
         p.add_argument("--trace")
         p.add_argument("--profile", default="auto")
+        p.add_argument("--workload")
         p.add_argument("--layout", choices=("fuse", "kernel"), default="fuse")
         p.add_argument("--runtime-dir", default="")
         p.add_argument("--complete", action="store_true")
         p.add_argument("--cache-size", type=int)
         a = p.parse_args(argv)
         return cls(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-                   a.debug, a.trace, a.profile, a.layout, a.runtime_dir, a.complete, a.cache_size)
+                   a.debug, a.trace, a.profile, a.workload, a.layout, a.runtime_dir, a.complete,
+                   a.cache_size)
 
 
 def serve(args: DaemonArgs) -> None:
@@ -94,7 +99,14 @@ def serve(args: DaemonArgs) -> None:
     reader = source.open()
     cache = NodeCache(cache_dir, reader.fetch_block, cap_bytes=args.cache_size)
     prefetch: list = []  # the startup profile's Prefetcher (or None), once the manifest is in
-    index, kernel_path, metadata_from = _index(reader, cache, args, prefetch)
+    auto = None
+    # A run's mount learns its workload's profile and hands it to its cache servers; a plain
+    # mount is no workload, a traced one is recorded by hand (`lazyfs profile`), and a node
+    # reading a store directly never writes it.
+    if args.profile == "auto" and args.workload and not trace and source.takes_profiles():
+        from lazyfs.fs.autoprofile import AutoProfile
+        auto = AutoProfile(reader, digest, args.workload, {"ref": args.ref} if args.ref else {}).start()
+    index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto)
     completer = None
     if kernel_path:
         from lazyfs.cache.completer import Completer
@@ -108,13 +120,21 @@ def serve(args: DaemonArgs) -> None:
             out["prefetch"] = prefetch[0].stats.snapshot()
         if completer:
             out["complete"] = completer.stats.snapshot()
+        if auto:
+            out["learn"] = auto.stats()
         return out
 
     def siblings(wanted) -> None:
         # A profile knows what the workload reads; guessing by directory would only add bytes.
         if not (prefetch and prefetch[0]):
+            if auto:
+                # On the kernel path a file whose block is here before it is opened is read from
+                # the node cache, unseen: what this start fetched is what the next one wants.
+                for digest, size in wanted:
+                    auto.recorder.touched(digest, size)
             fetch_missing(cache, reader.fetch_blocks, wanted)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
+                  recorder=auto.recorder if auto else None,
                   fetch_siblings=siblings if source.siblings else None,
                   on_read=(lambda inode: completer.read(index.object_of(inode), inode.entry.chunks))
                   if completer else None)
@@ -146,6 +166,8 @@ def serve(args: DaemonArgs) -> None:
         control_sock.close()
     if prefetch and prefetch[0]:
         prefetch[0].stop()
+    if auto:
+        auto.stop()
     if completer:
         completer.stop()
     cache.close()
@@ -153,7 +175,7 @@ def serve(args: DaemonArgs) -> None:
     log.info("unmounted %s", mountpoint)
 
 
-def _index(reader, cache, args: DaemonArgs, prefetch: list):
+def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
     """The namespace this daemon serves, whether it is the kernel path's data namespace, and
     where the kernel path's EROFS image came from ("node": already here, "shipped": fetched as
     the build made it, "generated": made here from the manifest; None on the FUSE path).
@@ -171,8 +193,8 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list):
                  index.total_size)
         # The profile is looked up beside the reads, never before them: a slow answer about it
         # must not hold up the index every read needs.
-        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args.digest, manifest, cache,
-                                                                    args.profile)),
+        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, manifest, cache,
+                                                                    auto)),
                          name="lazyfs-profile", daemon=True).start()
         return index
     if args.layout == "kernel" and kernel.image_path(args.cache_dir, args.digest).exists():
@@ -217,12 +239,18 @@ def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
     log.info("%s: %s (%d bytes)", what, image, len(data))
 
 
-def _prefetcher(reader, digest: str, manifest, cache, choice: str):
+def _prefetcher(reader, args: DaemonArgs, manifest, cache, auto=None):
     """Start fetching the image's startup profile, if it has one (or the one named)."""
     from lazyfs import profiles
     from lazyfs.cache.prefetcher import Prefetcher
 
-    prof = profiles.load(reader, digest, choice)
+    digest = args.digest
+    prof = None
+    try:
+        prof = profiles.load(reader, digest, args.profile, args.workload)
+    finally:
+        if auto:
+            auto.looked(prof)
     if prof is None:
         return None
     wanted = profiles.plan(prof, manifest, digest)

@@ -56,7 +56,7 @@ class LazyOps(Operations):
     use_ns = True  # times are integer nanoseconds
 
     def __init__(self, index: ImageIndex, cache: NodeCache, stats_extra=lambda: {}, trace=None,
-                 readahead: int = 0, fetch_siblings=None, on_read=None):
+                 readahead: int = 0, fetch_siblings=None, on_read=None, recorder=None):
         self.index = index
         self.cache = cache
         self.readahead = readahead
@@ -65,6 +65,7 @@ class LazyOps(Operations):
         self._read_end: dict[int, int] = {}  # inode -> where its last read ended
         self.stats_extra = stats_extra
         self.on_read = on_read  # called with the inode after each read (lazyfs.cache.completer)
+        self.recorder = recorder  # lazyfs.profiles.Recorder: first touches, for a startup profile
         self.reads = 0
         self.read_bytes = 0
         self.ops: dict[str, int] = {}
@@ -142,6 +143,8 @@ class LazyOps(Operations):
         parts = []
         try:
             for chunk, inner, n in inode.chunks_for(offset, size):
+                if self.recorder is not None:
+                    self.recorder.touched(chunk.digest, chunk.size)
                 parts.append(self.cache.read(chunk.digest, chunk.size, inner, n))
         except LazyfsError as exc:
             log.error("EIO reading %s (offset %d): block %s: %s", _name(inode), offset,

@@ -133,13 +133,15 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
           trace: str | None = None, profile: str = "auto", checked: bool = False,
           data_path: str = "auto", complete: bool = False, cache_size: int | None = None,
-          forker=None) -> MountState:
+          forker=None, workload: str | None = None) -> MountState:
     """Start a detached daemon and wait until the mount answers. ``checked``: the caller has
     resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run).
     ``data_path``: auto, kernel or fuse (lazyfs.fs.kernel); ``complete``: fetch the rest of
     partly read files in the background (kernel path); ``cache_size``: the node cache's cap
     (lazyfs node --cache-size), kept by the daemon as it writes; ``forker``: the node agent's fork
-    server (lazyfs.node.forker), which forks the daemon for a caller with threads."""
+    server (lazyfs.node.forker), which forks the daemon for a caller with threads; ``workload``: the
+    key of the command a run starts (lazyfs.format.profile.workload_key), whose startup profile
+    the mount prefetches and learns."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
     if not os.path.isdir(mnt):
@@ -178,22 +180,26 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     state = MountState(mnt, 0, digest, str(ref), source.describe(), cache, str(logf), layout,
                        str(paths.state_dir() / "mounts" / (_state_file(mnt).stem + ".d")))
     try:
-        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker)
+        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker,
+                      workload)
     except MountError as exc:
         if layout != "kernel" or data_path != "auto" or isinstance(exc, MetadataRefused):
             raise
         log.warning("the kernel data path failed (%s); serving %s through FUSE", exc, ref)
         state.layout = "fuse"
-        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker)
+        return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker,
+                      workload)
 
 
 def _start(state: MountState, source: Source, debug: bool, trace: str | None, profile: str,
-           complete: bool, timeout: float, cache_size: int | None = None, forker=None) -> MountState:
+           complete: bool, timeout: float, cache_size: int | None = None, forker=None,
+           workload: str | None = None) -> MountState:
     mnt, logf = state.mountpoint, Path(state.log_file)
     read_fd, write_fd = os.pipe()
     args = DaemonArgs(state.digest, source, state.cache_dir, mnt, state.ref, write_fd, debug,
-                      os.path.abspath(trace) if trace else None, profile, state.layout,
-                      state.runtime_dir, complete, cache_size)
+                      os.path.abspath(trace) if trace else None, profile, workload=workload,
+                      layout=state.layout, runtime_dir=state.runtime_dir, complete=complete,
+                      cache_size=cache_size)
     # A Ctrl-C that lands while the daemon is forked waits until its handle is known and the code
     # that abandons it is listening; otherwise the daemon would be left serving on its own.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

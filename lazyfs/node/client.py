@@ -127,10 +127,11 @@ def where(source, cache_dir: str | None) -> dict:
 
 
 def acquire(ref: str, source, cache_dir: str | None, data_path: str, profile: str,
-            complete: bool) -> dict:
-    """A lease on the image's shared mount for this process: digest, mountpoint, config, lease."""
+            complete: bool, workload: str | None = None) -> dict:
+    """A lease on the image's shared mount for this process: digest, mountpoint, config, lease.
+    ``workload``: the run's command key, whose startup profile a new mount learns."""
     return call("acquire", ref=ref, data_path=data_path, profile=profile, complete=complete,
-                **where(source, cache_dir))
+                workload=workload, **where(source, cache_dir))
 
 
 def release(lease: str) -> None:

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from lazyfs import paths
-from lazyfs.errors import LazyfsError, MountError, NodeError
+from lazyfs.errors import FormatError, LazyfsError, MountError, NodeError
+from lazyfs.format import profile as proffmt
 from lazyfs.fs import control, kernel, mounts
 from lazyfs.node import table
 from lazyfs.node.table import Lease, Shared
@@ -98,8 +99,14 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
                "profile": _field(req, "profile", default="auto"),
                "complete": _field(req, "complete", bool, default=False), "cache_size": agent.opts.cache_size}
     target = _field(req, "target", default="")
+    workload = req.get("workload")
+    if workload is not None:
+        try:
+            proffmt.check_workload(workload)
+        except FormatError as exc:
+            raise NodeError(f"request 'acquire': {exc}") from None
     digest, config = _resolve(agent, source, ref)
-    shared, mounted = _shared(agent, digest, ref, options, source, config)
+    shared, mounted = _shared(agent, digest, ref, options, source, config, workload)
     lease = Lease.new(kind, pid if kind == "run" else 0, target)
     agent.add_lease(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
@@ -108,8 +115,9 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
 
 
 def _shared(agent, digest: str, ref: str, options: dict, source: Source,
-            config: dict) -> tuple[Shared, bool]:
-    """The live shared mount for these options, and whether this request had to mount it."""
+            config: dict, workload: str | None = None) -> tuple[Shared, bool]:
+    """The live shared mount for these options, and whether this request had to mount it. The
+    workload that mounts it is the one whose startup profile the mount prefetches and learns."""
     k = table.key(digest, options)
     while (busy := agent.mounting.get(k)) is not None:  # another request is mounting it: wait
         with agent.unlocked():
@@ -134,8 +142,8 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
             state = mounts.mount(digest, str(mnt), source, options["cache_dir"], str(logs / f"{k}.log"),
                                  checked=True, profile=options["profile"], data_path=options["data_path"],
                                  complete=options["complete"], cache_size=options["cache_size"],
-                                 forker=agent.forker)
-            blocks = _profile_blocks(agent, reader, digest, options)
+                                 forker=agent.forker, workload=workload)
+            blocks = _profile_blocks(agent, reader, digest, options, workload)
     finally:
         del agent.mounting[k]
         done.set()
@@ -162,14 +170,14 @@ def _removed_on_failure(mountpoint):
         raise
 
 
-def _profile_blocks(agent, reader, digest: str, options: dict) -> list[str]:
+def _profile_blocks(agent, reader, digest: str, options: dict, workload: str | None) -> list[str]:
     """The startup profile's blocks, kept longest under the cache cap (a preference: a profile
     that cannot be read now only means none is preferred)."""
     if not agent.opts.cache_size or options["profile"] == "none":
         return []
     from lazyfs import profiles
     try:
-        prof = profiles.load(reader, digest, options["profile"])
+        prof = profiles.load(reader, digest, options["profile"], workload)
     except LazyfsError as exc:
         log.warning("%s: its startup profile is not kept longer under the cap: %s", digest[:19], exc)
         return []

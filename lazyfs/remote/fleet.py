@@ -285,6 +285,22 @@ class Fleet:
         return self._race(f"tag {name}:{tag}", lambda _n, store, _c: store.get_tag(name, tag),
                           probes=False)
 
+    def contribute_profile(self, image_digest: str, start, workload: str | None) -> dict:
+        """Hand one start's profile to the server the image's digest ranks first (so merges of
+        one image meet on one server), or the next one up; never to the origin, which nodes do
+        not write."""
+        from lazyfs.format import profile as proffmt
+        data = proffmt.encode(start)
+        last: Exception | None = None
+        for name, client in self.candidates(image_digest):
+            if name == "origin":
+                continue
+            try:
+                return client.contribute_profile(image_digest, workload, data)
+            except StoreUnavailable as exc:
+                last = exc
+        raise last or StoreUnavailable("no cache server to take the profile")
+
     def check(self, write: bool = False) -> None:
         if write:
             raise StoreError("a --server fleet is read-only here; publish with --store")

@@ -38,6 +38,11 @@ class Source:
             return self.store
         return self.servers[0]
 
+    def takes_profiles(self) -> bool:
+        """Whether a mount reading from here contributes the startup profiles it learns: only
+        through cache servers, which merge them into the store (nodes never write a store)."""
+        return bool(self.servers) or (self.store or "").startswith(("http://", "https://"))
+
     def describe(self) -> str:
         if not self.servers:
             return self.store or paths.default_store()

@@ -99,7 +99,14 @@ def run(opts: RunOptions, say=lambda msg: None) -> int:
 def _acquire(opts: RunOptions) -> dict:
     from lazyfs.node import client
     return client.acquire(opts.ref, opts.source, opts.cache_dir, opts.data_path, opts.profile,
-                          opts.complete)
+                          opts.complete, workload_of(opts))
+
+
+def workload_of(opts: RunOptions) -> str:
+    """The key a run's startup profile is learnt and found under: its command as given (none:
+    the image's own command)."""
+    from lazyfs.format.profile import workload_key
+    return workload_key(list(opts.argv))
 
 
 def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) -> int:
@@ -126,7 +133,8 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         if lease is None:
             state = mounts.mount(digest, str(image_mnt), opts.source, opts.cache_dir, str(rundir / "mount.log"),
                                  trace=opts.trace, profile=opts.profile, checked=True,
-                                 data_path=opts.data_path, complete=opts.complete)
+                                 data_path=opts.data_path, complete=opts.complete,
+                                 workload=workload_of(opts))
             say(f"mounted {opts.ref} ({digest[:19]}) on {image_mnt} (daemon {state.pid}, data path "
                 f"{state.layout})")
             if not opts.upper:  # (a kept --upper must stay usable on any image's mount: see below)

@@ -97,6 +97,10 @@ class BlockSource(Protocol):
         """Verified bytes of many (digest, size) blocks in batches where the source can: each
         digest once, with its bytes or the LazyfsError that kept them away."""
 
+    def contribute_profile(self, image_digest: str, start, workload: str | None) -> dict:
+        """Hand one start's startup profile to a cache server, which merges it into the store's
+        (lazyfs.profiles.contribute); StoreError where the source is no cache server."""
+
     def close(self) -> None: ...
 
 

@@ -202,6 +202,18 @@ class HttpStore:
         data = json.loads(self._request("GET", "/v1/tags", limit=LIST_LIMIT).data)
         return sorted((t["name"], t["tag"], digests.validate(t["digest"])) for t in data)
 
+    def contribute_profile(self, image_digest: str, workload: str | None, data: bytes) -> dict:
+        """Hand one start's startup profile (lazyfs.format.profile bytes) to the server, which
+        merges it into the store's profile of the image (docs/protocol.md §2, "Profiles"). Needs
+        only the node token, never the store's write token."""
+        query = f"?workload={workload}" if workload else ""
+        answer = self._request("POST", f"/v1/profiles/{digests.validate(image_digest)}{query}",
+                               body=data, headers={"Content-Type": "application/octet-stream"})
+        try:
+            return dict(json.loads(answer.data))
+        except (ValueError, TypeError):
+            raise StoreUnavailable(f"{self.url}: POST /v1/profiles: not a JSON object") from None
+
     def put_lease(self, name: str, data: bytes) -> None:
         self._request("PUT", f"/v1/leases/{quote(name, safe='')}", body=data)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.errors import FormatError, IntegrityError, StoreError
 from lazyfs.store import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.counting import CountingStore
@@ -38,6 +38,15 @@ class StoreReader:
 
     def fetch_blocks(self, items: list[tuple[str, int]]) -> Iterator[tuple[str, bytes | Exception]]:
         return objects.fetch_blocks(items, self.fetch_block, self.store.get_blocks, self._rejected)
+
+    def contribute_profile(self, image_digest: str, start, workload: str | None) -> dict:
+        """Hand one start's profile to the cache server this store is (it merges it: lazyfs.
+        profiles.contribute); nodes never write a store themselves."""
+        from lazyfs.format import profile as proffmt
+        inner = self.store.inner
+        if not hasattr(inner, "contribute_profile"):
+            raise StoreError(f"{self.url} takes no startup profiles from nodes (only cache servers do)")
+        return inner.contribute_profile(image_digest, workload, proffmt.encode(start))
 
     def _rejected(self, digest: str, exc: Exception) -> None:
         self.stats.add(wrong_bytes=1)

@@ -1,0 +1,91 @@
+"""A mount learns its workload's startup profile and hands it to the fleet (docs/format.md §9).
+
+Every read the daemon serves names the blocks it touched; the first touch of each is recorded
+(lazyfs.profiles.Recorder). Once the start is over (no new block for IDLE seconds, WINDOW seconds
+after the first read, or at unmount, whichever comes first) the recording is contributed once,
+through the mount's cache servers (a node reading a store directly learns nothing: nodes never
+write a store): a server merges it into the store's profile of this image and workload, so the
+next cold start of it on any node prefetches what this one read. A start that
+prefetched its own workload's profile contributes only what that profile lacked.
+
+On the kernel data path only misses reach the daemon: on a node that holds none of the image
+(the only place a profile is learnt without one) every block's first read is a miss.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from lazyfs.errors import LazyfsError
+from lazyfs.profiles import Recorder
+
+log = logging.getLogger("lazyfs.profile")
+IDLE = 5.0  # seconds without a new block: the start is over
+WINDOW = 120.0  # seconds after the first read at most
+CONTRIBUTE_AT_UNMOUNT = 10.0  # seconds an unmount may wait for the contribution
+
+
+class AutoProfile:
+    def __init__(self, source, image_digest: str, workload: str | None, meta: dict):
+        self.source, self.image, self.workload, self.meta = source, image_digest, workload, meta
+        self.recorder = Recorder()
+        self.base = None  # the profile this mount prefetched, once looked up
+        self.looked_up = threading.Event()  # set when the lookup is over, found or not
+        self.result: dict | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._once = threading.Lock()
+        self._thread = threading.Thread(target=self._wait, name="lazyfs-learn", daemon=True)
+
+    def start(self) -> "AutoProfile":
+        self._thread.start()
+        return self
+
+    def looked(self, profile) -> None:
+        """The startup profile lookup is over (``profile``: what it found, or None)."""
+        self.base = profile
+        self.looked_up.set()
+
+    def _wait(self) -> None:
+        rec = self.recorder
+        while not self._stop.wait(0.5):
+            if rec.first is None:
+                continue
+            now = time.monotonic()
+            if now - rec.last_new >= IDLE or now - rec.first >= WINDOW:
+                self.contribute()
+                return
+
+    def stop(self) -> None:
+        """At unmount: contribute what was recorded, if that has not happened yet."""
+        self._stop.set()
+        if self.recorder.first is not None:
+            t = threading.Thread(target=self.contribute, name="lazyfs-learn-last", daemon=True)
+            t.start()
+            t.join(CONTRIBUTE_AT_UNMOUNT)
+
+    def contribute(self) -> None:
+        if not self._once.acquire(blocking=False):
+            return  # one contribution per mount
+        self.looked_up.wait(CONTRIBUTE_AT_UNMOUNT)
+        base = self.base
+        # What a start with its own workload's profile read beyond it is news; with no profile,
+        # or another one (the image's, or one named), all it read is.
+        skip = frozenset(b.digest for b in base.blocks) \
+            if base is not None and base.meta.get("workload") == self.workload else frozenset()
+        start = self.recorder.profile(self.image, skip, self.meta)
+        if not start.blocks:
+            log.info("startup profile: nothing new to contribute")
+            return
+        try:
+            self.result = self.source.contribute_profile(self.image, start, self.workload)
+            log.info("startup profile: contributed %d blocks; the image's profile now has %s "
+                     "blocks over %s starts", len(start.blocks), self.result.get("blocks"),
+                     self.result.get("starts"))
+        except LazyfsError as exc:
+            self.error = str(exc)
+            log.warning("startup profile: could not contribute what this start read: %s", exc)
+
+    def stats(self) -> dict:
+        return {"recorded": len(self.recorder), "contributed": self.result, "error": self.error}

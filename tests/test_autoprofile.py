@@ -181,3 +181,26 @@ def test_hostile_contributions_are_bounded_and_never_cost_a_wrong_byte(env_dirs,
     finally:
         client.close()
         server.stop()
+
+
+def test_a_start_served_by_the_image_profile_seeds_its_workload_profile(env_dirs, tmp_path):
+    """On the kernel path a start that prefetched the image's profile sees only what that profile
+    lacked (the blocks it prefetched are read from the node cache, unseen); the workload's first
+    profile is that profile with this start's misses, not the misses alone. The image's profile
+    here is of /data/c, which this workload never reads: only the seeding can bring it in."""
+    expected = _image(tmp_path / "rootfs")
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    lazyfs_cli("profile", "--runtime", "namespaces", TAG, "--", "sh", "-c", "cat /data/c > /dev/null")
+    image = objects.resolve(store, TAG)
+    manual = proffmt.decode(objects.read_manifest_bytes(store, store.get_tag(*proffmt.tag_for(image))))
+    server = _server(env_dirs, tmp_path, "server-cache")
+    try:
+        assert _run(server, tmp_path / "node-a", tmp_path / "a.json") == expected
+        assert json.loads((tmp_path / "a.json").read_text())["prefetch"]["planned"] == len(manual.blocks)
+        learnt = _learnt(store)
+        assert learnt is not None
+        listed = {b.digest for b in learnt.blocks}
+        assert _blocks_of(store, "data/c") <= {b.digest for b in manual.blocks} <= listed
+        assert _blocks_of(store, "data/a") | _blocks_of(store, "data/b") <= listed  # its own reads
+    finally:
+        server.stop()

@@ -5,11 +5,12 @@ Every read the daemon serves names the blocks it touched; the first touch of eac
 after the first read, or at unmount, whichever comes first) the recording is contributed once,
 through the mount's cache servers (a node reading a store directly learns nothing: nodes never
 write a store): a server merges it into the store's profile of this image and workload, so the
-next cold start of it on any node prefetches what this one read. A start that
-prefetched its own workload's profile contributes only what that profile lacked.
+next cold start of it on any node prefetches what this one read.
 
-On the kernel data path only misses reach the daemon: on a node that holds none of the image
-(the only place a profile is learnt without one) every block's first read is a miss.
+On the kernel data path only misses reach the daemon, so a start that prefetched a profile sees
+only what the profile lacked. With its own workload's profile it contributes just that; with
+another one (the image's, say, while its workload has none yet) it contributes that profile's
+blocks with its own misses, so the workload's profile starts as everything this start needed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import threading
 import time
 
 from lazyfs.errors import LazyfsError
+from lazyfs.format.profile import Profile
 from lazyfs.profiles import Recorder
 
 log = logging.getLogger("lazyfs.profile")
@@ -70,11 +72,13 @@ class AutoProfile:
             return  # one contribution per mount
         self.looked_up.wait(CONTRIBUTE_AT_UNMOUNT)
         base = self.base
-        # What a start with its own workload's profile read beyond it is news; with no profile,
-        # or another one (the image's, or one named), all it read is.
-        skip = frozenset(b.digest for b in base.blocks) \
-            if base is not None and base.meta.get("workload") == self.workload else frozenset()
-        start = self.recorder.profile(self.image, skip, self.meta)
+        own = base is not None and base.meta.get("workload") == self.workload
+        start = self.recorder.profile(self.image, frozenset(b.digest for b in base.blocks)
+                                      if own else frozenset(), self.meta)
+        if base is not None and not own:  # seeded with the profile that served this start
+            seen = {b.digest for b in start.blocks}
+            start = Profile(self.image, tuple(b for b in base.blocks if b.digest not in seen)
+                            + start.blocks, start.meta)
         if not start.blocks:
             log.info("startup profile: nothing new to contribute")
             return

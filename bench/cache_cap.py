@@ -63,8 +63,9 @@ def main() -> dict:
         _lazyfs(env, "profile", "cap/app:1", "--runtime", "namespaces", "--", *start)
         _lazyfs(env, "run", "--runtime", "namespaces", "cap/app:1", "--", *start)
         _lazyfs(env, "run", "--runtime", "namespaces", "cap/scan:1", "--", "sh", "-c", "cat /data/* > /dev/null")
-        from lazyfs import profiles
-        from lazyfs.store import objects, open_store
+        from lazyfs.records import profiles
+        from lazyfs.records import objects
+        from lazyfs.store import open_store
         store = open_store(str(work / "store"))
         prof = profiles.load(store, objects.resolve(store, "cap/app:1"))
         keep = [b.digest for b in prof.blocks]

@@ -290,7 +290,8 @@ def _learn_profile(node: Node, ref: str, work, timeout: float = 120.0) -> None:
     contributes it through the cache server. Waits until the store has it."""
     from lazyfs.errors import NotFound
     from lazyfs.format import profile as proffmt
-    from lazyfs.store import objects, open_store
+    from lazyfs.records import objects
+    from lazyfs.store import open_store
 
     store = open_store(node.store)
     image = objects.resolve(store, ref)

@@ -48,7 +48,7 @@ def node(args) -> dict:
     """One node: its own fleet client and empty node cache; read and hash every file."""
     servers, files, cache_dir, barrier = args
     from lazyfs.cache.nodecache import NodeCache
-    from lazyfs.remote.fleet import Fleet, FleetOptions
+    from lazyfs.source.fleet import Fleet, FleetOptions
 
     fleet = Fleet(servers, options=FleetOptions(deadline=60))
     cache = NodeCache(cache_dir, fleet.fetch_block)
@@ -74,7 +74,7 @@ def _node_star(args):
 
 
 def run(nodes: int, server_count: int, image_bytes: int, work: Path, s3) -> dict:
-    from lazyfs.store import objects
+    from lazyfs.records import objects
     from lazyfs.store.s3 import S3Store
     from bench.servers import CacheServer, lazyfs_cli
 

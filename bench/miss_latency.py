@@ -13,7 +13,7 @@ import time
 
 from lazyfs.cache import nodecache
 from lazyfs.format import block
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 
 BLOCKS, SIZE = 300, 64 * 1024

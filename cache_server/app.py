@@ -28,7 +28,7 @@ from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_FRAME_SIZE
 from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
-from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.format.manifest import MAX_MANIFEST
 
 BODY_BYTES = "lazyfs.body_bytes"  # set by handlers that stream their answer
 log = logging.getLogger("lazyfs.server")

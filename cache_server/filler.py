@@ -17,7 +17,7 @@ from cache_server.metrics import Metrics
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
 from lazyfs.format import block
 from lazyfs.store.base import BlockStore
-from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.format.manifest import MAX_MANIFEST
 
 log = logging.getLogger("lazyfs.server.fill")
 

@@ -1,7 +1,7 @@
 """The route nodes hand startup profiles to: ``POST /v1/profiles/{image}`` (docs/protocol.md).
 
 A node records what a cold start of an image read and contributes it here; the server merges it
-into the store's profile of that image and workload (lazyfs.profiles.contribute) with its own
+into the store's profile of that image and workload (lazyfs.records.profiles.contribute) with its own
 write access to the origin, so nodes never hold the store's write token. What a contribution can
 do is bounded: only blocks of an image the origin has count, with the sizes its manifest gives,
 at most MAX_CONTRIBUTION of them, merged into a profile of bounded size. A contribution of one
@@ -14,12 +14,12 @@ import asyncio
 from aiohttp import web
 
 from cache_server.requests import HttpError
-from lazyfs import profiles
+from lazyfs.records import profiles
 from lazyfs.errors import FormatError
 from lazyfs.format import block
 from lazyfs.format import manifest as mf
 from lazyfs.format import profile as proffmt
-from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.format.manifest import MAX_MANIFEST
 
 # A contribution's body: MAX_CONTRIBUTION entries of about 90 bytes, and its meta.
 PROFILE_BODY = 8 * 1024 * 1024

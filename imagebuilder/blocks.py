@@ -14,10 +14,9 @@ from typing import BinaryIO, Callable, Iterable
 
 from lazyfs.errors import ImageSourceError
 from lazyfs.format import block
-from lazyfs.format.manifest import Chunk
+from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE, Chunk
 from lazyfs.store.base import BlockStore
 
-DEFAULT_CHUNK_SIZE = 512 * 1024  # docs/format.md "Chunking, and why" has the measurements
 _READ = 1 << 20
 
 

@@ -8,14 +8,15 @@ from typing import BinaryIO, Callable, Protocol
 
 from lazyfs.errors import BuildOptionError, ImageSourceError
 from lazyfs.format import block, reference
-from lazyfs import metadata, provenance
+from lazyfs.records import metadata, provenance
 from lazyfs.format.manifest import EntryType, Manifest
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.lease import Lease
 
 from imagebuilder import sources
-from imagebuilder.blocks import DEFAULT_CHUNK_SIZE, BlockStager, CommitStats
+from imagebuilder.blocks import BlockStager, CommitStats
+from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE
 from imagebuilder.sources import rootfs
 from imagebuilder.tarlayer import read_layer
 from imagebuilder.tree import LayerEntry, Tree

@@ -14,7 +14,7 @@ from imagebuilder.build import build
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from lazyfs.errors import RunError
 from lazyfs.runner.session import RunOptions, run
-from lazyfs.remote.source import Source
+from lazyfs.source.spec import Source
 from lazyfs.store import open_store
 
 TAG = "lazyfs/demo:latest"

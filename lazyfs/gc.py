@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from lazyfs.format import kinds, manifest as mf
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.lease import Lease, read_leases
 

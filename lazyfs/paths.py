@@ -7,6 +7,8 @@ from pathlib import Path
 
 import platformdirs
 
+from lazyfs import environ
+
 APP = "lazyfs"
 
 
@@ -29,7 +31,7 @@ def node_dir() -> Path:
 
 def node_socket() -> Path:
     """The node agent's socket: ``$LAZYFS_NODE_SOCKET``, else beside its state."""
-    return Path(os.environ.get("LAZYFS_NODE_SOCKET") or node_dir() / "node.sock")
+    return Path(environ.node_socket() or node_dir() / "node.sock")
 
 
 def mount_key(mountpoint: str) -> str:

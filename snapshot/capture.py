@@ -15,7 +15,8 @@ from lazyfs.format import block, reference
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.runtime import nsinit_command
 from lazyfs.runner.session import RunOptions, resolve
-from lazyfs.store import objects, open_store
+from lazyfs.records import objects
+from lazyfs.store import open_store
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.files import publish

@@ -14,10 +14,11 @@ from lazyfs import paths
 from lazyfs.cache.nodecache import NodeCache
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import block
+from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE
 from lazyfs.format.snapshot import SnapFile
 from lazyfs.store.base import BlockStore
 
-CHUNK = 512 * 1024
+CHUNK = DEFAULT_CHUNK_SIZE  # snapshot files are cut as image files are
 FETCH_THREADS = 8
 
 

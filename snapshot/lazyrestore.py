@@ -11,13 +11,14 @@ from pathlib import Path
 
 import logging
 
-from lazyfs import profiles
+from lazyfs.records import profiles
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format.profile import Profile, ProfileBlock
 from lazyfs.fs import spawn
 from lazyfs.fs.index import ImageIndex
-from lazyfs.remote.source import Source
-from lazyfs.store import objects, open_store
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
+from lazyfs.store import open_store
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import fetch, is_pages
 from snapshot.lazyserver import SOCKET_NAME, Config, run as serve_pages

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs import profiles
+from lazyfs.records import profiles
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.remote.source import Source
-from lazyfs.store import objects
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import block_fetcher, is_pages
 from snapshot.lazypages import Blocks, Handler

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from lazyfs import profiles
+from lazyfs.records import profiles
 from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run
-from lazyfs.store import objects
+from lazyfs.records import objects
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
 from snapshot.capture import Follower

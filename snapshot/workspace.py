@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from lazyfs.fs import mounts
-from lazyfs.remote.source import Source
+from lazyfs.source.spec import Source
 from lazyfs.runner import helper
 from lazyfs.runner.helper import MARKER_DIR
 from lazyfs.runner.overlay import Overlay

@@ -108,6 +108,32 @@ def mount_skip_reason() -> str | None:
 needs_mount = pytest.mark.mount
 
 
+# Test modules that start servers, runtimes, registries or network namespaces inside their tests
+# (beyond what the markers and fixtures below show): their tests are integration tests.
+INTEGRATION_MODULES = {
+    "test_autoprofile", "test_bench", "test_block_source", "test_cache_server", "test_demo",
+    "test_fleet", "test_fleet_burst", "test_fleet_mount", "test_hostile_builds", "test_kernel_path",
+    "test_lazypages", "test_layers", "test_mount", "test_node", "test_nodecache", "test_profile",
+    "test_registry", "test_roundtrip", "test_run", "test_server_hostile", "test_server_load",
+    "test_snapshot", "test_snapshot_gpu", "test_store_s3",
+}
+INTEGRATION_FIXTURES = {"s3_server", "cache_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is `unit` (no root, no servers, no mounts: `pytest -m unit` runs anywhere) or
+    `integration` (real mounts, servers, runtimes, namespaces)."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        integration = (item.get_closest_marker("mount") is not None
+                       or item.get_closest_marker("integration") is not None or module in INTEGRATION_MODULES
+                       or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+                       or params.get("any_store") in ("s3", "http"))
+        if not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("mount") is not None:
         reason = mount_skip_reason()

@@ -16,7 +16,7 @@ from bench.servers import CacheServer
 from lazyfs.errors import NotFound, StoreAuthError, StoreError
 from lazyfs.format import block
 from lazyfs.format import profile as proffmt
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore
 from tests.conftest import busybox_rootfs, lazyfs_cli, needs_mount

@@ -11,12 +11,12 @@ import pytest
 from cache_server.server import ServerThread
 from lazyfs.errors import LazyfsError, NotFound
 from lazyfs.format import block, manifest as mf
-from lazyfs.remote.fleet import Fleet, FleetOptions
-from lazyfs.store import objects
-from lazyfs.store.base import BlockSource
+from lazyfs.source.fleet import Fleet, FleetOptions
+from lazyfs.records import objects
+from lazyfs.source.base import BlockSource
 from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore
-from lazyfs.store.reader import StoreReader
+from lazyfs.source.reader import StoreReader
 
 
 def _data(i: int, size: int = 40_000) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from tests.conftest import ROOT, lazyfs_cli
 from tests.hostile import BASE, CORPUS, Case

@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
-from lazyfs.store import objects
+from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from tests.conftest import lazyfs_cli
 

@@ -15,8 +15,8 @@ from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
 from lazyfs.errors import BlockNotFound, StoreUnavailable
 from lazyfs.format import batch as batchfmt, block
-from lazyfs.remote import rendezvous
-from lazyfs.remote.fleet import Fleet, FleetOptions
+from lazyfs.source import rendezvous
+from lazyfs.source.fleet import Fleet, FleetOptions
 from lazyfs.store.counting import CountingStore
 from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore

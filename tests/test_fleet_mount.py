@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.format.manifest import EntryType
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from lazyfs.store.s3 import S3Store
 from tests.conftest import Mounted, lazyfs_cli, needs_mount

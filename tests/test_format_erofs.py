@@ -170,6 +170,7 @@ def _expected(m: Manifest) -> dict:
 
 
 @needs_erofs
+@pytest.mark.integration  # mounts the image in the kernel
 @settings(max_examples=40, deadline=None, phases=[Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
 @given(kernel_manifests())
 def test_every_image_passes_fsck_and_mounts_as_the_manifest(m):
@@ -196,6 +197,7 @@ def test_every_image_passes_fsck_and_mounts_as_the_manifest(m):
 
 
 @needs_erofs
+@pytest.mark.integration  # mounts the image in the kernel
 def test_images_whose_inodes_end_at_a_block_boundary_pass_fsck(tmp_path):
     """fsck.erofs 1.5 reads an xattr header past every inode, so an image whose last inode ended
     exactly at its end failed it. Directories of 1 to 299 FIFOs: several of them end their

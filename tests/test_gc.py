@@ -12,7 +12,7 @@ import pytest
 from imagebuilder.build import build
 from lazyfs import gc
 from lazyfs.errors import StoreUnavailable
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.lease import Lease, LeaseConflict
 from lazyfs.store.local import LocalStore
 from tests.conftest import lazyfs_cli

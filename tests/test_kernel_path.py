@@ -119,7 +119,7 @@ def test_a_cold_node_mounts_the_metadata_the_build_shipped(image, tmp_path, env_
     it is byte for byte the image the node would have made from the manifest."""
     from dataclasses import replace
     from lazyfs.format import digest as digests, erofs, manifest as mf, metaimage
-    from lazyfs.store import objects
+    from lazyfs.records import objects
 
     store = _store(env_dirs)
     digest = objects.resolve(store, "kp/img:1")
@@ -141,7 +141,7 @@ def test_a_cold_node_mounts_the_metadata_the_build_shipped(image, tmp_path, env_
 
 def test_an_image_built_without_shipped_metadata_still_mounts(image, tmp_path, env_dirs):
     from dataclasses import replace
-    from lazyfs.store import objects
+    from lazyfs.records import objects
 
     store = _store(env_dirs)
     old = replace(objects.read_manifest(store, objects.resolve(store, "kp/img:1")), meta=None)
@@ -157,7 +157,7 @@ def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, 
     """The kernel never parses an EROFS image the manifest does not pin, and no other data path
     stands in: the mount fails with one line, whatever --data-path says."""
     from lazyfs.format import block, erofs, manifest as mf, metaimage
-    from lazyfs.store import objects
+    from lazyfs.records import objects
 
     store = _store(env_dirs)
     digest = objects.resolve(store, "kp/img:1")
@@ -184,7 +184,7 @@ def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, 
 
 def test_store_gc_keeps_an_images_metadata(image, env_dirs):
     from lazyfs import gc
-    from lazyfs.store import objects
+    from lazyfs.records import objects
 
     store = _store(env_dirs)
     meta = objects.read_manifest(store, objects.resolve(store, "kp/img:1")).meta

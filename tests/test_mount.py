@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.format.manifest import EntryType
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from tests.conftest import LAZYFS, ROOT, Mounted, lazyfs_cli, needs_mount
 

@@ -8,7 +8,7 @@ from lazyfs.cache.nodecache import NodeCache
 from lazyfs.cache.prefetcher import Prefetcher
 from lazyfs.errors import BlockNotFound, LazyfsError
 from lazyfs.format import block
-from lazyfs.store.objects import fetch_blocks
+from lazyfs.records.objects import fetch_blocks
 from tests.test_nodecache import FakeOrigin, _blob
 
 

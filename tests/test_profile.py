@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.format import profile as proffmt
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from tests.conftest import Mounted, busybox_rootfs, lazyfs_cli, needs_mount
 from bench.servers import CacheServer

@@ -80,7 +80,7 @@ def test_podman_save_archives(env_dirs, tmp_path):
         dir_digest = lazyfs_cli("build", f"dir:{root}", "--tag", "podman/dir:1").stdout.split()[-1]
         # Same files as the directory it came from (the root directory's own metadata may differ).
         from lazyfs.store.local import LocalStore
-        from lazyfs.store import objects
+        from lazyfs.records import objects
         store = LocalStore(env_dirs["LAZYFS_STORE"])
         a = {e.path: e for e in objects.read_manifest(store, digests.pop()).entries if e.path}
         b = {e.path: e for e in objects.read_manifest(store, dir_digest).entries if e.path}

@@ -12,7 +12,7 @@ import pytest
 
 from lazyfs.format import block
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from lazyfs.format import profile as proffmt
 from snapshot import criu

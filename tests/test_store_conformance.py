@@ -8,7 +8,7 @@ import pytest
 from lazyfs.errors import BlockNotFound, DigestMismatch, LazyfsError, ManifestNotFound, TagNotFound
 from lazyfs.format import block
 from lazyfs.format.manifest import Entry, EntryType, Manifest
-from lazyfs.store import objects
+from lazyfs.records import objects
 
 
 def test_check(any_store):

@@ -27,7 +27,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.format import dataobj
 from lazyfs.format.manifest import Chunk
 from lazyfs.fsutil import atomic_write_parts
-from lazyfs.remote import defaults
+from lazyfs.source import defaults
 
 log = logging.getLogger("lazyfs.cache")
 RECHECK = 1.0  # seconds between looks at files that were read but are not complete yet

@@ -1,7 +1,7 @@
 """A directory of verified, decompressed blocks, shared by all images (and mounts) on a node.
 
 The fetch function is injected: ``fetch(digest, size)`` returns the block's bytes and must have
-verified them against the digest (lazyfs.store.objects.fetch_block, Fleet.fetch_block), so the
+verified them against the digest (lazyfs.records.objects.fetch_block, Fleet.fetch_block), so the
 cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
 Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only
 after their digest checks out, via temp file + fsync + rename, written behind the read that

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from imagebuilder.blocks import DEFAULT_CHUNK_SIZE
+from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE
 from imagebuilder.build import DEFAULT_MAX_SIZE
 from imagebuilder.sources.model import DownloadLimits
 from lazyfs.format.manifest import MAX_ENTRIES
@@ -15,8 +15,9 @@ from lazyfs.cli import app
 from lazyfs.cli.common import (JsonOpt, RichProgress, StoreOpt, err, human, out, parse_bool, parse_duration,
                                parse_size)
 from lazyfs.errors import NotFound
-from lazyfs.remote.defaults import duration
-from lazyfs.store import objects, open_store
+from lazyfs.source.defaults import duration
+from lazyfs.records import objects
+from lazyfs.store import open_store
 
 LIMITS = DownloadLimits()
 
@@ -98,7 +99,7 @@ def build(
 def _record_profile(tag: str, command: str, store: Optional[str], st) -> None:
     import shlex
 
-    from lazyfs.remote.source import Source
+    from lazyfs.source.spec import Source
     from lazyfs.runner.profile_run import record
     from lazyfs.runner.session import RunOptions
 
@@ -130,8 +131,8 @@ def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
            source: Optional[str] = typer.Option(None, "--source", metavar="DIGEST|REF@DIGEST",
                                                 help="Find the lazyfs image built from this source "
                                                 "manifest or image index digest (docker://reg/app@sha256:…).")):
-    from lazyfs import provenance
-    from lazyfs.imagestats import all_images, logical_size, store_summary
+    from lazyfs.records import provenance
+    from lazyfs.records.imagestats import all_images, logical_size, store_summary
 
     st = open_store(store)
     imgs = all_images(st)
@@ -163,8 +164,8 @@ def images(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
                   "profile, mount metadata and source (registry reference, source manifest digest, platform).")
 def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[str] = StoreOpt,
             as_json: bool = JsonOpt):
-    from lazyfs import profiles, provenance
-    from lazyfs.imagestats import all_images, block_sizes, image_stats
+    from lazyfs.records import profiles, provenance
+    from lazyfs.records.imagestats import all_images, block_sizes, image_stats
 
     st = open_store(store)
     digest = objects.resolve(st, ref)

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import click
 import typer
 
-from lazyfs.remote import defaults
+from lazyfs.source import defaults
 
 STORE_HELP = ("Block store: a directory (or file://PATH), s3://BUCKET/PREFIX (AWS_* settings as "
               "for boto3), or a cache server http://HOST:PORT ($LAZYFS_TOKEN for writes). "
@@ -220,8 +220,8 @@ def source(store: Optional[str], servers: Optional[list[str]],
            deadline: str = defaults.duration(defaults.DEADLINE),
            hedge_after: str = defaults.duration(defaults.HEDGE_AFTER),
            readahead: int = defaults.READAHEAD, siblings: bool = defaults.SIBLINGS):
-    """The --store/--server/... options of mount and run, as a lazyfs.remote.source.Source."""
-    from lazyfs.remote.source import Source
+    """The --store/--server/... options of mount and run, as a lazyfs.source.spec.Source."""
+    from lazyfs.source.spec import Source
     dl = parse_duration(deadline)
     if dl <= 0:
         raise typer.BadParameter("--deadline must be positive")

@@ -43,7 +43,7 @@ def mount(
 ):
     from lazyfs import paths
     from lazyfs.fs import daemon, mounts
-    from lazyfs.store import objects
+    from lazyfs.records import objects
 
     if foreground and data_path == "kernel":
         raise typer.BadParameter("--foreground serves through FUSE; drop --data-path kernel")

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from lazyfs import environ
 from lazyfs.cli import app
 from lazyfs.cli.common import JsonOpt, err, human, out, parse_duration, parse_size
 
@@ -26,7 +27,7 @@ app.add_typer(node_app, name="node")
         "breaks running containers: the next agent adopts their mounts. docs/node.md."))
 def node(
     ctx: typer.Context,
-    socket: Optional[Path] = typer.Option(None, "--socket", envvar="LAZYFS_NODE_SOCKET",
+    socket: Optional[Path] = typer.Option(None, "--socket", envvar=environ.NODE_SOCKET,
                                           help="Unix socket to listen on, root only (default: "
                                           "node.sock in the state directory)."),
     idle: str = typer.Option("5m", "--idle", envvar="LAZYFS_NODE_IDLE", show_envvar=True,

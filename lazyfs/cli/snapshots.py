@@ -18,7 +18,8 @@ from lazyfs.cli.common import JsonOpt, StoreOpt, err, human, out
                   "`lazyfs run --restore SNAP NAME:TAG`.")
 def snapshots(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
     from lazyfs.format import kinds, snapshot as snapfmt
-    from lazyfs.store import objects, open_store
+    from lazyfs.records import objects
+    from lazyfs.store import open_store
 
     st = open_store(store)
     rows = []

@@ -11,6 +11,7 @@ import hashlib
 import struct
 from typing import Sequence
 
+from lazyfs.format import digest as digests
 from lazyfs.format.manifest import Chunk
 
 _DOMAIN = b"lazyfs-data-object-v1\0"
@@ -20,10 +21,10 @@ _ITEM = struct.Struct("<32sQ")
 def object_id(chunks: Sequence[Chunk]) -> str:
     """The id of the object holding the concatenation of ``chunks`` (at least one)."""
     if len(chunks) == 1:
-        return chunks[0].digest[len("sha256:"):]
+        return digests.hex_part(chunks[0].digest)
     h = hashlib.sha256(_DOMAIN)
     for c in chunks:
-        h.update(_ITEM.pack(bytes.fromhex(c.digest[len("sha256:"):]), c.size))
+        h.update(_ITEM.pack(bytes.fromhex(digests.hex_part(c.digest)), c.size))
     return h.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """A mount learns its workload's startup profile and hands it to the fleet (docs/format.md §9).
 
 Every read the daemon serves names the blocks it touched; the first touch of each is recorded
-(lazyfs.profiles.Recorder). Once the start is over (no new block for IDLE seconds, WINDOW seconds
+(lazyfs.records.profiles.Recorder). Once the start is over (no new block for IDLE seconds, WINDOW seconds
 after the first read, or at unmount, whichever comes first) the recording is contributed once,
 through the mount's cache servers (a node reading a store directly learns nothing: nodes never
 write a store): a server merges it into the store's profile of this image and workload, so the
@@ -20,7 +20,7 @@ import time
 
 from lazyfs.errors import LazyfsError
 from lazyfs.format.profile import Profile
-from lazyfs.profiles import Recorder
+from lazyfs.records.profiles import Recorder
 
 log = logging.getLogger("lazyfs.profile")
 IDLE = 5.0  # seconds without a new block: the start is over

@@ -14,12 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError, MetadataRefused
+from lazyfs.format import digest as digests
 from lazyfs.fs import control, kernel
-from lazyfs.remote.source import Source
-from lazyfs.store import objects
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.mount")
 REFUSED = b"X"  # on the readiness pipe: the mount is refused (MetadataRefused), no fallback
+# The image never changes under a mount: the kernel may keep names, attributes and absences it
+# learnt (FUSE attr/entry/negative timeouts, seconds) for a day.
+IMMUTABLE = 86400
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class DaemonArgs:
     ready_fd: int | None = None  # gets b"1" once the kernel answers on the mountpoint
     debug: bool = False
     trace: str | None = None  # append every read (docs/format.md §10) to this file
-    profile: str = "auto"  # startup profile to prefetch (lazyfs.profiles.load); "auto" also learns one
+    profile: str = "auto"  # startup profile to prefetch (lazyfs.records.profiles.load); "auto" also learns one
     workload: str | None = None  # the workload's key (lazyfs.format.profile.workload_key), if a run's
     # "kernel": serve only the data objects, on lazyfs.fs.kernel's FUSE layer below runtime_dir,
     # and answer b"K" when ready (the client mounts EROFS and the overlay); "fuse": the whole image
@@ -160,8 +164,8 @@ def serve(args: DaemonArgs) -> None:
              f"kernel (missing data through FUSE on {target})" if kernel_path else "fuse")
     FUSE(ops, target, foreground=True, nothreads=False, encoding=CODEC, ro=True,
          allow_other=_may_allow_other(), default_permissions=True, use_ino=True, kernel_cache=True,
-         attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
-         fsname=f"lazyfs:{digest[7:19]}", subtype="lazyfs", debug=args.debug)
+         attr_timeout=IMMUTABLE, entry_timeout=IMMUTABLE, negative_timeout=IMMUTABLE,
+         fsname=f"lazyfs:{digests.hex_part(digest)[:12]}", subtype="lazyfs", debug=args.debug)
     if control_sock:
         control_sock.close()
     if prefetch and prefetch[0]:
@@ -181,7 +185,7 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
     the build made it, "generated": made here from the manifest; None on the FUSE path).
     With the EROFS image on the node the kernel needs nothing from the manifest to serve the
     tree, so the manifest is decoded in the background and the mount answers at once."""
-    from lazyfs import metadata
+    from lazyfs.records import metadata
     from lazyfs.fs.dataindex import DataIndex, DeferredIndex
     from lazyfs.fs.index import ImageIndex
     from lazyfs.format import manifest as mf
@@ -241,7 +245,7 @@ def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
 
 def _prefetcher(reader, args: DaemonArgs, manifest, cache, auto=None):
     """Start fetching the image's startup profile, if it has one (or the one named)."""
-    from lazyfs import profiles
+    from lazyfs.records import profiles
     from lazyfs.cache.prefetcher import Prefetcher
 
     digest = args.digest

@@ -65,7 +65,7 @@ class LazyOps(Operations):
         self._read_end: dict[int, int] = {}  # inode -> where its last read ended
         self.stats_extra = stats_extra
         self.on_read = on_read  # called with the inode after each read (lazyfs.cache.completer)
-        self.recorder = recorder  # lazyfs.profiles.Recorder: first touches, for a startup profile
+        self.recorder = recorder  # lazyfs.records.profiles.Recorder: first touches, for a startup profile
         self.reads = 0
         self.read_bytes = 0
         self.ops: dict[str, int] = {}

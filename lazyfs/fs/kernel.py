@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import MountError
-from lazyfs.format import erofs
+from lazyfs.format import digest as digests, erofs
 
 MODES = ("auto", "kernel", "fuse")  # --data-path
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
@@ -43,7 +43,7 @@ class Layout:
 
 def image_path(cache_dir: str | os.PathLike, digest: str) -> Path:
     """The node's EROFS image of a manifest: built once per node and image, kept for later mounts."""
-    return Path(cache_dir) / "erofs" / f"{digest[len('sha256:'):]}-v{erofs.VERSION}.img"
+    return Path(cache_dir) / "erofs" / f"{digests.hex_part(digest)}-v{erofs.VERSION}.img"
 
 
 def objects_dir(cache_dir: str | os.PathLike) -> Path:

@@ -23,8 +23,8 @@ from lazyfs import paths
 from lazyfs.errors import MetadataRefused, MountError
 from lazyfs.fs import kernel, spawn
 from lazyfs.fs.daemon import REFUSED, DaemonArgs, run_daemon
-from lazyfs.remote.source import Source
-from lazyfs.store import objects
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.mount")
 FS_TYPE = "fuse.lazyfs"
@@ -169,7 +169,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
                 digest = objects.resolve(reader, ref)
                 objects.read_config(reader, digest)
             if named_profile:
-                from lazyfs import profiles
+                from lazyfs.records import profiles
                 profiles.load(reader, digest, profile)
         finally:
             reader.close()

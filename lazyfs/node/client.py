@@ -14,18 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from lazyfs import errors, paths
+from lazyfs import environ, errors, paths
 from lazyfs.errors import NodeError, NodeUnavailable
 from lazyfs.node import wire
 
 START_TIMEOUT = 20.0  # seconds a started agent may take to answer
-MODES = ("auto", "off")  # LAZYFS_NODE: use (and start) the agent, or mount on one's own
-
-
 def enabled() -> bool:
-    mode = os.environ.get("LAZYFS_NODE", "auto")
-    if mode not in MODES:
-        raise NodeError(f"LAZYFS_NODE must be one of {', '.join(MODES)}, not {mode!r}")
+    mode = environ.node_mode()
+    if mode not in environ.NODE_MODES:
+        raise NodeError(f"{environ.NODE} must be one of {', '.join(environ.NODE_MODES)}, not {mode!r}")
     return mode == "auto"
 
 

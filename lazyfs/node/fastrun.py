@@ -18,6 +18,8 @@ import _socket
 import os
 import sys
 
+from lazyfs import environ
+
 SIGINT, SIGTERM, SIGHUP, SIGQUIT = 2, 15, 1, 3
 SCM_RIGHTS = 1
 
@@ -25,8 +27,9 @@ SCM_RIGHTS = 1
 def socket_path() -> str:
     """lazyfs.paths.node_socket(), without importing pathlib and platformdirs when the path is
     given (as the systemd unit in docs/node.md gives it)."""
-    if os.environ.get("LAZYFS_NODE_SOCKET"):
-        return os.environ["LAZYFS_NODE_SOCKET"]
+    given = environ.node_socket()
+    if given:
+        return given
     from lazyfs import paths
     return str(paths.node_socket())
 
@@ -73,7 +76,7 @@ def _readline(sock) -> bytes:
 
 
 def try_run(argv: list[str]) -> int | None:
-    if os.environ.get("LAZYFS_NODE", "auto") != "auto" or os.geteuid() != 0:
+    if environ.node_mode() != "auto" or os.geteuid() != 0:
         return None  # off, or not root: the CLI says what is wrong in its own words
     if os.isatty(0) and os.isatty(1):
         return None

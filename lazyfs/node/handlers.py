@@ -24,8 +24,8 @@ from lazyfs.format import profile as proffmt
 from lazyfs.fs import control, kernel, mounts
 from lazyfs.node import table
 from lazyfs.node.table import Lease, Shared
-from lazyfs.remote.source import Source
-from lazyfs.store import objects
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.node")
 MS_BIND = 4096
@@ -175,7 +175,7 @@ def _profile_blocks(agent, reader, digest: str, options: dict, workload: str | N
     that cannot be read now only means none is preferred)."""
     if not agent.opts.cache_size or options["profile"] == "none":
         return []
-    from lazyfs import profiles
+    from lazyfs.records import profiles
     try:
         prof = profiles.load(reader, digest, options["profile"], workload)
     except LazyfsError as exc:

@@ -7,11 +7,13 @@ import os
 import tempfile
 import time
 
-from lazyfs import paths, profiles
+from lazyfs import paths
+from lazyfs.records import profiles
 from lazyfs.errors import RunError
 from lazyfs.format.profile import Profile
+from lazyfs.fs.index import ImageIndex
 from lazyfs.runner import session
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
 
@@ -38,7 +40,7 @@ def record(opts: session.RunOptions, publish_to: BlockStore | None, say=lambda m
         finally:
             reader.close()
         with open(trace, encoding="utf-8", errors="surrogateescape") as f:
-            prof = profiles.record(manifest, digest, f, {
+            prof = profiles.record(ImageIndex(manifest), digest, f, {
                 "ref": opts.ref, "argv": opts.argv, "run_seconds": round(elapsed, 3)})
     finally:
         os.unlink(trace)

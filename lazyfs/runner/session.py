@@ -19,8 +19,8 @@ from lazyfs.fs import mounts
 from lazyfs.fs import control
 from lazyfs.runner import helper, runtime as rt
 from lazyfs.runner.overlay import Overlay
-from lazyfs.remote.source import Source
-from lazyfs.store import objects
+from lazyfs.source.spec import Source
+from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.run")
 STOP_GRACE = 2.0  # seconds between Ctrl-C, SIGTERM and SIGKILL

@@ -1,5 +1,5 @@
 """A BlockStore wrapper that counts what passes through it (the laziness tests and benchmarks
-read it). It verifies nothing: lazyfs.store.reader.StoreReader is the verifying reader on top."""
+read it). It verifies nothing: lazyfs.source.reader.StoreReader is the verifying reader on top."""
 from __future__ import annotations
 
 from lazyfs.store.base import BlockStore, StoreStats
@@ -17,7 +17,6 @@ class CountingStore:
         return data
 
     def get_blocks(self, wanted: list[str]):
-        from lazyfs.store.objects import counted_frames
         return counted_frames(self.inner.get_blocks(wanted), self.stats)
 
     def get_manifest(self, digest: str) -> bytes:
@@ -52,3 +51,12 @@ class CountingStore:
     def __getattr__(self, name):
         # Everything not counted (has, size, tags, listing) goes straight through.
         return getattr(self.inner, name)
+
+
+def counted_frames(frames, stats):
+    """Pass a batch read's (digest, frame) pairs through, counting delivered blocks in ``stats``
+    (block_gets, block_bytes) as single gets are counted."""
+    for digest, frame in frames:
+        if frame is not None:
+            stats.add(block_gets=1, block_bytes=len(frame))
+        yield digest, frame

@@ -21,7 +21,7 @@ from lazyfs.format import digest as digests
 from lazyfs.format import reference
 from lazyfs.format.block import MAX_FRAME_SIZE
 from lazyfs.store.base import ObjectInfo
-from lazyfs.store.objects import MAX_MANIFEST
+from lazyfs.format.manifest import MAX_MANIFEST
 from lazyfs.store.parallel import parallel_puts
 
 LIST_LIMIT = 1 << 30

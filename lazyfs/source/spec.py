@@ -6,10 +6,10 @@ import argparse
 from dataclasses import dataclass
 
 from lazyfs import paths
-from lazyfs.remote import defaults
+from lazyfs.source import defaults
 from lazyfs.store import open_store
-from lazyfs.store.base import BlockSource
-from lazyfs.store.reader import StoreReader
+from lazyfs.source.base import BlockSource
+from lazyfs.source.reader import StoreReader
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Source:
     def open(self) -> BlockSource:
         """The BlockSource to read from: a Fleet, or a StoreReader over one store."""
         if self.servers:
-            from lazyfs.remote.fleet import Fleet, FleetOptions
+            from lazyfs.source.fleet import Fleet, FleetOptions
             origin = open_store(self.store) if self.store else None
             return Fleet(list(self.servers), origin, token=paths.default_token(),
                          options=FleetOptions(hedge_after=self.hedge_after, deadline=self.deadline))

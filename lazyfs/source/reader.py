@@ -1,8 +1,8 @@
 """StoreReader: the BlockSource over one BlockStore (a directory, S3, one cache server).
 
-Every frame it hands on was verified against its digest (lazyfs.store.objects.verify), single
+Every frame it hands on was verified against its digest (lazyfs.records.objects.verify), single
 reads and batch reads alike; wrong bytes are counted (``stats.wrong_bytes``) and logged, never
-served. The fleet (lazyfs.remote.fleet.Fleet) is the other BlockSource, over several servers.
+served. The fleet (lazyfs.source.fleet.Fleet) is the other BlockSource, over several servers.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 from typing import Iterator
 
 from lazyfs.errors import FormatError, IntegrityError, StoreError
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.counting import CountingStore
 

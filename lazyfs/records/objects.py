@@ -5,7 +5,7 @@ from lazyfs.errors import BlockFormatError, DigestMismatch, LazyfsError, Manifes
 from lazyfs.format import block, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
-MAX_MANIFEST = 256 * 1024 * 1024
+MAX_MANIFEST = mf.MAX_MANIFEST
 
 
 def resolve(store: BlockStore, ref: str | reference.Reference) -> str:
@@ -54,15 +54,6 @@ def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
 def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> bytes:
     """Get a block and return its bytes only if they hash to ``digest``."""
     return verify("block", digest, store.get_block(digest), size)
-
-
-def counted_frames(frames, stats):
-    """Pass a batch read's (digest, frame) pairs through, counting delivered blocks in ``stats``
-    (block_gets, block_bytes) as single gets are counted."""
-    for digest, frame in frames:
-        if frame is not None:
-            stats.add(block_gets=1, block_bytes=len(frame))
-        yield digest, frame
 
 
 def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames, rejected):

@@ -18,8 +18,7 @@ from lazyfs.format import block, digest as digests, kinds
 from lazyfs.format import profile as proffmt, trace as tracefmt
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.format.profile import Profile, ProfileBlock
-from lazyfs.fs.index import ImageIndex
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.profile")
@@ -31,8 +30,9 @@ def parse_trace(lines: Iterable[str]) -> list[tracefmt.Read]:
     return tracefmt.decode_all(lines)
 
 
-def from_trace(index: ImageIndex, reads: list[tracefmt.Read]) -> list[ProfileBlock]:
-    """The blocks the reads touched, each once, in first-touch order."""
+def from_trace(index, reads: list[tracefmt.Read]) -> list[ProfileBlock]:
+    """The blocks the reads touched, each once, in first-touch order (``index``: the image's
+    lazyfs.fs.index.ImageIndex, which maps a read to its chunks)."""
     t0 = reads[0][0] if reads else 0.0
     seen: set[str] = set()
     out: list[ProfileBlock] = []
@@ -47,9 +47,10 @@ def from_trace(index: ImageIndex, reads: list[tracefmt.Read]) -> list[ProfileBlo
     return out
 
 
-def record(manifest: Manifest, image_digest: str, trace_lines: Iterable[str], meta: dict) -> Profile:
+def record(index, image_digest: str, trace_lines: Iterable[str], meta: dict) -> Profile:
+    """The profile of a read trace (``index``: as for from_trace)."""
     reads = parse_trace(trace_lines)
-    blocks = from_trace(ImageIndex(manifest), reads)
+    blocks = from_trace(index, reads)
     return Profile(image_digest, tuple(blocks), {"recorded": time.time(), "reads": len(reads),
                                                  "read_bytes": sum(r[3] for r in reads), **meta})
 

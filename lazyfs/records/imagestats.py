@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 from lazyfs.format import kinds, manifest as mf
 from lazyfs.format.manifest import EntryType, Manifest
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
 

@@ -21,11 +21,12 @@ from typing import Callable, TypeVar
 from lazyfs.counters import Counters
 from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, StoreError,
                            StoreUnavailable)
-from lazyfs.remote import defaults, rendezvous
+from lazyfs.source import defaults, rendezvous
 from lazyfs.store.base import BlockStore
 from lazyfs.errors import NotCached
 from lazyfs.store.http import HttpStore
-from lazyfs.store import objects
+from lazyfs.records import objects
+from lazyfs.store.counting import counted_frames
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
@@ -266,7 +267,7 @@ class Fleet:
 
             def counted(wanted, _client=client, _name=name):
                 try:
-                    yield from objects.counted_frames(_client.get_blocks(wanted), self.stats)
+                    yield from counted_frames(_client.get_blocks(wanted), self.stats)
                 except LazyfsError as exc:
                     self._failed(_name, f"batch of {len(wanted)} blocks", exc)
                     raise

@@ -13,10 +13,10 @@ from dataclasses import replace
 
 from lazyfs.errors import DigestMismatch, FormatError, KernelLayoutUnsupported, MetadataRefused, NotFound
 from lazyfs.format import block, digest as digests, erofs, kinds, manifest as mf, metaimage
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
-log = logging.getLogger("lazyfs.metadata")
+log = logging.getLogger("lazyfs.records.metadata")
 
 
 def attach(store: BlockStore, manifest: mf.Manifest) -> mf.Manifest:

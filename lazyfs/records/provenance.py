@@ -10,7 +10,7 @@ from lazyfs.errors import NotFound
 from lazyfs.format import block, digest as digests, kinds
 from lazyfs.format import provenance as provfmt
 from lazyfs.format.provenance import Provenance
-from lazyfs.store import objects
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
 

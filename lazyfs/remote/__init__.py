@@ -1,1 +1,0 @@
-"""Fetching from a fleet of cache servers: rendezvous sharding, failover, hedging, deadlines."""

@@ -258,6 +258,7 @@ class Node:
         data path is measured against. The mount is not timed, as `local` does not time the
         extraction."""
         from lazyfs.fs import kernel
+        from lazyfs.proc import syscalls
 
         rootfs = self.ensure_local(tag)
         image = self.local / tag / "rootfs.erofs"
@@ -267,7 +268,7 @@ class Node:
             os.rename(str(image) + ".part", image)
         lower = self.local / tag / "erofs-lower"
         lower.mkdir(exist_ok=True)
-        kernel.mount_one(str(image), str(lower), "erofs", kernel.MS_RDONLY, None)
+        kernel.mount_one(str(image), str(lower), "erofs", syscalls.MS_RDONLY, None)
         try:
             return self._overlay_run(lower, tag, work)
         finally:

@@ -15,16 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 from cache_server.diskcache import DiskCache
 from cache_server.metrics import Metrics
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
-from lazyfs.format import block
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
-from lazyfs.format.manifest import MAX_MANIFEST
 
 log = logging.getLogger("lazyfs.server.fill")
 
 
+# The server's kinds are its routes' and its disk cache's directories (plural); each is one kind
+# of object (lazyfs.records.objects).
+OBJECT_KIND = {"blocks": objects.BLOCK, "manifests": objects.MANIFEST}
+
+
 def verify(kind: str, digest: str, frame: bytes) -> None:
-    """Raise IntegrityError/FormatError unless ``frame`` holds the object named ``digest``."""
-    block.decode(digest, frame, limit=MAX_MANIFEST if kind == "manifests" else block.MAX_BLOCK_SIZE)
+    """Raise IntegrityError/FormatError unless ``frame`` holds the object named ``digest``: the
+    check every client makes too (lazyfs.records.objects.verify)."""
+    objects.verify(OBJECT_KIND[kind], digest, frame)
 
 
 class Filler:

@@ -14,12 +14,10 @@ import asyncio
 from aiohttp import web
 
 from cache_server.requests import HttpError
-from lazyfs.records import profiles
+from lazyfs.records import objects, profiles
 from lazyfs.errors import FormatError
-from lazyfs.format import block
 from lazyfs.format import manifest as mf
 from lazyfs.format import profile as proffmt
-from lazyfs.format.manifest import MAX_MANIFEST
 
 # A contribution's body: MAX_CONTRIBUTION entries of about 90 bytes, and its meta.
 PROFILE_BODY = 8 * 1024 * 1024
@@ -86,4 +84,4 @@ def _read(path: str) -> bytes:
 
 
 def _decode(image: str, frame: bytes) -> mf.Manifest:
-    return mf.decode(block.decode(image, frame, limit=MAX_MANIFEST))
+    return mf.decode(objects.verify(objects.MANIFEST, image, frame))

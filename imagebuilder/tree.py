@@ -17,22 +17,10 @@ MAX_PATH = 4096
 
 
 @dataclass(slots=True)
-class Inode:
-    type: EntryType
-    mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    size: int = 0
-    chunks: tuple[Chunk, ...] = ()
-    target: bytes = b""
-    rdev: tuple[int, int] = (0, 0)
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
-
-
-@dataclass(slots=True)
 class Node:
-    inode: Inode
+    # What the manifest will say of this name, but its path (a node's path is where it is in the
+    # tree; ``path`` stays empty). Hardlinked names share one Entry object: its identity is the inode.
+    inode: Entry
     layer: int
     children: dict[bytes, "Node"] | None = None  # only for directories
 
@@ -84,7 +72,7 @@ def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None 
 
 class Tree:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.root = Node(Inode(EntryType.DIR, mode=0o755), layer=-1, children={})
+        self.root = Node(Entry(b"", EntryType.DIR, mode=0o755), layer=-1, children={})
         self.count = 1
         self.max_entries = max_entries
 
@@ -112,14 +100,14 @@ class Tree:
             if existing is not None and existing.is_dir:
                 self._set_dir_meta(existing, e, layer_index)
                 return
-            node = Node(Inode(EntryType.DIR), layer_index, children={})
+            node = Node(Entry(b"", EntryType.DIR, mode=0o755), layer_index, children={})
             self._set_dir_meta(node, e, layer_index)
         elif e.type == EntryType.HARDLINK:
             target = self._lookup_link(layer, e)
             node = Node(target.inode, layer_index)
         else:
-            node = Node(Inode(e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.chunks, e.target,
-                              e.rdev, e.xattrs), layer_index)
+            node = Node(Entry(b"", e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.chunks, e.target,
+                              b"", e.rdev, e.xattrs), layer_index)
         if existing is None:
             self._count(layer)
         parent.children[name] = node  # replaces a file or a whole directory, as OCI says
@@ -131,8 +119,8 @@ class Tree:
 
     @staticmethod
     def _set_dir_meta(node: Node, e: LayerEntry, layer_index: int) -> None:
-        ino = node.inode
-        ino.mode, ino.uid, ino.gid, ino.mtime_ns, ino.xattrs = e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs
+        node.inode = node.inode._replace(mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns,
+                                         xattrs=e.xattrs)  # directories are never hardlinked
         node.layer = layer_index
 
     def _parent(self, layer: str, raw: bytes, parts: list[bytes], layer_index: int) -> Node:
@@ -141,7 +129,7 @@ class Tree:
             child = node.children.get(part)
             if child is None:
                 # Tar layers may omit parent directories; create them as runtimes do.
-                child = Node(Inode(EntryType.DIR, mode=0o755), layer_index, children={})
+                child = Node(Entry(b"", EntryType.DIR, mode=0o755), layer_index, children={})
                 node.children[part] = child
                 self._count(layer)
             elif not child.is_dir:
@@ -204,8 +192,7 @@ class Tree:
         def emit(path: bytes, node: Node) -> None:
             ino = node.inode
             if node.is_dir:
-                entries.append(Entry(path, EntryType.DIR, ino.mode, ino.uid, ino.gid, ino.mtime_ns,
-                                     xattrs=ino.xattrs))
+                entries.append(ino._replace(path=path))
                 for name in sorted(node.children):
                     emit(path + b"/" + name if path else name, node.children[name])
                 return
@@ -214,8 +201,7 @@ class Tree:
                 entries.append(Entry(path, EntryType.HARDLINK, link=primary))
                 return
             size = len(ino.target) if ino.type == EntryType.SYMLINK else ino.size
-            entries.append(Entry(path, ino.type, ino.mode, ino.uid, ino.gid, ino.mtime_ns, size,
-                                 ino.chunks, ino.target, b"", ino.rdev, ino.xattrs))
+            entries.append(ino._replace(path=path, size=size))
 
         emit(b"", self.root)
         return Manifest(tuple(entries), config, chunk_size)

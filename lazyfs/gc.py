@@ -97,22 +97,11 @@ def _sweep(listing, live: set[str], cutoff: float, report: GcReport, swept: list
             delete(info.digest)
 
 
-@dataclass
-class CacheGcReport:
-    files: int = 0
-    bytes_before: int = 0
-    evicted: int = 0
-    evicted_bytes: int = 0
-    temp_removed: int = 0
-    dry_run: bool = False
-
-    def to_dict(self) -> dict:
-        return self.__dict__.copy()
-
-
-def collect_node_cache(root: str | os.PathLike, max_bytes: int, dry_run: bool = False) -> CacheGcReport:
+def collect_node_cache(root: str | os.PathLike, max_bytes: int, dry_run: bool = False):
     """Evict least recently used files (blocks, whole objects, EROFS metadata images) until the
-    cache is at most ``max_bytes`` (lazyfs.cache.cap says why that is safe beside mounts)."""
+    cache is at most ``max_bytes`` (lazyfs.cache.cap says why that is safe beside mounts); the
+    cap.TrimReport."""
+    from dataclasses import replace
+
     from lazyfs.cache import cap
-    t = cap.trim(root, max_bytes, dry_run=dry_run, below=1.0)
-    return CacheGcReport(t.files, t.bytes_before, t.evicted, t.evicted_bytes, dry_run=dry_run)
+    return replace(cap.trim(root, max_bytes, dry_run=dry_run, below=1.0), dry_run=dry_run)

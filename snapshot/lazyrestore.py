@@ -14,7 +14,7 @@ import logging
 from lazyfs.records import profiles
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format.profile import Profile, ProfileBlock
-from lazyfs.fs import spawn
+from lazyfs.proc import spawn
 from lazyfs.fs.index import ImageIndex
 from lazyfs.source.spec import Source
 from lazyfs.records import objects

@@ -19,6 +19,7 @@ from lazyfs.errors import KernelLayoutUnsupported
 from lazyfs.format import dataobj, erofs
 from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest, link_counts
 from lazyfs.fs import kernel
+from lazyfs.proc import syscalls
 from tests import strategies
 
 FSCK = shutil.which("fsck.erofs")
@@ -180,7 +181,7 @@ def test_every_image_passes_fsck_and_mounts_as_the_manifest(m):
         mnt.mkdir()
         fsck = subprocess.run([FSCK, str(img)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        kernel.mount_one(str(img), str(mnt), "erofs", kernel.MS_RDONLY, None)
+        kernel.mount_one(str(img), str(mnt), "erofs", syscalls.MS_RDONLY, None)
         try:
             got = _tree(mnt)
         finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.cache import layout as cachelayout
 from lazyfs.fs import kernel
 from tests.conftest import Mounted, lazyfs_cli, lazyfs_mounts, needs_mount
 
@@ -136,7 +137,7 @@ def test_a_cold_node_mounts_the_metadata_the_build_shipped(image, tmp_path, env_
     assert "wrote the EROFS metadata image" not in text
     bare = replace(manifest, meta=None)
     expected = erofs.encode(bare, uuid=metaimage.uuid_for(digests.compute(mf.encode(bare))))
-    assert kernel.image_path(env_dirs["LAZYFS_CACHE_DIR"], digest).read_bytes() == expected
+    assert cachelayout.erofs_image(env_dirs["LAZYFS_CACHE_DIR"], digest).read_bytes() == expected
 
 
 def test_an_image_built_without_shipped_metadata_still_mounts(image, tmp_path, env_dirs):
@@ -177,7 +178,7 @@ def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, 
         assert r.returncode != 0 and len(lines) == 1, r.stderr
         assert meta in lines[0] and "refusing to mount it" in lines[0]
         assert lazyfs_mounts(str(tmp_path)) == [] and os.listdir(mnt) == []
-    assert not kernel.image_path(env_dirs["LAZYFS_CACHE_DIR"], digest).exists()
+    assert not cachelayout.erofs_image(env_dirs["LAZYFS_CACHE_DIR"], digest).exists()
     r = lazyfs_cli("run", "--runtime", "namespaces", "kp/img:1", "--", "true", check=False)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "refusing" in r.stderr
 

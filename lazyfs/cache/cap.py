@@ -20,25 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from lazyfs.cache import layout
 from lazyfs.cache.ledger import Ledger
 
-SUBDIRS = ("blocks", "objects", "erofs")
 TRIM_TO = 0.9  # a trim goes below the cap, so the next one is not one block away
 TRIM_TRIES = 3  # rounds a trim for a write makes while other writes keep taking the room
 
 
 @dataclass
 class TrimReport:
+    """What a trim of the node cache found and evicted (`lazyfs gc --node-cache` prints it)."""
     files: int = 0
     bytes_before: int = 0
     evicted: int = 0
     evicted_bytes: int = 0
     kept_profile: int = 0  # profile blocks that survived because other files could go
+    dry_run: bool = False  # nothing was removed: ``evicted`` is what would have been
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 def _files(root: str | os.PathLike) -> list[tuple[float, int, str]]:
     out = []
-    for sub in SUBDIRS:
+    for sub in layout.EVICTABLE:
         for dirpath, _, names in os.walk(Path(root, sub)):
             for name in names:
                 path = os.path.join(dirpath, name)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazyfs.cache import layout
 from lazyfs.cache.nodecache import NodeCache
 from lazyfs.counters import Counters
 from lazyfs.errors import LazyfsError
@@ -130,7 +131,7 @@ class Completer:
         # NodeCache.read hands out only bytes that match the digest.
         with self.cache.room(sum(c.size for c in chunks)):
             atomic_write_parts(dest, (self.cache.read(c.digest, c.size, 0, c.size) for c in chunks),
-                               self.cache.root / "tmp", mode=0o444)
+                               layout.tmp_dir(self.cache.root), mode=0o444)
         size = sum(c.size for c in chunks)
         self.stats.add(objects_written=1, object_bytes=size)
         log.info("object %s complete (%d chunks, %d bytes): served by the kernel from the next "

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-NAME = "usage"
-TRIM_LOCK = "usage.lock"
+from lazyfs.cache import layout
+
 RECORD = struct.Struct("<4Q")  # bytes, files, bytes in flight, files in flight
 RECONCILE_EVERY = 600.0  # seconds between the agent's drift corrections (one walk each)
 Record = tuple[int, int, int, int]
@@ -39,7 +39,7 @@ Record = tuple[int, int, int, int]
 class Ledger:
     def __init__(self, root: str | os.PathLike, scan: Callable[[], tuple[int, int]]):
         """``scan``: (files, bytes) counted on disk (lazyfs.cache.cap.usage_scan)."""
-        self.path = Path(root) / NAME
+        self.path = Path(root) / layout.LEDGER
         self.scan = scan
 
     def _locked(self, fn):
@@ -66,7 +66,7 @@ class Ledger:
     def trimming(self, wait: bool = True):
         """One trim at a time on this cache, among all processes and threads. ``wait=False``:
         BlockingIOError at once if another trim is running (it makes the room anyway)."""
-        fd = os.open(self.path.with_name(TRIM_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path.with_name(layout.LEDGER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             yield

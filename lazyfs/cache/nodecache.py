@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lazyfs.cache import layout
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
@@ -104,15 +105,15 @@ class NodeCache:
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
         self._memory = MemoryBlocks(memory_fallback)
         self._disk_refused_at: float | None = None  # when the cache disk last refused a write
-        (self.root / "blocks").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
+        layout.blocks_dir(self.root).mkdir(parents=True, exist_ok=True)
+        layout.tmp_dir(self.root).mkdir(exist_ok=True)
         self._sweep_temp()
 
     def _sweep_temp(self) -> None:
         """Drop temp files a crashed process left. The cache is shared, so only old ones: a fresh
         one may belong to another daemon's write in progress."""
         cutoff = time.time() - STALE_TEMP_SECONDS
-        for entry in os.scandir(self.root / "tmp"):
+        for entry in os.scandir(layout.tmp_dir(self.root)):
             try:
                 if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -120,8 +121,7 @@ class NodeCache:
                 pass
 
     def path(self, digest: str) -> str:
-        hexd = digests.hex_part(digest)
-        return os.path.join(self.root, "blocks", hexd[:2], hexd)
+        return layout.block_path(self.root, digest)
 
     def locate(self, digest: str, size: int, prefetch: bool = False) -> str | bytes:
         """Path of the verified, uncompressed block (or its bytes, if the disk refused them),
@@ -306,7 +306,7 @@ class NodeCache:
             # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
             # is, with no re-hash, so a power cut must not leave a torn block under its name.
             with self.room(len(data)):
-                atomic_write(path, data, self.root / "tmp", durable=True)
+                atomic_write(path, data, layout.tmp_dir(self.root), durable=True)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so

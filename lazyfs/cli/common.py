@@ -1,8 +1,11 @@
 """Options and output helpers shared by the command modules."""
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from typing import Callable, Optional
+import typing
+from typing import Callable, List, Optional
 
 import click
 import typer
@@ -35,8 +38,10 @@ SiblingsOpt = typer.Option(defaults.SIBLINGS, "--siblings/--no-siblings",
                            "file is read, fetch its other small files (up to 128 files, 8 MiB) in one "
                            "batch: an import reads a package's modules one after another.")
 ProfileOpt = typer.Option("auto", "--profile", metavar="auto|none|REF", help="Startup profile to "
-                          "prefetch (see `lazyfs profile`): auto (the image's own, if published), "
-                          "none, a profile digest, or an image NAME:TAG whose profile to use.")
+                          "prefetch: auto (the one the fleet learnt for this image and command, "
+                          "else the image's own from `lazyfs profile`; a run through cache servers "
+                          "also learns and contributes its own), none (neither prefetch nor learn), "
+                          "a profile digest, or an image NAME:TAG whose profile to use.")
 DataPathOpt = typer.Option("auto", "--data-path", metavar="auto|kernel|fuse", envvar="LAZYFS_DATA_PATH",
                            show_envvar=True, help="Who serves "
                            "the image: kernel (EROFS metadata + overlayfs; only missing data goes "
@@ -220,12 +225,42 @@ def source(store: Optional[str], servers: Optional[list[str]],
            deadline: str = defaults.duration(defaults.DEADLINE),
            hedge_after: str = defaults.duration(defaults.HEDGE_AFTER),
            readahead: int = defaults.READAHEAD, siblings: bool = defaults.SIBLINGS):
-    """The --store/--server/... options of mount and run, as a lazyfs.source.spec.Source."""
+    """The --store/--server/... options, as a lazyfs.source.spec.Source."""
     from lazyfs.source.spec import Source
     dl = parse_duration(deadline)
     if dl <= 0:
         raise typer.BadParameter("--deadline must be positive")
     return Source(store, tuple(servers or ()), dl, parse_duration(hedge_after), readahead, siblings)
+
+
+# Where an image is read from: the options of every command that mounts one, declared here once.
+SOURCE_OPTIONS = (("store", Optional[str], StoreOpt), ("server", Optional[List[str]], ServerOpt),
+                  ("deadline", str, DeadlineOpt), ("hedge_after", str, HedgeOpt),
+                  ("readahead", int, ReadaheadOpt), ("siblings", bool, SiblingsOpt))
+
+
+def with_source(command: Callable) -> Callable:
+    """Give a typer command the SOURCE_OPTIONS, right after its arguments, and hand them to it as
+    one ``src`` parameter (a Source)."""
+    sig = inspect.signature(command)
+    hints = typing.get_type_hints(command)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in sig.parameters.values() if p.name != "src"]
+    args = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+             for name, kind, opt in SOURCE_OPTIONS]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in args]
+    args = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in args]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = [kwargs.pop(name) for name, _, _ in SOURCE_OPTIONS]
+        return command(src=source(*given), **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*args, *added, *rest])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    del wrapper.__wrapped__  # typer must see this signature, not the command's
+    return wrapper
 
 
 def parse_duration(text: str) -> float:

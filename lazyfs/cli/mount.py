@@ -4,29 +4,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, DeadlineOpt, HedgeOpt, NodeOpt,
-                               ProfileOpt, ReadaheadOpt, ServerOpt, SiblingsOpt, StoreOpt, err, source)
+from lazyfs.cli.common import (CacheOpt, CompleteOpt, DataPathOpt, NodeOpt, ProfileOpt, err,
+                               with_source)
 
 
 @app.command(help="Mount an image read-only. Metadata is local after one manifest fetch (on the "
                   "kernel data path, an EROFS image shipped with the build); file blocks are "
                   "fetched on first read, verified, and kept in the node cache. Returns once the "
                   "mount answers (the daemon logs to --log-file).")
+@with_source
 def mount(
     ref: str = typer.Argument(..., metavar="NAME:TAG", help="Image reference or manifest digest."),
     mountpoint: str = typer.Argument(..., help="Existing empty directory."),
-    store: Optional[str] = StoreOpt,
-    server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
-    deadline: str = DeadlineOpt,
-    hedge_after: str = HedgeOpt,
-    readahead: int = ReadaheadOpt,
-    siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
     data_path: str = DataPathOpt,
     complete: bool = CompleteOpt,
@@ -40,6 +35,7 @@ def mount(
     debug: bool = typer.Option(False, "--debug", help="Log every FUSE request."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Append one JSON line per file read "
                                         "(path, offset, size, time) to this file."),
+    src=None,  # --store, --server, ... (with_source)
 ):
     from lazyfs import paths
     from lazyfs.fs import daemon, mounts
@@ -47,14 +43,15 @@ def mount(
 
     if foreground and data_path == "kernel":
         raise typer.BadParameter("--foreground serves through FUSE; drop --data-path kernel")
-    src = source(store, server, deadline, hedge_after, readahead, siblings)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         mounts.clean_stale(mountpoint)
         reader = src.open()
-        digest = objects.resolve(reader, ref)
-        reader.close()
+        try:
+            digest, _ = objects.resolve_image(reader, ref)
+        finally:
+            reader.close()
         daemon.serve(daemon.DaemonArgs(digest, src, str(cache_dir or paths.default_cache_dir()),
                                        os.path.realpath(mountpoint), ref, debug=debug,
                                        trace=os.path.abspath(trace) if trace else None,

@@ -8,7 +8,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, CommandLineCommand, EnvOpt, NetworkOpt, RuntimeOpt,
-                               ServerOpt, StoreOpt, UserOpt, WorkdirOpt, err, human, parse_duration, sayer, source)
+                               UserOpt, WorkdirOpt, err, human, parse_duration, sayer, with_source)
 
 
 @app.command(cls=CommandLineCommand, context_settings={"allow_interspersed_args": False},
@@ -18,11 +18,10 @@ from lazyfs.cli.common import (CacheOpt, CommandLineCommand, EnvOpt, NetworkOpt,
                   "workload, in batches, while its own reads still go first. Options go before "
                   "NAME:TAG, or between it and the -- that starts the command. Example: "
                   "lazyfs profile torch:latest -- python3 -c 'import torch'")
+@with_source
 def profile(
     ref: str = typer.Argument(..., metavar="NAME:TAG"),
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
-    store: Optional[str] = StoreOpt,
-    server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
     runtime: str = RuntimeOpt,
     env: Optional[List[str]] = EnvOpt,
@@ -37,6 +36,7 @@ def profile(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the profile as "
                                          "JSON to this file."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    src=None,  # --store, --server, ... (with_source)
 ):
     from lazyfs.runner.profile_run import record
     from lazyfs.runner.session import RunOptions
@@ -45,13 +45,12 @@ def profile(
     argv = list(cmd or [])
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    src = source(store, server)
-    if publish and server and not store:
+    if publish and src.servers and not src.store:
         raise typer.BadParameter("publishing needs a writable --store (the origin) besides --server")
     opts = RunOptions(ref, argv, src, cache_dir, runtime, None, list(env or []), workdir, user,
                       network, stop_after=parse_duration(duration) if duration else None)
     say = sayer(verbose)
-    target = open_store(store) if publish else None
+    target = open_store(src.store) if publish else None
     digest, prof = record(opts, target, say)
     if output:
         with open(output, "w") as f:

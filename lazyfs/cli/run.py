@@ -8,11 +8,9 @@ from typing import List, Optional
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, DeadlineOpt,
-                               EnvOpt, HedgeOpt, NodeOpt,
-                               NetworkOpt, ProfileOpt, ReadaheadOpt, RuntimeOpt, ServerOpt,
-                               SiblingsOpt, StoreOpt, UserOpt, WorkdirOpt, parse_duration, sayer,
-                               source)
+from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, EnvOpt,
+                               NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt,
+                               parse_duration, sayer, with_source)
 
 
 @app.command(cls=CommandLineCommand, context_settings={"allow_interspersed_args": False},
@@ -22,16 +20,11 @@ from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPa
                   "that starts the command; without --, all after NAME:TAG is the command. "
                   "`import lazyfs_snapshot` works in every run. Example: "
                   "lazyfs run demo:latest --store ./store -- sh -c 'cat /etc/os-release'")
+@with_source
 def run(
     ref: str = typer.Argument(..., metavar="NAME:TAG"),
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
-    store: Optional[str] = StoreOpt,
-    server: Optional[List[str]] = ServerOpt,
     cache_dir: Optional[str] = CacheOpt,
-    deadline: str = DeadlineOpt,
-    hedge_after: str = HedgeOpt,
-    readahead: int = ReadaheadOpt,
-    siblings: bool = SiblingsOpt,
     profile: str = ProfileOpt,
     data_path: str = DataPathOpt,
     complete: bool = CompleteOpt,
@@ -66,13 +59,13 @@ def run(
                                      "it when the store takes writes); --no-working-set does neither."),
     snapshot_timeout: str = typer.Option("1h", "--snapshot-timeout", help="With --snapshot: give "
                                          "up if snapshot.ready() is not called within this long."),
+    src=None,  # --store, --server, ... (with_source)
 ):
     from lazyfs.runner.session import RunOptions, run as run_session
 
     argv = list(cmd or [])
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    src = source(store, server, deadline, hedge_after, readahead, siblings)
     opts = RunOptions(ref, argv, src, cache_dir, runtime, upper, list(env or []), workdir, user,
                       network, tty=sys.stdin.isatty() and sys.stdout.isatty(), trace=trace,
                       profile=profile, data_path=data_path, complete=complete, node=node)

@@ -10,10 +10,11 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from lazyfs import argv
 from lazyfs.errors import LazyfsError, MetadataRefused
+from lazyfs.cache import layout as cachelayout
 from lazyfs.format import digest as digests
 from lazyfs.fs import control, kernel
 from lazyfs.source.spec import Source
@@ -32,7 +33,7 @@ class DaemonArgs:
     digest: str  # the image manifest, already resolved (and verified once by the client)
     source: Source
     cache_dir: str
-    mountpoint: str
+    mountpoint: str = field(metadata={"argv": "positional"})
     ref: str = ""  # what the user called the image, for logs
     ready_fd: int | None = None  # gets b"1" once the kernel answers on the mountpoint
     debug: bool = False
@@ -48,46 +49,14 @@ class DaemonArgs:
     cache_size: int | None = None  # trim the node cache to this many bytes as it grows (lazyfs.cache.cap)
 
     def argv(self) -> list[str]:
-        """The daemon's command line (``python -m lazyfs.fs.daemon ARGV``)."""
-        out = ["--digest", self.digest, *self.source.args(), "--cache-dir", self.cache_dir,
-               "--ref", self.ref, "--profile", self.profile]
-        if self.workload:
-            out += ["--workload", self.workload]
-        if self.ready_fd is not None:
-            out += ["--ready-fd", str(self.ready_fd)]
-        if self.debug:
-            out.append("--debug")
-        if self.trace:
-            out += ["--trace", self.trace]
-        if self.layout != "fuse":
-            out += ["--layout", self.layout, "--runtime-dir", self.runtime_dir]
-        if self.complete:
-            out.append("--complete")
-        if self.cache_size:
-            out += ["--cache-size", str(self.cache_size)]
-        return out + ["--", self.mountpoint]
+        """The daemon's command line (``python -m lazyfs.fs.daemon ARGV``): lazyfs.argv."""
+        return argv.to_argv(self)
 
     @classmethod
-    def parse(cls, argv: list[str] | None = None) -> "DaemonArgs":
+    def parse(cls, args: list[str] | None = None) -> "DaemonArgs":
         p = argparse.ArgumentParser(prog="lazyfs-daemon", description="internal: lazyfs FUSE daemon")
-        p.add_argument("mountpoint")
-        p.add_argument("--digest", required=True)
-        Source.add_arguments(p)
-        p.add_argument("--cache-dir", required=True)
-        p.add_argument("--ref", default="")
-        p.add_argument("--ready-fd", type=int)
-        p.add_argument("--debug", action="store_true")
-        p.add_argument("--trace")
-        p.add_argument("--profile", default="auto")
-        p.add_argument("--workload")
-        p.add_argument("--layout", choices=("fuse", "kernel"), default="fuse")
-        p.add_argument("--runtime-dir", default="")
-        p.add_argument("--complete", action="store_true")
-        p.add_argument("--cache-size", type=int)
-        a = p.parse_args(argv)
-        return cls(a.digest, Source.from_namespace(a), a.cache_dir, a.mountpoint, a.ref, a.ready_fd,
-                   a.debug, a.trace, a.profile, a.workload, a.layout, a.runtime_dir, a.complete,
-                   a.cache_size)
+        argv.add_arguments(cls, p)
+        return argv.from_namespace(cls, p.parse_args(args))
 
 
 def serve(args: DaemonArgs) -> None:
@@ -114,7 +83,7 @@ def serve(args: DaemonArgs) -> None:
     completer = None
     if kernel_path:
         from lazyfs.cache.completer import Completer
-        completer = Completer(cache, kernel.objects_dir(cache_dir), background=args.complete).start()
+        completer = Completer(cache, cachelayout.objects_dir(cache_dir), background=args.complete).start()
     trace_file = open(trace, "a", encoding="utf-8", errors="surrogateescape") if trace else None
 
     def extra() -> dict:
@@ -201,7 +170,7 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
                                                                     auto)),
                          name="lazyfs-profile", daemon=True).start()
         return index
-    if args.layout == "kernel" and kernel.image_path(args.cache_dir, args.digest).exists():
+    if args.layout == "kernel" and cachelayout.erofs_image(args.cache_dir, args.digest).exists():
         return DeferredIndex(lambda: load(DataIndex)), True, "node"
     raw = objects.read_manifest_bytes(reader, args.digest)
     if args.layout == "kernel":
@@ -235,11 +204,11 @@ def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
     it is on disk, with no check of its own), counted in the node cache's ledger."""
     from lazyfs.fsutil import atomic_write
 
-    image = kernel.image_path(args.cache_dir, args.digest)
+    image = cachelayout.erofs_image(args.cache_dir, args.digest)
     image.parent.mkdir(parents=True, exist_ok=True)
-    (Path(args.cache_dir) / "tmp").mkdir(parents=True, exist_ok=True)
+    cachelayout.tmp_dir(args.cache_dir).mkdir(parents=True, exist_ok=True)
     with cache.room(len(data)):
-        atomic_write(image, data, Path(args.cache_dir) / "tmp", durable=True)
+        atomic_write(image, data, cachelayout.tmp_dir(args.cache_dir), durable=True)
     log.info("%s: %s (%d bytes)", what, image, len(data))
 
 

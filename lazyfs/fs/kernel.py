@@ -13,20 +13,17 @@ leaves the kernel and neither do reads of data already on local disk. Mounts are
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import MountError
-from lazyfs.format import digest as digests, erofs
+from lazyfs.cache import layout as cachelayout
+from lazyfs.proc import syscalls as sc
 
 MODES = ("auto", "kernel", "fuse")  # --data-path
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
-MNT_DETACH = 2
 MIN_KERNEL = (6, 12)  # file-backed EROFS mounts (6.12); overlayfs data-only layers came in 6.5
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (find_library forks ldconfig)
 
 
 @dataclass(frozen=True)
@@ -41,22 +38,13 @@ class Layout:
         return escape(self.meta) + "".join("::" + escape(d) for d in data)
 
 
-def image_path(cache_dir: str | os.PathLike, digest: str) -> Path:
-    """The node's EROFS image of a manifest: built once per node and image, kept for later mounts."""
-    return Path(cache_dir) / "erofs" / f"{digests.hex_part(digest)}-v{erofs.VERSION}.img"
-
-
-def objects_dir(cache_dir: str | os.PathLike) -> Path:
-    """Where whole multi-chunk files live (lazyfs.cache.completer writes them)."""
-    return Path(cache_dir) / "objects"
-
-
 def layout(cache_dir: str | os.PathLike, digest: str, runtime_dir: str | os.PathLike) -> Layout:
     """Where everything of one kernel-path mount lives. The image and data layers are per node
     (they depend only on the manifest and the node cache); the mountpoints are per mount."""
     rt = Path(runtime_dir)
-    return Layout(image=image_path(cache_dir, digest), meta=rt / "meta",
-                  locals=(Path(cache_dir) / "blocks", objects_dir(cache_dir)), fuse=rt / "data")
+    return Layout(image=cachelayout.erofs_image(cache_dir, digest), meta=rt / "meta",
+                  locals=(cachelayout.blocks_dir(cache_dir), cachelayout.objects_dir(cache_dir)),
+                  fuse=rt / "data")
 
 
 def unavailable() -> str | None:
@@ -88,9 +76,9 @@ def mount(lay: Layout, target: str) -> None:
         # The kernel serves these files unhashed (docs/security.md): only root may change them.
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
-    mount_one(str(lay.image), str(lay.meta), "erofs", MS_RDONLY | MS_NODEV, None)
+    mount_one(str(lay.image), str(lay.meta), "erofs", sc.MS_RDONLY | sc.MS_NODEV, None)
     try:
-        mount_one("overlay", target, "overlay", MS_RDONLY | MS_NODEV | MS_NOSUID,
+        mount_one("overlay", target, "overlay", sc.MS_RDONLY | sc.MS_NODEV | sc.MS_NOSUID,
                "lowerdir=" + lay.lowerdir())
     except BaseException:
         unmount_one(str(lay.meta), lazy=True)
@@ -99,9 +87,11 @@ def mount(lay: Layout, target: str) -> None:
 
 def unmount_one(path: str, lazy: bool = False) -> bool:
     """umount2(2); True if it is gone (or was never mounted), False while busy."""
-    if _libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) == 0:
+    try:
+        sc.umount(path, sc.MNT_DETACH if lazy else 0)
         return True
-    err = ctypes.get_errno()
+    except OSError as exc:
+        err = exc.errno
     if err in (errno.EINVAL, errno.ENOENT):
         return True  # not a mountpoint (any more)
     if err == errno.EBUSY:
@@ -111,12 +101,12 @@ def unmount_one(path: str, lazy: bool = False) -> bool:
 
 def mount_one(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
     """mount(2), with a MountError that says which mount failed and why."""
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
-                   data.encode() if data is not None else None) != 0:
-        err = ctypes.get_errno()
-        raise MountError(f"{fstype} mount on {target} failed: {os.strerror(err)}"
-                         + (" (a kernel without this feature: use --data-path fuse)"
-                            if err in (errno.EINVAL, errno.ENOTBLK, errno.EOPNOTSUPP) else ""))
+    try:
+        sc.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        raise MountError(exc.strerror + (" (a kernel without this feature: use --data-path fuse)"
+                                         if exc.errno in (errno.EINVAL, errno.ENOTBLK, errno.EOPNOTSUPP)
+                                         else "")) from None
 
 
 def escape(path: Path) -> str:

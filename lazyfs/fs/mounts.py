@@ -21,7 +21,8 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import MetadataRefused, MountError
-from lazyfs.fs import kernel, spawn
+from lazyfs.fs import kernel
+from lazyfs.proc import spawn
 from lazyfs.fs.daemon import REFUSED, DaemonArgs, run_daemon
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
@@ -166,8 +167,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
         reader = source.open()
         try:
             if not checked:
-                digest = objects.resolve(reader, ref)
-                objects.read_config(reader, digest)
+                digest, _ = objects.resolve_image(reader, ref)  # fail here if it is no image
             if named_profile:
                 from lazyfs.records import profiles
                 profiles.load(reader, digest, profile)

@@ -13,7 +13,7 @@ Protocol on a socketpair, lazyfs.node.wire lines, one request at a time:
   stderr]: fork a run worker (lazyfs.node.zygote); the worker itself tells the client its pid.
 - ``{"op": "spawn", "argv": [...], "fd": N, "log": PATH, "debug": B}`` with [readiness pipe]:
   fork a detached process that runs ``python -m MODULE ARGS`` as a call of MODULE.main(ARGS)
-  (lazyfs.fs.spawn.fork_detached), the same command line the exec path would start; the pipe is
+  (lazyfs.proc.spawn.fork_detached), the same command line the exec path would start; the pipe is
   given the number N the command line names, as the exec path's pass_fds would.
 The answer is ``{"ok": true, "pid": N}`` with a pidfd for the child as its descriptor, so the
 agent can watch a process it did not fork; or ``{"ok": false, "error": ...}``.
@@ -35,7 +35,7 @@ import sys
 import threading
 
 from lazyfs.errors import NodeError
-from lazyfs.fs import spawn
+from lazyfs.proc import spawn
 from lazyfs.node import wire
 
 log = logging.getLogger("lazyfs.node")

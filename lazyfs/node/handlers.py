@@ -19,16 +19,17 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from lazyfs import paths
+from lazyfs.cache import layout as cachelayout
 from lazyfs.errors import FormatError, LazyfsError, MountError, NodeError
 from lazyfs.format import profile as proffmt
 from lazyfs.fs import control, kernel, mounts
+from lazyfs.proc import syscalls
 from lazyfs.node import table
 from lazyfs.node.table import Lease, Shared
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.node")
-MS_BIND = 4096
 
 
 def op_hello(agent, req, pid, conn, reader) -> dict:
@@ -81,8 +82,7 @@ def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
     themselves)."""
     reader = _reader(agent, source)
     with agent.unlocked():
-        digest = objects.resolve(reader, ref)
-        config = agent.configs.get(digest) or objects.read_config(reader, digest)
+        digest, config = objects.resolve_image(reader, ref, agent.configs)
     agent.configs[digest] = config
     return digest, config
 
@@ -208,7 +208,7 @@ def op_bind(agent, req, pid, conn, reader) -> dict:
         raise MountError(f"mountpoint {given} is not empty (its files would be hidden)")
     got = op_acquire(agent, {**req, "kind": "mount", "target": target}, pid, conn, reader)
     try:
-        kernel.mount_one(got["mountpoint"], target, "none", MS_BIND, None)
+        kernel.mount_one(got["mountpoint"], target, "none", syscalls.MS_BIND, None)
     except BaseException:
         op_release(agent, {"lease": got["lease"]}, pid, conn, reader)
         raise
@@ -313,7 +313,7 @@ def check(agent, shared: Shared) -> None:
 def over_cap(agent, roots: list[str]) -> bool:
     from lazyfs.cache import cap, ledger
     return any(cap.usage(root)[1] > agent.opts.cache_size for root in roots
-               if os.path.exists(os.path.join(root, ledger.NAME)))
+               if os.path.exists(os.path.join(root, cachelayout.LEDGER)))
 
 
 def enforce_cap(agent, roots: list[str]) -> None:
@@ -338,7 +338,7 @@ def watch_ledgers(agent, roots: list[str]) -> None:
     """Every tick: note the least each cache had in flight since the last reconcile."""
     from lazyfs.cache import cap, ledger
     for root in roots:
-        if os.path.exists(os.path.join(root, ledger.NAME)):  # (made by the first write, with a walk)
+        if os.path.exists(os.path.join(root, cachelayout.LEDGER)):  # (made by the first write, with a walk)
             _, _, fb, ff = cap.ledger(root).record()
             low = agent.flight_low.get(root, (fb, ff))
             agent.flight_low[root] = (min(low[0], fb), min(low[1], ff))

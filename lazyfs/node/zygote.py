@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 
-from lazyfs.fs import spawn
+from lazyfs.proc import spawn
 
 PRELOAD = ("lazyfs.cli", "lazyfs.cli.run", "lazyfs.runner.session", "lazyfs.runner.nsinit",
            "lazyfs.node.client", "lazyfs.fs.control")

@@ -6,6 +6,7 @@ from lazyfs.format import block, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
 MAX_MANIFEST = mf.MAX_MANIFEST
+BLOCK, MANIFEST = "block", "manifest"  # the kinds of object a store holds
 
 
 def resolve(store: BlockStore, ref: str | reference.Reference) -> str:
@@ -21,7 +22,7 @@ def verify(kind: str, digest: str, frame: bytes, size: int | None = None) -> byt
     """The bytes a fetched frame holds, only if they hash to ``digest`` (and are ``size`` long):
     the one check every read path makes before a byte is handed on. ``kind``: "block" or
     "manifest" (which may be larger, and whose errors say so)."""
-    if kind == "block":
+    if kind == BLOCK:
         return block.decode(digest, frame, expected_size=size)
     try:
         return block.decode(digest, frame, limit=MAX_MANIFEST)
@@ -33,7 +34,7 @@ def verify(kind: str, digest: str, frame: bytes, size: int | None = None) -> byt
 
 def read_manifest_bytes(store, digest: str) -> bytes:
     """A manifest's verified bytes, from a BlockStore or a BlockSource."""
-    return verify("manifest", digest, store.get_manifest(digest))
+    return verify(MANIFEST, digest, store.get_manifest(digest))
 
 
 def read_manifest(store: BlockStore, digest: str) -> mf.Manifest:
@@ -45,6 +46,15 @@ def read_config(store: BlockStore, digest: str) -> dict:
     return mf.decode_config(read_manifest_bytes(store, digest))
 
 
+def resolve_image(store: BlockStore, ref: str | reference.Reference,
+                  known: dict | None = None) -> tuple[str, dict]:
+    """The manifest digest ``ref`` names and its verified config: what every mount and run needs
+    before it starts (``known``: configs by digest already read, which skip the fetch)."""
+    digest = resolve(store, ref)
+    config = known.get(digest) if known else None
+    return digest, config if config is not None else read_config(store, digest)
+
+
 def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
     digest, frame = block.encode(mf.encode(manifest), limit=MAX_MANIFEST)
     store.put_manifest(digest, frame)
@@ -53,7 +63,7 @@ def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
 
 def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> bytes:
     """Get a block and return its bytes only if they hash to ``digest``."""
-    return verify("block", digest, store.get_block(digest), size)
+    return verify(BLOCK, digest, store.get_block(digest), size)
 
 
 def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames, rejected):
@@ -73,7 +83,7 @@ def fetch_blocks(items: list[tuple[str, int]], fetch_one, get_frames, rejected):
                 if frame is None or digest not in sizes:
                     continue
                 try:
-                    data = verify("block", digest, frame, sizes[digest])
+                    data = verify(BLOCK, digest, frame, sizes[digest])
                 except LazyfsError as exc:
                     rejected(digest, exc)  # wrong bytes from here: the single fetch goes elsewhere
                     continue

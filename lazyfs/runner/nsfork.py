@@ -12,29 +12,23 @@ Only for single-threaded callers (runtime.start checks): a fork copies no other 
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 from pathlib import Path
 
-from lazyfs.fs.spawn import Forked, child
+from lazyfs.proc import syscalls as sc
+from lazyfs.proc.spawn import Forked, child
 from lazyfs.runner import nsinit
-
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def start(rootfs: Path, spec, started: list) -> None:
     """Fork the container; its handle goes into ``started`` before a Ctrl-C can interrupt (SIGINT
     is held back across the fork, and delivered once the handle is recorded)."""
-    args = nsinit.Args(_args(rootfs, spec))
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
+    args = nsinit.Args(nsinit.command_line(rootfs, spec))
+    flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
     if spec.network == "none":
-        flags |= CLONE_NEWNET
+        flags |= sc.CLONE_NEWNET
     sys.stdout.flush()
     sys.stderr.flush()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -47,16 +41,6 @@ def start(rootfs: Path, spec, started: list) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _args(rootfs: Path, spec) -> list[str]:
-    from lazyfs.runner.runtime import nsinit_args
-    return nsinit_args(rootfs, spec)
-
-
-def _check(ok: bool, what: str) -> None:
-    if not ok:
-        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
-
-
 def _waiter(flags: int, args: nsinit.Args) -> None:
     """The first fork: `unshare --fork --kill-child`. Never returns."""
     def wait_for_container() -> int:
@@ -66,8 +50,8 @@ def _waiter(flags: int, args: nsinit.Args) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         # start() held SIGINT back across the fork; the container must get it again.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        _check(_libc.unshare(flags) == 0, "unshare")
-        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0, "making mounts private")
+        sc.unshare(flags)
+        sc.make_mounts_private()
         pid = os.fork()
         if pid == 0:
             child(lambda: _init(args), failed=127)
@@ -84,7 +68,7 @@ def _init(args: nsinit.Args) -> None:
     """The second fork: PID 1 of the container; nsinit.enter execs or exits."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # as unshare --kill-child
+    sc.die_with_parent(signal.SIGKILL)  # as unshare --kill-child
     maxfd = os.sysconf("SC_OPEN_MAX")
     os.closerange(3, maxfd if maxfd > 0 else 65536)
     nsinit.enter(args)

@@ -6,24 +6,23 @@ with mount(2) rather than mount(8): an interpreter with site-packages and nine m
 cost about 80 ms of every container start."""
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it lazily, after the chroot, where it is not
 
+if not __package__:  # run as a script (python -I -S adds no path): lazyfs is three levels up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from lazyfs.proc import syscalls as sc  # noqa: E402 - standard library only, like this module
+from lazyfs.proc.syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID  # noqa: E402
+
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND = 2, 4, 8, 4096
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                  data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise SystemExit(f"lazyfs: error: mounting {fstype or source} on {target} in the container "
-                         f"failed: {os.strerror(err)}")
+    try:
+        sc.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        raise SystemExit(f"lazyfs: error: in the container: {exc.strerror}") from None
 
 
 def setup(root: str, hostname: str | None) -> None:
@@ -41,8 +40,11 @@ def setup(root: str, hostname: str | None) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
-    if hostname and _libc.sethostname(hostname.encode(), len(hostname.encode())) != 0:
-        raise SystemExit(f"lazyfs: error: sethostname: {os.strerror(ctypes.get_errno())}")
+    if hostname:
+        try:
+            sc.sethostname(hostname)
+        except OSError as exc:
+            raise SystemExit(f"lazyfs: error: {exc.strerror}") from None
 
 
 def _ids(user: str) -> tuple[int | None, int | None]:
@@ -62,6 +64,17 @@ def _lookup(db: str, name: str, column: int) -> int:
             if fields[0] == name:
                 return int(fields[column])
     raise SystemExit(f"lazyfs: error: user or group {name!r} not found in the image's {db}")
+
+
+def command_line(rootfs, spec, *extra: str) -> list[str]:
+    """nsinit's arguments for a container spec (lazyfs.runner.runtime.Spec; ``extra``: more
+    options), as Args reads them back."""
+    cmd = [*extra, "--rootfs", str(rootfs), "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
+    if spec.user:
+        cmd += ["--user", spec.user]
+    for kv in spec.env:
+        cmd += ["--env", kv]
+    return cmd + ["--", *spec.argv]
 
 
 class Args:

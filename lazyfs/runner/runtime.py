@@ -130,16 +130,7 @@ def namespaces_command(rootfs: Path, spec: Spec) -> list[str]:
 def nsinit_command(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
     """lazyfs.runner.nsinit's command line for a spec (``extra``: more nsinit options)."""
     from lazyfs.runner import nsinit
-    return [sys.executable, "-I", "-S", nsinit.__file__, *nsinit_args(rootfs, spec, *extra)]
-
-
-def nsinit_args(rootfs: Path, spec: Spec, *extra: str) -> list[str]:
-    cmd = [*extra, "--rootfs", str(rootfs), "--workdir", spec.workdir or "/", "--hostname", spec.hostname]
-    if spec.user:
-        cmd += ["--user", spec.user]
-    for kv in spec.env:
-        cmd += ["--env", kv]
-    return cmd + ["--", *spec.argv]
+    return [sys.executable, "-I", "-S", nsinit.__file__, *nsinit.command_line(rootfs, spec, *extra)]
 
 
 def start(runtime: str, rootfs: Path, spec: Spec, name: str, started: list) -> None:
@@ -148,7 +139,7 @@ def start(runtime: str, rootfs: Path, spec: Spec, name: str, started: list) -> N
     (lazyfs.runner.nsfork) that skips two program starts. The handle is recorded before a Ctrl-C
     can interrupt, so the caller can always stop what started."""
     if runtime == "namespaces":
-        from lazyfs.fs import spawn
+        from lazyfs.proc import spawn
         if spawn.single_threaded():
             from lazyfs.runner import nsfork
             nsfork.start(rootfs, spec, started)

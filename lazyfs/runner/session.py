@@ -65,8 +65,8 @@ def resolve(opts: RunOptions) -> tuple[str, rt.Spec]:
     """The manifest digest of opts.ref and the container spec its config gives."""
     reader = opts.source.open()
     try:
-        digest = objects.resolve(reader, opts.ref)
-        return digest, container_spec(objects.read_config(reader, digest), opts)
+        digest, config = objects.resolve_image(reader, opts.ref)
+        return digest, container_spec(config, opts)
     finally:
         reader.close()
 

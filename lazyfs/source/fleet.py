@@ -236,23 +236,23 @@ class Fleet:
         hashes to ``digest``."""
         def attempt(name: str, store: BlockStore, cached_only: bool) -> bytes:
             self._count_origin(name)
-            if kind == "manifest":
+            if kind == objects.MANIFEST:
                 frame = store.get_manifest(digest)
             elif cached_only:
                 frame = store.get_block(digest, cached_only=True)
             else:
                 frame = store.get_block(digest)
             data = objects.verify(kind, digest, frame, size)
-            if kind == "block":
+            if kind == objects.BLOCK:
                 self.stats.add(block_gets=1, block_bytes=len(frame))
             else:
                 self.stats.add(manifest_gets=1, manifest_bytes=len(frame))
             return data if raw else frame
-        return self._race(f"{kind} {digest}", attempt, probes=kind == "block")
+        return self._race(f"{kind} {digest}", attempt, probes=kind == objects.BLOCK)
 
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         """The block's bytes, verified against ``digest`` (the node cache's fetch function)."""
-        return self._verified("block", digest, raw=True, size=size)
+        return self._verified(objects.BLOCK, digest, raw=True, size=size)
 
     def fetch_blocks(self, items: list[tuple[str, int]]):
         """Verified bytes of many blocks (the prefetcher's fetch): one batch request per owning
@@ -277,10 +277,10 @@ class Fleet:
             yield from objects.fetch_blocks(group, self.fetch_block, counted, rejected)
 
     def get_block(self, digest: str) -> bytes:
-        return self._verified("block", digest)
+        return self._verified(objects.BLOCK, digest)
 
     def get_manifest(self, digest: str) -> bytes:
-        return self._verified("manifest", digest)
+        return self._verified(objects.MANIFEST, digest)
 
     def get_tag(self, name: str, tag: str) -> str:
         return self._race(f"tag {name}:{tag}", lambda _n, store, _c: store.get_tag(name, tag),

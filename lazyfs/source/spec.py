@@ -3,9 +3,9 @@ origin store behind them). The same description travels to the detached daemon a
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lazyfs import paths
+from lazyfs import argv, paths
 from lazyfs.source import defaults
 from lazyfs.store import open_store
 from lazyfs.source.base import BlockSource
@@ -15,7 +15,7 @@ from lazyfs.source.reader import StoreReader
 @dataclass(frozen=True)
 class Source:
     store: str | None = None  # with servers: the origin to fall back to (None: servers only)
-    servers: tuple[str, ...] = ()
+    servers: tuple[str, ...] = field(default=(), metadata={"flag": "--server"})
     deadline: float = defaults.DEADLINE
     hedge_after: float = defaults.HEDGE_AFTER
     readahead: int = defaults.READAHEAD
@@ -49,23 +49,13 @@ class Source:
         return " ".join(self.servers) + (f" (origin {self.store})" if self.store else "")
 
     def args(self) -> list[str]:
-        out = []
-        if self.store:
-            out += ["--store", self.store]
-        for s in self.servers:
-            out += ["--server", s]
-        return out + ["--deadline", str(self.deadline), "--hedge-after", str(self.hedge_after),
-                      "--readahead", str(self.readahead)] + ([] if self.siblings else ["--no-siblings"])
+        """This description as command-line options (lazyfs.argv)."""
+        return argv.to_argv(self)
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store")
-        p.add_argument("--server", action="append", default=[])
-        p.add_argument("--deadline", type=float, default=defaults.DEADLINE)
-        p.add_argument("--hedge-after", type=float, default=defaults.HEDGE_AFTER)
-        p.add_argument("--readahead", type=int, default=defaults.READAHEAD)
-        p.add_argument("--no-siblings", dest="siblings", action="store_false")
+        argv.add_arguments(Source, p)
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> "Source":
-        return cls(a.store, tuple(a.server), a.deadline, a.hedge_after, a.readahead, a.siblings)
+        return argv.from_namespace(cls, a)

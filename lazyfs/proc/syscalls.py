@@ -1,0 +1,58 @@
+"""mount(2), umount2(2), unshare(2), sethostname(2) and prctl(2) through the C library, each
+failure an OSError with its errno and what was being done; callers turn it into their own error.
+
+Standard library only: the namespaces runtime's init (lazyfs.runner.nsinit) runs as
+``python -I -S`` and imports this by path. The C library is the one already loaded
+(ctypes.util.find_library would fork ldconfig on every start).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 0x4000, 1 << 18
+MNT_DETACH = 2
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+           f"{fstype or source} mount on {target} failed")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), f"unmounting {target} failed")
+
+
+def make_mounts_private() -> None:
+    """Every mount of this mount namespace private (--propagation private), recursively."""
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def die_with_parent(sig: int) -> None:
+    """PR_SET_PDEATHSIG: ``sig`` when the parent thread dies (as unshare --kill-child)."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)

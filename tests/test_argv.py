@@ -1,0 +1,35 @@
+"""What travels to a detached daemon as its command line comes back as it was sent."""
+from __future__ import annotations
+
+from hypothesis import given, strategies as st
+
+from lazyfs.fs.daemon import DaemonArgs
+from lazyfs.source.spec import Source
+
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20)
+sources = st.builds(Source, st.none() | text, st.lists(text, max_size=3).map(tuple),
+                    st.floats(0.1, 100), st.floats(0, 10), st.integers(0, 64), st.booleans())
+daemons = st.builds(DaemonArgs, digest=text, source=sources, cache_dir=text, mountpoint=text,
+                    ref=st.just("") | text, ready_fd=st.none() | st.integers(0, 1000), debug=st.booleans(),
+                    trace=st.none() | text, profile=st.sampled_from(["auto", "none"]) | text,
+                    workload=st.none() | st.just("0123456789abcdef"),
+                    layout=st.sampled_from(["fuse", "kernel"]), runtime_dir=st.just("") | text,
+                    complete=st.booleans(), cache_size=st.none() | st.integers(1, 1 << 40))
+
+
+@given(daemons)
+def test_daemon_args_round_trip(args):
+    assert DaemonArgs.parse(args.argv()) == args
+
+
+@given(sources)
+def test_a_source_round_trips_through_the_agent_request(source):
+    import argparse
+    p = argparse.ArgumentParser()
+    Source.add_arguments(p)
+    assert Source.from_namespace(p.parse_args(source.args())) == source
+
+
+def test_defaults_are_not_written():
+    args = DaemonArgs("sha256:" + "a" * 64, Source(), "/cache", "/mnt")
+    assert args.argv() == ["--digest=sha256:" + "a" * 64, "--cache-dir=/cache", "--", "/mnt"]

@@ -259,30 +259,25 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
     return {"image": work.image, "argv": ["python3", "-c", f"<import torch; {what}>"], "samples": samples}
 
 
+# What each mode runs: from the extracted image (the image's name), or lazily (its reference).
+_LOCAL = {"pull": Node.pull, "podman-pull": Node.podman_pull_run, "local": Node.local_run,
+          "local-erofs": Node.local_erofs_run, "local-overlay": Node.local_overlay_run,
+          "podman-image": Node.podman_image_run}
+_LAZY = {  # profile (None: the image's own reference, i.e. what `lazyfs profile` recorded), cold, more
+    "warm-node-podman": ("auto", False, {"runtime": "podman"}),
+    "warm-node": ("auto", False, {}),
+    "warm-node-fuse": ("auto", False, {"data_path": "fuse"}),
+    "lazy+profile": (None, True, {}),
+    "lazy+learnt": ("auto", True, {}),  # the profile of this workload the fleet learnt
+    "lazy": ("none", True, {}),  # the image's first start anywhere
+}
+
+
 def _one(node: Node, mode: str, ref: str, work) -> Sample:
-    if mode == "pull":
-        return node.pull(work.image, work)
-    if mode == "podman-pull":
-        return node.podman_pull_run(work.image, work)
-    if mode == "local":
-        return node.local_run(work.image, work)
-    if mode == "local-erofs":
-        return node.local_erofs_run(work.image, work)
-    if mode == "local-overlay":
-        return node.local_overlay_run(work.image, work)
-    if mode == "podman-image":
-        return node.podman_image_run(work.image, work)
-    if mode == "warm-node-podman":
-        return node.lazy(ref, work, "auto", cold=False, runtime="podman")
-    if mode == "warm-node":
-        return node.lazy(ref, work, "auto", cold=False)
-    if mode == "warm-node-fuse":
-        return node.lazy(ref, work, "auto", cold=False, data_path="fuse")
-    if mode == "lazy+profile":  # the profile `lazyfs profile` recorded for the image
-        return node.lazy(ref, work, ref, cold=True)
-    if mode == "lazy+learnt":  # the profile of this workload the fleet learnt
-        return node.lazy(ref, work, "auto", cold=True)
-    return node.lazy(ref, work, "none", cold=True)  # the image's first start anywhere
+    if mode in _LOCAL:
+        return _LOCAL[mode](node, work.image, work)
+    profile, cold, more = _LAZY[mode]
+    return node.lazy(ref, work, profile or ref, cold=cold, **more)
 
 
 def _learn_profile(node: Node, ref: str, work, timeout: float = 120.0) -> None:

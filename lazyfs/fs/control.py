@@ -41,7 +41,11 @@ def serve(mountpoint: str, stats: Callable[[], dict]) -> socket.socket:
     return sock
 
 
-def query(mountpoint: str, timeout: float = 5.0) -> dict:
+QUERY_TIMEOUT = 5.0  # seconds a user's `lazyfs stats` waits for a daemon's counters
+SCRAPE_TIMEOUT = 1.0  # the node agent's own reads (status, /metrics): a busy daemon must not stall them
+
+
+def query(mountpoint: str, timeout: float = QUERY_TIMEOUT) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -262,7 +262,7 @@ def op_status(agent, req, pid, conn, reader) -> dict:
     for s in list(agent.shared.values()):
         try:
             with agent.unlocked():
-                counters = control.query(s.mountpoint, timeout=2.0)
+                counters = control.query(s.mountpoint, timeout=control.SCRAPE_TIMEOUT)
             agent.metrics.last_counters[s.key] = counters
         except MountError as exc:
             counters = {"error": str(exc)}

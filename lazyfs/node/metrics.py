@@ -54,7 +54,7 @@ class Metrics:
         from lazyfs.fs import control
         from lazyfs.errors import MountError
         try:
-            self.last_counters[shared.key] = control.query(shared.mountpoint, timeout=1.0)
+            self.last_counters[shared.key] = control.query(shared.mountpoint, timeout=control.SCRAPE_TIMEOUT)
         except MountError:
             pass
 
@@ -113,7 +113,7 @@ class _Live:
             for lease in s.leases:
                 kinds[lease.kind] = kinds.get(lease.kind, 0) + 1
             try:
-                self.metrics.last_counters[s.key] = control.query(s.mountpoint, timeout=1.0)
+                self.metrics.last_counters[s.key] = control.query(s.mountpoint, timeout=control.SCRAPE_TIMEOUT)
             except MountError:
                 continue
             c = self.metrics.last_counters[s.key].get("cache", {})

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -22,8 +22,8 @@ from lazyfs.counters import Counters
 from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, StoreError,
                            StoreUnavailable)
 from lazyfs.source import defaults, rendezvous
+from lazyfs.source.race import Race
 from lazyfs.store.base import BlockStore
-from lazyfs.errors import NotCached
 from lazyfs.store.http import HttpStore
 from lazyfs.records import objects
 from lazyfs.store.counting import counted_frames
@@ -31,8 +31,6 @@ from lazyfs.store.counting import counted_frames
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
 DOWN_FOR = 3.0
-RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # backoff between rounds while every source fails
-ESCALATE = 4  # hedge delays before a hedge may make another server fill from the origin
 
 
 @dataclass
@@ -128,103 +126,9 @@ class Fleet:
                 self._p90 = ordered[int(len(ordered) * 0.9)]
 
     def _race(self, key: str, attempt: Callable[[str, BlockStore, bool], T], probes: bool = True) -> T:
-        """First good answer of ``attempt(name, store, cached_only)`` over the candidates.
-
-        A failure moves on to the next candidate at once. A slow answer is hedged: first with a
-        cache-only probe of the next server (a hit there wins; a miss costs nothing upstream),
-        and only after ESCALATE hedge delays with a full request that may fill from the origin,
-        so that a burst of slow answers does not turn into a burst of duplicate origin fetches."""
-        hedge = self.hedge_delay()
-        started = time.monotonic()
-        deadline = started + self.options.deadline
-        escalate_at = started + (ESCALATE * hedge if probes else 0.0)
-        queue = deque(self.candidates(key))
-        probed: set[str] = set()
-        running: dict = {}  # future -> (name, full request?, launched at)
-        errors: list[tuple[str, Exception]] = []
-
-        def launch(name: str, store: BlockStore, full: bool) -> None:
-            fut = self._pool.submit(attempt, name, store, not full)
-            running[fut] = (name, full, time.monotonic())
-
-        launch(*queue.popleft(), True)
-        last = started
-        retry_in = RETRY_FIRST
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            unprobed = [c for c in queue if c[0] not in probed and c[0] != "origin"]
-            probing = now < escalate_at and bool(unprobed)
-            if not queue:
-                wake = deadline
-            elif probing:
-                wake = last + hedge
-            else:
-                wake = max(last + hedge, escalate_at)
-            done, _ = wait(running, timeout=max(0.0, min(wake, deadline) - now),
-                           return_when=FIRST_COMPLETED)
-            if not done:
-                if queue and time.monotonic() >= wake:
-                    self.stats.add(hedges=1)
-                    target = unprobed[0] if probing else queue.popleft()
-                    if probing:
-                        probed.add(target[0])
-                    launch(*target, not probing)
-                    last = time.monotonic()
-                    log.info("no answer for %s after %.2fs; %s %s", key, last - started,
-                             "probing the cache of" if probing else "hedging to", target[0])
-                continue
-            for fut in done:
-                name, full, launched = running.pop(fut)
-                try:
-                    result = fut.result()
-                except NotCached:
-                    self.stats.add(probe_misses=1)  # the probed server stays in the queue
-                    continue
-                except Exception as exc:  # noqa: BLE001 - any failure of one source moves on
-                    if not isinstance(exc, LazyfsError):
-                        exc = StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}")
-                    errors.append((name, exc))
-                    self._failed(name, key, exc)
-                    if not full:
-                        queue = deque(c for c in queue if c[0] != name)
-                    continue
-                if full:
-                    self._observe(time.monotonic() - launched)
-                self._answered(name)
-                return result
-            if queue and not any(full for _, full, _ in running.values()):
-                launch(*queue.popleft(), True)  # failover: at once, and a full request
-                last = time.monotonic()
-                continue
-            if not running:
-                # The origin is the authority on absence; servers only when all of them agree.
-                for n, e in errors:
-                    if isinstance(e, NotFound) and (n == "origin" or
-                                                    all(isinstance(x, NotFound) for _, x in errors)):
-                        raise e
-                # Every source failed: an outage (a server restarting, a network blip) is a
-                # stall, not an error. Ask them all again, backing off, until the deadline.
-                pause = min(retry_in, deadline - time.monotonic())
-                if pause <= 0:
-                    break
-                time.sleep(pause)
-                retry_in = min(retry_in * 2, RETRY_MAX)
-                self.stats.add(retries=1)
-                queue = deque(self.candidates(key))
-                probed.clear()
-                launch(*queue.popleft(), True)
-                last = time.monotonic()
-        self.stats.add(deadline_failures=1)
-        waiting = ", ".join(n for n, _, _ in running.values()) or "none"
-        errors = errors[-len(self.clients) - 1:]  # the last round's, not every retry's
-        log.error("%s: no good answer within the %.1fs deadline (still waiting on %s; failed: %s)",
-                  key, self.options.deadline, waiting,
-                  "; ".join(f"{n}: {e}" for n, e in errors) or "none")
-        last = "; ".join(f"{n}: {e}" for n, e in errors)
-        raise StoreUnavailable(f"{key}: no good answer within {self.options.deadline:.1f}s from "
-                               f"{self.url}" + (f" (every source failed; last: {last})" if last else ""))
+        """First good answer of ``attempt(name, store, cached_only)`` over the candidates
+        (lazyfs.source.race: failover, hedging, rounds, the deadline)."""
+        return Race(self, key, attempt, probes).run()
 
     def _count_origin(self, name: str) -> None:
         if name == "origin":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cache_server.auth import Auth
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
@@ -90,6 +90,7 @@ class CacheServer:
         self.filler = Filler(origin, cache, self.metrics)
         self.bodies = Bodies()
         self.profiles = ProfileMerges(self)
+        self.auth = Auth(config)
 
     # -- plumbing ------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -156,40 +157,6 @@ class CacheServer:
         self.metrics.latency.labels(route).observe(seconds)
         self.metrics.response_bytes.labels(route).inc(_body_bytes(request, response))
 
-    def _auth(self, request: web.Request, write: bool) -> None:
-        """Writes need the write token; reads, with auth_reads, the write token or the node token."""
-        if write:
-            if self.config.token is None:
-                raise HttpError(403, "writes are disabled on this server (start it with --token-file)")
-            self._bearer(request, (self.config.token,))
-        elif self.config.auth_reads:
-            self._bearer(request, self._node_tokens())
-
-    def auth_node(self, request: web.Request) -> None:
-        """What a node may do beyond reading (contribute a startup profile): on a server whose
-        reads are open and that has no node token, whoever may read; else the node token (or
-        the write token)."""
-        if not self.config.profiles:
-            raise HttpError(403, "this server takes no startup profiles (started with --no-profiles)")
-        if self.config.node_token is None and not self.config.auth_reads:
-            return
-        self._bearer(request, self._node_tokens())
-
-    def _node_tokens(self) -> tuple[str, ...]:
-        return tuple(t for t in (self.config.node_token, self.config.token) if t)
-
-    @staticmethod
-    def _bearer(request: web.Request, accepted: tuple[str, ...]) -> None:
-        if not accepted:
-            raise HttpError(403, "this server has no token to check (start it with --token-file)")
-        header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
-            raise HttpError(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-        # Header values arrive decoded with surrogateescape: any bytes, even ones no token has.
-        sent = header[7:].strip().encode("utf-8", "surrogateescape")
-        if not any([hmac.compare_digest(sent, t.encode()) for t in accepted]):
-            raise HttpError(403, "wrong token")
-
     @staticmethod
     def _digest(request: web.Request) -> str:
         value = request.match_info["digest"]
@@ -203,7 +170,7 @@ class CacheServer:
 
     # -- reads ---------------------------------------------------------------------------------
     async def get_object(self, request: web.Request, kind: str) -> web.StreamResponse:
-        self._auth(request, write=False)
+        self.auth.read(request)
         digest = self._digest(request)
         await self._delay()
         if "only-if-cached" in request.headers.get("Cache-Control", "") and \
@@ -227,7 +194,7 @@ class CacheServer:
         return web.Response(body=frame[start:stop], status=206, headers=headers)
 
     async def head_object(self, request: web.Request, kind: str) -> web.Response:
-        self._auth(request, write=False)
+        self.auth.read(request)
         digest = self._digest(request)
         size = self.cache.size(kind, digest)
         if size is not None:
@@ -247,7 +214,7 @@ class CacheServer:
                                      "Accept-Ranges": "bytes"})
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
-        self._auth(request, write=False)
+        self.auth.read(request)
         raw = await self.bodies.read(request, BATCH_BODY)
         try:
             body = json.loads(raw)
@@ -309,7 +276,7 @@ class CacheServer:
         return resp
 
     async def list_objects(self, request: web.Request, kind: str) -> web.StreamResponse:
-        self._auth(request, write=False)
+        self.auth.read(request)
         lister = self.origin.list_blocks if kind == "blocks" else self.origin.list_manifests
         infos = await self.filler.call(lambda: list(lister()))
         lines = "".join(json.dumps({"digest": i.digest, "size": i.size, "mtime": i.mtime}) + "\n"
@@ -317,13 +284,13 @@ class CacheServer:
         return web.Response(text=lines, content_type="application/x-ndjson")
 
     async def get_tag(self, request: web.Request) -> web.Response:
-        self._auth(request, write=False)
+        self.auth.read(request)
         ref = self._ref(request)
         digest = await self.filler.call(self.origin.get_tag, ref.name, ref.tag)
         return web.Response(text=digest + "\n", headers={"Cache-Control": "no-cache"})
 
     async def list_tags(self, request: web.Request) -> web.Response:
-        self._auth(request, write=False)
+        self.auth.read(request)
         tags = await self.filler.call(self.origin.list_tags)
         return web.json_response([{"name": n, "tag": t, "digest": d} for n, t, d in tags])
 
@@ -351,7 +318,7 @@ class CacheServer:
 
     # -- writes --------------------------------------------------------------------------------
     async def put_object(self, request: web.Request, kind: str) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         digest = self._digest(request)
         frame = await self.bodies.read(request, KIND_LIMIT[kind])
         try:
@@ -364,7 +331,7 @@ class CacheServer:
         return web.json_response({"digest": digest, "created": created}, status=201 if created else 200)
 
     async def delete_object(self, request: web.Request, kind: str) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         digest = self._digest(request)
         delete = self.origin.delete_block if kind == "blocks" else self.origin.delete_manifest
         await self.filler.call(delete, digest)
@@ -372,7 +339,7 @@ class CacheServer:
         return web.Response(status=204)
 
     async def put_tag(self, request: web.Request) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         ref = self._ref(request)
         value = (await self.bodies.read(request, TAG_BODY)).decode("ascii", "replace").strip()
         if not digests.is_valid(value):
@@ -381,18 +348,18 @@ class CacheServer:
         return web.Response(status=204)
 
     async def list_leases(self, request: web.Request) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         leases = await self.filler.call(self.origin.list_leases)
         return web.json_response([{"name": n, "data": base64.b64encode(d).decode()} for n, d in leases])
 
     async def put_lease(self, request: web.Request) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         name = self._lease_name(request)
         await self.filler.call(self.origin.put_lease, name, await self.bodies.read(request, LEASE_BODY))
         return web.Response(status=204)
 
     async def delete_lease(self, request: web.Request) -> web.Response:
-        self._auth(request, write=True)
+        self.auth.write(request)
         await self.filler.call(self.origin.delete_lease, self._lease_name(request))
         return web.Response(status=204)
 

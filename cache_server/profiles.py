@@ -31,7 +31,7 @@ class ProfileMerges:
     async def contribute(self, request: web.Request) -> web.Response:
         server = self.server
         try:
-            server.auth_node(request)
+            server.auth.node(request)
         except HttpError:
             server.metrics.profiles.labels("refused").inc()
             raise

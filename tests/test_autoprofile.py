@@ -204,3 +204,43 @@ def test_a_start_served_by_the_image_profile_seeds_its_workload_profile(env_dirs
         assert _blocks_of(store, "data/a") | _blocks_of(store, "data/b") <= listed  # its own reads
     finally:
         server.stop()
+
+
+def test_guessed_blocks_count_only_if_something_read_them(env_dirs, tmp_path):
+    """Reading a directory's first small file fetches its other small files on a guess; on the
+    kernel data path the kernel then reads those it needs from the node cache, unseen by the
+    daemon. The learnt profile keeps the guesses that were read, and only those."""
+    root = tmp_path / "rootfs"
+    _image(root)
+    pkg = root / "data" / "pkg"
+    pkg.mkdir()
+    for i in range(12):
+        (pkg / f"m{i:02d}.py").write_bytes(random.Random(f"pkg-{i}").randbytes(20_000 + i))
+    lazyfs_cli("build", f"dir:{root}", "--tag", TAG)
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    read = ["m00.py", "m03.py", "m07.py"]
+    command = ["sh", "-c", "sleep 0.5; " + "; sleep 0.2; ".join(f"cat /data/pkg/{n} > /dev/null" for n in read)]
+    server = _server(env_dirs, tmp_path, "server-cache")
+    try:
+        lazyfs_cli("run", "--runtime", "namespaces", "--no-node", "--server", server.url,
+                   "--cache-dir", tmp_path / "node", "--stats-json", tmp_path / "a.json", TAG, "--", *command)
+        stats = json.loads((tmp_path / "a.json").read_text())
+        image = objects.resolve(store, TAG)
+        target = proffmt.tag_for(image, proffmt.workload_key(command))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                learnt = proffmt.decode(objects.read_manifest_bytes(store, store.get_tag(*target)))
+                break
+            except NotFound:
+                assert time.monotonic() < deadline, "no profile was learnt"
+                time.sleep(0.2)
+        listed = {b.digest for b in learnt.blocks}
+        wanted = set().union(*(_blocks_of(store, f"data/pkg/{n}") for n in read))
+        unread = set().union(*(_blocks_of(store, f"data/pkg/m{i:02d}.py") for i in range(12)
+                               if f"m{i:02d}.py" not in read))
+        assert wanted <= listed, "a file the workload read is missing from the profile"
+        assert stats["data_path"] != "kernel" or stats["learn"]["guessed"] > 0
+        assert not unread & listed, "files only fetched on a guess were taken for reads"
+    finally:
+        server.stop()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from imagebuilder.build import build
-from lazyfs import gc
+from lazyfs.cache import cap
+from lazyfs.records import gc
 from lazyfs.errors import StoreUnavailable
 from lazyfs.records import objects
 from lazyfs.store.lease import Lease, LeaseConflict
@@ -103,9 +104,9 @@ def test_node_cache_trim_lru(tmp_path):
         p = blocks / f"{i:064x}"
         p.write_bytes(b"x" * 1000)
         os.utime(p, (now - 1000 + i, now - 1000 + i))  # block 0 least recently used
-    report = gc.collect_node_cache(tmp_path / "cache", 4500, dry_run=True)
+    report = cap.collect(tmp_path / "cache", 4500, dry_run=True)
     assert report.evicted == 6 and len(list(blocks.iterdir())) == 10
-    report = gc.collect_node_cache(tmp_path / "cache", 4500)
+    report = cap.collect(tmp_path / "cache", 4500)
     assert sorted(p.name for p in blocks.iterdir()) == [f"{i:064x}" for i in range(6, 10)]
 
 

@@ -184,7 +184,7 @@ def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, 
 
 
 def test_store_gc_keeps_an_images_metadata(image, env_dirs):
-    from lazyfs import gc
+    from lazyfs.records import gc
     from lazyfs.records import objects
 
     store = _store(env_dirs)

@@ -1,7 +1,7 @@
 """The ``docker://`` source: an image read straight from a registry, layer streams and all.
 
 The registry's manifests, index and config are read whole and verified against their digests; each
-layer is a :class:`~imagebuilder.sources.registry.BlobReader` that read_layer hashes as it streams,
+layer is a :class:`~imagebuilder.sources.download.BlobReader` that read_layer hashes as it streams,
 so a layer is never held whole in memory or on disk, and nothing reaches the store before the build
 has verified every byte (imagebuilder/build.py stages blocks until then).
 """
@@ -15,7 +15,8 @@ from lazyfs.format import digest as digests
 from imagebuilder.sources import dockerref, oci, regauth
 from imagebuilder.sources.blobs import BlobSource
 from imagebuilder.sources.model import ImageInput, SourceOptions
-from imagebuilder.sources.registry import BlobReader, Registry
+from imagebuilder.sources.download import BlobReader
+from imagebuilder.sources.registry import Registry
 
 
 class RegistryBlobs(BlobSource):

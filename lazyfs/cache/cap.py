@@ -139,3 +139,12 @@ def keep_longer(shared_mounts) -> set[str]:
     for s in shared_mounts:
         out |= set(s.profile_blocks)
     return out
+
+
+def collect(root: str | os.PathLike, max_bytes: int, dry_run: bool = False) -> TrimReport:
+    """`lazyfs gc --node-cache`: evict least recently used files (blocks, whole objects, EROFS
+    metadata images) until the cache is at most ``max_bytes`` (all of it, not TRIM_TO of it;
+    this module's docstring says why that is safe beside mounts)."""
+    report = trim(root, max_bytes, dry_run=dry_run, below=1.0)
+    report.dry_run = dry_run
+    return report

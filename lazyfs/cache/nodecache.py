@@ -86,6 +86,9 @@ class NodeCache:
         # the cache never grows past it; ``keep_longer`` (the startup profile's blocks) go last.
         self.cap_bytes = cap_bytes
         self.keep_longer: set[str] = set()
+        # Leave no written block in the page cache, so a block whose file has pages there later
+        # was read by the kernel (the mount that learns a startup profile: lazyfs.fs.autoprofile).
+        self.drop_written = False
         self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
@@ -306,7 +309,8 @@ class NodeCache:
             # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
             # is, with no re-hash, so a power cut must not leave a torn block under its name.
             with self.room(len(data)):
-                atomic_write(path, data, layout.tmp_dir(self.root), durable=True)
+                atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
+                             drop_pages=self.drop_written)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so

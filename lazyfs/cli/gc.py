@@ -25,7 +25,8 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Change nothing; say what would go."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    from lazyfs import gc as collector
+    from lazyfs.cache import cap
+    from lazyfs.records import gc as collector
     from lazyfs import paths
     from lazyfs.store import open_store
 
@@ -34,7 +35,7 @@ def gc(
         if max_size is None:
             raise typer.BadParameter("--node-cache needs --max-size")
         root = cache_dir or str(paths.default_cache_dir())
-        r = collector.collect_node_cache(root, parse_size(max_size), dry_run)
+        r = cap.collect(root, parse_size(max_size), dry_run)
         if as_json:
             print(json.dumps(r.to_dict(), indent=2))
             return

@@ -7,6 +7,12 @@ through the mount's cache servers (a node reading a store directly learns nothin
 write a store): a server merges it into the store's profile of this image and workload, so the
 next cold start of it on any node prefetches what this one read.
 
+Blocks fetched ahead of any read (a directory's small files, when its first one is read) are
+recorded as guesses: on the kernel data path the kernel reads the ones the workload needs from
+the node cache, unseen, so while it learns the mount writes blocks without leaving them in the
+page cache, and at the end a guess counts only if its file has pages there again (cachestat):
+something read it.
+
 On the kernel data path only misses reach the daemon, so a start that prefetched a profile sees
 only what the profile lacked. With its own workload's profile it contributes just that; with
 another one (the image's, say, while its workload has none yet) it contributes that profile's
@@ -32,6 +38,10 @@ class AutoProfile:
     def __init__(self, source, image_digest: str, workload: str | None, meta: dict):
         self.source, self.image, self.workload, self.meta = source, image_digest, workload, meta
         self.recorder = Recorder()
+        # Whether a block fetched on a guess was read after all (the node cache's page-cache
+        # residency, set by the daemon); None: count every guess.
+        self.was_read = None
+        self.after = lambda: None  # called once the contribution is over (or skipped)
         self.base = None  # the profile this mount prefetched, once looked up
         self.looked_up = threading.Event()  # set when the lookup is over, found or not
         self.result: dict | None = None
@@ -70,11 +80,18 @@ class AutoProfile:
     def contribute(self) -> None:
         if not self._once.acquire(blocking=False):
             return  # one contribution per mount
+        try:
+            self._contribute()
+        finally:
+            self.after()
+
+    def _contribute(self) -> None:
         self.looked_up.wait(CONTRIBUTE_AT_UNMOUNT)
         base = self.base
         own = base is not None and base.meta.get("workload") == self.workload
         start = self.recorder.profile(self.image, frozenset(b.digest for b in base.blocks)
-                                      if own else frozenset(), self.meta)
+                                      if own else frozenset(), self.meta,
+                                      self.was_read or (lambda digest: True))
         if base is not None and not own:  # seeded with the profile that served this start
             seen = {b.digest for b in start.blocks}
             start = Profile(self.image, tuple(b for b in base.blocks if b.digest not in seen)
@@ -92,4 +109,5 @@ class AutoProfile:
             log.warning("startup profile: could not contribute what this start read: %s", exc)
 
     def stats(self) -> dict:
-        return {"recorded": len(self.recorder), "contributed": self.result, "error": self.error}
+        return {"recorded": len(self.recorder), "guessed": self.recorder.guessed,
+                "contributed": self.result, "error": self.error}

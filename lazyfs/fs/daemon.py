@@ -65,6 +65,7 @@ def serve(args: DaemonArgs) -> None:
 
     from lazyfs.cache.nodecache import NodeCache
     from lazyfs.cache.prefetcher import fetch_missing
+    from lazyfs.fsutil import cached_pages
     from lazyfs.fs.fuseops import CODEC, LazyOps
 
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
@@ -79,6 +80,14 @@ def serve(args: DaemonArgs) -> None:
     if args.profile == "auto" and args.workload and not trace and source.takes_profiles():
         from lazyfs.fs.autoprofile import AutoProfile
         auto = AutoProfile(reader, digest, args.workload, {"ref": args.ref} if args.ref else {}).start()
+    if auto:
+        cache.drop_written = True  # while it learns: a block's pages in the page cache mean a read
+
+        def was_read(digest: str) -> bool:
+            pages = cached_pages(cache.path(digest))
+            return pages is None or pages > 0  # a kernel that cannot say: count the guess
+        auto.was_read = was_read
+        auto.after = lambda: setattr(cache, "drop_written", False)
     index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto)
     completer = None
     if kernel_path:
@@ -101,10 +110,10 @@ def serve(args: DaemonArgs) -> None:
         # A profile knows what the workload reads; guessing by directory would only add bytes.
         if not (prefetch and prefetch[0]):
             if auto:
-                # On the kernel path a file whose block is here before it is opened is read from
-                # the node cache, unseen: what this start fetched is what the next one wants.
+                # Guesses: on the kernel path the kernel reads the ones it needs from the node
+                # cache, unseen; lazyfs.fs.autoprofile tells them apart at the end.
                 for digest, size in wanted:
-                    auto.recorder.touched(digest, size)
+                    auto.recorder.touched(digest, size, guess=True)
             fetch_missing(cache, reader.fetch_blocks, wanted)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
                   recorder=auto.recorder if auto else None,

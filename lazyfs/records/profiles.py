@@ -165,26 +165,44 @@ class Recorder:
         self.first: float | None = None
         self.last_new = 0.0  # monotonic time of the latest first touch
         self._seen: dict[str, ProfileBlock] = {}
+        self._guessed: dict[str, ProfileBlock] = {}  # fetched ahead on a guess, not (yet) seen read
         self._lock = threading.Lock()
 
-    def touched(self, digest: str, size: int) -> None:
-        if digest in self._seen:
+    def touched(self, digest: str, size: int, guess: bool = False) -> None:
+        """A read of the block (``guess``: a fetch ahead of any read, such as a directory's
+        siblings: it counts only if it turns out to have been read, see profile())."""
+        if digest in self._seen or (guess and digest in self._guessed):
             return
         now = time.monotonic()
         with self._lock:
-            if digest in self._seen or len(self._seen) >= self.limit:
+            if digest in self._seen or len(self._seen) + len(self._guessed) >= self.limit:
                 return
             if self.first is None:
                 self.first = now
-            self._seen[digest] = ProfileBlock(digest, size, now - self.first)
+            block = ProfileBlock(digest, size, now - self.first)
+            if guess:
+                self._guessed.setdefault(digest, block)
+            else:
+                self._guessed.pop(digest, None)
+                self._seen[digest] = block
             self.last_new = now
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + len(self._guessed)
 
-    def profile(self, image_digest: str, skip: frozenset = frozenset(), meta: dict | None = None) -> Profile:
-        """What was recorded, less ``skip`` (the blocks of the profile the mount prefetched: a
-        contribution of a start that had a profile is what that profile missed)."""
+    def profile(self, image_digest: str, skip: frozenset = frozenset(), meta: dict | None = None,
+                was_read=lambda digest: True) -> Profile:
+        """What was recorded, in first-touch order, less ``skip`` (the blocks of the profile the
+        mount prefetched: a contribution of a start that had a profile is what that profile
+        missed). A guessed block counts, at the time it was fetched, where ``was_read(digest)``
+        says something read it after all (the kernel, from the node cache, where the daemon
+        cannot see it)."""
         with self._lock:
-            blocks = [b for b in self._seen.values() if b.digest not in skip]
-        return Profile(image_digest, tuple(blocks), dict(meta or {}))
+            seen, guessed = list(self._seen.values()), list(self._guessed.values())
+        kept = [b for b in guessed if was_read(b.digest)]
+        blocks = sorted(seen + kept, key=lambda b: b.t)
+        return Profile(image_digest, tuple(b for b in blocks if b.digest not in skip), dict(meta or {}))
+
+    @property
+    def guessed(self) -> int:
+        return len(self._guessed)

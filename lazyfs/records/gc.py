@@ -1,4 +1,4 @@
-"""Garbage collection for stores (mark from tags, sweep the rest) and for node caches (LRU trim).
+"""Garbage collection for stores: mark from tags, sweep the rest (node caches: lazyfs.cache.cap).
 
 Store gc holds a "gc" lease, so it refuses to run beside a build (lazyfs/store/lease.py), and
 spares anything younger than the grace period as a second line of defence. Blocks and manifests
@@ -6,7 +6,6 @@ that no tag reaches are garbage: pin an image you mount by digest with a tag.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -95,13 +94,3 @@ def _sweep(listing, live: set[str], cutoff: float, report: GcReport, swept: list
         report.bytes += info.size
         if delete:
             delete(info.digest)
-
-
-def collect_node_cache(root: str | os.PathLike, max_bytes: int, dry_run: bool = False):
-    """Evict least recently used files (blocks, whole objects, EROFS metadata images) until the
-    cache is at most ``max_bytes`` (lazyfs.cache.cap says why that is safe beside mounts); the
-    cap.TrimReport."""
-    from dataclasses import replace
-
-    from lazyfs.cache import cap
-    return replace(cap.trim(root, max_bytes, dry_run=dry_run, below=1.0), dry_run=dry_run)

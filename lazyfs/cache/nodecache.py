@@ -86,9 +86,11 @@ class NodeCache:
         # the cache never grows past it; ``keep_longer`` (the startup profile's blocks) go last.
         self.cap_bytes = cap_bytes
         self.keep_longer: set[str] = set()
-        # Leave no written block in the page cache, so a block whose file has pages there later
-        # was read by the kernel (the mount that learns a startup profile: lazyfs.fs.autoprofile).
-        self.drop_written = False
+        # Blocks to leave out of the page cache once written, so that pages of their files found
+        # there later mean the kernel read them: the guesses of a mount that learns a startup
+        # profile (lazyfs.fs.autoprofile). Only those: dropping every block would make the kernel
+        # read back from disk what a start fetched for it.
+        self.drop_after_write: set[str] = set()
         self.claim_wait = claim_wait
         self.fetch = fetch
         self.prefetch_threads = prefetch_threads
@@ -254,7 +256,7 @@ class NodeCache:
         """Write a verified block; its path, or its bytes if the disk refused it (then held in
         memory, bounded)."""
         path = self.path(digest)
-        if self._insert(path, data):
+        if self._insert(path, data, drop=digest in self.drop_after_write):
             try:
                 identity = _identity(os.stat(path))
             except OSError:
@@ -297,7 +299,7 @@ class NodeCache:
         except FileNotFoundError:
             pass
 
-    def _insert(self, path: str, data: bytes) -> bool:
+    def _insert(self, path: str, data: bytes, drop: bool = False) -> bool:
         """Write a block to the cache disk; False if it refuses. A full or broken cache disk must
         not fail the read (the verified bytes are in hand): blocks are then served from memory,
         the disk is tried again every DISK_RETRY seconds, and the log says so once per outage."""
@@ -310,7 +312,7 @@ class NodeCache:
             # is, with no re-hash, so a power cut must not leave a torn block under its name.
             with self.room(len(data)):
                 atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
-                             drop_pages=self.drop_written)
+                             drop_pages=drop)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so

@@ -9,8 +9,8 @@ next cold start of it on any node prefetches what this one read.
 
 Blocks fetched ahead of any read (a directory's small files, when its first one is read) are
 recorded as guesses: on the kernel data path the kernel reads the ones the workload needs from
-the node cache, unseen, so while it learns the mount writes blocks without leaving them in the
-page cache, and at the end a guess counts only if its file has pages there again (cachestat):
+the node cache, unseen, so the mount writes the guessed blocks without leaving them in the page
+cache, and at the end a guess counts only if its file has pages there again (cachestat):
 something read it.
 
 On the kernel data path only misses reach the daemon, so a start that prefetched a profile sees

@@ -81,13 +81,11 @@ def serve(args: DaemonArgs) -> None:
         from lazyfs.fs.autoprofile import AutoProfile
         auto = AutoProfile(reader, digest, args.workload, {"ref": args.ref} if args.ref else {}).start()
     if auto:
-        cache.drop_written = True  # while it learns: a block's pages in the page cache mean a read
-
         def was_read(digest: str) -> bool:
             pages = cached_pages(cache.path(digest))
             return pages is None or pages > 0  # a kernel that cannot say: count the guess
         auto.was_read = was_read
-        auto.after = lambda: setattr(cache, "drop_written", False)
+        auto.after = cache.drop_after_write.clear
     index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto)
     completer = None
     if kernel_path:
@@ -114,6 +112,7 @@ def serve(args: DaemonArgs) -> None:
                 # cache, unseen; lazyfs.fs.autoprofile tells them apart at the end.
                 for digest, size in wanted:
                     auto.recorder.touched(digest, size, guess=True)
+                cache.drop_after_write.update(digest for digest, _ in wanted)
             fetch_missing(cache, reader.fetch_blocks, wanted)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
                   recorder=auto.recorder if auto else None,

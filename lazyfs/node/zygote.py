@@ -35,7 +35,10 @@ def preload() -> None:
     """Import what a run needs, once, in the agent (so that forks of it start warm)."""
     import importlib
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError):  # fusepy without libfuse, say: the fork imports (and fails) itself
+            pass
     import typer.main
 
     import lazyfs.cli

@@ -255,7 +255,7 @@ class CacheServer:
                     path, frame = await task
                     if frame is None:
                         try:  # off the event loop: a big frame must not stall other requests
-                            frame = await self.filler.call(_read_file, path)
+                            frame = await self.filler.read(path)
                         finally:
                             pinned.remove(digest)
                             self.cache.unpin("blocks", digest)
@@ -369,11 +369,6 @@ class CacheServer:
             return lease.check_name(request.match_info["name"])
         except StoreError as exc:
             raise HttpError(400, str(exc)) from None
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

@@ -26,6 +26,11 @@ log = logging.getLogger("lazyfs.server.fill")
 OBJECT_KIND = {"blocks": objects.BLOCK, "manifests": objects.MANIFEST}
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def verify(kind: str, digest: str, frame: bytes) -> None:
     """Raise IntegrityError/FormatError unless ``frame`` holds the object named ``digest``: the
     check every client makes too (lazyfs.records.objects.verify)."""
@@ -43,6 +48,10 @@ class Filler:
     async def call(self, fn, *args):
         """Run a blocking store call in the pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def read(self, path: str) -> bytes:
+        """A cached file's bytes, read off the event loop (a big frame must not stall it)."""
+        return await self.call(_read_file, path)
 
     async def obtain(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
         """(path of the cached frame, None), the entry pinned so no insert evicts it before it

@@ -72,15 +72,10 @@ class ProfileMerges:
         path, frame = await server.filler.obtain("manifests", image)
         if frame is None:
             try:
-                frame = await server.filler.call(_read, path)
+                frame = await server.filler.read(path)
             finally:
                 server.cache.unpin("manifests", image)
         return await server.filler.call(_decode, image, frame)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _decode(image: str, frame: bytes) -> mf.Manifest:

@@ -1,8 +1,6 @@
-"""Writing a file so that its final name never holds a partial file (temp file, then rename), and
-asking the page cache what of a file it holds."""
+"""Writing a file so that its final name never holds a partial file: temp file, then rename."""
 from __future__ import annotations
 
-import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -45,33 +43,3 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
             pass
         raise
 
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _CacheStat(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in
-                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
-
-
-_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5, the generic table)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def cached_pages(path: str | os.PathLike) -> int | None:
-    """How many of the file's pages are in the page cache (cachestat(2)); None where the kernel
-    cannot say, 0 for a file that is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOATIME if os.geteuid() == 0 else os.O_RDONLY)
-    except FileNotFoundError:
-        return 0
-    except OSError:
-        return None
-    try:
-        stat = _CacheStat()
-        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(stat), 0) != 0:
-            return None
-        return stat.nr_cache
-    finally:
-        os.close(fd)

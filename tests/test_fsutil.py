@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from lazyfs.fsutil import atomic_write, cached_pages
+from lazyfs.fsutil import atomic_write
+from lazyfs.proc.syscalls import cached_pages
 
 
 def test_written_pages_are_dropped_and_a_read_brings_them_back(tmp_path):

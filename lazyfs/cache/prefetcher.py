@@ -145,10 +145,13 @@ class Prefetcher:
         self.stats.add(failed=len(mine))  # what the batch never delivered
 
 
-def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[str, int]]) -> None:
+def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[str, int]],
+                  before=None) -> None:
     """Batch-fetch in the background those of ``wanted`` the node has no file for (sibling
     prefetch): verifying unused blocks already on disk would cost a warm node reads and
-    hashing for nothing."""
+    hashing for nothing. ``before`` is told which those are before any is fetched."""
     missing = [(d, n) for d, n in wanted if not os.path.exists(cache.path(d))]
     if missing:
+        if before is not None:
+            before(missing)
         Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True).start()

@@ -25,6 +25,7 @@ import threading
 import time
 
 from lazyfs.errors import LazyfsError
+from lazyfs.format import profile as proffmt
 from lazyfs.format.profile import Profile
 from lazyfs.records.profiles import Recorder
 
@@ -39,15 +40,15 @@ class AutoProfile:
         self.source, self.image, self.workload, self.meta = source, image_digest, workload, meta
         self.recorder = Recorder()
         # Whether a block fetched on a guess was read after all (the node cache's page-cache
-        # residency, set by the daemon); None: count every guess.
-        self.was_read = None
+        # residency, set by the daemon); by default every guess counts.
+        self.was_read = lambda digest: True
         self.after = lambda: None  # called once the contribution is over (or skipped)
+        self.recording = True  # until the contribution is made
         self.base = None  # the profile this mount prefetched, once looked up
         self.looked_up = threading.Event()  # set when the lookup is over, found or not
         self.result: dict | None = None
         self.error: str | None = None
         self._stop = threading.Event()
-        self._once = threading.Lock()
         self._thread = threading.Thread(target=self._wait, name="lazyfs-learn", daemon=True)
 
     def start(self) -> "AutoProfile":
@@ -60,29 +61,25 @@ class AutoProfile:
         self.looked_up.set()
 
     def _wait(self) -> None:
+        """Until the start is over or the mount goes, then the one contribution."""
         rec = self.recorder
         while not self._stop.wait(0.5):
-            if rec.first is None:
-                continue
             now = time.monotonic()
-            if now - rec.last_new >= IDLE or now - rec.first >= WINDOW:
-                self.contribute()
-                return
+            if rec.first is not None and (now - rec.last_new >= IDLE or now - rec.first >= WINDOW):
+                break
+        if rec.first is not None:
+            self.contribute()
 
     def stop(self) -> None:
-        """At unmount: contribute what was recorded, if that has not happened yet."""
+        """At unmount: let the contribution happen (or finish) before the source closes."""
         self._stop.set()
-        if self.recorder.first is not None:
-            t = threading.Thread(target=self.contribute, name="lazyfs-learn-last", daemon=True)
-            t.start()
-            t.join(CONTRIBUTE_AT_UNMOUNT)
+        self._thread.join(CONTRIBUTE_AT_UNMOUNT)
 
     def contribute(self) -> None:
-        if not self._once.acquire(blocking=False):
-            return  # one contribution per mount
         try:
             self._contribute()
         finally:
+            self.recording = False
             self.after()
 
     def _contribute(self) -> None:
@@ -90,12 +87,13 @@ class AutoProfile:
         base = self.base
         own = base is not None and base.meta.get("workload") == self.workload
         start = self.recorder.profile(self.image, frozenset(b.digest for b in base.blocks)
-                                      if own else frozenset(), self.meta,
-                                      self.was_read or (lambda digest: True))
+                                      if own else frozenset(), self.meta, self.was_read)
         if base is not None and not own:  # seeded with the profile that served this start
             seen = {b.digest for b in start.blocks}
-            start = Profile(self.image, tuple(b for b in base.blocks if b.digest not in seen)
-                            + start.blocks, start.meta)
+            start = Profile(self.image, start.blocks + tuple(b for b in base.blocks
+                                                             if b.digest not in seen), start.meta)
+        # What one start may send (a seed can be large): this start's own reads first.
+        start = Profile(self.image, start.blocks[:proffmt.MAX_CONTRIBUTION], start.meta)
         if not start.blocks:
             log.info("startup profile: nothing new to contribute")
             return

@@ -65,7 +65,7 @@ def serve(args: DaemonArgs) -> None:
 
     from lazyfs.cache.nodecache import NodeCache
     from lazyfs.cache.prefetcher import fetch_missing
-    from lazyfs.fsutil import cached_pages
+    from lazyfs.proc.syscalls import cached_pages
     from lazyfs.fs.fuseops import CODEC, LazyOps
 
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
@@ -85,7 +85,6 @@ def serve(args: DaemonArgs) -> None:
             pages = cached_pages(cache.path(digest))
             return pages is None or pages > 0  # a kernel that cannot say: count the guess
         auto.was_read = was_read
-        auto.after = cache.drop_after_write.clear
     index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto)
     completer = None
     if kernel_path:
@@ -104,21 +103,29 @@ def serve(args: DaemonArgs) -> None:
             out["learn"] = auto.stats()
         return out
 
+    def guessed(missing) -> None:
+        # On the kernel path the kernel reads the guesses it needs from the node cache, unseen
+        # by this daemon (on the FUSE path every read comes here): lazyfs.fs.autoprofile tells
+        # them apart at the end.
+        if auto and auto.recording:
+            for digest, size in missing:
+                auto.recorder.touched(digest, size, guess=True)
+            cache.drop_after_write.update(digest for digest, _ in missing)
+
     def siblings(wanted) -> None:
         # A profile knows what the workload reads; guessing by directory would only add bytes.
         if not (prefetch and prefetch[0]):
-            if auto:
-                # Guesses: on the kernel path the kernel reads the ones it needs from the node
-                # cache, unseen; lazyfs.fs.autoprofile tells them apart at the end.
-                for digest, size in wanted:
-                    auto.recorder.touched(digest, size, guess=True)
-                cache.drop_after_write.update(digest for digest, _ in wanted)
-            fetch_missing(cache, reader.fetch_blocks, wanted)
+            fetch_missing(cache, reader.fetch_blocks, wanted, guessed if kernel_path else None)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
                   recorder=auto.recorder if auto else None,
                   fetch_siblings=siblings if source.siblings else None,
                   on_read=(lambda inode: completer.read(index.object_of(inode), inode.entry.chunks))
                   if completer else None)
+    if auto:
+        def learnt() -> None:  # the contribution is made: record and drop nothing more
+            ops.recorder = None
+            cache.drop_after_write.clear()
+        auto.after = learnt
     if ready_fd is not None:
         def init(path, _fd=ready_fd):
             os.write(_fd, b"K" if kernel_path else b"1")

@@ -1,8 +1,9 @@
-"""mount(2), umount2(2), unshare(2), sethostname(2) and prctl(2) through the C library, each
-failure an OSError with its errno and what was being done; callers turn it into their own error.
+"""mount(2), umount2(2), unshare(2), sethostname(2), prctl(2) and cachestat(2) through the C
+library, each failure an OSError with its errno and what was being done (cachestat: None); callers
+turn it into their own error.
 
 Standard library only: the namespaces runtime's init (lazyfs.runner.nsinit) runs as
-``python -I -S`` and imports this by path. The C library is the one already loaded
+``python -I -S`` and imports this after putting the directory above lazyfs on its path. The C library is the one already loaded
 (ctypes.util.find_library would fork ldconfig on every start).
 """
 from __future__ import annotations
@@ -56,3 +57,33 @@ def sethostname(name: str) -> None:
 def die_with_parent(sig: int) -> None:
     """PR_SET_PDEATHSIG: ``sig`` when the parent thread dies (as unshare --kill-child)."""
     _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5, the generic table)
+
+
+def cached_pages(path: str | os.PathLike) -> int | None:
+    """How many of the file's pages are in the page cache (cachestat(2)); None where the kernel
+    cannot say, 0 for a file that is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOATIME if os.geteuid() == 0 else os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    try:
+        stat = _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(stat), 0) != 0:
+            return None
+        return stat.nr_cache
+    finally:
+        os.close(fd)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import types
 import typing
 
 
@@ -17,14 +19,15 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+@functools.cache
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls)  # once per class: it evaluates every annotation
 
 
 def _base(hint):
     """(type, optional) of a field's annotation."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0], True
     return hint, False
 
@@ -49,8 +52,8 @@ def to_argv(obj) -> list[str]:
         if f.metadata.get("argv") == "positional":
             positional.append(str(value))
             continue
-        if value == _default(f):
-            continue
+        if value is None or value == _default(f):
+            continue  # None is absent: the parser gives back the default
         kind, _ = _base(hints[f.name])
         if kind is bool:
             out.append(_flag(f) if value else "--no-" + _flag(f)[2:])

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lazyfs.errors import RunError
-from lazyfs.format import block, reference
+from lazyfs.format import reference
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.runtime import nsinit_command
 from lazyfs.runner.session import RunOptions, resolve
@@ -146,8 +146,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                             "publish": round(publish_s, 3)}}
         manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
-        snap_digest, frame = block.encode(snapfmt.encode(manifest), limit=objects.MAX_MANIFEST)
-        store.put_manifest(snap_digest, frame)
+        snap_digest = objects.put_record(store, snapfmt.encode(manifest))
         store.put_tag(snap.name, snap.tag, snap_digest)
         size = sum(f.size for f in files)
         print(f"lazyfs: snapshot {snap.name}:{snap.tag} ({snap_digest[:19]}): {size} bytes in "

@@ -39,13 +39,13 @@ ERROR_BODY = 65536  # what is read of a failed answer's body, for its message
 ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 
 
-def _error_text(body: bytes, reason: str | None) -> str:
+def _error_text(body: bytes, http_reason: str | None) -> str:
     """The first message of a distribution error body, or the HTTP reason."""
     try:
         first = (json.loads(body or b"{}").get("errors") or [])[0]
         return f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
     except (ValueError, AttributeError, IndexError, TypeError, UnicodeDecodeError):
-        return reason or ""
+        return http_reason or ""
 
 
 class Registry:

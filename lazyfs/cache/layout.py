@@ -37,6 +37,10 @@ def tmp_dir(root: str | os.PathLike) -> Path:
     return Path(root) / TMP
 
 
+def ledger_path(root: str | os.PathLike) -> Path:
+    return Path(root) / LEDGER
+
+
 def erofs_image(root: str | os.PathLike, digest: str) -> Path:
     """The node's EROFS image of a manifest: made or fetched once per node and image, kept for
     later mounts; named with the encoder's version, so a new layout never reads an old image."""

@@ -26,7 +26,6 @@ import fcntl
 import os
 import struct
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 from lazyfs.cache import layout
@@ -39,7 +38,7 @@ Record = tuple[int, int, int, int]
 class Ledger:
     def __init__(self, root: str | os.PathLike, scan: Callable[[], tuple[int, int]]):
         """``scan``: (files, bytes) counted on disk (lazyfs.cache.cap.usage_scan)."""
-        self.path = Path(root) / layout.LEDGER
+        self.path = layout.ledger_path(root)
         self.scan = scan
 
     def _locked(self, fn):

@@ -221,10 +221,8 @@ def parse_bool(option: str, text: str) -> bool:
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def source(store: Optional[str], servers: Optional[list[str]],
-           deadline: str = defaults.duration(defaults.DEADLINE),
-           hedge_after: str = defaults.duration(defaults.HEDGE_AFTER),
-           readahead: int = defaults.READAHEAD, siblings: bool = defaults.SIBLINGS):
+def source(store: Optional[str], servers: Optional[list[str]], deadline: str, hedge_after: str,
+           readahead: int, siblings: bool):
     """The --store/--server/... options, as a lazyfs.source.spec.Source."""
     from lazyfs.source.spec import Source
     dl = parse_duration(deadline)

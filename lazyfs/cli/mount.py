@@ -49,7 +49,7 @@ def mount(
         mounts.clean_stale(mountpoint)
         reader = src.open()
         try:
-            digest, _ = objects.resolve_image(reader, ref)
+            digest = objects.resolve(reader, ref)  # the daemon reads and checks the manifest
         finally:
             reader.close()
         daemon.serve(daemon.DaemonArgs(digest, src, str(cache_dir or paths.default_cache_dir()),

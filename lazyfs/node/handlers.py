@@ -311,9 +311,9 @@ def check(agent, shared: Shared) -> None:
 
 
 def over_cap(agent, roots: list[str]) -> bool:
-    from lazyfs.cache import cap, ledger
+    from lazyfs.cache import cap
     return any(cap.usage(root)[1] > agent.opts.cache_size for root in roots
-               if os.path.exists(os.path.join(root, cachelayout.LEDGER)))
+               if cachelayout.ledger_path(root).exists())
 
 
 def enforce_cap(agent, roots: list[str]) -> None:
@@ -336,9 +336,9 @@ def enforce_cap(agent, roots: list[str]) -> None:
 
 def watch_ledgers(agent, roots: list[str]) -> None:
     """Every tick: note the least each cache had in flight since the last reconcile."""
-    from lazyfs.cache import cap, ledger
+    from lazyfs.cache import cap
     for root in roots:
-        if os.path.exists(os.path.join(root, cachelayout.LEDGER)):  # (made by the first write, with a walk)
+        if cachelayout.ledger_path(root).exists():  # (made by the first write, with a walk)
             _, _, fb, ff = cap.ledger(root).record()
             low = agent.flight_low.get(root, (fb, ff))
             agent.flight_low[root] = (min(low[0], fb), min(low[1], ff))

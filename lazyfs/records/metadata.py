@@ -12,7 +12,7 @@ import logging
 from dataclasses import replace
 
 from lazyfs.errors import DigestMismatch, FormatError, KernelLayoutUnsupported, MetadataRefused, NotFound
-from lazyfs.format import block, digest as digests, erofs, kinds, manifest as mf, metaimage
+from lazyfs.format import digest as digests, erofs, kinds, manifest as mf, metaimage
 from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
@@ -29,8 +29,7 @@ def attach(store: BlockStore, manifest: mf.Manifest) -> mf.Manifest:
     except KernelLayoutUnsupported as exc:
         log.info("no mount metadata shipped (nodes will serve this image through FUSE): %s", exc)
         return bare
-    digest, frame = block.encode(metaimage.encode(image), limit=objects.MAX_MANIFEST)
-    store.put_manifest(digest, frame)
+    digest = objects.put_record(store, metaimage.encode(image))
     return replace(bare, meta=digest)
 
 

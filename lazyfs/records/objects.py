@@ -5,7 +5,6 @@ from lazyfs.errors import BlockFormatError, DigestMismatch, LazyfsError, Manifes
 from lazyfs.format import block, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
-MAX_MANIFEST = mf.MAX_MANIFEST
 BLOCK, MANIFEST = "block", "manifest"  # the kinds of object a store holds
 
 
@@ -25,7 +24,7 @@ def verify(kind: str, digest: str, frame: bytes, size: int | None = None) -> byt
     if kind == BLOCK:
         return block.decode(digest, frame, expected_size=size)
     try:
-        return block.decode(digest, frame, limit=MAX_MANIFEST)
+        return block.decode(digest, frame, limit=mf.MAX_MANIFEST)
     except DigestMismatch as exc:
         raise DigestMismatch(digest, exc.actual, what="manifest") from None
     except BlockFormatError as exc:
@@ -55,10 +54,16 @@ def resolve_image(store: BlockStore, ref: str | reference.Reference,
     return digest, config if config is not None else read_config(store, digest)
 
 
-def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
-    digest, frame = block.encode(mf.encode(manifest), limit=MAX_MANIFEST)
+def put_record(store: BlockStore, data: bytes) -> str:
+    """Store a manifest-kind record (a manifest, profile, provenance, metadata image, snapshot)
+    under the digest of its bytes, which it returns."""
+    digest, frame = block.encode(data, limit=mf.MAX_MANIFEST)
     store.put_manifest(digest, frame)
     return digest
+
+
+def write_manifest(store: BlockStore, manifest: mf.Manifest) -> str:
+    return put_record(store, mf.encode(manifest))
 
 
 def fetch_block(store: BlockStore, digest: str, size: int | None = None) -> bytes:

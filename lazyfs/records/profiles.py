@@ -14,11 +14,12 @@ import time
 from typing import Iterable
 
 from lazyfs.errors import LazyfsError, NotFound
-from lazyfs.format import block, digest as digests, kinds
+from lazyfs.format import digest as digests, kinds
 from lazyfs.format import profile as proffmt, trace as tracefmt
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.format.profile import Profile, ProfileBlock
 from lazyfs.records import objects
+from lazyfs.records.imagestats import block_sizes
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.profile")
@@ -57,8 +58,7 @@ def record(index, image_digest: str, trace_lines: Iterable[str], meta: dict) -> 
 
 def publish(store: BlockStore, profile: Profile) -> str:
     """Store the profile and point its image's profile tag at it; returns the profile digest."""
-    digest, frame = block.encode(proffmt.encode(profile), limit=objects.MAX_MANIFEST)
-    store.put_manifest(digest, frame)
+    digest = objects.put_record(store, proffmt.encode(profile))
     store.put_tag(*proffmt.tag_for(profile.image), digest)
     return digest
 
@@ -110,7 +110,7 @@ def load(store: BlockStore, image_digest: str, choice: str = AUTO,
 def plan(profile: Profile, manifest: Manifest, image_digest: str) -> list[tuple[str, int]]:
     """The profile's blocks that this image references, in profile order. A profile recorded on
     another image (stale, or named by hand) still helps for the blocks the two share."""
-    sizes = {c.digest: c.size for e in manifest.entries if e.type == EntryType.REG for c in e.chunks}
+    sizes = block_sizes(manifest)
     out = [(b.digest, sizes[b.digest]) for b in profile.blocks if b.digest in sizes]
     if profile.image != image_digest:
         log.warning("startup profile was recorded on %s, not %s: %d of its %d blocks are in this "
@@ -128,7 +128,7 @@ def contribute(store: BlockStore, manifest: Manifest, image_digest: str, start: 
     contributes again."""
     if start.image != image_digest:
         raise LazyfsError(f"a profile of {start.image} contributed for {image_digest}")
-    sizes = {c.digest: c.size for e in manifest.entries if e.type == EntryType.REG for c in e.chunks}
+    sizes = block_sizes(manifest)
     own = [ProfileBlock(b.digest, sizes[b.digest], b.t) for b in start.blocks if b.digest in sizes]
     own = own[:proffmt.MAX_CONTRIBUTION]
     meta = {k: start.meta[k] for k in ("argv", "ref") if k in start.meta}
@@ -148,8 +148,7 @@ def contribute(store: BlockStore, manifest: Manifest, image_digest: str, start: 
         log.warning("replacing the unreadable profile %s:%s: %s", *target, exc)
         old = None
     merged = proffmt.merge(old, Profile(image_digest, tuple(own), meta))
-    digest, frame = block.encode(proffmt.encode(merged), limit=objects.MAX_MANIFEST)
-    store.put_manifest(digest, frame)
+    digest = objects.put_record(store, proffmt.encode(merged))
     store.put_tag(*target, digest)
     return {"profile": digest, "blocks": len(merged.blocks), "accepted": len(own),
             "dropped": len(start.blocks) - len(own), "starts": merged.meta["starts"]}
@@ -175,7 +174,10 @@ class Recorder:
             return
         now = time.monotonic()
         with self._lock:
-            if digest in self._seen or len(self._seen) + len(self._guessed) >= self.limit:
+            if digest in self._seen:
+                return
+            promoted = not guess and self._guessed.pop(digest, None) is not None  # takes no room
+            if not promoted and len(self._seen) + len(self._guessed) >= self.limit:
                 return
             if self.first is None:
                 self.first = now
@@ -183,7 +185,6 @@ class Recorder:
             if guess:
                 self._guessed.setdefault(digest, block)
             else:
-                self._guessed.pop(digest, None)
                 self._seen[digest] = block
             self.last_new = now
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from lazyfs.errors import NotFound
-from lazyfs.format import block, digest as digests, kinds
+from lazyfs.format import digest as digests, kinds
 from lazyfs.format import provenance as provfmt
 from lazyfs.format.provenance import Provenance
 from lazyfs.records import objects
@@ -17,8 +17,7 @@ from lazyfs.store.base import BlockStore
 def publish(store: BlockStore, image_digest: str, source: dict) -> str:
     """Store the record, then the tags that find it (by image, then by each source digest)."""
     record = Provenance(image_digest, source, {"built": round(time.time(), 3)})
-    digest, frame = block.encode(provfmt.encode(record), limit=objects.MAX_MANIFEST)
-    store.put_manifest(digest, frame)
+    digest = objects.put_record(store, provfmt.encode(record))
     store.put_tag(*provfmt.image_tag(image_digest), digest)
     for source_digest in record.source_digests():
         store.put_tag(*provfmt.source_tag(source_digest), digest)

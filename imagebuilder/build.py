@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from lazyfs.errors import BuildOptionError, ImageSourceError
-from lazyfs.format import block, reference
-from lazyfs.records import metadata, provenance
+from lazyfs.format import block, chain as chainfmt, reference
 from lazyfs.format.manifest import EntryType, Manifest
-from lazyfs.records import objects
+from lazyfs.records import chains, metadata, objects, provenance
 from lazyfs.store.base import BlockStore
 from lazyfs.store.lease import Lease
 
@@ -39,6 +38,7 @@ class BuildResult:
     commit: CommitStats
     layers: int
     source: dict  # where the image came from (ImageInput.source): ref, manifest, index, platform
+    chains: list[str]  # the chain ID of each layer prefix, tagged in the store (lazyfs.format.chain)
 
 
 DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
@@ -73,9 +73,15 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
             tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
         stager = BlockStager(Path(staging), store, chunk_size)
         try:
-            tree = _flatten(image, stager, progress, max_size, max_entries)
+            chain_ids = _chain_ids(image)
+            lower: list[Manifest] = []  # the tree after each layer but the last (its chains)
+            keep = (lambda t: lower.append(t.to_manifest(chainfmt.CHAIN_CONFIG, chunk_size))) \
+                if chain_ids else (lambda t: None)
+            tree = _flatten(image, stager, progress, max_size, max_entries, keep)
             manifest = tree.to_manifest(image.config, chunk_size)
             used = tree.referenced_digests()
+            for m in lower:  # a chain's blocks, also those a later layer replaced
+                used.update(c.digest for e in m.entries for c in e.chunks)
             advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
             commit = stager.commit(used, advance)
         finally:
@@ -84,16 +90,30 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
         # metadata before the manifest that names it); the tag goes last.
         manifest = metadata.attach(store, manifest)
         digest = objects.write_manifest(store, manifest)
+        if chain_ids:
+            lower_digests = [objects.write_manifest(store, metadata.attach(store, m)) for m in lower]
+            chains.publish(store, chain_ids, lower_digests + [digest])
         if image.source.get("manifest"):
             transport = sources.parse(source)[0]
             provenance.publish(store, digest, {"transport": transport, **image.source})
         if ref:
             store.put_tag(ref.name, ref.tag, digest)
-    return BuildResult(digest, manifest, commit, len(image.layers) or 1, dict(image.source))
+    return BuildResult(digest, manifest, commit, len(image.layers) or 1, dict(image.source),
+                       chain_ids)
+
+
+def _chain_ids(image: sources.ImageInput) -> list[str]:
+    """The layers' chain IDs, which containerd names their snapshots by; none for a tree read
+    from a directory, or layers without diff_ids (their content was verified by nothing)."""
+    diff_ids = [layer.diff_id for layer in image.layers]
+    if not diff_ids or not all(diff_ids):
+        return []
+    return chainfmt.chain_ids(diff_ids)
 
 
 def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress, max_size: int,
-             max_entries: int = MAX_ENTRIES) -> Tree:
+             max_entries: int = MAX_ENTRIES, after_lower: Callable[[Tree], None] = lambda t: None) -> Tree:
+    """The tree of all layers; ``after_lower(tree)`` is called after each layer but the last."""
     tree = Tree(max_entries)
 
     def adder(index: int, label: str, whiteouts: bool):
@@ -115,4 +135,6 @@ def _flatten(image: sources.ImageInput, stager: BlockStager, progress: Progress,
         with layer.open() as raw:
             budget -= read_layer(layer.name, raw, layer.digest, layer.diff_id,
                                  adder(i, layer.name, True), advance, budget)
+        if i < len(image.layers) - 1:
+            after_lower(tree)
     return tree

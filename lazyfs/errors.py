@@ -193,3 +193,25 @@ class NodeError(LazyfsError):
 
 class NodeUnavailable(NodeError):
     """No agent answers on the socket and none could be started."""
+
+
+# --- the containerd snapshotter ----------------------------------------------------------------
+
+class SnapshotError(LazyfsError):
+    """A snapshot request containerd made cannot be done as asked (lazyfs.snapshotter)."""
+
+
+class SnapshotNotFound(SnapshotError):
+    exit_code = 2
+
+
+class SnapshotExists(SnapshotError):
+    """The key or name is taken (containerd's AlreadyExists, which also means "skip this layer")."""
+
+
+class SnapshotConflict(SnapshotError):
+    """The snapshot is not in a state that allows this (containerd's FailedPrecondition)."""
+
+
+class SnapshotterUnavailable(SnapshotError):
+    """The snapshotter cannot run here: no containerd protocol files, or not root."""

@@ -18,7 +18,7 @@ app = typer.Typer(
 # millisecond of `lazyfs run` is start-up latency), help and unknown commands import them all.
 MODULES = {"bench": "bench", "build": "build", "images": "build", "inspect": "build", "demo": "demo",
            "gc": "gc", "mount": "mount", "node": "node", "umount": "mount", "stats": "mount", "profile": "profile",
-           "run": "run", "serve": "serve", "snapshots": "snapshots",
+           "run": "run", "serve": "serve", "snapshots": "snapshots", "snapshotter": "snapshotter",
            "snapshot-helper": "snapshots"}
 
 

@@ -80,6 +80,11 @@ def status(as_json: bool = JsonOpt):
     runs = a["runs"]
     out.print(f"runs: {runs['forked']} forked warm, {runs['fallbacks']} on the slow path (the full CLI)"
               + (f"; last because: {runs['last_fallback']}" if runs["fallbacks"] else ""), highlight=False)
+    snaps = a.get("snapshots") or {}
+    if snaps.get("lazy") or snaps.get("fallbacks"):
+        out.print(f"containerd layers: {snaps['lazy']} served lazily, {snaps['fallbacks']} unpacked by "
+                  "containerd (not in the store)"
+                  + (f"; last {snaps['last_fallback']}" if snaps["fallbacks"] else ""), highlight=False)
     table = Table("IMAGE", "DIGEST", "USERS", "DATA PATH", "UP", "HITS", "FETCHED", box=None)
     now = time.time()
     for im in answer["images"]:

@@ -44,7 +44,7 @@ TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
 BUSY_RETRY = 1.0  # an idle mount that is still busy (a container outlived its run) is tried again
 WORKERS = 32  # requests answered at once (mounts, runs, status); more wait in the pool's queue
 # Answered on the loop's thread, never queued behind slow requests: each takes the lock briefly.
-INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff"})
+INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff", "snapshotter"})
 SHUTDOWN_WAIT = 5.0  # seconds a stopping agent lets requests in progress finish
 
 
@@ -64,6 +64,15 @@ class RunCounts:
     fallbacks: int = 0
     last_fallback: str = ""  # why, for `lazyfs node status`
     forker_starts: int = 0
+
+
+@dataclass
+class SnapshotCounts:
+    """Layers the containerd snapshotter (lazyfs.snapshotter) served lazily, or left to containerd
+    to download and unpack because the store lacks them (the fallback, never silent)."""
+    lazy: int = 0
+    fallbacks: int = 0
+    last_fallback: str = ""  # the chain ID, for `lazyfs node status`
 
 
 class Agent:
@@ -86,6 +95,7 @@ class Agent:
         self.lock = threading.RLock()
         self.mounting: dict[str, threading.Event] = {}  # shared key → set when its mount is done
         self.runs = RunCounts()
+        self.snapshots = SnapshotCounts()
         self.forker = ForkServer(str(paths.node_dir() / "agent.log"))
         self.pool: ThreadPoolExecutor | None = None
         self._later: deque = deque()

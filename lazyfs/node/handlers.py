@@ -2,7 +2,8 @@
 
 Requests: ``hello``, ``acquire`` (a lease on an image's shared mount, mounting it for the first
 user), ``release``, ``bind``/``unbind`` (`lazyfs mount`/`umount` through the agent), ``status``,
-``handoff`` (an upgrade: leave everything mounted and exit), ``exec`` (lazyfs.node.zygote).
+``handoff`` (an upgrade: leave everything mounted and exit), ``exec`` (lazyfs.node.zygote),
+``snapshotter`` (the containerd snapshotter counting a lazy or fallback layer).
 
 Each runs on one of the agent's pool threads with ``agent.lock`` held, and lets go of it only
 around slow work (``agent.unlocked()``). A request that lacks a field, or has one of the wrong
@@ -91,8 +92,9 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
     source = _source(req.get("source") or [])
     ref = _field(req, "ref")
     kind = _field(req, "kind", default="run")
-    if kind not in ("run", "mount"):
-        raise NodeError(f"request 'acquire': kind must be run or mount, not {kind[:40]!r}")
+    if kind not in table.LEASE_KINDS:
+        raise NodeError(f"request 'acquire': kind must be one of {', '.join(table.LEASE_KINDS)}, "
+                        f"not {kind[:40]!r}")
     options = {"source": source.args(),
                "cache_dir": os.path.abspath(_field(req, "cache_dir", default=str(paths.default_cache_dir()))),
                "data_path": _field(req, "data_path", default="auto"),
@@ -107,8 +109,10 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
             raise NodeError(f"request 'acquire': {exc}") from None
     digest, config = _resolve(agent, source, ref)
     shared, mounted = _shared(agent, digest, ref, options, source, config, workload)
-    lease = Lease.new(kind, pid if kind == "run" else 0, target)
-    agent.add_lease(shared, lease)
+    held = [x for x in shared.leases if kind == "snapshot" and x.kind == kind and x.target == target]
+    lease = held[0] if held else Lease.new(kind, pid if kind == "run" else 0, target)
+    if not held:  # a snapshot asking again (after a restart of either side) keeps its one lease
+        agent.add_lease(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
             "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted,
             "data_layers": mounts.data_layers(shared.mountpoint)}
@@ -126,10 +130,13 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
     if shared is not None and not mounts.is_stale(shared.mountpoint) and mounts.mount_entry(shared.mountpoint):
         agent.metrics.reuses.inc()
         return shared, False
+    kept: list[Lease] = []
     if shared is not None:  # its daemon died: the users it had get errors; new users get a new mount
         log.warning("%s: shared mount %s died; mounting it again", ref, shared.mountpoint)
         mounts.clean_stale(shared.mountpoint)
         agent.shared.pop(k, None)
+        # A containerd snapshot outlives any one mount of its lower: its lease moves to the new one.
+        kept = [x for x in shared.leases if x.kind == "snapshot"]
     mnt = table.mounts_dir() / k
     mnt.mkdir(parents=True, exist_ok=True)
     logs = paths.node_dir() / "logs"
@@ -152,6 +159,8 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
     shared = Shared(k, digest, ref, options, str(mnt), state.pid, state.layout, config,
                     mounted_at=time.time(), profile_blocks=blocks)
     agent.shared[k] = shared
+    for lease in kept:
+        agent.add_lease(shared, lease)
     log.info("%s (%s): mounted on %s in %.3f s (%s data path)", ref, digest[:19], mnt,
              time.monotonic() - t0, state.layout)
     return shared, True
@@ -257,6 +266,20 @@ def op_exec(agent, req, pid, conn, reader) -> dict | None:
     return None
 
 
+def op_snapshotter(agent, req, pid, conn, reader) -> dict:
+    event = _field(req, "event")
+    chain = str(req.get("chain", ""))[:80]
+    if event == "lazy":
+        agent.snapshots.lazy += 1
+    elif event == "fallback":
+        agent.snapshots.fallbacks += 1
+        agent.snapshots.last_fallback = chain
+        log.warning("containerd unpacks layer chain %s itself: the store has no lazyfs image of it", chain)
+    else:
+        raise NodeError(f"request 'snapshotter': event must be lazy or fallback, not {event[:40]!r}")
+    return {}
+
+
 def op_status(agent, req, pid, conn, reader) -> dict:
     images = []
     for s in list(agent.shared.values()):
@@ -273,7 +296,8 @@ def op_status(agent, req, pid, conn, reader) -> dict:
                        "cache_dir": s.options["cache_dir"], "counters": counters})
     return {"agent": {"pid": os.getpid(), "socket": str(agent.opts.socket), "idle": agent.opts.idle,
                       "cache_size": agent.opts.cache_size, "metrics": agent.metrics.address,
-                      "forker_pid": agent.forker.pid, "runs": asdict(agent.runs)},
+                      "forker_pid": agent.forker.pid, "runs": asdict(agent.runs),
+                      "snapshots": asdict(agent.snapshots)},
             "images": images, "caches": [_cache_use(d, agent) for d in cache_dirs(agent)]}
 
 

@@ -108,7 +108,7 @@ class _Live:
         hits = GaugeMetricFamily("lazyfs_node_cache_hits", "Cache hits of the mounts up", labels=["image"])
         misses = GaugeMetricFamily("lazyfs_node_cache_misses", "Blocks fetched by the mounts up", labels=["image"])
         images.add_metric([], len(agent.shared))
-        kinds = {"run": 0, "mount": 0}
+        kinds = {"run": 0, "mount": 0, "snapshot": 0}
         for s in agent.shared.values():
             for lease in s.leases:
                 kinds[lease.kind] = kinds.get(lease.kind, 0) + 1
@@ -129,4 +129,9 @@ class _Live:
         slow.add_metric([], runs.fallbacks)
         starts = CounterMetricFamily("lazyfs_node_forker_starts", "Fork servers started (1 + restarts)")
         starts.add_metric([], runs.forker_starts)
-        yield from (images, users, hits, misses, forked, slow, starts)
+        layers = CounterMetricFamily("lazyfs_node_snapshot_layers", "Layers containerd asked the "
+                                     "lazyfs snapshotter for: served lazily, or unpacked by containerd "
+                                     "because the store lacks them (fallback)", labels=["result"])
+        layers.add_metric(["lazy"], agent.snapshots.lazy)
+        layers.add_metric(["fallback"], agent.snapshots.fallbacks)
+        yield from (images, users, hits, misses, forked, slow, starts, layers)

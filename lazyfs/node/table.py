@@ -8,6 +8,8 @@ completion): two runs that would have mounted the same thing share it. Each user
   reused pid is never mistaken for the holder.
 - ``mount``: a `lazyfs mount` bind mount at ``target``; dropped by `lazyfs umount`, or when the
   target is found unmounted.
+- ``snapshot``: a containerd snapshot (lazyfs.snapshotter) whose lower is this mount, named by
+  ``target``; held until the snapshotter removes the snapshot, across restarts of either side.
 
 Every change is written to ``<node dir>/images/<key>.json`` (temp file + rename) before the agent
 answers, so an agent started after a crash or an upgrade adopts the mounts and their users.
@@ -25,13 +27,16 @@ from pathlib import Path
 from lazyfs import paths
 
 
+LEASE_KINDS = ("run", "mount", "snapshot")
+
+
 @dataclass
 class Lease:
     id: str
-    kind: str  # "run" or "mount"
+    kind: str  # one of LEASE_KINDS
     pid: int = 0
     start: int = 0  # the holder's start time (/proc/PID/stat field 22, clock ticks after boot)
-    target: str = ""  # kind "mount": the bind mount
+    target: str = ""  # kind "mount": the bind mount; "snapshot": the snapshot
     since: float = 0.0
 
     @classmethod

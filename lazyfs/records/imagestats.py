@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lazyfs.format import kinds, manifest as mf
+from lazyfs.format import chain as chainfmt, kinds, manifest as mf
 from lazyfs.format.manifest import EntryType, Manifest
 from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
@@ -53,9 +53,12 @@ def image_stats(store: BlockStore, ref: str, digest: str, manifest: Manifest,
 
 
 def all_images(store: BlockStore) -> list[tuple[str, str, Manifest]]:
+    """The images users tagged (the layer chain tags a build adds are parts of its image)."""
     cache: dict[str, Manifest] = {}
     out = []
     for name, tag, digest in store.list_tags():
+        if name == chainfmt.TAG_NAME:
+            continue
         if digest not in cache:
             data = objects.read_manifest_bytes(store, digest)
             if kinds.kind(data) != kinds.IMAGE:

@@ -1,0 +1,28 @@
+"""Layer chains in a store: the build tags the lazyfs image of each chain of an image's layers;
+a node (the containerd snapshotter) finds the image that holds exactly a chain's content.
+
+The chain codec is lazyfs.format.chain. A chain tag names an ordinary image manifest, so what
+it names is verified, mounted and collected as any image is.
+"""
+from __future__ import annotations
+
+from lazyfs.errors import NotFound
+from lazyfs.format import chain as chainfmt
+from lazyfs.store.base import BlockStore
+
+
+def publish(store: BlockStore, chain_ids: list[str], images: list[str]) -> None:
+    """Tag ``images[i]``, the lazyfs image of the first i+1 layers, as chain ``chain_ids[i]``."""
+    if len(chain_ids) != len(images):
+        raise ValueError("one image per chain")
+    for chain_id, image in zip(chain_ids, images):
+        store.put_tag(*chainfmt.tag_for(chain_id), image)
+
+
+def find(source, chain_id: str) -> str | None:
+    """The manifest digest of the lazyfs image holding exactly ``chain_id``'s content, or None
+    if the store has none (``source``: a BlockStore or a BlockSource)."""
+    try:
+        return source.get_tag(*chainfmt.tag_for(chain_id))
+    except NotFound:
+        return None

@@ -1,0 +1,104 @@
+"""The snapshotter's containerd semantics without containerd: snapshots, mounts, commits,
+removal, labels, filters, and the metadata surviving a restart (containerd's own tests are
+the model: snapshots/testsuite)."""
+from __future__ import annotations
+
+import pytest
+
+from lazyfs.errors import SnapshotConflict, SnapshotExists, SnapshotNotFound
+from lazyfs.snapshotter import filters, overlay
+from lazyfs.snapshotter.meta import ACTIVE, COMMITTED, VIEW, Info
+from lazyfs.snapshotter.snapshots import SNAPSHOT_REF, Snapshotter
+
+
+@pytest.fixture
+def snaps(tmp_path):
+    s = Snapshotter(tmp_path / "root", None)
+    yield s
+    s.close()
+
+
+def _fs(mounts):
+    (m,) = mounts
+    return m.source if m.type == "bind" else dict(o.split("=", 1) for o in m.options)["upperdir"]
+
+
+def test_layers_stack_as_containerd_overlay_does(snaps):
+    base = snaps.prepare("extract-1", "", {})
+    assert base[0].type == "bind" and base[0].options == ("rw", "rbind")
+    snaps.commit("layer1", "extract-1", {"a": "1"})
+    assert snaps.stat("layer1").kind == COMMITTED and snaps.stat("layer1").labels == {"a": "1"}
+    with pytest.raises(SnapshotNotFound):
+        snaps.stat("extract-1")  # committing renames
+    (m,) = snaps.prepare("extract-2", "layer1", {})
+    opts = dict(o.split("=", 1) for o in m.options)
+    assert m.type == "overlay" and opts["lowerdir"] == _fs(base)
+    snaps.commit("layer2", "extract-2", {})
+    (top,) = snaps.prepare("container", "layer2", {})
+    lowers = dict(o.split("=", 1) for o in top.options)["lowerdir"].split(":")
+    assert lowers == [opts["upperdir"], _fs(base)]  # nearest first
+    assert snaps.mounts("container") == [top]
+    (view,) = snaps.view("look", "layer1", {})
+    assert view == overlay.Mount("bind", _fs(base), ("ro", "rbind"))
+    assert snaps.stat("look").kind == VIEW and snaps.stat("container").kind == ACTIVE
+
+
+def test_what_containerd_is_refused(snaps):
+    snaps.prepare("a", "", {})
+    with pytest.raises(SnapshotExists):
+        snaps.prepare("a", "", {})
+    with pytest.raises(SnapshotConflict):
+        snaps.prepare("b", "a", {})  # an active parent
+    with pytest.raises(SnapshotNotFound):
+        snaps.prepare("c", "nothing", {})
+    snaps.commit("a1", "a", {})
+    with pytest.raises(SnapshotConflict):
+        snaps.mounts("a1")  # committed snapshots do not mount
+    with pytest.raises(SnapshotConflict):
+        snaps.commit("again", "a1", {})
+    snaps.prepare("child", "a1", {})
+    with pytest.raises(SnapshotConflict):
+        snaps.remove("a1")  # it has a child
+    snaps.remove("child")
+    snaps.remove("a1")
+    assert list(snaps.list()) == []
+    assert not list((snaps.root / "snapshots").iterdir())  # their directories went too
+
+
+def test_labels_update_and_filters(snaps):
+    snaps.prepare("k", "", {"x": "1", "y": "2"})
+    info = snaps.update("k", {"x": "9"}, ["labels.x", "labels.y"])
+    assert info.labels == {"x": "9"}  # labels.y named but absent: removed
+    assert snaps.update("k", {"z": "3"}, []).labels == {"z": "3"}  # no paths: all labels
+    with pytest.raises(SnapshotConflict):
+        snaps.update("k", {}, ["parent"])
+    info = Info(1, "n", COMMITTED, "p", {SNAPSHOT_REF: "sha256:aa", "k": "v,w"})
+    assert filters.matches(info, [f'labels."{SNAPSHOT_REF}"==sha256:aa,parent=="p"'])
+    assert not filters.matches(info, [f'labels."{SNAPSHOT_REF}"==sha256:aa,parent=="q"'])
+    assert filters.matches(info, ['parent=="q"', "kind==committed"])  # any filter may match
+    assert filters.matches(info, ['labels.k=="v,w"']) and not filters.matches(info, ["name!=n"])
+    assert filters.matches(info, ["name~=^x"])  # unknown operators: containerd checks itself
+
+
+def test_snapshots_survive_a_restart_and_cleanup_removes_orphans(tmp_path):
+    s = Snapshotter(tmp_path / "root", None)
+    s.prepare("a", "", {"l": "v"})
+    upper = _fs(s.mounts("a"))
+    (tmp_path / "root" / "snapshots" / "999").mkdir()  # a directory a crash left behind
+    s.close()
+    again = Snapshotter(tmp_path / "root", None)
+    try:
+        assert again.stat("a").labels == {"l": "v"} and _fs(again.mounts("a")) == upper
+        assert again.cleanup() == ["999"]
+        assert (tmp_path / "root" / "snapshots" / str(again.stat("a").id)).is_dir()
+    finally:
+        again.close()
+
+
+def test_a_chain_label_without_a_store_is_an_ordinary_unpack(snaps):
+    chain = "sha256:" + "ab" * 32
+    mounts = snaps.prepare("extract-x", "", {SNAPSHOT_REF: chain})
+    assert mounts[0].type == "bind"
+    snaps.commit(chain, "extract-x", {SNAPSHOT_REF: chain})
+    with pytest.raises(SnapshotExists):  # the committed target exists: containerd skips the layer
+        snaps.prepare("extract-y", "", {SNAPSHOT_REF: chain})

@@ -111,7 +111,7 @@ needs_mount = pytest.mark.mount
 # Test modules that start servers, runtimes, registries or network namespaces inside their tests
 # (beyond what the markers and fixtures below show): their tests are integration tests.
 INTEGRATION_MODULES = {
-    "test_autoprofile", "test_bench", "test_block_source", "test_cache_server", "test_demo",
+    "test_autoprofile", "test_bench", "test_block_source", "test_cache_server", "test_containerd", "test_demo",
     "test_fleet", "test_fleet_burst", "test_fleet_mount", "test_hostile_builds", "test_kernel_path",
     "test_lazypages", "test_layers", "test_mount", "test_node", "test_nodecache", "test_profile",
     "test_registry", "test_roundtrip", "test_run", "test_server_hostile", "test_server_load",

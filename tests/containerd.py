@@ -128,27 +128,17 @@ def _pull_request(ref: str) -> bytes:
 
 
 def _string_field(data: bytes, number: int) -> str:
+    from snapshot.criuimg import _varint as read_varint  # CRIU's images are protobuf too
     i = 0
     while i < len(data):
-        key, i = _read_varint(data, i)
+        key, i = read_varint(data, i)
         if key & 7 != 2:
             raise ValueError(f"unexpected wire type {key & 7} in a CRI answer")
-        size, i = _read_varint(data, i)
+        size, i = read_varint(data, i)
         if key >> 3 == number:
             return data[i:i + size].decode()
         i += size
     return ""
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7
 
 
 def _mounts_under(root: Path) -> list[str]:

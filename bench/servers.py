@@ -133,7 +133,10 @@ class SeaweedS3:
         ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
                                           "filer.grpc", "s3", "s3.grpc")}
         args = [exe, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-filer", "-s3",
+                # A bucket is a collection, and a collection's first write grows 7 volumes: with
+                # weed's default of 8 volume slots the second bucket has no writable volume, and
+                # every PUT to it is an InternalError. Volumes are sparse files: 32 cost nothing.
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-volume.max=32", "-filer", "-s3",
                 f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
                 f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",

@@ -64,6 +64,16 @@ def to_argv(obj) -> list[str]:
     return out + (["--", *positional] if positional else [])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that an option's value may be "--". to_argv writes ``--flag=VALUE`` and
+    a value is data, but argparse (3.11) drops a "--" it is given, even as ``--flag=--``."""
+
+    def _get_values(self, action, arg_strings):
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            return self._get_value(action, "--")
+        return super()._get_values(action, arg_strings)
+
+
 def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
     hints = _hints(cls)
     for f in dataclasses.fields(cls):

@@ -24,8 +24,8 @@ def test_daemon_args_round_trip(args):
 
 @given(sources)
 def test_a_source_round_trips_through_the_agent_request(source):
-    import argparse
-    p = argparse.ArgumentParser()
+    from lazyfs import argv
+    p = argv.Parser()  # the parser the agent reads a request's source with
     Source.add_arguments(p)
     assert Source.from_namespace(p.parse_args(source.args())) == source
 
@@ -33,3 +33,9 @@ def test_a_source_round_trips_through_the_agent_request(source):
 def test_defaults_are_not_written():
     args = DaemonArgs("sha256:" + "a" * 64, Source(), "/cache", "/mnt")
     assert args.argv() == ["--digest=sha256:" + "a" * 64, "--cache-dir=/cache", "--", "/mnt"]
+
+
+def test_a_value_of_two_dashes_travels():
+    """argparse drops a "--" even given as --flag=--; the parsers lazyfs reads argv with do not."""
+    args = DaemonArgs("0", Source(store="--", servers=("--",)), "0", "--", profile="--")
+    assert DaemonArgs.parse(args.argv()) == args

@@ -5,7 +5,6 @@ and waits on its readiness pipe; everything it needs travels in one DaemonArgs.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -54,7 +53,7 @@ class DaemonArgs:
 
     @classmethod
     def parse(cls, args: list[str] | None = None) -> "DaemonArgs":
-        p = argparse.ArgumentParser(prog="lazyfs-daemon", description="internal: lazyfs FUSE daemon")
+        p = argv.Parser(prog="lazyfs-daemon", description="internal: lazyfs FUSE daemon")
         argv.add_arguments(cls, p)
         return argv.from_namespace(cls, p.parse_args(args))
 

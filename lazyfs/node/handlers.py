@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from lazyfs import paths
+from lazyfs import argv, paths
 from lazyfs.cache import layout as cachelayout
 from lazyfs.errors import FormatError, LazyfsError, MountError, NodeError
 from lazyfs.format import profile as proffmt
@@ -56,7 +56,7 @@ def _field(req: dict, name: str, kind: type = str, default=None):
 def _source(args: list) -> Source:
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise NodeError("request: field 'source' must be a list of strings")
-    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    p = argv.Parser(add_help=False, exit_on_error=False)
     Source.add_arguments(p)
     try:
         return Source.from_namespace(p.parse_args([str(a) for a in args]))

@@ -75,13 +75,15 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
         try:
             chain_ids = _chain_ids(image)
             lower: list[Manifest] = []  # the tree after each layer but the last (its chains)
-            keep = (lambda t: lower.append(t.to_manifest(chainfmt.CHAIN_CONFIG, chunk_size))) \
-                if chain_ids else (lambda t: None)
+            used: set[str] = set()  # with each chain's blocks, also those a later layer replaced
+
+            def keep(t: Tree) -> None:
+                if chain_ids:
+                    lower.append(t.to_manifest(chainfmt.CHAIN_CONFIG, chunk_size))
+                    used.update(t.referenced_digests())
             tree = _flatten(image, stager, progress, max_size, max_entries, keep)
             manifest = tree.to_manifest(image.config, chunk_size)
-            used = tree.referenced_digests()
-            for m in lower:  # a chain's blocks, also those a later layer replaced
-                used.update(c.digest for e in m.entries for c in e.chunks)
+            used.update(tree.referenced_digests())
             advance = progress.task("publishing blocks", sum(stager.staged[d] for d in used))
             commit = stager.commit(used, advance)
         finally:

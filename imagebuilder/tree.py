@@ -47,6 +47,11 @@ class LayerEntry:
     chunks: tuple[Chunk, ...] = field(default=())
 
 
+def _new_dir(layer: int) -> Node:
+    """A directory a layer creates (its metadata set from the layer's entry, if it has one)."""
+    return Node(Entry(b"", EntryType.DIR, mode=0o755), layer, children={})
+
+
 def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None = None) -> list[bytes]:
     """Components of a layer path; ``./`` prefixes are fine, anything that could escape is not.
     ``entry`` names the tar entry in errors when ``raw`` is a link target rather than its name."""
@@ -72,7 +77,7 @@ def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None 
 
 class Tree:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.root = Node(Entry(b"", EntryType.DIR, mode=0o755), layer=-1, children={})
+        self.root = _new_dir(-1)
         self.count = 1
         self.max_entries = max_entries
 
@@ -100,7 +105,7 @@ class Tree:
             if existing is not None and existing.is_dir:
                 self._set_dir_meta(existing, e, layer_index)
                 return
-            node = Node(Entry(b"", EntryType.DIR, mode=0o755), layer_index, children={})
+            node = _new_dir(layer_index)
             self._set_dir_meta(node, e, layer_index)
         elif e.type == EntryType.HARDLINK:
             target = self._lookup_link(layer, e)
@@ -129,7 +134,7 @@ class Tree:
             child = node.children.get(part)
             if child is None:
                 # Tar layers may omit parent directories; create them as runtimes do.
-                child = Node(Entry(b"", EntryType.DIR, mode=0o755), layer_index, children={})
+                child = _new_dir(layer_index)
                 node.children[part] = child
                 self._count(layer)
             elif not child.is_dir:

@@ -35,7 +35,3 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 def tag_for(chain_id: str) -> tuple[str, str]:
     """The (name, tag) under which a store names the lazyfs image of ``chain_id``."""
     return TAG_NAME, "sha256-" + digests.hex_part(digests.validate(chain_id))
-
-
-def ref_for(chain_id: str) -> str:
-    return "%s:%s" % tag_for(chain_id)

@@ -36,7 +36,7 @@ from lazyfs.errors import LazyfsError, MountError, NodeError
 from lazyfs.fs import mounts
 from lazyfs.node import listen, table, wire
 from lazyfs.node.forker import ForkServer
-from lazyfs.node.metrics import Metrics
+from lazyfs.node.metrics import Metrics, RunCounts, SnapshotCounts
 from lazyfs.node.table import Lease, Shared
 
 log = logging.getLogger("lazyfs.node")
@@ -55,24 +55,6 @@ class AgentOptions:
     cache_size: int | None  # bytes; None: no cap
     metrics: str | None  # HOST:PORT for /metrics, or None
     takeover: bool = False
-
-
-@dataclass
-class RunCounts:
-    """How `lazyfs run`s reached the agent: forked warm, or fell back to the full CLI (slower)."""
-    forked: int = 0
-    fallbacks: int = 0
-    last_fallback: str = ""  # why, for `lazyfs node status`
-    forker_starts: int = 0
-
-
-@dataclass
-class SnapshotCounts:
-    """Layers the containerd snapshotter (lazyfs.snapshotter) served lazily, or left to containerd
-    to download and unpack because the store lacks them (the fallback, never silent)."""
-    lazy: int = 0
-    fallbacks: int = 0
-    last_fallback: str = ""  # the chain ID, for `lazyfs node status`
 
 
 class Agent:

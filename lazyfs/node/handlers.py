@@ -109,9 +109,10 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
             raise NodeError(f"request 'acquire': {exc}") from None
     digest, config = _resolve(agent, source, ref)
     shared, mounted = _shared(agent, digest, ref, options, source, config, workload)
-    held = [x for x in shared.leases if kind == "snapshot" and x.kind == kind and x.target == target]
-    lease = held[0] if held else Lease.new(kind, pid if kind == "run" else 0, target)
-    if not held:  # a snapshot asking again (after a restart of either side) keeps its one lease
+    # A snapshot asking again (after a restart of either side) keeps its one lease.
+    lease = next((x for x in shared.leases if kind == x.kind == "snapshot" and x.target == target), None)
+    if lease is None:
+        lease = Lease.new(kind, pid if kind == "run" else 0, target)
         agent.add_lease(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
             "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted,

@@ -1,4 +1,6 @@
-"""The agent's Prometheus metrics, served at ``/metrics`` on a local port from its own loop.
+"""The agent's Prometheus metrics, served at ``/metrics`` on a local port from its own loop, and the
+counts it keeps for them and for `lazyfs node status` (runs forked or not; containerd layers
+served lazily or not).
 
 The agent answers scrapes from its own loop (prometheus_client's server would be one more thread
 and one more port to manage): one small HTTP/1.0 exchange per connection, bounded in size and time.
@@ -8,11 +10,30 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("lazyfs.node")
+
+
+@dataclass
+class RunCounts:
+    """How `lazyfs run`s reached the agent: forked warm, or fell back to the full CLI (slower)."""
+    forked: int = 0
+    fallbacks: int = 0
+    last_fallback: str = ""  # why, for `lazyfs node status`
+    forker_starts: int = 0
+
+
+@dataclass
+class SnapshotCounts:
+    """Layers the containerd snapshotter (lazyfs.snapshotter) served lazily, or left to containerd
+    to download and unpack because the store lacks them (the fallback, never silent)."""
+    lazy: int = 0
+    fallbacks: int = 0
+    last_fallback: str = ""  # the chain ID, for `lazyfs node status`
 
 
 class Metrics:

@@ -57,10 +57,10 @@ class Images:
     def release(self, lease: str) -> None:
         client.call("release", lease=lease)
 
-    def report(self, event: str, chain_id: str = "", detail: str = "") -> None:
+    def report(self, event: str, chain_id: str) -> None:
         """Count a lazy or fallback unpack in the agent's metrics and status (best effort: an agent
         that is away loses a count, never a snapshot)."""
         try:
-            client.call("snapshotter", event=event, chain=chain_id, detail=detail[:400])
+            client.call("snapshotter", event=event, chain=chain_id)
         except LazyfsError as exc:
             log.warning("could not count a %s unpack in the node agent: %s", event, exc)

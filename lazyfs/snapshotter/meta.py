@@ -143,6 +143,12 @@ class MetaStore:
                             (json.dumps(check_labels(new.labels)), new.updated, new.lease, info.id))
         return new
 
+    def committed_on(self, parent: str) -> list[Info]:
+        """The committed snapshots whose parent is ``parent`` (by the index, not a scan)."""
+        with self.lock:
+            return [_row(r) for r in self.db.execute(
+                f"SELECT {_COLUMNS} FROM snapshots WHERE parent = ? AND kind = ?", (parent, COMMITTED))]
+
     def children(self, name: str) -> list[str]:
         with self.lock:
             return [r[0] for r in self.db.execute("SELECT name FROM snapshots WHERE parent = ?", (name,))]

@@ -13,6 +13,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.protobuf import empty_pb2
 
 from lazyfs import errors
 from lazyfs.snapshotter import proto
@@ -82,12 +83,12 @@ def make_servicer(snapshotter: Snapshotter):
         @answer
         def Commit(self, r):
             snapshotter.commit(r.name, r.key, dict(r.labels))
-            return _empty()
+            return empty_pb2.Empty()
 
         @answer
         def Remove(self, r):
             snapshotter.remove(r.key)
-            return _empty()
+            return empty_pb2.Empty()
 
         @answer
         def Stat(self, r):
@@ -118,14 +119,9 @@ def make_servicer(snapshotter: Snapshotter):
             gone = snapshotter.cleanup()
             if gone:
                 log.info("cleanup removed %d directories no snapshot owned", len(gone))
-            return _empty()
+            return empty_pb2.Empty()
 
     return Servicer(), pb_grpc
-
-
-def _empty():
-    from google.protobuf import empty_pb2
-    return empty_pb2.Empty()
 
 
 def serve(snapshotter: Snapshotter, socket_path: Path) -> grpc.Server:

@@ -153,8 +153,8 @@ class Snapshotter:
         raise SnapshotExists(f"layer chain {target} is served by lazyfs (image {image})")
 
     def find_target(self, target: str, parent: str) -> Info | None:
-        return next((i for i in self.meta.all() if i.kind == COMMITTED and i.parent == parent
-                     and i.labels.get(SNAPSHOT_REF) == target), None)
+        return next((i for i in self.meta.committed_on(parent) if i.labels.get(SNAPSHOT_REF) == target),
+                    None)
 
     def _create(self, key: str, kind: int, parent: str, labels: dict) -> list[overlay.Mount]:
         with self.meta.transaction():

@@ -168,16 +168,24 @@ def _podman_leftovers() -> list[str]:
     return proc.stdout.split()
 
 
+# Directories whose mounts a module- or session-scoped fixture holds across its tests (and takes
+# down itself): the check after each test leaves them alone.
+HELD_MOUNTS: set[Path] = set()
+
+
 @pytest.fixture(autouse=True)
 def _leave_nothing_mounted(request, tmp_path_factory):
     """After every mount test: what it left mounted below this session's temporary directory
     (or a lazyfs container it left running) is taken down here, so one failing test cannot
-    make the ones after it fail too. The test that left it fails on its own assertions."""
+    make the ones after it fail too. The test that left it fails on its own assertions. Mounts
+    under HELD_MOUNTS belong to a fixture that outlives the test, not to the test."""
     yield
     if request.node.get_closest_marker("mount") is None:
         return
     mine = tmp_path_factory.getbasetemp().resolve()
-    for mp in sorted(lazyfs_mounts(mine), key=len, reverse=True):  # overlays above their image
+    held = [f"{p.resolve()}/" for p in HELD_MOUNTS]
+    left = [mp for mp in lazyfs_mounts(mine) if not any(mp.startswith(h) for h in held)]
+    for mp in sorted(left, key=len, reverse=True):  # overlays above their image
         subprocess.run(["umount", "-l", mp], capture_output=True)
     from lazyfs.runner.runtime import conmon_containers
     if any(name.startswith("lazyfs-") for name in conmon_containers()):

@@ -20,7 +20,7 @@ import pytest
 from bench.registry import RegistryServer, skip_reason as registry_skip
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from tests import containerd as ctrd
-from tests.conftest import BUSYBOX, lazyfs_cli, lazyfs_mounts
+from tests.conftest import BUSYBOX, HELD_MOUNTS, lazyfs_cli, lazyfs_mounts
 
 pytestmark = pytest.mark.mount
 APPLETS = ("sh", "cat", "ls", "sha256sum", "sleep", "echo", "test")
@@ -109,6 +109,7 @@ def node(tmp_path_factory):
         if reason:
             pytest.skip(reason)
     work = tmp_path_factory.mktemp("containerd")
+    HELD_MOUNTS.add(work)  # the node's mounts live as long as this module, not one test
     sockdir = Path(tempfile.mkdtemp(prefix="lzc-", dir="/tmp"))  # short: Unix socket paths
     n = Node(work, sockdir)
     registry = RegistryServer(work / "registry").start()
@@ -143,6 +144,7 @@ def node(tmp_path_factory):
         for mp in sorted(lazyfs_mounts(str(work)) + ctrd._mounts_under(work), key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)
         subprocess.run(["rm", "-rf", str(sockdir)])
+        HELD_MOUNTS.discard(work)
 
 
 def _layer_gets(node: Node, name: str, since: int) -> list[str]:
@@ -250,6 +252,8 @@ def test_killing_the_snapshotter_and_the_agent_leaves_containers_and_snapshots(n
 
 def test_removing_the_images_releases_the_mounts(node):
     ctr = node.containerd
+    # b's own layer, unpacked onto the lazy chain, still holds its lease after both restarts
+    assert [u for u in node.snapshot_users() if u["target"].startswith(f"{node.snap_root}#")]
     top = _chain(node, "a", 3)  # containerd's name for a's top layer snapshot
     ctr.ctr("snapshots", "--snapshotter", "lazyfs", "prepare", "probe", top)
     ctr.ctr("snapshots", "--snapshotter", "lazyfs", "mounts", "/mnt", "probe")

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import report
 from bench.images import SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
-from bench.modes import MODES, BenchRunError, Node, Sample
+from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 
@@ -49,10 +49,14 @@ def _lazyfs(*args: str) -> str:
 
 
 def _publish(images: Images, store: Path, name: str) -> dict:
-    """Build the image into the bench store once; return its sizes."""
+    """Build the image into the bench store once (again if it was built before builds tagged
+    its layer chains, which the containerd snapshotter finds it by); return its sizes."""
+    from lazyfs.format import chain as chainfmt
+    from lazyfs.store import open_store
     ref = f"bench/{name}:latest"
-    tags = json.loads(_lazyfs("images", "--store", str(store), "--json"))["images"]
-    if not any(t["ref"] == ref for t in tags):
+    tags = {(n, t): d for n, t, d in open_store(str(store)).list_tags()} if store.exists() else {}
+    digest = tags.get(tuple(ref.rsplit(":", 1)))
+    if digest is None or not any(n == chainfmt.TAG_NAME and d == digest for (n, _), d in tags.items()):
         _lazyfs("build", f"oci:{images.layout}:{name}", "--tag", ref, "--store", str(store))
     info = json.loads(_lazyfs("inspect", ref, "--store", str(store), "--json"))
     index = json.loads((images.layout / "index.json").read_text())
@@ -153,18 +157,20 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
 
 @contextmanager
 def _registry(cfg: BenchConfig, images: Images, say):
-    """For podman-pull: Debian's docker-registry inside the link's namespace (started after the
-    harness entered it), holding the workloads' images as skopeo pushes them (gzip layers)."""
-    if "podman-pull" not in cfg.modes:
+    """For podman-pull and the containerd modes: Debian's docker-registry inside the link's
+    namespace (started after the harness entered it), holding the workloads' images as skopeo
+    pushes them (gzip layers)."""
+    wanted = [m for m in cfg.modes if m in REGISTRY_MODES]
+    if not wanted:
         yield None
         return
     from bench.registry import RegistryServer, skip_reason
     if skip_reason():
-        raise LazyfsError(f"podman-pull: {skip_reason()}")
+        raise LazyfsError(f"{wanted[0]}: {skip_reason()}")
     registry = RegistryServer(cfg.home / "registry").start()
     try:
         for name in dict.fromkeys(WORKLOADS[w].image for w in cfg.workloads):
-            say(f"pushing {name} to the bench registry (podman-pull)")
+            say(f"pushing {name} to the bench registry ({', '.join(wanted)})")
             registry.push(f"oci:{images.layout}:{name}", f"bench/{name}:latest")
         yield registry
     finally:
@@ -220,8 +226,7 @@ def _bench_workload(cfg: BenchConfig, node: Node, servers: Servers, w: str, tick
         for mode in cfg.modes:
             say(f"{w}: {mode} run {i + 1}/{cfg.runs}")
             samples[mode].append(asdict(_counted(servers, lambda: _one(node, mode, ref, work),
-                                                 mode in ("lazy", "lazy+learnt", "lazy+profile", "warm-node",
-                                                          "warm-node-fuse", "warm-node-podman"))))
+                                                 mode in _LAZY or mode == "containerd-lazy")))
             tick(1)
     return {"image": work.image, "argv": work.argv, "samples": samples}
 
@@ -260,7 +265,10 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
 
 
 # What each mode runs: from the extracted image (the image's name), or lazily (its reference).
-_LOCAL = {"pull": Node.pull, "podman-pull": Node.podman_pull_run, "local": Node.local_run,
+_LOCAL = {"pull": Node.pull, "podman-pull": Node.podman_pull_run,
+          "containerd-pull": lambda node, tag, work: node.containerd_run(tag, work, lazy=False),
+          "containerd-lazy": lambda node, tag, work: node.containerd_run(tag, work, lazy=True),
+          "local": Node.local_run,
           "local-erofs": Node.local_erofs_run, "local-overlay": Node.local_overlay_run,
           "podman-image": Node.podman_image_run}
 _LAZY = {  # profile (None: the image's own reference, i.e. what `lazyfs profile` recorded), cold, more

@@ -30,15 +30,21 @@ from lazyfs.runner import runtime as rt
 # podman-image: `podman run` of the image from containers-storage (a warm podman node);
 # podman-pull: `podman pull` from a real registry (Debian's docker-registry, over the bench's link)
 # into empty containers-storage of its own, then `podman run`: what users run today on a cold node;
+# containerd-pull: a cold containerd node (root of its own, overlayfs snapshotter): a CRI pull from
+# the registry over the link, as a kubelet asks for it, then `ctr run`: what Kubernetes runs today;
+# containerd-lazy: the same node with `lazyfs snapshotter` (layers served by the bench's cache
+# server, an empty node cache, no startup profile, as lazy; the node's agent has served the other
+# modes' images);
 # local-erofs: the extracted rootfs as an EROFS image on local disk, the kernel's own reference;
 # local-overlay: the extracted rootfs under a fresh writable overlay, as every container has one
 # (and so every mode starts from the same byte code: nothing a run writes outlives it);
 # local: the extracted rootfs itself (what a run writes there, .pyc files, stays for the next).
-MODES = ("pull", "podman-pull", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
+MODES = ("pull", "podman-pull", "containerd-pull", "containerd-lazy", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
          "warm-node-podman", "podman-image", "local-erofs", "local-overlay", "local")
 PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
               "--ulimit", "nproc=32768:32768")
 RUN_TIMEOUT = 600.0
+REGISTRY_MODES = ("podman-pull", "containerd-pull", "containerd-lazy")  # need the bench's registry
 
 
 class BenchRunError(LazyfsError):
@@ -328,6 +334,57 @@ class Node:
         finally:
             empty()
         return Sample(seconds, phases={"download_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
+
+    def containerd_run(self, tag: str, work: Workload, lazy: bool) -> Sample:
+        """A cold containerd node: a containerd of its own (started, like the snapshotter, before
+        the clock: a node runs them all the time), a CRI pull of the image over the link, and
+        `ctr run` of the workload. ``lazy``: through `lazyfs snapshotter` with an empty node cache;
+        else containerd's own overlayfs snapshotter (every layer downloaded and unpacked)."""
+        from bench import containerd as ctrd
+        home = self.home / "containerd"
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        sock = Path(f"/run/lazyfs-bench-{uuid.uuid4().hex[:8]}.sock")  # Unix socket paths are short
+        snapshotter = None
+        if lazy:
+            log_path = self.home / "containerd-snapshotter.log"  # kept: it outlives the node
+            with open(log_path, "ab") as log:
+                snapshotter = subprocess.Popen(
+                    [*LAZYFS, "snapshotter", "--socket", str(sock), "--root", str(home / "snapshotter"),
+                     "--server", self.server_url, "--cache-dir", str(self.cold_cache()),
+                     "--data-path", self.data_path, "--profile", "none"],  # as the lazy mode: no profile
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                if snapshotter.poll() is not None or time.monotonic() > deadline:
+                    snapshotter.kill()
+                    raise BenchRunError(f"the snapshotter did not start; see {log_path}")
+                time.sleep(0.02)
+        node = ctrd.Containerd(home / "ctrd", sock, self.registry, "lazyfs" if lazy else "overlayfs")
+        name = f"{self.registry}/bench/{tag}:latest"
+        try:
+            node.start()
+            drop_caches()
+            t0 = time.monotonic()
+            node.cri_pull(name, timeout=RUN_TIMEOUT)
+            pulled = time.monotonic() - t0
+            cmd = [ctrd.CTR, "-a", str(node.socket), "-n", ctrd.NAMESPACE, "run", "--rm",
+                   "--snapshotter", "lazyfs" if lazy else "overlayfs",
+                   *(["--net-host"] if work.http_port else []), name, f"bench-{uuid.uuid4().hex[:8]}",
+                   *work.argv]
+            seconds, _ = timed(cmd, work, t0)
+        finally:
+            # Removing the images removes their snapshots, which hand back their mounts' leases.
+            images = node.ctr("images", "ls", "-q", check=False).stdout.split()
+            if images:
+                node.ctr("images", "rm", "--sync", *images, check=False)
+            node.stop()
+            if snapshotter is not None:
+                snapshotter.terminate()
+                snapshotter.wait(30)
+            sock.unlink(missing_ok=True)
+            shutil.rmtree(home, ignore_errors=True)
+        return Sample(seconds, phases={"pull_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
 
     def podman_image_run(self, tag: str, work: Workload) -> Sample:
         """`podman run` of the image already in containers-storage (loaded once from the bench's

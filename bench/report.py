@@ -33,7 +33,7 @@ def summarise(workload: dict) -> dict:
                      # which data path served the lazy modes (lazyfs.fs.kernel, or fuse)
                      "data_path": "/".join(sorted({s["phases"]["data_path"] for s in samples
                                                    if s["phases"].get("data_path")})) or None}
-    for base in ("pull", "podman-pull", "local", "local-erofs", "local-overlay", "podman-image", "cold-init"):
+    for base in ("pull", "podman-pull", "containerd-pull", "local", "local-erofs", "local-overlay", "podman-image", "cold-init"):
         if base in out and out[base]["median_s"] > 0:
             for mode in out:
                 out[mode][f"x_{base.replace('-', '_')}"] = out[mode]["median_s"] / out[base]["median_s"]
@@ -69,16 +69,17 @@ def markdown(results: dict) -> str:
             lines.append("")
             continue
         lines += [
-                  "| mode | data path | median s | min–max s | × pull | × podman-pull | × local | × local-erofs | "
+                  "| mode | data path | median s | min–max s | × pull | × podman-pull | × containerd-pull | "
+                  "× local | × local-erofs | "
                   "× local-overlay | × podman-image | mount ms | fetched MiB | read MiB | fetched/read | "
                   "raw/read | requests |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mode, r in summary.items():
             mount = None if r["mount_s"] is None else r["mount_s"] * 1000
             lines.append(
                 f"| {mode} | {r.get('data_path') or '–'} | {r['median_s']:.2f} | "
                 f"{r['min_s']:.2f}–{r['max_s']:.2f} | {_f(r.get('x_pull'), '.2f')} | "
-                f"{_f(r.get('x_podman_pull'), '.2f')} | "
+                f"{_f(r.get('x_podman_pull'), '.2f')} | {_f(r.get('x_containerd_pull'), '.2f')} | "
                 f"{_f(r.get('x_local'), '.2f')} | {_f(r.get('x_local_erofs'), '.2f')} | "
                 f"{_f(r.get('x_local_overlay'), '.2f')} | {_f(r.get('x_podman_image'), '.2f')} | {_f(mount, '.0f')} | "
                 f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['read_bytes'] and r['read_bytes'] / MiB, '.1f')} | "

@@ -30,7 +30,8 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
                      "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
     results = json.loads((out / "results.json").read_text())
     w = results["workloads"]["minimal"]
-    assert set(w["samples"]) == {"pull", "podman-pull", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
+    assert set(w["samples"]) == {"pull", "podman-pull", "containerd-pull", "containerd-lazy", "lazy",
+                                 "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
                                  "warm-node-podman", "podman-image", "local-erofs", "local-overlay",
                                  "local"}
     for mode, samples in w["samples"].items():
@@ -39,6 +40,9 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     assert s["pull"][0]["fetched_bytes"] >= results["images"]["minimal"]["compressed_bytes"]
     assert s["pull"][0]["phases"]["download_s"] > 0 and s["pull"][0]["requests"] >= 4
     assert 0 < s["podman-pull"][0]["phases"]["download_s"] < s["podman-pull"][0]["seconds"]
+    assert 0 < s["containerd-pull"][0]["phases"]["pull_s"] < s["containerd-pull"][0]["seconds"]
+    assert s["containerd-pull"][0]["requests"] == 0  # containerd's own pull never asks lazyfs
+    assert s["containerd-lazy"][0]["fetched_bytes"] > 0  # its layers came through the cache server
     assert s["lazy"][0]["fetched_bytes"] > 0 and s["lazy"][0]["mount_s"] < s["lazy"][0]["seconds"]
     assert s["lazy"][0]["requests"] > 0 and s["lazy"][0]["read_bytes"] > 0
     assert s["warm-node"][0]["phases"]["blocks_fetched"] == 0  # the node cache had everything
@@ -57,7 +61,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
         assert row["x_pull"] == pytest.approx(median / s["pull"][0]["seconds"])
         assert row["x_local"] == pytest.approx(median / s["local"][0]["seconds"])
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 1 + 12 and "| lazy+profile |" in md and md in res.stdout
+    assert md.count("\n| ") == 1 + len(w["samples"]) and "| lazy+profile |" in md and md in res.stdout
     assert "| warm-node-fuse | fuse |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.popen("ip netns list").read().split() if n.startswith("lazyfs-bench")]

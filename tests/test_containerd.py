@@ -19,7 +19,7 @@ import pytest
 
 from bench.registry import RegistryServer, skip_reason as registry_skip
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
-from tests import containerd as ctrd
+from bench import containerd as ctrd
 from tests.conftest import BUSYBOX, HELD_MOUNTS, lazyfs_cli, lazyfs_mounts
 
 pytestmark = pytest.mark.mount

@@ -22,7 +22,10 @@ def bench(
                                                  "imports, http, snapshot, snapshot-one (cold init "
                                                  "vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, podman-pull (podman "
-                                             "pull from a real registry + podman run), lazy (no profile: the "
+                                             "pull from a real registry + podman run), containerd-pull "
+                                             "(a CRI pull into containerd's overlayfs snapshotter + "
+                                             "ctr run), containerd-lazy (the same through `lazyfs "
+                                             "snapshotter`), lazy (no profile: the "
                                              "image's first start anywhere), lazy+learnt (the "
                                              "profile another node's first start learnt), "
                                              "lazy+profile (the one `lazyfs profile` recorded), "

@@ -48,6 +48,7 @@ def snapshotter(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     images = Images(src, cache_dir, data_path, profile)
+    images.warm()
     snaps = Snapshotter(root, images)
     server = serve(snaps, socket)
     stop = threading.Event()

@@ -32,6 +32,12 @@ class Images:
                 self._reader = self.source.open()
             return self._reader
 
+    def warm(self) -> None:
+        """Open the store or fleet and reach the node agent (starting it if none runs) now, at the
+        snapshotter's start, so that the first pull pays for neither."""
+        self.reader()
+        client.call("hello")
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()

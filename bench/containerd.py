@@ -1,12 +1,14 @@
-"""A real containerd for tests: Debian's containerd 1.6 with its own root, state, socket and
-config, the lazyfs snapshotter as a proxy plugin, and its CRI plugin set to pull through it
-(as a Kubernetes node's kubelet would), plus a CRI PullImage client and `ctr`."""
+"""A real containerd for tests and benchmarks: Debian's containerd 1.6 with its own root, state,
+socket and config, the lazyfs snapshotter as a proxy plugin, and its CRI plugin set to pull
+through a snapshotter (lazyfs, or containerd's own overlayfs), as a Kubernetes node's kubelet
+would, plus a CRI PullImage client and `ctr`."""
 from __future__ import annotations
 
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,16 +31,17 @@ def skip_reason() -> str | None:
     return None
 
 
-def config(workdir: Path, snapshotter_socket: Path, registry_host: str) -> str:
+def config(workdir: Path, sockets: Path, snapshotter_socket: Path, registry_host: str,
+           cri_snapshotter: str) -> str:
     return f"""version = 2
 root = "{workdir}/root"
 state = "{workdir}/state"
 
 [grpc]
-  address = "{workdir}/containerd.sock"
+  address = "{sockets}/containerd.sock"
 
 [ttrpc]
-  address = "{workdir}/containerd.sock.ttrpc"
+  address = "{sockets}/containerd.sock.ttrpc"
 
 [proxy_plugins]
   [proxy_plugins.lazyfs]
@@ -48,20 +51,24 @@ state = "{workdir}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "lazyfs"
+    snapshotter = "{cri_snapshotter}"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry_host}"]
     endpoint = ["http://{registry_host}"]
 """
 
 
 class Containerd:
-    def __init__(self, workdir: Path, snapshotter_socket: Path, registry_host: str):
+    def __init__(self, workdir: Path, snapshotter_socket: Path, registry_host: str,
+                 cri_snapshotter: str = "lazyfs"):
         self.workdir = workdir
-        self.socket = workdir / "containerd.sock"
+        # containerd refuses Unix socket paths over 104 bytes: its sockets live in a short directory.
+        self.sockets = Path(tempfile.mkdtemp(prefix="lzctrd-", dir="/run"))
+        self.socket = self.sockets / "containerd.sock"
         self.log = workdir / "containerd.log"
         self.proc: subprocess.Popen | None = None
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.toml").write_text(config(workdir, snapshotter_socket, registry_host))
+        (workdir / "config.toml").write_text(config(workdir, self.sockets, snapshotter_socket,
+                                                    registry_host, cri_snapshotter))
 
     def start(self, timeout: float = 30.0) -> "Containerd":
         with open(self.log, "ab") as log:
@@ -94,17 +101,17 @@ class Containerd:
         return _string_field(answer, 1)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
         for mp in sorted(_mounts_under(self.workdir), key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 # The CRI messages are small enough to write by hand (runtime.v1, the CRI API's api.proto):

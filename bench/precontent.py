@@ -13,7 +13,7 @@ ext4 image it makes and removes. ctypes only (fusepy for the FUSE side). Constan
 include/uapi/linux/fanotify.h (Linux >= 6.14).
 """
 import ctypes, ctypes.util, errno, json, mmap, os, random, select, signal, stat
-import statistics, struct, subprocess, sys, time, atexit, shutil
+import statistics, struct, subprocess, sys, time, atexit
 
 ROOT = os.environ.get('LAZYFS_PRECONTENT_DIR', '/tmp/lazyfs-precontent')
 # ---------------------------------------------------------------- uapi constants
@@ -845,7 +845,7 @@ def main():
         t0 = time.time()
         try:
             fn()
-        except Exception as e:
+        except Exception:
             import traceback
             res[f'{name}_error'] = traceback.format_exc()
         res.setdefault('step_seconds', {})[name] = round(time.time() - t0, 1)

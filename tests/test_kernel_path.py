@@ -140,6 +140,39 @@ def test_a_cold_node_mounts_the_metadata_the_build_shipped(image, tmp_path, env_
     assert cachelayout.erofs_image(env_dirs["LAZYFS_CACHE_DIR"], digest).read_bytes() == expected
 
 
+@pytest.mark.parametrize("handed", ["exact", "wrong"])
+def test_a_handed_over_manifest_is_checked_before_it_is_used(image, tmp_path, env_dirs, handed,
+                                                              monkeypatch):
+    """The node agent hands a mount the manifest it verified (no second fetch); the daemon
+    hashes it again, and bytes that are not the manifest are dropped and fetched instead."""
+    # The daemon in a fresh interpreter, as the CLI's would be: a fork of this test process
+    # would run inside pytest's own output capture and logging.
+    monkeypatch.setenv("LAZYFS_DAEMON_EXEC", "1")
+    from lazyfs.fs import control, mounts
+    from lazyfs.records import objects
+    from lazyfs.source.spec import Source
+
+    store = _store(env_dirs)
+    digest = objects.resolve(store, "kp/img:1")
+    raw = objects.read_manifest_bytes(store, digest)
+    given = raw if handed == "exact" else raw[:-1] + bytes([raw[-1] ^ 1])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "mount.log"
+    state = mounts.mount(digest, str(mnt), Source(env_dirs["LAZYFS_STORE"]), env_dirs["LAZYFS_CACHE_DIR"],
+                         str(log), checked=True, data_path="kernel", manifest=given)
+    try:
+        s = control.query(str(mnt))
+        assert s["manifest"] == ("handed" if handed == "exact" else "fetched")
+        # The mount metadata record (shipped), and the manifest only when it was not handed over.
+        assert s["store"]["manifest_gets"] == 1 + (handed == "wrong")
+        assert (mnt / "data" / "big.bin").read_bytes() == (image / "data" / "big.bin").read_bytes()
+        assert not state.kernel_layout().manifest.exists()  # read once, then removed
+    finally:
+        mounts.umount(str(mnt))
+    assert ("the manifest handed to this mount is not" in log.read_text()) == (handed == "wrong")
+
+
 def test_an_image_built_without_shipped_metadata_still_mounts(image, tmp_path, env_dirs):
     from dataclasses import replace
     from lazyfs.records import objects

@@ -313,6 +313,25 @@ def test_runs_stay_forked_after_a_run_through_cache_servers(node, tmp_path, env_
         server.stop()
 
 
+def test_a_cold_mount_takes_the_manifest_the_agent_verified(node, tmp_path, env_dirs):
+    """The agent reads and verifies the manifest to resolve the image; the mount's daemon gets
+    those bytes rather than fetching them again."""
+    from lazyfs.fs import control, mounts
+    tag = _image(tmp_path, {"x": b"handed\n"})
+    reader = _cli(*RUN, tag, "--", "sh", "-c", "cat /data/x; sleep 60")
+    try:
+        assert reader.stdout.readline() == "handed\n"
+        (image,) = _status()["images"]
+        s = control.query(image["mountpoint"])
+        assert s["manifest"] == "handed"
+        assert s["store"]["manifest_gets"] == (s["metadata"] == "shipped")  # only the metadata record
+        state = mounts.read_state(image["mountpoint"])
+        assert not state.kernel_layout().manifest.exists()
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 def test_a_run_the_agent_cannot_fork_is_logged_and_counted(node, tmp_path, env_dirs, monkeypatch):
     tag = _image(tmp_path, {"x": b"x\n"})
     monkeypatch.setenv("LAZYFS_DAEMON_EXEC", "1")  # the agent started below forks nothing

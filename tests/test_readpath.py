@@ -30,6 +30,10 @@ class FakeCache:
         self.stats = CacheStats()
         self.prefetched: list[list[tuple[str, int]]] = []
         self.fail: dict[str, Exception] = {}
+        self.held: set[str] = set(blocks)  # what on_disk says the node has
+
+    def on_disk(self, digest):
+        return digest in self.held
 
     def read(self, digest, size, offset, length):
         if digest in self.fail:
@@ -66,7 +70,7 @@ def _image():
 def ops():
     index, blocks = _image()
     fetched = []
-    o = LazyOps(index, FakeCache(blocks), readahead=2, fetch_siblings=fetched.append)
+    o = LazyOps(index, FakeCache(blocks), readahead=2, fetch_batch=fetched.append)
     o.siblings_fetched = fetched
     return o
 
@@ -151,6 +155,23 @@ def test_readahead_only_for_sequential_reads(ops):
                                      .lookup(b"lib/big.so").entry.chunks[2:4]]]
     ops.read("/lib/big.so", 100, 4000, None)  # a jump: no readahead
     assert len(ops.cache.prefetched) == 1
+
+
+def test_a_miss_in_a_large_file_batches_its_next_blocks(ops):
+    """A library's page faults jump about: a read that must fetch its block asks, in one batch,
+    for the next --readahead blocks too; a read the node can serve asks for nothing."""
+    chunks = ops.index.lookup(b"lib/big.so").entry.chunks
+    ops.read("/lib/big.so", 100, 0, None)  # on the node: nothing asked
+    assert ops.siblings_fetched == []
+    ops.cache.held -= {c.digest for c in chunks}
+    ops.read("/lib/big.so", 100, 2100, None)  # a miss in chunk 2: chunks 3 and 4 come along
+    assert ops.siblings_fetched == [[(c.digest, c.size) for c in chunks[3:5]]]
+    ops.read("/lib/big.so", 100, 4950, None)  # a miss in the last chunk: nothing after it
+    assert len(ops.siblings_fetched) == 1
+    ops.siblings_fetched.clear()
+    ops.readahead = 0  # --readahead 0: no batch either
+    ops.read("/lib/big.so", 100, 1100, None)
+    assert ops.siblings_fetched == [] and ops.cache.prefetched == []
 
 
 def test_siblings_once_per_directory_small_files_only(ops):

@@ -84,7 +84,8 @@ def serve(args: DaemonArgs) -> None:
             pages = cached_pages(cache.path(digest))
             return pages is None or pages > 0  # a kernel that cannot say: count the guess
         auto.was_read = was_read
-    index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto)
+    handed = _handed_manifest(args)
+    index, kernel_path, metadata_from = _index(reader, cache, args, prefetch, auto, handed)
     completer = None
     if kernel_path:
         from lazyfs.cache.completer import Completer
@@ -93,7 +94,8 @@ def serve(args: DaemonArgs) -> None:
 
     def extra() -> dict:
         out = {"store": reader.stats.snapshot(), "digest": digest,
-               "data_path": "kernel" if kernel_path else "fuse", "metadata": metadata_from}
+               "data_path": "kernel" if kernel_path else "fuse", "metadata": metadata_from,
+               "manifest": "fetched" if handed is None else "handed"}
         if prefetch and prefetch[0]:
             out["prefetch"] = prefetch[0].stats.snapshot()
         if completer:
@@ -111,13 +113,14 @@ def serve(args: DaemonArgs) -> None:
                 auto.recorder.touched(digest, size, guess=True)
             cache.drop_after_write.update(digest for digest, _ in missing)
 
-    def siblings(wanted) -> None:
-        # A profile knows what the workload reads; guessing by directory would only add bytes.
+    def batch(wanted) -> None:
+        # A profile knows what the workload reads; guessing by directory or library would only
+        # add bytes.
         if not (prefetch and prefetch[0]):
             fetch_missing(cache, reader.fetch_blocks, wanted, guessed if kernel_path else None)
     ops = LazyOps(index, cache, extra, trace_file, readahead=source.readahead,
                   recorder=auto.recorder if auto else None,
-                  fetch_siblings=siblings if source.siblings else None,
+                  fetch_batch=batch, siblings=source.siblings,
                   on_read=(lambda inode: completer.read(index.object_of(inode), inode.entry.chunks))
                   if completer else None)
     if auto:
@@ -162,12 +165,13 @@ def serve(args: DaemonArgs) -> None:
     log.info("unmounted %s", mountpoint)
 
 
-def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
+def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: bytes | None = None):
     """The namespace this daemon serves, whether it is the kernel path's data namespace, and
     where the kernel path's EROFS image came from ("node": already here, "shipped": fetched as
     the build made it, "generated": made here from the manifest; None on the FUSE path).
     With the EROFS image on the node the kernel needs nothing from the manifest to serve the
-    tree, so the manifest is decoded in the background and the mount answers at once."""
+    tree, so the manifest is decoded in the background and the mount answers at once. ``raw``:
+    the manifest's verified bytes, when the mounting process handed them over."""
     from lazyfs.records import metadata
     from lazyfs.fs.dataindex import DataIndex, DeferredIndex
     from lazyfs.fs.index import ImageIndex
@@ -185,8 +189,8 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
                          name="lazyfs-profile", daemon=True).start()
         return index
     if args.layout == "kernel" and cachelayout.erofs_image(args.cache_dir, args.digest).exists():
-        return DeferredIndex(lambda: load(DataIndex)), True, "node"
-    raw = objects.read_manifest_bytes(reader, args.digest)
+        return DeferredIndex(lambda: load(DataIndex, mf.decode(raw) if raw else None)), True, "node"
+    raw = raw or objects.read_manifest_bytes(reader, args.digest)
     if args.layout == "kernel":
         shipped = metadata.fetch(reader, args.digest, raw)
         if shipped is not None:
@@ -196,6 +200,21 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None):
     kernel_path = args.layout == "kernel" and _kernel_image(manifest, cache, args)
     return load(DataIndex if kernel_path else ImageIndex, manifest), kernel_path, \
         "generated" if kernel_path else None
+
+
+def _handed_manifest(args: DaemonArgs) -> bytes | None:
+    """The manifest's bytes as the mounting process handed them over (lazyfs.fs.mounts), if it
+    did and they hash to the digest this daemon serves; the file is removed either way."""
+    path = kernel.layout(args.cache_dir, args.digest, args.runtime_dir).manifest
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    path.unlink(missing_ok=True)
+    if digests.compute(raw) != args.digest:
+        log.warning("the manifest handed to this mount is not %s; fetching it", args.digest)
+        return None
+    return raw
 
 
 def _kernel_image(manifest, cache, args: DaemonArgs) -> bool:

@@ -32,6 +32,10 @@ class Layout:
     meta: Path
     locals: tuple[Path, ...]
     fuse: Path
+    # The manifest's verified bytes, when the process that mounts had them (the node agent read
+    # them to resolve the image): the daemon reads them from here, checks them again and removes
+    # the file, instead of fetching them a second time.
+    manifest: Path
 
     def lowerdir(self) -> str:
         data = [*self.locals, self.fuse]
@@ -44,7 +48,7 @@ def layout(cache_dir: str | os.PathLike, digest: str, runtime_dir: str | os.Path
     rt = Path(runtime_dir)
     return Layout(image=cachelayout.erofs_image(cache_dir, digest), meta=rt / "meta",
                   locals=(cachelayout.blocks_dir(cache_dir), cachelayout.objects_dir(cache_dir)),
-                  fuse=rt / "data")
+                  fuse=rt / "data", manifest=rt / "manifest")
 
 
 def unavailable() -> str | None:

@@ -134,7 +134,7 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
           log_file: str | None = None, timeout: float = 30.0, debug: bool = False,
           trace: str | None = None, profile: str = "auto", checked: bool = False,
           data_path: str = "auto", complete: bool = False, cache_size: int | None = None,
-          forker=None, workload: str | None = None) -> MountState:
+          forker=None, workload: str | None = None, manifest: bytes | None = None) -> MountState:
     """Start a detached daemon and wait until the mount answers. ``checked``: the caller has
     resolved ``ref`` to a manifest digest and verified that manifest already (lazyfs run).
     ``data_path``: auto, kernel or fuse (lazyfs.fs.kernel); ``complete``: fetch the rest of
@@ -142,7 +142,9 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     (lazyfs node --cache-size), kept by the daemon as it writes; ``forker``: the node agent's fork
     server (lazyfs.node.forker), which forks the daemon for a caller with threads; ``workload``: the
     key of the command a run starts (lazyfs.format.profile.workload_key), whose startup profile
-    the mount prefetches and learns."""
+    the mount prefetches and learns; ``manifest``: the verified bytes of the manifest ``ref``
+    names, when the caller has them (the node agent): handed to the daemon, which then need not
+    fetch them again."""
     mnt = os.path.realpath(mountpoint)
     clean_stale(mnt)
     if not os.path.isdir(mnt):
@@ -180,6 +182,8 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
     state = MountState(mnt, 0, digest, str(ref), source.describe(), cache, str(logf), layout,
                        str(paths.state_dir() / "mounts" / (_state_file(mnt).stem + ".d")))
     try:
+        if manifest is not None and checked:
+            _hand_over(state, manifest)
         return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker,
                       workload)
     except MountError as exc:
@@ -189,6 +193,16 @@ def mount(ref: str, mountpoint: str, source: Source, cache_dir: str | None,
         state.layout = "fuse"
         return _start(state, source, debug, trace, profile, complete, timeout, cache_size, forker,
                       workload)
+
+
+def _hand_over(state: MountState, manifest: bytes) -> None:
+    """Leave the manifest where the daemon looks first (lazyfs.fs.kernel.Layout.manifest). Not
+    made durable: it lives as long as the daemon takes to start, and the daemon verifies it."""
+    path = state.kernel_layout().manifest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(manifest)
+    tmp.rename(path)
 
 
 def _start(state: MountState, source: Source, debug: bool, trace: str | None, profile: str,
@@ -239,6 +253,7 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
 def _abandon(proc: subprocess.Popen, state: MountState) -> None:
     proc.kill()
     proc.wait()
+    state.kernel_layout().manifest.unlink(missing_ok=True)  # (if it never read it)
     for path in _mounts_of(state, state.mountpoint):
         if mount_entry(path):
             _unmount(path, lazy=True)

@@ -37,6 +37,7 @@ from lazyfs.fs import mounts
 from lazyfs.node import listen, table, wire
 from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics, RunCounts, SnapshotCounts
+from lazyfs.node.recent import RecentManifests
 from lazyfs.node.table import Lease, Shared
 
 log = logging.getLogger("lazyfs.node")
@@ -64,6 +65,7 @@ class Agent:
         self.shared: dict[str, Shared] = {}
         self.readers: dict[tuple, object] = {}  # source args → open BlockSource (the fetchers)
         self.configs: dict[str, dict] = {}  # manifest digest → image config
+        self.manifests = RecentManifests()  # verified manifest bytes, handed to the mounts' daemons
         self.pidfds: dict[int, tuple[str, str]] = {}  # pidfd → (shared key, lease id)
         self.stopping = False
         self.handoff = False

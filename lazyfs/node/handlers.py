@@ -22,7 +22,7 @@ from dataclasses import asdict
 from lazyfs import argv, paths
 from lazyfs.cache import layout as cachelayout
 from lazyfs.errors import FormatError, LazyfsError, MountError, NodeError
-from lazyfs.format import profile as proffmt
+from lazyfs.format import manifest as mf, profile as proffmt
 from lazyfs.fs import control, kernel, mounts
 from lazyfs.proc import syscalls
 from lazyfs.node import table
@@ -83,7 +83,12 @@ def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
     themselves)."""
     reader = _reader(agent, source)
     with agent.unlocked():
-        digest, config = objects.resolve_image(reader, ref, agent.configs)
+        digest = objects.resolve(reader, ref)
+        config = agent.configs.get(digest)
+        if config is None:
+            raw = objects.read_manifest_bytes(reader, digest)
+            config = mf.decode_config(raw)
+            agent.manifests.put(digest, raw)  # for the daemon that mounts it (no second fetch)
     agent.configs[digest] = config
     return digest, config
 
@@ -150,7 +155,8 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
             state = mounts.mount(digest, str(mnt), source, options["cache_dir"], str(logs / f"{k}.log"),
                                  checked=True, profile=options["profile"], data_path=options["data_path"],
                                  complete=options["complete"], cache_size=options["cache_size"],
-                                 forker=agent.forker, workload=workload)
+                                 forker=agent.forker, workload=workload,
+                                 manifest=agent.manifests.get(digest))
             blocks = _profile_blocks(agent, reader, digest, options, workload)
     finally:
         del agent.mounting[k]

@@ -28,7 +28,10 @@ PRELOAD = ("lazyfs.cli", "lazyfs.cli.run", "lazyfs.runner.session", "lazyfs.runn
            "lazyfs.fs.index", "lazyfs.fs.autoprofile", "lazyfs.cache.nodecache",
            "lazyfs.cache.prefetcher", "lazyfs.cache.completer", "lazyfs.source.fleet",
            "lazyfs.source.reader", "lazyfs.records.metadata", "lazyfs.records.profiles",
-           "lazyfs.format.erofs", "lazyfs.store.http")
+           "lazyfs.format.erofs", "lazyfs.store.http",
+           # A daemon's first request encodes the server's host name (urllib3): on a cold page
+           # cache these three imports read from disk in the middle of the mount.
+           "encodings.idna")
 
 
 def preload() -> None:

@@ -41,7 +41,7 @@ def fetch(source, image_digest: str, manifest_bytes: bytes) -> bytes | None:
     if meta is None:
         return None
     try:
-        data = objects.verify(objects.MANIFEST, meta, source.get_manifest(meta))
+        data = objects.read_manifest_bytes(source, meta)
         if kinds.kind(data) != kinds.META:
             raise MetadataRefused(f"mount metadata {meta} of image {image_digest} is not a metadata record")
         layout, image = metaimage.decode(data)

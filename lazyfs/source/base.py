@@ -21,6 +21,10 @@ class BlockSource(Protocol):
     def get_manifest(self, digest: str) -> bytes:
         """The manifest's stored frame (lazyfs.records.objects.read_manifest_bytes verifies it)."""
 
+    def verified_manifest(self, digest: str) -> bytes:
+        """A manifest-kind record's bytes, verified against ``digest``: what
+        lazyfs.records.objects.read_manifest_bytes returns for a source, decoded and hashed once."""
+
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         """The block's bytes, verified against ``digest`` (and ``size``); else a LazyfsError."""
 

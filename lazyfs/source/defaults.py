@@ -3,7 +3,7 @@ CLI options, the daemon's arguments, Source and FleetOptions all take them from 
 
 DEADLINE = 30.0  # seconds a block read may take before it fails (EIO)
 HEDGE_AFTER = 0.5  # seconds before a slow server request is duplicated to the next server
-READAHEAD = 4  # blocks after the one read sequentially, fetched in the background
+READAHEAD = 4  # blocks after one read sequentially, or after a miss, fetched in the background
 SIBLINGS = True  # first small file read in a directory: batch-fetch its small siblings
 COMPLETE_IDLE = 2.0  # --complete: seconds without a demand read before background fetches start
 

@@ -186,6 +186,9 @@ class Fleet:
     def get_manifest(self, digest: str) -> bytes:
         return self._verified(objects.MANIFEST, digest)
 
+    def verified_manifest(self, digest: str) -> bytes:
+        return self._verified(objects.MANIFEST, digest, raw=True)
+
     def get_tag(self, name: str, tag: str) -> str:
         return self._race(f"tag {name}:{tag}", lambda _n, store, _c: store.get_tag(name, tag),
                           probes=False)

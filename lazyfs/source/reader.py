@@ -29,6 +29,9 @@ class StoreReader:
     def get_manifest(self, digest: str) -> bytes:
         return self.store.get_manifest(digest)
 
+    def verified_manifest(self, digest: str) -> bytes:
+        return objects.verify(objects.MANIFEST, digest, self.store.get_manifest(digest))
+
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
         try:
             return objects.fetch_block(self.store, digest, size)

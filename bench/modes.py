@@ -139,6 +139,15 @@ def timed(cmd: list[str], work: Workload, t0: float, marks: dict[str, str] | Non
     return done, seen
 
 
+def _waits(cache: dict) -> dict:
+    """Where the mount's reads waited (lazyfs.cache.nodecache.CacheStats): demand misses, each a
+    round trip plus inflating and hashing, and waits for blocks already on their way."""
+    demand = cache.get("misses", 0) - cache.get("prefetched", 0)
+    return {"demand_misses": demand, "demand_s": round(cache.get("demand_us", 0) / 1e6, 3),
+            "demand_ms_each": round(cache.get("demand_us", 0) / 1e3 / demand, 2) if demand else None,
+            "waits": cache.get("waits", 0), "wait_s": round(cache.get("wait_us", 0) / 1e6, 3)}
+
+
 class Node:
     """The node side: where its node cache and extracted images live, and how it starts things."""
 
@@ -172,7 +181,7 @@ class Node:
                       {"data_path": s.get("data_path", "fuse"),
                        "blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
-                       "prefetch": s.get("prefetch", {})})
+                       "prefetch": s.get("prefetch", {}), "waits": _waits(s.get("cache", {}))})
 
     def cold_cache(self) -> Path:
         """An empty node cache no mount has used. Not the last one emptied: the node agent keeps

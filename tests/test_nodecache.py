@@ -53,6 +53,9 @@ def test_single_flight_and_counters(tmp_path):
     assert results == [data[10:30]] * 20
     s = cache.stats.snapshot()
     assert s["misses"] == 1 and s["hits"] == 19 and s["fetched_raw_bytes"] == len(data)
+    # Where they waited: one demand fetch of ~0.2 s; the other 19 for it to arrive.
+    assert 0.2e6 <= s["demand_us"] < 2e6
+    assert s["waits"] == 19 and 0 < s["wait_us"] <= 19 * (s["demand_us"] + 100_000)
 
 
 def test_wrong_bytes_from_origin_never_enter_the_cache(tmp_path):

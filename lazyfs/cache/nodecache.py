@@ -75,6 +75,12 @@ class CacheStats(Counters):
     written_behind: int = 0  # blocks written after the read that fetched them was answered
     evicted: int = 0  # files this mount's trims removed to keep the node cache's cap
     evicted_bytes: int = 0
+    # Where reads wait (the per-miss breakdown in docs/benchmarks.md): on their own fetch (a
+    # demand miss: the round trip, inflating and hashing), or on a block another thread is
+    # bringing in (a batch, a readahead, another read of it).
+    demand_us: int = 0  # summed over the demand misses (``misses - prefetched``)
+    waits: int = 0
+    wait_us: int = 0
 
 
 class NodeCache:
@@ -145,7 +151,10 @@ class NodeCache:
             # Another thread is fetching this digest; then re-check. Its fetch is bounded by the
             # source's deadline, so a wait past claim_wait means a claim nobody will release:
             # fetch it here rather than wait forever.
-            if not waiter.wait(self.claim_wait):
+            t0 = time.monotonic()
+            arrived = waiter.wait(self.claim_wait)
+            self.stats.add(waits=1, wait_us=int((time.monotonic() - t0) * 1e6))
+            if not arrived:
                 log.warning("cache: block %s has been loading elsewhere for %.0f s; fetching it "
                             "here", digest, self.claim_wait)
                 owned = False
@@ -155,11 +164,14 @@ class NodeCache:
             if where is not None:
                 return where
             self.stats.add(misses=1, prefetched=int(prefetch))
+            t0 = time.monotonic()
             try:
                 data = self.fetch(digest, size)
             except LazyfsError:
                 self.stats.add(errors=1)
                 raise
+            if not prefetch:
+                self.stats.add(demand_us=int((time.monotonic() - t0) * 1e6))
             return self._store(digest, size, data)
         finally:
             if owned:

@@ -283,6 +283,9 @@ def _write_blocks(root: str, cap_bytes: int, seeds: range, errors) -> None:
         cache = NodeCache(root, FakeOrigin(blobs), cap_bytes=cap_bytes)
         for digest, data in blobs.items():
             assert cache.read(digest, len(data), 0, len(data)) == data
+        # Blocks are written behind the reads: land them before this process exits (a fork
+        # leaves with os._exit, which would kill the writers mid-write, reservations in flight).
+        cache.close()
     except BaseException as exc:  # reported to the parent, which fails the test
         errors.put(repr(exc))
         raise

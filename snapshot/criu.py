@@ -6,12 +6,15 @@ a failure can quote the lines that say why. scripts/install-criu provides a criu
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from lazyfs import paths
 from lazyfs.errors import LazyfsError
+from lazyfs.fsutil import atomic_write
 
 CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
 
@@ -21,19 +24,51 @@ class CriuError(LazyfsError):
 
 
 def find() -> str:
-    """Path of a criu that passes `criu check`, or CriuError saying why there is none."""
+    """Path of a criu that passes `criu check`, or CriuError saying why there is none. The
+    answer is kept (``checked.json`` in the state directory) for as long as neither the binary
+    nor the running kernel changes: `criu check` takes 40-70 ms, and a restore waits for it."""
     seen = []
     for path in (*CANDIDATES, shutil.which("criu")):
         if not path or path in seen or not os.access(path, os.X_OK):
             continue
         seen.append(path)
+        if _passed(path):
+            return path
         proc = subprocess.run([path, "check"], capture_output=True, text=True, timeout=60)
         if proc.returncode == 0:
+            _remember(path)
             return path
     if not seen:
         raise CriuError("criu is not installed (run scripts/install-criu as root)")
     raise CriuError(f"criu at {', '.join(seen)} fails `criu check` on this kernel; "
                     "scripts/install-criu builds one that works")
+
+
+def _identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+            "kernel": os.uname().release}
+
+
+def _checked_file() -> Path:
+    return paths.state_dir() / "criu" / "checked.json"
+
+
+def _passed(path: str) -> bool:
+    """Whether this very binary passed `criu check` on this very kernel before."""
+    try:
+        return json.loads(_checked_file().read_text()) == _identity(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _remember(path: str) -> None:
+    try:
+        f = _checked_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(f, json.dumps(_identity(path)).encode(), f.parent, durable=False)
+    except OSError:
+        pass  # only a cache: the next restore checks again
 
 
 def skip_reason() -> str | None:

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lazyfs.records import profiles
 from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.runner.session import RunOptions, run as cold_run
+from lazyfs.runner.session import RunOptions, run as cold_run, shared_image, uses_node
 from lazyfs.records import objects
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs
@@ -38,10 +39,13 @@ class SnapshotMismatch(RunError):
 
 
 def load(reader, image_ref: str, snap_ref: str) -> tuple[str, str, snapfmt.Snapshot]:
-    """(image digest, snapshot digest, snapshot), verified; refuses a snapshot of another image."""
-    digest = objects.resolve(reader, image_ref)
-    snap_digest = objects.resolve(reader, snap_ref)
-    snap = snapfmt.decode(objects.read_manifest_bytes(reader, snap_digest))
+    """(image digest, snapshot digest, snapshot), verified; refuses a snapshot of another image.
+    The image's tag is resolved beside the snapshot's (one round trip less on the start path)."""
+    with ThreadPoolExecutor(1) as pool:
+        image = pool.submit(objects.resolve, reader, image_ref)
+        snap_digest = objects.resolve(reader, snap_ref)
+        snap = snapfmt.decode(objects.read_manifest_bytes(reader, snap_digest))
+        digest = image.result()
     if snap.image != digest:
         raise SnapshotMismatch(f"snapshot {snap_ref} was taken on image {snap.image}, not on "
                                f"{image_ref} ({digest}); refusing to restore it there")
@@ -56,6 +60,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     snap = None
     pages = None
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
+    leases = ExitStack()  # the image's shared mount, when the node agent lends it
     try:
         criu = criu_mod.find()
         reader = opts.source.open()
@@ -70,6 +75,10 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             reader.close()  # a fleet reader's threads end here, so the page server can be forked
         record = lazy and working_set and not known
         mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) if known else "none"
+        # Through the node agent, as a run mounts: on a node that restored this snapshot lately
+        # the image is mounted already, and no daemon starts. A restore that records a working
+        # set must see its own reads of the image (a traced mount of its own).
+        shared = not record and uses_node(opts)
         if lazy:  # first, so the working set streams in while everything else happens
             images = ws.base / "snap" / "criu"
             images.mkdir(parents=True)
@@ -81,29 +90,40 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             fetch_block = block_fetcher(opts.source, opts.cache_dir, reader)
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:
-                mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir,
-                                       mount_profile, _trace(ws) if record else None)
+                if shared:
+                    mounting = pool.submit(leases.enter_context, shared_image(opts, mount_profile))
+                else:
+                    mounting = pool.submit(ws.mount_image, digest, opts.source, opts.cache_dir,
+                                           mount_profile, _trace(ws) if record else None)
                 try:
                     if lazy:
                         fetched = fetch_eager(fetch_block, snap.files, ws.base / "snap")
                     else:
                         fetched = fetch(fetch_block, snap.files, ws.base / "snap")
                 finally:
-                    mounting.result()
+                    lease = mounting.result()
+            if shared:
+                if lease["digest"] != digest:  # the tag moved between the two lookups
+                    raise RunError(f"{opts.ref} now names {lease['digest']}, not the snapshot's image {digest}")
+                ws.use_image(lease["mountpoint"])
             fetch_s = time.monotonic() - t0
         finally:
             reader.close()
         recording = (snap_digest, opts.source.publish_target()) if record else None
-        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording)
+        return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording,
+                        "took the node agent's mount of" if shared else "mounted")
     except SnapshotMismatch:
         ws.remove()
         raise
     except (LazyfsError, OSError) as exc:
         _abandon(ws, pages)
+        leases.close()  # (the cold start takes a mount of its own)
         return _cold(opts, snap_ref, exc, snap, say)
     except BaseException:  # Ctrl-C: leave no mount (or page server) behind
         _abandon(ws, pages)
         raise
+    finally:
+        leases.close()
 
 
 def _abandon(ws: Workspace, pages: PageServer | None) -> None:
@@ -125,16 +145,17 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
-             pages: PageServer | None, recording: tuple[str, str | None] | None) -> int:
+             pages: PageServer | None, recording: tuple[str, str | None] | None,
+             mounted: str = "mounted") -> int:
     try:
-        pid, stdio_at, times = _criu_restore(criu, digest, snap, ws, pages)
+        pid, stdio_at, times = criu_restore(criu, digest, snap, ws, pages)
     except BaseException:
         if pages is not None:
             pages.finish()
         raise
     prepare_s, restore_s = times
     say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
-        f"mounted the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
+        f"{mounted} the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
         f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
     status: dict = {}
     trace_lines: list[str] = []
@@ -169,7 +190,7 @@ def _describe(s: dict) -> str:
                if s.get("working_set_recorded") else ""))
 
 
-def _criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
+def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     t0 = time.monotonic()
     gpu_meta = snap.meta.get("gpu")
     cuda = _check_gpus(gpu_meta) if gpu_meta else None
@@ -189,7 +210,12 @@ def _criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
            "snapshot.restorer", "--workspace", str(ws.base), "--at", snap.mount_path, "--",
            *criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
                                      lazy=pages is not None)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except BaseException:  # Ctrl-C under CRIU: a tree it restored already waits in ready()
+        if pidfile.exists():
+            _kill_restored(int(pidfile.read_text()), grace=0)
+        raise
     if res.returncode != 0 or not pidfile.exists():
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({res.stderr.strip() or res.returncode}):\n  {tail}")
@@ -220,6 +246,37 @@ def _check_gpus(meta: dict) -> "gpu.Cuda":
     return gpu.Cuda()
 
 
+STOP_GRACE = 5.0  # seconds a restored tree has to stop on Ctrl-C before it is killed
+
+
+def _kill_restored(pid: int, grace: float = STOP_GRACE) -> None:
+    """Stop a restored tree and reap its root. The root task is the init of a PID namespace of
+    its own, which signals without a handler do not reach (SIGTERM is ignored there): SIGINT
+    first, which a Python program handles (KeyboardInterrupt, as a Ctrl-C in a plain run),
+    then SIGKILL. The namespace's other tasks die with their init."""
+    for sig, wait in ([(signal.SIGINT, grace)] if grace > 0 else []) + [(signal.SIGKILL, 30.0)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if _gone(pid, wait):
+            return
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` exited (and, if it is our child, was reaped) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:  # criu's sibling, not our child: watch /proc instead
+            if not Path(f"/proc/{pid}").exists():
+                return True
+        time.sleep(0.02)
+    return False
+
+
 def _wait(pid: int) -> int:
     """Exit status of the restored root task (a child of ours: criu restored it as its sibling)."""
     try:
@@ -229,9 +286,9 @@ def _wait(pid: int) -> int:
                 break
             except InterruptedError:
                 continue
-    except KeyboardInterrupt:
-        os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
+    except KeyboardInterrupt:  # stop the tree too, and no cold start: the user asked to stop
+        _kill_restored(pid)
+        raise
     except ChildProcessError:  # not our child after all: poll until it is gone
         while Path(f"/proc/{pid}").exists():
             time.sleep(0.05)

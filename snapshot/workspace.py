@@ -19,7 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lazyfs.fs import mounts
+from lazyfs.fs import kernel, mounts
+from lazyfs.proc import syscalls
 from lazyfs.source.spec import Source
 from lazyfs.runner import helper
 from lazyfs.runner.helper import MARKER_DIR
@@ -37,7 +38,8 @@ class Workspace:
         self.rootfs = base / "rootfs"
         self.stdio = base / "stdio"
         self.overlay = Overlay(self.image, self.upper, base / "work", self.rootfs)
-        self.mounted = False
+        self.mounted = False  # the image mounted here by this workspace
+        self.bound = False  # a bind of someone else's mount of it (use_image)
 
     def mount(self, digest: str, source: Source, cache_dir: str | None) -> None:
         self.mount_image(digest, source, cache_dir)
@@ -49,6 +51,15 @@ class Workspace:
         mounts.mount(digest, str(self.image), source, cache_dir, str(self.base / "mount.log"),
                      profile=profile, trace=str(trace) if trace else None, checked=True)
         self.mounted = True
+
+    def use_image(self, mountpoint: str) -> None:
+        """Put a mount of the image that is not this workspace's (the node agent's shared one,
+        leased while the restore runs) where the snapshot's process had its own: CRIU finds
+        mapped files by the path of the layer they are on (``<base>/image/usr/bin/...``), so a
+        bind of it, unmounted at the end (the shared mount itself stays)."""
+        self.image.mkdir(parents=True, exist_ok=True)
+        kernel.mount_one(mountpoint, str(self.image), "none", syscalls.MS_BIND, None)
+        self.bound = True
 
     def inject_helper(self) -> None:
         """The helper in the writable layer (part of the snapshot), written before the overlay
@@ -72,6 +83,12 @@ class Workspace:
             except Exception as exc:  # cleanup goes on; the caller's outcome matters more
                 log.warning("unmounting %s: %s", self.image, exc)
             self.mounted = False
+        if self.bound:
+            try:
+                kernel.unmount_one(str(self.image), lazy=True)
+            except Exception as exc:
+                log.warning("unmounting %s: %s", self.image, exc)
+            self.bound = False
 
     def remove(self) -> None:
         self.teardown()

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -219,6 +222,43 @@ def env_dirs(tmp_path):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def node_agent(env_dirs, monkeypatch):
+    """The node agent turned on (it starts on the first run), on a short socket path,
+    unmounting 1 s after the last user leaves. Whatever agent the test started is stopped
+    afterwards, and what it left mounted goes too."""
+    sockdir = Path(tempfile.mkdtemp(prefix="lzn-", dir="/tmp"))
+    env = {"LAZYFS_NODE": "auto", "LAZYFS_NODE_SOCKET": str(sockdir / "node.sock"),
+           "LAZYFS_NODE_METRICS": "127.0.0.1:0", "LAZYFS_NODE_IDLE": "1s"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield env
+    pidfile = Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.pid"
+    if pidfile.exists():
+        stop_process(int(pidfile.read_text()))
+    for mp in sorted(lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    subprocess.run(["rm", "-rf", str(sockdir)])
+
+
+def stop_process(pid: int, sig=signal.SIGTERM) -> None:
+    """Signal ``pid`` and wait until it is gone (or a zombie); SIGKILL after 5 s."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.025)
+    os.kill(pid, signal.SIGKILL)
 
 
 class Mounted:

@@ -9,52 +9,21 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import busybox_rootfs, lazyfs_cli, lazyfs_mounts
+from tests.conftest import busybox_rootfs, lazyfs_cli, lazyfs_mounts, stop_process as _stop
 
 pytestmark = pytest.mark.mount
 RUN = ("run", "--runtime", "namespaces")
 
 
 @pytest.fixture
-def node(env_dirs, tmp_path, monkeypatch):
-    """The agent turned on, on a short socket path, unmounting 1 s after the last user leaves.
-    Whatever agent the test started is stopped afterwards, and what it left mounted goes too."""
-    sockdir = Path(tempfile.mkdtemp(prefix="lzn-", dir="/tmp"))
-    env = {"LAZYFS_NODE": "auto", "LAZYFS_NODE_SOCKET": str(sockdir / "node.sock"),
-           "LAZYFS_NODE_METRICS": "127.0.0.1:0", "LAZYFS_NODE_IDLE": "1s"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    yield env
-    pidfile = Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.pid"
-    if pidfile.exists():
-        _stop(int(pidfile.read_text()))
-    for mp in sorted(lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
-    subprocess.run(["rm", "-rf", str(sockdir)])
-
-
-def _stop(pid: int, sig=signal.SIGTERM) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return
-        except (ProcessLookupError, FileNotFoundError):
-            return
-        time.sleep(0.025)
-    os.kill(pid, signal.SIGKILL)
+def node(node_agent):
+    return node_agent
 
 
 def _status() -> dict:

@@ -1,12 +1,20 @@
 """Process snapshots end to end: a real Debian image with Python and NumPy, real CRIU, a real
-FUSE mount. Snapshot once, restore twice; shared blocks; corrupt blocks; the wrong image."""
+FUSE mount. Snapshot once, restore twice; shared blocks; corrupt blocks; the wrong image.
+
+Runs and restores go the way a node runs them: forked by the node agent, a restore on the
+agent's shared mount of the image (``through_the_agent``); a few go without the agent too."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +75,14 @@ if late == 0:
 os.waitpid(late, 0)
 print("parent", hashlib.sha256(big).hexdigest(), flush=True)
 '''
+SLOW_PROGRAM = r'''
+import time
+import lazyfs_snapshot as snapshot
+memory = bytearray(range(256)) * (64 * 1024)  # 16 MiB to serve lazily
+snapshot.ready()
+print("continued", len(memory), flush=True)
+time.sleep(120)  # still running when the restore is interrupted
+'''
 BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
 
@@ -77,6 +93,15 @@ def _skip_reason() -> str | None:
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+
+
+@pytest.fixture(autouse=True)
+def through_the_agent(node_agent):
+    return node_agent
+
+
+def _without_the_agent(monkeypatch) -> None:
+    monkeypatch.setenv("LAZYFS_NODE", "off")
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +115,7 @@ def numpy_rootfs(tmp_path_factory):
     (root / "app").mkdir()
     (root / "app" / "prog.py").write_text(PROGRAM)
     (root / "app" / "fork.py").write_text(FORK_PROGRAM)
+    (root / "app" / "slow.py").write_text(SLOW_PROGRAM)
     return root
 
 
@@ -111,10 +137,17 @@ def _lines(stdout: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line.strip()}
 
 
-def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image):
+@pytest.mark.parametrize("agent", ["agent", "no agent"])
+def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agent, monkeypatch):
+    if agent == "no agent":
+        _without_the_agent(monkeypatch)
     _snapshot("warm/py:1")
-    runs = [lazyfs_cli("run", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
+    runs = [lazyfs_cli("run", "-v", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
             for _ in range(2)]
+    # The first restore records the working set, on a traced mount of its own; the second
+    # restores on the node agent's shared mount of the image, where there is an agent.
+    assert "took the node agent's mount" not in runs[0].stderr
+    assert ("took the node agent's mount of the image" in runs[1].stderr) == (agent == "agent"), runs[1].stderr
     outs = []
     for r in runs:
         assert r.returncode == 7, r.stderr  # the program's own exit code, after the restore
@@ -305,3 +338,80 @@ def _block_bytes_served(url: str) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith('lazyfs_server_response_bytes_total{route="/v1/blocks/{digest}"'))
+
+
+def _snapshot_processes() -> list[int]:
+    """Processes of the snapshotted program still alive on this machine."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"/app/slow.py" in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _restore_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if "/run/lazyfs/snap/" in line.split()[4]]
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env_dirs, when):
+    """Ctrl-C during a restore through the node agent (while it fetches and mounts, or once the
+    restored process runs): the restore stops, its process tree and workspace mounts go, and
+    the agent, its lease given back, unmounts the image once idle."""
+    from tests.conftest import lazyfs_mounts
+    before = set(_restore_mounts())  # (another session's, if any)
+    lazyfs_cli("run", "--snapshot", "warm/slow:1", "snap/py:1", "--", "python3", "/app/slow.py",
+               timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "-v", "--no-working-set",
+                             "--restore", "warm/slow:1", "snap/py:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if when == "starting":
+            time.sleep(0.3)
+        else:
+            assert proc.stdout.readline().startswith("continued"), proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, err
+    deadline = time.monotonic() + 15
+    while (_snapshot_processes() or set(_restore_mounts()) - before
+           or lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _snapshot_processes() == [], err
+    assert set(_restore_mounts()) - before == set(), err
+    assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
+    assert not [p for p in Path("/run/lazyfs/snap").iterdir() if p.name.startswith("restore-")
+                and str(p / "rootfs") not in before]
+    if when == "running":
+        assert "took the node agent's mount of the image" in err
+
+
+def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(image):
+    """A working set is advice: blocks it names that the snapshot or the image do not have (or
+    the store lacks) are skipped, and the restore carries on with exact state."""
+    _snapshot("warm/py:1")
+    snap_digest = image.get_tag("warm/py", "1")
+    snap = snapfmt.decode(objects.read_manifest_bytes(image, snap_digest))
+    real = next(f for f in snap.files if f.name.startswith("criu/pages")).chunks[0]
+    rng = random.Random(5)
+    bogus = [proffmt.ProfileBlock("sha256:" + rng.randbytes(32).hex(), 4096, i / 1000)
+             for i in range(5000)]
+    hostile = proffmt.Profile(snap_digest, (*bogus, proffmt.ProfileBlock(real[0], real[1], 6.0)),
+                              {"kind": "snapshot working set", "page_blocks": 5001, "image_blocks": 0})
+    from lazyfs.records import profiles
+    profiles.publish(image, hostile)
+    r = lazyfs_cli("run", "-v", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
+    assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+    out = _lines(r.stdout)
+    assert out["continued"][1] == "6" and out["digest"] == [BIG_DIGEST]
+    assert _stat(r.stderr, r"of (\d+) blocks prefetched") == 1  # only the block the snapshot has
+    assert "took the node agent's mount of the image" in r.stderr

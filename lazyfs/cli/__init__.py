@@ -44,6 +44,14 @@ def _register(argv: list[str] | None = None) -> None:
         importlib.import_module(f"lazyfs.cli.{module}")
 
 
+def deferred_imports() -> list[str]:
+    """What the registered command modules import only when a command gets that far (their
+    ``PRELOAD``): the node agent's zygote imports them ahead, so its forked runs need not."""
+    return [name for module in list(sys.modules.values())
+            if getattr(module, "__name__", "").startswith("lazyfs.cli.")
+            for name in getattr(module, "PRELOAD", ())]
+
+
 # The click command typer builds from `app` (10 ms a time): built once by the node agent's zygote,
 # whose forked runs then start parsing at once (lazyfs.node.zygote.preload).
 prebuilt = None

@@ -12,6 +12,11 @@ from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPa
                                NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt,
                                parse_duration, sayer, with_source)
 
+# What `lazyfs run --snapshot/--restore` imports when it gets there: the node's fork server
+# imports it ahead (lazyfs.node.zygote), so a restore forked from it does not spend ~200 ms
+# importing the snapshot code (and the page server, a fork of it, none either).
+PRELOAD = ("snapshot.restore", "snapshot.capture", "snapshot.lazyserver", "snapshot.lazypages")
+
 
 @app.command(cls=CommandLineCommand, context_settings={"allow_interspersed_args": False},
              help="Run a command in a container on a lazily mounted image, with a writable overlay "

@@ -47,6 +47,11 @@ def preload() -> None:
     import lazyfs.cli
     lazyfs.cli._register(["lazyfs", "run"])
     lazyfs.cli.prebuilt = typer.main.get_command(lazyfs.cli.app)
+    for name in lazyfs.cli.deferred_imports():
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError):  # (the run that needs it imports, and fails, itself)
+            pass
 
 
 def start(conn_fd: int, fds: list[int], req: dict) -> int:

@@ -83,23 +83,29 @@ def uses_node(opts: RunOptions) -> bool:
 def run(opts: RunOptions, say=lambda msg: None) -> int:
     runtime = rt.choose(opts.runtime)
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
-    lease = _acquire(opts) if uses_node(opts) else None
-    try:
+    with shared_image(opts, opts.profile, workload_of(opts)) as lease:
         return _run(opts, runtime, rundir, lease, say)
-    finally:
-        if lease is not None:
-            from lazyfs.node import client
-            with _uninterrupted():
-                try:
-                    client.release(lease["lease"])
-                except LazyfsError as exc:  # the agent also drops it when it sees this process exit
-                    log.warning("handing back the image mount: %s", exc)
 
 
-def _acquire(opts: RunOptions) -> dict:
+@contextmanager
+def shared_image(opts: RunOptions, profile: str, workload: str | None = None):
+    """The image's mount through the node agent, leased to this process for the block (the
+    agent also drops the lease when this process exits): the agent's answer (digest,
+    mountpoint, config, lease), or None when this run mounts on its own (uses_node)."""
+    if not uses_node(opts):
+        yield None
+        return
     from lazyfs.node import client
-    return client.acquire(opts.ref, opts.source, opts.cache_dir, opts.data_path, opts.profile,
-                          opts.complete, workload_of(opts))
+    lease = client.acquire(opts.ref, opts.source, opts.cache_dir, opts.data_path, profile,
+                           opts.complete, workload)
+    try:
+        yield lease
+    finally:
+        with _uninterrupted():
+            try:
+                client.release(lease["lease"])
+            except LazyfsError as exc:  # the agent also drops it when it sees this process exit
+                log.warning("handing back the image mount: %s", exc)
 
 
 def workload_of(opts: RunOptions) -> str:

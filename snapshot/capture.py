@@ -2,6 +2,7 @@
 and publish the dump, its writable layer and its output so far to the store as blocks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -25,10 +26,15 @@ from snapshot.workspace import MOUNT_BASE, Workspace
 
 
 class Follower:
-    """Copies what a process appends to its output file to our stdout, from ``start`` on."""
+    """Copies what a process appends to its output file to our stdout, from ``start`` on.
+    Polled every 5 ms with one pread on a descriptor kept open: a restored server's first
+    answer is what a restore is timed by, and a 50 ms poll added 25 ms to it on average."""
+
+    POLL = 0.005
 
     def __init__(self, path: Path, start: int = 0):
         self.path, self.pos = path, start
+        self._fd: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stdio", daemon=True)
 
@@ -37,25 +43,26 @@ class Follower:
         return self
 
     def _pump(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        if data:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+        while data := os.pread(self._fd, 1 << 16, self.pos):
             self.pos += len(data)
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.POLL):
             self._pump()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(5)
         self._pump()
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 def _ns_init(unshare_pid: int, timeout: float = 5.0) -> int:

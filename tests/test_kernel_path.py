@@ -110,6 +110,27 @@ def test_a_tree_the_layout_cannot_hold_falls_back_to_fuse(env_dirs, tmp_path):
     assert "overlayfs reads as a whiteout" in Path(tmp_path / "mount.log").read_text()
 
 
+def test_a_miss_in_a_large_file_brings_its_next_blocks_in_one_batch(image, tmp_path):
+    """A read in the middle of an 11-block file (a library's page fault) fetches its block, then
+    the next --readahead blocks together; a later read among them waits for nothing."""
+    want = (image / "data" / "big.bin").read_bytes()
+    chunk = 512 * 1024
+    m = Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel", "--no-siblings",
+                "--readahead", "3")
+    with m as mnt:
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            f.seek(3 * chunk + 10)
+            assert f.read(100) == want[3 * chunk + 10:][:100]
+            assert _wait(lambda: m.stats()["cache"]["prefetched"] == 3)
+            s = m.stats()
+            assert s["store"]["block_gets"] == 4  # block 3, then 4, 5 and 6 in one batch
+            assert s["cache"]["misses"] - s["cache"]["prefetched"] == 1
+            f.seek(5 * chunk + 20)
+            assert f.read(100) == want[5 * chunk + 20:][:100]
+        s = m.stats()
+        assert s["store"]["block_gets"] == 4 and s["cache"]["misses"] == 4
+
+
 def _store(env_dirs):
     from lazyfs.store.local import LocalStore
     return LocalStore(env_dirs["LAZYFS_STORE"])

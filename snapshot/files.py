@@ -78,15 +78,27 @@ def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapF
     return files, new, total
 
 
-def block_fetcher(source, cache_dir: str | None, reader):
-    """``fetch(digest, size) -> bytes``, verified, for a snapshot's blocks. From a remote store or
-    fleet they go through the node cache, so the next restore on this node reads them locally;
-    from a local store that would only copy them twice."""
-    spec = source.store or paths.default_store()
-    if not source.servers and urlparse(spec).scheme in ("", "file"):
-        return reader.fetch_block
-    cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
-    return lambda digest, size: cache.read(digest, size, 0, size)
+class BlockFetcher:
+    """``fetcher(digest, size) -> bytes``, verified, for a snapshot's blocks. From a remote store
+    or fleet they go through the node cache, so the next restore on this node reads them
+    locally; from a local store that would only copy them twice."""
+
+    def __init__(self, source, cache_dir: str | None, reader):
+        spec = source.store or paths.default_store()
+        self.fetch_block = reader.fetch_block
+        self.cache = None
+        if source.servers or urlparse(spec).scheme not in ("", "file"):
+            self.cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
+
+    def __call__(self, digest: str, size: int) -> bytes:
+        if self.cache is None:
+            return self.fetch_block(digest, size)
+        return self.cache.read(digest, size, 0, size)
+
+    def close(self) -> None:
+        """Land what is written behind, and end the cache's writer threads."""
+        if self.cache is not None:
+            self.cache.close()
 
 
 def is_pages(name: str) -> bool:

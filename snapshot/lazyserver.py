@@ -26,7 +26,7 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
 from snapshot.criuimg import parse_pagemap
-from snapshot.files import block_fetcher, is_pages
+from snapshot.files import BlockFetcher, is_pages
 from snapshot.lazypages import Blocks, Handler
 
 log = logging.getLogger("lazyfs.snapshot.lazy")
@@ -144,7 +144,7 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         status["working_set_blocks"] = len(plan)
         images = Path(cfg.images)
         killer = Killer(cfg.pidfile, stop)
-        handler = Handler(blocks, block_fetcher(cfg.source, cfg.cache_dir, reader),
+        handler = Handler(blocks, BlockFetcher(cfg.source, cfg.cache_dir, reader),
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, working_set=plan)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -24,9 +24,9 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run, shared_image, uses_node
 from lazyfs.records import objects
 from snapshot import criu as criu_mod
-from snapshot import gpu, procs
+from snapshot import gpu, procs, restorer
 from snapshot.capture import Follower
-from snapshot.files import block_fetcher, fetch
+from snapshot.files import BlockFetcher, fetch
 from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
 from snapshot.lazyserver import Config
 from snapshot.workspace import MOUNT_BASE, Workspace
@@ -86,8 +86,8 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
                                       str(ws.base / "restored.pid"), str(ws.base / "pages.json"),
                                       working_set=working_set, record=record), ws.base / "pages.log")
         reader = opts.source.open()
+        fetch_block = BlockFetcher(opts.source, opts.cache_dir, reader)
         try:
-            fetch_block = block_fetcher(opts.source, opts.cache_dir, reader)
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:
                 if shared:
@@ -108,6 +108,8 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
                 ws.use_image(lease["mountpoint"])
             fetch_s = time.monotonic() - t0
         finally:
+            # Their threads end here too, so that criu restore can be forked (snapshot.restorer).
+            fetch_block.close()
             reader.close()
         recording = (snap_digest, opts.source.publish_target()) if record else None
         return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording,
@@ -206,19 +208,17 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     ws.overlay.mount()
     prepare_s = time.monotonic() - t0
     pidfile = ws.base / "restored.pid"
-    cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-           "snapshot.restorer", "--workspace", str(ws.base), "--at", snap.mount_path, "--",
-           *criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
-                                     lazy=pages is not None)]
+    argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
+                                    lazy=pages is not None)
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out")
     except BaseException:  # Ctrl-C under CRIU: a tree it restored already waits in ready()
         if pidfile.exists():
             _kill_restored(int(pidfile.read_text()), grace=0)
         raise
-    if res.returncode != 0 or not pidfile.exists():
+    if code != 0 or not pidfile.exists():
         tail = criu_mod._tail(ws.base / "restore.log")
-        raise criu_mod.CriuError(f"criu restore failed ({res.stderr.strip() or res.returncode}):\n  {tail}")
+        raise criu_mod.CriuError(f"criu restore failed ({printed.strip() or code}):\n  {tail}")
     pid = int(pidfile.read_text())
     try:
         if cuda is not None:

@@ -415,3 +415,15 @@ def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(im
     assert out["continued"][1] == "6" and out["digest"] == [BIG_DIGEST]
     assert _stat(r.stderr, r"of (\d+) blocks prefetched") == 1  # only the block the snapshot has
     assert "took the node agent's mount of the image" in r.stderr
+
+
+def test_criu_check_is_remembered_until_the_binary_or_kernel_changes(env_dirs):
+    import json
+    path = criu.find()
+    remembered = criu._checked_file()
+    assert json.loads(remembered.read_text())["path"] == path and criu._passed(path)
+    stale = json.loads(remembered.read_text())
+    stale["mtime_ns"] += 1  # another build of criu at that path
+    remembered.write_text(json.dumps(stale))
+    assert not criu._passed(path)
+    assert criu.find() == path and criu._passed(path)  # checked again, and remembered again

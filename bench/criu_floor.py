@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench.modes import drop_caches
 from lazyfs.source.spec import Source
+from lazyfs.proc import spawn
 from snapshot import criu as criu_mod
 from snapshot.files import fetch
 from snapshot.restore import criu_restore, load
@@ -84,16 +85,9 @@ def run(snapshot: str, image: str, store: str, cache_dir: str, runs: int) -> dic
 
 def _reap(pid: int) -> None:
     """The restored process is left to finish; wait for it (it is our child or criu's sibling)."""
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            pass
-        time.sleep(0.02)
-    if Path(f"/proc/{pid}").exists():
+    if not spawn.wait_gone(pid, 60):
         os.kill(pid, signal.SIGKILL)
+        spawn.wait_gone(pid, 10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import RunOptions, run as cold_run, shared_image, uses_node
 from lazyfs.records import objects
+from lazyfs.proc import spawn
 from snapshot import criu as criu_mod
 from snapshot import gpu, procs, restorer
 from snapshot.capture import Follower
@@ -259,22 +260,8 @@ def _kill_restored(pid: int, grace: float = STOP_GRACE) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        if _gone(pid, wait):
+        if spawn.wait_gone(pid, wait):
             return
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    """Whether ``pid`` exited (and, if it is our child, was reaped) within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return True
-        except ChildProcessError:  # criu's sibling, not our child: watch /proc instead
-            if not Path(f"/proc/{pid}").exists():
-                return True
-        time.sleep(0.02)
-    return False
 
 
 def _wait(pid: int) -> int:

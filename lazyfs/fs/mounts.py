@@ -14,12 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 from lazyfs import paths
+from lazyfs.fsutil import atomic_write
 from lazyfs.errors import MetadataRefused, MountError
 from lazyfs.fs import kernel
 from lazyfs.proc import spawn
@@ -200,9 +200,7 @@ def _hand_over(state: MountState, manifest: bytes) -> None:
     made durable: it lives as long as the daemon takes to start, and the daemon verifies it."""
     path = state.kernel_layout().manifest
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(manifest)
-    tmp.rename(path)
+    atomic_write(path, manifest, path.parent, durable=False)
 
 
 def _start(state: MountState, source: Source, debug: bool, trace: str | None, profile: str,
@@ -303,34 +301,9 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
         shutil.rmtree(state.runtime_dir, ignore_errors=True)
 
 
-def _exited(pid: int) -> bool:
-    """Gone, or a zombie: a detached daemon's parent is init, which may reap it only seconds
-    later, and a zombie holds nothing (its mounts and descriptors are released)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] == b"Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-
 def _wait_exit(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            # When this process started the daemon (lazyfs run), reap it: a zombie still "exists".
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
-        if _exited(pid):
-            return
-        time.sleep(0.02)
+    if spawn.wait_gone(pid, timeout):  # (reaped, when this process started it: lazyfs run)
+        return
     log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)
     try:
         os.kill(pid, signal.SIGTERM)

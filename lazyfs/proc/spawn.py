@@ -65,6 +65,38 @@ class Forked:
         return self.returncode
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: a detached process's parent is init, which may reap it only seconds
+    later, and a zombie holds nothing (its mounts and descriptors are released)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` exited within ``timeout`` seconds; reaped, when it is our child (a
+    zombie of ours would still "exist")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        if exited(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def readable(fd: int, timeout: float | None) -> bool:
     """Whether ``fd`` becomes readable within ``timeout`` seconds (None: wait). poll(2), not
     select(2): a process holding many pidfds has descriptor numbers past select's 1024."""

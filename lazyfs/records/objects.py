@@ -50,13 +50,11 @@ def read_config(store: BlockStore, digest: str) -> dict:
     return mf.decode_config(read_manifest_bytes(store, digest))
 
 
-def resolve_image(store: BlockStore, ref: str | reference.Reference,
-                  known: dict | None = None) -> tuple[str, dict]:
+def resolve_image(store: BlockStore, ref: str | reference.Reference) -> tuple[str, dict]:
     """The manifest digest ``ref`` names and its verified config: what every mount and run needs
-    before it starts (``known``: configs by digest already read, which skip the fetch)."""
+    before it starts."""
     digest = resolve(store, ref)
-    config = known.get(digest) if known else None
-    return digest, config if config is not None else read_config(store, digest)
+    return digest, read_config(store, digest)
 
 
 def put_record(store: BlockStore, data: bytes) -> str:

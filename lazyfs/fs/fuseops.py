@@ -146,15 +146,15 @@ class LazyOps(Operations):
         inode = self._inode(path)
         # Whether this read waits for the network: only then is a library's next stretch
         # worth a batch (a warm node's reads of an unfinished object must not start fetches).
+        batchable = len(inode.entry.chunks) > 1 and self.fetch_batch is not None and self.readahead
         missed = False
-        if len(inode.entry.chunks) > 1 and self.fetch_batch is not None and self.readahead:
-            here = next(iter(inode.chunks_for(offset, 1)), None)
-            missed = here is not None and not self.cache.on_disk(here[0].digest)
         parts = []
         try:
             for chunk, inner, n in inode.chunks_for(offset, size):
                 if self.recorder is not None:
                     self.recorder.touched(chunk.digest, chunk.size)
+                if batchable and not parts:
+                    missed = not self.cache.on_disk(chunk.digest)
                 parts.append(self.cache.read(chunk.digest, chunk.size, inner, n))
         except LazyfsError as exc:
             log.error("EIO reading %s (offset %d): block %s: %s", _name(inode), offset,

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,8 @@ from lazyfs.store.local import LocalStore
 from lazyfs.format import profile as proffmt
 from snapshot import criu
 from snapshot.criuimg import parse_pagemap
-from tests.conftest import lazyfs_cli, mount_skip_reason
+from snapshot.workspace import MOUNT_BASE
+from tests.conftest import lazyfs_cli, lazyfs_mounts, mount_skip_reason
 
 PROGRAM = r'''
 import hashlib, os, random, sys
@@ -354,8 +354,7 @@ def _snapshot_processes() -> list[int]:
 
 
 def _restore_mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if "/run/lazyfs/snap/" in line.split()[4]]
+    return lazyfs_mounts(MOUNT_BASE)
 
 
 @pytest.mark.parametrize("when", ["starting", "running"])
@@ -363,7 +362,6 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
     """Ctrl-C during a restore through the node agent (while it fetches and mounts, or once the
     restored process runs): the restore stops, its process tree and workspace mounts go, and
     the agent, its lease given back, unmounts the image once idle."""
-    from tests.conftest import lazyfs_mounts
     before = set(_restore_mounts())  # (another session's, if any)
     lazyfs_cli("run", "--snapshot", "warm/slow:1", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
@@ -389,7 +387,7 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
     assert _snapshot_processes() == [], err
     assert set(_restore_mounts()) - before == set(), err
     assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
-    assert not [p for p in Path("/run/lazyfs/snap").iterdir() if p.name.startswith("restore-")
+    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
                 and str(p / "rootfs") not in before]
     if when == "running":
         assert "took the node agent's mount of the image" in err

@@ -8,17 +8,18 @@ from typing import Iterable
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike,
-                 durable: bool = True, drop_pages: bool = False) -> None:
+                 durable: bool = True, drop_pages: bool = False, rename=os.rename) -> None:
     """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), then rename it to ``path``.
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
-    torn file (stores, and the node cache, whose files the kernel may serve unhashed)."""
-    atomic_write_parts(path, (data,), tmp_dir, durable, drop_pages=drop_pages)
+    torn file (stores, and the node cache, whose files the kernel may serve unhashed).
+    rename: what gives the file its name (the node cache's counts it as it does, NodeCache.room)."""
+    atomic_write_parts(path, (data,), tmp_dir, durable, drop_pages=drop_pages, rename=rename)
 
 
 def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
                        tmp_dir: str | os.PathLike, durable: bool = True,
-                       mode: int | None = None, drop_pages: bool = False) -> None:
+                       mode: int | None = None, drop_pages: bool = False, rename=os.rename) -> None:
     """atomic_write of the concatenation of ``parts``, produced one at a time (a file too large
     to hold in memory); ``mode``: the file's permissions, set before it gets its name;
     ``drop_pages``: leave none of the written bytes in the page cache (durable writes only), so
@@ -35,7 +36,7 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         if mode is not None:
             os.chmod(tmp, mode)
-        os.rename(tmp, Path(path))
+        rename(tmp, Path(path))
     except BaseException:
         try:
             os.unlink(tmp)

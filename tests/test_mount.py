@@ -208,12 +208,21 @@ def test_mount_errors_are_clear(big_image, tmp_path):
 
 
 def test_killed_daemon_is_detected_and_remounted(big_image, tmp_path, data_path):
+    from lazyfs.cache import layout
     mnt = tmp_path / "mnt"
-    src = big_image[0]
+    src, _, entries = big_image
     m = Mounted("lazy/big:1", mnt)
     with m:
         from lazyfs.fs.mounts import read_state
         assert (mnt / "data" / "large-3.bin").read_bytes() == (src / "data" / "large-3.bin").read_bytes()
+        # Blocks land on disk behind the reads that fetched them; a crash loses the ones still
+        # on their way (they are fetched again). What landed must survive it.
+        landed = [layout.block_path(os.environ["LAZYFS_CACHE_DIR"], c.digest)
+                  for c in entries[b"data/large-3.bin"].chunks]
+        deadline = time.monotonic() + 30
+        while not all(map(os.path.exists, landed)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(map(os.path.exists, landed))
         os.kill(read_state(str(mnt)).pid, 9)
         time.sleep(0.3)
         if data_path == "fuse":

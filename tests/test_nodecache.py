@@ -363,6 +363,40 @@ def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
     assert cap.usage(tmp_path) == cap.usage_scan(tmp_path)
 
 
+def test_a_walk_never_counts_a_landing_block_twice(tmp_path, monkeypatch):
+    """A block gets its name while its bytes are still counted in flight; a walk of the cache
+    (here a reconcile) that ran in between would find it on disk and add what is in flight,
+    counting it twice for good. The rename happens inside the ledger's commit, so the walk waits."""
+    from lazyfs.cache import cap
+    digest, data = _blob(20_000)
+    cache = NodeCache(tmp_path, FakeOrigin({digest: data}))
+    assert cap.usage(tmp_path) == (0, 0)  # (the ledger exists before the write)
+    renamed, walked = threading.Event(), threading.Event()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if str(dst) == cache.path(digest):
+            renamed.set()
+            walked.wait(1.0)  # the walk's moment; it cannot start while the ledger is held
+
+    def walk():
+        if renamed.wait(30):
+            cap.ledger(tmp_path).reconcile()
+        walked.set()
+    monkeypatch.setattr(os, "rename", rename)
+    walker = threading.Thread(target=walk)
+    walker.start()
+    try:
+        assert cache.read(digest, len(data), 0, len(data)) == data
+        cache.flush()
+    finally:
+        walker.join(30)
+        cache.close()
+    assert renamed.is_set()
+    assert cap.usage(tmp_path) == cap.usage_scan(tmp_path) == (1, len(data))
+
+
 def test_a_miss_never_waits_on_the_disk(tmp_path, monkeypatch):
     """A block fetched for a read is answered from memory at once; its file is written behind
     the read (temp file, fsync, rename), and the cache directory (which the kernel data path

@@ -129,9 +129,9 @@ class Completer:
         dest = self.path(oid)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # NodeCache.read hands out only bytes that match the digest.
-        with self.cache.room(sum(c.size for c in chunks)):
+        with self.cache.room(sum(c.size for c in chunks)) as rename:
             atomic_write_parts(dest, (self.cache.read(c.digest, c.size, 0, c.size) for c in chunks),
-                               layout.tmp_dir(self.cache.root), mode=0o444)
+                               layout.tmp_dir(self.cache.root), mode=0o444, rename=rename)
         size = sum(c.size for c in chunks)
         self.stats.add(objects_written=1, object_bytes=size)
         log.info("object %s complete (%d chunks, %d bytes): served by the kernel from the next "

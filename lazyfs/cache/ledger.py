@@ -6,12 +6,14 @@ So every process that writes into the cache or evicts from it adjusts one small 
 ``<cache>/usage``, under an exclusive flock: four little-endian u64s, the bytes and files counted
 (writes in flight included) and the bytes and files in flight. Bytes are reserved before they are
 written (``reserve``), so writers in several processes cannot pass a cap together; a write that
-landed ``commit``s, one that failed ``cancel``s.
+landed ``commit``s, one that failed ``cancel``s. A writer gives its file its name inside
+``commit``, under the lock: a file on disk whose bytes are still counted in flight is what a walk
+would count twice (once found, once in flight), so no walk may see one.
 
 A walk of the cache happens only where one is needed anyway: at a trim (to order what to evict)
 and when the file is missing or torn. A walk sets the total to what it found (plus what is in
 flight) only if no writer moved the ledger while it walked (``replace_if``: a file that landed
-mid-walk might be missed); otherwise the trim subtracts what it evicted. Trims take turns, across
+mid-walk might be missed); otherwise the trim subtracts what it evicted. Walks take turns, across
 processes (``trimming``): two at once would each count the other's evictions as their own.
 
 What can still drift: a block two processes wrote at once (counted twice: the next trim comes early, never late), a file
@@ -91,9 +93,15 @@ class Ledger:
             return True
         return self._locked(take)
 
-    def commit(self, nbytes: int) -> None:
-        """The reserved file landed: no longer in flight (still counted)."""
-        self._locked(lambda fd: self._put(fd, _minus_flight(self._get(fd), nbytes)))
+    def commit(self, nbytes: int, land: Callable[[], None] | None = None) -> None:
+        """The reserved file landed: no longer in flight (still counted). ``land``: what gives
+        the file its name (a rename), called under the lock first; if it raises, nothing moves
+        (the writer then cancels)."""
+        def done(fd):
+            if land is not None:
+                land()
+            self._put(fd, _minus_flight(self._get(fd), nbytes))
+        self._locked(done)
 
     def cancel(self, nbytes: int) -> None:
         """The reserved file was not written: neither counted nor in flight."""
@@ -129,11 +137,15 @@ class Ledger:
         """Correct drift, without stopping writers: drop ``stale`` (bytes, files) of reservations
         (see the module's docstring), then walk once and set the total to what was found, unless a
         writer moved the ledger meanwhile (the next call tries again). True if it was set."""
-        if any(stale):
-            self.drop_stale(*stale)
-        before = self.record()
-        files, size = self.scan()
-        return self.replace_if(before, files, size)
+        try:
+            with self.trimming(wait=False):  # a trim's evictions would be counted twice
+                if any(stale):
+                    self.drop_stale(*stale)
+                before = self.record()
+                files, size = self.scan()
+                return self.replace_if(before, files, size)
+        except BlockingIOError:
+            return False
 
 
 def _plus(rec: Record, nbytes: int, nfiles: int) -> Record:

@@ -305,11 +305,14 @@ class NodeCache:
         return None
 
     def _drop(self, path: str) -> None:
+        from lazyfs.cache import cap
         self.stats.add(dropped_corrupt=1)
         try:
+            size = os.stat(path).st_size
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            return
+        cap.ledger(self.root).evicted(size, 1)  # (its size as a walk finds it)
 
     def _insert(self, path: str, data: bytes, drop: bool = False) -> bool:
         """Write a block to the cache disk; False if it refuses. A full or broken cache disk must
@@ -322,9 +325,9 @@ class NodeCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
             # is, with no re-hash, so a power cut must not leave a torn block under its name.
-            with self.room(len(data)):
+            with self.room(len(data)) as rename:
                 atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
-                             drop_pages=drop)
+                             drop_pages=drop, rename=rename)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so
@@ -348,7 +351,9 @@ class NodeCache:
         ledger (lazyfs.cache.ledger), and under the cap if there is one: the bytes are reserved
         before they are written, across every process writing into this cache, and when they
         would not fit a trim makes room first. Every writer into the cache uses it (blocks here,
-        whole files in the completer); a write that fails gives its reservation back."""
+        whole files in the completer, EROFS images in the daemon); a write that fails gives its
+        reservation back. It yields the rename that gives the file its name (fsutil.atomic_write's
+        ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger)."""
         from lazyfs.cache import cap
         ledger = cap.ledger(self.root)
         if not ledger.reserve(n, self.cap_bytes):
@@ -357,12 +362,21 @@ class NodeCache:
                 self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
                 log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
                          report.evicted, report.evicted_bytes, self.cap_bytes)
+        landed = False
+
+        def rename(src, dst) -> None:
+            nonlocal landed
+            ledger.commit(n, lambda: os.rename(src, dst))
+            landed = True
+
         try:
-            yield
+            yield rename
         except BaseException:
-            ledger.cancel(n)
+            if not landed:
+                ledger.cancel(n)
             raise
-        ledger.commit(n)
+        if not landed:
+            ledger.commit(n)
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a

@@ -240,8 +240,8 @@ def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
     image = cachelayout.erofs_image(args.cache_dir, args.digest)
     image.parent.mkdir(parents=True, exist_ok=True)
     cachelayout.tmp_dir(args.cache_dir).mkdir(parents=True, exist_ok=True)
-    with cache.room(len(data)):
-        atomic_write(image, data, cachelayout.tmp_dir(args.cache_dir), durable=True)
+    with cache.room(len(data)) as rename:
+        atomic_write(image, data, cachelayout.tmp_dir(args.cache_dir), durable=True, rename=rename)
     log.info("%s: %s (%d bytes)", what, image, len(data))
 
 

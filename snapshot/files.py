@@ -12,6 +12,7 @@ import xxhash
 
 from lazyfs import paths
 from lazyfs.cache.nodecache import NodeCache
+from lazyfs.cache.prefetcher import Prefetcher
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import block
 from lazyfs.format.manifest import DEFAULT_CHUNK_SIZE
@@ -86,7 +87,9 @@ class BlockFetcher:
     def __init__(self, source, cache_dir: str | None, reader):
         spec = source.store or paths.default_store()
         self.fetch_block = reader.fetch_block
+        self.fetch_blocks = getattr(reader, "fetch_blocks", None)
         self.cache = None
+        self.streams: list[Prefetcher] = []
         if source.servers or urlparse(spec).scheme not in ("", "file"):
             self.cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
 
@@ -95,8 +98,27 @@ class BlockFetcher:
             return self.fetch_block(digest, size)
         return self.cache.read(digest, size, 0, size)
 
+    def stream(self, blocks: list[tuple[str, int]]) -> None:
+        """Start bringing ``blocks`` (digest, size) in, in this order, in batch requests of 64
+        (from a remote store or fleet; a local store has nothing to batch): a read of one of them
+        then waits for the batch that carries it instead of asking on its own. One request per
+        block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
+        (docs/snapshots.md)."""
+        if self.cache is not None and self.fetch_blocks is not None and blocks:
+            self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True).start())
+
+    def streamed(self) -> dict:
+        """Blocks the batch streams brought in, and the batch requests that carried them."""
+        stats = [s.stats.snapshot() for s in self.streams]
+        return {"batched_blocks": sum(s["fetched"] for s in stats),
+                "batches": sum(s["batches"] for s in stats)}
+
     def close(self) -> None:
-        """Land what is written behind, and end the cache's writer threads."""
+        """Stop streaming, land what is written behind, and end the cache's writer threads."""
+        for stream in self.streams:
+            stream.stop()
+        for stream in self.streams:
+            stream.wait(30)
         if self.cache is not None:
             self.cache.close()
 
@@ -139,5 +161,7 @@ def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]]
         finally:
             os.close(fd)
         return size
+    if isinstance(fetch_block, BlockFetcher):  # in batch requests, which the threads wait for
+        fetch_block.stream([(digest, size) for _, _, digest, size in jobs])
     with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="snap-fetch") as pool:
         return sum(pool.map(one, jobs))

@@ -33,14 +33,15 @@ class LazyRestoreFailed(RunError):
 
 def fetch_eager(fetch_block, files, root: Path) -> int:
     """Every file but the pages files in full; of those, only the pages CRIU restores itself
-    (stacks, file-backed and shared memory: whatever its pagemaps do not flag lazy)."""
-    pages = [f for f in files if is_pages(f.name)]
-    done = fetch(fetch_block, [f for f in files if not is_pages(f.name)], root)
-    eager: dict[str, list[tuple[int, int]]] = {f.name: [] for f in pages}
+    (stacks, file-backed and shared memory: whatever its pagemaps do not flag lazy). The
+    pagemaps, which say which those are, come first; everything else then in one go."""
+    pagemaps = [f for f in files if f.name.startswith("criu/pagemap-")]
+    done = fetch(fetch_block, pagemaps, root)
+    eager: dict[str, list[tuple[int, int]]] = {f.name: [] for f in files if is_pages(f.name)}
     for path in sorted((root / "criu").glob("pagemap-*.img")):
         pm = parse_pagemap(path.read_bytes())
         eager.setdefault(f"criu/{pm.pages_file}", []).extend(pm.eager())
-    return done + fetch(fetch_block, pages, root, only=eager)
+    return done + fetch(fetch_block, [f for f in files if f not in pagemaps], root, only=eager)
 
 
 class PageServer:

@@ -129,7 +129,7 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     status: dict = {"error": None}
-    handler = killer = None
+    handler = killer = fetcher = None
     try:
         reader = cfg.source.open()
         snap = snapfmt.decode(objects.read_manifest_bytes(reader, cfg.snapshot))
@@ -144,7 +144,10 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         status["working_set_blocks"] = len(plan)
         images = Path(cfg.images)
         killer = Killer(cfg.pidfile, stop)
-        handler = Handler(blocks, BlockFetcher(cfg.source, cfg.cache_dir, reader),
+        fetcher = BlockFetcher(cfg.source, cfg.cache_dir, reader)
+        # In batches, started before the handler asks for each block of it (it then waits for them).
+        fetcher.stream([(blocks.digests[k], blocks.sizes[k]) for k in plan])
+        handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, working_set=plan)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -158,6 +161,7 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         handler.serve(stop)
         status["error"] = handler.error
         status.update(handler.counts)
+        status.update(fetcher.streamed())
         status["working_set"] = _working_set(cfg, handler, profile is None)
     except Exception as exc:  # noqa: BLE001 - reported through the status file
         status["error"] = status.get("error") or f"{type(exc).__name__}: {exc}"
@@ -169,6 +173,8 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
             if killer is not None:
                 killer.wait()
             handler.close()
+        if fetcher is not None:  # what is written behind lands before this process exits
+            fetcher.close()
         tmp_status = cfg.status + ".tmp"
         Path(tmp_status).write_text(json.dumps(status))
         os.rename(tmp_status, cfg.status)

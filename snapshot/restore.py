@@ -188,7 +188,9 @@ def _describe(s: dict) -> str:
     return (f"lazy restore: {s.get('faults', 0)} faults fetched {s.get('demand_bytes', 0) / mib:.1f} "
             f"MiB (+{s.get('readahead_bytes', 0) / mib:.1f} MiB readahead), working set "
             f"{s.get('profile_bytes', 0) / mib:.1f} MiB of {s.get('working_set_blocks', 0)} blocks "
-            f"prefetched, {s.get('background_bytes', 0) / mib:.1f} MiB in the background"
+            f"prefetched" + (f" ({s['batched_blocks']} fetched in {s['batches']} batch requests)"
+                             if s.get("batches") else "")
+            + f", {s.get('background_bytes', 0) / mib:.1f} MiB in the background"
             + (f"; recorded a working set of {s['working_set_recorded']} blocks"
                if s.get("working_set_recorded") else ""))
 

@@ -323,6 +323,18 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
         assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
         assert _lines(r.stdout)["continued"][1] == "6"
         assert not (tmp_path / "not-used").exists()
+        # A third node, cold: the working set the restore above recorded streams in batches.
+        env["LAZYFS_CACHE_DIR"] = str(tmp_path / "node-4")
+        batches = _served(server.url, "requests", BATCH_ROUTE)
+        cold = lazyfs_cli("run", "-v", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
+                          env=env, check=False, timeout=300)
+        assert cold.returncode == 7 and "warning" not in cold.stderr, cold.stderr
+        assert _lines(cold.stdout)["continued"][1] == "6"
+        streamed = re.search(r"of (\d+) blocks prefetched \((\d+) fetched in (\d+) batch requests\)", cold.stderr)
+        assert streamed, cold.stderr
+        planned, fetched, requests = map(int, streamed.groups())
+        assert 0 < requests < fetched <= planned  # (the rest a fault asked for first, or the node had)
+        assert _served(server.url, "requests", BATCH_ROUTE) >= batches + requests
         served = _block_bytes_served(server.url)
         again = lazyfs_cli("run", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
                            env=env, check=False, timeout=300)
@@ -333,11 +345,19 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
         server.stop()
 
 
-def _block_bytes_served(url: str) -> float:
+BATCH_ROUTE = "/v1/blocks/batch"
+
+
+def _served(url: str, metric: str, route: str) -> float:
     import urllib.request
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith('lazyfs_server_response_bytes_total{route="/v1/blocks/{digest}"'))
+               if line.startswith(f"lazyfs_server_{metric}_total{{") and f'route="{route}"' in line)
+
+
+def _block_bytes_served(url: str) -> float:
+    """Block bytes the server sent, one at a time or in batches."""
+    return sum(_served(url, "response_bytes", r) for r in ("/v1/blocks/{digest}", BATCH_ROUTE))
 
 
 def _snapshot_processes() -> list[int]:

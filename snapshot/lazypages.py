@@ -31,7 +31,7 @@ from collections import defaultdict
 from snapshot import uffd
 from snapshot.criuimg import PAGE
 from snapshot.pagefetch import BACKGROUND, DEMAND, NAMES, PROFILE, READAHEAD, ChunkFetcher
-from snapshot.pagetable import Blocks, Task, lazy_pages
+from snapshot.pagetable import Blocks, Task, lazy_runs
 
 log = logging.getLogger("lazyfs.snapshot.lazy")
 READAHEAD_MAX = 8  # blocks ahead of a run of faults walking memory in order
@@ -69,7 +69,7 @@ class Handler:
     def add_task(self, pid: int, fd: int) -> None:
         pagemap = self.pagemap_for(pid)
         task = Task(f"pid {pid}", fd, pagemap.pages_file)
-        task.track(self.blocks, lazy_pages(pagemap))
+        task.track_runs(self.blocks, lazy_runs(pagemap))
         with self.lock:
             self.tasks.append(task)
             self.counts["lazy_pages"] += len(task.where)

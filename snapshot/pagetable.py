@@ -68,6 +68,23 @@ class Task:
             self.where[page] = key
         self.origin.update(pages)
 
+    def track_runs(self, blocks: Blocks, runs) -> None:
+        """``track`` for runs of pages, (first page, pages-file offset, count): a block at a
+        time, not a page at a time. A task's memory comes as a few hundred runs of a hundred
+        thousand pages, and the restored tree's faults wait until it is tracked (bench's
+        snapshot: 0.07 s page by page on an idle machine, a few ms by runs)."""
+        first, starts = blocks.files[self.pages_file]
+        for page, off, count in runs:
+            end = off + count * PAGE
+            i = bisect.bisect_right(starts, off) - 1
+            while off < end:
+                stop = min(end, starts[i + 1]) if i + 1 < len(starts) else end
+                pages = range(page, page + (stop - off) // PAGE)
+                self.missing[first + i].update(pages)
+                self.where.update(dict.fromkeys(pages, first + i))
+                self.origin.update(zip(pages, range(off, stop, PAGE)))
+                page, off, i = pages.stop, stop, i + 1
+
     def mapped_in(self, first: int, last: int) -> list[int]:
         """Pages in [first, last) that hold snapshot memory. Events stall the process until read,
         so walk whichever is smaller: the range, or the pages."""
@@ -83,6 +100,6 @@ class Task:
                 del self.missing[key]
 
 
-def lazy_pages(pagemap: PageMap) -> dict[int, int]:
-    return {e.vaddr // PAGE + i: e.offset + i * PAGE
-            for e in pagemap.extents if e.lazy for i in range(e.pages)}
+def lazy_runs(pagemap: PageMap) -> list[tuple[int, int, int]]:
+    """The lazy pages as runs: (first page, pages-file offset, count)."""
+    return [(e.vaddr // PAGE, e.offset, e.pages) for e in pagemap.extents if e.lazy]

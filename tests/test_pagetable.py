@@ -1,0 +1,43 @@
+"""snapshot.pagetable: which block holds each missing page of a restored task (pure)."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from snapshot.criuimg import PAGE, Extent, PageMap
+from snapshot.pagetable import Blocks, Task, lazy_runs
+
+
+@st.composite
+def layouts(draw):
+    """A pages file cut into page-aligned blocks, and the memory extents stored in it."""
+    block_pages = draw(st.lists(st.integers(1, 9), min_size=1, max_size=12))
+    total = sum(block_pages)
+    extents, off, vaddr = [], 0, draw(st.integers(0, 50)) * PAGE
+    while off < total:
+        n = draw(st.integers(1, total - off))
+        extents.append(Extent(vaddr, n, off * PAGE, draw(st.booleans())))
+        off += n
+        vaddr += (n + draw(st.integers(0, 5))) * PAGE  # holes between mappings
+    blocks = Blocks()
+    blocks.add_file("pages-1.img", [(f"sha256:{i:064x}", n * PAGE) for i, n in enumerate(block_pages)])
+    return blocks, PageMap(1, tuple(extents))
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts())
+def test_runs_are_tracked_as_page_by_page(layout):
+    """The bulk table a task gets when criu restore hands it over equals the page-at-a-time one:
+    the same block for every lazy page, the same pages missing per block, the same offsets."""
+    blocks, pagemap = layout
+    by_page = Task("a", -1, pagemap.pages_file)
+    by_page.track(blocks, {e.vaddr // PAGE + i: e.offset + i * PAGE
+                           for e in pagemap.extents if e.lazy for i in range(e.pages)})
+    by_run = Task("b", -1, pagemap.pages_file)
+    by_run.track_runs(blocks, lazy_runs(pagemap))
+    assert by_run.where == by_page.where
+    assert by_run.origin == by_page.origin
+    assert dict(by_run.missing) == dict(by_page.missing)
+    for page, key in by_run.where.items():  # and the block really holds the page's bytes
+        first, starts = blocks.files[pagemap.pages_file]
+        start = starts[key - first]
+        assert start <= by_run.origin[page] < start + blocks.sizes[key]

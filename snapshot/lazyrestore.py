@@ -13,7 +13,7 @@ import logging
 
 from lazyfs.records import profiles
 from lazyfs.errors import LazyfsError, RunError
-from lazyfs.format.profile import Profile, ProfileBlock
+from lazyfs.format.profile import WORKING_SET, Profile, ProfileBlock
 from lazyfs.proc import spawn
 from lazyfs.fs.index import ImageIndex
 from lazyfs.source.spec import Source
@@ -121,7 +121,7 @@ def record_working_set(source: Source, publish_to: str | None, snap_digest: str,
     n_pages = len({b.digest for b in pages})
     try:
         profiles.publish(open_store(publish_to), Profile(snap_digest, tuple(blocks), {
-            "kind": "snapshot working set", "page_blocks": n_pages,
+            "kind": WORKING_SET, "page_blocks": n_pages,
             "image_blocks": len(blocks) - n_pages, **meta}))
     except LazyfsError as exc:  # a read-only store: the next restore records again
         log.warning("could not publish the snapshot's working set: %s", exc)

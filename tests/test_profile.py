@@ -189,3 +189,26 @@ def test_build_can_record_the_profile(env_dirs, tmp_path):
     assert res.stdout.strip().splitlines()[-1] == prof.image  # still prints the image digest
     bad = lazyfs_cli("build", f"dir:{root}", "--profile-command", "true", check=False)
     assert bad.returncode != 0 and "--tag" in bad.stderr
+
+
+def test_a_profile_of_another_image_warns_unless_it_is_a_snapshots_working_set(caplog):
+    """plan() keeps the blocks the image references either way; a startup profile recorded on
+    another image says so, while a snapshot's working set (recorded on the snapshot, by design)
+    does not fill every restore's log with that warning."""
+    import hashlib
+    from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
+    from lazyfs.records import profiles
+    data = [b"one", b"two"]
+    chunks = [Chunk("sha256:" + hashlib.sha256(d).hexdigest(), len(d)) for d in data]
+    manifest = Manifest((Entry(b"f", EntryType.REG, mode=0o644, size=6, chunks=tuple(chunks)),), {}, 1000)
+    image, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    listed = (proffmt.ProfileBlock(chunks[1].digest, 3, 0.1), proffmt.ProfileBlock("sha256:" + "c" * 64, 9, 0.2))
+    want = [(chunks[1].digest, 3)]
+    with caplog.at_level("WARNING", logger="lazyfs.profile"):
+        assert profiles.plan(proffmt.Profile(image, listed), manifest, image) == want
+        assert not caplog.records
+        assert profiles.plan(proffmt.Profile(other, listed, {"kind": proffmt.WORKING_SET}), manifest, image) == want
+        assert not caplog.records
+        assert profiles.plan(proffmt.Profile(other, listed), manifest, image) == want
+    assert [r.getMessage() for r in caplog.records] == [
+        f"startup profile was recorded on {other}, not {image}: 1 of its 2 blocks are in this image"]

@@ -424,7 +424,7 @@ def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(im
     bogus = [proffmt.ProfileBlock("sha256:" + rng.randbytes(32).hex(), 4096, i / 1000)
              for i in range(5000)]
     hostile = proffmt.Profile(snap_digest, (*bogus, proffmt.ProfileBlock(real[0], real[1], 6.0)),
-                              {"kind": "snapshot working set", "page_blocks": 5001, "image_blocks": 0})
+                              {"kind": proffmt.WORKING_SET, "page_blocks": 5001, "image_blocks": 0})
     from lazyfs.records import profiles
     profiles.publish(image, hostile)
     r = lazyfs_cli("run", "-v", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)

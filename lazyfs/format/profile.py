@@ -41,9 +41,14 @@ class ProfileBlock:
     count: int = 1  # starts that touched it (merged profiles)
 
 
+# meta["kind"] of a process snapshot's working set (snapshot.lazyrestore): ``image`` is then the
+# snapshot's digest, under whose tag it is published; its image blocks are planned on the image.
+WORKING_SET = "snapshot working set"
+
+
 @dataclass(frozen=True)
 class Profile:
-    image: str  # the image manifest digest it was recorded on
+    image: str  # the image manifest digest it was recorded on (see WORKING_SET)
     blocks: tuple[ProfileBlock, ...]  # in first-touch order, each digest once
     meta: dict = field(default_factory=dict)  # command, bytes read, duration, when recorded
 

@@ -112,7 +112,7 @@ def plan(profile: Profile, manifest: Manifest, image_digest: str) -> list[tuple[
     another image (stale, or named by hand) still helps for the blocks the two share."""
     sizes = block_sizes(manifest)
     out = [(b.digest, sizes[b.digest]) for b in profile.blocks if b.digest in sizes]
-    if profile.image != image_digest:
+    if profile.image != image_digest and profile.meta.get("kind") != proffmt.WORKING_SET:
         log.warning("startup profile was recorded on %s, not %s: %d of its %d blocks are in this "
                     "image", profile.image, image_digest, len(out), len(profile.blocks))
     return out

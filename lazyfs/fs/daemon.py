@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from lazyfs import argv
@@ -177,28 +178,36 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
     from lazyfs.fs.index import ImageIndex
     from lazyfs.format import manifest as mf
 
-    def load(index_type, manifest=None):
-        manifest = manifest or objects.read_manifest(reader, args.digest)
+    def load(index_type, decode):
+        """The index of the manifest ``decode()`` gives. The profile is looked up beside it (a
+        slow answer about it must not hold up the index every read needs), and its prefetch
+        starts once the manifest is decoded (it needs only its block sizes), not the index."""
+        decoded: Future = Future()
+        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, decoded, cache,
+                                                                    auto)),
+                         name="lazyfs-profile", daemon=True).start()
+        try:
+            manifest = decode()
+        except BaseException as exc:
+            decoded.set_exception(exc)
+            raise
+        decoded.set_result(manifest)
         index = index_type(manifest)
         log.info("%s: %d entries, %d bytes", args.ref or args.digest, len(manifest.entries),
                  index.total_size)
-        # The profile is looked up beside the reads, never before them: a slow answer about it
-        # must not hold up the index every read needs.
-        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, manifest, cache,
-                                                                    auto)),
-                         name="lazyfs-profile", daemon=True).start()
         return index
     if args.layout == "kernel" and cachelayout.erofs_image(args.cache_dir, args.digest).exists():
-        return DeferredIndex(lambda: load(DataIndex, mf.decode(raw) if raw else None)), True, "node"
+        return DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw) if raw else
+                                          objects.read_manifest(reader, args.digest))), True, "node"
     raw = raw or objects.read_manifest_bytes(reader, args.digest)
     if args.layout == "kernel":
         shipped = metadata.fetch(reader, args.digest, raw)
         if shipped is not None:
             _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image")
-            return DeferredIndex(lambda: load(DataIndex, mf.decode(raw))), True, "shipped"
+            return DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw))), True, "shipped"
     manifest = mf.decode(raw)
     kernel_path = args.layout == "kernel" and _kernel_image(manifest, cache, args)
-    return load(DataIndex if kernel_path else ImageIndex, manifest), kernel_path, \
+    return load(DataIndex if kernel_path else ImageIndex, lambda: manifest), kernel_path, \
         "generated" if kernel_path else None
 
 
@@ -245,8 +254,9 @@ def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
     log.info("%s: %s (%d bytes)", what, image, len(data))
 
 
-def _prefetcher(reader, args: DaemonArgs, manifest, cache, auto=None):
-    """Start fetching the image's startup profile, if it has one (or the one named)."""
+def _prefetcher(reader, args: DaemonArgs, decoded: Future, cache, auto=None):
+    """Start fetching the image's startup profile, if it has one (or the one named), once
+    ``decoded`` holds the manifest (its lookup does not wait for that)."""
     from lazyfs.records import profiles
     from lazyfs.cache.prefetcher import Prefetcher
 
@@ -257,9 +267,9 @@ def _prefetcher(reader, args: DaemonArgs, manifest, cache, auto=None):
     finally:
         if auto:
             auto.looked(prof)
-    if prof is None:
+    if prof is None or decoded.exception() is not None:  # (no manifest: the mount fails anyway)
         return None
-    wanted = profiles.plan(prof, manifest, digest)
+    wanted = profiles.plan(prof, decoded.result(), digest)
     cache.keep_longer = {d for d, _ in wanted}  # under a cap, what the next start needs goes last
     log.info("startup profile: prefetching %d blocks (%d bytes)", len(wanted), sum(n for _, n in wanted))
     return Prefetcher(cache, reader.fetch_blocks, wanted).start()

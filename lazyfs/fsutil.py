@@ -13,7 +13,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLik
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
     torn file (stores, and the node cache, whose files the kernel may serve unhashed).
-    rename: what gives the file its name (the node cache's counts it as it does, NodeCache.room)."""
+    rename: how the file gets its name (NodeCache.room hands one that also counts it in the node
+    cache's ledger, in the same step)."""
     atomic_write_parts(path, (data,), tmp_dir, durable, drop_pages=drop_pages, rename=rename)
 
 

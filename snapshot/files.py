@@ -87,7 +87,7 @@ class BlockFetcher:
     def __init__(self, source, cache_dir: str | None, reader):
         spec = source.store or paths.default_store()
         self.fetch_block = reader.fetch_block
-        self.fetch_blocks = getattr(reader, "fetch_blocks", None)
+        self.fetch_blocks = reader.fetch_blocks
         self.cache = None
         self.streams: list[Prefetcher] = []
         if source.servers or urlparse(spec).scheme not in ("", "file"):
@@ -104,7 +104,7 @@ class BlockFetcher:
         then waits for the batch that carries it instead of asking on its own. One request per
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
         (docs/snapshots.md)."""
-        if self.cache is not None and self.fetch_blocks is not None and blocks:
+        if self.cache is not None and blocks:
             self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True).start())
 
     def streamed(self) -> dict:

@@ -81,6 +81,8 @@ class Handler:
             self.finished = True
             self.last_fault = time.monotonic()  # the quiet period starts when the tree runs
             self.counts["finished_ms"] = self._ms()
+            if self.error is not None:  # failed while criu restored: the tree goes now
+                self.on_fatal()
             for task in self.tasks:
                 self._make_live(task)
             self.early.clear()
@@ -116,12 +118,24 @@ class Handler:
                        f"fetched: {exc}")
 
     def fatal(self, why: str) -> None:
+        """The restored tree must not run on. Once it runs, it is killed at once. While criu
+        restore is still building it, it is served on (criu may touch other memory as it
+        restores; a restore that stalls on it would hold everything up) and killed when criu
+        says it is done (restore_finished): either way before a descriptor is let go."""
         with self.lock:
             if self.error is None:
                 self.error = why
-                log.error("lazy restore failed: %s; killing the restored process", why)
-                self.on_fatal()
+                if self.finished:
+                    log.error("lazy restore failed: %s; killing the restored process", why)
+                    self.on_fatal()
+                else:
+                    log.error("lazy restore failed: %s; the restored process is killed as soon "
+                              "as criu restore has made it", why)
         self.poke()
+
+    def failed(self) -> bool:
+        """An error, and nothing more to serve: the tree was killed, or never runs."""
+        return self.error is not None and self.finished
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""
@@ -278,7 +292,7 @@ class Handler:
         poller.register(self._wake_r, select.POLLIN)
         watched: dict[int, Task] = {}
         try:
-            while not stop.is_set() and self.error is None:
+            while not stop.is_set() and not self.failed():
                 with self.lock:
                     current = {t.fd: t for t in self.tasks}
                     closing, self._closing = self._closing, []

@@ -170,6 +170,8 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         if handler is not None:
             if handler.error is None and handler.tasks and not stop.is_set():
                 handler.fatal("the page handler is exiting with pages missing")
+            if handler.error is not None and killer is not None:
+                killer()  # (a failure while criu restored waits for the tree no longer)
             if killer is not None:
                 killer.wait()
             handler.close()

@@ -13,7 +13,7 @@ import pytest
 
 from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
-from lazyfs.errors import BlockNotFound, StoreUnavailable
+from lazyfs.errors import BlockNotFound, DigestMismatch, StoreUnavailable
 from lazyfs.format import batch as batchfmt, block
 from lazyfs.source import rendezvous
 from lazyfs.source.fleet import Fleet, FleetOptions
@@ -183,6 +183,31 @@ def test_wrong_bytes_in_a_batch_are_counted_and_fetched_elsewhere(origin):
         got = dict(fleet.fetch_blocks(wanted))
         assert got == {d: block.decode(d, f) for d, f in blocks[:5]}  # from the origin
         assert fleet.stats.wrong_bytes >= 5 and fleet.stats.origin_reads == 5
+    finally:
+        fleet.close()
+        liar.shutdown()
+
+
+def test_wrong_bytes_from_every_source_fail_at_once_not_at_the_deadline(origin):
+    """Only a liar to ask: another round would get the same bytes, so the read fails with the
+    typed error (carrying the digest) at once instead of retrying until the deadline; with the
+    origin behind it, the read still succeeds from there."""
+    store, blocks = origin
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{liar.server_address[1]}"
+    fleet = Fleet([url], options=FleetOptions(deadline=20.0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DigestMismatch) as exc:
+            fleet.get_block(blocks[0][0])
+        assert exc.value.digest == blocks[0][0]
+        assert time.monotonic() - started < 5.0 and fleet.stats.deadline_failures == 0
+        backed = Fleet([url], origin=store, options=FleetOptions(deadline=20.0))
+        try:
+            assert backed.get_block(blocks[0][0]) == blocks[0][1]
+        finally:
+            backed.close()
     finally:
         fleet.close()
         liar.shutdown()

@@ -190,6 +190,27 @@ def test_a_block_that_fails_verification_kills_before_letting_go():
     assert data == b"\0" * 16  # what a survivor would have seen: why the kill comes first
 
 
+def test_a_working_set_block_that_fails_while_criu_restores_kills_when_criu_is_done():
+    """A block fails before criu restore has finished building the tree: the handler keeps
+    serving (criu may still touch other memory), kills the tree only once criu says it is done,
+    and only then stops (and may let go of the descriptor)."""
+    mem = Memory(fail={5})
+    h = mem.handler(working_set=[5])
+    stop, t = _serve(h)
+    for _ in range(500):
+        if h.error:
+            break
+        threading.Event().wait(0.01)
+    assert "could not be fetched" in (h.error or "") and mem.fatal_calls == []
+    off = 20 * PAGE  # block 3, fine: still served while criu restores
+    assert mem.read(off, PAGE) == mem.content[off:off + PAGE]
+    assert t.is_alive() and mem.fatal_calls == []
+    h.restore_finished()
+    t.join(10)
+    assert not t.is_alive() and mem.fatal_calls == ["killed"]
+    h.close()
+
+
 def test_userfaultfd_messages_parse():
     msg = struct.pack("<BBHI", uffd.EVENT_PAGEFAULT, 0, 0, 0) + struct.pack("<QQQ", 0, 0x7f00_0000_1234, 0)
     rm = struct.pack("<BBHI", uffd.EVENT_REMAP, 0, 0, 0) + struct.pack("<QQQ", 0x1000, 0x9000, 0x2000)

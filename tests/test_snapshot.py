@@ -341,11 +341,46 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
         assert again.returncode == 7 and _lines(again.stdout)["continued"][1] == "6"
         # The same node restores again from its node cache: (almost) no block bytes move.
         assert _block_bytes_served(server.url) - served < 0.05 * served
+        # The server's copy of the working set's first memory block goes bad (after the server
+        # verified it): the batch carrying it, and the retry, fail verification on the node; the
+        # restored process is killed before it could see other bytes, and the command runs cold.
+        from lazyfs.records import profiles
+        snap_digest = image.get_tag("warm/py", "srv")
+        snap = snapfmt.decode(objects.read_manifest_bytes(image, snap_digest))
+        memory = {d: n for d, n in _lazy_blocks(image, snap)}  # (not one criu restore reads itself)
+        victim = next(b.digest for b in profiles.load(image, snap_digest).blocks if b.digest in memory)
+        bad = tmp_path / "server-cache" / "blocks" / victim[7:9] / victim[7:]
+        assert bad.exists()  # (the restores above had the server fetch and verify it)
+        bad.write_bytes(block.encode(b"\0" * memory[victim])[1])
+        env["LAZYFS_CACHE_DIR"] = str(tmp_path / "node-5")
+        broken = lazyfs_cli("run", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
+                            env=env, check=False, timeout=300)
+        assert "the restored process was killed" in broken.stderr and victim in broken.stderr, broken.stderr
+        assert "cold instead" in broken.stderr
+        assert _lines(broken.stdout)["continued"][:2] == ["0", "6"] and broken.returncode == 7
     finally:
         server.stop()
 
 
 BATCH_ROUTE = "/v1/blocks/batch"
+
+
+def _lazy_blocks(store, snap) -> list[tuple[str, int]]:
+    """(digest, size) of the memory blocks only the page server serves: none of their pages is
+    one criu restore reads itself (its pagemaps' eager ranges)."""
+    eager: dict[str, list[tuple[int, int]]] = {}
+    for f in snap.files:
+        if f.name.startswith("criu/pagemap-"):
+            pm = parse_pagemap(b"".join(block.decode(d, store.get_block(d)) for d, _ in f.chunks))
+            eager.setdefault(f"criu/{pm.pages_file}", []).extend(pm.eager())
+    out = []
+    for f in snap.files:
+        offset = 0
+        for digest, size in f.chunks:
+            if f.name in eager and not any(o < offset + size and offset < o + n for o, n in eager[f.name]):
+                out.append((digest, size))
+            offset += size
+    return out
 
 
 def _served(url: str, metric: str, route: str) -> float:

@@ -1,7 +1,8 @@
 """One fetch raced across a fleet's candidates (lazyfs.source.fleet.Fleet._race): failover at once,
 hedging when an answer is slow, rounds again while every source fails, a hard deadline.
 
-A failure moves on to the next candidate at once. A slow answer is hedged: first with a
+A failure moves on to the next candidate at once; a source whose answer failed verification is not
+asked again for that fetch (it would give the same bytes). A slow answer is hedged: first with a
 cache-only probe of the next server (a hit there wins; a miss costs nothing upstream), and only
 after ESCALATE hedge delays with a full request that may fill from the origin, so that a burst of
 slow answers does not turn into a burst of duplicate origin fetches.
@@ -14,7 +15,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Callable, Generic, TypeVar
 
-from lazyfs.errors import LazyfsError, NotCached, NotFound, StoreUnavailable
+from lazyfs.errors import IntegrityError, LazyfsError, NotCached, NotFound, StoreUnavailable
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.fleet")
@@ -120,6 +121,12 @@ class Race(Generic[T]):
             if isinstance(e, NotFound) and (n == "origin" or
                                             all(isinstance(x, NotFound) for _, x in self.errors)):
                 raise e
+        # A source that answered with wrong bytes is not having an outage: asked again, it
+        # gives the same bytes. With no other source left, that is the answer, at once.
+        wrong = {n for n, e in self.errors if isinstance(e, IntegrityError)}
+        others = [c for c in self.fleet.candidates(self.key) if c[0] not in wrong]
+        if not others:
+            raise next(e for _, e in reversed(self.errors) if isinstance(e, IntegrityError))
         # Every source failed: an outage (a server restarting, a network blip) is a stall, not
         # an error. Ask them all again, backing off, until the deadline.
         pause = min(self.retry_in, self.deadline - time.monotonic())
@@ -128,7 +135,7 @@ class Race(Generic[T]):
         time.sleep(pause)
         self.retry_in = min(self.retry_in * 2, RETRY_MAX)
         self.fleet.stats.add(retries=1)
-        self.queue = deque(self.fleet.candidates(self.key))
+        self.queue = deque(others)
         self.probed.clear()
         self._launch(*self.queue.popleft(), True)
         return True

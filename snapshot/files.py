@@ -3,6 +3,7 @@ store as content-addressed zstd blocks. Two snapshots of one image share every i
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -92,6 +93,9 @@ class BlockFetcher:
         self.streams: list[Prefetcher] = []
         if source.servers or urlparse(spec).scheme not in ("", "file"):
             self.cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
+        # Cache servers and HTTP stores answer many blocks in one request; S3 would be asked
+        # one block after another, slower than the fetch threads' parallel reads.
+        self.batches = bool(source.servers) or urlparse(spec).scheme in ("http", "https")
 
     def __call__(self, digest: str, size: int) -> bytes:
         if self.cache is None:
@@ -100,11 +104,11 @@ class BlockFetcher:
 
     def stream(self, blocks: list[tuple[str, int]]) -> None:
         """Start bringing ``blocks`` (digest, size) in, in this order, in batch requests of 64
-        (from a remote store or fleet; a local store has nothing to batch): a read of one of them
+        (from a fleet or an HTTP store; anything else is read block by block): a read of one of them
         then waits for the batch that carries it instead of asking on its own. One request per
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
         (docs/snapshots.md)."""
-        if self.cache is not None and blocks:
+        if self.cache is not None and self.batches and blocks:
             self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True).start())
 
     def streamed(self) -> dict:
@@ -117,8 +121,9 @@ class BlockFetcher:
         """Stop streaming, land what is written behind, and end the cache's writer threads."""
         for stream in self.streams:
             stream.stop()
+        deadline = time.monotonic() + 30  # (a batch in flight ends at the source's deadline)
         for stream in self.streams:
-            stream.wait(30)
+            stream.wait(max(0.0, deadline - time.monotonic()))
         if self.cache is not None:
             self.cache.close()
 

@@ -49,6 +49,7 @@ class Handler:
         self.early: dict[int, bytes] = {}  # blocks that arrived before their task was live
         self.finished = False  # criu restore said RESTORE_FINISHED
         self.error: str | None = None
+        self._until_built = False  # the error waits for criu to finish building the tree
         # (key, seconds since start) of each block the tree asked for, directly or by walking
         # memory in order (readahead): the working set
         self.demanded: list[tuple[int, float]] = []
@@ -115,27 +116,33 @@ class Handler:
             needed = any(key in t.missing for t in self.tasks) or not self.finished
         if needed:
             self.fatal(f"block {self.blocks.digests[key]} of the snapshot's memory could not be "
-                       f"fetched: {exc}")
+                       f"fetched: {exc}", until_built=True)
 
-    def fatal(self, why: str) -> None:
-        """The restored tree must not run on. Once it runs, it is killed at once. While criu
-        restore is still building it, it is served on (criu may touch other memory as it
-        restores; a restore that stalls on it would hold everything up) and killed when criu
-        says it is done (restore_finished): either way before a descriptor is let go."""
+    def fatal(self, why: str, until_built: bool = False) -> None:
+        """The restored tree must not run on: it is killed before a descriptor is let go.
+        ``until_built``: a block could not be fetched while criu restore may still be building
+        the tree; then it is served on (criu may touch other memory as it restores; a restore
+        stalled on the server would hold everything up) and killed when criu says it is done
+        (restore_finished). Any other failure kills at once (on_fatal waits for the tree)."""
         with self.lock:
             if self.error is None:
                 self.error = why
-                if self.finished:
+                self._until_built = until_built and not self.finished
+                if not self._until_built:
                     log.error("lazy restore failed: %s; killing the restored process", why)
                     self.on_fatal()
                 else:
                     log.error("lazy restore failed: %s; the restored process is killed as soon "
                               "as criu restore has made it", why)
+            elif self._until_built and not until_built:  # then a failure that cannot wait
+                self._until_built = False
+                log.error("lazy restore: %s as well; killing the restored process", why)
+                self.on_fatal()
         self.poke()
 
     def failed(self) -> bool:
-        """An error, and nothing more to serve: the tree was killed, or never runs."""
-        return self.error is not None and self.finished
+        """An error, and nothing more to serve (a tree still being built is served on)."""
+        return self.error is not None and (self.finished or not self._until_built)
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""

@@ -175,11 +175,13 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
             if killer is not None:
                 killer.wait()
             handler.close()
-        if fetcher is not None:  # what is written behind lands before this process exits
-            fetcher.close()
         tmp_status = cfg.status + ".tmp"
         Path(tmp_status).write_text(json.dumps(status))
         os.rename(tmp_status, cfg.status)
+        # Then what is written behind lands, before this process exits (lazyfs run has the
+        # status already: a slow disk here must never read as a failed restore).
+        if fetcher is not None:
+            fetcher.close()
     return 0 if status["error"] is None else 3
 
 

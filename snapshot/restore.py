@@ -152,9 +152,11 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
              mounted: str = "mounted") -> int:
     try:
         pid, stdio_at, times = criu_restore(criu, digest, snap, ws, pages)
-    except BaseException:
+    except BaseException as exc:
         if pages is not None:
-            pages.finish()
+            failure = pages.finish().get("error")
+            if failure and isinstance(exc, Exception):  # the cause, not criu's view of the kill
+                raise LazyRestoreFailed(f"the restored process was killed: {failure}") from exc
         raise
     prepare_s, restore_s = times
     say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "

@@ -211,6 +211,22 @@ def test_a_working_set_block_that_fails_while_criu_restores_kills_when_criu_is_d
     h.close()
 
 
+def test_a_failure_that_cannot_wait_kills_at_once_even_after_one_that_could():
+    """criu hands over a task the server cannot track (lazyserver._link): no restore_finished
+    will be read after that, so the kill cannot wait for it, whatever failed before."""
+    mem = Memory(fail={5})
+    h = mem.handler(working_set=[5])
+    for _ in range(500):
+        if h.error:
+            break
+        threading.Event().wait(0.01)
+    assert h.error and mem.fatal_calls == []
+    h.fatal("cannot serve the restored task: a broken pagemap")
+    assert mem.fatal_calls == ["killed"] and h.failed()
+    h.fetcher.stop()
+    h.close()
+
+
 def test_userfaultfd_messages_parse():
     msg = struct.pack("<BBHI", uffd.EVENT_PAGEFAULT, 0, 0, 0) + struct.pack("<QQQ", 0, 0x7f00_0000_1234, 0)
     rm = struct.pack("<BBHI", uffd.EVENT_REMAP, 0, 0, 0) + struct.pack("<QQQ", 0x1000, 0x9000, 0x2000)

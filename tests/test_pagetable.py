@@ -1,10 +1,11 @@
 """snapshot.pagetable: which block holds each missing page of a restored task (pure)."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from snapshot.criuimg import PAGE, Extent, PageMap
-from snapshot.pagetable import Blocks, Task, lazy_runs
+from snapshot.pagetable import Blocks, PageLayoutError, Task, lazy_runs
 
 
 @st.composite
@@ -41,3 +42,16 @@ def test_runs_are_tracked_as_page_by_page(layout):
         first, starts = blocks.files[pagemap.pages_file]
         start = starts[key - first]
         assert start <= by_run.origin[page] < start + blocks.sizes[key]
+
+
+def test_runs_outside_the_pages_file_are_refused():
+    """A pagemap that points past its pages file (or into an empty one) is a layout error, not
+    pages mapped to some other block (whose bytes would then be copied from past its end)."""
+    blocks = Blocks()
+    blocks.add_file("pages-1.img", [("sha256:" + "a" * 64, 4 * PAGE), ("sha256:" + "b" * 64, 2 * PAGE)])
+    blocks.add_file("pages-2.img", [])
+    Task("ok", -1, "pages-1.img").track_runs(blocks, [(100, 0, 6)])
+    with pytest.raises(PageLayoutError, match="outside"):
+        Task("past", -1, "pages-1.img").track_runs(blocks, [(100, 4 * PAGE, 3)])
+    with pytest.raises(PageLayoutError, match="outside"):
+        Task("empty", -1, "pages-2.img").track_runs(blocks, [(100, 0, 1)])

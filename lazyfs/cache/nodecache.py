@@ -365,9 +365,11 @@ class NodeCache:
         landed = False
 
         def rename(src, dst) -> None:
-            nonlocal landed
-            ledger.commit(n, lambda: os.rename(src, dst))
-            landed = True
+            def land() -> None:
+                nonlocal landed
+                os.rename(src, dst)
+                landed = True  # (counted from here, even if the ledger's write then fails)
+            ledger.commit(n, land)
 
         try:
             yield rename

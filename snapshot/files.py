@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 import xxhash
 
@@ -86,16 +85,15 @@ class BlockFetcher:
     locally; from a local store that would only copy them twice."""
 
     def __init__(self, source, cache_dir: str | None, reader):
-        spec = source.store or paths.default_store()
         self.fetch_block = reader.fetch_block
         self.fetch_blocks = reader.fetch_blocks
         self.cache = None
         self.streams: list[Prefetcher] = []
-        if source.servers or urlparse(spec).scheme not in ("", "file"):
+        if source.remote():
             self.cache = NodeCache(cache_dir or paths.default_cache_dir(), reader.fetch_block)
-        # Cache servers and HTTP stores answer many blocks in one request; S3 would be asked
-        # one block after another, slower than the fetch threads' parallel reads.
-        self.batches = bool(source.servers) or urlparse(spec).scheme in ("http", "https")
+        # Only where one request answers many blocks: S3 would be asked one block after
+        # another, slower than the fetch threads' parallel reads.
+        self.batches = self.cache is not None and source.batches()
 
     def __call__(self, digest: str, size: int) -> bytes:
         if self.cache is None:
@@ -108,7 +106,7 @@ class BlockFetcher:
         then waits for the batch that carries it instead of asking on its own. One request per
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
         (docs/snapshots.md)."""
-        if self.cache is not None and self.batches and blocks:
+        if self.batches and blocks:
             self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True).start())
 
     def streamed(self) -> dict:

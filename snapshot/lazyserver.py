@@ -138,15 +138,22 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
             if is_pages(f.name):
                 blocks.add_file(f.name.rpartition("/")[2], f.chunks)
         profile = profiles.load(reader, cfg.snapshot) if cfg.working_set else None
+        touched = sorted(profile.blocks, key=lambda b: b.t) if profile else []
         # One key per digest: a delivery serves every key with that digest.
-        plan = [blocks.by_digest[b.digest][0] for b in profile.blocks
-                if b.digest in blocks.by_digest] if profile else []
+        plan = [blocks.by_digest[b.digest][0] for b in touched if b.digest in blocks.by_digest]
         status["working_set_blocks"] = len(plan)
         images = Path(cfg.images)
         killer = Killer(cfg.pidfile, stop)
         fetcher = BlockFetcher(cfg.source, cfg.cache_dir, reader)
-        # In batches, started before the handler asks for each block of it (it then waits for them).
-        fetcher.stream([(blocks.digests[k], blocks.sizes[k]) for k in plan])
+        # In batches, started before the handler asks for each block of it (it then waits for
+        # them). Where it streams, the image's blocks come in the same stream, in the order the
+        # first restore touched them both (the image mount then finds them in the node cache and
+        # does not prefetch them itself, restore.mount_profile): two streams side by side gave
+        # the image blocks the process reads only after its first answer the same share of the
+        # link as the memory it needs for it.
+        sizes = {blocks.digests[k]: blocks.sizes[k] for k in plan}
+        fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched])
+        status["working_set_image_blocks"] = len(touched) - len(plan) if fetcher.batches else 0
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, working_set=plan)

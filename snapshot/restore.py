@@ -75,7 +75,10 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
         finally:
             reader.close()  # a fleet reader's threads end here, so the page server can be forked
         record = lazy and working_set and not known
-        mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) if known else "none"
+        # Where the page server streams the working set in batches, it brings the image's blocks
+        # too, in one stream with the memory (lazyserver.run); else the mount prefetches them.
+        mount_profile = "%s:%s" % proffmt.tag_for(snap_digest) \
+            if known and not (lazy and opts.source.batches()) else "none"
         # Through the node agent, as a run mounts: on a node that restored this snapshot lately
         # the image is mounted already, and no daemon starts. A restore that records a working
         # set must see its own reads of the image (a traced mount of its own).
@@ -187,11 +190,13 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
 
 def _describe(s: dict) -> str:
     mib = 1 << 20
+    image = s.get("working_set_image_blocks", 0)
     return (f"lazy restore: {s.get('faults', 0)} faults fetched {s.get('demand_bytes', 0) / mib:.1f} "
             f"MiB (+{s.get('readahead_bytes', 0) / mib:.1f} MiB readahead), working set "
             f"{s.get('profile_bytes', 0) / mib:.1f} MiB of {s.get('working_set_blocks', 0)} blocks "
-            f"prefetched" + (f" ({s['batched_blocks']} fetched in {s['batches']} batch requests)"
-                             if s.get("batches") else "")
+            f"prefetched" + (f" and {image} image blocks for the mount" if image else "")
+            + (f" ({s['batched_blocks']} fetched in {s['batches']} batch requests)"
+               if s.get("batches") else "")
             + f", {s.get('background_bytes', 0) / mib:.1f} MiB in the background"
             + (f"; recorded a working set of {s['working_set_recorded']} blocks"
                if s.get("working_set_recorded") else ""))

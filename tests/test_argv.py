@@ -1,6 +1,7 @@
 """What travels to a detached daemon as its command line comes back as it was sent."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 
 from lazyfs.fs.daemon import DaemonArgs
@@ -39,3 +40,26 @@ def test_a_value_of_two_dashes_travels():
     """argparse drops a "--" even given as --flag=--; the parsers lazyfs reads argv with do not."""
     args = DaemonArgs("0", Source(store="--", servers=("--",)), "0", "--", profile="--")
     assert DaemonArgs.parse(args.argv()) == args
+
+
+@pytest.mark.parametrize("store,servers,env,batches,remote", [
+    ("/srv/store", (), None, False, False),
+    ("file:///srv/store", (), None, False, False),
+    ("s3://bucket/prefix", (), None, False, True),
+    ("http://127.0.0.1:9000", (), None, True, True),
+    (None, ("http://127.0.0.1:9000",), None, True, True),
+    ("/srv/origin", ("http://127.0.0.1:9000",), None, True, True),
+    (None, (), "https://cache.example:9000", True, True),  # the default store counts too
+    (None, (), "/srv/default", False, False),
+])
+def test_what_a_source_answers_in_one_request_and_whether_it_is_remote(monkeypatch, store, servers,
+                                                                       env, batches, remote):
+    """One spelling for both facts: the page server's batch stream, the mount's profile choice
+    and a mount's profile learning all ask the Source."""
+    if env is None:
+        monkeypatch.delenv("LAZYFS_STORE", raising=False)
+    else:
+        monkeypatch.setenv("LAZYFS_STORE", env)
+    source = Source(store=store, servers=servers)
+    assert source.batches() is batches and source.takes_profiles() is batches
+    assert source.remote() is remote

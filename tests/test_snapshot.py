@@ -19,6 +19,7 @@ import pytest
 
 from lazyfs.format import block
 from lazyfs.format import snapshot as snapfmt
+from lazyfs.cache import layout
 from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from lazyfs.format import profile as proffmt
@@ -330,10 +331,21 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
                           env=env, check=False, timeout=300)
         assert cold.returncode == 7 and "warning" not in cold.stderr, cold.stderr
         assert _lines(cold.stdout)["continued"][1] == "6"
-        streamed = re.search(r"of (\d+) blocks prefetched \((\d+) fetched in (\d+) batch requests\)", cold.stderr)
+        streamed = re.search(r"of (\d+) blocks prefetched and (\d+) image blocks for the mount "
+                             r"\((\d+) fetched in (\d+) batch requests\)", cold.stderr)
         assert streamed, cold.stderr
-        planned, fetched, requests = map(int, streamed.groups())
-        assert 0 < requests < fetched <= planned  # (the rest a fault asked for first, or the node had)
+        planned, image_blocks, fetched, requests = map(int, streamed.groups())
+        # The image's blocks of the working set come in the same stream as its memory, and
+        # land in the node cache the mount reads (the mount prefetches none of them itself).
+        from lazyfs.records import profiles
+        ws = profiles.load(image, image.get_tag("warm/py", "srv"))
+        assert image_blocks == ws.meta["image_blocks"] > 0
+        memory = {b.digest for b in ws.blocks[:ws.meta["page_blocks"]]}
+        landed = [b.digest for b in ws.blocks if b.digest not in memory
+                  and os.path.exists(layout.block_path(tmp_path / "node-4", b.digest))]
+        assert len(landed) == image_blocks
+        # (the rest a fault asked for first, or the node had)
+        assert 0 < requests < fetched <= planned + image_blocks
         assert _served(server.url, "requests", BATCH_ROUTE) >= batches + requests
         served = _block_bytes_served(server.url)
         again = lazyfs_cli("run", "--server", server.url, "--restore", "warm/py:srv", "snap/py:1",
@@ -344,7 +356,6 @@ def test_snapshot_and_restore_through_a_cache_server(image, env_dirs, tmp_path):
         # The server's copy of the working set's first memory block goes bad (after the server
         # verified it): the batch carrying it, and the retry, fail verification on the node; the
         # restored process is killed before it could see other bytes, and the command runs cold.
-        from lazyfs.records import profiles
         snap_digest = image.get_tag("warm/py", "srv")
         snap = snapfmt.decode(objects.read_manifest_bytes(image, snap_digest))
         memory = {d: n for d, n in _lazy_blocks(image, snap)}  # (not one criu restore reads itself)

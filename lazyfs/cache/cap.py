@@ -15,7 +15,9 @@ trim walks the whole cache, to order what to evict, and sets the ledger to what 
 """
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +25,7 @@ from typing import Iterable
 from lazyfs.cache import layout
 from lazyfs.cache.ledger import Ledger
 
+log = logging.getLogger("lazyfs.cache")
 TRIM_TO = 0.9  # a trim goes below the cap, so the next one is not one block away
 TRIM_TRIES = 3  # rounds a trim for a write makes while other writes keep taking the room
 
@@ -98,6 +101,42 @@ def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (
         if reserve:
             book.reserve(reserve, None)  # no more room can be made: what is left is in flight
         return report
+
+
+@contextmanager
+def room(root: str | os.PathLike, n: int, cap_bytes: int | None, keep_longer: Iterable[str] = (),
+         stats=None):
+    """Write one file of ``n`` bytes into the cache inside this block, counted in the cache's
+    ledger, and under the cap if there is one: the bytes are reserved before they are written,
+    across every process writing into this cache, and when they would not fit a trim makes room
+    first (``stats``, a CacheStats, counts what it evicted). A write that fails gives its
+    reservation back. It yields the rename that gives the file its name (fsutil.atomic_write's
+    ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger)."""
+    book = ledger(root)
+    if not book.reserve(n, cap_bytes):
+        report = trim(root, max(0, cap_bytes - n), keep_longer, reserve=n)
+        if report.evicted:
+            if stats is not None:
+                stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
+            log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
+                     report.evicted, report.evicted_bytes, cap_bytes)
+    landed = False
+
+    def rename(src, dst) -> None:
+        def land() -> None:
+            nonlocal landed
+            os.rename(src, dst)
+            landed = True  # (counted from here, even if the ledger's write then fails)
+        book.commit(n, land)
+
+    try:
+        yield rename
+    except BaseException:
+        if not landed:
+            book.cancel(n)
+        raise
+    if not landed:
+        book.commit(n)
 
 
 def _trim(root, max_bytes: int, keep_longer: Iterable[str], below: float,

@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,40 +344,12 @@ class NodeCache:
                 log.warning("cache: writing blocks to %s again", self.root)
         return True
 
-    @contextmanager
     def room(self, n: int):
-        """Write one file of ``n`` bytes into the cache inside this block, counted in the cache's
-        ledger (lazyfs.cache.ledger), and under the cap if there is one: the bytes are reserved
-        before they are written, across every process writing into this cache, and when they
-        would not fit a trim makes room first. Every writer into the cache uses it (blocks here,
-        whole files in the completer, EROFS images in the daemon); a write that fails gives its
-        reservation back. It yields the rename that gives the file its name (fsutil.atomic_write's
-        ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger)."""
+        """Write one file of ``n`` bytes into the cache inside this block (cap.room): every
+        writer into the cache uses it (blocks here, whole files in the completer, EROFS images
+        in the daemon)."""
         from lazyfs.cache import cap
-        ledger = cap.ledger(self.root)
-        if not ledger.reserve(n, self.cap_bytes):
-            report = cap.trim(self.root, max(0, self.cap_bytes - n), self.keep_longer, reserve=n)
-            if report.evicted:
-                self.stats.add(evicted=report.evicted, evicted_bytes=report.evicted_bytes)
-                log.info("cache: evicted %d files (%d bytes) to stay under the %d-byte cap",
-                         report.evicted, report.evicted_bytes, self.cap_bytes)
-        landed = False
-
-        def rename(src, dst) -> None:
-            def land() -> None:
-                nonlocal landed
-                os.rename(src, dst)
-                landed = True  # (counted from here, even if the ledger's write then fails)
-            ledger.commit(n, land)
-
-        try:
-            yield rename
-        except BaseException:
-            if not landed:
-                ledger.cancel(n)
-            raise
-        if not landed:
-            ledger.commit(n)
+        return cap.room(self.root, n, self.cap_bytes, self.keep_longer, self.stats)
 
     def prefetch(self, wanted) -> None:
         """Start fetching (digest, size) pairs in the background unless cached or in flight; a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 from lazyfs import argv, paths
 from lazyfs.source import defaults
@@ -41,7 +42,20 @@ class Source:
     def takes_profiles(self) -> bool:
         """Whether a mount reading from here contributes the startup profiles it learns: only
         through cache servers, which merge them into the store (nodes never write a store)."""
-        return bool(self.servers) or (self.store or "").startswith(("http://", "https://"))
+        return self.batches()
+
+    def batches(self) -> bool:
+        """Whether many blocks come in one request from here: cache servers and HTTP stores have
+        a batch endpoint; a local store and S3 are read block by block."""
+        return bool(self.servers) or self._scheme() in ("http", "https")
+
+    def remote(self) -> bool:
+        """Whether blocks cross a network from here, and so are worth keeping in the node cache
+        (from a local store that would only copy them twice)."""
+        return bool(self.servers) or self._scheme() not in ("", "file")
+
+    def _scheme(self) -> str:
+        return urlparse(self.store or paths.default_store()).scheme
 
     def describe(self) -> str:
         if not self.servers:

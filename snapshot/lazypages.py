@@ -36,14 +36,21 @@ from snapshot.pagetable import Blocks, Task, lazy_runs
 log = logging.getLogger("lazyfs.snapshot.lazy")
 READAHEAD_MAX = 8  # blocks ahead of a run of faults walking memory in order
 QUIET = 0.3  # seconds without a fault before the background transfer starts
+# Seconds criu restore has to finish building the tree after a block failed: it does not read
+# lazy memory itself in practice, but if it did, it would wait on that block for ever.
+BUILD_BOUND = 30.0
 
 
 class Handler:
     def __init__(self, blocks: Blocks, fetch_block, pagemap_for, on_fatal, working_set=(),
-                 workers: int = 8):
+                 workers: int = 8, on_stalled=lambda: None, build_bound: float = BUILD_BOUND):
         self.blocks = blocks
         self.pagemap_for = pagemap_for  # image pid -> PageMap
         self.on_fatal = on_fatal  # kills the restored tree; called before any descriptor closes
+        # kills criu restore, when it has not finished ``build_bound`` s after a failed block
+        self.on_stalled = on_stalled
+        self.build_bound = build_bound
+        self._failed_at = 0.0
         self.tasks: list[Task] = []
         self.lock = threading.RLock()
         self.early: dict[int, bytes] = {}  # blocks that arrived before their task was live
@@ -128,6 +135,7 @@ class Handler:
             if self.error is None:
                 self.error = why
                 self._until_built = until_built and not self.finished
+                self._failed_at = time.monotonic()
                 if not self._until_built:
                     log.error("lazy restore failed: %s; killing the restored process", why)
                     self.on_fatal()
@@ -139,6 +147,19 @@ class Handler:
                 log.error("lazy restore: %s as well; killing the restored process", why)
                 self.on_fatal()
         self.poke()
+
+    def _check_built(self) -> None:
+        """A tree criu has not finished building ``build_bound`` s after a block failed: criu
+        itself waits on that memory, and would for ever. Stop criu, and the tree with it."""
+        with self.lock:
+            if not self._until_built or self.finished or \
+                    time.monotonic() - self._failed_at < self.build_bound:
+                return
+            self._until_built = False
+            log.error("lazy restore: criu restore has not finished %.0f s after the failure; "
+                      "stopping it and the restored process", self.build_bound)
+            self.on_stalled()
+            self.on_fatal()
 
     def failed(self) -> bool:
         """An error, and nothing more to serve (a tree still being built is served on)."""
@@ -319,6 +340,7 @@ class Handler:
                 if (self.background_at is None and self.finished
                         and time.monotonic() - self.last_fault >= QUIET):
                     self._background()
+                self._check_built()
                 for fd, mask in poller.poll(50):
                     if fd == self._wake_r:
                         os.read(fd, 4096)

@@ -25,6 +25,8 @@ from lazyfs.records import profiles
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
+from lazyfs.proc import spawn
+from snapshot import procs
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import BlockFetcher, is_pages
 from snapshot.lazypages import Blocks, Handler
@@ -64,10 +66,13 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-def _link(listener: socket.socket, handler: Handler, stop: threading.Event) -> None:
-    """criu restore's side: (pid, uffd) per task, then RESTORE_FINISHED."""
+def _link(listener: socket.socket, handler: Handler, stop: threading.Event, peer: list) -> None:
+    """criu restore's side: (pid, uffd) per task, then RESTORE_FINISHED. ``peer`` gets criu's
+    pid (the kernel's word for who connected), for a restore that must be stopped."""
     try:
         conn, _ = listener.accept()
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer.append(struct.unpack("3i", cred)[0])
         with conn:
             while True:
                 (word,) = struct.unpack("<i", _recv_exact(conn, 4))
@@ -154,15 +159,16 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         sizes = {blocks.digests[k]: blocks.sizes[k] for k in plan}
         fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched])
         status["working_set_image_blocks"] = len(touched) - len(plan) if fetcher.batches else 0
+        peer: list[int] = []
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
-                          killer, working_set=plan)
+                          killer, working_set=plan, on_stalled=lambda: _stop_criu(peer, stop))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"
         listener.bind(str(tmp))
         listener.listen(1)
         os.rename(tmp, images / SOCKET_NAME)  # appears only once it accepts
-        threading.Thread(target=_link, args=(listener, handler, stop), daemon=True).start()
+        threading.Thread(target=_link, args=(listener, handler, stop, peer), daemon=True).start()
         if ready_fd is not None:
             os.write(ready_fd, b"1")
         handler.serve(stop)
@@ -190,6 +196,22 @@ def run(cfg: Config, ready_fd: int | None = None) -> int:
         if fetcher is not None:
             fetcher.close()
     return 0 if status["error"] is None else 3
+
+
+def _stop_criu(peer: list[int], stop: threading.Event) -> None:
+    """SIGKILL criu restore and the tree it was making, before any descriptor is let go (then
+    stop waiting for the pid criu would have written). The tree's root is criu's sibling, a
+    child of `lazyfs run` (our parent too) in a PID namespace of its own; `lazyfs run` then
+    reports the failed block and starts the command cold."""
+    parent = os.getppid()
+    for pid in peer + procs.in_other_ns(parent):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in procs.in_other_ns(parent):
+        spawn.wait_gone(pid, 10.0)  # (not our child: until /proc says it is gone)
+    stop.set()
 
 
 def _working_set(cfg: Config, handler: Handler, none_yet: bool) -> list | None:

@@ -1,6 +1,7 @@
 """Walking a process tree through /proc (host PIDs, and each process's PID inside its namespace)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -11,6 +12,23 @@ def children(pid: int) -> list[int]:
             out += [int(c) for c in (task / "children").read_text().split()]
     except OSError:
         pass
+    return out
+
+
+def in_other_ns(parent: int) -> list[int]:
+    """Children of ``parent`` in a PID namespace other than its own: the roots of trees that
+    criu restore made (as siblings of itself), each its namespace's init."""
+    try:
+        own = os.readlink(f"/proc/{parent}/ns/pid")
+    except OSError:
+        return []
+    out = []
+    for pid in children(parent):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != own:
+                out.append(pid)
+        except OSError:
+            pass  # gone
     return out
 
 

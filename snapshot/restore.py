@@ -227,6 +227,8 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
             _kill_restored(int(pidfile.read_text()), grace=0)
         raise
     if code != 0 or not pidfile.exists():
+        for root in procs.in_other_ns(os.getpid()):  # what a criu killed halfway had made
+            _kill_restored(root, grace=0)
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({printed.strip() or code}):\n  {tail}")
     pid = int(pidfile.read_text())

@@ -87,10 +87,10 @@ class Memory:
             raise DigestMismatch(digest, "sha256:" + "0" * 64)
         return self.by_digest[digest]
 
-    def handler(self, working_set=()) -> Handler:
+    def handler(self, working_set=(), **options) -> Handler:
         pm = PageMap(1, (Extent(self.addr, PAGES, 0, True),))
         h = Handler(self.blocks, self.fetch, lambda pid: pm,
-                    lambda: self.fatal_calls.append("killed"), working_set=working_set)
+                    lambda: self.fatal_calls.append("killed"), working_set=working_set, **options)
         h.add_task(1, self.fd)
         return h
 
@@ -209,6 +209,71 @@ def test_a_working_set_block_that_fails_while_criu_restores_kills_when_criu_is_d
     t.join(10)
     assert not t.is_alive() and mem.fatal_calls == ["killed"]
     h.close()
+
+
+def test_a_tree_criu_never_finishes_after_a_failure_is_stopped_within_the_bound():
+    """criu restore itself waiting on a failed block would never say it is done: after the bound
+    the handler stops criu (on_stalled), then the tree, and only then stops serving."""
+    mem = Memory(fail={5})
+    h = mem.handler(working_set=[5], build_bound=0.5,
+                    on_stalled=lambda: mem.fatal_calls.append("criu stopped"))
+    stop, t = _serve(h)
+    for _ in range(500):
+        if h.error:
+            break
+        threading.Event().wait(0.01)
+    assert h.error and mem.fatal_calls == []  # within the bound: served on
+    t.join(10)
+    assert not t.is_alive() and mem.fatal_calls == ["criu stopped", "killed"] and h.failed()
+    h.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace of its own needs root")
+def test_stopping_criu_kills_the_tree_it_was_making_and_nothing_else(tmp_path):
+    """lazyserver._stop_criu, from a page server's place: its parent ('lazyfs run') has forked
+    criu and has a tree root in a PID namespace of its own (what criu restores, as criu's
+    sibling); both die, the parent and the page server's siblings in its own namespace live."""
+    from lazyfs.proc import syscalls as sc
+    from snapshot import lazyserver
+    report = tmp_path / "report"
+    pid = os.fork()
+    if pid == 0:  # 'lazyfs run'
+        code = 2
+        try:
+            go_r, go_w = os.pipe()
+            criu = os.fork()
+            if criu == 0:
+                threading.Event().wait(60)
+                os._exit(0)
+            bystander = os.fork()  # a child in our own namespace (a mount daemon, say)
+            if bystander == 0:
+                threading.Event().wait(60)
+                os._exit(0)
+            server = os.fork()
+            if server == 0:  # the page server, before the new namespace (it stays in ours)
+                os.read(go_r, 1)
+                stop = threading.Event()
+                lazyserver._stop_criu([criu], stop)
+                os._exit(0 if stop.is_set() else 1)
+            sc.unshare(sc.CLONE_NEWPID)
+            root = os.fork()
+            if root == 0:  # the restored root: init of its namespace
+                threading.Event().wait(60)
+                os._exit(0)
+            os.write(go_w, b"x")
+            server_status = os.waitpid(server, 0)[1]
+            gone = [os.waitpid(p, 0)[1] for p in (criu, root)]
+            alive = os.waitpid(bystander, os.WNOHANG)[0] == 0
+            os.kill(bystander, 9)
+            os.waitpid(bystander, 0)
+            report.write_text(repr((os.waitstatus_to_exitcode(server_status),
+                                    [os.WIFSIGNALED(s) and os.WTERMSIG(s) for s in gone], alive)))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report.read_text() == repr((0, [9, 9], True))
 
 
 def test_a_failure_that_cannot_wait_kills_at_once_even_after_one_that_could():

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import report
-from bench.images import SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
+from bench.images import SNAPSHOT_BASELINES, SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
 from bench.servers import LAZYFS
@@ -39,6 +39,11 @@ class BenchConfig:
     home: Path = Path.home() / ".cache" / "lazyfs" / "bench"
     out: Path = Path("bench-results")
     data_path: str = "auto"  # lazyfs run --data-path of the lazy modes (warm-node-fuse: fuse)
+    # the modes named (-m) that the snapshot workloads run too, beside their own (SNAPSHOT_BASELINES)
+    baselines: list[str] = field(default_factory=list)
+
+    def snapshot_modes(self) -> tuple[str, ...]:
+        return SNAPSHOT_MODES + tuple(m for m in SNAPSHOT_BASELINES if m in self.baselines)
 
 
 def _lazyfs(*args: str) -> str:
@@ -134,7 +139,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     results: dict = {"date": started, "machine": _machine(), "link": {"rate": cfg.link,
                      "delay_ms": cfg.delay * 1000}, "runs": cfg.runs, "images": image_info,
                      "workloads": {}}
-    total = sum(len(SNAPSHOT_MODES if w in SNAPSHOT_WORKLOADS else cfg.modes)
+    total = sum(len(cfg.snapshot_modes() if w in SNAPSHOT_WORKLOADS else cfg.modes)
                 for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
     with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry:
@@ -249,15 +254,22 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
             "--cache-dir", str(node.home / "node-cache-profile"), ref, "--", *work.argv)
     say(f"{work.name}: a first lazy restore records the working set")
     node.restore(snap, ref, work, "--lazy", "--store", node.store)
-    samples: dict[str, list[dict]] = {m: [] for m in SNAPSHOT_MODES}
+    modes = cfg.snapshot_modes()
+    samples: dict[str, list[dict]] = {m: [] for m in modes}
     flags = {"restore": ("--eager",), "lazy-restore": ("--lazy", "--no-working-set"),
              "lazy-restore+ws": ("--lazy",)}
+    def measure(mode: str) -> Sample:
+        if mode in flags:
+            return node.restore(snap, ref, work, *flags[mode])
+        if mode == "cold-init":
+            return node.lazy(ref, work, "auto", cold=True)
+        return _one(node, mode, ref, work)  # what users run today: pulled and started cold
+
     for i in range(cfg.runs):
-        for mode in SNAPSHOT_MODES:
+        for mode in modes:
             say(f"{work.name}: {mode} run {i + 1}/{cfg.runs}")
-            measure = (lambda: node.restore(snap, ref, work, *flags[mode])) if mode in flags else (
-                lambda: node.lazy(ref, work, "auto", cold=True))
-            samples[mode].append(asdict(_counted(servers, measure, True)))
+            samples[mode].append(asdict(_counted(servers, lambda: measure(mode),
+                                                 mode not in SNAPSHOT_BASELINES)))
             tick(1)
     what = ("build 4 models of 100 MB; snapshot.ready(); answer with one of them" if work.name == "snapshot-one"
             else "build a 400 MB model; snapshot.ready(); one inference")

@@ -113,6 +113,9 @@ SNAPSHOT_WORKLOADS = ("snapshot", "snapshot-one")
 # restore: fetch the whole snapshot, then CRIU; lazy-restore: memory on demand, no working set;
 # lazy-restore+ws: on demand after prefetching the working set a first restore recorded.
 SNAPSHOT_MODES = ("cold-init", "restore", "lazy-restore", "lazy-restore+ws")
+# What users run today, for the snapshot workloads too when named (-m): the same program started
+# by `podman pull` + `podman run`, or by a CRI pull into containerd + `ctr run`.
+SNAPSHOT_BASELINES = ("podman-pull", "containerd-pull")
 
 
 def sh(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -60,10 +60,13 @@ def markdown(results: dict) -> str:
                   f"Image {info['ref']}: {info['files']} files, {info['bytes'] / MiB:.0f} MiB, "
                   f"{info['layers']} layer(s), {info['compressed_bytes'] / MiB:.0f} MiB compressed.", ""]
         if "cold-init" in summary:
-            lines += ["| mode | median s | min–max s | × cold-init | process resumed s | fetched MiB | requests |",
-                      "|---|---|---|---|---|---|---|"]
+            bases = [b for b in ("cold-init", "podman-pull", "containerd-pull") if b in summary]
+            lines += ["| mode | median s | min–max s | " + " | ".join(f"× {b}" for b in bases)
+                      + " | process resumed s | fetched MiB | requests |",
+                      "|---|---|---|" + "---|" * len(bases) + "---|---|---|"]
             lines += [f"| {mode} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
-                      f"{_f(r.get('x_cold_init'), '.2f')} | {_f(r.get('resumed_s'), '.2f')} | "
+                      + "".join(f"{_f(r.get('x_' + b.replace('-', '_')), '.2f')} | " for b in bases)
+                      + f"{_f(r.get('resumed_s'), '.2f')} | "
                       f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['requests'], '.0f')} |"
                       for mode, r in summary.items()]
             lines.append("")

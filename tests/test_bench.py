@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from bench import report
+from bench.coldstart import BenchConfig
 from bench.link import LinkError, rate_bits
 from tests.conftest import lazyfs_cli, mount_skip_reason
 
@@ -79,6 +80,25 @@ def test_summary_ratios_come_from_the_samples():
     assert out["lazy"]["x_pull"] == pytest.approx(5 / 11) and out["lazy"]["x_local"] == pytest.approx(2)
     assert out["lazy"]["fetched_over_read"] == pytest.approx(1.25)
     assert "fetched_over_read" not in out["pull"]
+
+
+def test_a_snapshot_table_compares_with_the_baselines_users_run():
+    """The snapshot workloads' table: × cold-init always, × podman-pull when it was measured."""
+    def sample(sec):
+        return {"seconds": sec, "mount_s": None, "fetched_bytes": 0, "requests": 1,
+                "read_bytes": 0, "phases": {}}
+    samples = {"cold-init": [sample(2.0)], "lazy-restore+ws": [sample(1.0)], "podman-pull": [sample(8.0)]}
+    results = {"date": "d", "machine": {"cpus": 2, "cpu": "c", "kernel": "k"},
+               "link": {"rate": "1gbit", "delay_ms": 1.0}, "runs": 1,
+               "images": {"torch": {"ref": "bench/torch:latest", "files": 1, "bytes": 1,
+                                    "layers": 1, "compressed_bytes": 1}},
+               "workloads": {"snapshot-one": {"image": "torch", "argv": ["p"], "samples": samples}}}
+    results["summary"] = {"snapshot-one": report.summarise(results["workloads"]["snapshot-one"])}
+    md = report.markdown(results)
+    assert "| mode | median s | min–max s | × cold-init | × podman-pull | process resumed s |" in md
+    assert "| lazy-restore+ws | 1.00 | 1.00–1.00 | 0.50 | 0.12 | – |" in md
+    assert BenchConfig(["snapshot-one"], baselines=["podman-pull"]).snapshot_modes()[-1] == "podman-pull"
+    assert "podman-pull" not in BenchConfig(["snapshot-one"]).snapshot_modes()
 
 
 def test_link_rates_parse_like_tc():

@@ -37,7 +37,9 @@ def bench(
                                              "under a writable overlay), local (repeatable; "
                                              "default: all). The "
                                              "snapshot workloads always run their own: cold-init, "
-                                             "restore, lazy-restore, lazy-restore+ws."),
+                                             "restore, lazy-restore, lazy-restore+ws; and, named "
+                                             "here, podman-pull and containerd-pull of the same "
+                                             "program."),
     runs: int = typer.Option(5, "--runs", "-n", min=1, help="Runs per mode."),
     link: str = typer.Option("1gbit", "--link", help="Link rate in tc's spelling: 100mbit, 1gbit, "
                              "10gbit, ..."),
@@ -67,8 +69,10 @@ def bench(
         except CriuError as exc:  # the scenarios need CRIU; the rest do not
             err.print(f"bench: leaving out the snapshot scenarios: {exc}", highlight=False)
             chosen = [w for w in chosen if w not in SNAPSHOT_WORKLOADS]
+    from bench.images import SNAPSHOT_BASELINES
     cfg = BenchConfig(chosen, list(mode or MODES), runs, link,
-                      parse_duration(latency), out=out, data_path=data_path)
+                      parse_duration(latency), out=out, data_path=data_path,
+                      baselines=[m for m in mode or [] if m in SNAPSHOT_BASELINES])
     if home:
         cfg.home = home
     say = lambda m: err.print(f"bench: {m}", highlight=False, markup=False)  # noqa: E731

@@ -48,20 +48,31 @@ class PageServer:
     """The lazy-pages process for one restore: started before `criu restore --lazy-pages`
     connects, told to stop once the restored tree has exited."""
 
-    def __init__(self, cfg: Config, log_file: Path):
+    def __init__(self, cfg: Config, log_file: Path, known: tuple | None = None):
         self.cfg = cfg
         self.log_file = log_file
         read_fd, write_fd = os.pipe()
         args = [sys.executable, "-m", "snapshot.lazyserver", *cfg.args(), "--ready-fd", str(write_fd)]
-        self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd), log_file, write_fd)
-        os.close(write_fd)
+        self.proc = None
         try:
-            if not spawn.wait_ready(read_fd, self.proc, 30.0):
+            with spawn.holding_sigint():  # a Ctrl-C now comes once the handle is ours
+                try:  # (forked, it takes what lazyfs run read; as a program, it reads them itself)
+                    self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd, known),
+                                            log_file, write_fd)
+                finally:
+                    os.close(write_fd)
+            ready = spawn.wait_ready(read_fd, self.proc, 30.0)
+        except BaseException:  # Ctrl-C while it starts: it must not serve on, alone
+            if self.proc is not None:
                 self.proc.kill()
                 self.proc.wait()
-                raise RunError(f"the lazy page server did not start: {self.failure()}")
+            raise
         finally:
             os.close(read_fd)
+        if not ready:
+            self.proc.kill()
+            self.proc.wait()
+            raise RunError(f"the lazy page server did not start: {self.failure()}")
 
     def socket(self) -> Path:
         return Path(self.cfg.images) / SOCKET_NAME

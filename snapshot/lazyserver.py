@@ -130,19 +130,24 @@ class Killer:
             self.thread.join()
 
 
-def run(cfg: Config, ready_fd: int | None = None) -> int:
+def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) -> int:
+    """Serve until the restored tree is done. ``known``: (snapshot, working-set profile or
+    None) as `lazyfs run` read them already (a forked server need not fetch them again)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     status: dict = {"error": None}
     handler = killer = fetcher = None
     try:
         reader = cfg.source.open()
-        snap = snapfmt.decode(objects.read_manifest_bytes(reader, cfg.snapshot))
+        if known is not None:
+            snap, profile = known
+        else:
+            snap = snapfmt.decode(objects.read_manifest_bytes(reader, cfg.snapshot))
+            profile = profiles.load(reader, cfg.snapshot) if cfg.working_set else None
         blocks = Blocks()
         for f in snap.files:
             if is_pages(f.name):
                 blocks.add_file(f.name.rpartition("/")[2], f.chunks)
-        profile = profiles.load(reader, cfg.snapshot) if cfg.working_set else None
         touched = sorted(profile.blocks, key=lambda b: b.t) if profile else []
         # One key per digest: a delivery serves every key with that digest.
         plan = [blocks.by_digest[b.digest][0] for b in touched if b.digest in blocks.by_digest]

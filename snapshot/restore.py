@@ -71,7 +71,8 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             # The working set an earlier lazy restore recorded lists page blocks (the page server
             # takes those) and image blocks (the mount takes those, instead of the image's own
             # startup profile, which is for starting the command, not for carrying on).
-            known = working_set and profiles.load(reader, snap_digest) is not None
+            profile = profiles.load(reader, snap_digest) if working_set else None
+            known = profile is not None
         finally:
             reader.close()  # a fleet reader's threads end here, so the page server can be forked
         record = lazy and working_set and not known
@@ -88,7 +89,8 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             images.mkdir(parents=True)
             pages = PageServer(Config(str(images), snap_digest, opts.source, opts.cache_dir,
                                       str(ws.base / "restored.pid"), str(ws.base / "pages.json"),
-                                      working_set=working_set, record=record), ws.base / "pages.log")
+                                      working_set=working_set, record=record), ws.base / "pages.log",
+                               known=(snap, profile))
         reader = opts.source.open()
         fetch_block = BlockFetcher(opts.source, opts.cache_dir, reader)
         try:
@@ -287,8 +289,7 @@ def _wait(pid: int) -> int:
     except KeyboardInterrupt:  # stop the tree too, and no cold start: the user asked to stop
         _kill_restored(pid)
         raise
-    except ChildProcessError:  # not our child after all: poll until it is gone
-        while Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+    except ChildProcessError:  # not our child after all: until it is gone (its status is not ours)
+        spawn.wait_gone(pid, float("inf"))
         return 0
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)

@@ -37,24 +37,27 @@ def start(workspace: Path, at: str, criu_argv: list[str], output: Path) -> tuple
                "snapshot.restorer", "--workspace", str(workspace), "--at", at, "--", *criu_argv]
         res = subprocess.run(cmd, capture_output=True, text=True)
         return res.returncode, res.stderr
-    with open(output, "wb") as out:
-        pid = os.fork()
-        if pid == 0:
-            def child() -> int:
-                os.dup2(out.fileno(), 1)
-                os.dup2(out.fileno(), 2)
-                sc.unshare(sc.CLONE_NEWNS)
-                sc.make_mounts_private()
-                enter(str(workspace), at, criu_argv)
-            spawn.child(child)
+    pid = 0
     try:
+        with open(output, "wb") as out, spawn.holding_sigint() as held:
+            pid = os.fork()
+            if pid == 0:
+                def child() -> int:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)  # criu's own, as it was
+                    os.dup2(out.fileno(), 1)
+                    os.dup2(out.fileno(), 2)
+                    sc.unshare(sc.CLONE_NEWNS)
+                    sc.make_mounts_private()
+                    enter(str(workspace), at, criu_argv)
+                spawn.child(child)
         _, status = os.waitpid(pid, 0)
-    except BaseException:  # Ctrl-C: no criu is left running on its own
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C (also one held back across the fork): no criu left on its own
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
         raise
     code = os.waitstatus_to_exitcode(status)
     return code, output.read_text(errors="replace")

@@ -214,19 +214,15 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
                       cache_size=cache_size)
     # A Ctrl-C that lands while the daemon is forked waits until its handle is known and the code
     # that abandons it is listening; otherwise the daemon would be left serving on its own.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    proc = None
     try:
-        proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
-                           partial(run_daemon, args), logf, write_fd, debug, forker)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        os.close(read_fd)
-        os.close(write_fd)
-        raise
-    os.close(write_fd)
-    state.pid = proc.pid
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        with spawn.holding_sigint():
+            try:
+                proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
+                                   partial(run_daemon, args), logf, write_fd, debug, forker)
+            finally:
+                os.close(write_fd)
+            state.pid = proc.pid
         ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K", REFUSED))
         if ready == REFUSED:  # the daemon's last log line says why, in one line
             lines = logf.read_text(errors="replace").strip().splitlines()
@@ -242,7 +238,8 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
         _state_file(mnt).write_text(json.dumps(asdict(state)))
         return state
     except BaseException:  # a failure, or Ctrl-C at any point: no daemon or half-made mount left
-        _abandon(proc, state)
+        if proc is not None:
+            _abandon(proc, state)
         raise
     finally:
         os.close(read_fd)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -149,6 +150,26 @@ class Watched(Forked):
     def __del__(self):
         if self.returncode is None:
             os.close(self.pidfd)
+
+
+@contextmanager
+def holding_sigint():
+    """Ctrl-C held back while a process is started: it arrives once the block ends, when the
+    caller holds the handle it needs to stop what it started. One that came just before is
+    raised here, before anything starts: Python runs a pending signal's handler at its next
+    Python call, and inside os.fork that is an at-fork hook (logging has them), where the
+    interpreter prints the KeyboardInterrupt and drops it. A forked child starts with SIGINT
+    blocked: it unblocks it (fork_detached's daemon, the restorer's criu) or exits."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        _run_pending_handlers()
+        yield held
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _run_pending_handlers() -> None:
+    """(Empty: entering a Python function is where the interpreter runs pending handlers.)"""
 
 
 def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd: int,

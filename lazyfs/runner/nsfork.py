@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lazyfs.proc import syscalls as sc
-from lazyfs.proc.spawn import Forked, child
+from lazyfs.proc.spawn import Forked, child, holding_sigint
 from lazyfs.runner import nsinit
 
 
@@ -31,14 +31,11 @@ def start(rootfs: Path, spec, started: list) -> None:
         flags |= sc.CLONE_NEWNET
     sys.stdout.flush()
     sys.stderr.flush()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
+    with holding_sigint():
         pid = os.fork()
         if pid == 0:
             _waiter(flags, args)
         started.append(Forked(pid, ["(namespaces)", *args.argv]))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _waiter(flags: int, args: nsinit.Args) -> None:

@@ -107,7 +107,8 @@ class BlockFetcher:
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
         (docs/snapshots.md)."""
         if self.batches and blocks:
-            self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True).start())
+            self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True,
+                                           unchecked=True).start())
 
     def streamed(self) -> dict:
         """Blocks the batch streams brought in, and the batch requests that carried them."""

@@ -110,3 +110,20 @@ def test_batch_that_breaks_off_falls_back_to_single_fetches(tmp_path):
     assert [d for d, _ in results] == order
     assert all(data == blobs[d] for d, data in results)
     assert origin.calls == order[1:]
+
+
+def test_an_unchecked_list_naming_what_nobody_has_stops_after_a_batch(tmp_path):
+    """A snapshot's working set names image blocks nobody checked: once more of them are missing
+    than were fetched (a batch's worth), the rest is not asked for. A checked list (a startup
+    profile planned against the manifest) is fetched to the end whatever it meets."""
+    real = _blobs(4)
+    bogus = [_blob(10_000, 1000 + i) for i in range(40)]
+    blocks = [(d, len(b)) for d, b in bogus] + [(d, len(b)) for d, b in real.items()]
+    for unchecked, batches, missing, fetched in ((True, 1, 8, 0), (False, 6, 40, 4)):
+        origin = BatchOrigin(real, missing={d for d, _ in bogus})
+        cache = NodeCache(tmp_path / str(unchecked), origin)
+        p = Prefetcher(cache, origin.fetch_many, blocks, batch=8, unchecked=unchecked).start()
+        assert p.wait(10)
+        s = p.stats.snapshot()
+        assert (len(origin.batches), s["missing"], s["failed"], s["fetched"]) == \
+            (batches, missing, missing, fetched)

@@ -394,11 +394,12 @@ def _lazy_blocks(store, snap) -> list[tuple[str, int]]:
     return out
 
 
-def _served(url: str, metric: str, route: str) -> float:
+def _served(url: str, metric: str, route: str, code: str | None = None) -> float:
     import urllib.request
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(f"lazyfs_server_{metric}_total{{") and f'route="{route}"' in line)
+               if line.startswith(f"lazyfs_server_{metric}_total{{") and f'route="{route}"' in line
+               and (code is None or f'code="{code}"' in line))
 
 
 def _block_bytes_served(url: str) -> float:
@@ -459,9 +460,13 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
         assert "took the node agent's mount of the image" in err
 
 
-def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(image):
+@pytest.mark.parametrize("via", ["store", "cache server"])
+def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(image, env_dirs,
+                                                                            tmp_path, via):
     """A working set is advice: blocks it names that the snapshot or the image do not have (or
-    the store lacks) are skipped, and the restore carries on with exact state."""
+    the store lacks) are skipped, and the restore carries on with exact state. Through a cache
+    server, where the page server streams the image's part of it unchecked, asking stops after
+    one batch of blocks nobody has (else: a batch request per 64 of them, and a retry each)."""
     _snapshot("warm/py:1")
     snap_digest = image.get_tag("warm/py", "1")
     snap = snapfmt.decode(objects.read_manifest_bytes(image, snap_digest))
@@ -473,12 +478,29 @@ def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(im
                               {"kind": proffmt.WORKING_SET, "page_blocks": 5001, "image_blocks": 0})
     from lazyfs.records import profiles
     profiles.publish(image, hostile)
-    r = lazyfs_cli("run", "-v", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
-    assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+    server, args, env = None, [], {}
+    if via == "cache server":
+        from bench.servers import CacheServer
+        server = CacheServer(env_dirs["LAZYFS_STORE"], tmp_path / "server-cache",
+                             extra=("--no-access-log",)).start()
+        args, env = ["--server", server.url], {"LAZYFS_CACHE_DIR": str(tmp_path / "node-2")}
+    try:
+        r = lazyfs_cli("run", "-v", *args, "--restore", "warm/py:1", "snap/py:1", env=env,
+                       check=False, timeout=300)
+        # (blocks a batch lacks are asked for once more on their own, and are not found)
+        missing = server and _served(server.url, "requests", "/v1/blocks/{digest}", code="404")
+    finally:
+        if server:
+            server.stop()
+    assert r.returncode == 7, r.stderr
     out = _lines(r.stdout)
     assert out["continued"][1] == "6" and out["digest"] == [BIG_DIGEST]
     assert _stat(r.stderr, r"of (\d+) blocks prefetched") == 1  # only the block the snapshot has
     assert "took the node agent's mount of the image" in r.stderr
+    if server:  # one batch's worth of the 5000, not all of them
+        assert 0 < missing <= 64, missing
+    else:
+        assert "warning" not in r.stderr, r.stderr
 
 
 def test_criu_check_is_remembered_until_the_binary_or_kernel_changes(env_dirs):

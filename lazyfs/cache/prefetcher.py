@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 from lazyfs.cache.nodecache import Claim, NodeCache
 from lazyfs.counters import Counters
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, NotFound
 
 log = logging.getLogger("lazyfs.prefetch")
 FetchMany = Callable[[list[tuple[str, int]]], Iterator[tuple[str, "bytes | Exception"]]]
@@ -34,6 +34,7 @@ class PrefetchStats(Counters):
     fetched_bytes: int = 0
     already: int = 0  # cached, or claimed by a demand read first
     failed: int = 0
+    missing: int = 0  # of those failed, blocks the source does not have
     batches: int = 0
     done: int = 0  # 1 once every stream has finished
     elapsed_ms: int = 0
@@ -41,13 +42,19 @@ class PrefetchStats(Counters):
 
 class Prefetcher:
     def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
-                 batch: int = 64, streams: int = 1, quiet: bool = False):
+                 batch: int = 64, streams: int = 1, quiet: bool = False, unchecked: bool = False):
         self.cache = cache
         self.fetch_many = fetch_many
         self.blocks = list(blocks)
         self.batch = max(1, batch)
         self.streams = max(1, streams)
         self.quiet = quiet
+        # ``unchecked``: a list nobody checked against what the source has (a snapshot's working
+        # set names image blocks the page server cannot check without the image's manifest):
+        # once more of its blocks turned out missing than were fetched, a batch's worth at
+        # least, the rest is not asked for either. Advice that names what nobody has costs a
+        # request, not one per batch of it.
+        self.unchecked = unchecked
         self.stats = PrefetchStats(planned=len(self.blocks),
                                    planned_bytes=sum(n for _, n in self.blocks))
         self._next = 0
@@ -106,6 +113,10 @@ class Prefetcher:
             while not self._stop.is_set():
                 # Every claim of a batch is released when it is done, fetched or not: a claim
                 # left behind would make readers of that block wait for nothing.
+                if self._bogus():
+                    log.warning("prefetch: %d of the blocks asked for are missing at the source; "
+                                "not asking for the rest", self.stats.missing)
+                    break
                 with ExitStack() as claims:
                     mine = self._take(claims)
                     if not mine:
@@ -122,6 +133,10 @@ class Prefetcher:
                          "%d already there, %d failed", s["elapsed_ms"], s["fetched"], s["planned"],
                          s["fetched_bytes"], s["already"], s["failed"])
 
+    def _bogus(self) -> bool:
+        s = self.stats
+        return self.unchecked and s.missing >= self.batch and s.missing > s.fetched
+
     def _fetch(self, mine: dict[str, tuple[int, Claim]]) -> None:
         self.stats.add(batches=1)
         try:
@@ -136,7 +151,7 @@ class Prefetcher:
                     self.stats.add(fetched=1, fetched_bytes=size)
                 except (LazyfsError, OSError) as exc:
                     # The read that needs it will fetch it itself, and report if it fails.
-                    self.stats.add(failed=1)
+                    self.stats.add(failed=1, missing=int(isinstance(exc, NotFound)))
                     log.debug("prefetch of %s failed: %s", digest, exc)
                 finally:
                     claim.release()  # its readers go on now, not at the end of the batch

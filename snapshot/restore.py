@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
+from lazyfs import paths
 from lazyfs.records import profiles
 from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
@@ -60,6 +61,9 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     prefetch the working set an earlier restore recorded, or record one if there is none."""
     snap = None
     pages = None
+    # One node cache for all of it, named here: the page server streams the image's working-set
+    # blocks into it for the mount, which the node agent would otherwise place by its own default.
+    opts = replace(opts, cache_dir=opts.cache_dir or str(paths.default_cache_dir()))
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
     leases = ExitStack()  # the image's shared mount, when the node agent lends it
     try:

@@ -3,6 +3,7 @@ store as content-addressed zstd blocks. Two snapshots of one image share every i
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,8 +117,13 @@ class BlockFetcher:
         return {"batched_blocks": sum(s["fetched"] for s in stats),
                 "batches": sum(s["batches"] for s in stats)}
 
-    def close(self) -> None:
-        """Stop streaming, land what is written behind, and end the cache's writer threads."""
+    def close(self, until: threading.Event | None = None) -> None:
+        """Stop streaming, land what is written behind, and end the cache's writer threads.
+        ``until``: first let the streams finish, unless (or until) that is set."""
+        if until is not None:
+            for stream in self.streams:
+                while not until.is_set() and not stream.wait(0.1):
+                    pass
         for stream in self.streams:
             stream.stop()
         deadline = time.monotonic() + 30  # (a batch in flight ends at the source's deadline)

@@ -55,12 +55,13 @@ class PageServer:
         args = [sys.executable, "-m", "snapshot.lazyserver", *cfg.args(), "--ready-fd", str(write_fd)]
         self.proc = None
         try:
-            with spawn.holding_sigint():  # a Ctrl-C now comes once the handle is ours
-                try:  # (forked, it takes what lazyfs run read; as a program, it reads them itself)
+            try:
+                with spawn.holding_sigint():  # a Ctrl-C now comes once the handle is ours
+                    # (forked, it takes what lazyfs run read; as a program, it reads them itself)
                     self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd, known),
                                             log_file, write_fd)
-                finally:
-                    os.close(write_fd)
+            finally:
+                os.close(write_fd)
             ready = spawn.wait_ready(read_fd, self.proc, 30.0)
         except BaseException:  # Ctrl-C while it starts: it must not serve on, alone
             if self.proc is not None:
@@ -115,8 +116,8 @@ def record_working_set(source: Source, publish_to: str | None, snap_digest: str,
     """Publish a snapshot's working set: the page-image blocks its first lazy restore faulted in
     (from the page server) and the image blocks the restored process read through the mount
     (its read trace), each in first-touch order, as one profile of the snapshot (format.md §9).
-    A later restore hands it to both: the page server takes the page blocks, the image mount the
-    image's. Returns the number of blocks published (0 if the store takes no writes)."""
+    A later restore's page server streams it, memory and image blocks in one stream by touch time
+    (from a local store or S3 it takes the page blocks, and the image mount the image's). Returns the number of blocks published (0 if the store takes no writes)."""
     reader = source.open()
     try:
         manifest = objects.read_manifest(reader, image_digest)

@@ -72,7 +72,10 @@ def _link(listener: socket.socket, handler: Handler, stop: threading.Event, peer
     try:
         conn, _ = listener.accept()
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer.append(struct.unpack("3i", cred)[0])
+        try:  # a pidfd: the pid alone could name another process by the time it is used
+            peer.append(os.pidfd_open(struct.unpack("3i", cred)[0]))
+        except OSError:
+            pass  # gone already
         with conn:
             while True:
                 (word,) = struct.unpack("<i", _recv_exact(conn, 4))
@@ -134,6 +137,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
     """Serve until the restored tree is done. ``known``: (snapshot, working-set profile or
     None) as `lazyfs run` read them already (a forked server need not fetch them again)."""
     stop = threading.Event()
+    parent = os.getppid()  # lazyfs run
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     status: dict = {"error": None}
     handler = killer = fetcher = None
@@ -167,7 +171,8 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         peer: list[int] = []
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
-                          killer, working_set=plan, on_stalled=lambda: _stop_criu(peer, stop))
+                          killer, working_set=plan,
+                          on_stalled=lambda: _stop_criu(peer, stop, parent))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"
         listener.bind(str(tmp))
@@ -197,24 +202,33 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         Path(tmp_status).write_text(json.dumps(status))
         os.rename(tmp_status, cfg.status)
         # Then what is written behind lands, before this process exits (lazyfs run has the
-        # status already: a slow disk here must never read as a failed restore).
+        # status already: a slow disk here must never read as a failed restore). The memory can
+        # be all in (faults, and the fetch threads, took what the stream had not reached) while
+        # the stream still brings the image blocks the process reads later: it goes on until it
+        # is done or lazyfs run, its tree gone, says stop.
         if fetcher is not None:
-            fetcher.close()
+            fetcher.close(until=stop if status["error"] is None else None)
     return 0 if status["error"] is None else 3
 
 
-def _stop_criu(peer: list[int], stop: threading.Event) -> None:
-    """SIGKILL criu restore and the tree it was making, before any descriptor is let go (then
-    stop waiting for the pid criu would have written). The tree's root is criu's sibling, a
-    child of `lazyfs run` (our parent too) in a PID namespace of its own; `lazyfs run` then
-    reports the failed block and starts the command cold."""
-    parent = os.getppid()
-    for pid in peer + procs.in_other_ns(parent):
+def _stop_criu(peer: list[int], stop: threading.Event, parent: int) -> None:
+    """SIGKILL criu restore (``peer``: pidfds) and the tree it was making, before any descriptor
+    is let go (then stop waiting for the pid criu would have written). The tree's root is criu's
+    sibling, a child of `lazyfs run` (``parent``, ours too) in a PID namespace of its own;
+    `lazyfs run` then reports the failed block and starts the command cold. If `lazyfs run` is
+    gone (our parent changed), its children are someone else's to judge: criu only."""
+    for fd in peer:
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    roots = procs.in_other_ns(parent) if os.getppid() == parent else []
+    for pid in roots:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid in procs.in_other_ns(parent):
+    for pid in roots:
         spawn.wait_gone(pid, 10.0)  # (not our child: until /proc says it is gone)
     stop.set()
 

@@ -72,9 +72,10 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
         try:
             digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
             t0 = time.monotonic()
-            # The working set an earlier lazy restore recorded lists page blocks (the page server
-            # takes those) and image blocks (the mount takes those, instead of the image's own
-            # startup profile, which is for starting the command, not for carrying on).
+            # The working set an earlier lazy restore recorded lists page blocks and image
+            # blocks: the page server takes them all where it streams in batches, else the
+            # mount takes the image's (instead of the image's own startup profile, which is for
+            # starting the command, not for carrying on).
             profile = profiles.load(reader, snap_digest) if working_set else None
             known = profile is not None
         finally:
@@ -228,13 +229,11 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
                                     lazy=pages is not None)
     try:
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out")
-    except BaseException:  # Ctrl-C under CRIU: a tree it restored already waits in ready()
-        if pidfile.exists():
-            _kill_restored(int(pidfile.read_text()), grace=0)
+    except BaseException:  # Ctrl-C under CRIU: what it restored (waiting in ready()) or was making
+        _kill_made()
         raise
     if code != 0 or not pidfile.exists():
-        for root in procs.in_other_ns(os.getpid()):  # what a criu killed halfway had made
-            _kill_restored(root, grace=0)
+        _kill_made()
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({printed.strip() or code}):\n  {tail}")
     pid = int(pidfile.read_text())
@@ -254,6 +253,13 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
         _wait(pid)
         raise
     return pid, stdio_at, (prepare_s, time.monotonic() - t0)
+
+
+def _kill_made() -> None:
+    """Kill what a criu restore that did not finish had made: its tree's root is our child (criu's
+    sibling), in a PID namespace of its own, whether criu wrote its pid yet or not."""
+    for root in procs.in_other_ns(os.getpid()):
+        _kill_restored(root, grace=0)
 
 
 def _check_gpus(meta: dict) -> "gpu.Cuda":

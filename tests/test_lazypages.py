@@ -13,6 +13,7 @@ import os
 import random
 import struct
 import threading
+import time
 
 import pytest
 
@@ -229,10 +230,12 @@ def test_a_tree_criu_never_finishes_after_a_failure_is_stopped_within_the_bound(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace of its own needs root")
-def test_stopping_criu_kills_the_tree_it_was_making_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("parent", ["lazyfs run", "gone"])
+def test_stopping_criu_kills_the_tree_it_was_making_and_nothing_else(tmp_path, parent):
     """lazyserver._stop_criu, from a page server's place: its parent ('lazyfs run') has forked
     criu and has a tree root in a PID namespace of its own (what criu restores, as criu's
-    sibling); both die, the parent and the page server's siblings in its own namespace live."""
+    sibling); both die, the parent and the page server's siblings in its own namespace live.
+    A page server whose parent is no longer the one it started under kills criu only."""
     from lazyfs.proc import syscalls as sc
     from snapshot import lazyserver
     report = tmp_path / "report"
@@ -253,7 +256,8 @@ def test_stopping_criu_kills_the_tree_it_was_making_and_nothing_else(tmp_path):
             if server == 0:  # the page server, before the new namespace (it stays in ours)
                 os.read(go_r, 1)
                 stop = threading.Event()
-                lazyserver._stop_criu([criu], stop)
+                started_under = os.getppid() if parent == "lazyfs run" else -1
+                lazyserver._stop_criu([os.pidfd_open(criu)], stop, started_under)
                 os._exit(0 if stop.is_set() else 1)
             sc.unshare(sc.CLONE_NEWPID)
             root = os.fork()
@@ -262,18 +266,23 @@ def test_stopping_criu_kills_the_tree_it_was_making_and_nothing_else(tmp_path):
                 os._exit(0)
             os.write(go_w, b"x")
             server_status = os.waitpid(server, 0)[1]
-            gone = [os.waitpid(p, 0)[1] for p in (criu, root)]
+            time.sleep(0.2)
+            left_alone = os.waitpid(root, os.WNOHANG)[0] == 0
+            if left_alone:
+                os.kill(root, 9)
+            gone = [os.waitpid(p, 0)[1] for p in (criu, root)] if left_alone else \
+                [os.waitpid(criu, 0)[1]]
             alive = os.waitpid(bystander, os.WNOHANG)[0] == 0
             os.kill(bystander, 9)
             os.waitpid(bystander, 0)
-            report.write_text(repr((os.waitstatus_to_exitcode(server_status),
+            report.write_text(repr((os.waitstatus_to_exitcode(server_status), left_alone,
                                     [os.WIFSIGNALED(s) and os.WTERMSIG(s) for s in gone], alive)))
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert report.read_text() == repr((0, [9, 9], True))
+    assert report.read_text() == repr((0, parent == "gone", [9, 9] if parent == "gone" else [9], True))
 
 
 def test_a_failure_that_cannot_wait_kills_at_once_even_after_one_that_could():

@@ -216,13 +216,13 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
     # that abandons it is listening; otherwise the daemon would be left serving on its own.
     proc = None
     try:
-        with spawn.holding_sigint():
-            try:
+        try:
+            with spawn.holding_sigint():
                 proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
                                    partial(run_daemon, args), logf, write_fd, debug, forker)
-            finally:
-                os.close(write_fd)
-            state.pid = proc.pid
+                state.pid = proc.pid
+        finally:
+            os.close(write_fd)
         ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K", REFUSED))
         if ready == REFUSED:  # the daemon's last log line says why, in one line
             lines = logf.read_text(errors="replace").strip().splitlines()

@@ -158,10 +158,14 @@ def holding_sigint():
     caller holds the handle it needs to stop what it started. One that came just before is
     raised here, before anything starts: Python runs a pending signal's handler at its next
     Python call, and inside os.fork that is an at-fork hook (logging has them), where the
-    interpreter prints the KeyboardInterrupt and drops it. A forked child starts with SIGINT
-    blocked: it unblocks it (fork_detached's daemon, the restorer's criu) or exits."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    interpreter prints the KeyboardInterrupt and drops it. A child started inside inherits the
+    blocked mask: a forked one sets it back (fork_detached's daemon, the restorer's criu); an
+    exec'd daemon keeps SIGINT blocked, in a session of its own that no terminal Ctrl-C reaches
+    (it is stopped with SIGTERM)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # the mask as it is
     try:
+        # (a handler already pending runs inside this call, after the mask changed: hence the try)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         _run_pending_handlers()
         yield held
     finally:

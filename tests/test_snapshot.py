@@ -408,27 +408,48 @@ def _block_bytes_served(url: str) -> float:
 
 
 def _snapshot_processes() -> list[int]:
-    """Processes of the snapshotted program still alive on this machine."""
+    """Processes of the snapshotted program still alive on this machine, and what a criu restore
+    of it left: criu itself, or a task it was making (those carry criu's command line until
+    they run the program)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"/app/slow.py" in f.read():
-                    found.append(int(pid))
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
         except OSError:
-            pass
+            continue
+        if not zombie and (b"/app/slow.py" in cmd or (b"criu\0restore" in cmd
+                                                      and str(MOUNT_BASE).encode() in cmd)):
+            found.append(int(pid))
     return found
+
+
+def _criu_making_tree() -> bool:
+    """A task criu restore is making: criu's command line, in a PID namespace of its own."""
+    for pid in _snapshot_processes():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                criu = b"/app/slow.py" not in f.read()
+            nspid = next(line for line in open(f"/proc/{pid}/status") if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if criu and len(nspid.split()) > 2:
+            return True
+    return False
 
 
 def _restore_mounts() -> list[str]:
     return lazyfs_mounts(MOUNT_BASE)
 
 
-@pytest.mark.parametrize("when", ["starting", "running"])
+@pytest.mark.parametrize("when", ["starting", "criu restoring", "running"])
 def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env_dirs, when):
-    """Ctrl-C during a restore through the node agent (while it fetches and mounts, or once the
-    restored process runs): the restore stops, its process tree and workspace mounts go, and
-    the agent, its lease given back, unmounts the image once idle."""
+    """Ctrl-C during a restore through the node agent (while it fetches and mounts, while criu
+    restore makes the tree, or once the restored process runs): the restore stops, its process
+    tree (also one criu had not finished) and workspace mounts go, and the agent, its lease
+    given back, unmounts the image once idle."""
     before = set(_restore_mounts())  # (another session's, if any)
     lazyfs_cli("run", "--snapshot", "warm/slow:1", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
@@ -438,6 +459,11 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
     try:
         if when == "starting":
             time.sleep(0.3)
+        elif when == "criu restoring":
+            deadline = time.monotonic() + 60
+            while not _criu_making_tree():
+                assert time.monotonic() < deadline and proc.poll() is None, "criu restore never ran"
+                time.sleep(0.002)
         else:
             assert proc.stdout.readline().startswith("continued"), proc.stderr.read()
         proc.send_signal(signal.SIGINT)

@@ -112,12 +112,16 @@ class PageServer:
 
 
 def record_working_set(source: Source, publish_to: str | None, snap_digest: str, image_digest: str,
-                       page_blocks: list, trace_lines: list[str], meta: dict) -> int:
+                       page_blocks: list, trace_lines: list[str], meta: dict,
+                       shift: float | None = None) -> int:
     """Publish a snapshot's working set: the page-image blocks its first lazy restore faulted in
     (from the page server) and the image blocks the restored process read through the mount
     (its read trace), each in first-touch order, as one profile of the snapshot (format.md §9).
     A later restore's page server streams it, memory and image blocks in one stream by touch time
-    (from a local store or S3 it takes the page blocks, and the image mount the image's). Returns the number of blocks published (0 if the store takes no writes)."""
+    (from a local store or S3 it takes the page blocks, and the image mount the image's). So both
+    count from the page server's start: ``shift`` is how long after it the mount was asked for
+    (the trace counts from the mount's start, a little later still). Returns the number of
+    blocks published (0 if the store takes no writes)."""
     reader = source.open()
     try:
         manifest = objects.read_manifest(reader, image_digest)
@@ -126,7 +130,8 @@ def record_working_set(source: Source, publish_to: str | None, snap_digest: str,
     blocks: list[ProfileBlock] = []
     seen: set[str] = set()
     pages = [ProfileBlock(d, int(n), float(t)) for d, n, t in page_blocks]
-    for b in pages + profiles.from_trace(ImageIndex(manifest), profiles.parse_trace(trace_lines)):
+    image = profiles.from_trace(ImageIndex(manifest), profiles.parse_trace(trace_lines), shift)
+    for b in pages + image:
         if b.digest not in seen:  # each once: identical memory makes identical blocks
             seen.add(b.digest)
             blocks.append(b)

@@ -173,6 +173,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, working_set=plan,
                           on_stalled=lambda: _stop_criu(peer, stop, parent))
+        status["t0"] = handler.t0  # (CLOCK_MONOTONIC: one clock for every process on the node)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"
         listener.bind(str(tmp))

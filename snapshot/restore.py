@@ -101,6 +101,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
         try:
             # The image mount (a daemon start and a manifest read) overlaps the snapshot fetch.
             with ThreadPoolExecutor(1) as pool:
+                mount_asked = time.monotonic()  # (a recorded working set's image clock)
                 if shared:
                     mounting = pool.submit(leases.enter_context, shared_image(opts, mount_profile))
                 else:
@@ -122,7 +123,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             # Their threads end here too, so that criu restore can be forked (snapshot.restorer).
             fetch_block.close()
             reader.close()
-        recording = (snap_digest, opts.source.publish_target()) if record else None
+        recording = (snap_digest, opts.source.publish_target(), mount_asked) if record else None
         return _restore(opts, criu, digest, snap, ws, fetched, fetch_s, say, pages, recording,
                         "took the node agent's mount of" if shared else "mounted")
     except SnapshotMismatch:
@@ -158,7 +159,7 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
-             pages: PageServer | None, recording: tuple[str, str | None] | None,
+             pages: PageServer | None, recording: tuple[str, str | None, float] | None,
              mounted: str = "mounted") -> int:
     try:
         pid, stdio_at, times = criu_restore(criu, digest, snap, ws, pages)
@@ -190,7 +191,8 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         if recording is not None and status.get("working_set"):
             status["working_set_recorded"] = record_working_set(
                 opts.source, recording[1], recording[0], digest, status["working_set"], trace_lines,
-                {"ref": snap.meta.get("ref"), "faults": status.get("faults", 0)})
+                {"ref": snap.meta.get("ref"), "faults": status.get("faults", 0)},
+                shift=recording[2] - status["t0"] if "t0" in status else None)
         say(_describe(status))
     return code
 

@@ -212,3 +212,23 @@ def test_a_profile_of_another_image_warns_unless_it_is_a_snapshots_working_set(c
         assert profiles.plan(proffmt.Profile(other, listed), manifest, image) == want
     assert [r.getMessage() for r in caplog.records] == [
         f"startup profile was recorded on {other}, not {image}: 1 of its 2 blocks are in this image"]
+
+
+def test_a_trace_counts_from_its_first_read_or_from_another_clocks_start():
+    """A startup profile's times count from the mount's first read; a snapshot working set's
+    image blocks count from its page server's start, ``shift`` seconds before the mount's."""
+    import hashlib
+    from lazyfs.format import trace as tracefmt
+    from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
+    from lazyfs.fs.index import ImageIndex
+    from lazyfs.records import profiles
+    data = [b"one", b"two"]
+    chunks = [Chunk("sha256:" + hashlib.sha256(d).hexdigest(), len(d)) for d in data]
+    index = ImageIndex(Manifest((Entry(b"", EntryType.DIR, mode=0o755),
+                                 Entry(b"a", EntryType.REG, mode=0o644, size=3, chunks=chunks[:1]),
+                                 Entry(b"b", EntryType.REG, mode=0o644, size=3, chunks=chunks[1:])),
+                                {}, 1000))
+    reads = [tracefmt.Read(1.0, "/a", 0, 3), tracefmt.Read(1.5, "/b", 0, 3)]
+    assert [b.t for b in profiles.from_trace(index, reads)] == [0.0, 0.5]
+    assert [b.t for b in profiles.from_trace(index, reads, shift=0.25)] == [1.25, 1.75]
+    assert [b.t for b in profiles.from_trace(index, reads, shift=-1.25)] == [0.0, 0.25]  # never < 0

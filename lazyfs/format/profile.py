@@ -37,7 +37,8 @@ _WORKLOAD = re.compile(r"[0-9a-f]{16}")
 class ProfileBlock:
     digest: str
     size: int  # uncompressed bytes
-    t: float  # seconds after the mount's first read when the workload first touched it
+    t: float  # seconds after the mount's first read when the workload first touched it (a
+    # snapshot working set: after its first lazy restore's page server started)
     count: int = 1  # starts that touched it (merged profiles)
 
 

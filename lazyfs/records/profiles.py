@@ -31,10 +31,12 @@ def parse_trace(lines: Iterable[str]) -> list[tracefmt.Read]:
     return tracefmt.decode_all(lines)
 
 
-def from_trace(index, reads: list[tracefmt.Read]) -> list[ProfileBlock]:
+def from_trace(index, reads: list[tracefmt.Read], shift: float | None = None) -> list[ProfileBlock]:
     """The blocks the reads touched, each once, in first-touch order (``index``: the image's
-    lazyfs.fs.index.ImageIndex, which maps a read to its chunks)."""
-    t0 = reads[0][0] if reads else 0.0
+    lazyfs.fs.index.ImageIndex, which maps a read to its chunks). Times count from the first
+    read; with ``shift``, from ``shift`` seconds before the mount started (another clock's
+    start: a snapshot working set's page server)."""
+    t0 = (reads[0][0] if reads else 0.0) if shift is None else -shift
     seen: set[str] = set()
     out: list[ProfileBlock] = []
     for t, path, offset, size in reads:
@@ -44,7 +46,7 @@ def from_trace(index, reads: list[tracefmt.Read]) -> list[ProfileBlock]:
         for chunk, _, _ in inode.chunks_for(offset, size):
             if chunk.digest not in seen:
                 seen.add(chunk.digest)
-                out.append(ProfileBlock(chunk.digest, chunk.size, t - t0))
+                out.append(ProfileBlock(chunk.digest, chunk.size, max(0.0, t - t0)))
     return out
 
 

@@ -25,7 +25,6 @@ from lazyfs.records import profiles
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
-from lazyfs.proc import spawn
 from snapshot import procs
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import BlockFetcher, is_pages
@@ -67,8 +66,8 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 
 def _link(listener: socket.socket, handler: Handler, stop: threading.Event, peer: list) -> None:
-    """criu restore's side: (pid, uffd) per task, then RESTORE_FINISHED. ``peer`` gets criu's
-    pid (the kernel's word for who connected), for a restore that must be stopped."""
+    """criu restore's side: (pid, uffd) per task, then RESTORE_FINISHED. ``peer`` gets a pidfd
+    of criu (the kernel's word for who connected), for a restore that must be stopped."""
     try:
         conn, _ = listener.accept()
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -223,14 +222,8 @@ def _stop_criu(peer: list[int], stop: threading.Event, parent: int) -> None:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    roots = procs.in_other_ns(parent) if os.getppid() == parent else []
-    for pid in roots:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in roots:
-        spawn.wait_gone(pid, 10.0)  # (not our child: until /proc says it is gone)
+    if os.getppid() == parent:
+        procs.kill_made(parent, wait=10.0)
     stop.set()
 
 

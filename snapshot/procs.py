@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+
+from lazyfs.proc import spawn
 
 
 def children(pid: int) -> list[int]:
@@ -30,6 +33,20 @@ def in_other_ns(parent: int) -> list[int]:
         except OSError:
             pass  # gone
     return out
+
+
+def kill_made(parent: int, wait: float = 30.0) -> None:
+    """SIGKILL the trees criu restore made under ``parent`` (in_other_ns): each root is its
+    namespace's init, so its whole tree goes with it. Then wait until they are gone (reaped,
+    when they are the caller's children), ``wait`` seconds at most each."""
+    roots = in_other_ns(parent)
+    for pid in roots:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in roots:
+        spawn.wait_gone(pid, wait)
 
 
 def tree(root: int) -> list[int]:

@@ -232,10 +232,10 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     try:
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out")
     except BaseException:  # Ctrl-C under CRIU: what it restored (waiting in ready()) or was making
-        _kill_made()
+        procs.kill_made(os.getpid())
         raise
-    if code != 0 or not pidfile.exists():
-        _kill_made()
+    if code != 0 or not pidfile.exists():  # (its tree's root is our child, pidfile or not)
+        procs.kill_made(os.getpid())
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({printed.strip() or code}):\n  {tail}")
     pid = int(pidfile.read_text())
@@ -255,13 +255,6 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
         _wait(pid)
         raise
     return pid, stdio_at, (prepare_s, time.monotonic() - t0)
-
-
-def _kill_made() -> None:
-    """Kill what a criu restore that did not finish had made: its tree's root is our child (criu's
-    sibling), in a PID namespace of its own, whether criu wrote its pid yet or not."""
-    for root in procs.in_other_ns(os.getpid()):
-        _kill_restored(root, grace=0)
 
 
 def _check_gpus(meta: dict) -> "gpu.Cuda":

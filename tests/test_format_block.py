@@ -75,7 +75,8 @@ def test_flipped_frames_never_decode_to_wrong_bytes(data, draw):
     assert out == data  # a flip zstd can absorb (e.g. in padding) must still give the right bytes
 
 
-@pytest.mark.parametrize("bad", ["sha256:XYZ", "md5:" + "0" * 32, "sha256:" + "A" * 64, "../x"])
+@pytest.mark.parametrize("bad", ["sha256:XYZ", "md5:" + "0" * 32, "sha256:" + "A" * 64, "../x",
+                                 "sha256:" + "0" * 64 + "\n"])
 def test_invalid_digest_strings(bad):
     with pytest.raises(FormatError):
         digests.validate(bad)

@@ -108,3 +108,10 @@ def test_workload_keys_and_their_tags():
     for bad in ("ABCDEF0123456789", "short", "../../etc/passwd", 7):
         with pytest.raises(FormatError):
             proffmt.tag_for("sha256:" + "c" * 64, bad)
+
+
+@pytest.mark.parametrize("text", ["app:v1\n", "app\n:v1", "app\n", "app:v1\n\n"])
+def test_a_final_newline_is_not_part_of_a_valid_name_or_tag(text):
+    # Names and tags become store paths: "$" in a pattern would let "v1\n" through.
+    with pytest.raises(FormatError):
+        reference.parse(text)

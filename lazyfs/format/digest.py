@@ -7,7 +7,8 @@ import re
 from lazyfs.errors import FormatError
 
 ALGORITHM = "sha256"
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# fullmatch, not ^…$: "$" also matches before a final newline, and a digest names files.
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def compute(data: bytes | memoryview) -> str:
@@ -15,7 +16,7 @@ def compute(data: bytes | memoryview) -> str:
 
 
 def is_valid(digest: str) -> bool:
-    return isinstance(digest, str) and _DIGEST_RE.match(digest) is not None
+    return isinstance(digest, str) and _DIGEST_RE.fullmatch(digest) is not None
 
 
 def validate(digest: str) -> str:

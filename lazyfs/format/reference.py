@@ -10,8 +10,8 @@ from lazyfs.format import digest as digests
 # The OCI distribution grammar for repository names, without a registry host (lazyfs stores are
 # named by --store, not by the reference).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")  # \Z: "$" lets a final newline in
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 MAX_NAME = 255
 DEFAULT_TAG = "latest"
 

@@ -207,7 +207,7 @@ class Snapshotter:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-_UNPACK_KEY = re.compile(r"(?:^|/)extract-\S+ (sha256:[0-9a-f]{64})$")
+_UNPACK_KEY = re.compile(r"(?:^|/)extract-\S+ (sha256:[0-9a-f]{64})\Z")
 
 
 def unpack_chain(key: str) -> str | None:

@@ -180,3 +180,23 @@ def test_siblings_once_per_directory_small_files_only(ops):
     ops.read("/pkg/m1.py", 100, 0, None)  # same directory: asked once only
     ops.read("/lib/big.so", 100, 0, None)  # lib/ has no single-block files: nothing to ask
     assert len(ops.siblings_fetched) == 1
+
+
+def test_data_index_serves_every_object_and_finds_paths_on_first_use():
+    from lazyfs.format import dataobj
+    from lazyfs.fs.dataindex import DataIndex
+    image, _ = _image()
+    index = DataIndex(image.manifest)
+    assert "_paths" not in vars(index)  # the image's paths wait until something asks
+    regs = [e for e in image.manifest.entries if e.type == EntryType.REG and e.size]
+    for e in regs:
+        oid = dataobj.object_id(e.chunks)
+        inode = index.lookup(dataobj.relpath(oid).encode())
+        assert inode.entry is e and inode.nlink == image.by_path[e.path].nlink
+        assert index.object_of(inode) == oid
+        assert index.stat(inode)["st_size"] == e.size
+    assert index.total_size == image.total_size and index.entry_count == image.entry_count
+    assert index.lookup(b"lib/big.so") is None  # only the data namespace is looked up
+    assert index.by_path.keys() == image.by_path.keys() and index.children == image.children
+    listed = sum((index.listdir(d) for _, d in index.listdir(index.lookup(b""))), [])
+    assert len(listed) == len({dataobj.object_id(e.chunks) for e in regs})

@@ -5,6 +5,7 @@ and waits on its readiness pipe; everything it needs travels in one DaemonArgs.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -178,21 +179,34 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
     from lazyfs.fs.index import ImageIndex
     from lazyfs.format import manifest as mf
 
+    # The profile is looked up beside the index (a slow answer about it must not hold up the
+    # index every read needs), and its prefetch starts once the manifest is decoded (it needs
+    # only its block sizes), not the index.
+    decoded: Future = Future()
+    threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, decoded, cache, auto)),
+                     name="lazyfs-profile", daemon=True).start()
+
     def load(index_type, decode):
-        """The index of the manifest ``decode()`` gives. The profile is looked up beside it (a
-        slow answer about it must not hold up the index every read needs), and its prefetch
-        starts once the manifest is decoded (it needs only its block sizes), not the index."""
-        decoded: Future = Future()
-        threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, decoded, cache,
-                                                                    auto)),
-                         name="lazyfs-profile", daemon=True).start()
+        """The index of the manifest ``decode()`` gives."""
+        # Without the cyclic collector while the manifest's tens of thousands of tuples are made
+        # (it would walk them again and again, a quarter of the time, and finds no garbage);
+        # frozen after, as they live as long as the mount.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            manifest = decode()
-        except BaseException as exc:
-            decoded.set_exception(exc)
-            raise
-        decoded.set_result(manifest)
-        index = index_type(manifest)
+            try:
+                manifest = decode()
+            except BaseException as exc:
+                if not decoded.done():
+                    decoded.set_exception(exc)
+                raise
+            if not decoded.done():
+                decoded.set_result(manifest)
+            index = index_type(manifest)
+        finally:
+            if collecting:
+                gc.enable()
+        gc.freeze()
         log.info("%s: %d entries, %d bytes", args.ref or args.digest, len(manifest.entries),
                  index.total_size)
         return index
@@ -200,11 +214,16 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
         return DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw) if raw else
                                           objects.read_manifest(reader, args.digest))), True, "node"
     raw = raw or objects.read_manifest_bytes(reader, args.digest)
-    if args.layout == "kernel":
+    if args.layout == "kernel" and mf.decode_meta(raw) is not None:
+        # The index builds while the shipped image is fetched: it needs only the manifest, and
+        # the kernel asks for objects as soon as the mount is up (a restore's criu, for the
+        # first library it maps, waited 0.1-0.15 s for it when it started after the fetch).
+        early = DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw)))
         shipped = metadata.fetch(reader, args.digest, raw)
         if shipped is not None:
             _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image")
-            return DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw))), True, "shipped"
+            return early, True, "shipped"
+        # (another EROFS layout version: this node makes its own, below, from its own decode)
     manifest = mf.decode(raw)
     kernel_path = args.layout == "kernel" and _kernel_image(manifest, cache, args)
     return load(DataIndex if kernel_path else ImageIndex, lambda: manifest), kernel_path, \

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import cached_property
 from typing import Callable
 
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import dataobj
-from lazyfs.format.manifest import Entry, EntryType, Manifest
+from lazyfs.format.manifest import Entry, EntryType, Manifest, link_counts
 from lazyfs.fs.index import ImageIndex, Inode
 
 log = logging.getLogger("lazyfs.mount")
@@ -33,22 +34,46 @@ def static_dir(path: bytes) -> Inode | None:
 
 
 class DataIndex(ImageIndex):
-    def __init__(self, manifest: Manifest):
-        super().__init__(manifest)
+    """Built on a kernel-path mount's start path, where the kernel may be waiting for its first
+    object (criu restore opening the libraries it maps): only the object namespace is built
+    here. The image's own paths (``by_path``/``children``, for the sibling heuristic) are made
+    on first use, a third of the work, and none of it needed to serve an object."""
+
+    def __init__(self, manifest: Manifest):  # (not ImageIndex.__init__: the paths wait)
+        self.manifest = manifest
+        entries = manifest.entries
         self.objects: dict[bytes, Inode] = {}  # "ab/abcd…" -> the first inode with that content
         self.oids: dict[int, str] = {}  # ino -> object id
         self.listing: dict[int, list[tuple[bytes, Inode]]] = {
             ROOT.ino: sorted(FANOUT.items())}
-        for inode in self.by_path.values():
-            e = inode.entry
-            if e.type != EntryType.REG or not e.size or inode.ino in self.oids:
+        nlinks = link_counts(entries)
+        total = 0
+        for i, e in enumerate(entries):
+            if e.type != EntryType.REG:
                 continue
+            total += e.size
+            if not e.size:
+                continue
+            inode = Inode(i + 1, e, nlinks[i])
             oid = dataobj.object_id(e.chunks)
             self.oids[inode.ino] = oid
             key = dataobj.relpath(oid).encode()
             if key not in self.objects:
                 self.objects[key] = inode
                 self.listing.setdefault(FANOUT[key[:2]].ino, []).append((key[3:], inode))
+        self.total_size = total
+
+    @cached_property
+    def _paths(self) -> ImageIndex:
+        return ImageIndex(self.manifest)
+
+    @property
+    def by_path(self) -> dict[bytes, Inode]:
+        return self._paths.by_path
+
+    @property
+    def children(self) -> dict[int, list[bytes]]:
+        return self._paths.children
 
     def lookup(self, path: bytes) -> Inode | None:
         return self.objects.get(path) or static_dir(path)

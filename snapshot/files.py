@@ -22,6 +22,9 @@ from lazyfs.store.base import BlockStore
 
 CHUNK = DEFAULT_CHUNK_SIZE  # snapshot files are cut as image files are
 FETCH_THREADS = 8
+# The next batch is asked for once 16 blocks of the one before are still to come: at 10 Gbit/s
+# (8 + 8 restores each, alternating) 16 beat 8 and 32 (docs/snapshots.md).
+OVERLAP = 16
 
 
 PAGE = 4096
@@ -109,7 +112,7 @@ class BlockFetcher:
         (docs/snapshots.md)."""
         if self.batches and blocks:
             self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True,
-                                           unchecked=True).start())
+                                           unchecked=True, streams=2, overlap=OVERLAP).start())
 
     def streamed(self) -> dict:
         """Blocks the batch streams brought in, and the batch requests that carried them."""

@@ -119,11 +119,65 @@ def test_an_unchecked_list_naming_what_nobody_has_stops_after_a_batch(tmp_path):
     real = _blobs(4)
     bogus = [_blob(10_000, 1000 + i) for i in range(40)]
     blocks = [(d, len(b)) for d, b in bogus] + [(d, len(b)) for d, b in real.items()]
-    for unchecked, batches, missing, fetched in ((True, 1, 8, 0), (False, 6, 40, 4)):
+    for unchecked, overlap, batches, missing, fetched in ((True, 0, 1, 8, 0), (True, 3, 1, 8, 0),
+                                                           (False, 0, 6, 40, 4)):
         origin = BatchOrigin(real, missing={d for d, _ in bogus})
-        cache = NodeCache(tmp_path / str(unchecked), origin)
-        p = Prefetcher(cache, origin.fetch_many, blocks, batch=8, unchecked=unchecked).start()
+        cache = NodeCache(tmp_path / f"{unchecked}-{overlap}", origin)
+        # (overlapping streams: the stop is decided before the second batch would go out)
+        p = Prefetcher(cache, origin.fetch_many, blocks, batch=8, unchecked=unchecked,
+                       streams=2 if overlap else 1, overlap=overlap).start()
         assert p.wait(10)
         s = p.stats.snapshot()
         assert (len(origin.batches), s["missing"], s["failed"], s["fetched"]) == \
             (batches, missing, missing, fetched)
+
+
+def test_overlapping_streams_ask_for_the_next_batch_near_the_end_of_the_last(tmp_path):
+    """With overlap, the next batch's request goes out once the batch before has at most that
+    many blocks to come, never earlier and never more than one ahead; every block comes once."""
+    blobs = _blobs(40, size=20_000)
+    order = list(blobs)
+    origin = BatchOrigin(blobs, delay=0.01)
+    delivered: list[str] = []
+    seen_at_start: list[int] = []  # blocks delivered when each batch's request went out
+
+    def fetch_many(items):
+        seen_at_start.append(len(delivered))
+        for digest, data in origin.fetch_many(items):
+            delivered.append(digest)
+            yield digest, data
+    cache = NodeCache(tmp_path, origin)
+    pf = Prefetcher(cache, fetch_many, [(d, len(blobs[d])) for d in order], batch=8, streams=2,
+                    overlap=3)
+    assert pf.start().wait(20)
+    assert pf.stats.snapshot()["fetched"] == 40 and pf.stats.batches == 5
+    assert sorted(delivered) == sorted(order) and len(delivered) == 40
+    # Batch k (of 8) starts after batch k-1 has delivered 5 of its 8 blocks (3 left to come),
+    # so before it ends: the next request overlaps the last blocks of the one before.
+    assert [b[0] for b in origin.batches] == order[::8]
+    for k, seen in enumerate(seen_at_start[1:], start=1):
+        assert 8 * (k - 1) + 5 <= seen < 8 * k
+    for d in order:
+        assert cache.read(d, len(blobs[d]), 0, 10) == blobs[d][:10]
+
+
+def test_overlapping_streams_stop_and_hand_on_when_a_batch_fails(tmp_path):
+    blobs = _blobs(24, size=10_000)
+    order = list(blobs)
+    origin = BatchOrigin(blobs)
+    calls = []
+
+    def fetch_many(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise LazyfsError("the server went away")
+        return origin.fetch_many(items)
+    cache = NodeCache(tmp_path, origin)
+    pf = Prefetcher(cache, fetch_many, [(d, len(blobs[d])) for d in order], batch=8, streams=2,
+                    overlap=2)
+    assert pf.start().wait(10)  # a failed batch still hands the turn on: nobody waits for ever
+    s = pf.stats.snapshot()
+    assert s["failed"] == 8 and s["fetched"] == 16 and s["done"] == 1
+    stopped = Prefetcher(cache, fetch_many, [(d, 1) for d in order], batch=8, streams=2, overlap=2)
+    stopped.stop()
+    assert stopped.start().wait(5)

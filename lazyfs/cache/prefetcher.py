@@ -3,7 +3,9 @@
 Streams (by default one) each take the next blocks of the profile that nobody has or is
 fetching, claim them in the node cache and fetch them in one batch request (64 blocks, 32 MiB of
 512 KiB blocks). On a 2-core node one stream of large batches beat more, smaller ones
-(docs/benchmarks.md): inflating and hashing compete with the workload for the CPU. A demand read never waits
+(docs/benchmarks.md): inflating and hashing compete with the workload for the CPU. With
+``overlap``, two streams take turns so the next batch's request is out before the last one ends,
+and the link does not idle while the server starts each answer. A demand read never waits
 behind the queue: it only waits for a block a stream is already receiving (which is the fastest
 way to get it); everything not yet claimed it fetches itself, at once. Blocks arrive verified
 (the fetch function checks every digest), so a wrong profile costs bandwidth, never bytes.
@@ -42,7 +44,8 @@ class PrefetchStats(Counters):
 
 class Prefetcher:
     def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
-                 batch: int = 64, streams: int = 1, quiet: bool = False, unchecked: bool = False):
+                 batch: int = 64, streams: int = 1, quiet: bool = False, unchecked: bool = False,
+                 overlap: int = 0):
         self.cache = cache
         self.fetch_many = fetch_many
         self.blocks = list(blocks)
@@ -52,9 +55,15 @@ class Prefetcher:
         # ``unchecked``: a list nobody checked against what the source has (a snapshot's working
         # set names image blocks the page server cannot check without the image's manifest):
         # once more of its blocks turned out missing than were fetched, a batch's worth at
-        # least, the rest is not asked for either. Advice that names what nobody has costs a
+        # least (less ``overlap``), the rest is not asked for either. Advice that names what nobody has costs a
         # request, not one per batch of it.
         self.unchecked = unchecked
+        # ``overlap``: the streams take turns, each asking for its next batch once the batch
+        # before has at most this many blocks still to come. One request at a time left the
+        # link idle while each batch's answer started (15-50 ms at the server, under load),
+        # where two at once split it between two batches and delayed both.
+        self.overlap = overlap
+        self._turn = threading.Semaphore(1) if overlap else None
         self.stats = PrefetchStats(planned=len(self.blocks),
                                    planned_bytes=sum(n for _, n in self.blocks))
         self._next = 0
@@ -113,15 +122,17 @@ class Prefetcher:
             while not self._stop.is_set():
                 # Every claim of a batch is released when it is done, fetched or not: a claim
                 # left behind would make readers of that block wait for nothing.
-                if self._bogus():
-                    log.warning("prefetch: %d of the blocks asked for are missing at the source; "
-                                "not asking for the rest", self.stats.missing)
-                    break
-                with ExitStack() as claims:
-                    mine = self._take(claims)
-                    if not mine:
+                turn = self._take_turn()
+                try:
+                    if self._bogus():
                         break
-                    self._fetch(mine)
+                    with ExitStack() as claims:
+                        mine = self._take(claims)
+                        if not mine:
+                            break
+                        self._fetch(mine, turn)
+                finally:
+                    turn()
         finally:
             with self._lock:
                 self._running -= 1
@@ -133,11 +144,36 @@ class Prefetcher:
                          "%d already there, %d failed", s["elapsed_ms"], s["fetched"], s["planned"],
                          s["fetched_bytes"], s["already"], s["failed"])
 
-    def _bogus(self) -> bool:
-        s = self.stats
-        return self.unchecked and s.missing >= self.batch and s.missing > s.fetched
+    def _take_turn(self) -> Callable[[], None]:
+        """Wait for this stream's turn to ask (with ``overlap``); returns what hands it on, which
+        does so once however often it is called."""
+        if self._turn is None:
+            return lambda: None
+        self._turn.acquire()
+        handed = threading.Lock()  # (acquired once: the first call hands the turn on)
 
-    def _fetch(self, mine: dict[str, tuple[int, Claim]]) -> None:
+        def hand_on() -> None:
+            if handed.acquire(blocking=False):
+                self._turn.release()
+        return hand_on
+
+    def _bogus(self) -> bool:
+        """Whether an unchecked list has named too much that nobody has to ask for more (then
+        every stream stops). Counted when the next request would go out: with ``overlap`` that
+        is before the batch ahead has ended, so its last blocks are not waited for."""
+        s = self.stats
+        if not (self.unchecked and s.missing >= max(1, self.batch - self.overlap)
+                and s.missing > s.fetched):
+            return False
+        with self._lock:
+            first = not self._stop.is_set()
+            self._stop.set()
+        if first:
+            log.warning("prefetch: %d of the blocks asked for are missing at the source; not "
+                        "asking for the rest", s.missing)
+        return True
+
+    def _fetch(self, mine: dict[str, tuple[int, Claim]], hand_on=lambda: None) -> None:
         self.stats.add(batches=1)
         try:
             for digest, result in self.fetch_many([(d, n) for d, (n, _) in mine.items()]):
@@ -155,6 +191,8 @@ class Prefetcher:
                     log.debug("prefetch of %s failed: %s", digest, exc)
                 finally:
                     claim.release()  # its readers go on now, not at the end of the batch
+                    if len(mine) <= self.overlap:
+                        hand_on()
         except (LazyfsError, OSError) as exc:
             log.warning("profile prefetch batch failed: %s", exc)
         self.stats.add(failed=len(mine))  # what the batch never delivered

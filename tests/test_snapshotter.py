@@ -102,3 +102,13 @@ def test_a_chain_label_without_a_store_is_an_ordinary_unpack(snaps):
     snaps.commit(chain, "extract-x", {SNAPSHOT_REF: chain})
     with pytest.raises(SnapshotExists):  # the committed target exists: containerd skips the layer
         snaps.prepare("extract-y", "", {SNAPSHOT_REF: chain})
+
+
+def test_unpack_keys_name_the_chain_they_unpack():
+    from lazyfs.snapshotter.snapshots import unpack_chain
+    chain = "sha256:" + "ab" * 32
+    assert unpack_chain(f"default/12/extract-123-abc {chain}") == chain
+    assert unpack_chain(f"extract-1 {chain}") == chain
+    for other in (f"default/12/extract-1 {chain}\n", f"default/12/{chain}", f"default/12/extract-1 {chain}x",
+                  "default/12/extract-1 sha256:" + "AB" * 32):
+        assert unpack_chain(other) is None, other

@@ -170,9 +170,13 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
                 raise LazyRestoreFailed(f"the restored process was killed: {failure}") from exc
         raise
     prepare_s, restore_s = times
-    say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
-        f"{mounted} the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
-        f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
+    try:
+        say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
+            f"{mounted} the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
+            f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
+    except BaseException:  # a Ctrl-C, or the client gone (a closed socket), before the tree is
+        _kill_restored(pid, grace=0)  # waited on: it must not run on unwatched
+        raise
     status: dict = {}
     trace_lines: list[str] = []
     try:

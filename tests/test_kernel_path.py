@@ -207,6 +207,28 @@ def test_an_image_built_without_shipped_metadata_still_mounts(image, tmp_path, e
         assert (mnt / "data" / "other.bin").read_bytes() == (image / "data" / "other.bin").read_bytes()
 
 
+def test_metadata_of_another_layout_version_is_made_again_on_the_node(image, tmp_path, env_dirs):
+    """A record this node cannot use (another EROFS layout version, pinned by the manifest): the
+    node makes its own image from the manifest it is already decoding, and serves the tree."""
+    from dataclasses import replace
+    from lazyfs.format import erofs, metaimage
+    from lazyfs.records import objects
+
+    store = _store(env_dirs)
+    bare = replace(objects.read_manifest(store, objects.resolve(store, "kp/img:1")), meta=None)
+    record = objects.put_record(store, metaimage.encode(erofs.encode(bare), layout=erofs.VERSION + 1))
+    digest = objects.write_manifest(store, replace(bare, meta=record))
+    store.put_tag("kp/next", "1", digest)
+    log = tmp_path / "mount.log"
+    m = Mounted("kp/next:1", tmp_path / "mnt", "--data-path", "kernel", "--log-file", log)
+    with m as mnt:
+        assert m.stats()["metadata"] == "generated" and m.stats()["data_path"] == "kernel"
+        assert (mnt / "hello").read_text() == "hello\n"
+        assert (mnt / "data" / "big.bin").read_bytes() == (image / "data" / "big.bin").read_bytes()
+    assert f"ships EROFS layout v{erofs.VERSION + 1}" in log.read_text()
+    assert cachelayout.erofs_image(env_dirs["LAZYFS_CACHE_DIR"], digest).exists()
+
+
 @pytest.mark.parametrize("how", ["other-record", "garbage", "missing"])
 def test_tampered_metadata_is_refused_in_one_line_and_nothing_is_mounted(image, tmp_path, env_dirs, how):
     """The kernel never parses an EROFS image the manifest does not pin, and no other data path

@@ -186,6 +186,18 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
     threading.Thread(target=lambda: prefetch.append(_prefetcher(reader, args, decoded, cache, auto)),
                      name="lazyfs-profile", daemon=True).start()
 
+    def decoding(decode):
+        """``decode``, its outcome handed to the profile's prefetch too (one decode per mount)."""
+        def run():
+            try:
+                manifest = decode()
+            except BaseException as exc:
+                decoded.set_exception(exc)
+                raise
+            decoded.set_result(manifest)
+            return manifest
+        return run
+
     def load(index_type, decode):
         """The index of the manifest ``decode()`` gives."""
         # Without the cyclic collector while the manifest's tens of thousands of tuples are made
@@ -194,14 +206,7 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
         collecting = gc.isenabled()
         gc.disable()
         try:
-            try:
-                manifest = decode()
-            except BaseException as exc:
-                if not decoded.done():
-                    decoded.set_exception(exc)
-                raise
-            if not decoded.done():
-                decoded.set_result(manifest)
+            manifest = decode()
             index = index_type(manifest)
         finally:
             if collecting:
@@ -211,20 +216,24 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
                  index.total_size)
         return index
     if args.layout == "kernel" and cachelayout.erofs_image(args.cache_dir, args.digest).exists():
-        return DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw) if raw else
-                                          objects.read_manifest(reader, args.digest))), True, "node"
+        return DeferredIndex(lambda: load(DataIndex, decoding(
+            lambda: mf.decode(raw) if raw else objects.read_manifest(reader, args.digest)))), True, "node"
     raw = raw or objects.read_manifest_bytes(reader, args.digest)
     if args.layout == "kernel" and mf.decode_meta(raw) is not None:
         # The index builds while the shipped image is fetched: it needs only the manifest, and
         # the kernel asks for objects as soon as the mount is up (a restore's criu, for the
         # first library it maps, waited 0.1-0.15 s for it when it started after the fetch).
-        early = DeferredIndex(lambda: load(DataIndex, lambda: mf.decode(raw)))
+        early = DeferredIndex(lambda: load(DataIndex, decoding(lambda: mf.decode(raw))))
         shipped = metadata.fetch(reader, args.digest, raw)
         if shipped is not None:
             _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image")
             return early, True, "shipped"
-        # (another EROFS layout version: this node makes its own, below, from its own decode)
-    manifest = mf.decode(raw)
+        # Another EROFS layout version: this node makes its own image, from the decode under way.
+        manifest = decoded.result()
+        if _kernel_image(manifest, cache, args):
+            return early, True, "generated"
+        return load(ImageIndex, lambda: manifest), False, None
+    manifest = decoding(lambda: mf.decode(raw))()
     kernel_path = args.layout == "kernel" and _kernel_image(manifest, cache, args)
     return load(DataIndex if kernel_path else ImageIndex, lambda: manifest), kernel_path, \
         "generated" if kernel_path else None

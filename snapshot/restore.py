@@ -255,8 +255,7 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
         tmp.write_text(f"{secrets.randbits(62)}\n")
         os.rename(tmp, marker)
     except BaseException:  # a restored copy that cannot go on must not linger (or run twice)
-        os.kill(pid, signal.SIGKILL)
-        _wait(pid)
+        _kill_restored(pid, grace=0)
         raise
     return pid, stdio_at, (prepare_s, time.monotonic() - t0)
 

@@ -23,6 +23,7 @@ from bench import report
 from bench.images import SNAPSHOT_BASELINES, SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
+from bench.pagecache import servers_kept
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 
@@ -41,6 +42,7 @@ class BenchConfig:
     data_path: str = "auto"  # lazyfs run --data-path of the lazy modes (warm-node-fuse: fuse)
     # the modes named (-m) that the snapshot workloads run too, beside their own (SNAPSHOT_BASELINES)
     baselines: list[str] = field(default_factory=list)
+    cold_servers: bool = False  # drop the servers' page cache before each run too (bench.pagecache)
 
     def snapshot_modes(self) -> tuple[str, ...]:
         return SNAPSHOT_MODES + tuple(m for m in SNAPSHOT_BASELINES if m in self.baselines)
@@ -142,7 +144,12 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     total = sum(len(cfg.snapshot_modes() if w in SNAPSHOT_WORKLOADS else cfg.modes)
                 for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
-    with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry:
+    # What the servers serve from (their caches, the registry, the blob server's layout) stays in
+    # the page cache across the node's drops, unless asked otherwise (bench.pagecache).
+    kept = [] if cfg.cold_servers else [cfg.home / "server-cache", cfg.home / "registry", images.layout]
+    results["servers_page_cache"] = "dropped" if cfg.cold_servers else "kept"
+    with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry, \
+            servers_kept(kept):
         results["link"]["where"] = link.describe()
         servers = Servers(cfg, store, images.layout)
         try:

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.modes import drop_caches
+from bench.pagecache import drop_caches
 from lazyfs.source.spec import Source
 from lazyfs.proc import spawn
 from snapshot import criu as criu_mod

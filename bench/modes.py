@@ -2,8 +2,9 @@
 
 Every mode runs the workload with the same runtime (Linux namespaces + chroot, lazyfs's
 `namespaces` runtime) and measures from the moment the node starts working on the image until the
-workload is done: its expected line printed, or its HTTP port answering. Page caches are dropped
-before each run; "cold node" also means an empty node cache.
+workload is done: its expected line printed, or its HTTP port answering. The node's page cache
+is dropped before each run (bench.pagecache: the servers' files are read back in); "cold node"
+also means an empty node cache.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.images import Workload
+from bench.pagecache import drop_caches
 from bench.pull import pull
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
@@ -73,12 +75,6 @@ def _remove_written_since(root: Path, stamp: float) -> None:
                 os.unlink(path)
         if os.lstat(dirpath).st_mtime >= stamp and not os.listdir(dirpath):
             os.rmdir(dirpath)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def _wait_http(port: int, proc: subprocess.Popen, deadline: float) -> None:

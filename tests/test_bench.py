@@ -30,6 +30,7 @@ def test_every_mode_once_on_the_minimal_image(tmp_path, env_dirs):
     res = lazyfs_cli("bench", "--workload", "minimal", "--runs", "1", "--home", tmp_path / "home",
                      "--out", out, "--link", "1gbit", "--latency", "1ms", timeout=600)
     results = json.loads((out / "results.json").read_text())
+    assert results["servers_page_cache"] == "kept"  # (only the node's was dropped: bench.pagecache)
     w = results["workloads"]["minimal"]
     assert set(w["samples"]) == {"pull", "podman-pull", "containerd-pull", "containerd-lazy", "lazy",
                                  "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
@@ -99,6 +100,31 @@ def test_a_snapshot_table_compares_with_the_baselines_users_run():
     assert "| lazy-restore+ws | 1.00 | 1.00–1.00 | 0.50 | 0.12 | – |" in md
     assert BenchConfig(["snapshot-one"], baselines=["podman-pull"]).snapshot_modes()[-1] == "podman-pull"
     assert "podman-pull" not in BenchConfig(["snapshot-one"]).snapshot_modes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping the page cache needs root")
+def test_a_drop_leaves_the_servers_files_in_the_page_cache_and_not_the_nodes(tmp_path):
+    """The node's page cache is dropped before each timed run; the servers' files (other machines
+    in a fleet) are read back in while their directories are kept, and dropped once they are not."""
+    from bench import pagecache
+    from lazyfs.proc.syscalls import cached_pages
+
+    def write(path, n):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(n))
+        return path
+    server = [write(tmp_path / "server-cache" / "ab" / f"block{i}", 256 * 1024) for i in range(3)]
+    node = write(tmp_path / "node-cache" / "block", 256 * 1024)
+    if cached_pages(node) is None:
+        pytest.skip("this kernel cannot say what is in the page cache (cachestat(2): Linux 6.5)")
+    with pagecache.servers_kept([tmp_path / "server-cache"]):
+        pagecache.drop_caches()
+        assert [cached_pages(p) for p in server] == [64, 64, 64]
+        assert cached_pages(node) == 0
+    pagecache.drop_caches()  # no longer kept: dropped like the rest
+    assert [cached_pages(p) for p in server] == [0, 0, 0]
+    # Reading back stops at its limit (a server cache larger than the machine's memory).
+    assert 256 * 1024 <= pagecache.read_back([tmp_path / "server-cache"], limit=1) < 3 * 256 * 1024
 
 
 def test_link_rates_parse_like_tc():

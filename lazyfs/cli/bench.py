@@ -49,6 +49,11 @@ def bench(
                                         "caches are kept between runs (default ~/.cache/lazyfs/bench)."),
     out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Directory for the results."),
     data_path: str = DataPathOpt,
+    cold_servers: bool = typer.Option(False, "--cold-servers", help="Drop the servers' page cache "
+                                      "before each run too (the cache server's, the registry's), as "
+                                      "if each had just started. By default only the node's is "
+                                      "dropped, and the servers' files are read back in: in a fleet "
+                                      "they are other machines, with their hot blocks in memory."),
 ):
     from bench.coldstart import BenchConfig, run
     from bench.images import WORKLOADS
@@ -72,7 +77,8 @@ def bench(
     from bench.images import SNAPSHOT_BASELINES
     cfg = BenchConfig(chosen, list(mode or MODES), runs, link,
                       parse_duration(latency), out=out, data_path=data_path,
-                      baselines=[m for m in mode or [] if m in SNAPSHOT_BASELINES])
+                      baselines=[m for m in mode or [] if m in SNAPSHOT_BASELINES],
+                      cold_servers=cold_servers)
     if home:
         cfg.home = home
     say = lambda m: err.print(f"bench: {m}", highlight=False, markup=False)  # noqa: E731

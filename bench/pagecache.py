@@ -1,0 +1,66 @@
+"""The page cache between timed runs: a cold node starts with the node's page cache dropped.
+
+The servers a bench run talks to (the cache server, the registry, the blob server) stand in for
+other machines of a fleet, whose hot files sit in their own memory. Here they share one kernel,
+one page cache and one disk with the node, so dropping the node's page cache dropped theirs too,
+and a restore's blocks were read from the disk the node was writing to at the same moment. After
+each drop their files are therefore read back in, before any clock starts. `lazyfs bench
+--cold-servers` keeps the old way: servers as cold as the node, as if each had just started.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+log = logging.getLogger("bench")
+MAX_READ_BACK = 8 << 30  # bytes read back after one drop, at most (a bench run's servers hold less)
+_kept: list[Path] = []  # the servers' directories, while servers_kept() holds them
+
+
+def drop_caches() -> None:
+    """Drop the page cache (with dentries and inodes), then read the servers' files back in."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    read_back(_kept)
+
+
+@contextmanager
+def servers_kept(roots: Iterable[Path]) -> Iterator[None]:
+    """While inside, drop_caches() reads every file under ``roots`` back in after it drops."""
+    added = [Path(r) for r in roots]
+    _kept.extend(added)
+    try:
+        yield
+    finally:
+        for root in added:
+            _kept.remove(root)
+
+
+def read_back(roots: Iterable[Path], limit: int = MAX_READ_BACK) -> int:
+    """Read the regular files under ``roots`` into the page cache, up to ``limit`` bytes (then
+    say so); returns the bytes read. Files that go meanwhile (a cache evicting) are skipped."""
+    done = 0
+    buf = bytearray(1 << 20)
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                if done >= limit:
+                    log.warning("bench: read %d MiB of the servers' files back into the page "
+                                "cache, and no more", done >> 20)
+                    return done
+                try:  # (no FIFO blocks the open, no link leads elsewhere)
+                    fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                try:
+                    while n := os.readv(fd, [buf]):
+                        done += n
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+    return done

@@ -62,18 +62,15 @@ class PageServer:
                                             log_file, write_fd)
             finally:
                 os.close(write_fd)
-            ready = spawn.wait_ready(read_fd, self.proc, 30.0)
-        except BaseException:  # Ctrl-C while it starts: it must not serve on, alone
-            if self.proc is not None:
+            if not spawn.wait_ready(read_fd, self.proc, 30.0):
+                raise RunError(f"the lazy page server did not start: {self.failure()}")
+        except BaseException:  # it never came up, or a Ctrl-C while it started: it must not
+            if self.proc is not None:  # serve on, alone
                 self.proc.kill()
                 self.proc.wait()
             raise
         finally:
             os.close(read_fd)
-        if not ready:
-            self.proc.kill()
-            self.proc.wait()
-            raise RunError(f"the lazy page server did not start: {self.failure()}")
 
     def socket(self) -> Path:
         return Path(self.cfg.images) / SOCKET_NAME

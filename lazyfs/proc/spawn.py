@@ -192,6 +192,9 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
     return Forked(fork_detached(run, log_file, keep_fd, debug))
 
 
+_LET_GO: list[logging.Handler] = []  # a forked daemon's inherited log handlers (fork_detached)
+
+
 def fork_detached(run: Callable[[], int], log_file: Path | str, keep_fd: int, debug: bool = False) -> int:
     """Fork a child that detaches (new session, stdin /dev/null, output to log_file, only
     ``keep_fd`` kept) and runs ``run``; its pid. Only safe in a single-threaded caller."""
@@ -225,7 +228,15 @@ def fork_detached(run: Callable[[], int], log_file: Path | str, keep_fd: int, de
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # the caller held it across the fork
-        logging.basicConfig(force=True, stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+        # The caller's log handlers are let go without closing them (force=True closes): a
+        # stream on a descriptor the closerange above took fails to close ("Bad file
+        # descriptor", and the daemon died before it served), or would close whatever reused
+        # its number. Kept referenced, so that no finalizer closes it later either.
+        root = logging.getLogger()
+        _LET_GO.extend(root.handlers)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
         return run()
     child(daemon)

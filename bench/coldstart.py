@@ -23,6 +23,7 @@ from bench import report
 from bench.images import SNAPSHOT_BASELINES, SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
+from bench import pagecache
 from bench.pagecache import servers_kept
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
@@ -144,10 +145,12 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     total = sum(len(cfg.snapshot_modes() if w in SNAPSHOT_WORKLOADS else cfg.modes)
                 for w in cfg.workloads) * cfg.runs
     tick = progress.task("cold starts", total) if progress else (lambda n: None)
-    # What the servers serve from (their caches, the registry, the blob server's layout) stays in
-    # the page cache across the node's drops, unless asked otherwise (bench.pagecache).
-    kept = [] if cfg.cold_servers else [cfg.home / "server-cache", cfg.home / "registry", images.layout]
-    results["servers_page_cache"] = "dropped" if cfg.cold_servers else "kept"
+    # What the servers serve from stays in the page cache across the node's drops, unless asked
+    # otherwise (bench.pagecache): the store's tags and records (the cache server reads tags on
+    # every request), the registry's storage, the blob server's layout, then the cache server's
+    # blocks. The origin store's blocks do not: a cache server reads them only on a miss.
+    kept = [] if cfg.cold_servers else [store / "tags", store / "manifests", cfg.home / "registry",
+                                        images.layout, cfg.home / "server-cache"]
     with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry, \
             servers_kept(kept):
         results["link"]["where"] = link.describe()
@@ -159,6 +162,8 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
                 results["workloads"][w] = _bench_workload(cfg, node, servers, w, tick, say)
         finally:
             servers.stop()
+    results["servers_page_cache"] = "dropped" if cfg.cold_servers else \
+        "kept" if not pagecache.cut_short else f"kept, up to {pagecache.MAX_READ_BACK >> 30} GiB"
     results["summary"] = {w: report.summarise(r) for w, r in results["workloads"].items()}
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -3,8 +3,8 @@
 Every mode runs the workload with the same runtime (Linux namespaces + chroot, lazyfs's
 `namespaces` runtime) and measures from the moment the node starts working on the image until the
 workload is done: its expected line printed, or its HTTP port answering. The node's page cache
-is dropped before each run (bench.pagecache: the servers' files are read back in); "cold node"
-also means an empty node cache.
+is dropped before each run (bench.pagecache: the servers' files are read back in, unless
+`--cold-servers`); "cold node" also means an empty node cache.
 """
 from __future__ import annotations
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 log = logging.getLogger("bench")
-MAX_READ_BACK = 8 << 30  # bytes read back after one drop, at most (a bench run's servers hold less)
+MAX_READ_BACK = 8 << 30  # bytes read back after one drop, at most
 _kept: list[Path] = []  # the servers' directories, while servers_kept() holds them
+cut_short = False  # whether a read-back ever stopped at its limit (the results say so)
 
 
 def drop_caches() -> None:
@@ -30,7 +32,8 @@ def drop_caches() -> None:
 
 @contextmanager
 def servers_kept(roots: Iterable[Path]) -> Iterator[None]:
-    """While inside, drop_caches() reads every file under ``roots`` back in after it drops."""
+    """While inside, drop_caches() reads every file under ``roots`` back in after it drops, in
+    the order given."""
     added = [Path(r) for r in roots]
     _kept.extend(added)
     try:
@@ -41,26 +44,44 @@ def servers_kept(roots: Iterable[Path]) -> Iterator[None]:
 
 
 def read_back(roots: Iterable[Path], limit: int = MAX_READ_BACK) -> int:
-    """Read the regular files under ``roots`` into the page cache, up to ``limit`` bytes (then
-    say so); returns the bytes read. Files that go meanwhile (a cache evicting) are skipped."""
+    """Read the regular files under ``roots`` into the page cache, each root's most recently
+    changed first (a cache server's disk cache marks what it serves), up to ``limit`` bytes in
+    all (then say so); returns the bytes read. Files that go meanwhile (a cache evicting) are
+    skipped."""
+    global cut_short
     done = 0
     buf = bytearray(1 << 20)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_NOATIME if os.geteuid() == 0 else 0)
     for root in roots:
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                if done >= limit:
-                    log.warning("bench: read %d MiB of the servers' files back into the page "
-                                "cache, and no more", done >> 20)
-                    return done
-                try:  # (no FIFO blocks the open, no link leads elsewhere)
-                    fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError:
+        for path in _newest_first(root):
+            if done >= limit:
+                cut_short = True
+                log.warning("bench: read %d MiB of the servers' files back into the page cache, "
+                            "and no more", done >> 20)
+                return done
+            try:
+                fd = os.open(path, flags)
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
-                try:
-                    while n := os.readv(fd, [buf]):
-                        done += n
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
+                while done < limit and (n := os.readv(fd, [memoryview(buf)[:limit - done]])):
+                    done += n
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
     return done
+
+
+def _newest_first(root: Path) -> list[str]:
+    found = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                found.append((os.lstat(path).st_mtime, path))
+            except OSError:
+                pass
+    return [path for _, path in sorted(found, reverse=True)]

@@ -55,8 +55,8 @@ def markdown(results: dict) -> str:
              f"{m['kernel']}; link {link['rate']} with {link['delay_ms']:.1f} ms per request; "
              f"{results['runs']} runs per mode (median, min–max). Before each run the node's page "
              f"cache is dropped" + ("; the servers' files are read back in (other machines in a "
-                                   "fleet)" if results.get("servers_page_cache") == "kept" else
-                                   ", and the servers' with it") + ".", ""]
+                                   "fleet)" if results.get("servers_page_cache", "").startswith("kept")
+                                   else ", and the servers' with it") + ".", ""]
     for w, summary in results["summary"].items():
         info = results["images"][results["workloads"][w]["image"]]
         lines += [f"### {w}: `{' '.join(results['workloads'][w]['argv'])}`", "",

@@ -40,3 +40,41 @@ def test_a_ctrl_c_during_a_fork_is_raised_once_the_start_is_done(how, outcome):
     r = subprocess.run([sys.executable, "-c", PROGRAM, how], capture_output=True, text=True,
                        timeout=60)
     assert r.stdout.strip() == outcome, r.stderr
+
+
+# A caller whose log handler and sys.stderr sit on descriptors of their own (as under pytest's
+# capture, or a program logging to a file), forking a daemon that logs, prints, and opens a file.
+DAEMON = """
+import logging, os, sys
+from lazyfs.proc import spawn
+d = sys.argv[1]
+logging.basicConfig(filename=os.path.join(d, "caller.log"), level=logging.INFO)
+sys.stderr = open(os.path.join(d, "caller.err"), "w")
+r, w = os.pipe()
+def run():
+    f = open(os.path.join(d, "reused"), "w")  # takes a number the caller's objects had
+    logging.getLogger("lazyfs.test").info("daemon logged")
+    print("daemon printed", file=sys.stderr, flush=True)
+    f.write("only this")
+    f.close()
+    os.write(w, b"1")
+    return 0
+pid = spawn.fork_detached(run, os.path.join(d, "daemon.log"), w)
+os.close(w)
+ready = os.read(r, 1)
+_, status = os.waitpid(pid, 0)
+print(ready.decode() or "-", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_daemon_writes_its_own_log_and_leaves_its_callers_streams_alone(tmp_path):
+    """The caller's handlers and stdio objects are on descriptors the daemon closed: it must not
+    close them (it died of "Bad file descriptor" before it served), nor write into whatever
+    reuses their numbers; its log and output go to its own log file."""
+    r = subprocess.run([sys.executable, "-c", DAEMON, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.split() == ["1", "0"], (r.stdout, r.stderr, (tmp_path / "daemon.log").read_text())
+    log = (tmp_path / "daemon.log").read_text()
+    assert "daemon logged" in log and "daemon printed" in log
+    assert (tmp_path / "reused").read_text() == "only this"
+    assert "daemon" not in (tmp_path / "caller.log").read_text() + (tmp_path / "caller.err").read_text()

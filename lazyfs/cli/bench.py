@@ -50,10 +50,12 @@ def bench(
     out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Directory for the results."),
     data_path: str = DataPathOpt,
     cold_servers: bool = typer.Option(False, "--cold-servers", help="Drop the servers' page cache "
-                                      "before each run too (the cache server's, the registry's), as "
-                                      "if each had just started. By default only the node's is "
-                                      "dropped, and the servers' files are read back in: in a fleet "
-                                      "they are other machines, with their hot blocks in memory."),
+                                      "before each run too, as if each had just started. By default "
+                                      "only the node's is dropped, and what the servers serve from "
+                                      "(the cache server's blocks, the store's tags and records, the "
+                                      "registry, the blob server's layout) is read back in: in a "
+                                      "fleet they are other machines, with their hot blocks in "
+                                      "memory."),
 ):
     from bench.coldstart import BenchConfig, run
     from bench.images import WORKLOADS

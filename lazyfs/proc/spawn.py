@@ -192,7 +192,7 @@ def start(exec_args: list[str], run: Callable[[], int], log_file: Path, keep_fd:
     return Forked(fork_detached(run, log_file, keep_fd, debug))
 
 
-_LET_GO: list[logging.Handler] = []  # a forked daemon's inherited log handlers (fork_detached)
+_LET_GO: list = []  # a forked daemon's inherited stdio objects and log handlers (fork_detached)
 
 
 def fork_detached(run: Callable[[], int], log_file: Path | str, keep_fd: int, debug: bool = False) -> int:
@@ -228,14 +228,17 @@ def fork_detached(run: Callable[[], int], log_file: Path | str, keep_fd: int, de
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # the caller held it across the fork
-        # The caller's log handlers are let go without closing them (force=True closes): a
-        # stream on a descriptor the closerange above took fails to close ("Bad file
-        # descriptor", and the daemon died before it served), or would close whatever reused
-        # its number. Kept referenced, so that no finalizer closes it later either.
-        root = logging.getLogger()
-        _LET_GO.extend(root.handlers)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
+        # The caller's stdio objects and log handlers are let go without closing them: one on a
+        # descriptor the closerange above took fails to close ("Bad file descriptor": the
+        # daemon died before it served), or would write into, or close, whatever reuses its
+        # number. Kept referenced, so that no finalizer closes one later either.
+        _LET_GO.extend((sys.stdout, sys.stderr))
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in list(getattr(logger, "handlers", ())):  # (placeholders have none)
+                _LET_GO.append(handler)
+                logger.removeHandler(handler)
         logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
         return run()

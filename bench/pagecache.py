@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 log = logging.getLogger("bench")
-MAX_READ_BACK = 8 << 30  # bytes read back after one drop, at most
+# Bytes read back after one drop, at most, newest first: what one bench run's workloads serve
+# (torch's blocks, a snapshot and its working set: under 1 GiB) without rereading a bench home's
+# whole history before every run (a cache server keeps up to 64 GiB).
+MAX_READ_BACK = 2 << 30
 _kept: list[Path] = []  # the servers' directories, while servers_kept() holds them
 cut_short = False  # whether a read-back ever stopped at its limit (the results say so)
 

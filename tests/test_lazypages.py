@@ -313,19 +313,6 @@ def test_userfaultfd_messages_parse():
     assert errno.EEXIST in uffd.BENIGN
 
 
-def _children() -> set[int]:
-    mine = str(os.getpid())
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if fields[1] == mine:
-            out.add(int(pid))
-    return out
-
-
 def test_a_page_server_that_cannot_start_says_why_and_leaves_no_process(tmp_path):
     """A page server that fails before it serves (here: its snapshot is not in the store) is
     reaped, and the restore says why: it never serves on, alone."""
@@ -333,14 +320,15 @@ def test_a_page_server_that_cannot_start_says_why_and_leaves_no_process(tmp_path
     from lazyfs.source.spec import Source
     from snapshot.lazyrestore import PageServer
     from snapshot.lazyserver import Config
+    from snapshot.procs import children
 
     images = tmp_path / "criu"
     images.mkdir()
     snapshot = "sha256:" + "ab" * 32
     cfg = Config(str(images), snapshot, Source(str(tmp_path / "store")), str(tmp_path / "cache"),
                  str(tmp_path / "restored.pid"), str(tmp_path / "pages.json"))
-    before = _children()
+    before = set(children(os.getpid()))
     with pytest.raises(RunError, match=f"the lazy page server did not start: .*{snapshot}"):
         PageServer(cfg, tmp_path / "pages.log")
-    assert _children() <= before
+    assert set(children(os.getpid())) <= before
     assert snapshot in json.loads((tmp_path / "pages.json").read_text())["error"]  # (kept)

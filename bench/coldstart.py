@@ -24,7 +24,6 @@ from bench.images import SNAPSHOT_BASELINES, SNAPSHOT_MODES, SNAPSHOT_WORKLOADS,
 from bench.link import Link
 from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
 from bench import pagecache
-from bench.pagecache import servers_kept
 from bench.servers import LAZYFS
 from lazyfs.errors import LazyfsError
 
@@ -152,7 +151,7 @@ def run(cfg: BenchConfig, progress=None, say=lambda m: None) -> dict:
     kept = [] if cfg.cold_servers else [store / "tags", store / "manifests", cfg.home / "registry",
                                         images.layout, cfg.home / "server-cache"]
     with Link(cfg.link) as link, _private_node(cfg.home), _registry(cfg, images, say) as registry, \
-            servers_kept(kept):
+            pagecache.servers_kept(kept):
         results["link"]["where"] = link.describe()
         servers = Servers(cfg, store, images.layout)
         try:

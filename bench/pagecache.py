@@ -22,7 +22,7 @@ log = logging.getLogger("bench")
 # whole history before every run (a cache server keeps up to 64 GiB).
 MAX_READ_BACK = 2 << 30
 _kept: list[Path] = []  # the servers' directories, while servers_kept() holds them
-cut_short = False  # whether a read-back ever stopped at its limit (the results say so)
+cut_short = False  # whether a read-back stopped at its limit since servers_kept() began
 
 
 def drop_caches() -> None:
@@ -37,6 +37,8 @@ def drop_caches() -> None:
 def servers_kept(roots: Iterable[Path]) -> Iterator[None]:
     """While inside, drop_caches() reads every file under ``roots`` back in after it drops, in
     the order given."""
+    global cut_short
+    cut_short = False
     added = [Path(r) for r in roots]
     _kept.extend(added)
     try:
@@ -58,9 +60,10 @@ def read_back(roots: Iterable[Path], limit: int = MAX_READ_BACK) -> int:
     for root in roots:
         for path in _newest_first(root):
             if done >= limit:
+                if not cut_short:  # (once: it would say the same before every run)
+                    log.warning("bench: read %d MiB of the servers' files back into the page "
+                                "cache, and no more", done >> 20)
                 cut_short = True
-                log.warning("bench: read %d MiB of the servers' files back into the page cache, "
-                            "and no more", done >> 20)
                 return done
             try:
                 fd = os.open(path, flags)

@@ -21,7 +21,7 @@ from lazyfs.records import objects
 from lazyfs.store import open_store
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import fetch, is_pages
-from snapshot.lazyserver import SOCKET_NAME, Config, run as serve_pages
+from snapshot.lazyserver import SOCKET_NAME, Config, serve as serve_pages
 
 
 log = logging.getLogger("lazyfs.snapshot")

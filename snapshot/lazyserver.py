@@ -25,6 +25,7 @@ from lazyfs.records import profiles
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
+from lazyfs.proc import syscalls
 from snapshot import procs
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import BlockFetcher, is_pages
@@ -32,6 +33,7 @@ from snapshot.lazypages import Blocks, Handler
 
 log = logging.getLogger("lazyfs.snapshot.lazy")
 RESTORE_FINISHED = 0x52535446  # criu/uffd.c LAZY_PAGES_RESTORE_FINISHED
+NAME = "lazyfs-pages"  # its process name (ps -o comm, top)
 SOCKET_NAME = "lazy-pages.socket"  # where criu restore connects, in its work (images) dir
 
 
@@ -253,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     cfg = Config(a.images, a.snapshot, Source.from_namespace(a), a.cache_dir, a.pidfile, a.status,
                  a.working_set, a.record)
-    return run(cfg, a.ready_fd)
+    return serve(cfg, a.ready_fd)
+
+
+def serve(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) -> int:
+    """``run`` as the page server's own process (forked from `lazyfs run`, or its own program)."""
+    syscalls.set_name(NAME)
+    return run(cfg, ready_fd, known)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import urllib3
@@ -169,6 +170,7 @@ def test_restart_serves_cached_blocks_and_never_a_torn_file(tmp_path, origin):
         for d, f in blocks:
             assert client.get_block(d) == f
         assert server.metrics()["lazyfs_server_origin_fetches_total"] == 4
+        assert Path(f"/proc/{server.proc.pid}/comm").read_text() == "lazyfs-serve\n"  # (top, ps)
     finally:
         server.kill()  # SIGKILL: no clean shutdown
     # A crash mid-write: a torn file under a final name, and a temp file.

@@ -332,3 +332,31 @@ def test_a_page_server_that_cannot_start_says_why_and_leaves_no_process(tmp_path
         PageServer(cfg, tmp_path / "pages.log")
     assert set(children(os.getpid())) <= before
     assert snapshot in json.loads((tmp_path / "pages.json").read_text())["error"]  # (kept)
+
+
+def test_the_page_server_names_its_process(tmp_path):
+    """`ps -o comm` and top tell the page server from the other forks of the node's interpreter
+    (here it then fails at once: its snapshot is not in the store)."""
+    from lazyfs.source.spec import Source
+    from snapshot import lazyserver
+
+    cfg = lazyserver.Config(str(tmp_path), "sha256:" + "cd" * 32, Source(str(tmp_path / "store")),
+                            None, str(tmp_path / "restored.pid"), str(tmp_path / "pages.json"))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            code = lazyserver.serve(cfg)
+            with open("/proc/self/comm") as comm:
+                os.write(write_fd, f"{code} {comm.read().strip()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as r:
+            said = r.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+    assert said == f"3 {lazyserver.NAME}" and lazyserver.NAME == "lazyfs-pages"
+    with open("/proc/self/comm") as comm:
+        assert comm.read().strip() != lazyserver.NAME  # the caller's is its own

@@ -328,6 +328,7 @@ def test_daemon_started_forked_or_as_a_fresh_interpreter(big_image, tmp_path, ex
         state = read_state(str(mnt))
         cmdline = Path(f"/proc/{state.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         assert (b"lazyfs.fs.daemon" in cmdline) == exec_path
+        assert Path(f"/proc/{state.pid}/comm").read_text() == "lazyfs-mount\n"  # either way
         if exec_path:
             assert b"--deadline=7.0" in cmdline
             assert b"--no-siblings" in cmdline and cmdline[-1] == str(mnt).encode()

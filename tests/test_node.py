@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshot.procs import children
 from tests.conftest import busybox_rootfs, lazyfs_cli, lazyfs_mounts, stop_process as _stop
 
 pytestmark = pytest.mark.mount
@@ -28,6 +29,13 @@ def node(node_agent):
 
 def _status() -> dict:
     return json.loads(lazyfs_cli("node", "status", "--json").stdout)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""  # gone
 
 
 def _image(tmp_path: Path, files: dict[str, bytes], tag: str = "node/app:1") -> str:
@@ -69,6 +77,17 @@ def test_two_runs_share_one_mount_until_the_grace_period_ends(node, tmp_path):
         assert first.stdout.readline().strip() == "started"
         before = _status()["images"]
         assert len(before) == 1 and len(before[0]["users"]) == 1
+        # The agent's processes by name (ps -o comm, top): each is a fork of one interpreter.
+        assert _comm(_status()["agent"]["pid"]) == "lazyfs-node"
+        assert _comm(before[0]["daemon_pid"]) == "lazyfs-mount"
+        forker = [p for p in children(_status()["agent"]["pid"]) if _comm(p) == "lazyfs-forker"]
+        assert len(forker) == 1  # the fork server: the daemons and the runs it takes are its children
+        assert [_comm(p) for p in children(forker[0])] == ["lazyfs-mount"]
+        third = _cli(*RUN, tag, "--", "sleep", "2")  # (the agent is up now: the fast path takes it)
+        try:
+            _wait(lambda: "lazyfs-run" in [_comm(p) for p in children(forker[0])], 10, "a run named so")
+        finally:
+            assert third.wait(30) == 0
         fetched = before[0]["counters"]["cache"]["misses"]
         second = lazyfs_cli(*RUN, "-v", tag, "--", "sha256sum", "/data/a")
         assert second.stdout.split()[0] == hashlib.sha256(data).hexdigest()

@@ -47,6 +47,7 @@ def node(
         return
     from lazyfs import paths
     from lazyfs.node.agent import Agent, AgentOptions
+    from lazyfs.proc import syscalls
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,6 +56,7 @@ def node(
     opts = AgentOptions(socket or paths.node_socket(), parse_duration(idle), cap or None,
                         None if metrics in ("", "off", "none") else metrics, takeover)
     agent = Agent(opts)
+    syscalls.set_name("lazyfs-node")
     code = agent.run(ready=lambda msg: print(f"lazyfs node: {msg}", flush=True))
     # Not an ordinary exit: that would wait for every pool thread, and one still in a mount
     # stuck on a slow server would hold up a takeover (the agent gave them SHUTDOWN_WAIT).

@@ -59,6 +59,7 @@ def serve(
     from cache_server.protocol import Guard, default_max_connections
     from cache_server.server import ServeOptions, parse_listen, serve_forever
     from lazyfs.errors import LazyfsError
+    from lazyfs.proc import syscalls
     from lazyfs.store import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -83,6 +84,7 @@ def serve(
                  if profiles else ", no startup profiles")
               + (f", +{delay_s * 1000:.1f} ms per request" if delay_s else "")
               + f", at most {guard.max_connections} connections", highlight=False)
+    syscalls.set_name("lazyfs-serve")
     serve_forever(origin, opts)
 
 

@@ -18,6 +18,7 @@ from lazyfs.errors import LazyfsError, MetadataRefused
 from lazyfs.cache import layout as cachelayout
 from lazyfs.format import digest as digests
 from lazyfs.fs import control, kernel
+from lazyfs.proc import syscalls
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
 
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_daemon(args: DaemonArgs) -> int:
     """serve(args) with its failures logged as one line and turned into an exit status."""
+    syscalls.set_name("lazyfs-mount")  # (forked, or its own program: every daemon starts here)
     try:
         serve(args)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above

@@ -35,7 +35,7 @@ import sys
 import threading
 
 from lazyfs.errors import NodeError
-from lazyfs.proc import spawn
+from lazyfs.proc import spawn, syscalls
 from lazyfs.node import wire
 
 log = logging.getLogger("lazyfs.node")
@@ -155,6 +155,7 @@ class ForkServer:
 # -- the server -----------------------------------------------------------------------------------
 def serve(sock: socket.socket) -> int:
     """The server's loop, in its own process: until the agent closes the socket."""
+    syscalls.set_name("lazyfs-forker")
     signal.set_wakeup_fd(-1)  # the agent's self-pipe; its number is reused below
     # Whatever the thread that started us had blocked (mounts hold SIGINT back while they fork)
     # must not be inherited by every run forked from here.

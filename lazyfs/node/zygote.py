@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 
-from lazyfs.proc import spawn
+from lazyfs.proc import spawn, syscalls
 
 PRELOAD = ("lazyfs.cli", "lazyfs.cli.run", "lazyfs.runner.session", "lazyfs.runner.nsinit",
            "lazyfs.node.client", "lazyfs.fs.control",
@@ -71,6 +71,7 @@ def start(conn_fd: int, fds: list[int], req: dict) -> int:
 
 def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
     conn.sendall(b'{"ok": true, "pid": %d}\n' % os.getpid())
+    syscalls.set_name("lazyfs-run")
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -19,7 +19,7 @@ from lazyfs.runner.session import RunOptions, resolve
 from lazyfs.records import objects
 from lazyfs.store import open_store
 from snapshot import criu as criu_mod
-from snapshot import gpu, procs
+from snapshot import gpu, layer, procs
 from snapshot.files import publish
 from lazyfs.runner.helper import MARKER_DIR
 from snapshot.workspace import MOUNT_BASE, Workspace
@@ -137,14 +137,9 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                     proc.kill()
                     proc.wait()
         ws.teardown()
-        tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-C",
-                              str(ws.upper), "-cf", str(ws.base / "upper.tar"), "."],
-                             capture_output=True, text=True)
-        if tar.returncode != 0:
-            raise RunError(f"archiving the writable layer failed: {tar.stderr.strip()}")
         names = sorted(f"criu/{p.name}" for p in (ws.base / "criu").iterdir()
                        if p.is_file() and not p.name.endswith(".log"))
-        names += ["upper.tar", "stdio"]
+        names += [layer.pack(ws.upper, ws.base), "stdio"]
         t0 = time.monotonic()
         files, new, total = publish(store, ws.base, names)
         publish_s = time.monotonic() - t0

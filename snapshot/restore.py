@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +25,7 @@ from lazyfs.runner.session import RunOptions, run as cold_run, shared_image, use
 from lazyfs.records import objects
 from lazyfs.proc import spawn
 from snapshot import criu as criu_mod
-from snapshot import gpu, procs, restorer
+from snapshot import gpu, layer, procs, restorer
 from snapshot.capture import Follower
 from snapshot.files import BlockFetcher, fetch
 from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
@@ -172,7 +171,7 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
     prepare_s, restore_s = times
     try:
         say(f"restored {snap.meta.get('ref', digest)} as pid {pid}: fetched {fetched} bytes and "
-            f"{mounted} the image in {fetch_s:.2f}s, unpacked in {prepare_s:.2f}s, criu restore "
+            f"{mounted} the image in {fetch_s:.2f}s, its writable layer in {prepare_s:.2f}s, criu restore "
             f"{restore_s - prepare_s:.2f}s" + (" (memory on demand)" if pages else ""))
     except BaseException:  # a Ctrl-C, or the client gone (a closed socket), before the tree is
         _kill_restored(pid, grace=0)  # waited on: it must not run on unwatched
@@ -219,12 +218,12 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     t0 = time.monotonic()
     gpu_meta = snap.meta.get("gpu")
     cuda = _check_gpus(gpu_meta) if gpu_meta else None
-    ws.upper.mkdir(parents=True, exist_ok=True)
-    tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                          str(ws.base / "snap" / "upper.tar"), "-C", str(ws.upper)],
-                         capture_output=True, text=True)
-    if tar.returncode != 0:
-        raise RunError(f"unpacking the snapshot's writable layer failed: {tar.stderr.strip()}")
+    snap_dir = ws.base / "snap"
+    if layer.which(snap_dir) == layer.EROFS:
+        ws.use_layer(snap_dir / layer.EROFS)
+        ws.upper.mkdir(parents=True, exist_ok=True)
+    else:
+        layer.unpack_tar(snap_dir / layer.TAR, ws.upper)
     shutil.move(str(ws.base / "snap" / "stdio"), ws.stdio)
     os.chmod(ws.stdio, 0o644)  # CRIU checks an open file's mode; nsinit created it 0644
     stdio_at = ws.stdio.stat().st_size

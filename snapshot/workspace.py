@@ -6,6 +6,8 @@ snapshot), holding:
 
     image/    the lazyfs FUSE mount of the image (read-only lower layer)
     upper/    the overlay's writable layer; upper/.lazyfs/ holds the helper and the ready marker
+    layer/    in a restore, the snapshot's writable layer as a read-only EROFS layer above the
+              image, when the snapshot carries it so (snapshot.layer); upper/ then starts empty
     rootfs/   the overlay: the container's root (proc and a minimal dev are mounted inside)
     stdio     the process's stdout and stderr
 
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from lazyfs.errors import RunError
 from lazyfs.fs import kernel, mounts
 from lazyfs.proc import syscalls
 from lazyfs.source.spec import Source
@@ -38,7 +41,9 @@ class Workspace:
         self.rootfs = base / "rootfs"
         self.stdio = base / "stdio"
         self.overlay = Overlay(self.image, self.upper, base / "work", self.rootfs)
+        self.layer = base / "layer"
         self.mounted = False  # the image mounted here by this workspace
+        self.layered = False  # the snapshot's writable layer mounted at layer/ (use_layer)
         self.bound = False  # a bind of someone else's mount of it (use_image)
 
     def mount(self, digest: str, source: Source, cache_dir: str | None) -> None:
@@ -61,6 +66,17 @@ class Workspace:
         kernel.mount_one(mountpoint, str(self.image), "none", syscalls.MS_BIND, None)
         self.bound = True
 
+    def use_layer(self, image: Path) -> None:
+        """The snapshot's writable layer, an EROFS image (snapshot.layer), mounted from its file
+        as the topmost read-only layer; the writable layer above it starts empty."""
+        why = kernel.unavailable()
+        if why:
+            raise RunError(f"cannot mount the snapshot's writable layer: {why}")
+        self.layer.mkdir(parents=True, exist_ok=True)
+        kernel.mount_one(str(image), str(self.layer), "erofs", syscalls.MS_RDONLY, None)
+        self.layered = True
+        self.overlay.lowers.insert(0, self.layer)
+
     def inject_helper(self) -> None:
         """The helper in the writable layer (part of the snapshot), written before the overlay
         is mounted (an upper layer is written directly only then)."""
@@ -77,6 +93,12 @@ class Workspace:
             if res.returncode != 0:
                 subprocess.run(["umount", "-R", "-l", str(self.rootfs)], capture_output=True)
             self.overlay.mounted = False
+        if self.layered:
+            try:
+                kernel.unmount_one(str(self.layer), lazy=True)
+            except Exception as exc:  # cleanup goes on; the caller's outcome matters more
+                log.warning("unmounting %s: %s", self.layer, exc)
+            self.layered = False
         if self.mounted:
             try:
                 mounts.umount(str(self.image), lazy=True)

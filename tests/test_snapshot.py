@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,24 @@ if late == 0:
 os.waitpid(late, 0)
 print("parent", hashlib.sha256(big).hexdigest(), flush=True)
 '''
+MAP_PROGRAM = r'''
+import mmap, os, shutil
+import lazyfs_snapshot as snapshot
+with open("/tmp/mapped.bin", "wb") as f:  # a file of the writable layer...
+    f.write(b"before" + bytes(4090))
+f = open("/tmp/mapped.bin", "r+b")
+m = mmap.mmap(f.fileno(), 4096)  # ...mapped shared and writable across the snapshot
+os.remove("/app/slow.py")  # an image file deleted (a whiteout)
+shutil.rmtree("/etc/apt")  # an image directory replaced (an opaque directory)
+os.mkdir("/etc/apt")
+open("/etc/apt/new", "w").write("new")
+snapshot.ready()
+m[:5] = b"after"
+m.flush()
+print("mapped", open("/tmp/mapped.bin", "rb").read(6).decode(), flush=True)
+print("deleted", os.path.exists("/app/slow.py"), flush=True)
+print("replaced", *sorted(os.listdir("/etc/apt")), flush=True)
+'''
 SLOW_PROGRAM = r'''
 import time
 import lazyfs_snapshot as snapshot
@@ -117,6 +136,7 @@ def numpy_rootfs(tmp_path_factory):
     (root / "app" / "prog.py").write_text(PROGRAM)
     (root / "app" / "fork.py").write_text(FORK_PROGRAM)
     (root / "app" / "slow.py").write_text(SLOW_PROGRAM)
+    (root / "app" / "map.py").write_text(MAP_PROGRAM)
     return root
 
 
@@ -163,6 +183,50 @@ def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agen
         outs.append((generation, out["random"]))
     assert outs[0][0] != outs[1][0]  # each restored copy has its own identity
     assert outs[0][1][0] != outs[1][1][0] and outs[0][1][1] != outs[1][1][1]  # and its own RNG state
+    # The writable layer (the open /tmp/state.txt above) came as an EROFS image, mounted below a
+    # new writable layer: the restored process wrote on through a copy-up of it.
+    names = {f.name for f in _manifest(image, "warm/py:1").files}
+    assert "upper.erofs" in names and "upper.tar" not in names
+
+
+def _manifest(image, ref: str) -> snapfmt.Snapshot:
+    name, _, tag = ref.partition(":")
+    return snapfmt.decode(objects.read_manifest_bytes(image, image.get_tag(name, tag)))
+
+
+def test_the_writable_layer_comes_back_below_a_new_one_with_its_deletions_and_mapped_files(image):
+    """The writable layer comes back as a read-only layer below a new one: CRIU reopens a file
+    mapped shared and writable through the overlay, which copies it up, and the mapping writes
+    into it; files and directories the process deleted or replaced stay so."""
+    lazyfs_cli("run", "--snapshot", "map/py:1", "snap/py:1", "--", "python3", "/app/map.py", timeout=300)
+    assert "upper.erofs" in {f.name for f in _manifest(image, "map/py:1").files}
+    r = lazyfs_cli("run", "--restore", "map/py:1", "snap/py:1", check=False, timeout=300)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    out = _lines(r.stdout)
+    assert out["mapped"] == ["aftere"]  # written through the mapping, read back
+    assert out["deleted"] == ["False"] and out["replaced"] == ["new"]  # whiteout, opaque directory
+
+
+def test_a_node_without_erofs_utils_carries_the_writable_layer_as_a_tar(image, tmp_path):
+    """No mkfs.erofs on the snapshotting machine (and snapshots made before): the writable layer
+    travels as a tar, unpacked into the new writable layer, and the state comes back exact."""
+    bin_dir = tmp_path / "bin"  # this machine's PATH, less mkfs.erofs
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        for exe in (Path(d).iterdir() if Path(d).is_dir() else ()):
+            if exe.name != "mkfs.erofs" and not (bin_dir / exe.name).exists():
+                (bin_dir / exe.name).symlink_to(exe)
+    env = {**os.environ, "PATH": str(bin_dir), "LAZYFS_NODE": "off"}
+    proc = lazyfs_cli("run", "--snapshot", "tar/py:1", "snap/py:1", "--", "python3", "/app/prog.py",
+                      "1", timeout=300, env=env)
+    assert "warm 5" in proc.stdout
+    names = {f.name for f in _manifest(image, "tar/py:1").files}
+    assert "upper.tar" in names and "upper.erofs" not in names
+    r = lazyfs_cli("run", "--restore", "tar/py:1", "snap/py:1", check=False, timeout=300)
+    assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+    out = _lines(r.stdout)
+    assert out["continued"][1] == "6" and out["digest"] == [BIG_DIGEST]
+    assert " ".join(out["state"]) == "tick 1|tick 2|tick 3|tick 4|tick 5|after 6|"
 
 
 def test_two_snapshots_of_one_image_share_blocks(image):

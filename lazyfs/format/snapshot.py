@@ -21,7 +21,7 @@ MAX_FILES = 100_000
 
 @dataclass(frozen=True)
 class SnapFile:
-    name: str  # relative path inside the snapshot (criu/…, upper.tar, stdio)
+    name: str  # relative path inside the snapshot (criu/…, upper.erofs or upper.tar, stdio)
     size: int
     chunks: tuple[tuple[str, int], ...]  # (digest, uncompressed size)
 

@@ -43,12 +43,14 @@ BUILD_BOUND = 30.0
 
 class Handler:
     def __init__(self, blocks: Blocks, fetch_block, pagemap_for, on_fatal, working_set=(),
-                 workers: int = 8, on_stalled=lambda: None, build_bound: float = BUILD_BOUND):
+                 workers: int = 8, on_stalled=lambda: None, build_bound: float = BUILD_BOUND,
+                 on_quiet=lambda: None):
         self.blocks = blocks
         self.pagemap_for = pagemap_for  # image pid -> PageMap
         self.on_fatal = on_fatal  # kills the restored tree; called before any descriptor closes
         # kills criu restore, when it has not finished ``build_bound`` s after a failed block
         self.on_stalled = on_stalled
+        self.on_quiet = on_quiet  # once, when faults first go quiet after the tree runs
         self.build_bound = build_bound
         self._failed_at = 0.0
         self.tasks: list[Task] = []
@@ -312,6 +314,7 @@ class Handler:
             self.counts["background_ms"] = self._ms()
         for key in keys:
             self.fetcher.want(key, BACKGROUND)
+        self.on_quiet()
 
     def serve(self, stop: threading.Event) -> None:
         """Run until every page of every task is in (after restore finished), an error, or

@@ -160,6 +160,9 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         images = Path(cfg.images)
         killer = Killer(cfg.pidfile, stop)
         fetcher = BlockFetcher(cfg.source, cfg.cache_dir, reader)
+        # The memory's blocks go into the node cache (for the next restore here) once the
+        # process has what it needs for now: when its faults go quiet (files.HOLD).
+        fetcher.hold(blocks.by_digest)
         # In batches, started before the handler asks for each block of it (it then waits for
         # them). Where it streams, the image's blocks come in the same stream, in the order the
         # first restore touched them both (the image mount then finds them in the node cache and
@@ -173,7 +176,8 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, working_set=plan,
-                          on_stalled=lambda: _stop_criu(peer, stop, parent))
+                          on_stalled=lambda: _stop_criu(peer, stop, parent),
+                          on_quiet=fetcher.release_held)
         status["t0"] = handler.t0  # (CLOCK_MONOTONIC: one clock for every process on the node)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"

@@ -111,7 +111,8 @@ def _serve(h: Handler):
 
 def test_faults_map_whole_blocks_and_the_rest_follows_in_the_background():
     mem = Memory()
-    h = mem.handler()
+    quiet: list[int] = []  # (when the node cache is given the held memory blocks to write)
+    h = mem.handler(on_quiet=lambda: quiet.append(h.counts["faults"]))
     stop, t = _serve(h)
     h.restore_finished()
     off = 20 * PAGE + 100  # inside the 4th block (pages 20..59)
@@ -119,6 +120,7 @@ def test_faults_map_whole_blocks_and_the_rest_follows_in_the_background():
     assert mem.fetched[0] == "sha256:" + mem.chunks[3][0]
     assert h.counts["faults"] >= 1
     t.join(10)  # quiet, then background: every page in, descriptor released
+    assert quiet == [h.counts["faults"]] and quiet[0] >= 1  # once, after the faults
     assert not t.is_alive() and h.counts["done_ms"] > 0
     assert mem.read(0, PAGES * PAGE) == mem.content
     assert h.demanded[0][0] == 3 and mem.fatal_calls == []

@@ -112,6 +112,10 @@ class NodeCache:
         self._landing: dict[str, bytes] = {}
         self._landing_bytes = 0
         self._writer: ThreadPoolExecutor | None = None
+        # Of those, blocks held back until release_held() (hold): written then, or at close().
+        self._hold: set[str] = set()
+        self._hold_room = 0
+        self._held: list[str] = []
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
         self._memory = MemoryBlocks(memory_fallback)
         self._disk_refused_at: float | None = None  # when the cache disk last refused a write
@@ -233,6 +237,11 @@ class NodeCache:
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
         with self._lock:
+            if digest in self._hold and size <= self._hold_room and digest not in self._landing:
+                self._landing[digest] = data
+                self._held.append(digest)
+                self._hold_room -= size
+                return data
             behind = self._disk_refused_at is None and self._landing_bytes + size <= WRITE_BEHIND \
                 and digest not in self._landing
             if behind:
@@ -250,8 +259,30 @@ class NodeCache:
         self.stats.add(written_behind=1)
         return data
 
-    def _land(self, digest: str, data: bytes) -> None:
-        """On a writer thread: the block to disk (durably), then no longer held in memory."""
+    def hold(self, digests, room: int) -> None:
+        """Keep blocks of ``digests`` that arrive from now on in memory, up to ``room`` bytes in
+        all, instead of writing them at once: a lazy restore's memory, which only the next
+        restore on this node reads from disk, written once the restored process has what it
+        needs (release_held). Readers are served from memory meanwhile; close() writes them."""
+        with self._lock:
+            self._hold, self._hold_room = set(digests), room
+
+    def release_held(self) -> None:
+        """Write the held blocks, behind (on the writer threads), and hold no more."""
+        with self._lock:
+            held, self._held, self._hold = self._held, [], set()
+            if not held:
+                return
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cache-write")
+            writer = self._writer
+            jobs = [(digest, self._landing[digest]) for digest in held]
+        for digest, data in jobs:  # (not counted in the write-behind's bytes: _land(counted=False))
+            writer.submit(self._land, digest, data, False)
+
+    def _land(self, digest: str, data: bytes, counted: bool = True) -> None:
+        """On a writer thread: the block to disk (durably), then no longer held in memory.
+        ``counted``: in the write-behind's bytes (a held block is not)."""
         try:
             self._write(digest, data)
         except Exception:  # never lose the block: it stays readable from memory until dropped
@@ -261,7 +292,7 @@ class NodeCache:
         finally:
             with self._lock:
                 self._landing.pop(digest, None)
-                self._landing_bytes -= len(data)
+                self._landing_bytes -= len(data) if counted else 0
 
     def _write(self, digest: str, data: bytes) -> str | bytes:
         """Write a verified block; its path, or its bytes if the disk refused it (then held in
@@ -383,6 +414,7 @@ class NodeCache:
     def close(self) -> None:
         if self._prefetch_pool is not None:
             self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.release_held()
         self.flush()
 
     def flush(self) -> None:

@@ -94,24 +94,24 @@ class Workspace:
                 subprocess.run(["umount", "-R", "-l", str(self.rootfs)], capture_output=True)
             self.overlay.mounted = False
         if self.layered:
-            try:
-                kernel.unmount_one(str(self.layer), lazy=True)
-            except Exception as exc:  # cleanup goes on; the caller's outcome matters more
-                log.warning("unmounting %s: %s", self.layer, exc)
+            _let_go(kernel.unmount_one, self.layer)
             self.layered = False
         if self.mounted:
-            try:
-                mounts.umount(str(self.image), lazy=True)
-            except Exception as exc:  # cleanup goes on; the caller's outcome matters more
-                log.warning("unmounting %s: %s", self.image, exc)
+            _let_go(mounts.umount, self.image)
             self.mounted = False
         if self.bound:
-            try:
-                kernel.unmount_one(str(self.image), lazy=True)
-            except Exception as exc:
-                log.warning("unmounting %s: %s", self.image, exc)
+            _let_go(kernel.unmount_one, self.image)
             self.bound = False
 
     def remove(self) -> None:
         self.teardown()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _let_go(unmount, path: Path) -> None:
+    """Unmount ``path`` (lazily); a failure is logged and cleanup goes on: the caller's outcome
+    matters more."""
+    try:
+        unmount(str(path), lazy=True)
+    except Exception as exc:
+        log.warning("unmounting %s: %s", path, exc)

@@ -28,7 +28,7 @@ OVERLAP = 16
 # A lazy restore's memory blocks are written into the node cache (for the next restore on the
 # node) only once the restored process's faults go quiet, up to this much held back meanwhile:
 # written as they streamed in, they took the page server's CPU and the disk when the process
-# needed both (10 Gbit/s: first answer 1.40 against 1.86 s, 7 + 7; docs/snapshots.md).
+# needed both (10 Gbit/s: first answer 1.32 against 1.85 s, 7 + 7; docs/snapshots.md).
 HOLD = 256 * 1024 * 1024
 
 

@@ -28,6 +28,7 @@ from lazyfs.fs import kernel
 
 EROFS, TAR = "upper.erofs", "upper.tar"
 NAMES = (EROFS, TAR)
+TAR_ARGS = ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner"]  # both ways, one spelling
 
 
 def pack(upper: Path, out: Path) -> str:
@@ -41,8 +42,8 @@ def pack(upper: Path, out: Path) -> str:
                            f"{(made.stderr or made.stdout).strip()}")
         os.rename(part, out / EROFS)
         return EROFS
-    tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-C",
-                          str(upper), "-cf", str(out / TAR), "."], capture_output=True, text=True)
+    tar = subprocess.run([*TAR_ARGS, "-C", str(upper), "-cf", str(out / TAR), "."],
+                         capture_output=True, text=True)
     if tar.returncode != 0:
         raise RunError(f"archiving the writable layer failed: {tar.stderr.strip()}")
     return TAR
@@ -51,8 +52,8 @@ def pack(upper: Path, out: Path) -> str:
 def unpack_tar(archive: Path, upper: Path) -> None:
     """A ``upper.tar`` into the (empty) writable layer."""
     upper.mkdir(parents=True, exist_ok=True)
-    tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                          str(archive), "-C", str(upper)], capture_output=True, text=True)
+    tar = subprocess.run([*TAR_ARGS, "-xpf", str(archive), "-C", str(upper)],
+                         capture_output=True, text=True)
     if tar.returncode != 0:
         raise RunError(f"unpacking the snapshot's writable layer failed: {tar.stderr.strip()}")
 

@@ -161,3 +161,24 @@ def test_pull_baseline_extracts_like_umoci(umoci_image, tmp_path):
             mine.pop("mtime_ns"), info.pop("mtime_ns")
         assert mine == info, path
     assert got["hardlinks"] == want["hardlinks"]
+
+
+def test_the_local_restore_table_and_its_checks_come_from_the_samples():
+    from bench import local_restore as lr
+
+    def line(state, rand):
+        return f"served {state} 1.5 4e414d45 {rand}"
+    samples = {"cold-start": [{"seconds": 4.0, "line": line("aa", "01")}, {"seconds": 5.0, "line": line("bb", "02")}],
+               "restore": [{"seconds": 1.0, "line": line("cc", "03")}, {"seconds": 1.2, "line": line("cc", "04")}],
+               "restore-mounted": [{"seconds": 0.7, "line": line("cc", "05")}],
+               "criu-floor": [{"seconds": 0.5, "line": ""}, {"seconds": 0.9, "line": ""}]}
+    lr._check(samples)
+    table = lr.markdown({"runs": 2, "date": "d", "samples": samples})
+    assert "| restore | 1.10 | 1.00–1.20 | 0.24 | 1.57 |" in table  # medians 1.1 / 4.5 and / 0.7
+    assert "| restore-mounted | 0.70 | 0.70–0.70 | 0.16 | 1.00 |" in table
+    samples["restore"][1]["line"] = line("dd", "04")
+    with pytest.raises(lr.LocalRestoreError, match="disagree"):
+        lr._check(samples)
+    samples["restore"][1]["line"] = line("cc", "03")
+    with pytest.raises(lr.LocalRestoreError, match="same randomness"):
+        lr._check(samples)

@@ -169,29 +169,17 @@ class Handler:
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""
-        pages = sorted(task.missing.pop(key, ()))
-        _, start = self.blocks.key(task.pages_file, task.origin[pages[0]]) if pages else (0, 0)
-        i = 0
-        while i < len(pages):
-            j = i + 1  # a run: consecutive pages whose bytes are consecutive in the block
-            while (j < len(pages) and pages[j] == pages[j - 1] + 1
-                   and task.origin[pages[j]] == task.origin[pages[j - 1]] + PAGE):
-                j += 1
-            off = task.origin[pages[i]] - start
-            rc = uffd.copy(task.fd, pages[i] * PAGE, data, off, (j - i) * PAGE)
-            log.debug("%s: copy %#x +%d pages from block %d: %s", task.name, pages[i] * PAGE, j - i, key, rc)
+        for page, off, count in task.take(self.blocks, key):
+            rc = uffd.copy(task.fd, page * PAGE, data, off, count * PAGE)
             if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
-                for k in range(i, j):  # part of the run is there or gone: page by page
-                    rc = uffd.copy(task.fd, pages[k] * PAGE, data, task.origin[pages[k]] - start, PAGE)
+                for k in range(count):  # part of the run is there or gone: page by page
+                    rc = uffd.copy(task.fd, (page + k) * PAGE, data, off + k * PAGE, PAGE)
                     if rc in (errno.ESRCH, errno.ENOSPC):
                         break
             if rc in (errno.ESRCH, errno.ENOSPC):
                 self._gone(task)
                 return
-            self.counts["copied_pages"] += j - i
-            i = j
-        for page in pages:
-            task.where.pop(page, None)
+            self.counts["copied_pages"] += count
 
     def _maybe_release(self, task: Task) -> None:
         if task.live and not task.where and task in self.tasks:
@@ -209,6 +197,7 @@ class Handler:
         log.debug("%s: the process has exited", task.name)
         task.where.clear()
         task.missing.clear()
+        task.runs.clear()
         if task in self.tasks:
             self._release(task)
 

@@ -56,6 +56,10 @@ class Task:
         self.origin: dict[int, int] = {}  # page number -> pages-file offset, while mapped
         self.missing: dict[int, set[int]] = defaultdict(set)  # block key -> pages not yet in
         self.where: dict[int, int] = {}  # missing page -> its block key
+        # block key -> its missing pages as copy runs (first page, offset in the block, pages),
+        # as track_runs found them; dropped for a block whose pages change after (take()
+        # then works them out page by page)
+        self.runs: dict[int, list[tuple[int, int, int]]] = {}
         self.live = False  # its memory is registered (restore finished, or it faulted)
         self.last_key = -2  # block of the last fault, and how far ahead to read while the
         self.window = 0     # faults keep walking forward (as file readahead does)
@@ -66,6 +70,7 @@ class Task:
             key, _ = blocks.key(self.pages_file, off)
             self.missing[key].add(page)
             self.where[page] = key
+            self.runs.pop(key, None)
         self.origin.update(pages)
 
     def track_runs(self, blocks: Blocks, runs) -> None:
@@ -87,6 +92,7 @@ class Task:
                 self.missing[first + i].update(pages)
                 self.where.update(dict.fromkeys(pages, first + i))
                 self.origin.update(zip(pages, range(off, stop, PAGE)))
+                self.runs.setdefault(first + i, []).append((page, off - starts[i], len(pages)))
                 page, off, i = pages.stop, stop, i + 1
 
     def mapped_in(self, first: int, last: int) -> list[int]:
@@ -96,10 +102,36 @@ class Task:
             return [p for p in range(first, last) if p in self.origin]
         return [p for p in self.origin if first <= p < last]
 
+    def take(self, blocks: Blocks, key: int) -> list[tuple[int, int, int]]:
+        """Block ``key``'s missing pages, to be copied in now (they are missing no more): runs
+        of (first page, offset in the block, pages), each consecutive in memory and in the
+        block. The runs track_runs recorded serve as they are; a block whose pages changed
+        since (dropped, remapped, a fork's) is worked out page by page."""
+        pages = self.missing.pop(key, None)
+        runs = self.runs.pop(key, None)
+        if not pages:
+            return []
+        for page in pages:
+            self.where.pop(page, None)
+        if runs is not None and sum(n for _, _, n in runs) == len(pages):
+            return runs
+        order = sorted(pages)
+        _, start = blocks.key(self.pages_file, self.origin[order[0]])
+        runs, i = [], 0
+        while i < len(order):
+            j = i + 1
+            while (j < len(order) and order[j] == order[j - 1] + 1
+                   and self.origin[order[j]] == self.origin[order[j - 1]] + PAGE):
+                j += 1
+            runs.append((order[i], self.origin[order[i]] - start, j - i))
+            i = j
+        return runs
+
     def drop(self, page: int) -> None:
         key = self.where.pop(page, None)
         if key is not None:
             self.missing[key].discard(page)
+            self.runs.pop(key, None)
             if not self.missing[key]:
                 del self.missing[key]
 

@@ -55,3 +55,34 @@ def test_runs_outside_the_pages_file_are_refused():
         Task("past", -1, "pages-1.img").track_runs(blocks, [(100, 4 * PAGE, 3)])
     with pytest.raises(PageLayoutError, match="outside"):
         Task("empty", -1, "pages-2.img").track_runs(blocks, [(100, 0, 1)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(), st.data())
+def test_a_block_is_handed_over_as_runs_that_cover_exactly_its_missing_pages(layout, data):
+    """take(): whether the runs come as track_runs recorded them or are worked out again after
+    pages were dropped or tracked one by one (a remap), they cover exactly the block's missing
+    pages, each at its offset in the block, and leave none of them missing."""
+    blocks, pagemap = layout
+    task = Task("t", -1, pagemap.pages_file)
+    task.track_runs(blocks, lazy_runs(pagemap))
+    for page in data.draw(st.lists(st.sampled_from(sorted(task.where) or [0]), max_size=8)):
+        task.drop(page)  # (madvise, munmap: gone from the runs of its block)
+    moved = data.draw(st.lists(st.sampled_from(sorted(task.origin) or [0]), max_size=4, unique=True))
+    for page in moved:  # a page tracked again, one by one (what a remap does), at a new address
+        if page in task.where:
+            task.drop(page)
+            task.track(blocks, {page + 10_000: task.origin[page]})
+    first, starts = blocks.files[pagemap.pages_file]
+    for key in sorted(task.missing):
+        expected = {page: task.origin[page] - starts[key - first]
+                    for page, k in task.where.items() if k == key}
+        got = {}
+        for page, off, count in task.take(blocks, key):
+            assert count > 0
+            for i in range(count):
+                assert page + i not in got
+                got[page + i] = off + i * PAGE
+        assert got == expected
+        assert key not in task.missing and not any(k == key for k in task.where.values())
+    assert not task.where

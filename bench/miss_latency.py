@@ -11,7 +11,7 @@ import statistics
 import tempfile
 import time
 
-from lazyfs.cache import nodecache
+from lazyfs.cache import landing, nodecache
 from lazyfs.format import block
 from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
@@ -29,9 +29,9 @@ def main() -> None:
             digest, frame = block.encode(data)
             store.put_block(digest, frame)
             blobs.append((digest, len(data)))
-        default = nodecache.WRITE_BEHIND
+        default = landing.WRITE_BEHIND
         for label, bound in (("write-behind", default), ("write-first", 0)) * 2:
-            nodecache.WRITE_BEHIND = bound
+            landing.WRITE_BEHIND = bound
             cache = nodecache.NodeCache(os.path.join(root, f"cache-{label}-{time.monotonic_ns()}"),
                                         lambda d, n: objects.fetch_block(store, d, n))
             ms = []

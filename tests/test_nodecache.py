@@ -425,8 +425,8 @@ def test_a_miss_never_waits_on_the_disk(tmp_path, monkeypatch):
 
 
 def test_past_the_write_behind_bound_a_miss_writes_its_block_first(tmp_path, monkeypatch):
-    from lazyfs.cache import nodecache
-    monkeypatch.setattr(nodecache, "WRITE_BEHIND", 0)
+    from lazyfs.cache import landing
+    monkeypatch.setattr(landing, "WRITE_BEHIND", 0)
     digest, data = _blob(50_000)
     cache = NodeCache(tmp_path, FakeOrigin({digest: data}))
     assert cache.read(digest, len(data), 0, 100) == data[:100]

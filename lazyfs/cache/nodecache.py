@@ -5,9 +5,9 @@ verified them against the digest (lazyfs.records.objects.fetch_block, Fleet.fetc
 cache knows nothing of stores or networks, and tests and benchmarks read the same counters.
 Concurrent misses for one digest make one fetch (single-flight). Blocks enter the cache only
 after their digest checks out, via temp file + fsync + rename, written behind the read that
-fetched them: the verified bytes are served from memory at once (a miss never waits on the disk),
-and the kernel, which reads the cache directory itself on the kernel data path, sees a block's
-file only once it is durable. Each cached file is re-hashed the first time a process uses it and
+fetched them (lazyfs.cache.landing): the verified bytes are served from memory at once (a miss
+never waits on the disk), and the kernel, which reads the cache directory itself on the kernel
+data path, sees a block's file only once it is durable. Each cached file is re-hashed the first time a process uses it and
 again whenever its file changed since (inode, size or change time), so a file damaged or rewritten
 on disk (power cut, bit rot, a local writer) is dropped and fetched again rather than served.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs.cache import layout
+from lazyfs.cache.landing import BEHIND, Landing
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
@@ -35,10 +36,6 @@ STALE_TEMP_SECONDS = 600
 PREFETCH_QUEUE = 64
 DISK_RETRY = 5.0  # seconds between tries of a cache disk that refused a write
 CLAIM_WAIT = 120.0  # seconds a reader waits for another's fetch of a block before its own
-# Verified blocks held in memory while their writes land (write-behind); past this, a miss writes
-# its block itself before answering, so a slow disk slows reads rather than filling memory.
-WRITE_BEHIND = 64 * 1024 * 1024
-WRITERS = 2
 
 
 class Claim:
@@ -108,14 +105,8 @@ class NodeCache:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        # Verified blocks being written to disk behind their reads: served from here meanwhile.
-        self._landing: dict[str, bytes] = {}
-        self._landing_bytes = 0
-        self._writer: ThreadPoolExecutor | None = None
-        # Of those, blocks held back until release_held() (hold): written then, or at close().
-        self._hold: set[str] = set()
-        self._hold_room = 0
-        self._held: list[str] = []
+        # Verified blocks on their way to disk (behind their reads, or held): served from there.
+        self._landing = Landing(self._lock, self._write, self._keep)
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
         self._memory = MemoryBlocks(memory_fallback)
         self._disk_refused_at: float | None = None  # when the cache disk last refused a write
@@ -236,27 +227,11 @@ class NodeCache:
             self.stats.add(errors=1)
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
-        with self._lock:
-            if digest in self._hold and size <= self._hold_room and digest not in self._landing:
-                self._landing[digest] = data
-                self._held.append(digest)
-                self._hold_room -= size
-                return data
-            behind = self._disk_refused_at is None and self._landing_bytes + size <= WRITE_BEHIND \
-                and digest not in self._landing
-            if behind:
-                self._landing[digest] = data
-                self._landing_bytes += size
-                if self._writer is None:
-                    self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cache-write")
-                writer = self._writer
-        if not behind:
+        taken = self._landing.take(digest, data, disk_ok=self._disk_refused_at is None)
+        if taken is None:
             return self._write(digest, data)
-        try:
-            writer.submit(self._land, digest, data)
-        except RuntimeError:  # being flushed or closed: write it here
-            self._land(digest, data)
-        self.stats.add(written_behind=1)
+        if taken == BEHIND:
+            self.stats.add(written_behind=1)
         return data
 
     def hold(self, digests, room: int) -> None:
@@ -264,35 +239,18 @@ class NodeCache:
         all, instead of writing them at once: a lazy restore's memory, which only the next
         restore on this node reads from disk, written once the restored process has what it
         needs (release_held). Readers are served from memory meanwhile; close() writes them."""
-        with self._lock:
-            self._hold, self._hold_room = set(digests), room
+        self._landing.hold(digests, room)
 
     def release_held(self) -> None:
         """Write the held blocks, behind (on the writer threads), and hold no more."""
-        with self._lock:
-            held, self._held, self._hold = self._held, [], set()
-            if not held:
-                return
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cache-write")
-            writer = self._writer
-            jobs = [(digest, self._landing[digest]) for digest in held]
-        for digest, data in jobs:  # (not counted in the write-behind's bytes: _land(counted=False))
-            writer.submit(self._land, digest, data, False)
+        self._landing.release_held()
 
-    def _land(self, digest: str, data: bytes, counted: bool = True) -> None:
-        """On a writer thread: the block to disk (durably), then no longer held in memory.
-        ``counted``: in the write-behind's bytes (a held block is not)."""
-        try:
-            self._write(digest, data)
-        except Exception:  # never lose the block: it stays readable from memory until dropped
-            log.exception("cache: writing block %s failed", digest)
-            with self._lock:
-                self._memory.put(digest, data)
-        finally:
-            with self._lock:
-                self._landing.pop(digest, None)
-                self._landing_bytes -= len(data) if counted else 0
+    def _keep(self, digest: str, data: bytes) -> None:
+        """A verified block the disk did not take, kept in memory (bounded)."""
+        with self._lock:
+            self._memory.used(digest)
+            self._memory.put(digest, data)
+            self.stats.memory_bytes = self._memory.bytes
 
     def _write(self, digest: str, data: bytes) -> str | bytes:
         """Write a verified block; its path, or its bytes if the disk refused it (then held in
@@ -307,10 +265,7 @@ class NodeCache:
                 with self._lock:
                     self._verified[digest] = identity
             return path
-        with self._lock:
-            self._memory.used(digest)
-            self._memory.put(digest, data)
-            self.stats.memory_bytes = self._memory.bytes
+        self._keep(digest, data)
         return data
 
     def _check_on_disk(self, path: str, digest: str, size: int) -> tuple[int, int, int] | None:
@@ -419,10 +374,7 @@ class NodeCache:
 
     def flush(self) -> None:
         """Wait until every block written behind its read is on disk (or refused by it)."""
-        with self._lock:
-            writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.shutdown(wait=True)
+        self._landing.flush()
 
     def read(self, digest: str, size: int, offset: int, length: int) -> bytes:
         for _ in range(3):

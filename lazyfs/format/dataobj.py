@@ -18,10 +18,14 @@ _DOMAIN = b"lazyfs-data-object-v1\0"
 _ITEM = struct.Struct("<32sQ")
 
 
-def object_id(chunks: Sequence[Chunk]) -> str:
-    """The id of the object holding the concatenation of ``chunks`` (at least one)."""
+def object_id(chunks: Sequence[Chunk], decoded: bool = False) -> str:
+    """The id of the object holding the concatenation of ``chunks`` (at least one).
+    ``decoded``: the chunks come from a decoded manifest, whose digests are made from raw bytes
+    and so well formed: a one-chunk id is not checked again (a large image's mount makes tens of
+    thousands of ids as it starts)."""
     if len(chunks) == 1:
-        return digests.hex_part(chunks[0].digest)
+        digest = chunks[0].digest
+        return digest[len("sha256:"):] if decoded else digests.hex_part(digest)
     h = hashlib.sha256(_DOMAIN)
     for c in chunks:
         h.update(_ITEM.pack(bytes.fromhex(digests.hex_part(c.digest)), c.size))

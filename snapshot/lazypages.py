@@ -82,9 +82,9 @@ class Handler:
         task.track_runs(self.blocks, lazy_runs(pagemap))
         with self.lock:
             self.tasks.append(task)
-            self.counts["lazy_pages"] += len(task.where)
+            self.counts["lazy_pages"] += task.pages_missing
         self.poke()  # the loop starts watching its descriptor
-        log.debug("%s: %d lazy pages in %d blocks", task.name, len(task.where), len(task.missing))
+        log.debug("%s: %d lazy pages in %d blocks", task.name, task.pages_missing, len(task.missing))
 
     def restore_finished(self) -> None:
         with self.lock:
@@ -169,7 +169,7 @@ class Handler:
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""
-        for page, off, count in task.take(self.blocks, key):
+        for page, off, count in task.take(key):
             rc = uffd.copy(task.fd, page * PAGE, data, off, count * PAGE)
             if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
                 for k in range(count):  # part of the run is there or gone: page by page
@@ -182,7 +182,7 @@ class Handler:
             self.counts["copied_pages"] += count
 
     def _maybe_release(self, task: Task) -> None:
-        if task.live and not task.where and task in self.tasks:
+        if task.live and not task.missing and task in self.tasks:
             self._release(task)
 
     def _release(self, task: Task) -> None:
@@ -195,9 +195,7 @@ class Handler:
 
     def _gone(self, task: Task) -> None:
         log.debug("%s: the process has exited", task.name)
-        task.where.clear()
-        task.missing.clear()
-        task.runs.clear()
+        task.forget()
         if task in self.tasks:
             self._release(task)
 
@@ -220,7 +218,7 @@ class Handler:
 
     def _fault(self, task: Task, page: int) -> None:
         self.last_fault = time.monotonic()
-        key = task.where.get(page)
+        key = task.key_of(self.blocks, page)
         log.debug("%s: fault at %#x (block %s)", task.name, page * PAGE, key)
         if key is None:  # never had content (or just arrived): a zero page, or a wake-up
             self.counts["zero_faults"] += 1
@@ -255,10 +253,7 @@ class Handler:
             self.demanded.append((key, round(time.monotonic() - self.t0, 4)))
 
     def _remove(self, task: Task, ev: uffd.Event) -> None:
-        first, last = ev.a // PAGE, (ev.b + PAGE - 1) // PAGE
-        for page in task.mapped_in(first, last):
-            del task.origin[page]
-            task.drop(page)
+        task.drop(self.blocks, ev.a // PAGE, (ev.b + PAGE - 1) // PAGE)
         if ev.kind == uffd.EVENT_REMOVE:  # madvise(DONTNEED): the range reads as zeroes from now
             if uffd.unregister(task.fd, ev.a, ev.b - ev.a) == errno.ESRCH:
                 self._gone(task)
@@ -266,19 +261,14 @@ class Handler:
         self._maybe_release(task)
 
     def _remap(self, task: Task, old: int, new: int, n: int) -> None:
-        moved = {p: task.origin.pop(p) for p in task.mapped_in(old, old + n)}
-        missing = {p for p in moved if p in task.where}
-        for page in missing:
-            task.drop(page)
-        task.origin.update({p - old + new: off for p, off in moved.items() if p not in missing})
-        task.track(self.blocks, {p - old + new: moved[p] for p in missing})
+        task.remap(self.blocks, old, new, n)
 
     def _fork(self, parent: Task, fd: int) -> None:
         """The child starts with the parent's memory as it was at fork. Pages copied into the
         parent since cannot be told apart, so every page the parent ever had lazily is copied
         into the child again (EEXIST for those it already has)."""
         child = Task(f"child of {parent.name}", fd, parent.pages_file)
-        child.track(self.blocks, dict(parent.origin))
+        child.track_runs(self.blocks, parent.all_runs())
         child.live = True
         self.tasks.append(child)
         self.counts["forks"] += 1

@@ -1,14 +1,13 @@
 """Bookkeeping for a lazy restore: which block holds each missing page of each restored task.
 Pure, no I/O (the page handler, lazypages.py, does the kernel side).
 
-Pages are tracked per task as page number -> offset in the pages file; CRIU cuts nothing
+Pages are tracked per task as runs (first page, pages-file offset, pages); CRIU cuts nothing
 smaller than a page and snapshot.files cuts pages files at page boundaries, so every page lies
 in exactly one block.
 """
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError
@@ -49,35 +48,27 @@ class Blocks:
 
 
 class Task:
-    """One restored process's lazily mapped memory (threads share it)."""
+    """One restored process's lazily mapped memory (threads share it), kept as runs of pages: a
+    process's memory comes as a few hundred runs of up to millions of pages, and its faults
+    wait until criu's hand-over is tracked (the bench's snapshot-one, 134,000 pages: about 60 ms
+    of the page server's interpreter page by page, while criu restored on the same cores).
+
+    ``spans``: where the task's snapshot memory is, [first page, pages, pages-file offset],
+    disjoint, by first page. ``missing``: what of it is not in yet, by the block that holds it:
+    runs of (first page, offset in the block, pages)."""
 
     def __init__(self, name: str, fd: int, pages_file: str):
         self.name, self.fd, self.pages_file = name, fd, pages_file
-        self.origin: dict[int, int] = {}  # page number -> pages-file offset, while mapped
-        self.missing: dict[int, set[int]] = defaultdict(set)  # block key -> pages not yet in
-        self.where: dict[int, int] = {}  # missing page -> its block key
-        # block key -> its missing pages as copy runs (first page, offset in the block, pages),
-        # as track_runs found them; dropped for a block whose pages change after (take()
-        # then works them out page by page)
-        self.runs: dict[int, list[tuple[int, int, int]]] = {}
+        self.spans: list[list[int]] = []
+        self.missing: dict[int, list[tuple[int, int, int]]] = {}
+        self.pages_missing = 0
         self.live = False  # its memory is registered (restore finished, or it faulted)
         self.last_key = -2  # block of the last fault, and how far ahead to read while the
         self.window = 0     # faults keep walking forward (as file readahead does)
         self.ahead: list[int] = []  # blocks read ahead of the walk, not yet passed by it
 
-    def track(self, blocks: Blocks, pages: dict[int, int]) -> None:
-        for page, off in pages.items():
-            key, _ = blocks.key(self.pages_file, off)
-            self.missing[key].add(page)
-            self.where[page] = key
-            self.runs.pop(key, None)
-        self.origin.update(pages)
-
     def track_runs(self, blocks: Blocks, runs) -> None:
-        """``track`` for runs of pages, (first page, pages-file offset, count): a block at a
-        time, not a page at a time. A task's memory comes as a few hundred runs of a hundred
-        thousand pages, and the restored tree's faults wait until it is tracked (the bench's
-        snapshot, on an idle machine: 69 ms page by page, 36 ms by runs)."""
+        """Memory to serve: runs of (first page, pages-file offset, pages), none of it in yet."""
         first, starts = blocks.files[self.pages_file]
         size = starts[-1] + blocks.sizes[first + len(starts) - 1] if starts else 0
         for page, off, count in runs:
@@ -85,55 +76,107 @@ class Task:
             if off < 0 or end > size:  # (the snapshot's pagemap and its pages file disagree)
                 raise PageLayoutError(f"{self.pages_file}: pages at {off}..{end} lie outside its "
                                       f"{size} bytes")
+            if count <= 0:
+                continue
+            bisect.insort(self.spans, [page, count, off])
             i = bisect.bisect_right(starts, off) - 1
             while off < end:
                 stop = min(end, starts[i + 1]) if i + 1 < len(starts) else end
-                pages = range(page, page + (stop - off) // PAGE)
-                self.missing[first + i].update(pages)
-                self.where.update(dict.fromkeys(pages, first + i))
-                self.origin.update(zip(pages, range(off, stop, PAGE)))
-                self.runs.setdefault(first + i, []).append((page, off - starts[i], len(pages)))
-                page, off, i = pages.stop, stop, i + 1
+                n = (stop - off) // PAGE
+                self.missing.setdefault(first + i, []).append((page, off - starts[i], n))
+                self.pages_missing += n
+                page, off, i = page + n, stop, i + 1
 
-    def mapped_in(self, first: int, last: int) -> list[int]:
-        """Pages in [first, last) that hold snapshot memory. Events stall the process until read,
-        so walk whichever is smaller: the range, or the pages."""
-        if last - first < len(self.origin):
-            return [p for p in range(first, last) if p in self.origin]
-        return [p for p in self.origin if first <= p < last]
+    def all_runs(self) -> list[tuple[int, int, int]]:
+        """Every page of snapshot memory the task has, in, or not: (first page, offset, pages)."""
+        return [(page, off, count) for page, count, off in self.spans]
 
-    def take(self, blocks: Blocks, key: int) -> list[tuple[int, int, int]]:
+    def key_of(self, blocks: Blocks, page: int) -> int | None:
+        """The block holding ``page``, if the page is snapshot memory not in yet."""
+        i = bisect.bisect_right(self.spans, [page, float("inf")]) - 1
+        if i < 0 or page >= self.spans[i][0] + self.spans[i][1]:
+            return None
+        first, _, off = self.spans[i]
+        key, _ = blocks.key(self.pages_file, off + (page - first) * PAGE)
+        if any(p <= page < p + n for p, _, n in self.missing.get(key, ())):
+            return key
+        return None
+
+    def take(self, key: int) -> list[tuple[int, int, int]]:
         """Block ``key``'s missing pages, to be copied in now (they are missing no more): runs
-        of (first page, offset in the block, pages), each consecutive in memory and in the
-        block. The runs track_runs recorded serve as they are; a block whose pages changed
-        since (dropped, remapped, a fork's) is worked out page by page."""
-        pages = self.missing.pop(key, None)
-        runs = self.runs.pop(key, None)
-        if not pages:
-            return []
-        for page in pages:
-            self.where.pop(page, None)
-        if runs is not None and sum(n for _, _, n in runs) == len(pages):
-            return runs
-        order = sorted(pages)
-        _, start = blocks.key(self.pages_file, self.origin[order[0]])
-        runs, i = [], 0
-        while i < len(order):
-            j = i + 1
-            while (j < len(order) and order[j] == order[j - 1] + 1
-                   and self.origin[order[j]] == self.origin[order[j - 1]] + PAGE):
-                j += 1
-            runs.append((order[i], self.origin[order[i]] - start, j - i))
-            i = j
+        of (first page, offset in the block, pages)."""
+        runs = self.missing.pop(key, [])
+        self.pages_missing -= sum(n for _, _, n in runs)
         return runs
 
-    def drop(self, page: int) -> None:
-        key = self.where.pop(page, None)
-        if key is not None:
-            self.missing[key].discard(page)
-            self.runs.pop(key, None)
-            if not self.missing[key]:
-                del self.missing[key]
+    def drop(self, blocks: Blocks, first: int, last: int) -> None:
+        """Pages [first, last) hold no snapshot memory from now on (madvise, munmap)."""
+        for page, count, off in self._cut(first, last):
+            self._drop_missing(blocks, page, count, off)
+
+    def remap(self, blocks: Blocks, old: int, new: int, n: int) -> None:
+        """Pages [old, old + n) moved to [new, new + n) (mremap), what is not in yet with them."""
+        moved = self._cut(old, old + n)
+        runs = [run for piece in moved for run in self._drop_missing(blocks, *piece)]
+        self.drop(blocks, new, new + n)  # (what was there is gone)
+        for page, count, off in moved:
+            bisect.insort(self.spans, [page - old + new, count, off])
+        for key, (page, off, count) in runs:
+            self.missing.setdefault(key, []).append((page - old + new, off, count))
+            self.pages_missing += count
+
+    def forget(self) -> None:
+        """The process has gone: nothing more to serve."""
+        self.spans.clear()
+        self.missing.clear()
+        self.pages_missing = 0
+
+    def _cut(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """Take [first, last) out of the spans; the pieces cut, as (first page, pages, offset)."""
+        cut, kept = [], []
+        for span in self.spans:
+            page, count, off = span
+            lo, hi = max(page, first), min(page + count, last)
+            if lo >= hi:
+                kept.append(span)
+                continue
+            cut.append((lo, hi - lo, off + (lo - page) * PAGE))
+            if page < lo:
+                kept.append([page, lo - page, off])
+            if hi < page + count:
+                kept.append([hi, page + count - hi, off + (hi - page) * PAGE])
+        if cut:
+            self.spans = kept
+        return cut
+
+    def _drop_missing(self, blocks: Blocks, page: int, count: int, off: int) -> list:
+        """Take pages [page, page + count) (at pages-file offset ``off``) out of what is missing;
+        the runs taken, as (key, (first page, offset in the block, pages))."""
+        taken = []
+        last = page + count
+        key, _ = blocks.key(self.pages_file, off)
+        end_key, _ = blocks.key(self.pages_file, off + (count - 1) * PAGE)
+        for k in range(key, end_key + 1):
+            runs = self.missing.get(k)
+            if not runs:
+                continue
+            left = []
+            for p, o, n in runs:
+                lo, hi = max(p, page), min(p + n, last)
+                if lo >= hi:
+                    left.append((p, o, n))
+                    continue
+                taken.append((k, (lo, o + (lo - p) * PAGE, hi - lo)))
+                self.pages_missing -= hi - lo
+                if p < lo:
+                    left.append((p, o, lo - p))
+                if hi < p + n:
+                    left.append((hi, o + (hi - p) * PAGE, p + n - hi))
+            if left:
+                self.missing[k] = left
+            else:
+                del self.missing[k]
+        return taken
 
 
 def lazy_runs(pagemap: PageMap) -> list[tuple[int, int, int]]:

@@ -24,24 +24,86 @@ def layouts(draw):
     return blocks, PageMap(1, tuple(extents))
 
 
+class PageByPage:
+    """The page table as the handler once kept it, page by page: the model the runs must match."""
+
+    def __init__(self, blocks, pages_file):
+        self.blocks, self.pages_file = blocks, pages_file
+        self.origin: dict[int, int] = {}  # page -> pages-file offset
+        self.missing: set[int] = set()
+
+    def track(self, runs):
+        for page, off, count in runs:
+            for i in range(count):
+                self.origin[page + i] = off + i * PAGE
+                self.missing.add(page + i)
+
+    def key_of(self, page):
+        return self.blocks.key(self.pages_file, self.origin[page])[0] if page in self.missing else None
+
+    def drop(self, first, last):
+        for page in [p for p in self.origin if first <= p < last]:
+            del self.origin[page]
+            self.missing.discard(page)
+
+    def remap(self, old, new, n):
+        moved = {p: self.origin.pop(p) for p in list(self.origin) if old <= p < old + n}
+        gone = {p for p in moved if p in self.missing}
+        self.missing -= gone
+        self.drop(new, new + n)
+        for p, off in moved.items():
+            self.origin[p - old + new] = off
+            if p in gone:
+                self.missing.add(p - old + new)
+
+    def take(self, key):
+        pages = {p for p in self.missing if self.key_of(p) == key}
+        self.missing -= pages
+        _, start = self.blocks.key(self.pages_file, self.origin[min(pages)]) if pages else (0, 0)
+        return {p: self.origin[p] - start for p in pages}
+
+
 @settings(max_examples=300, deadline=None)
-@given(layouts())
-def test_runs_are_tracked_as_page_by_page(layout):
-    """The bulk table a task gets when criu restore hands it over equals the page-at-a-time one:
-    the same block for every lazy page, the same pages missing per block, the same offsets."""
+@given(layouts(), st.data())
+def test_the_runs_answer_as_the_page_by_page_table_does(layout, data):
+    """Tracked as runs, through drops (madvise, munmap), moves (mremap) and blocks handed over:
+    every page's block, each block's pages at their offsets in the block, and the count of pages
+    still missing are what the page-by-page table gives; and the block really holds each page."""
     blocks, pagemap = layout
-    by_page = Task("a", -1, pagemap.pages_file)
-    by_page.track(blocks, {e.vaddr // PAGE + i: e.offset + i * PAGE
-                           for e in pagemap.extents if e.lazy for i in range(e.pages)})
-    by_run = Task("b", -1, pagemap.pages_file)
-    by_run.track_runs(blocks, lazy_runs(pagemap))
-    assert by_run.where == by_page.where
-    assert by_run.origin == by_page.origin
-    assert dict(by_run.missing) == dict(by_page.missing)
-    for page, key in by_run.where.items():  # and the block really holds the page's bytes
-        first, starts = blocks.files[pagemap.pages_file]
-        start = starts[key - first]
-        assert start <= by_run.origin[page] < start + blocks.sizes[key]
+    task, model = Task("t", -1, pagemap.pages_file), PageByPage(blocks, pagemap.pages_file)
+    task.track_runs(blocks, lazy_runs(pagemap))
+    model.track(lazy_runs(pagemap))
+    top = max([p + 1 for p in model.origin] + [1])
+    for _ in range(data.draw(st.integers(0, 6))):
+        op = data.draw(st.sampled_from(["drop", "remap", "take"]))
+        if op == "drop":
+            first = data.draw(st.integers(0, top))
+            last = data.draw(st.integers(first, top + 2))
+            task.drop(blocks, first, last)
+            model.drop(first, last)
+        elif op == "remap":
+            old, n = data.draw(st.integers(0, top)), data.draw(st.integers(1, 8))
+            new = data.draw(st.integers(old + n + 1, old + n + 40))  # (never overlapping, as mremap)
+            task.remap(blocks, old, new, n)
+            model.remap(old, new, n)
+            top = max(top, new + n)
+        elif task.missing:
+            key = data.draw(st.sampled_from(sorted(task.missing)))
+            got = {}
+            for page, off, count in task.take(key):
+                for i in range(count):
+                    assert page + i not in got
+                    got[page + i] = off + i * PAGE
+            assert got == model.take(key)
+        for page in range(top + 2):
+            assert task.key_of(blocks, page) == model.key_of(page)
+        assert task.pages_missing == len(model.missing)
+        assert set(task.missing) == {model.key_of(p) for p in model.missing}
+    first, starts = blocks.files[pagemap.pages_file]
+    for page, off, count in task.all_runs():  # and each page's bytes are where the block says
+        for i in range(count):
+            key, start = blocks.key(pagemap.pages_file, off + i * PAGE)
+            assert start == starts[key - first] <= off + i * PAGE < start + blocks.sizes[key]
 
 
 def test_runs_outside_the_pages_file_are_refused():
@@ -55,34 +117,3 @@ def test_runs_outside_the_pages_file_are_refused():
         Task("past", -1, "pages-1.img").track_runs(blocks, [(100, 4 * PAGE, 3)])
     with pytest.raises(PageLayoutError, match="outside"):
         Task("empty", -1, "pages-2.img").track_runs(blocks, [(100, 0, 1)])
-
-
-@settings(max_examples=300, deadline=None)
-@given(layouts(), st.data())
-def test_a_block_is_handed_over_as_runs_that_cover_exactly_its_missing_pages(layout, data):
-    """take(): whether the runs come as track_runs recorded them or are worked out again after
-    pages were dropped or tracked one by one (a remap), they cover exactly the block's missing
-    pages, each at its offset in the block, and leave none of them missing."""
-    blocks, pagemap = layout
-    task = Task("t", -1, pagemap.pages_file)
-    task.track_runs(blocks, lazy_runs(pagemap))
-    for page in data.draw(st.lists(st.sampled_from(sorted(task.where) or [0]), max_size=8)):
-        task.drop(page)  # (madvise, munmap: gone from the runs of its block)
-    moved = data.draw(st.lists(st.sampled_from(sorted(task.origin) or [0]), max_size=4, unique=True))
-    for page in moved:  # a page tracked again, one by one (what a remap does), at a new address
-        if page in task.where:
-            task.drop(page)
-            task.track(blocks, {page + 10_000: task.origin[page]})
-    first, starts = blocks.files[pagemap.pages_file]
-    for key in sorted(task.missing):
-        expected = {page: task.origin[page] - starts[key - first]
-                    for page, k in task.where.items() if k == key}
-        got = {}
-        for page, off, count in task.take(blocks, key):
-            assert count > 0
-            for i in range(count):
-                assert page + i not in got
-                got[page + i] = off + i * PAGE
-        assert got == expected
-        assert key not in task.missing and not any(k == key for k in task.where.values())
-    assert not task.where

@@ -106,6 +106,13 @@ class Handler:
         self._maybe_release(task)
 
     # --- blocks arriving from the fetcher (worker threads) --------------------------------------
+    def arrived(self, digest: str, data: bytes) -> None:
+        """A verified block a stream brought (the working set): mapped in wherever it is missing.
+        Any other digest (the image's, in the same stream) is not this handler's."""
+        keys = self.blocks.by_digest.get(digest)
+        if keys:
+            self._deliver(keys[0], data, PROFILE)
+
     def _deliver(self, key: int, data: bytes, prio: int) -> None:
         log.debug("block %d arrived (%d bytes, %s)", key, len(data), NAMES[prio])
         with self.lock:

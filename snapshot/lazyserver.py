@@ -163,21 +163,28 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # The memory's blocks go into the node cache (for the next restore here) once the
         # process has what it needs for now: when its faults go quiet (files.HOLD).
         fetcher.hold(blocks.by_digest)
-        # In batches, started before the handler asks for each block of it (it then waits for
-        # them). Where it streams, the image's blocks come in the same stream, in the order the
-        # first restore touched them both (the image mount then finds them in the node cache and
-        # does not prefetch them itself, restore.mount_profile): two streams side by side gave
-        # the image blocks the process reads only after its first answer the same share of the
-        # link as the memory it needs for it.
-        sizes = {blocks.digests[k]: blocks.sizes[k] for k in plan}
-        fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched])
-        status["working_set_image_blocks"] = len(touched) - len(plan) if fetcher.batches else 0
+        # The working set comes in batches where the source answers them (a fleet, an HTTP
+        # store), and the stream hands each memory block to the handler as it lands: the
+        # handler's threads asking for each in turn and waiting on the stream cost the stream's
+        # thread a hand-over of the interpreter per block (1 and 10 Gbit/s: first answer 0.05 s
+        # sooner; docs/snapshots.md). What the stream does not bring, a fault or the background
+        # fetch does. Elsewhere the handler's threads fetch the working set themselves.
+        streamed = fetcher.batches and bool(touched)
         peer: list[int] = []
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
-                          killer, working_set=plan,
+                          killer, working_set=[] if streamed else plan,
                           on_stalled=lambda: _stop_criu(peer, stop, parent),
                           on_quiet=fetcher.release_held)
+        # The image's blocks come in the same stream, in the order the first restore touched
+        # them both (the image mount then finds them in the node cache and does not prefetch
+        # them itself, restore.mount_profile): two streams side by side gave the image blocks
+        # the process reads only after its first answer the same share of the link as the
+        # memory it needs for it.
+        sizes = {blocks.digests[k]: blocks.sizes[k] for k in plan}
+        fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched],
+                       on_block=handler.arrived)
+        status["working_set_image_blocks"] = len(touched) - len(plan) if fetcher.batches else 0
         status["t0"] = handler.t0  # (CLOCK_MONOTONIC: one clock for every process on the node)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"

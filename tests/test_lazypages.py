@@ -145,6 +145,27 @@ def test_working_set_blocks_arrive_before_the_first_fault():
     h.close()
 
 
+def test_blocks_a_stream_hands_over_are_mapped_without_being_fetched_again():
+    """A stream's blocks (arrived): mapped before the process touches them, kept until criu has
+    finished when they come before, never fetched by the handler itself; a digest that is not
+    the snapshot's memory (the image's, in the same stream) is left alone."""
+    mem = Memory()
+    h = mem.handler()
+    stop, t = _serve(h)
+    early, late = mem.chunks[5], mem.chunks[7]  # blocks 5 (pages 68..131) and 7 (156..255)
+    h.arrived("sha256:" + early[0], early[1])  # before criu said it has finished
+    h.arrived("sha256:" + "e" * 64, b"not memory")
+    h.restore_finished()
+    h.arrived("sha256:" + late[0], late[1])
+    assert mem.read(71 * PAGE, PAGE) == mem.content[71 * PAGE:72 * PAGE]
+    assert mem.read(200 * PAGE, PAGE) == mem.content[200 * PAGE:201 * PAGE]
+    assert h.counts["faults"] == 0 and h.counts["profile_blocks"] == 2
+    assert "sha256:" + early[0] not in mem.fetched and "sha256:" + late[0] not in mem.fetched
+    stop.set()
+    t.join(10)
+    h.close()
+
+
 def test_remapped_and_removed_memory(monkeypatch):
     import snapshot.lazypages
     monkeypatch.setattr(snapshot.lazypages, "QUIET", 2.0)  # no background before the madvise

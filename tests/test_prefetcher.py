@@ -97,6 +97,26 @@ def test_failures_release_claims_and_reads_still_get_right_bytes(tmp_path):
     assert done == [blobs[order[0]][:5]]
 
 
+def test_each_block_brought_in_is_handed_on_verified_and_no_failed_one_is(tmp_path):
+    """on_block (a lazy restore's page handler) gets every block the stream brought, as it lands,
+    with its verified bytes, in the list's order; never one that was missing or wrong; and a
+    consumer that fails on one does not stop the stream."""
+    blobs = _blobs(8)
+    order = list(blobs)
+    origin = BatchOrigin(blobs, missing=order[:2], wrong=order[2:4])
+    handed = []
+
+    def on_block(digest, data):
+        handed.append((digest, data))
+        if digest == order[5]:
+            raise RuntimeError("the consumer fails on this one")
+    pf = Prefetcher(NodeCache(tmp_path, origin), origin.fetch_many,
+                    [(d, len(blobs[d])) for d in order], batch=3, on_block=on_block)
+    assert pf.start().wait(10)
+    assert handed == [(d, blobs[d]) for d in order[4:]]
+    assert pf.stats.fetched == 4 and pf.stats.failed == 4
+
+
 def test_batch_that_breaks_off_falls_back_to_single_fetches(tmp_path):
     blobs = _blobs(6)
     order = list(blobs)

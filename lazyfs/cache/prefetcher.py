@@ -45,8 +45,12 @@ class PrefetchStats(Counters):
 class Prefetcher:
     def __init__(self, cache: NodeCache, fetch_many: FetchMany, blocks: Iterable[tuple[str, int]],
                  batch: int = 64, streams: int = 1, quiet: bool = False, unchecked: bool = False,
-                 overlap: int = 0):
+                 overlap: int = 0, on_block: Callable[[str, bytes], None] | None = None):
         self.cache = cache
+        # ``on_block(digest, data)``: each block this prefetcher brought in, verified, once it is
+        # in the cache (on the stream's thread), for a consumer that wants them all as they come
+        # rather than waiting on each in turn.
+        self.on_block = on_block
         self.fetch_many = fetch_many
         self.blocks = list(blocks)
         self.batch = max(1, batch)
@@ -157,6 +161,12 @@ class Prefetcher:
                 self._turn.release()
         return hand_on
 
+    def _hand(self, digest: str, data: bytes) -> None:
+        try:
+            self.on_block(digest, data)
+        except Exception:  # noqa: BLE001 - the block is in the cache: its reader still gets it
+            log.exception("prefetch: handing on block %s failed", digest)
+
     def _bogus(self) -> bool:
         """Whether an unchecked list has named too much that nobody has to ask for more (then
         every stream stops). Counted when the next request would go out: with ``overlap`` that
@@ -180,11 +190,13 @@ class Prefetcher:
                 if digest not in mine:
                     continue
                 size, claim = mine.pop(digest)
+                arrived = None
                 try:
                     if isinstance(result, Exception):
                         raise result
                     self.cache.complete(digest, size, result)
                     self.stats.add(fetched=1, fetched_bytes=size)
+                    arrived = result
                 except (LazyfsError, OSError) as exc:
                     # The read that needs it will fetch it itself, and report if it fails.
                     self.stats.add(failed=1, missing=int(isinstance(exc, NotFound)))
@@ -193,6 +205,8 @@ class Prefetcher:
                     claim.release()  # its readers go on now, not at the end of the batch
                     if len(mine) <= self.overlap:
                         hand_on()
+                if arrived is not None and self.on_block is not None:
+                    self._hand(digest, arrived)
         except (LazyfsError, OSError) as exc:
             log.warning("profile prefetch batch failed: %s", exc)
         self.stats.add(failed=len(mine))  # what the batch never delivered

@@ -166,9 +166,9 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # The working set comes in batches where the source answers them (a fleet, an HTTP
         # store), and the stream hands each memory block to the handler as it lands: the
         # handler's threads asking for each in turn and waiting on the stream cost the stream's
-        # thread a hand-over of the interpreter per block (1 and 10 Gbit/s: first answer 0.05 s
-        # sooner; docs/snapshots.md). What the stream does not bring, a fault or the background
-        # fetch does. Elsewhere the handler's threads fetch the working set themselves.
+        # thread a hand-over of the interpreter per block (first answer 0.01-0.05 s sooner at 1
+        # and 10 Gbit/s; docs/snapshots.md). What the stream does not bring, a fault or the
+        # background fetch does. Elsewhere the handler's threads fetch the working set themselves.
         streamed = fetcher.batches and bool(touched)
         peer: list[int] = []
         handler = Handler(blocks, fetcher,

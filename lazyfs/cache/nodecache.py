@@ -7,9 +7,10 @@ Concurrent misses for one digest make one fetch (single-flight). Blocks enter th
 after their digest checks out, via temp file + fsync + rename, written behind the read that
 fetched them (lazyfs.cache.landing): the verified bytes are served from memory at once (a miss
 never waits on the disk), and the kernel, which reads the cache directory itself on the kernel
-data path, sees a block's file only once it is durable. Each cached file is re-hashed the first time a process uses it and
-again whenever its file changed since (inode, size or change time), so a file damaged or rewritten
-on disk (power cut, bit rot, a local writer) is dropped and fetched again rather than served.
+data path, sees a block's file only once it is durable. Each cached file is re-hashed the first
+time a process uses it and again whenever its file changed since (inode, size or change time),
+so a file damaged or rewritten on disk (power cut, bit rot, a local writer) is dropped and
+fetched again rather than served.
 """
 from __future__ import annotations
 

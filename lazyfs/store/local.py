@@ -64,9 +64,13 @@ class LocalStore:
         self._created: list[Path] | None = None
 
     # -- layout ----------------------------------------------------------------------------------
-    def _block_path(self, digest: str) -> Path:
+    def _block_file(self, digest: str) -> str:
+        # (os.path, not pathlib: a lazy restore reads hundreds of blocks a second through here)
         hexd = digests.hex_part(digest)
-        return Path(self._blocks, hexd[:2], hexd)
+        return os.path.join(self._blocks, hexd[:2], hexd)
+
+    def _block_path(self, digest: str) -> Path:
+        return Path(self._block_file(digest))
 
     def _manifest_path(self, digest: str) -> Path:
         return self.root / "manifests" / "sha256" / digests.hex_part(digest)
@@ -156,9 +160,7 @@ class LocalStore:
             return None
 
     def get_block(self, digest: str) -> bytes:
-        # (os.path, not pathlib: a lazy restore reads hundreds of blocks a second through here)
-        hexd = digests.hex_part(digest)
-        return self._read(os.path.join(self._blocks, hexd[:2], hexd), BlockNotFound(digest))
+        return self._read(self._block_file(digest), BlockNotFound(digest))
 
     def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
         return get_blocks_one_by_one(self, wanted)

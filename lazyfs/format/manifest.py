@@ -112,16 +112,25 @@ def sort_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
+def hardlinks(entries) -> dict[bytes, int]:
+    """How many HARDLINK entries name each path: a file's st_nlink is one more."""
+    out: dict[bytes, int] = {}
+    for e in entries:
+        if e.type == EntryType.HARDLINK:
+            out[e.link] = out.get(e.link, 0) + 1
+    return out
+
+
 def link_counts(entries) -> list[int]:
     """st_nlink of each entry's inode, by index: names of a file (itself and its HARDLINKs), or 2
     plus the subdirectories of a directory. A HARDLINK's own slot is unused. ``entries`` in
     canonical order, so a parent comes before its children."""
     path_index = {e.path: i for i, e in enumerate(entries)}
     counts = [1] * len(entries)
+    for path, n in hardlinks(entries).items():
+        counts[path_index[path]] += n
     for i, e in enumerate(entries):
-        if e.type == EntryType.HARDLINK:
-            counts[path_index[e.link]] += 1
-        elif e.type == EntryType.DIR:
+        if e.type == EntryType.DIR:
             counts[i] += 1
             if e.path:
                 counts[path_index[e.path.rpartition(b"/")[0]]] += 1  # the subdirectory's ".."

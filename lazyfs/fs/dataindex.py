@@ -16,7 +16,7 @@ from typing import Callable
 
 from lazyfs.errors import StoreUnavailable
 from lazyfs.format import dataobj
-from lazyfs.format.manifest import Entry, EntryType, Manifest
+from lazyfs.format.manifest import Entry, EntryType, Manifest, hardlinks
 from lazyfs.fs.index import ImageIndex, Inode
 
 log = logging.getLogger("lazyfs.mount")
@@ -44,18 +44,17 @@ class DataIndex(ImageIndex):
 
     def __init__(self, manifest: Manifest):  # (not ImageIndex.__init__: the paths wait)
         self.manifest = manifest
-        REG, HARDLINK = EntryType.REG, EntryType.HARDLINK
+        REG = EntryType.REG
         keys: dict[bytes, int] = {}  # "ab/abcd…" -> index of the first entry with that content
-        links: dict[bytes, int] = {}  # path -> how many HARDLINK entries name it
         total = 0
         for i, e in enumerate(manifest.entries):
             if e.type is REG:
                 total += e.size
                 if e.size:
-                    keys.setdefault(dataobj.relpath(dataobj.object_id(e.chunks, decoded=True)).encode(), i)
-            elif e.type is HARDLINK:
-                links[e.link] = links.get(e.link, 0) + 1
-        self._keys, self._links = keys, links
+                    oid = dataobj.object_id(e.chunks, decoded=True)
+                    keys.setdefault(dataobj.relpath(oid).encode(), i)
+        self._keys = keys
+        self._links = hardlinks(manifest.entries)  # path -> its HARDLINK names
         self._inodes: dict[int, Inode] = {}  # entry index -> its inode, once looked up
         self.oids: dict[int, str] = {}  # ino -> object id, of the inodes made
         self.total_size = total

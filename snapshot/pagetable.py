@@ -8,6 +8,7 @@ in exactly one block.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError
@@ -53,13 +54,13 @@ class Task:
     wait until criu's hand-over is tracked (the bench's snapshot-one, 134,000 pages: about 60 ms
     of the page server's interpreter page by page, while criu restored on the same cores).
 
-    ``spans``: where the task's snapshot memory is, [first page, pages, pages-file offset],
+    ``spans``: where the task's snapshot memory is, (first page, pages, pages-file offset),
     disjoint, by first page. ``missing``: what of it is not in yet, by the block that holds it:
     runs of (first page, offset in the block, pages)."""
 
     def __init__(self, name: str, fd: int, pages_file: str):
         self.name, self.fd, self.pages_file = name, fd, pages_file
-        self.spans: list[list[int]] = []
+        self.spans: list[tuple[int, int, int]] = []
         self.missing: dict[int, list[tuple[int, int, int]]] = {}
         self.pages_missing = 0
         self.live = False  # its memory is registered (restore finished, or it faulted)
@@ -78,7 +79,7 @@ class Task:
                                       f"{size} bytes")
             if count <= 0:
                 continue
-            bisect.insort(self.spans, [page, count, off])
+            bisect.insort(self.spans, (page, count, off))
             i = bisect.bisect_right(starts, off) - 1
             while off < end:
                 stop = min(end, starts[i + 1]) if i + 1 < len(starts) else end
@@ -93,7 +94,7 @@ class Task:
 
     def key_of(self, blocks: Blocks, page: int) -> int | None:
         """The block holding ``page``, if the page is snapshot memory not in yet."""
-        i = bisect.bisect_right(self.spans, [page, float("inf")]) - 1
+        i = bisect.bisect_right(self.spans, (page, math.inf)) - 1
         if i < 0 or page >= self.spans[i][0] + self.spans[i][1]:
             return None
         first, _, off = self.spans[i]
@@ -120,7 +121,7 @@ class Task:
         runs = [run for piece in moved for run in self._drop_missing(blocks, *piece)]
         self.drop(blocks, new, new + n)  # (what was there is gone)
         for page, count, off in moved:
-            bisect.insort(self.spans, [page - old + new, count, off])
+            bisect.insort(self.spans, (page - old + new, count, off))
         for key, (page, off, count) in runs:
             self.missing.setdefault(key, []).append((page - old + new, off, count))
             self.pages_missing += count
@@ -135,16 +136,10 @@ class Task:
         """Take [first, last) out of the spans; the pieces cut, as (first page, pages, offset)."""
         cut, kept = [], []
         for span in self.spans:
-            page, count, off = span
-            lo, hi = max(page, first), min(page + count, last)
-            if lo >= hi:
-                kept.append(span)
-                continue
-            cut.append((lo, hi - lo, off + (lo - page) * PAGE))
-            if page < lo:
-                kept.append([page, lo - page, off])
-            if hi < page + count:
-                kept.append([hi, page + count - hi, off + (hi - page) * PAGE])
+            inside, outside = _split(span, first, last)
+            kept += outside
+            if inside:
+                cut.append(inside)
         if cut:
             self.spans = kept
         return cut
@@ -153,7 +148,6 @@ class Task:
         """Take pages [page, page + count) (at pages-file offset ``off``) out of what is missing;
         the runs taken, as (key, (first page, offset in the block, pages))."""
         taken = []
-        last = page + count
         key, _ = blocks.key(self.pages_file, off)
         end_key, _ = blocks.key(self.pages_file, off + (count - 1) * PAGE)
         for k in range(key, end_key + 1):
@@ -162,21 +156,32 @@ class Task:
                 continue
             left = []
             for p, o, n in runs:
-                lo, hi = max(p, page), min(p + n, last)
-                if lo >= hi:
-                    left.append((p, o, n))
-                    continue
-                taken.append((k, (lo, o + (lo - p) * PAGE, hi - lo)))
-                self.pages_missing -= hi - lo
-                if p < lo:
-                    left.append((p, o, lo - p))
-                if hi < p + n:
-                    left.append((hi, o + (hi - p) * PAGE, p + n - hi))
+                inside, outside = _split((p, n, o), page, page + count)
+                left += [(q, oo, m) for q, m, oo in outside]
+                if inside:
+                    q, m, oo = inside
+                    taken.append((k, (q, oo, m)))
+                    self.pages_missing -= m
             if left:
                 self.missing[k] = left
             else:
                 del self.missing[k]
         return taken
+
+
+def _split(run: tuple[int, int, int], first: int, last: int):
+    """A run (first page, pages, offset of its first page) against pages [first, last): the part
+    inside (or None) and the parts outside, each a run of the same shape."""
+    page, count, off = run
+    lo, hi = max(page, first), min(page + count, last)
+    if lo >= hi:
+        return None, [run]
+    outside = []
+    if page < lo:
+        outside.append((page, lo - page, off))
+    if hi < page + count:
+        outside.append((hi, page + count - hi, off + (hi - page) * PAGE))
+    return (lo, hi - lo, off + (lo - page) * PAGE), outside
 
 
 def lazy_runs(pagemap: PageMap) -> list[tuple[int, int, int]]:

@@ -109,16 +109,19 @@ class BlockFetcher:
             return self.fetch_block(digest, size)
         return self.cache.read(digest, size, 0, size)
 
-    def stream(self, blocks: list[tuple[str, int]], on_block=None) -> None:
+    def stream(self, blocks: list[tuple[str, int]], on_block=None) -> bool:
         """Start bringing ``blocks`` (digest, size) in, in this order, in batch requests of 64
         (from a fleet or an HTTP store; anything else is read block by block): a read of one of them
         then waits for the batch that carries it instead of asking on its own. One request per
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
-        (docs/snapshots.md). ``on_block(digest, data)``: each block as it lands, verified."""
-        if self.batches and blocks:
-            self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True,
-                                           unchecked=True, streams=2, overlap=OVERLAP,
-                                           on_block=on_block).start())
+        (docs/snapshots.md). ``on_block(digest, data)``: each block as it lands, verified.
+        Whether they stream (else each read fetches its own)."""
+        if not (self.batches and blocks):
+            return False
+        self.streams.append(Prefetcher(self.cache, self.fetch_blocks, blocks, quiet=True,
+                                       unchecked=True, streams=2, overlap=OVERLAP,
+                                       on_block=on_block).start())
+        return True
 
     def hold(self, digests) -> None:
         """Write these blocks (a restore's memory) into the node cache only at release_held()

@@ -72,7 +72,11 @@ class Handler:
         self._closing: list[int] = []
         self.fetcher = ChunkFetcher(lambda k: fetch_block(blocks.digests[k], blocks.sizes[k]),
                                     self._deliver, self._fail, workers=workers)
-        for key in working_set:
+        self.prefetch(working_set)
+
+    def prefetch(self, keys) -> None:
+        """Fetch these blocks (the recorded working set) ahead of the faults, in this order."""
+        for key in keys:
             self.fetcher.want(key, PROFILE)
 
     # --- tasks arriving from criu restore -------------------------------------------------------

@@ -169,12 +169,10 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # thread a hand-over of the interpreter per block (first answer 0.01-0.05 s sooner at 1
         # and 10 Gbit/s; docs/snapshots.md). What the stream does not bring, a fault or the
         # background fetch does. Elsewhere the handler's threads fetch the working set themselves.
-        streamed = fetcher.batches and bool(touched)
         peer: list[int] = []
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
-                          killer, working_set=[] if streamed else plan,
-                          on_stalled=lambda: _stop_criu(peer, stop, parent),
+                          killer, on_stalled=lambda: _stop_criu(peer, stop, parent),
                           on_quiet=fetcher.release_held)
         # The image's blocks come in the same stream, in the order the first restore touched
         # them both (the image mount then finds them in the node cache and does not prefetch
@@ -182,9 +180,12 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # the process reads only after its first answer the same share of the link as the
         # memory it needs for it.
         sizes = {blocks.digests[k]: blocks.sizes[k] for k in plan}
-        fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched],
-                       on_block=handler.arrived)
-        status["working_set_image_blocks"] = len(touched) - len(plan) if fetcher.batches else 0
+        if fetcher.stream([(b.digest, sizes.get(b.digest, b.size)) for b in touched],
+                          on_block=handler.arrived):
+            status["working_set_image_blocks"] = len(touched) - len(plan)
+        else:
+            status["working_set_image_blocks"] = 0
+            handler.prefetch(plan)
         status["t0"] = handler.t0  # (CLOCK_MONOTONIC: one clock for every process on the node)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = images / f".{SOCKET_NAME}.{os.getpid()}"

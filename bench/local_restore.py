@@ -37,6 +37,7 @@ from pathlib import Path
 from bench import criu_floor
 from bench.coldstart import _private_node, _publish
 from bench.images import Images
+from bench.modes import FALLBACK
 from bench.pagecache import drop_caches
 from bench.servers import LAZYFS
 
@@ -93,7 +94,7 @@ def _line(cmd: list[str], timeout: float = 120.0) -> tuple[float, str]:
                 seconds = time.monotonic() - t0
                 proc.wait(timeout)
                 err = proc.stderr.read()
-                if "warning: starting" in err:  # lazyfs run fell back to a cold start
+                if FALLBACK in err:
                     raise LocalRestoreError(f"{' '.join(cmd[2:5])}: fell back: {err.strip()[-300:]}")
                 return seconds, line.strip()
         proc.wait(timeout)

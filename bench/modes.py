@@ -41,6 +41,8 @@ from lazyfs.runner import runtime as rt
 # local-overlay: the extracted rootfs under a fresh writable overlay, as every container has one
 # (and so every mode starts from the same byte code: nothing a run writes outlives it);
 # local: the extracted rootfs itself (what a run writes there, .pyc files, stays for the next).
+# What `lazyfs run` says on stderr when a restore fell back to a cold start.
+FALLBACK = "lazyfs: warning: starting"
 MODES = ("pull", "podman-pull", "containerd-pull", "containerd-lazy", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
          "warm-node-podman", "podman-image", "local-erofs", "local-overlay", "local")
 PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
@@ -227,7 +229,7 @@ class Node:
                "--server", self.server_url, "--cache-dir", str(self.cold_cache()), ref]
         drop_caches()
         t0 = time.monotonic()
-        seconds, marks = timed(cmd, work, t0, {"fallback": "lazyfs: warning: starting",
+        seconds, marks = timed(cmd, work, t0, {"fallback": FALLBACK,
                                                "resumed": "lazyfs: restored "})
         if "fallback" in marks:
             raise BenchRunError(f"restore of {snap} fell back to a cold start")

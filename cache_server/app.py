@@ -15,7 +15,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cache_server import batches
 from cache_server.auth import Auth
+from cache_server.batches import BODY_BYTES
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
@@ -30,11 +32,9 @@ from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
 from lazyfs.format.manifest import MAX_MANIFEST
 
-BODY_BYTES = "lazyfs.body_bytes"  # set by handlers that stream their answer
 log = logging.getLogger("lazyfs.server")
 OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
-BATCH_PARALLEL = 16
 KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
 
 
@@ -229,51 +229,7 @@ class CacheServer:
         if bad:
             raise HttpError(400, f"not a sha256 digest: {bad[0][:100]!r}")
         await self._delay()
-        gate = asyncio.Semaphore(BATCH_PARALLEL)
-        pinned: list[str] = []  # digests pinned for this answer and not yet sent
-
-        async def one(digest):
-            """The frame's cache path (pinned by obtain: later inserts of this batch must not
-            evict it before it is sent) or its bytes."""
-            async with gate:
-                path, frame = await self.filler.obtain("blocks", digest)
-                if path is not None:
-                    pinned.append(digest)
-                return path, frame
-        tasks = [asyncio.ensure_future(one(d)) for d in wanted]
-        resp = web.StreamResponse(headers={"Content-Type": batch.MEDIA_TYPE})
-        sent = 0
-
-        async def send(data: bytes) -> None:
-            nonlocal sent
-            await resp.write(data)
-            sent += len(data)
-        try:
-            await resp.prepare(request)
-            for digest, task in zip(wanted, tasks):
-                try:
-                    path, frame = await task
-                    if frame is None:
-                        try:  # off the event loop: a big frame must not stall other requests
-                            frame = await self.filler.read(path)
-                        finally:
-                            pinned.remove(digest)
-                            self.cache.unpin("blocks", digest)
-                except NotFound:
-                    await send(batch.encode_header(digest, 404, 0))
-                    continue
-                except (LazyfsError, OSError):
-                    await send(batch.encode_header(digest, 502, 0))
-                    continue
-                await send(batch.encode_header(digest, 200, len(frame)) + frame)
-            await resp.write_eof()
-        finally:
-            for task in tasks:
-                task.cancel()
-            for digest in pinned:  # obtained but never sent (the client went away)
-                self.cache.unpin("blocks", digest)
-            resp[BODY_BYTES] = sent
-        return resp
+        return await batches.answer(request, wanted, self.filler, self.cache)
 
     async def list_objects(self, request: web.Request, kind: str) -> web.StreamResponse:
         self.auth.read(request)

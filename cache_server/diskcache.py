@@ -98,6 +98,10 @@ class DiskCache:
     def size(self, kind: str, digest: str) -> int | None:
         return self._lru.get((kind, digest))
 
+    def verified(self, kind: str, digest: str) -> bool:
+        """Whether the entry is cached and was verified since this process started."""
+        return (kind, digest) in self._verified and (kind, digest) in self._lru
+
     def mark_verified(self, kind: str, digest: str) -> None:
         self._verified.add((kind, digest))
         try:

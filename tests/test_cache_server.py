@@ -17,6 +17,7 @@ import urllib3
 
 from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
+from lazyfs.errors import StoreUnavailable
 from lazyfs.format import block
 from lazyfs.store.counting import CountingStore
 from lazyfs.store.http import HttpStore
@@ -334,3 +335,55 @@ def test_a_connection_is_reusable_after_a_head(tmp_path, origin):
                 assert client.put_block(digest, frame) is False
         finally:
             client.http.clear()
+
+
+def test_a_batch_of_cached_blocks_goes_out_by_sendfile_with_its_length(tmp_path, origin):
+    """Every block cached and verified: the answer has a Content-Length (sendfile from the cache
+    files, not chunked). One block not cached yet: streamed (chunked) as fills come in. The
+    records are the same either way, 404s included."""
+    blocks = _blocks(6, seed=7)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    missing = block.encode(b"never stored")[0]
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        def post(wanted):
+            r = http.request("POST", f"{srv.url}/v1/blocks/batch", body=json.dumps({"digests": wanted}),
+                             headers={"Content-Type": "application/json"})
+            assert r.status == 200
+            return r
+        first = post([d for d, _ in blocks[:4]])  # fills 4 of them
+        assert first.headers.get("Transfer-Encoding") == "chunked"
+        mixed = [d for d, _ in blocks[:5]]  # block 4 is not cached yet
+        assert post(mixed).headers.get("Transfer-Encoding") == "chunked"
+        warm = post(mixed)  # all five cached now
+        assert "Transfer-Encoding" not in warm.headers
+        assert int(warm.headers["Content-Length"]) == len(warm.data)
+        expected = b"".join(f"{d} 200 {len(f)}\n".encode() + f for d, f in blocks[:5])
+        assert warm.data == expected
+        got = list(HttpStore(srv.url).get_blocks(mixed + [missing]))  # a 404 among them: streamed
+        assert got == blocks[:5] + [(missing, None)]
+        assert dict(HttpStore(srv.url).get_blocks(mixed)) == dict(blocks[:5])
+        assert not srv.server.cache._pins
+
+
+def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin):
+    """A sendfile answer has announced its length: a cache file that cannot be read any more
+    closes the connection, so the client sees a truncated answer (never a record with other
+    bytes). The entry is dropped: the next answer fills it from the origin again."""
+    blocks = _blocks(3, seed=9)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    wanted = [d for d, _ in blocks]
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        client = HttpStore(srv.url, retries=0)
+        assert list(client.get_blocks(wanted)) == blocks  # now cached and verified
+        os.unlink(srv.server.cache.path("blocks", blocks[1][0]))
+        got = []
+        with pytest.raises(StoreUnavailable, match="IncompleteRead|truncated"):
+            for item in client.get_blocks(wanted):
+                got.append(item)
+        assert len(got) <= 1 and got == blocks[:len(got)]  # what came before the cut is right
+        cache = srv.server.cache
+        assert not cache._pins and cache.size("blocks", blocks[1][0]) is None
+        assert cache.stats.dropped_corrupt == 1
+        assert list(client.get_blocks(wanted)) == blocks

@@ -15,3 +15,13 @@ def test_mixed_load_has_no_errors_no_wrong_bytes_and_bounded_memory():
     assert r["by_kind"]["miss"]["n"] == 100
     assert r["origin_fetches"] == 64 + 100  # the warm-up, then one per miss: nothing twice
     assert 0 < r["server_peak_rss_bytes"] < RSS_BOUND
+
+
+def test_batches_of_cached_blocks_under_load_are_exact():
+    """Batches of cached blocks (sent by sendfile from the cache files) from 4 clients at once:
+    every record in order and every frame exact."""
+    r = measure(clients=4, requests=60, size=64 * 1024, blocks=64, mix=False, batch=16)
+    assert r["requests"] == 60 and set(r["by_kind"]) == {"batch"}
+    assert r["errors"] == 0 and r["wrong_bytes"] == 0
+    assert r["origin_fetches"] == 64  # the warm-up only
+    assert r["frame_MB_per_s"] > 0 and r["server_cpu_s"] >= 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import random
 import json
+import logging
+import socket
 import http.client as http_client
 import os
 import threading
@@ -366,7 +368,8 @@ def test_a_batch_of_cached_blocks_goes_out_by_sendfile_with_its_length(tmp_path,
         assert not srv.server.cache._pins
 
 
-def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin):
+@pytest.mark.parametrize("damage", ["removed", "truncated"])
+def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin, damage):
     """A sendfile answer has announced its length: a cache file that cannot be read any more
     closes the connection, so the client sees a truncated answer (never a record with other
     bytes). The entry is dropped: the next answer fills it from the origin again."""
@@ -377,7 +380,11 @@ def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin):
     with ServerThread(origin, tmp_path / "cache") as srv:
         client = HttpStore(srv.url, retries=0)
         assert list(client.get_blocks(wanted)) == blocks  # now cached and verified
-        os.unlink(srv.server.cache.path("blocks", blocks[1][0]))
+        path = srv.server.cache.path("blocks", blocks[1][0])
+        if damage == "removed":
+            os.unlink(path)
+        else:
+            os.truncate(path, len(blocks[1][1]) // 2)
         got = []
         with pytest.raises(StoreUnavailable, match="IncompleteRead|truncated"):
             for item in client.get_blocks(wanted):
@@ -386,4 +393,36 @@ def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin):
         cache = srv.server.cache
         assert not cache._pins and cache.size("blocks", blocks[1][0]) is None
         assert cache.stats.dropped_corrupt == 1
+        assert list(client.get_blocks(wanted)) == blocks
+
+
+def test_a_client_gone_mid_answer_leaves_the_cache_as_it_was(tmp_path, origin, caplog):
+    """A node that closes its connection partway through a sendfile answer: the server stops,
+    unpins, and blames no cache file (nothing dropped as damaged, no error logged)."""
+    blocks = [block.encode(os.urandom(400_000)) for _ in range(48)]  # 19 MB: more than the sockets hold
+    for d, f in blocks:
+        origin.put_block(d, f)
+    wanted = [d for d, _ in blocks]
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        client = HttpStore(srv.url)
+        assert list(client.get_blocks(wanted)) == blocks
+        conn = http_client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
+        conn.connect()
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a slow reader
+        conn.request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and "Content-Length" in resp.headers
+        resp.read(1000)
+        time.sleep(0.2)  # the server is in the middle of a file, blocked on the socket
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        cache = srv.server.cache
+        deadline = time.monotonic() + 10
+        while cache._pins and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not cache._pins
+        assert cache.stats.dropped_corrupt == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert all(cache.size("blocks", d) is not None for d in wanted)
         assert list(client.get_blocks(wanted)) == blocks

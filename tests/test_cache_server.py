@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import urllib3
 
 from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
-from lazyfs.errors import StoreUnavailable
+from lazyfs.errors import FormatError, StoreUnavailable
 from lazyfs.format import block
 from lazyfs.store.counting import CountingStore
 from lazyfs.store.http import HttpStore
@@ -426,3 +427,52 @@ def test_a_client_gone_mid_answer_leaves_the_cache_as_it_was(tmp_path, origin, c
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
         assert all(cache.size("blocks", d) is not None for d in wanted)
         assert list(client.get_blocks(wanted)) == blocks
+
+
+class _Shaped(BaseHTTPRequestHandler):
+    """A batch answer with a Content-Length, bent as ``mode`` says: the client reads such
+    answers straight from the socket, and must still refuse every bent one."""
+    mode = "short"
+    frames: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        wanted = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["digests"]
+        order = wanted[::-1] if self.mode == "order" else wanted
+        body = b"".join(f"{d} 200 {len(self.frames[d])}\n".encode() + self.frames[d] for d in order)
+        declared = len(body)
+        if self.mode == "extra":
+            body += b"x"
+            declared += 1
+        elif self.mode == "short-header":
+            body = body[:body.rindex(b"\n", 0, len(body) - len(self.frames[order[-1]])) - 5]
+        elif self.mode == "short":
+            body = body[:-100]
+        self.send_response(200)
+        self.send_header("Content-Length", str(declared))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.mode.startswith("short"):
+            self.close_connection = True
+
+
+@pytest.mark.parametrize("mode,error", [("short", StoreUnavailable), ("short-header", StoreUnavailable),
+                                        ("extra", FormatError), ("order", FormatError)])
+def test_a_bent_batch_answer_with_a_length_is_refused(mode, error):
+    blocks = [block.encode(os.urandom(300_000)) for _ in range(3)]
+    handler = type("H", (_Shaped,), {"mode": mode, "frames": dict(blocks)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HttpStore(f"http://127.0.0.1:{server.server_address[1]}", retries=0)
+        got = []
+        with pytest.raises(error):
+            for item in client.get_blocks([d for d, _ in blocks]):
+                got.append(item)
+        assert got == blocks[:len(got)]  # whatever came before the fault was right
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()

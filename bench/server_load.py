@@ -81,7 +81,7 @@ class Load:
                     got = _parse_batch(await resp.read()) if ok else []
                     good = [d for d, _ in got] == wanted and all(
                         f == self.frames[d] for d, f in got)
-                    self.frame_bytes += sum(len(f or b"") for _, f in got)
+                    self.frame_bytes += sum(len(f or b"") for _, f in got) if good else 0
             elif kind == "range":
                 start = rng.randrange(len(frame))
                 stop = min(len(frame), start + rng.randrange(1, 65536))
@@ -97,7 +97,7 @@ class Load:
                 async with session.get(f"{self.url}/v1/blocks/{digest}") as resp:
                     ok = resp.status == 200
                     good = await resp.read() == frame
-                    self.frame_bytes += len(frame)
+                    self.frame_bytes += len(frame) if ok and good else 0
         except aiohttp.ClientError:
             ok, good = False, True
         if not ok:

@@ -11,18 +11,22 @@ The same bytes go out one of two ways:
 - **Streamed as frames become ready** (chunked), when some must come from the origin first: the
   first frames do not wait for the slowest fill.
 
-Once a sendfile answer has started, a cache file that cannot be read any more (a disk error)
-cuts the answer short: the connection is closed, and the client, which counts every record's
-bytes, sees a truncated answer and fetches again; the entry is dropped, so the next answer fills
-it from the origin. No client is sent a record that lies. A client that goes away mid-answer
-only ends it: its cache files are not to blame.
+Once a sendfile answer has started, a cache file that is gone, unreadable (EIO) or short cuts
+the answer short: the connection is closed, and the client, which counts every record's bytes,
+sees a truncated answer and fetches again; the entry is dropped, so the next answer fills it from
+the origin. No client is sent a record that lies. Any other failure (the client gone, the socket's
+errors, the server out of descriptors) ends the answer the same way without blaming a file.
+AIOHTTP_NOSENDFILE (aiohttp's switch) sends every batch the streamed way; the server never
+compresses its answers (sendfile would bypass the compressor).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 from aiohttp import web
+from aiohttp.web_fileresponse import NOSENDFILE  # AIOHTTP_NOSENDFILE: aiohttp's switch for it
 
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler
@@ -38,7 +42,7 @@ log = logging.getLogger("lazyfs.server")
 async def answer(request: web.Request, wanted: list[str], filler: Filler,
                  cache: DiskCache) -> web.StreamResponse:
     """The batch answer for ``wanted`` (already checked: digests, at most batch.MAX_DIGESTS)."""
-    if all(cache.verified(KIND, d) for d in wanted):
+    if not NOSENDFILE and all(cache.verified(KIND, d) for d in wanted):
         return await _from_files(request, wanted, filler, cache)
     return await _streamed(request, wanted, filler, cache)
 
@@ -76,7 +80,7 @@ async def _from_files(request: web.Request, wanted: list[str], filler: Filler,
                 continue
             pinned.remove(digest)
             try:
-                whole = await _send_file(request, path, size)
+                whole = await _send_file(request, resp, path, size)
             finally:
                 cache.unpin(KIND, digest)
             if not whole:
@@ -86,8 +90,8 @@ async def _from_files(request: web.Request, wanted: list[str], filler: Filler,
                 return resp
             sent += size
         await resp.write_eof()
-    except ConnectionError:  # the client went away: nobody to answer, nothing to blame
-        log.debug("batch: the client went away after %d bytes", sent)
+    except ConnectionError:  # the answer cannot go on: nothing to blame on a file
+        _end(request, sent)
     finally:
         for digest in pinned:  # obtained but never sent (the client went away)
             cache.unpin(KIND, digest)
@@ -95,24 +99,49 @@ async def _from_files(request: web.Request, wanted: list[str], filler: Filler,
     return resp
 
 
-async def _send_file(request: web.Request, path: str, size: int) -> bool:
-    """sendfile(2) the cache file's ``size`` bytes; False if it could not be opened or read, or
-    ended short. A client that went away raises (ConnectionError): the file is not to blame."""
+# What says a cache file itself is bad: gone, or unreadable on its disk. Any other error (the
+# socket's, the server out of descriptors or memory) ends the answer without blaming the file.
+FILE_ERRORS = (errno.ENOENT, errno.EIO, errno.ESTALE)
+
+
+async def _send_file(request: web.Request, resp: web.StreamResponse, path: str, size: int) -> bool:
+    """The cache file's ``size`` bytes on the answer, by sendfile(2); False if the file is gone,
+    unreadable or short. Anything else raises ConnectionError (the client gone, the socket's
+    errors, the server short of descriptors): the answer ends, and no file is blamed."""
+    loop = asyncio.get_running_loop()
     try:
         f = open(path, "rb")
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno in FILE_ERRORS:
+            return False
+        log.warning("batch: cannot open a cache file: %s", exc)
+        raise ConnectionAbortedError(str(exc)) from None
     with f:
         try:
-            return await asyncio.get_running_loop().sendfile(request.transport, f, 0, size) == size
+            try:
+                sent = await loop.sendfile(request.transport, f, 0, size)
+            except NotImplementedError:  # a loop without sendfile: read and write it
+                data = await loop.run_in_executor(None, f.read, size)
+                await resp.write(data)
+                sent = len(data)
         except ConnectionError:
             raise
-        except OSError:  # the disk, not the socket
-            return False
+        except OSError as exc:
+            if exc.errno in FILE_ERRORS:
+                return False
+            raise ConnectionAbortedError(str(exc)) from None
         except RuntimeError:  # asyncio's word for a transport the client has closed
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("the client went away") from None
             raise
+    return sent == size
+
+
+def _end(request: web.Request, sent: int) -> None:
+    """An answer cut short: close the connection, so that nothing follows the short body."""
+    log.debug("batch: answer ended after %d bytes (the client went away, or the socket failed)", sent)
+    if request.transport is not None:
+        request.transport.close()
 
 
 async def _streamed(request: web.Request, wanted: list[str], filler: Filler,
@@ -155,8 +184,8 @@ async def _streamed(request: web.Request, wanted: list[str], filler: Filler,
                 continue
             await send(batch.encode_header(digest, 200, len(frame)) + frame)
         await resp.write_eof()
-    except ConnectionError:  # the client went away: nobody to answer, nothing to blame
-        log.debug("batch: the client went away after %d bytes", sent)
+    except ConnectionError:  # the answer cannot go on: nothing to blame on a file
+        _end(request, sent)
     finally:
         for task in tasks:
             task.cancel()

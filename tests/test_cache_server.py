@@ -436,8 +436,8 @@ def test_a_client_gone_mid_answer_leaves_the_cache_as_it_was(tmp_path, origin, c
 
 
 class _Shaped(BaseHTTPRequestHandler):
-    """A batch answer with a Content-Length, bent as ``mode`` says: the client reads such
-    answers straight from the socket, and must still refuse every bent one."""
+    """A batch answer bent as ``mode`` says, most with a Content-Length (which the client reads
+    straight from the socket), one chunked: the client must refuse every one with a typed error."""
     mode = "short"
     frames: dict = {}
 
@@ -452,8 +452,15 @@ class _Shaped(BaseHTTPRequestHandler):
         if self.mode == "extra":
             body += b"x"
             declared += 1
-        elif self.mode == "short-header":
-            body = body[:body.rindex(b"\n", 0, len(body) - len(self.frames[order[-1]])) - 5]
+        elif self.mode == "short-header":  # cut inside the last header's digest
+            body = body[:body.rindex(b"\n", 0, len(body) - len(self.frames[order[-1]])) - 30]
+        elif self.mode == "chunked-short":  # a chunked body that ends cleanly, a record short
+            last = body.rindex(order[-1].encode())
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (last, body[:last]))
+            return
         elif self.mode == "short":
             body = body[:-100]
         self.send_response(200)
@@ -465,8 +472,9 @@ class _Shaped(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("mode,error", [("short", StoreUnavailable), ("short-header", StoreUnavailable),
-                                        ("extra", FormatError), ("order", FormatError)])
-def test_a_bent_batch_answer_with_a_length_is_refused(mode, error):
+                                        ("chunked-short", StoreUnavailable), ("extra", FormatError),
+                                        ("order", FormatError)])
+def test_a_bent_batch_answer_is_refused(mode, error):
     blocks = [block.encode(os.urandom(300_000)) for _ in range(3)]
     handler = type("H", (_Shaped,), {"mode": mode, "frames": dict(blocks)})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -482,3 +490,31 @@ def test_a_bent_batch_answer_with_a_length_is_refused(mode, error):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_server_short_of_descriptors_cuts_the_answer_but_blames_no_file(tmp_path, origin, monkeypatch):
+    """A cache file the server cannot open for a reason that is not the file's (EMFILE): the
+    answer is cut short, the client gets a typed error, and the entry stays, still served."""
+    import errno
+    from cache_server import batches
+    blocks = _blocks(3, seed=17)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    wanted = [d for d, _ in blocks]
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        client = HttpStore(srv.url, retries=0)
+        assert list(client.get_blocks(wanted)) == blocks
+        calls = []
+
+        def out_of_descriptors(path, mode="r", *a, **k):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return open(path, mode, *a, **k)
+        monkeypatch.setattr(batches, "open", out_of_descriptors, raising=False)
+        with pytest.raises(StoreUnavailable):
+            list(client.get_blocks(wanted))
+        cache = srv.server.cache
+        assert _unpinned(cache) and cache.stats.dropped_corrupt == 0
+        assert all(cache.verified("blocks", d) for d in wanted)
+        assert list(client.get_blocks(wanted)) == blocks

@@ -121,9 +121,10 @@ class HttpStore:
                                headers={"Cache-Control": "only-if-cached"}, not_cached=True)
         return answer.data
 
-    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
+    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | bytearray | None]]:
         """Many blocks in one round trip: (digest, frame), or (digest, None) when the server has
-        no such block; in request order. Raises StoreUnavailable if the server fails for one."""
+        no such block; in request order. Raises StoreUnavailable if the server fails for one.
+        A frame read straight from the socket is a bytearray (no copy into bytes)."""
         for d in wanted:
             digests.validate(d)
         resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
@@ -153,6 +154,8 @@ class HttpStore:
             complete = True
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
+        except ValueError:  # urllib3 closed a chunked body that ended before its last record
+            raise StoreUnavailable(f"{self.url}: batch answer truncated") from None
         finally:
             if not complete:
                 resp.close()  # an abandoned or broken answer: do not reuse its connection

@@ -518,3 +518,31 @@ def test_a_server_short_of_descriptors_cuts_the_answer_but_blames_no_file(tmp_pa
         assert _unpinned(cache) and cache.stats.dropped_corrupt == 0
         assert all(cache.verified("blocks", d) for d in wanted)
         assert list(client.get_blocks(wanted)) == blocks
+
+
+@pytest.mark.parametrize("how", ["loop without sendfile", "AIOHTTP_NOSENDFILE"])
+def test_cached_batches_without_sendfile_are_exact(tmp_path, origin, monkeypatch, how):
+    """An event loop without sendfile: each cached frame is read and written instead, the
+    answer keeps its length. aiohttp's AIOHTTP_NOSENDFILE: every batch streams (chunked)."""
+    import asyncio
+    from cache_server import batches
+    blocks = [block.encode(os.urandom(100_000)) for _ in range(4)]
+    for d, f in blocks:
+        origin.put_block(d, f)
+    wanted = [d for d, _ in blocks]
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        assert list(HttpStore(srv.url).get_blocks(wanted)) == blocks  # cached and verified now
+        if how == "AIOHTTP_NOSENDFILE":
+            monkeypatch.setattr(batches, "NOSENDFILE", True)
+        else:
+            async def no_sendfile(self, *args, **kwargs):
+                raise NotImplementedError
+            monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+        r = http.request("POST", f"{srv.url}/v1/blocks/batch", body=json.dumps({"digests": wanted}),
+                         headers={"Content-Type": "application/json"})
+        assert r.status == 200
+        assert r.data == b"".join(f"{d} 200 {len(f)}\n".encode() + f for d, f in blocks)
+        chunked = r.headers.get("Transfer-Encoding") == "chunked"
+        assert chunked == (how == "AIOHTTP_NOSENDFILE")
+        assert list(HttpStore(srv.url).get_blocks(wanted)) == blocks
+        assert _unpinned(srv.server.cache)

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def _unpinned(cache, timeout=10.0) -> bool:
     while cache._pins and time.monotonic() < deadline:
         time.sleep(0.02)
     return not cache._pins
+
+
+@contextmanager
+def _warm(tmp_path, origin, blocks):
+    """A server with ``blocks`` cached and verified (one batch brought them), and a client that
+    does not retry."""
+    for d, f in blocks:
+        origin.put_block(d, f)
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        client = HttpStore(srv.url, retries=0)
+        assert list(client.get_blocks([d for d, _ in blocks])) == blocks
+        yield srv, client
 
 
 def _blocks(n, size=200_000, seed=0):
@@ -384,12 +397,8 @@ def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin, da
     closes the connection, so the client sees a truncated answer (never a record with other
     bytes). The entry is dropped: the next answer fills it from the origin again."""
     blocks = _blocks(3, seed=9)
-    for d, f in blocks:
-        origin.put_block(d, f)
     wanted = [d for d, _ in blocks]
-    with ServerThread(origin, tmp_path / "cache") as srv:
-        client = HttpStore(srv.url, retries=0)
-        assert list(client.get_blocks(wanted)) == blocks  # now cached and verified
+    with _warm(tmp_path, origin, blocks) as (srv, client):
         path = srv.server.cache.path("blocks", blocks[1][0])
         if damage == "removed":
             os.unlink(path)
@@ -410,12 +419,8 @@ def test_a_client_gone_mid_answer_leaves_the_cache_as_it_was(tmp_path, origin, c
     """A node that closes its connection partway through a sendfile answer: the server stops,
     unpins, and blames no cache file (nothing dropped as damaged, no error logged)."""
     blocks = [block.encode(os.urandom(400_000)) for _ in range(48)]  # 19 MB: more than the sockets hold
-    for d, f in blocks:
-        origin.put_block(d, f)
     wanted = [d for d, _ in blocks]
-    with ServerThread(origin, tmp_path / "cache") as srv:
-        client = HttpStore(srv.url)
-        assert list(client.get_blocks(wanted)) == blocks
+    with _warm(tmp_path, origin, blocks) as (srv, client):
         conn = http_client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
         conn.connect()
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a slow reader
@@ -498,12 +503,8 @@ def test_a_server_short_of_descriptors_cuts_the_answer_but_blames_no_file(tmp_pa
     import errno
     from cache_server import batches
     blocks = _blocks(3, seed=17)
-    for d, f in blocks:
-        origin.put_block(d, f)
     wanted = [d for d, _ in blocks]
-    with ServerThread(origin, tmp_path / "cache") as srv:
-        client = HttpStore(srv.url, retries=0)
-        assert list(client.get_blocks(wanted)) == blocks
+    with _warm(tmp_path, origin, blocks) as (srv, client):
         calls = []
 
         def out_of_descriptors(path, mode="r", *a, **k):
@@ -527,11 +528,8 @@ def test_cached_batches_without_sendfile_are_exact(tmp_path, origin, monkeypatch
     import asyncio
     from cache_server import batches
     blocks = [block.encode(os.urandom(100_000)) for _ in range(4)]
-    for d, f in blocks:
-        origin.put_block(d, f)
     wanted = [d for d, _ in blocks]
-    with ServerThread(origin, tmp_path / "cache") as srv:
-        assert list(HttpStore(srv.url).get_blocks(wanted)) == blocks  # cached and verified now
+    with _warm(tmp_path, origin, blocks) as (srv, client):
         if how == "AIOHTTP_NOSENDFILE":
             monkeypatch.setattr(batches, "NOSENDFILE", True)
         else:

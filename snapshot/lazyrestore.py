@@ -49,28 +49,50 @@ class PageServer:
     connects, told to stop once the restored tree has exited."""
 
     def __init__(self, cfg: Config, log_file: Path, known: tuple | None = None):
+        """Start it; ``ready()`` waits until it serves. In between, the restore mounts the image
+        and fetches criu's files, which do not need it (its readiness came 12 ms after the fork,
+        on the start path, while it set up and sent its first batch request)."""
         self.cfg = cfg
         self.log_file = log_file
         read_fd, write_fd = os.pipe()
         args = [sys.executable, "-m", "snapshot.lazyserver", *cfg.args(), "--ready-fd", str(write_fd)]
         self.proc = None
+        self._ready_fd: int | None = read_fd
         try:
-            try:
-                with spawn.holding_sigint():  # a Ctrl-C now comes once the handle is ours
-                    # (forked, it takes what lazyfs run read; as a program, it reads them itself)
-                    self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd, known),
-                                            log_file, write_fd)
-            finally:
-                os.close(write_fd)
-            if not spawn.wait_ready(read_fd, self.proc, 30.0):
-                raise RunError(f"the lazy page server did not start: {self.failure()}")
-        except BaseException:  # it never came up, or a Ctrl-C while it started: it must not
-            if self.proc is not None:  # serve on, alone
-                self.proc.kill()
-                self.proc.wait()
+            with spawn.holding_sigint():  # a Ctrl-C now comes once the handle is ours
+                # (forked, it takes what lazyfs run read; as a program, it reads them itself)
+                self.proc = spawn.start(args, lambda: serve_pages(cfg, write_fd, known),
+                                        log_file, write_fd)
+        except BaseException:
+            self._close_ready()
             raise
         finally:
-            os.close(read_fd)
+            os.close(write_fd)
+
+    def ready(self, timeout: float = 30.0) -> None:
+        """Wait until it serves (before criu restore connects to it); RunError if it never does,
+        and then it is reaped: it must not serve on, alone."""
+        if self._ready_fd is None:
+            return
+        try:
+            ok = spawn.wait_ready(self._ready_fd, self.proc, timeout)
+        except BaseException:  # a Ctrl-C while it started
+            self._reap()
+            raise
+        finally:
+            self._close_ready()
+        if not ok:
+            self._reap()
+            raise RunError(f"the lazy page server did not start: {self.failure()}")
+
+    def _close_ready(self) -> None:
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+
+    def _reap(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
     def socket(self) -> Path:
         return Path(self.cfg.images) / SOCKET_NAME
@@ -92,7 +114,9 @@ class PageServer:
         return " / ".join(lines[-3:]) or "(no log)"
 
     def finish(self, timeout: float = 30.0) -> dict:
-        """After the restored tree has exited: stop serving and return the status."""
+        """After the restored tree has exited (or a restore given up): stop serving and return
+        the status."""
+        self._close_ready()
         if self.proc.poll() is None:
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)

@@ -140,7 +140,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
 
 
 def _abandon(ws: Workspace, pages: PageServer | None) -> None:
-    if pages is not None and pages.proc.poll() is None:
+    if pages is not None:
         pages.finish()
     ws.remove()
 
@@ -160,6 +160,8 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
              pages: PageServer | None, recording: tuple[str, str | None, float] | None,
              mounted: str = "mounted") -> int:
+    if pages is not None:
+        pages.ready()  # (started first, it came up while the image mounted)
     try:
         pid, stdio_at, times = criu_restore(criu, digest, snap, ws, pages)
     except BaseException as exc:

@@ -351,8 +351,9 @@ def test_a_page_server_that_cannot_start_says_why_and_leaves_no_process(tmp_path
     cfg = Config(str(images), snapshot, Source(str(tmp_path / "store")), str(tmp_path / "cache"),
                  str(tmp_path / "restored.pid"), str(tmp_path / "pages.json"))
     before = set(children(os.getpid()))
+    pages = PageServer(cfg, tmp_path / "pages.log")  # (the restore mounts meanwhile)
     with pytest.raises(RunError, match=f"the lazy page server did not start: .*{snapshot}"):
-        PageServer(cfg, tmp_path / "pages.log")
+        pages.ready()
     assert set(children(os.getpid())) <= before
     assert snapshot in json.loads((tmp_path / "pages.json").read_text())["error"]  # (kept)
 

@@ -17,7 +17,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache_server import batches
 from cache_server.auth import Auth
-from cache_server.batches import BODY_BYTES
 from cache_server.diskcache import DiskCache
 from cache_server.filler import Filler, verify
 from cache_server.metrics import Metrics
@@ -333,8 +332,8 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     that declares its length is counted by that, a streamed one by what its handler wrote."""
     if request.method == "HEAD":
         return 0
-    if BODY_BYTES in response:
-        return response[BODY_BYTES]
+    if batches.BODY_BYTES in response:
+        return response[batches.BODY_BYTES]
     if response.content_length is not None:
         return response.content_length
     return response.body_length or 0

@@ -150,39 +150,31 @@ async def _streamed(request: web.Request, wanted: list[str], filler: Filler,
     pinned: list[str] = []  # digests pinned for this answer and not yet sent
 
     async def one(digest):
-        """The frame's cache path (pinned by obtain: later inserts of this batch must not evict
-        it before it is sent) or its bytes."""
+        """_record's answer; a cache path is pinned (later inserts of this batch must not evict
+        it before it is sent)."""
         async with gate:
-            path, frame = await filler.obtain(KIND, digest)
+            status, path, frame = await _record(filler, digest)
             if path is not None:
                 pinned.append(digest)
-            return path, frame
+            return status, path, frame
     tasks = [asyncio.ensure_future(one(d)) for d in wanted]
     resp = web.StreamResponse(headers={"Content-Type": batch.MEDIA_TYPE})
     sent = 0
-
-    async def send(data: bytes) -> None:
-        nonlocal sent
-        await resp.write(data)
-        sent += len(data)
     try:
         await resp.prepare(request)
         for digest, task in zip(wanted, tasks):
-            try:
-                path, frame = await task
-                if frame is None:
-                    try:  # off the event loop: a big frame must not stall other requests
-                        frame = await filler.read(path)
-                    finally:
-                        pinned.remove(digest)
-                        cache.unpin(KIND, digest)
-            except NotFound:
-                await send(batch.encode_header(digest, 404, 0))
-                continue
-            except (LazyfsError, OSError):
-                await send(batch.encode_header(digest, 502, 0))
-                continue
-            await send(batch.encode_header(digest, 200, len(frame)) + frame)
+            status, path, frame = await task
+            if path is not None:
+                try:  # off the event loop: a big frame must not stall other requests
+                    frame = await filler.read(path)
+                except (LazyfsError, OSError):
+                    status, frame = 502, b""
+                finally:
+                    pinned.remove(digest)
+                    cache.unpin(KIND, digest)
+            data = batch.encode_header(digest, status, len(frame)) + frame
+            await resp.write(data)
+            sent += len(data)
         await resp.write_eof()
     except ConnectionError:  # the answer cannot go on: nothing to blame on a file
         _end(request, sent)

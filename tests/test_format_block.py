@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given, settings, strategies as st
 
 from lazyfs.errors import BlockFormatError, DigestMismatch, FormatError
-from lazyfs.format import block, digest as digests
+from lazyfs.format import block, digest as digests, shuffle
 
 
 @given(st.binary(max_size=70_000), st.integers(1, 9))
@@ -80,3 +80,79 @@ def test_flipped_frames_never_decode_to_wrong_bytes(data, draw):
 def test_invalid_digest_strings(bad):
     with pytest.raises(FormatError):
         digests.validate(bad)
+
+
+# Shuffled blocks (docs/format.md §2.1)
+
+@given(st.binary(max_size=70_000), st.sampled_from([1, 3, 6]))
+def test_round_trip_with_the_shuffle_tried(data, level):
+    digest, frame = block.encode(data, level, shuffle=True)
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert block.decode(digest, frame) == data
+    assert block.declared_size(frame) == len(data)
+
+
+@given(st.binary(max_size=5000), st.integers(1, 9))
+def test_unshuffle_inverts_shuffle(data, width):
+    shuffled = shuffle.shuffle(data, width)
+    assert sorted(shuffled) == sorted(data)
+    assert bytes(shuffle.unshuffle(shuffled, width)) == data
+
+
+def test_shuffle_golden():
+    # Two 4-byte elements and one byte after them: byte j of each element together, the tail kept.
+    assert shuffle.shuffle(bytes.fromhex("000102031011121320")) == bytes.fromhex("001001110212031320")
+
+
+def test_golden_shuffled_block():
+    # SHUFFLED, then one zstd frame (a raw block) of the shuffled bytes.
+    frame = bytes.fromhex("5c2a4d18040000005348460428b52ffd2009490000001001110212031320")
+    data = bytes.fromhex("000102031011121320")
+    assert block.decode("sha256:f203a38309ec2cb761cd85e21d2ac7dffb892ce4a372bf9d56b6cc52bf0a5a5d",
+                        frame) == data
+    assert block.declared_size(frame) == 9
+
+
+def test_floats_are_stored_shuffled_and_smaller():
+    import random
+    import struct
+    rng = random.Random(7)
+    data = struct.pack("<65536f", *(rng.uniform(-0.03, 0.03) for _ in range(65536)))
+    plain = block.encode(data, 3)[1]
+    digest, frame = block.encode(data, 3, shuffle=True)
+    assert frame.startswith(block.SHUFFLED) and len(frame) < 0.95 * len(plain)
+    assert block.decode(digest, frame) == data
+
+
+def test_noise_and_text_are_stored_plain():
+    import os
+    for data in (os.urandom(100_000), b"the same words, over and over; " * 3000):
+        frame = block.encode(data, 3, shuffle=True)[1]
+        assert not frame.startswith(block.SHUFFLED)
+        assert frame == block.encode(data, 3)[1]
+
+
+def test_unknown_skippable_frame_is_rejected():
+    digest, frame = block.encode(b"abc")
+    other = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"SHF\x02"
+    for head in (other, block.SHUFFLED[:-1] + b"\x08", block.SHUFFLED[:6]):
+        with pytest.raises(BlockFormatError, match="unknown skippable"):
+            block.decode(digest, head + frame)
+
+
+def test_shuffled_bomb_is_rejected_before_inflating():
+    frame = zstandard.ZstdCompressor().compress(b"\0" * (block.MAX_BLOCK_SIZE + 1))
+    with pytest.raises(BlockFormatError, match="more than"):
+        block.decode(digests.compute(b"x"), block.SHUFFLED + frame)
+
+
+def test_shuffled_frame_of_other_bytes_fails_the_digest():
+    """A writer that shuffles and forgets the marker (or a marker on a plain frame) can never
+    hand out wrong bytes: the digest is of the unshuffled content."""
+    data = bytes(range(256)) * 64
+    digest, plain = block.encode(data)
+    with pytest.raises(DigestMismatch):
+        block.decode(digest, block.SHUFFLED + plain)
+    unmarked = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(shuffle.shuffle(data)))
+    with pytest.raises(DigestMismatch):
+        block.decode(digest, unmarked)

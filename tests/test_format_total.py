@@ -35,6 +35,7 @@ DECODERS = {
     "batch.decode_header": (batch.decode_header, lambda body: body + b"\n"),
     "block.decode": (lambda data: block.decode(DIGEST, data), lambda body: body),
     "block.decompress": (block.decompress, lambda body: body),
+    "block.decompress (shuffled)": (block.decompress, lambda body: block.SHUFFLED + body),
     "trace.decode": (trace.decode, lambda body: body.decode("utf-8", "surrogateescape")),
     "trace.decode_all": (trace.decode_all, lambda body: body.decode("utf-8", "surrogateescape")
                          .splitlines()),

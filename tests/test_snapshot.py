@@ -163,6 +163,11 @@ def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agen
     if agent == "no agent":
         _without_the_agent(monkeypatch)
     _snapshot("warm/py:1")
+    # The float64 array's memory is stored byte-shuffled, the random bytearray's as it is.
+    frames = [image.get_block(d) for f in _manifest(image, "warm/py:1").files
+              if f.name.startswith("criu/pages-") for d, _ in f.chunks]
+    shuffled = sum(fr.startswith(block.SHUFFLED) for fr in frames)
+    assert 0 < shuffled < len(frames)
     runs = [lazyfs_cli("run", "-v", "--restore", "warm/py:1", "snap/py:1", check=False, timeout=300)
             for _ in range(2)]
     # The first restore records the working set, on a traced mount of its own; the second

@@ -1,7 +1,9 @@
 """Blocks: one zstd frame holding up to MAX_BLOCK_SIZE bytes, named by the SHA-256 of those bytes.
 
 The frame must declare its content size, so a reader knows the output size before inflating and can
-refuse a frame that claims more than it may hold (decompression bombs) without allocating it.
+refuse a frame that claims more than it may hold (decompression bombs) without allocating it. A
+frame may be stored byte-shuffled (lazyfs.format.shuffle), marked by the one skippable frame
+SHUFFLED before it (docs/format.md §2.1).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import threading
 import zstandard
 
 from lazyfs.errors import BlockFormatError, DigestMismatch
-from lazyfs.format import digest as digests
+from lazyfs.format import digest as digests, shuffle as shuffles
 from lazyfs.format.guard import total
 
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
@@ -19,6 +21,13 @@ MAX_BLOCK_SIZE = 16 * 1024 * 1024
 # no valid block frame is larger, so readers can refuse bigger bodies before buffering them.
 MAX_FRAME_SIZE = MAX_BLOCK_SIZE + MAX_BLOCK_SIZE // 128 + 4096
 DEFAULT_LEVEL = 3
+# A zstd skippable frame (magic 0x184D2A5C, 4 bytes of payload) naming the filter: the zstd frame
+# after it holds the block byte-shuffled with elements of 4 bytes. A zstd tool still inflates the
+# file (to the shuffled bytes); no other skippable frame may appear.
+SHUFFLED = (0x184D2A5C).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"SHF" + bytes([4])
+_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
+# The shuffle is tried at this level, the cheapest, and kept where it makes the smaller frame there.
+TRIAL_LEVEL = 1
 
 _local = threading.local()
 
@@ -40,14 +49,39 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return ctx
 
 
-def encode(data: bytes, level: int = DEFAULT_LEVEL, limit: int = MAX_BLOCK_SIZE) -> tuple[str, bytes]:
-    """Return ``(digest, frame)`` for ``data``."""
+def encode(data: bytes, level: int = DEFAULT_LEVEL, limit: int = MAX_BLOCK_SIZE,
+           shuffle: bool = False) -> tuple[str, bytes]:
+    """Return ``(digest, frame)`` for ``data``. ``shuffle``: store it byte-shuffled where that
+    compresses better (memory of floats; tried at TRIAL_LEVEL, then compressed at ``level``)."""
     if len(data) > limit:
         raise BlockFormatError(f"object of {len(data)} bytes exceeds the {limit} byte limit")
-    return digests.compute(data), _cctx(level).compress(data)
+    digest = digests.compute(data)
+    if not shuffle:
+        return digest, _cctx(level).compress(data)
+    shuffled = shuffles.shuffle(data)
+    plain_trial = _cctx(TRIAL_LEVEL).compress(data)
+    shuffled_trial = _cctx(TRIAL_LEVEL).compress(shuffled)
+    if len(SHUFFLED) + len(shuffled_trial) < len(plain_trial):
+        body = shuffled_trial if level == TRIAL_LEVEL else _cctx(level).compress(shuffled)
+        return digest, SHUFFLED + body
+    return digest, plain_trial if level == TRIAL_LEVEL else _cctx(level).compress(data)
+
+
+def _split(frame, digest: str | None) -> tuple[memoryview, bool]:
+    """The zstd frame inside a block frame, and whether it holds the block shuffled."""
+    view = memoryview(frame).cast("B")
+    if len(view) >= 4 and int.from_bytes(view[:4], "little") in _SKIPPABLE:
+        if view[:len(SHUFFLED)] != SHUFFLED:
+            raise BlockFormatError("block frame starts with an unknown skippable frame", digest)
+        return view[len(SHUFFLED):], True
+    return view, False
 
 
 def declared_size(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_SIZE) -> int:
+    return _declared_size(_split(frame, digest)[0], digest, limit)
+
+
+def _declared_size(frame, digest: str | None, limit: int) -> int:
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
@@ -64,7 +98,8 @@ def declared_size(frame: bytes, digest: str | None = None, limit: int = MAX_BLOC
 def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_SIZE,
                expected_size: int | None = None) -> bytes:
     """Inflate one frame without checking its digest (see ``decode`` for the checked form)."""
-    size = declared_size(frame, digest, limit)
+    frame, shuffled = _split(frame, digest)
+    size = _declared_size(frame, digest, limit)
     if expected_size is not None and size != expected_size:
         raise BlockFormatError(f"frame declares {size} bytes, expected {expected_size}", digest)
     try:
@@ -77,7 +112,7 @@ def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_S
         raise BlockFormatError(f"corrupt zstd frame ({exc})", digest) from None
     if len(data) != size:
         raise BlockFormatError(f"frame inflated to {len(data)} bytes, declared {size}", digest)
-    return data
+    return bytes(shuffles.unshuffle(data)) if shuffled else data
 
 
 @total("block frame", BlockFormatError)

@@ -2,6 +2,7 @@
 store as content-addressed zstd blocks. Two snapshots of one image share every identical block."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -78,9 +79,9 @@ def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapF
     files: list[SnapFile] = []
     sizes: dict[str, int] = {}
 
-    def frames():
+    def frames(encoded_chunks):
         chunks = []
-        for name, encoded in _encoded(root, names):
+        for name, encoded in encoded_chunks:
             if encoded is None:  # the end of ``name``
                 files.append(SnapFile(name, sum(n for _, n in chunks), tuple(chunks)))
                 chunks = []
@@ -91,9 +92,11 @@ def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapF
                 sizes[digest] = len(frame)
                 yield digest, frame
     new = total = 0
-    for digest, stored in store.put_blocks(frames()):
-        total += sizes[digest]
-        new += sizes[digest] if stored else 0
+    # closing(): a store that fails partway stops the encoders now, not when the error is let go.
+    with contextlib.closing(_encoded(root, names)) as encoded_chunks:
+        for digest, stored in store.put_blocks(frames(encoded_chunks)):
+            total += sizes[digest]
+            new += sizes[digest] if stored else 0
     return files, new, total
 
 
@@ -108,7 +111,8 @@ def _encode(data: bytes, pages: bool) -> tuple[str, int, bytes]:
 def _encoded(root: Path, names: list[str]) -> Iterator[tuple[str, tuple[str, int, bytes] | None]]:
     """(name, (digest, size, frame)) for each chunk of each file in order, then (name, None) at
     the file's end; ENCODERS chunks compress at once (zstd releases the GIL), a few held ahead."""
-    with ThreadPoolExecutor(ENCODERS, thread_name_prefix="snapshot-encode") as pool:
+    pool = ThreadPoolExecutor(ENCODERS, thread_name_prefix="snapshot-encode")
+    try:
         ahead: deque = deque()
         for name in names:
             pages = is_pages(name)
@@ -119,6 +123,9 @@ def _encoded(root: Path, names: list[str]) -> Iterator[tuple[str, tuple[str, int
             ahead.append((name, None))
         while ahead:
             yield _next(ahead)
+    finally:
+        # (a failed encode, or a store that failed the upload: what is queued is not encoded)
+        pool.shutdown(cancel_futures=True)
 
 
 def _next(ahead: deque):

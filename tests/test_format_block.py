@@ -62,9 +62,17 @@ def test_garbage_frames_are_typed(data):
         pass
 
 
-@given(st.binary(min_size=1, max_size=5000), st.data())
-def test_flipped_frames_never_decode_to_wrong_bytes(data, draw):
+def _shuffled_frame(data: bytes) -> bytes:
+    """A block stored shuffled whatever its content (encode keeps it only where it is smaller)."""
+    body = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(shuffle.shuffle(data)))
+    return block.SHUFFLED + body
+
+
+@given(st.binary(min_size=1, max_size=5000), st.data(), st.booleans())
+def test_flipped_frames_never_decode_to_wrong_bytes(data, draw, shuffled):
     digest, frame = block.encode(data)
+    if shuffled:
+        frame = _shuffled_frame(data)
     raw = bytearray(frame)
     pos = draw.draw(st.integers(0, len(raw) - 1))
     raw[pos] ^= draw.draw(st.integers(1, 255))
@@ -89,6 +97,14 @@ def test_round_trip_with_the_shuffle_tried(data, level):
     digest, frame = block.encode(data, level, shuffle=True)
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert block.decode(digest, frame) == data
+    assert block.declared_size(frame) == len(data)
+
+
+@given(st.binary(max_size=20_000))
+def test_any_block_stored_shuffled_decodes(data):
+    # Any length, a multiple of 4 or not: the tail after the whole elements stays in place.
+    frame = _shuffled_frame(data)
+    assert block.decode(digests.compute(data), frame) == data
     assert block.declared_size(frame) == len(data)
 
 
@@ -156,3 +172,23 @@ def test_shuffled_frame_of_other_bytes_fails_the_digest():
     unmarked = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(shuffle.shuffle(data)))
     with pytest.raises(DigestMismatch):
         block.decode(digest, unmarked)
+
+
+def test_one_marker_only_and_nothing_after_an_empty_frame():
+    digest, frame = block.encode(b"abc")
+    with pytest.raises(BlockFormatError, match="second skippable"):
+        block.decode(digest, block.SHUFFLED + block.SHUFFLED + frame)
+    empty_digest, empty = block.encode(b"")
+    for bad in (empty + b"junk", empty[:-1]):
+        with pytest.raises(BlockFormatError, match="empty zstd frame"):
+            block.decode(empty_digest, bad)
+
+
+def test_manifests_are_never_read_shuffled():
+    """A manifest may be 16 times a block's size: its reader takes no shuffled object at all."""
+    from lazyfs.errors import ManifestFormatError
+    from lazyfs.records import objects
+    data = b"a manifest's bytes"
+    with pytest.raises(ManifestFormatError, match="only blocks"):
+        objects.verify(objects.MANIFEST, digests.compute(data), _shuffled_frame(data))
+    assert objects.verify(objects.BLOCK, digests.compute(data), _shuffled_frame(data)) == data

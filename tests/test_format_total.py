@@ -9,6 +9,7 @@ import pkgutil
 import struct
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lazyfs.format
@@ -36,6 +37,9 @@ DECODERS = {
     "block.decode": (lambda data: block.decode(DIGEST, data), lambda body: body),
     "block.decompress": (block.decompress, lambda body: body),
     "block.decompress (shuffled)": (block.decompress, lambda body: block.SHUFFLED + body),
+    "block.decompress (shuffled frame)": (block.decompress, lambda body: block.SHUFFLED + zstandard
+                                           .ZstdCompressor(write_content_size=True).compress(body)),
+    "block.declared_size": (block.declared_size, lambda body: body),
     "trace.decode": (trace.decode, lambda body: body.decode("utf-8", "surrogateescape")),
     "trace.decode_all": (trace.decode_all, lambda body: body.decode("utf-8", "surrogateescape")
                          .splitlines()),

@@ -42,6 +42,16 @@ def test_put_blocks_batch(any_store):
         assert any_store.get_block(digest) == frame
 
 
+def test_put_blocks_passes_the_callers_errors_on_unchanged(any_store):
+    """An error reading what is to be stored (a file gone) is the caller's, not the store's:
+    it must not come back as StoreUnavailable."""
+    def items():
+        yield block.encode(b"first block")
+        raise FileNotFoundError(2, "No such file or directory", "/snapshot/upper.tar")
+    with pytest.raises(FileNotFoundError, match="upper.tar"):
+        list(any_store.put_blocks(items()))
+
+
 def test_missing_objects_raise_typed_errors(any_store):
     digest = block.encode(b"absent")[0]
     with pytest.raises(BlockNotFound) as exc:

@@ -67,18 +67,28 @@ def encode(data: bytes, level: int = DEFAULT_LEVEL, limit: int = MAX_BLOCK_SIZE,
     return digest, plain_trial if level == TRIAL_LEVEL else _cctx(level).compress(data)
 
 
-def _split(frame, digest: str | None) -> tuple[memoryview, bool]:
-    """The zstd frame inside a block frame, and whether it holds the block shuffled."""
+def _split(frame, digest: str | None, shuffled_ok: bool) -> tuple[memoryview, bool]:
+    """The zstd frame inside a stored object, and whether it holds the content shuffled."""
     view = memoryview(frame).cast("B")
-    if len(view) >= 4 and int.from_bytes(view[:4], "little") in _SKIPPABLE:
-        if view[:len(SHUFFLED)] != SHUFFLED:
-            raise BlockFormatError("block frame starts with an unknown skippable frame", digest)
-        return view[len(SHUFFLED):], True
-    return view, False
+    if not _skippable(view):
+        return view, False
+    if view[:len(SHUFFLED)] != SHUFFLED:
+        raise BlockFormatError("object starts with an unknown skippable frame", digest)
+    if not shuffled_ok:
+        raise BlockFormatError("only blocks may be stored shuffled", digest)
+    view = view[len(SHUFFLED):]
+    if _skippable(view):
+        raise BlockFormatError("a second skippable frame after the shuffle's", digest)
+    return view, True
 
 
+def _skippable(view: memoryview) -> bool:
+    return len(view) >= 4 and int.from_bytes(view[:4], "little") in _SKIPPABLE
+
+
+@total("block frame", BlockFormatError)
 def declared_size(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_SIZE) -> int:
-    return _declared_size(_split(frame, digest)[0], digest, limit)
+    return _declared_size(_split(frame, digest, True)[0], digest, limit)
 
 
 def _declared_size(frame, digest: str | None, limit: int) -> int:
@@ -96,31 +106,41 @@ def _declared_size(frame, digest: str | None, limit: int) -> int:
 
 @total("block frame", BlockFormatError)
 def decompress(frame: bytes, digest: str | None = None, limit: int = MAX_BLOCK_SIZE,
-               expected_size: int | None = None) -> bytes:
-    """Inflate one frame without checking its digest (see ``decode`` for the checked form)."""
-    frame, shuffled = _split(frame, digest)
+               expected_size: int | None = None, shuffled_ok: bool = True) -> bytes:
+    """Inflate one frame without checking its digest (see ``decode`` for the checked form).
+    ``shuffled_ok``: whether the object may be stored shuffled (blocks; not manifests, whose
+    limit is 16 times a block's and which nothing shuffles)."""
+    frame, shuffled = _split(frame, digest, shuffled_ok)
     size = _declared_size(frame, digest, limit)
     if expected_size is not None and size != expected_size:
         raise BlockFormatError(f"frame declares {size} bytes, expected {expected_size}", digest)
     try:
         if size == 0:
-            # zstd's one-shot API rejects an empty output buffer; an empty frame is still checked.
-            data = _dctx().decompressobj().decompress(frame)
+            # zstd's one-shot API rejects an empty output buffer; an empty frame is still checked,
+            # to its end and for bytes after it.
+            inflater = _dctx().decompressobj()
+            data = inflater.decompress(frame)
+            if not inflater.eof or inflater.unused_data:
+                raise BlockFormatError("empty zstd frame cut short or followed by other bytes", digest)
         else:
             data = _dctx().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise BlockFormatError(f"corrupt zstd frame ({exc})", digest) from None
     if len(data) != size:
         raise BlockFormatError(f"frame inflated to {len(data)} bytes, declared {size}", digest)
-    return bytes(shuffles.unshuffle(data)) if shuffled else data
+    if not shuffled:
+        return data
+    out = shuffles.unshuffle(data)
+    del data  # (a block's inflated bytes are not kept beside its unshuffled copy)
+    return bytes(out)
 
 
 @total("block frame", BlockFormatError)
 def decode(digest: str, frame: bytes, expected_size: int | None = None,
-           limit: int = MAX_BLOCK_SIZE) -> bytes:
+           limit: int = MAX_BLOCK_SIZE, shuffled_ok: bool = True) -> bytes:
     """Inflate ``frame`` and return its bytes only if they hash to ``digest``."""
     digests.validate(digest)
-    data = decompress(frame, digest, limit, expected_size)
+    data = decompress(frame, digest, limit, expected_size, shuffled_ok)
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != digest:
         raise DigestMismatch(digest, actual)

@@ -24,7 +24,7 @@ def verify(kind: str, digest: str, frame: bytes, size: int | None = None) -> byt
     if kind == BLOCK:
         return block.decode(digest, frame, expected_size=size)
     try:
-        return block.decode(digest, frame, limit=mf.MAX_MANIFEST)
+        return block.decode(digest, frame, limit=mf.MAX_MANIFEST, shuffled_ok=False)
     except DigestMismatch as exc:
         raise DigestMismatch(digest, exc.actual, what="manifest") from None
     except BlockFormatError as exc:

@@ -177,6 +177,7 @@ class LocalStore:
         refers to a block a crash could lose."""
         self._prepare()
         batch: list[tuple[str, Path, str]] = []
+        items = _callers(iter(items))
         try:
             for digest, frame in items:
                 path = self._block_path(digest)
@@ -192,6 +193,8 @@ class LocalStore:
                     batch = []
             yield from self._publish(batch)
             batch = []
+        except _CallersError as exc:
+            raise exc.error from exc.error.__cause__
         except OSError as exc:
             raise StoreUnavailable(f"cannot write blocks to {self.root}: {exc.strerror}") from exc
         finally:
@@ -330,3 +333,23 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+
+class _CallersError(Exception):
+    """An error of the caller's iterator (say, reading the file it stores), carried past the
+    store's own OSError handling so it is not reported as the store failing."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _callers(items: Iterator) -> Iterator:
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise _CallersError(exc) from exc
+        yield item

@@ -23,6 +23,12 @@ from lazyfs.store.local import LocalStore
 ROOT = Path(__file__).resolve().parent.parent
 LAZYFS = [sys.executable, "-m", "lazyfs.cli"]
 
+# A shell without job control starts a background command with SIGINT ignored, and that is
+# inherited: every `lazyfs run` the Ctrl-C tests start would ignore their Ctrl-C as a command
+# run with `&` should. Handled here, the signal is back to its default in what the tests exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _local_store(request, tmp_path: Path):
     return LocalStore(tmp_path / "store")

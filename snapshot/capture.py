@@ -2,6 +2,7 @@
 and publish the dump, its writable layer and its output so far to the store as blocks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,7 +94,10 @@ def _suspend_gpus(init: int) -> dict | None:
             "driver": cuda.version, "checkpoint_s": round(time.monotonic() - t0, 3)}
 
 
-def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float = 3600.0) -> int:
+def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float = 3600.0,
+            progress=None) -> int:
+    """``progress``: a context manager whose ``task(description, total)`` gives a callable to
+    advance by bytes (the CLI's progress bars), shown while the snapshot is stored."""
     criu = criu_mod.find()
     snap = reference.parse(snap_ref)
     if snap.digest:
@@ -141,7 +145,11 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                        if p.is_file() and not p.name.endswith(".log"))
         names += [layer.pack(ws.upper, ws.base), "stdio"]
         t0 = time.monotonic()
-        files, new, total = publish(store, ws.base, names)
+        with progress or contextlib.nullcontext() as bars:
+            # (encoding takes about 10 ns a byte of memory: a minute for a process of some GB)
+            tick = bars.task("storing the snapshot", sum((ws.base / n).stat().st_size for n in names)) \
+                if bars is not None else None
+            files, new, total = publish(store, ws.base, names, tick)
         publish_s = time.monotonic() - t0
         meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
                 "gpu": gpu_meta,

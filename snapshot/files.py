@@ -9,7 +9,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import xxhash
 
@@ -73,9 +73,11 @@ def _page_chunks(path: Path) -> Iterator[bytes]:
         yield bytes(current)
 
 
-def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapFile], int, int]:
+def publish(store: BlockStore, root: Path, names: list[str],
+            progress: Callable[[int], None] | None = None) -> tuple[list[SnapFile], int, int]:
     """Store every file under ``root`` named in ``names``, streaming (memory stays at the store's
-    upload window); returns (files, stored bytes new to the store, stored bytes in all)."""
+    upload window); returns (files, stored bytes new to the store, stored bytes in all).
+    ``progress(n)``: n more bytes of the files encoded."""
     files: list[SnapFile] = []
     sizes: dict[str, int] = {}
 
@@ -88,6 +90,8 @@ def publish(store: BlockStore, root: Path, names: list[str]) -> tuple[list[SnapF
                 continue
             digest, size, frame = encoded
             chunks.append((digest, size))
+            if progress is not None:
+                progress(size)
             if digest not in sizes:
                 sizes[digest] = len(frame)
                 yield digest, frame

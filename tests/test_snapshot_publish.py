@@ -38,8 +38,10 @@ def _objects(store: LocalStore, snap_files) -> dict[str, bytes]:
 
 def test_files_come_back_in_order_and_memory_of_floats_is_stored_shuffled(snapshot_dir, tmp_path):
     store = LocalStore(str(tmp_path / "store"))
-    snap_files, new, total = files.publish(store, snapshot_dir, NAMES)
+    seen = []
+    snap_files, new, total = files.publish(store, snapshot_dir, NAMES, seen.append)
     assert [f.name for f in snap_files] == NAMES
+    assert sum(seen) == sum((snapshot_dir / n).stat().st_size for n in NAMES)  # the progress
     objects = _objects(store, snap_files)
     for f in snap_files:
         content = (snapshot_dir / f.name).read_bytes()

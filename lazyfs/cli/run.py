@@ -10,7 +10,7 @@ import typer
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, EnvOpt,
                                NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt,
-                               parse_duration, sayer, with_source)
+                               RichProgress, parse_duration, sayer, with_source)
 
 # What `lazyfs run --snapshot/--restore` imports when it gets there: the node's fork server
 # imports it ahead (lazyfs.node.zygote), so a restore forked from it does not spend ~200 ms
@@ -92,7 +92,7 @@ def run(
         opts.runtime = "namespaces"
     if snapshot:
         from snapshot.capture import capture
-        raise typer.Exit(capture(opts, snapshot, say, parse_duration(snapshot_timeout)))
+        raise typer.Exit(capture(opts, snapshot, say, parse_duration(snapshot_timeout), RichProgress()))
     if restore:
         from snapshot.restore import restore as restore_run
         raise typer.Exit(restore_run(opts, restore, say, lazy=lazy, working_set=working_set))

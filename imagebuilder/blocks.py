@@ -30,13 +30,14 @@ class CommitStats:
 
 class BlockStager:
     def __init__(self, tmp_dir: Path, store: BlockStore, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 level: int = block.DEFAULT_LEVEL, threads: int = 2):
+                 level: int = block.DEFAULT_LEVEL, threads: int = 2, shuffle: bool = False):
         if not 0 < chunk_size <= block.MAX_BLOCK_SIZE:
             raise ValueError(f"chunk size must be 1..{block.MAX_BLOCK_SIZE}")
         self.dir = tmp_dir
         self.store = store
         self.chunk_size = chunk_size
         self.level = level
+        self.shuffle = shuffle  # try the byte shuffle on each block (docs/format.md §2.1)
         self.staged: dict[str, int] = {}  # digest -> raw size (staged here, or already in store)
         self.in_store: set[str] = set()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="compress")
@@ -67,7 +68,7 @@ class BlockStager:
             self._drain(16)
 
     def _write(self, digest: str, data: bytes) -> None:
-        _, frame = block.encode(data, self.level)
+        _, frame = block.encode(data, self.level, shuffle=self.shuffle)
         path = self.dir / digest[7:]
         with open(path, "wb") as f:
             f.write(frame)

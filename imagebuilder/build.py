@@ -47,7 +47,8 @@ DEFAULT_MAX_SIZE = 64 << 30  # uncompressed bytes of all layers together
 def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
           tmp_dir: str | None = None, progress: Progress | None = None,
           max_size: int = DEFAULT_MAX_SIZE, max_entries: int = MAX_ENTRIES,
-          options: sources.SourceOptions | None = None) -> BuildResult:
+          options: sources.SourceOptions | None = None, shuffle: bool = False) -> BuildResult:
+    """``shuffle``: store each block byte-shuffled where that is smaller (weights, arrays)."""
     ref = reference.parse_tagged(tag) if tag else None
     if not 0 < chunk_size <= block.MAX_BLOCK_SIZE:
         raise BuildOptionError(f"--chunk-size must be 1 to {block.MAX_BLOCK_SIZE} bytes, not {chunk_size}")
@@ -57,7 +58,8 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
     image = sources.open_source(source, options)
     try:
         store.check(write=True)
-        return _build(source, image, store, ref, chunk_size, tmp_dir, progress, max_size, max_entries)
+        return _build(source, image, store, ref, chunk_size, tmp_dir, progress, max_size, max_entries,
+                      shuffle)
     except BaseException:
         store.remove_if_unused()  # a failed build leaves no trace of a store it created
         raise
@@ -67,11 +69,11 @@ def build(source: str, store: BlockStore, tag: str | None = None, *, chunk_size:
 
 def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: reference.Reference | None,
            chunk_size: int, tmp_dir: str | None, progress: Progress, max_size: int,
-           max_entries: int) -> BuildResult:
+           max_entries: int, shuffle: bool) -> BuildResult:
     # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
     with Lease(store, "build", conflicts=("gc",)), \
             tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
-        stager = BlockStager(Path(staging), store, chunk_size)
+        stager = BlockStager(Path(staging), store, chunk_size, shuffle=shuffle)
         try:
             chain_ids = _chain_ids(image)
             lower: list[Manifest] = []  # the tree after each layer but the last (its chains)

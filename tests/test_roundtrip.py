@@ -90,3 +90,39 @@ def test_podman_save_archives(env_dirs, tmp_path):
                 (b[path].type, b[path].mode, b[path].size, b[path].chunks, b[path].target), path
     finally:
         subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
+
+
+@needs_mount
+def test_build_with_the_shuffle_stores_weights_smaller_and_mounts_them_exactly(env_dirs, tmp_path,
+                                                                              data_path):
+    """`lazyfs build --shuffle`: the same image (same digest: blocks are named by their bytes),
+    its weights stored byte-shuffled and smaller, read back exactly through the mount."""
+    import random
+    import struct
+    from lazyfs.format import block
+    from lazyfs.records import objects
+    from lazyfs.store.local import LocalStore
+    root = tmp_path / "rootfs"
+    (root / "models").mkdir(parents=True)
+    rng = random.Random(11)
+    weights = struct.pack("<786432f", *(rng.gauss(0, 0.02) for _ in range(786432)))  # 3 MiB
+    (root / "models" / "weights.bin").write_bytes(weights)
+    (root / "README").write_text("a model, and a text that is stored as it is\n" * 200)
+    shuffled = lazyfs_cli("build", f"dir:{root}", "--tag", "rt/model:1", "--shuffle").stdout.split()[-1]
+    plain_store = tmp_path / "plain-store"
+    plain = lazyfs_cli("build", f"dir:{root}", "--tag", "rt/model:1", "--store", str(plain_store)
+                       ).stdout.split()[-1]
+    assert shuffled == plain
+    stores = LocalStore(env_dirs["LAZYFS_STORE"]), LocalStore(plain_store)
+    manifest = objects.read_manifest(stores[0], shuffled)
+    files = {e.path: e for e in manifest.entries}
+    for path, expect_shuffled in ((b"models/weights.bin", True), (b"README", False)):
+        for d in (c.digest for c in files[path].chunks):
+            frame, plain_frame = stores[0].get_block(d), stores[1].get_block(d)
+            assert frame.startswith(block.SHUFFLED) == expect_shuffled
+            assert not plain_frame.startswith(block.SHUFFLED)
+            if expect_shuffled:
+                assert len(frame) < 0.95 * len(plain_frame)
+    with Mounted("rt/model:1", tmp_path / "mnt", "--data-path", data_path) as mnt:
+        assert (mnt / "models" / "weights.bin").read_bytes() == weights
+        assert (mnt / "README").read_bytes() == (root / "README").read_bytes()

@@ -5,6 +5,7 @@ stray temp file, never a partial object under its final name.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -177,26 +178,25 @@ class LocalStore:
         refers to a block a crash could lose."""
         self._prepare()
         batch: list[tuple[str, Path, str]] = []
-        items = _callers(iter(items))
         try:
+            # (only the store's own steps are _writing(): an error of the caller's items, say a
+            # file gone that it was reading, is the caller's, and passes on as it is)
             for digest, frame in items:
-                path = self._block_path(digest)
-                if self._refresh(path):
+                with self._writing():
+                    path = self._block_path(digest)
+                    there = self._refresh(path)
+                    if not there:
+                        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
+                        batch.append((digest, path, tmp))
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(frame)
+                if there:
                     yield digest, False
-                    continue
-                fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=".part-")
-                batch.append((digest, path, tmp))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(frame)
-                if len(batch) >= BATCH:
+                elif len(batch) >= BATCH:
                     yield from self._publish(batch)
                     batch = []
             yield from self._publish(batch)
             batch = []
-        except _CallersError as exc:
-            raise exc.error from exc.error.__cause__
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot write blocks to {self.root}: {exc.strerror}") from exc
         finally:
             for _, _, tmp in batch:  # an error or an abandoned iteration: leave no temp files
                 try:
@@ -207,15 +207,23 @@ class LocalStore:
     def _publish(self, batch: list[tuple[str, Path, str]]) -> Iterator[tuple[str, bool]]:
         if not batch:
             return
-        syncfs(self.root / "tmp")
-        for _, path, tmp in batch:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, path)
-        syncfs(self.root / "tmp")
+        with self._writing():
+            syncfs(self.root / "tmp")
+            for _, path, tmp in batch:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, path)
+            syncfs(self.root / "tmp")
         done = [digest for digest, _, _ in batch]
         batch.clear()
         for digest in done:
             yield digest, True
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write blocks to {self.root}: {exc.strerror}") from exc
 
     def list_blocks(self) -> Iterator[ObjectInfo]:
         base = Path(self._blocks)
@@ -333,23 +341,3 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
-
-
-class _CallersError(Exception):
-    """An error of the caller's iterator (say, reading the file it stores), carried past the
-    store's own OSError handling so it is not reported as the store failing."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(str(error))
-        self.error = error
-
-
-def _callers(items: Iterator) -> Iterator:
-    while True:
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        except Exception as exc:
-            raise _CallersError(exc) from exc
-        yield item

@@ -224,8 +224,8 @@ def test_a_verified_block_changed_on_disk_is_checked_again(tmp_path, caplog, how
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs to fill the disk needs root")
 def test_a_full_cache_disk_is_logged_once_and_used_again_when_it_has_room(tmp_path, caplog,
                                                                           monkeypatch):
-    from lazyfs.cache import nodecache
-    monkeypatch.setattr(nodecache, "DISK_RETRY", 0.0)  # try the disk on every block here
+    from lazyfs.cache import disk
+    monkeypatch.setattr(disk, "DISK_RETRY", 0.0)  # try the disk on every block here
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
@@ -465,3 +465,18 @@ def test_close_writes_the_blocks_still_held(tmp_path):
     cache.close()  # (a page server that exits before its process went quiet loses nothing)
     assert Path(cache.path(digest)).read_bytes() == data
     assert NodeCache(tmp_path, FakeOrigin({})).read(digest, len(data), 0, 9) == data[:9]
+
+
+@pytest.mark.parametrize("content", ["exact", "short", "long", "other"])
+def test_a_block_file_holds_the_block_only_with_exactly_its_bytes(tmp_path, content):
+    from lazyfs.cache import disk
+    digest, data = _blob(70_000, seed=7)
+    on_disk = {"exact": data, "short": data[:-1], "long": data + b"\0",
+               "other": data[:-1] + bytes([data[-1] ^ 1])}[content]
+    path = tmp_path / "block"
+    path.write_bytes(on_disk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert disk.holds(fd, digest, len(data)) == (content == "exact")
+    finally:
+        os.close(fd)

@@ -10,7 +10,7 @@ never waits on the disk), and the kernel, which reads the cache directory itself
 data path, sees a block's file only once it is durable. Each cached file is re-hashed the first
 time a process uses it and again whenever its file changed since (inode, size or change time),
 so a file damaged or rewritten on disk (power cut, bit rot, a local writer) is dropped and
-fetched again rather than served.
+fetched again rather than served. Writing and judging the block files is lazyfs.cache.disk's.
 """
 from __future__ import annotations
 
@@ -24,18 +24,16 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs.cache import layout
+from lazyfs.cache.disk import CacheDisk, holds, identity
 from lazyfs.cache.landing import BEHIND, Landing
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
-from lazyfs.format import digest as digests
-from lazyfs.fsutil import atomic_write
 
 log = logging.getLogger("lazyfs.cache")
 MEMORY_FALLBACK = 64 * 1024 * 1024
 STALE_TEMP_SECONDS = 600
 PREFETCH_QUEUE = 64
-DISK_RETRY = 5.0  # seconds between tries of a cache disk that refused a write
 CLAIM_WAIT = 120.0  # seconds a reader waits for another's fetch of a block before its own
 
 
@@ -110,7 +108,7 @@ class NodeCache:
         self._landing = Landing(self._lock, self._write, self._keep)
         # Verified blocks that could not be written to disk (cache disk full): served from memory.
         self._memory = MemoryBlocks(memory_fallback)
-        self._disk_refused_at: float | None = None  # when the cache disk last refused a write
+        self._disk = CacheDisk(self.root, self.stats, self.room, memory_fallback)
         layout.blocks_dir(self.root).mkdir(parents=True, exist_ok=True)
         layout.tmp_dir(self.root).mkdir(exist_ok=True)
         self._sweep_temp()
@@ -203,12 +201,12 @@ class NodeCache:
     def _adopt(self, digest: str, size: int) -> str | None:
         """The block's path if a good copy is already on disk (another process fetched it)."""
         path = self.path(digest)
-        identity = self._check_on_disk(path, digest, size)
-        if identity is None:
+        known = self._disk.check(path, digest, size)
+        if known is None:
             return None
         self.stats.add(hits=1)
         with self._lock:
-            self._verified[digest] = identity
+            self._verified[digest] = known
         return path
 
     def on_disk(self, digest: str) -> bool:
@@ -228,7 +226,7 @@ class NodeCache:
             self.stats.add(errors=1)
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
-        taken = self._landing.take(digest, data, disk_ok=self._disk_refused_at is None)
+        taken = self._landing.take(digest, data, disk_ok=not self._disk.refusing)
         if taken is None:
             return self._write(digest, data)
         if taken == BEHIND:
@@ -257,79 +255,17 @@ class NodeCache:
         """Write a verified block; its path, or its bytes if the disk refused it (then held in
         memory, bounded)."""
         path = self.path(digest)
-        if self._insert(path, data, drop=digest in self.drop_after_write):
+        if self._disk.write(path, data, drop=digest in self.drop_after_write):
             try:
-                identity = _identity(os.stat(path))
+                known = identity(os.stat(path))
             except OSError:
-                identity = None  # gone already (evicted by another process): read() refetches
-            if identity is not None:
+                known = None  # gone already (evicted by another process): read() refetches
+            if known is not None:
                 with self._lock:
-                    self._verified[digest] = identity
+                    self._verified[digest] = known
             return path
         self._keep(digest, data)
         return data
-
-    def _check_on_disk(self, path: str, digest: str, size: int) -> tuple[int, int, int] | None:
-        """The file's identity if it holds the block, else None (a damaged file is dropped)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            if _holds(fd, digest, size):
-                try:
-                    os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
-                except OSError:
-                    pass
-                return _identity(os.fstat(fd))  # after utime, which moves the change time
-            on_disk = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
-                  digest, on_disk, size)
-        self._drop(path)
-        return None
-
-    def _drop(self, path: str) -> None:
-        from lazyfs.cache import cap
-        self.stats.add(dropped_corrupt=1)
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        cap.ledger(self.root).evicted(size, 1)  # (its size as a walk finds it)
-
-    def _insert(self, path: str, data: bytes, drop: bool = False) -> bool:
-        """Write a block to the cache disk; False if it refuses. A full or broken cache disk must
-        not fail the read (the verified bytes are in hand): blocks are then served from memory,
-        the disk is tried again every DISK_RETRY seconds, and the log says so once per outage."""
-        refused_at = self._disk_refused_at
-        if refused_at is not None and time.monotonic() - refused_at < DISK_RETRY:
-            return False
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # Durable: on the kernel data path (lazyfs.fs.kernel) the kernel serves this file as it
-            # is, with no re-hash, so a power cut must not leave a torn block under its name.
-            with self.room(len(data)) as rename:
-                atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
-                             drop_pages=drop, rename=rename)
-        except OSError as exc:
-            self.stats.add(disk_write_errors=1)
-            with self._lock:  # several readers meet a full disk at once: one says so
-                first = self._disk_refused_at is None
-                self._disk_refused_at = time.monotonic()
-            if first:
-                log.error("cache: cannot write blocks to %s (%s); serving them from memory (up to "
-                          "%d MiB, the most used kept) and trying the disk again every %.0f s",
-                          self.root, exc.strerror, self._memory.capacity >> 20, DISK_RETRY)
-            return False
-        if refused_at is not None:
-            with self._lock:
-                back, self._disk_refused_at = self._disk_refused_at is not None, None
-            if back:
-                log.warning("cache: writing blocks to %s again", self.root)
-        return True
 
     def room(self, n: int):
         """Write one file of ``n`` bytes into the cache inside this block (cap.room): every
@@ -390,7 +326,7 @@ class NodeCache:
                     self._verified.pop(digest, None)
                 continue
             try:
-                if _identity(os.fstat(fd)) != self._verified.get(digest) and \
+                if identity(os.fstat(fd)) != self._verified.get(digest) and \
                         not self._reverify(fd, where, digest, size):
                     continue  # changed on disk and wrong now: dropped, fetched again
                 return os.pread(fd, length, offset)
@@ -401,29 +337,14 @@ class NodeCache:
     def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
         to it): hash it again; keep it if it is still the block, else drop it."""
-        if _holds(fd, digest, size):
+        if holds(fd, digest, size):
             with self._lock:
-                self._verified[digest] = _identity(os.fstat(fd))
+                self._verified[digest] = identity(os.fstat(fd))
             return True
         log.error("cache: block %s changed on disk after it was verified (%s); dropping it and "
                   "fetching it again", digest, path)
         with self._lock:
             self._verified.pop(digest, None)
-        self._drop(path)
+        self._disk.drop(path)
         return False
 
-
-def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_ino, st.st_size, st.st_ctime_ns
-
-
-def _holds(fd: int, digest: str, size: int) -> bool:
-    """Whether the open file holds exactly the block: ``size`` bytes hashing to ``digest``."""
-    parts, pos = [], 0
-    while pos <= size:  # one byte past the size, to see a file that is too long
-        chunk = os.pread(fd, size + 1 - pos, pos)
-        if not chunk:
-            break
-        parts.append(chunk)
-        pos += len(chunk)
-    return pos == size and digests.compute(b"".join(parts)) == digest

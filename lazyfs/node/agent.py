@@ -6,13 +6,13 @@ its own mount daemon (lazyfs.fs.daemon), a separate process that holds the FUSE 
 outlives the agent. So a SIGKILL or an upgrade of the agent cannot break a container's reads; the
 next agent adopts the mounts from their state files (table.load_all) and goes on counting users.
 
-The loop (main thread) accepts connections, reads requests, watches run holders and ticks; each
-request is answered on a thread of ``self.pool``, so a cold mount that waits on a slow server does
-not hold up a warm run of another image. Every change to the agent's state happens with
-``self.lock`` held; a handler lets go of it only around slow work (fetching a manifest, mounting:
-``unlocked()``), and a mount in progress is marked so a second user of the same image waits for
-it rather than mounting it twice. The agent never forks: mount daemons and forked runs come from
-its fork server (lazyfs.node.forker), started while the agent still had one thread.
+The loop (main thread) accepts connections, reads requests, watches run holders (lazyfs.node.leases)
+and ticks; each request is answered on a thread of ``self.pool``, so a cold mount that waits on a
+slow server does not hold up a warm run of another image. Every change to the agent's state happens
+with ``self.lock`` held; a handler lets go of it only around slow work (fetching a manifest,
+mounting: ``unlocked()``), and a mount in progress is marked so a second user of the same image
+waits for it rather than mounting it twice. The agent never forks: mount daemons and forked runs
+come from its fork server (lazyfs.node.forker), started while the agent still had one thread.
 """
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.cache.ledger import RECONCILE_EVERY
-from lazyfs.errors import LazyfsError, MountError, NodeError
+from lazyfs.errors import LazyfsError, NodeError
 from lazyfs.fs import mounts
 from lazyfs.node import listen, table, wire
 from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics, RunCounts, SnapshotCounts
 from lazyfs.node.recent import RecentManifests
-from lazyfs.node.table import Lease, Shared
+from lazyfs.node.leases import Leases
+from lazyfs.node.table import Shared
 
 log = logging.getLogger("lazyfs.node")
 TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
-BUSY_RETRY = 1.0  # an idle mount that is still busy (a container outlived its run) is tried again
 WORKERS = 32  # requests answered at once (mounts, runs, status); more wait in the pool's queue
 # Answered on the loop's thread, never queued behind slow requests: each takes the lock briefly.
 INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff", "snapshotter"})
@@ -66,7 +66,7 @@ class Agent:
         self.readers: dict[tuple, object] = {}  # source args → open BlockSource (the fetchers)
         self.configs: dict[str, dict] = {}  # manifest digest → image config
         self.manifests = RecentManifests()  # verified manifest bytes, handed to the mounts' daemons
-        self.pidfds: dict[int, tuple[str, str]] = {}  # pidfd → (shared key, lease id)
+        self.leases = Leases(self)  # who uses each shared mount; unmounting the unused
         self.stopping = False
         self.handoff = False
         self.metrics = Metrics(self)
@@ -109,7 +109,7 @@ class Agent:
         listen.sd_notify("READY=1")
         try:
             while not self.stopping:
-                timeout = max(0.0, min(self.next_tick, self._next_idle()) - time.monotonic())
+                timeout = max(0.0, min(self.next_tick, self.leases.next_idle()) - time.monotonic())
                 events = self.sel.select(timeout)
                 with self.lock:
                     for key, _ in events:
@@ -167,7 +167,7 @@ class Agent:
         if not self.handoff:
             for shared in list(self.shared.values()):
                 if not shared.leases:
-                    self.unmount(shared)
+                    self.leases.unmount(shared)
         for reader in self.readers.values():
             try:
                 reader.close()
@@ -292,96 +292,9 @@ class Agent:
         wire.send(conn, {"ok": True, **answer} if "ok" not in answer else answer)
         return True
 
-    # -- shared mounts --------------------------------------------------------------------------
-    def add_lease(self, shared: Shared, lease: Lease) -> None:
-        shared.leases.append(lease)
-        shared.idle_since = None
-        table.save(shared)
-        if lease.kind == "run":
-            self.later(lambda: self._watch(shared, lease))
-
-    def drop_lease(self, shared: Shared, lease_id: str) -> None:
-        shared.leases = [x for x in shared.leases if x.id != lease_id]
-        self.later(lambda: self._unwatch_lease(lease_id))
-        if not shared.leases:
-            shared.idle_since = time.time()
-            if self.opts.idle <= 0:
-                self.unmount(shared)
-                return
-        table.save(shared)
-
-    def _watch(self, shared: Shared, lease: Lease) -> None:
-        if shared.key not in self.shared or lease not in shared.leases:
-            return  # released before the loop got to it
-        try:
-            fd = os.pidfd_open(lease.pid)
-        except ProcessLookupError:
-            self.drop_lease(shared, lease.id)
-            return
-        self.pidfds[fd] = (shared.key, lease.id)
-        self.sel.register(fd, selectors.EVENT_READ, self._holder_exited)
-
-    def _unwatch_lease(self, lease_id: str) -> None:
-        for fd, (_, lid) in list(self.pidfds.items()):
-            if lid == lease_id:
-                self._unwatch(fd)
-
-    def _unwatch(self, fd: int) -> None:
-        if self.pidfds.pop(fd, None) is None:
-            return  # unwatched already (its holder exited and the lease was dropped)
-        try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-        os.close(fd)
-
-    def _holder_exited(self, fd: int) -> None:
-        key, lease_id = self.pidfds.get(fd, (None, None))
-        self._unwatch(fd)
-        shared = self.shared.get(key)
-        if shared is not None and any(x.id == lease_id for x in shared.leases):
-            log.info("%s: a user exited without handing its lease back; dropping it", shared.ref)
-            self.drop_lease(shared, lease_id)
-
-    def unmount(self, shared: Shared) -> bool:
-        """Unmount an unused shared mount; False (and tried again later) while it is busy."""
-        t0 = time.monotonic()
-        self.metrics.snapshot(shared)
-        try:
-            if mounts.mount_entry(shared.mountpoint) or mounts.is_stale(shared.mountpoint):
-                mounts.umount(shared.mountpoint, timeout=5.0)
-        except MountError as exc:
-            if "busy" in str(exc):
-                log.warning("%s: idle but still busy (a container outlived its run?); trying again",
-                            shared.ref)
-                shared.idle_since = time.time() - self.opts.idle + BUSY_RETRY
-                return False
-            log.warning("%s: %s", shared.ref, exc)
-        self.shared.pop(shared.key, None)
-        self.metrics.retire(shared)
-        table.forget(shared)
-        try:
-            os.rmdir(shared.mountpoint)
-        except OSError:
-            pass
-        self.metrics.unmounts.inc()
-        self.metrics.unmount_seconds.observe(time.monotonic() - t0)
-        log.info("%s: unmounted after %.0f s idle (%.3f s)", shared.ref,
-                 time.time() - (shared.idle_since or time.time()), time.monotonic() - t0)
-        return True
-
-    def _next_idle(self) -> float:
-        due = [s.idle_since + self.opts.idle for s in self.shared.values()
-               if not s.leases and s.idle_since is not None]
-        if not due:
-            return float("inf")
-        return time.monotonic() + max(0.0, min(due) - time.time())
-
+    # -- periodic checks and adoption -------------------------------------------------------
     def _tick(self) -> None:
-        now = time.time()
-        for shared in list(self.shared.values()):
-            if not shared.leases and shared.idle_since is not None and now >= shared.idle_since + self.opts.idle:
-                self.unmount(shared)
+        self.leases.unmount_idle()
         if time.monotonic() < self.next_tick:
             return
         self.next_tick = time.monotonic() + TICK
@@ -412,7 +325,7 @@ class Agent:
             shared.leases = []
             self.shared[shared.key] = shared
             for lease in live:
-                self.add_lease(shared, lease)
+                self.leases.add(shared, lease)
             if not live:
                 shared.idle_since = shared.idle_since or time.time()
                 table.save(shared)

@@ -118,7 +118,7 @@ def op_acquire(agent, req, pid, conn, reader) -> dict:
     lease = next((x for x in shared.leases if kind == x.kind == "snapshot" and x.target == target), None)
     if lease is None:
         lease = Lease.new(kind, pid if kind == "run" else 0, target)
-        agent.add_lease(shared, lease)
+        agent.leases.add(shared, lease)
     return {"lease": lease.id, "digest": digest, "mountpoint": shared.mountpoint, "config": config,
             "layout": shared.layout, "daemon_pid": shared.daemon_pid, "mounted": mounted,
             "data_layers": mounts.data_layers(shared.mountpoint)}
@@ -167,7 +167,7 @@ def _shared(agent, digest: str, ref: str, options: dict, source: Source,
                     mounted_at=time.time(), profile_blocks=blocks)
     agent.shared[k] = shared
     for lease in kept:
-        agent.add_lease(shared, lease)
+        agent.leases.add(shared, lease)
     log.info("%s (%s): mounted on %s in %.3f s (%s data path)", ref, digest[:19], mnt,
              time.monotonic() - t0, state.layout)
     return shared, True
@@ -209,7 +209,7 @@ def op_release(agent, req, pid, conn, reader) -> dict:
     shared = _find(agent, lease)
     if shared is None:
         return {"unmounted": False, "known": False}  # dropped already (its holder was seen exiting)
-    agent.drop_lease(shared, lease)
+    agent.leases.drop(shared, lease)
     return {"unmounted": shared.key not in agent.shared, "known": True}
 
 
@@ -239,7 +239,7 @@ def op_unbind(agent, req, pid, conn, reader) -> dict:
             if lease.kind == "mount" and lease.target == target:
                 if not kernel.unmount_one(target, lazy=bool(req.get("lazy"))):
                     raise MountError(f"{given} is busy (a process is using it); stop it or use --lazy")
-                agent.drop_lease(shared, lease.id)
+                agent.leases.drop(shared, lease.id)
                 return {"unmounted": shared.key not in agent.shared}
     return {"known": False}
 
@@ -331,7 +331,7 @@ def check(agent, shared: Shared) -> None:
         gone = (lease.kind == "mount" and not mounts.mount_entry(lease.target)) or not lease.holder_alive()
         if gone:
             log.info("%s: user %s (%s) is gone; dropping its lease", shared.ref, lease.id, lease.kind)
-            agent.drop_lease(shared, lease.id)
+            agent.leases.drop(shared, lease.id)
             if shared.key not in agent.shared:
                 return
     if mounts.is_stale(shared.mountpoint):

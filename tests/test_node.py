@@ -106,6 +106,36 @@ def test_two_runs_share_one_mount_until_the_grace_period_ends(node, tmp_path):
     assert not lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
 
 
+def test_a_run_killed_without_a_goodbye_hands_its_mount_back(node, tmp_path):
+    """SIGKILL leaves a run no chance to release its lease or stop its container: the container
+    dies with it, the agent sees the holder's process exit and drops the lease, and the unused
+    mount goes after its idle time."""
+    tag = _image(tmp_path, {"a": _random(1 << 20, 2)}, tag="node/killed:1")
+    run = _cli(*RUN, tag, "--", "sh", "-c", "echo started; sleep 60")
+    try:
+        assert run.stdout.readline().strip() == "started"
+        users = _status()["images"][0]["users"]
+        assert [u["kind"] for u in users] == ["run"] and users[0]["pid"] > 0
+        os.kill(users[0]["pid"], signal.SIGKILL)
+        run.communicate(timeout=10)  # the container (which holds the output's pipe) is gone too
+        _wait(lambda: [len(i["users"]) for i in _status()["images"]] in ([0], []), 10,
+              "the killed run's lease to be dropped")
+        _wait(lambda: not _status()["images"], 10, "the idle unmount")
+        # What the run would have torn down itself (its writable layer's overlay) is left, until
+        # the next run on the node clears it.
+        state = Path(os.environ["LAZYFS_STATE_DIR"])
+        [left] = lazyfs_mounts(str(state))
+        assert Path(left).parent.parent == state / "run"
+        r = lazyfs_cli(*RUN, tag, "--", "true")
+        assert "removed what a run killed without tearing down left" in r.stderr, r.stderr
+        assert not lazyfs_mounts(str(state / "run")) and not list((state / "run").iterdir())
+        _wait(lambda: not _status()["images"], 10, "the idle unmount after the second run")
+    finally:
+        run.kill()
+        run.communicate(timeout=30)
+    assert not lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
+
+
 def test_agent_killed_while_readers_read_is_taken_over(node, tmp_path, env_dirs):
     files = {f"f{i}": _random(4 << 20, 10 + i) for i in range(4)}
     tag = _image(tmp_path, files)

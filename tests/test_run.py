@@ -117,6 +117,33 @@ def test_ctrl_c_cleans_up_every_mount(bb_image, runtime, env_dirs, delay, data_p
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+def test_what_a_run_killed_with_sigkill_leaves_the_next_run_removes(bb_image, runtime, env_dirs):
+    """SIGKILL gives `lazyfs run` no chance to tear down: its image mount and overlay stay (and
+    with podman, the container under conmon). The next run on the node removes them; with the
+    namespaces runtime the container has died with the run already."""
+    proc = subprocess.Popen([*LAZYFS, "run", "--runtime", runtime, "run/bb:1", "--", "sh", "-c",
+                             "echo started; sleep 60"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        left = _mounts()
+        assert len(left) >= 2  # the image's mount and the overlay on it
+        proc.kill()
+        if runtime == "namespaces":
+            proc.communicate(timeout=10)  # the container (which holds the output's pipe) died too
+        assert _mounts() == left
+        r = lazyfs_cli("run", "--runtime", runtime, "run/bb:1", "--", "sh", "-c", "exit 0")
+        assert "removed what a run killed without tearing down left" in r.stderr, r.stderr
+        assert _mounts() == []
+        assert list(Path(env_dirs["LAZYFS_STATE_DIR"], "run").iterdir()) == []
+        if runtime == "podman":
+            assert _podman_leftovers() == []
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_dirs):
     """`kill PID` of lazyfs run (what a supervisor or the bench does): the command runs as PID 1,
     which ignores SIGTERM without a handler, so the stop must escalate to SIGKILL after a grace."""

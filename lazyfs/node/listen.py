@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lazyfs import paths
 from lazyfs.errors import NodeError
-from lazyfs.node import table, wire
+from lazyfs.node import wire
+from lazyfs.proc.spawn import proc_start
 
 log = logging.getLogger("lazyfs.node")
 MAX_PATH = 100  # bytes of a Unix socket path (sun_path is 108, with room to spare)
@@ -79,9 +80,9 @@ def _hand_off(path: Path, pid: int) -> None:
     """Ask the running agent to leave everything mounted and exit, and wait until it has."""
     _ask(path, "handoff", HANDOFF_WAIT)
     deadline = time.monotonic() + HANDOFF_WAIT
-    while table.proc_start(pid) is not None and time.monotonic() < deadline:
+    while proc_start(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
-    if table.proc_start(pid) is not None:
+    if proc_start(pid) is not None:
         raise NodeError(f"the running agent (pid {pid}) did not hand over within {HANDOFF_WAIT:.0f} s")
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lazyfs import paths
+from lazyfs.proc.spawn import proc_start
 
 
 LEASE_KINDS = ("run", "mount", "snapshot")
@@ -77,17 +78,6 @@ def key(digest: str, options: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot, or None if there is no such process
-    (or it is a zombie: it holds nothing any more)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    if fields[0] == b"Z":
-        return None
-    return int(fields[19])
 
 
 def images_dir() -> Path:

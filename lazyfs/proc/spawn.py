@@ -66,6 +66,19 @@ class Forked:
         return self.returncode
 
 
+def proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot, or None if there is no such process
+    (or it is a zombie: it holds nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
 def exited(pid: int) -> bool:
     """Gone, or a zombie: a detached process's parent is init, which may reap it only seconds
     later, and a zombie holds nothing (its mounts and descriptors are released)."""

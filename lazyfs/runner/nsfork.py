@@ -7,7 +7,10 @@ sequence: the first fork unshares the namespaces, makes every mount private, and
 second, which is PID 1 of the new PID namespace, dies with its parent (PR_SET_PDEATHSIG, as
 --kill-child), and runs nsinit.enter (mounts, chroot, user, exec). The waiting process ignores
 SIGINT and SIGTERM and passes the container's exit status on, a death by signal as that signal,
-as unshare does, so lazyfs.runner.session supervises it exactly like the unshare command.
+as unshare does, so lazyfs.runner.session supervises it exactly like the unshare command. Unlike
+unshare, it also dies with the `lazyfs run` that forked it (PR_SET_PDEATHSIG), and so the
+container with it: a run killed with SIGKILL cannot stop its container, and one left running,
+that nobody supervises, would keep the image's shared mount busy after its lease was dropped.
 Only for single-threaded callers (runtime.start checks): a fork copies no other thread.
 """
 from __future__ import annotations
@@ -31,16 +34,20 @@ def start(rootfs: Path, spec, started: list) -> None:
         flags |= sc.CLONE_NEWNET
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     with holding_sigint():
         pid = os.fork()
         if pid == 0:
-            _waiter(flags, args)
+            _waiter(flags, args, parent)
         started.append(Forked(pid, ["(namespaces)", *args.argv]))
 
 
-def _waiter(flags: int, args: nsinit.Args) -> None:
-    """The first fork: `unshare --fork --kill-child`. Never returns."""
+def _waiter(flags: int, args: nsinit.Args, parent: int) -> None:
+    """The first fork: `unshare --fork --kill-child`, dying with ``parent``. Never returns."""
     def wait_for_container() -> int:
+        sc.die_with_parent(signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the line above: nobody is left to wait for us
+            return 128 + signal.SIGKILL
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # as unshare does while it waits

@@ -1,6 +1,7 @@
 """One `lazyfs run`: mount the image, add a writable layer, run the command, always clean up."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from lazyfs import paths
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.fs import mounts
 from lazyfs.fs import control
+from lazyfs.proc import spawn
 from lazyfs.runner import helper, runtime as rt
 from lazyfs.runner.overlay import Overlay
 from lazyfs.source.spec import Source
@@ -80,8 +82,12 @@ def uses_node(opts: RunOptions) -> bool:
     return client.enabled()
 
 
+OWNER = "owner.json"  # in a run's directory: who made it (pid, start time) and with which runtime
+
+
 def run(opts: RunOptions, say=lambda msg: None) -> int:
     runtime = rt.choose(opts.runtime)
+    sweep_killed_runs()
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]
     with shared_image(opts, opts.profile, workload_of(opts)) as lease:
         return _run(opts, runtime, rundir, lease, say)
@@ -123,6 +129,8 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         digest, spec = lease["digest"], container_spec(lease["config"], opts)
         image_mnt = Path(lease["mountpoint"])
     rundir.mkdir(parents=True)
+    me = os.getpid()
+    (rundir / OWNER).write_text(json.dumps({"pid": me, "start": spawn.proc_start(me), "runtime": runtime}))
     image_mnt.mkdir(exist_ok=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
     # The snapshot helper in a read-only layer of its own above the image: importable in every
@@ -171,6 +179,43 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
             shutil.rmtree(rundir, ignore_errors=True)
 
 
+def sweep_killed_runs() -> None:
+    """Tear down what runs killed with SIGKILL left in <state>/run: a run tears its directory
+    down itself on any other end (_teardown), but SIGKILL gives it no chance, and its overlay (and,
+    without the node agent, its image's mount) would stay mounted for good. Only directories
+    whose owner is known and gone: one still being set up, or from a live run, is never touched,
+    and one whose container still uses it is left for a later run to try again."""
+    try:
+        entries = list(os.scandir(paths.state_dir() / "run"))
+    except OSError:  # none yet, or not ours to read (the run itself then says why it cannot run)
+        return
+    for entry in entries:
+        try:
+            _sweep(Path(entry.path))
+        except (LazyfsError, OSError) as exc:  # a leftover must not stop this run
+            log.warning("%s: cannot remove what a killed run left: %s", entry.path, exc)
+
+
+def _sweep(rundir: Path) -> None:
+    try:
+        owner = json.loads((rundir / OWNER).read_text())
+        pid, start, runtime = int(owner["pid"]), owner["start"], str(owner["runtime"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # being set up (or not a run's directory): not ours to judge
+    if spawn.proc_start(pid) == start:
+        return
+    name = f"lazyfs-{rundir.name}"
+    if rt.outlived(runtime, name):
+        rt.force_stop(runtime, name)
+    if not Overlay([], rundir / "upper", rundir / "work", rundir / "rootfs").unmount(detach_if_busy=False):
+        log.warning("%s: left by a killed run (pid %d), still in use by its container; "
+                    "trying again at the next run", rundir, pid)
+        return
+    _unmount_image(rundir / "image")  # (only a run without the node agent mounts it there)
+    shutil.rmtree(rundir, ignore_errors=True)
+    log.warning("removed what a run killed without tearing down left (pid %d): %s", pid, rundir)
+
+
 @contextmanager
 def _uninterrupted():
     """Hold off Ctrl-C while a run tears down (bounded: seconds): a second Ctrl-C there would
@@ -195,8 +240,11 @@ def _teardown(runtime: str, name: str, overlay: Overlay, image_mnt: Path | None,
     elif stopped:
         rt.force_stop(runtime, name)  # a container podman created but never started
     overlay.unmount()
-    if image_mnt is None:
-        return  # the node agent's shared mount: handed back, not unmounted
+    if image_mnt is not None:  # (None: the node agent's shared mount, handed back, not unmounted)
+        _unmount_image(image_mnt)
+
+
+def _unmount_image(image_mnt: Path) -> None:
     # Whether the mount got as far as mounting is asked of the kernel, not of a flag: a Ctrl-C
     # can land between the daemon answering and mount() returning.
     if mounts.mount_entry(str(image_mnt)) or mounts.is_stale(str(image_mnt)):

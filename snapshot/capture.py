@@ -23,7 +23,7 @@ from snapshot import criu as criu_mod
 from snapshot import gpu, layer, procs
 from snapshot.files import publish
 from lazyfs.runner.helper import MARKER_DIR
-from snapshot.workspace import MOUNT_BASE, Workspace
+from snapshot.workspace import MOUNT_BASE, Workspace, sweep_abandoned
 
 
 class Follower:
@@ -105,7 +105,9 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
     store = open_store(opts.source.publish_target())
     store.check(write=True)
     digest, spec = resolve(opts)
+    sweep_abandoned()
     ws = Workspace(MOUNT_BASE / uuid.uuid4().hex[:16])
+    ws.claim()
     try:
         ws.upper.mkdir(parents=True)
         ws.inject_helper()

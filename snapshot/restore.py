@@ -30,7 +30,7 @@ from snapshot.capture import Follower
 from snapshot.files import BlockFetcher, fetch
 from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
 from snapshot.lazyserver import Config
-from snapshot.workspace import MOUNT_BASE, Workspace
+from snapshot.workspace import MOUNT_BASE, Workspace, sweep_abandoned
 
 log = logging.getLogger("lazyfs.snapshot")
 
@@ -63,7 +63,9 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     # One node cache for all of it, named here: the page server streams the image's working-set
     # blocks into it for the mount, which the node agent would otherwise place by its own default.
     opts = replace(opts, cache_dir=opts.cache_dir or str(paths.default_cache_dir()))
+    sweep_abandoned()
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
+    ws.claim()
     leases = ExitStack()  # the image's shared mount, when the node agent lends it
     try:
         criu = criu_mod.find()

@@ -13,17 +13,22 @@ snapshot), holding:
 
 A restore builds the same layout in a directory of its own and binds it over MOUNT_BASE/<id> in a
 private mount namespace, so any number of restores of one snapshot can run side by side.
+
+A workspace names its owner (owner.json: pid and start time). Its owner tears it down on any end
+but SIGKILL; what a killed one left, the next restore or snapshot run removes (sweep_abandoned).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from lazyfs.errors import RunError
 from lazyfs.fs import kernel, mounts
-from lazyfs.proc import syscalls
+from lazyfs.proc import spawn, syscalls
 from lazyfs.source.spec import Source
 from lazyfs.runner import helper
 from lazyfs.runner.helper import MARKER_DIR
@@ -31,6 +36,7 @@ from lazyfs.runner.overlay import Overlay
 
 log = logging.getLogger("lazyfs.snapshot")
 MOUNT_BASE = Path("/run/lazyfs/snap")
+OWNER = "owner.json"
 
 
 class Workspace:
@@ -45,6 +51,29 @@ class Workspace:
         self.mounted = False  # the image mounted here by this workspace
         self.layered = False  # the snapshot's writable layer mounted at layer/ (use_layer)
         self.bound = False  # a bind of someone else's mount of it (use_image)
+
+    def claim(self) -> None:
+        """Create the workspace, naming this process its owner."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        (self.base / OWNER).write_text(json.dumps(spawn.process_id()))
+
+    @classmethod
+    def abandoned(cls, base: Path) -> "Workspace | None":
+        """The workspace at ``base`` if its owner is gone, with what is still mounted in it (as
+        the kernel says) marked for teardown; None if its owner runs, or none is named yet."""
+        try:
+            owner = json.loads((base / OWNER).read_text())
+        except (OSError, ValueError):
+            return None
+        if spawn.is_running(owner):
+            return None
+        ws = cls(base)
+        ws.overlay.mounted = mounts.mount_entry(str(ws.rootfs)) is not None
+        ws.layered = mounts.mount_entry(str(ws.layer)) is not None
+        ws.mounted = mounts.read_state(str(ws.image)) is not None  # its own mount, with a daemon
+        ws.bound = not ws.mounted and (mounts.mount_entry(str(ws.image)) is not None
+                                       or mounts.is_stale(str(ws.image)))
+        return ws
 
     def mount(self, digest: str, source: Source, cache_dir: str | None) -> None:
         self.mount_image(digest, source, cache_dir)
@@ -106,6 +135,28 @@ class Workspace:
     def remove(self) -> None:
         self.teardown()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def sweep_abandoned() -> None:
+    """Remove the workspaces whose owner was killed with SIGKILL (it tears its own down on any
+    other end): their overlays, layers and image mounts would otherwise stay for good."""
+    try:
+        entries = list(os.scandir(MOUNT_BASE))
+    except OSError:  # none yet, or not ours to read (the caller then says what it cannot do)
+        return
+    for entry in entries:
+        ws = Workspace.abandoned(Path(entry.path))
+        if ws is None:
+            continue
+        if ws.overlay.mounted:
+            # Not detached: a process still in it (one the killed run left running) keeps it.
+            if subprocess.run(["umount", "-R", str(ws.rootfs)], capture_output=True).returncode:
+                log.warning("%s: left by a killed snapshot run or restore, still in use; trying "
+                            "again next time", ws.base)
+                continue
+            ws.overlay.mounted = False
+        ws.remove()
+        log.warning("removed what a killed snapshot run or restore left: %s", ws.base)
 
 
 def _let_go(unmount, path: Path) -> None:

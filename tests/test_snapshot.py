@@ -559,6 +559,45 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
         assert "took the node agent's mount of the image" in err
 
 
+def test_what_a_restore_killed_with_sigkill_leaves_the_next_restore_removes(image, env_dirs):
+    """SIGKILL leaves a restore no teardown: its restored process goes (it cannot run without its
+    page server), its workspace's mounts stay. The next restore on the node removes them."""
+    before = set(_restore_mounts())
+    lazyfs_cli("run", "--snapshot", "warm/slow:2", "snap/py:1", "--", "python3", "/app/slow.py",
+               timeout=300)
+    restore = [sys.executable, "-m", "lazyfs", "run", "-v", "--no-working-set", "--restore",
+               "warm/slow:2", "snap/py:1"]
+    killed = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    following = None
+    try:
+        assert killed.stdout.readline().startswith("continued")
+        killed.kill()
+        killed.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while _snapshot_processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _snapshot_processes() == []
+        left = set(_restore_mounts()) - before
+        assert left  # (the overlay, and the bind of the agent's image mount)
+        following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert following.stdout.readline().startswith("continued")
+        assert not left & set(_restore_mounts())
+        following.send_signal(signal.SIGINT)
+        _, err = following.communicate(timeout=60)
+        assert "removed what a killed snapshot run or restore left" in err, err
+    finally:
+        for proc in (killed, following):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    deadline = time.monotonic() + 15
+    while set(_restore_mounts()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(_restore_mounts()) - before == set()
+    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
+                and str(p / "rootfs") not in before]
+
+
 @pytest.mark.parametrize("via", ["store", "cache server"])
 def test_a_working_set_naming_blocks_the_store_lacks_costs_nothing_but_a_look(image, env_dirs,
                                                                             tmp_path, via):

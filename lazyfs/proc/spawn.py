@@ -79,6 +79,20 @@ def proc_start(pid: int) -> int | None:
     return int(fields[19])
 
 
+def process_id(pid: int | None = None) -> dict:
+    """This process (or ``pid``) for good: a pid alone may name another process later."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start": proc_start(pid)}
+
+
+def is_running(ident: dict) -> bool:
+    """Whether the process ``ident`` (process_id) still runs; False for a malformed one."""
+    try:
+        return proc_start(int(ident["pid"])) == ident["start"]
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def exited(pid: int) -> bool:
     """Gone, or a zombie: a detached process's parent is init, which may reap it only seconds
     later, and a zombie holds nothing (its mounts and descriptors are released)."""

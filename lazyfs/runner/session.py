@@ -129,8 +129,7 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         digest, spec = lease["digest"], container_spec(lease["config"], opts)
         image_mnt = Path(lease["mountpoint"])
     rundir.mkdir(parents=True)
-    me = os.getpid()
-    (rundir / OWNER).write_text(json.dumps({"pid": me, "start": spawn.proc_start(me), "runtime": runtime}))
+    (rundir / OWNER).write_text(json.dumps({**spawn.process_id(), "runtime": runtime}))
     image_mnt.mkdir(exist_ok=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
     # The snapshot helper in a read-only layer of its own above the image: importable in every
@@ -199,10 +198,10 @@ def sweep_killed_runs() -> None:
 def _sweep(rundir: Path) -> None:
     try:
         owner = json.loads((rundir / OWNER).read_text())
-        pid, start, runtime = int(owner["pid"]), owner["start"], str(owner["runtime"])
+        pid, runtime = int(owner["pid"]), str(owner["runtime"])
     except (OSError, ValueError, TypeError, KeyError):
         return  # being set up (or not a run's directory): not ours to judge
-    if spawn.proc_start(pid) == start:
+    if spawn.is_running(owner):
         return
     name = f"lazyfs-{rundir.name}"
     if rt.outlived(runtime, name):

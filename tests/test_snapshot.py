@@ -560,8 +560,9 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
 
 
 def test_what_a_restore_killed_with_sigkill_leaves_the_next_restore_removes(image, env_dirs):
-    """SIGKILL leaves a restore no teardown: its restored process goes (it cannot run without its
-    page server), its workspace's mounts stay. The next restore on the node removes them."""
+    """SIGKILL leaves a restore no teardown: its restored tree goes with it (the root keeps the
+    parent-death signal of the snapshot run), its workspace's mounts stay. The next restore on
+    the node removes them."""
     before = set(_restore_mounts())
     lazyfs_cli("run", "--snapshot", "warm/slow:2", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)

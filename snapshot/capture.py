@@ -116,7 +116,10 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         env = spec.env + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
         # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
         # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
-        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
+        # unshare dies with this process (setpriv execs it with a parent-death signal), and the
+        # program with unshare: a run killed with SIGKILL leaves no program running on its own.
+        cmd = ["setpriv", "--pdeathsig", "KILL",
+               "unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
                *nsinit_command(ws.rootfs, replace(spec, env=env), "--setsid", "--stdio", str(ws.stdio))]
         say(f"snapshot run of {opts.ref} in {ws.base}: " + " ".join(spec.argv))
         with open(ws.base / "unshare.log", "wb") as log, Follower(ws.stdio):

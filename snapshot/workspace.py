@@ -14,8 +14,10 @@ snapshot), holding:
 A restore builds the same layout in a directory of its own and binds it over MOUNT_BASE/<id> in a
 private mount namespace, so any number of restores of one snapshot can run side by side.
 
-A workspace names its owner (owner.json: pid and start time). Its owner tears it down on any end
-but SIGKILL; what a killed one left, the next restore or snapshot run removes (sweep_abandoned).
+A workspace names its owner (pid and start time) in OWNERS/<id>.json, so a sweep reads only
+the workspaces in use, not the empty directories restores leave at snapshots' paths. Its owner
+tears it down on any end but SIGKILL; what a killed one left, the next restore or snapshot run
+removes (sweep_abandoned).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from lazyfs.runner.overlay import Overlay
 
 log = logging.getLogger("lazyfs.snapshot")
 MOUNT_BASE = Path("/run/lazyfs/snap")
-OWNER = "owner.json"
+OWNERS = MOUNT_BASE / ".owners"
 
 
 class Workspace:
@@ -54,15 +56,19 @@ class Workspace:
 
     def claim(self) -> None:
         """Create the workspace, naming this process its owner."""
+        OWNERS.mkdir(parents=True, exist_ok=True)
         self.base.mkdir(parents=True, exist_ok=True)
-        (self.base / OWNER).write_text(json.dumps(spawn.process_id()))
+        self._owner().write_text(json.dumps(spawn.process_id()))
+
+    def _owner(self) -> Path:
+        return OWNERS / f"{self.base.name}.json"
 
     @classmethod
     def abandoned(cls, base: Path) -> "Workspace | None":
         """The workspace at ``base`` if its owner is gone, with what is still mounted in it (as
         the kernel says) marked for teardown; None if its owner runs, or none is named yet."""
         try:
-            owner = json.loads((base / OWNER).read_text())
+            owner = json.loads(cls(base)._owner().read_text())
         except (OSError, ValueError):
             return None
         if spawn.is_running(owner):
@@ -135,17 +141,18 @@ class Workspace:
     def remove(self) -> None:
         self.teardown()
         shutil.rmtree(self.base, ignore_errors=True)
+        self._owner().unlink(missing_ok=True)
 
 
 def sweep_abandoned() -> None:
     """Remove the workspaces whose owner was killed with SIGKILL (it tears its own down on any
     other end): their overlays, layers and image mounts would otherwise stay for good."""
     try:
-        entries = list(os.scandir(MOUNT_BASE))
+        names = [n.removesuffix(".json") for n in os.listdir(OWNERS) if n.endswith(".json")]
     except OSError:  # none yet, or not ours to read (the caller then says what it cannot do)
         return
-    for entry in entries:
-        ws = Workspace.abandoned(Path(entry.path))
+    for name in names:
+        ws = Workspace.abandoned(MOUNT_BASE / name)
         if ws is None:
             continue
         if ws.overlay.mounted:

@@ -136,6 +136,32 @@ def test_a_run_killed_without_a_goodbye_hands_its_mount_back(node, tmp_path):
     assert not lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
 
 
+def test_a_client_killed_with_sigkill_stops_the_run_the_agent_forked(node, tmp_path):
+    """The agent's fork runs the container; the `lazyfs run` the caller sees is its client. A
+    client killed with SIGKILL forwards nothing, so the fork notices the client gone and stops as
+    a `kill` of the run would: the container stopped, its directory and overlay torn down, the
+    lease handed back."""
+    tag = _image(tmp_path, {"a": _random(1 << 20, 3)}, tag="node/client-killed:1")
+    lazyfs_cli(*RUN, tag, "--", "sh", "-c", "exit 0")  # (starts the agent: the next run is a fork)
+    run = _cli(*RUN, tag, "--", "sh", "-c", "echo started; sleep 60")
+    try:
+        assert run.stdout.readline().strip() == "started"
+        [worker] = [u["pid"] for u in _status()["images"][0]["users"]]
+        assert worker != run.pid and _comm(worker) == "lazyfs-run"
+        run.kill()
+        run.communicate(timeout=15)  # the container (which holds the output's pipe) stopped
+        _wait(lambda: _comm(worker) == "", 10, "the agent's fork to end")
+        _wait(lambda: [len(i["users"]) for i in _status()["images"]] in ([0], []), 10,
+              "the lease handed back")
+        state = Path(os.environ["LAZYFS_STATE_DIR"])
+        assert not lazyfs_mounts(str(state / "run")) and not list((state / "run").iterdir())
+        _wait(lambda: not _status()["images"], 10, "the idle unmount")
+    finally:
+        run.kill()
+        run.communicate(timeout=30)
+    assert not lazyfs_mounts(os.environ["LAZYFS_STATE_DIR"])
+
+
 def test_agent_killed_while_readers_read_is_taken_over(node, tmp_path, env_dirs):
     files = {f"f{i}": _random(4 << 20, 10 + i) for i in range(4)}
     tag = _image(tmp_path, files)

@@ -559,6 +559,62 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
         assert "took the node agent's mount of the image" in err
 
 
+def test_a_snapshot_run_killed_with_sigkill_takes_its_program_along(image, env_dirs):
+    """A snapshot run killed before ready(): its program goes with it (nobody would ever stop
+    it), and what its workspace left mounted the next snapshot run removes."""
+    def never_ready(daemon: bool = True) -> list[int]:
+        """The program, its unshare and nsinit, and (``daemon``) the workspace's image mount
+        daemon (a fork of the run: its command line too)."""
+        return [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                if b"never ready" in _cmdline(p) and (daemon or _comm(p) != "lazyfs-mount")]
+
+    before = set(_restore_mounts())
+    prog = "import time; print('up', flush=True); time.sleep(120)  # never ready"
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--snapshot", "warm/never:1",
+                             "snap/py:1", "--", "python3", "-c", prog],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert never_ready()
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while never_ready(daemon=False) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert never_ready(daemon=False) == []
+        assert set(_restore_mounts()) - before  # the workspace's image mount and overlay
+        r = lazyfs_cli("run", "--snapshot", "warm/slow:3", "snap/py:1", "--", "python3",
+                       "/app/slow.py", timeout=300)
+        assert "removed what a killed snapshot run or restore left" in r.stderr, r.stderr
+        assert set(_restore_mounts()) - before == set()
+        deadline = time.monotonic() + 15
+        while never_ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert never_ready() == []  # the image's mount daemon went with its mount
+    finally:
+        for pid in never_ready():
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _comm(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def test_what_a_restore_killed_with_sigkill_leaves_the_next_restore_removes(image, env_dirs):
     """SIGKILL leaves a restore no teardown: its restored tree goes with it (the root keeps the
     parent-death signal of the snapshot run), its workspace's mounts stay. The next restore on

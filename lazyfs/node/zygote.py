@@ -8,9 +8,14 @@ status, to the client's connection. It is not a child of the client, so the term
 reaches only the client. The worker leads a process group of its own (its runtime and container
 are in it), and the client sends a SIGINT to that whole group, as a terminal sends it to its
 foreground group; other signals go to the worker, which handles them as `lazyfs run` always has.
+A client killed with SIGKILL forwards nothing, so the worker watches its connection too: when the
+client is gone, it sends itself SIGTERM, as a `kill` of `lazyfs run` would (the container stopped,
+everything torn down). A worker thread would cost the run its fork-based runtime (a fork copies
+no other thread), so the watch is signal-driven I/O on the connection (O_ASYNC: SIGIO).
 """
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
@@ -87,6 +92,7 @@ def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
                 os.close(int(fd))
             except OSError:
                 pass
+    _stop_when_the_client_goes(conn)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
@@ -96,3 +102,23 @@ def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
     from lazyfs.cli import main
     main()
     return 0
+
+
+def _stop_when_the_client_goes(conn: socket.socket) -> None:
+    """SIGTERM to this process once the client's end of ``conn`` closes (it sends nothing after
+    its request, so the connection turns readable only then)."""
+    def check(signum=None, frame=None) -> None:
+        try:
+            gone = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        if gone:
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGIO, check)
+    fcntl.fcntl(conn.fileno(), fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(conn.fileno(), fcntl.F_SETFL, fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) | os.O_ASYNC)
+    check()  # (gone before the watch was set: no signal would come)

@@ -63,6 +63,11 @@ def _wait(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _unused() -> bool:
+    """No image has a user (or none is mounted any more)."""
+    return [len(i["users"]) for i in _status()["images"]] in ([0], [])
+
+
 def _cli(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lazyfs.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -107,9 +112,9 @@ def test_two_runs_share_one_mount_until_the_grace_period_ends(node, tmp_path):
 
 
 def test_a_run_killed_without_a_goodbye_hands_its_mount_back(node, tmp_path):
-    """SIGKILL leaves a run no chance to release its lease or stop its container: the container
-    dies with it, the agent sees the holder's process exit and drops the lease, and the unused
-    mount goes after its idle time."""
+    """SIGKILL leaves a run (the first here: the full CLI, which starts the agent) no chance to
+    release its lease or stop its container: the container dies with it, the agent sees the
+    holder's process exit and drops the lease, and the unused mount goes after its idle time."""
     tag = _image(tmp_path, {"a": _random(1 << 20, 2)}, tag="node/killed:1")
     run = _cli(*RUN, tag, "--", "sh", "-c", "echo started; sleep 60")
     try:
@@ -118,8 +123,7 @@ def test_a_run_killed_without_a_goodbye_hands_its_mount_back(node, tmp_path):
         assert [u["kind"] for u in users] == ["run"] and users[0]["pid"] > 0
         os.kill(users[0]["pid"], signal.SIGKILL)
         run.communicate(timeout=10)  # the container (which holds the output's pipe) is gone too
-        _wait(lambda: [len(i["users"]) for i in _status()["images"]] in ([0], []), 10,
-              "the killed run's lease to be dropped")
+        _wait(_unused, 10, "the killed run's lease to be dropped")
         _wait(lambda: not _status()["images"], 10, "the idle unmount")
         # What the run would have torn down itself (its writable layer's overlay) is left, until
         # the next run on the node clears it.
@@ -151,8 +155,7 @@ def test_a_client_killed_with_sigkill_stops_the_run_the_agent_forked(node, tmp_p
         run.kill()
         run.communicate(timeout=15)  # the container (which holds the output's pipe) stopped
         _wait(lambda: _comm(worker) == "", 10, "the agent's fork to end")
-        _wait(lambda: [len(i["users"]) for i in _status()["images"]] in ([0], []), 10,
-              "the lease handed back")
+        _wait(_unused, 10, "the lease handed back")
         state = Path(os.environ["LAZYFS_STATE_DIR"])
         assert not lazyfs_mounts(str(state / "run")) and not list((state / "run").iterdir())
         _wait(lambda: not _status()["images"], 10, "the idle unmount")

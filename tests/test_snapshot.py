@@ -559,9 +559,45 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
         assert "took the node agent's mount of the image" in err
 
 
-def test_a_snapshot_run_killed_with_sigkill_takes_its_program_along(image, env_dirs):
+@pytest.mark.parametrize("how", ["SIGTERM", "its client killed"])
+def test_a_restore_stopped_by_a_kill_stops_its_process_and_leaves_nothing(image, env_dirs, how):
+    """`kill PID` of a restore takes the Ctrl-C path (the restored tree asked to stop, then
+    killed; the workspace and lease gone; no cold start), and so does a restore the agent forked
+    whose client was killed with SIGKILL (the fork then stops itself as if sent SIGTERM)."""
+    before = set(_restore_mounts())
+    lazyfs_cli("run", "--snapshot", "warm/slow:4", "snap/py:1", "--", "python3", "/app/slow.py",
+               timeout=300)
+    lazyfs_cli("run", "snap/py:1", "--", "true", timeout=300)  # (the agent is up: a restore next is its fork)
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--no-working-set",
+                             "--restore", "warm/slow:4", "snap/py:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("continued")
+        proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if how == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "stopped by SIGTERM" in err and "cold" not in err, err
+    deadline = time.monotonic() + 20
+    while (_snapshot_processes() or set(_restore_mounts()) - before
+           or lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _snapshot_processes() == [], err
+    assert set(_restore_mounts()) - before == set(), err
+    assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
+    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
+                and str(p / "rootfs") not in before]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_snapshot_run_killed_takes_its_program_along(image, env_dirs, sig):
     """A snapshot run killed before ready(): its program goes with it (nobody would ever stop
-    it), and what its workspace left mounted the next snapshot run removes."""
+    it). SIGTERM takes the Ctrl-C path and leaves nothing; what SIGKILL left mounted, the next
+    snapshot run removes."""
     def never_ready(daemon: bool = True) -> list[int]:
         """The program, its unshare and nsinit, and (``daemon``) the workspace's image mount
         daemon (a fork of the run: its command line too)."""
@@ -576,12 +612,16 @@ def test_a_snapshot_run_killed_with_sigkill_takes_its_program_along(image, env_d
     try:
         assert proc.stdout.readline().strip() == "up"
         assert never_ready()
-        proc.kill()
-        proc.communicate(timeout=60)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
         deadline = time.monotonic() + 15
-        while never_ready(daemon=False) and time.monotonic() < deadline:
+        while never_ready(daemon=sig == signal.SIGTERM) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert never_ready(daemon=False) == []
+        assert never_ready(daemon=sig == signal.SIGTERM) == []
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 128 + sig and "stopped by SIGTERM" in err, err
+            assert set(_restore_mounts()) - before == set()
+            return
         assert set(_restore_mounts()) - before  # the workspace's image mount and overlay
         r = lazyfs_cli("run", "--snapshot", "warm/slow:3", "snap/py:1", "--", "python3",
                        "/app/slow.py", timeout=300)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import List, Optional
 
@@ -11,6 +12,7 @@ from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, EnvOpt,
                                NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt,
                                RichProgress, parse_duration, sayer, with_source)
+from lazyfs.proc import spawn
 
 # What `lazyfs run --snapshot/--restore` imports when it gets there: the node's fork server
 # imports it ahead (lazyfs.node.zygote), so a restore forked from it does not spend ~200 ms
@@ -92,8 +94,21 @@ def run(
         opts.runtime = "namespaces"
     if snapshot:
         from snapshot.capture import capture
-        raise typer.Exit(capture(opts, snapshot, say, parse_duration(snapshot_timeout), RichProgress()))
+        raise typer.Exit(_stoppable(lambda: capture(opts, snapshot, say, parse_duration(snapshot_timeout),
+                                                    RichProgress())))
     if restore:
         from snapshot.restore import restore as restore_run
-        raise typer.Exit(restore_run(opts, restore, say, lazy=lazy, working_set=working_set))
+        raise typer.Exit(_stoppable(lambda: restore_run(opts, restore, say, lazy=lazy,
+                                                        working_set=working_set)))
     raise typer.Exit(run_session(opts, say))
+
+
+def _stoppable(work) -> int:
+    """``work()``'s exit code; a SIGTERM or SIGHUP meanwhile takes its Ctrl-C path (everything it
+    started stopped and torn down) and exits as that signal would (128 + its number)."""
+    try:
+        with spawn.stopping_like_ctrl_c():
+            return work()
+    except spawn.Terminated as exc:
+        print(f"lazyfs: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum

@@ -179,6 +179,36 @@ class Watched(Forked):
             os.close(self.pidfd)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where a Ctrl-C raises KeyboardInterrupt (stopping_like_ctrl_c)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopping_like_ctrl_c():
+    """Within the block, SIGTERM and SIGHUP stop the main thread as a Ctrl-C does, so that work
+    whose Ctrl-C path stops what it started and tears everything down (a restore, a snapshot
+    run) takes that path for a `kill` too, rather than dying with its mounts left behind. Not
+    for code that forwards these signals itself (a run's supervisor installs its own handlers
+    inside, and puts these back when it is done)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def holding_sigint():
     """Ctrl-C held back while a process is started: it arrives once the block ends, when the

@@ -517,6 +517,20 @@ def _restore_mounts() -> list[str]:
     return lazyfs_mounts(MOUNT_BASE)
 
 
+def _assert_the_restore_left_nothing(before: set, env_dirs, err: str, within: float) -> None:
+    """No process of the snapshotted program, no workspace mount or directory (beyond
+    ``before``), and the image unmounted by the agent once idle, within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (_snapshot_processes() or set(_restore_mounts()) - before
+           or lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _snapshot_processes() == [], err
+    assert set(_restore_mounts()) - before == set(), err
+    assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
+    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
+                and str(p / "rootfs") not in before]
+
+
 @pytest.mark.parametrize("when", ["starting", "criu restoring", "running"])
 def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env_dirs, when):
     """Ctrl-C during a restore through the node agent (while it fetches and mounts, while criu
@@ -546,15 +560,7 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
             proc.kill()
             proc.wait()
     assert proc.returncode != 0, err
-    deadline = time.monotonic() + 15
-    while (_snapshot_processes() or set(_restore_mounts()) - before
-           or lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _snapshot_processes() == [], err
-    assert set(_restore_mounts()) - before == set(), err
-    assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
-    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
-                and str(p / "rootfs") not in before]
+    _assert_the_restore_left_nothing(before, env_dirs, err, within=15)
     if when == "running":
         assert "took the node agent's mount of the image" in err
 
@@ -582,15 +588,7 @@ def test_a_restore_stopped_by_a_kill_stops_its_process_and_leaves_nothing(image,
     if how == "SIGTERM":
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert "stopped by SIGTERM" in err and "cold" not in err, err
-    deadline = time.monotonic() + 20
-    while (_snapshot_processes() or set(_restore_mounts()) - before
-           or lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"])) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _snapshot_processes() == [], err
-    assert set(_restore_mounts()) - before == set(), err
-    assert lazyfs_mounts(env_dirs["LAZYFS_STATE_DIR"]) == [], err  # the agent's idle unmount
-    assert not [p for p in MOUNT_BASE.iterdir() if p.name.startswith("restore-")
-                and str(p / "rootfs") not in before]
+    _assert_the_restore_left_nothing(before, env_dirs, err, within=20)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

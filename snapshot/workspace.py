@@ -21,7 +21,6 @@ removes (sweep_abandoned).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -58,7 +57,7 @@ class Workspace:
         """Create the workspace, naming this process its owner."""
         OWNERS.mkdir(parents=True, exist_ok=True)
         self.base.mkdir(parents=True, exist_ok=True)
-        self._owner().write_text(json.dumps(spawn.process_id()))
+        spawn.write_owner(self._owner())
 
     def _owner(self) -> Path:
         return OWNERS / f"{self.base.name}.json"
@@ -67,13 +66,9 @@ class Workspace:
     def abandoned(cls, base: Path) -> "Workspace | None":
         """The workspace at ``base`` if its owner is gone, with what is still mounted in it (as
         the kernel says) marked for teardown; None if its owner runs, or none is named yet."""
-        try:
-            owner = json.loads(cls(base)._owner().read_text())
-        except (OSError, ValueError):
-            return None
-        if spawn.is_running(owner):
-            return None
         ws = cls(base)
+        if spawn.gone_owner(ws._owner()) is None:
+            return None
         ws.overlay.mounted = mounts.mount_entry(str(ws.rootfs)) is not None
         ws.layered = mounts.mount_entry(str(ws.layer)) is not None
         ws.mounted = mounts.read_state(str(ws.image)) is not None  # its own mount, with a daemon

@@ -11,6 +11,7 @@ that follows exec, like strace -f or py-spy); docs/architecture.md says so too.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import select
@@ -177,6 +178,23 @@ class Watched(Forked):
     def __del__(self):
         if self.returncode is None:
             os.close(self.pidfd)
+
+
+def write_owner(path: Path, **extra) -> None:
+    """Name this process (process_id, and ``extra``) as the owner of what ``path`` stands for."""
+    path.write_text(json.dumps({**process_id(), **extra}))
+
+
+def gone_owner(path: Path) -> dict | None:
+    """The record write_owner left at ``path`` if its process no longer runs; None while it
+    runs, or when there is no readable record (one being set up is not ours to judge)."""
+    try:
+        owner = json.loads(path.read_text())
+        if not isinstance(owner["pid"], int) or "start" not in owner:
+            return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # (a malformed record, too: no process of ours wrote it)
+    return None if is_running(owner) else owner
 
 
 class Terminated(KeyboardInterrupt):

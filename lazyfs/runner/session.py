@@ -1,7 +1,6 @@
 """One `lazyfs run`: mount the image, add a writable layer, run the command, always clean up."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -129,7 +128,7 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         digest, spec = lease["digest"], container_spec(lease["config"], opts)
         image_mnt = Path(lease["mountpoint"])
     rundir.mkdir(parents=True)
-    (rundir / OWNER).write_text(json.dumps({**spawn.process_id(), "runtime": runtime}))
+    spawn.write_owner(rundir / OWNER, runtime=runtime)
     image_mnt.mkdir(exist_ok=True)
     upper = Path(opts.upper).absolute() if opts.upper else rundir / "upper"
     # The snapshot helper in a read-only layer of its own above the image: importable in every
@@ -196,13 +195,10 @@ def sweep_killed_runs() -> None:
 
 
 def _sweep(rundir: Path) -> None:
-    try:
-        owner = json.loads((rundir / OWNER).read_text())
-        pid, runtime = int(owner["pid"]), str(owner["runtime"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return  # being set up (or not a run's directory): not ours to judge
-    if spawn.is_running(owner):
-        return
+    owner = spawn.gone_owner(rundir / OWNER)
+    if owner is None or not isinstance(owner.get("runtime"), str):
+        return  # running, or being set up (or not a run's directory): not ours to judge
+    pid, runtime = owner["pid"], owner["runtime"]
     name = f"lazyfs-{rundir.name}"
     if rt.outlived(runtime, name):
         rt.force_stop(runtime, name)

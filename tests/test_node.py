@@ -336,6 +336,37 @@ def _agent_log(env_dirs) -> str:
     return (Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.log").read_text(errors="replace")
 
 
+def test_a_scrape_that_dribbles_holds_up_neither_runs_nor_scrapes(node, tmp_path):
+    """The metrics port is open to every local user. A client that sends its request a byte at a
+    time is dropped after its deadline, and the runs and status calls meanwhile are answered as
+    ever (the agent's loop never reads a scrape)."""
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # the agent is up, the image mounted
+    host, port = _status()["agent"]["metrics"].rsplit(":", 1)
+    stop, dropped = threading.Event(), threading.Event()
+
+    def dribble():
+        with socket.create_connection((host, int(port))) as s:
+            while not stop.wait(0.2):
+                try:
+                    s.send(b"G")
+                except OSError:
+                    dropped.set()
+                    return
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        time.sleep(0.5)  # it is connected and sending
+        assert lazyfs_cli(*RUN, tag, "--", "cat", "/data/x", timeout=30).stdout == "x\n"
+        forked = _status()["agent"]["runs"]["forked"]
+        assert dropped.wait(15), "the dribbling client was never dropped"
+        assert _sample(_metrics(), "lazyfs_node_forked_runs_total") == forked > 0
+    finally:
+        stop.set()
+        dribbler.join()
+
+
 def test_runs_stay_forked_after_a_run_through_cache_servers(node, tmp_path, env_dirs):
     """A fleet's pool threads live in the agent; runs are forked by its fork server, so every run
     after one through --server still takes the fast path, and the counters prove it."""

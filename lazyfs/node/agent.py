@@ -104,7 +104,7 @@ class Agent:
         self.forker.start()  # now, while this process has one thread: forks of it are safe
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.metrics.start(self.sel)
+        self.metrics.start()
         ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
         listen.sd_notify("READY=1")
         try:

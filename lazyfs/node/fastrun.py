@@ -65,14 +65,23 @@ def _field(line: bytes, name: bytes) -> int | None:
         return None
 
 
-def _readline(sock) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)  # retried across the signals we forward (PEP 475)
-        if not chunk:
-            break
-        data += chunk
-    return data
+class _Lines:
+    """The agent's answers, a line at a time. Both can come in one recv (a run that ends at once,
+    on a loaded node): what follows the first line is kept for the second read."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def next(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(4096)  # retried across the signals we forward (PEP 475)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
 
 
 def try_run(argv: list[str]) -> int | None:
@@ -95,7 +104,8 @@ def try_run(argv: list[str]) -> int | None:
         try:
             sock.sendmsg([data[:1]], [(_socket.SOL_SOCKET, SCM_RIGHTS, bytes(_fds(0, 1, 2)))])
             sock.sendall(data[1:])
-            answer = _readline(sock)
+            lines = _Lines(sock)
+            answer = lines.next()
         except OSError:
             return None
         worker = _field(answer, b"pid") if b'"ok":true' in answer.replace(b" ", b"") else None
@@ -112,7 +122,7 @@ def try_run(argv: list[str]) -> int | None:
                 pass
         for sig in (SIGINT, SIGTERM, SIGHUP, SIGQUIT):
             _signal.signal(sig, forward)
-        code = _field(_readline(sock), b"exit")
+        code = _field(lines.next(), b"exit")
         if code is None:
             sys.stderr.write(f"lazyfs: error: the run (pid {worker}) ended without an exit status; "
                              "see the node agent's log (agent.log in its state directory)\n")

@@ -1,21 +1,26 @@
-"""The agent's Prometheus metrics, served at ``/metrics`` on a local port from its own loop, and the
-counts it keeps for them and for `lazyfs node status` (runs forked or not; containerd layers
-served lazily or not).
+"""The agent's Prometheus metrics, served at ``/metrics`` on a local port, and the counts it keeps
+for them and for `lazyfs node status` (runs forked or not; containerd layers served lazily or not).
 
-The agent answers scrapes from its own loop (prometheus_client's server would be one more thread
-and one more port to manage): one small HTTP/1.0 exchange per connection, bounded in size and time.
+Scrapes are answered on a thread of their own, one connection at a time: one small HTTP/1.0
+exchange each, bounded in size and in total time (SCRAPE_DEADLINE). Never on the agent's loop, and
+never with its lock held while a client is read: the port is open to every local user, and a
+client that sends its request a byte at a time must not hold up a single run. Only the copy of
+the agent's state a scrape reports is taken under the lock; the mounts' daemons are asked outside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import selectors
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("lazyfs.node")
+SCRAPE_DEADLINE = 2.0  # seconds a scrape's client has to send its request and read the answer
 
 
 @dataclass
@@ -54,7 +59,7 @@ class Metrics:
         self.listener: socket.socket | None = None
         self.address: str | None = None
 
-    def start(self, sel: selectors.BaseSelector) -> None:
+    def start(self) -> None:
         spec = self.agent.opts.metrics
         if not spec:
             return
@@ -64,10 +69,9 @@ class Metrics:
         except (OSError, ValueError) as exc:
             log.warning("metrics: cannot listen on %s (%s); serving none", spec, exc)
             return
-        sock.setblocking(False)
         self.listener = sock
         self.address = "%s:%d" % sock.getsockname()[:2]
-        sel.register(sock, selectors.EVENT_READ, self._serve)
+        threading.Thread(target=self._serve_all, args=(sock,), name="metrics", daemon=True).start()
         log.info("metrics on http://%s/metrics", self.address)
 
     def snapshot(self, shared) -> None:
@@ -87,31 +91,45 @@ class Metrics:
 
     def stop(self) -> None:
         if self.listener is not None:
-            self.listener.close()
-
-    def _serve(self, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(2.0)
             try:
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 8192:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    head += chunk
-                path = head.split(b" ")[1] if head.count(b" ") >= 2 else b""
-                if path.split(b"?")[0] == b"/metrics":
-                    body, status = generate_latest(self.registry), b"200 OK"
-                else:
-                    body, status = b"see /metrics\n", b"404 Not Found"
-                conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept()
             except OSError:
                 pass
+            self.listener.close()
+
+    def _serve_all(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the agent stops
+                return
+            with conn:
+                try:
+                    self._answer(conn, time.monotonic() + SCRAPE_DEADLINE)
+                except OSError:
+                    pass
+                except Exception:  # a scrape's trouble is not the node's
+                    log.exception("metrics: answering a scrape failed")
+
+    def _answer(self, conn: socket.socket, deadline: float) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # too slow to ask: dropped, whatever it sent
+            conn.settimeout(left)
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        path = head.split(b" ")[1] if head.count(b" ") >= 2 else b""
+        if path.split(b"?")[0] == b"/metrics":
+            body, status = generate_latest(self.registry), b"200 OK"
+        else:
+            body, status = b"see /metrics\n", b"404 Not Found"
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 class _Live:
@@ -128,21 +146,24 @@ class _Live:
         users = GaugeMetricFamily("lazyfs_node_users", "Leases on shared mounts", labels=["kind"])
         hits = GaugeMetricFamily("lazyfs_node_cache_hits", "Cache hits of the mounts up", labels=["image"])
         misses = GaugeMetricFamily("lazyfs_node_cache_misses", "Blocks fetched by the mounts up", labels=["image"])
-        images.add_metric([], len(agent.shared))
+        with agent.lock:  # (held only to copy: the daemons are asked without it)
+            shared = [(s.key, s.ref, s.mountpoint, [x.kind for x in s.leases]) for s in agent.shared.values()]
+            runs, snapshots = dataclasses.replace(agent.runs), dataclasses.replace(agent.snapshots)
+        images.add_metric([], len(shared))
         kinds = {"run": 0, "mount": 0, "snapshot": 0}
-        for s in agent.shared.values():
-            for lease in s.leases:
-                kinds[lease.kind] = kinds.get(lease.kind, 0) + 1
+        for key, ref, mountpoint, leases in shared:
+            for kind in leases:
+                kinds[kind] = kinds.get(kind, 0) + 1
             try:
-                self.metrics.last_counters[s.key] = control.query(s.mountpoint, timeout=control.SCRAPE_TIMEOUT)
+                counters = control.query(mountpoint, timeout=control.SCRAPE_TIMEOUT)
             except MountError:
                 continue
-            c = self.metrics.last_counters[s.key].get("cache", {})
-            hits.add_metric([s.ref], c.get("hits", 0))
-            misses.add_metric([s.ref], c.get("misses", 0))
+            self.metrics.last_counters[key] = counters
+            c = counters.get("cache", {})
+            hits.add_metric([ref], c.get("hits", 0))
+            misses.add_metric([ref], c.get("misses", 0))
         for kind, n in kinds.items():
             users.add_metric([kind], n)
-        runs = agent.runs
         forked = CounterMetricFamily("lazyfs_node_forked_runs", "`lazyfs run`s forked warm by the agent")
         forked.add_metric([], runs.forked)
         slow = CounterMetricFamily("lazyfs_node_run_fallbacks", "`lazyfs run`s the agent could not fork, "
@@ -153,6 +174,6 @@ class _Live:
         layers = CounterMetricFamily("lazyfs_node_snapshot_layers", "Layers containerd asked the "
                                      "lazyfs snapshotter for: served lazily, or unpacked by containerd "
                                      "because the store lacks them (fallback)", labels=["result"])
-        layers.add_metric(["lazy"], agent.snapshots.lazy)
-        layers.add_metric(["fallback"], agent.snapshots.fallbacks)
+        layers.add_metric(["lazy"], snapshots.lazy)
+        layers.add_metric(["fallback"], snapshots.fallbacks)
         yield from (images, users, hits, misses, forked, slow, starts, layers)

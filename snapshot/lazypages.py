@@ -70,6 +70,7 @@ class Handler:
         self.counts = defaultdict(int)
         self._wake_r, self._wake_w = os.pipe()
         self._closing: list[int] = []
+        self._again: list[tuple[Task, int, bytes]] = []  # copies to try once events are read
         self.fetcher = ChunkFetcher(lambda k: fetch_block(blocks.digests[k], blocks.sizes[k]),
                                     self._deliver, self._fail, workers=workers)
         self.prefetch(working_set)
@@ -180,17 +181,45 @@ class Handler:
 
     def _copy(self, task: Task, key: int, data: bytes) -> None:
         """Map every missing page of block ``key`` into ``task`` (lock held)."""
-        for page, off, count in task.take(key):
-            rc = uffd.copy(task.fd, page * PAGE, data, off, count * PAGE)
-            if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
-                for k in range(count):  # part of the run is there or gone: page by page
-                    rc = uffd.copy(task.fd, (page + k) * PAGE, data, off + k * PAGE, PAGE)
-                    if rc in (errno.ESRCH, errno.ENOSPC):
-                        break
+        runs = task.take(key)
+        for i, (page, off, count) in enumerate(runs):
+            try:
+                rc = uffd.copy(task.fd, page * PAGE, data, off, count * PAGE)
+                if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
+                    for k in range(count):  # part of the run is there or gone: page by page
+                        rc = uffd.copy(task.fd, (page + k) * PAGE, data, off + k * PAGE, PAGE)
+                        if rc == errno.EAGAIN:
+                            self._copy_later(task, key, data, [(page + k, off + k * PAGE, count - k),
+                                                               *runs[i + 1:]])
+                            self.counts["copied_pages"] += k
+                            return
+                        if rc in (errno.ESRCH, errno.ENOSPC):
+                            break
+            except OSError as exc:  # (the benign errnos come back as values)
+                self.fatal(f"mapping block {self.blocks.digests[key]} into {task.name} failed: {exc}")
+                return
             if rc in (errno.ESRCH, errno.ENOSPC):
                 self._gone(task)
                 return
             self.counts["copied_pages"] += count
+
+    def _copy_later(self, task: Task, key: int, data: bytes, runs) -> None:
+        """EAGAIN: the process's memory map is changing (a fork, mremap or madvise whose event
+        this handler has not read yet), and the kernel copies nothing until it has. The pages
+        are missing again, so that the event moves (or drops, or hands a forked child) them as it
+        does the rest; the block is copied again once the loop has read the events."""
+        task.put_back(key, runs)
+        self._again.append((task, key, data))
+        self.counts["copies_deferred"] += 1
+        self.poke()
+
+    def _copy_again(self) -> None:
+        """The copies the kernel refused while a memory map changed (lock held)."""
+        again, self._again = self._again, []
+        for task, key, data in again:
+            if task in self.tasks and key in task.missing:
+                self._copy(task, key, data)
+                self._maybe_release(task)
 
     def _maybe_release(self, task: Task) -> None:
         if task.live and not task.missing and task in self.tasks:
@@ -226,6 +255,7 @@ class Handler:
                     self._remap(task, ev.a // PAGE, ev.b // PAGE, ev.c // PAGE)
                 elif ev.kind == uffd.EVENT_FORK:
                     self._fork(task, ev.a)
+            self._copy_again()
 
     def _fault(self, task: Task, page: int) -> None:
         self.last_fault = time.monotonic()
@@ -233,7 +263,9 @@ class Handler:
         log.debug("%s: fault at %#x (block %s)", task.name, page * PAGE, key)
         if key is None:  # never had content (or just arrived): a zero page, or a wake-up
             self.counts["zero_faults"] += 1
-            if uffd.zeropage(task.fd, page * PAGE) in (errno.EEXIST, errno.ENOENT):
+            # EAGAIN (its memory map is changing): woken, the thread faults again once the
+            # event is read, rather than sleep for ever
+            if uffd.zeropage(task.fd, page * PAGE) in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
                 uffd.wake(task.fd, page * PAGE)
             return
         self.counts["faults"] += 1
@@ -334,6 +366,9 @@ class Handler:
                         and time.monotonic() - self.last_fault >= QUIET):
                     self._background()
                 self._check_built()
+                if self._again:  # (a map change whose event another task's descriptor had)
+                    with self.lock:
+                        self._copy_again()
                 for fd, mask in poller.poll(50):
                     if fd == self._wake_r:
                         os.read(fd, 4096)

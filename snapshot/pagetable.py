@@ -110,6 +110,14 @@ class Task:
         self.pages_missing -= sum(n for _, _, n in runs)
         return runs
 
+    def put_back(self, key: int, runs) -> None:
+        """Pages of block ``key`` taken to be copied in that the kernel did not take (yet):
+        missing again, runs of (first page, offset in the block, pages)."""
+        runs = [run for run in runs if run[2] > 0]
+        if runs:
+            self.missing.setdefault(key, []).extend(runs)
+            self.pages_missing += sum(n for _, _, n in runs)
+
     def drop(self, blocks: Blocks, first: int, last: int) -> None:
         """Pages [first, last) hold no snapshot memory from now on (madvise, munmap)."""
         for page, count, off in self._cut(first, last):

@@ -194,6 +194,43 @@ def test_remapped_and_removed_memory(monkeypatch):
     h.close()
 
 
+def test_a_block_that_comes_while_the_memory_map_changes_is_copied_once_the_event_is_read(monkeypatch):
+    """While a process's map changes (mremap here; fork and madvise alike), the kernel refuses
+    every copy (EAGAIN) until the handler has read the change's event. A block that comes then
+    must stay missing and be copied afterwards: counted as copied, its pages would later read as
+    zeroes (a fault finds nothing missing there and maps a zero page)."""
+    import select
+    import snapshot.lazypages
+    monkeypatch.setattr(snapshot.lazypages, "QUIET", 30.0)  # no background transfer meanwhile
+    mem = Memory()
+    h = mem.handler()
+    h.restore_finished()  # live, but no loop yet: nothing reads the descriptor's events
+    old = mem.addr + 156 * PAGE  # block 7 moves (mremap waits until its event is read)
+    spot = libc.mmap(None, 100 * PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    moved: list[int] = []
+    mover = threading.Thread(target=lambda: moved.append(libc.mremap(old, 100 * PAGE, 100 * PAGE, 1 | 2, spot)),
+                             daemon=True)
+    mover.start()
+    poller = select.poll()
+    poller.register(mem.fd, select.POLLIN)
+    assert poller.poll(5000), "the mremap's event never came"
+    block = mem.chunks[5]  # pages 68..131, not moved
+    h.arrived("sha256:" + block[0], block[1])
+    assert h.counts["copies_deferred"] >= 1  # the kernel said EAGAIN
+    stop, t = _serve(h)  # reads the event: the mremap completes, the copy is made
+    mover.join(10)
+    assert moved == [spot]
+    assert mem.read(68 * PAGE, 64 * PAGE) == mem.content[68 * PAGE:132 * PAGE]
+    assert "sha256:" + block[0] not in mem.fetched  # copied from what arrived, not fetched again
+    buf = ctypes.create_string_buffer(PAGE)
+    ctypes.memmove(buf, spot + 10 * PAGE, PAGE)
+    assert buf.raw == mem.content[166 * PAGE:167 * PAGE]
+    libc.munmap(spot, 100 * PAGE)  # (its unmap event needs the loop)
+    stop.set()
+    t.join(10)
+    h.close()
+
+
 def test_a_block_that_fails_verification_kills_before_letting_go():
     """The handler must call on_fatal (in lazyfs: SIGKILL the restored tree) before it closes the
     descriptor, because closing it makes the kernel hand out zero pages."""

@@ -66,7 +66,8 @@ class PageByPage:
 @settings(max_examples=300, deadline=None)
 @given(layouts(), st.data())
 def test_the_runs_answer_as_the_page_by_page_table_does(layout, data):
-    """Tracked as runs, through drops (madvise, munmap), moves (mremap) and blocks handed over:
+    """Tracked as runs, through drops (madvise, munmap), moves (mremap), blocks handed over and
+    copies the kernel took only in part (put back):
     every page's block, each block's pages at their offsets in the block, and the count of pages
     still missing are what the page-by-page table gives; and the block really holds each page."""
     blocks, pagemap = layout
@@ -75,7 +76,7 @@ def test_the_runs_answer_as_the_page_by_page_table_does(layout, data):
     model.track(lazy_runs(pagemap))
     top = max([p + 1 for p in model.origin] + [1])
     for _ in range(data.draw(st.integers(0, 6))):
-        op = data.draw(st.sampled_from(["drop", "remap", "take"]))
+        op = data.draw(st.sampled_from(["drop", "remap", "take", "refused"]))
         if op == "drop":
             first = data.draw(st.integers(0, top))
             last = data.draw(st.integers(first, top + 2))
@@ -90,11 +91,20 @@ def test_the_runs_answer_as_the_page_by_page_table_does(layout, data):
         elif task.missing:
             key = data.draw(st.sampled_from(sorted(task.missing)))
             got = {}
-            for page, off, count in task.take(key):
+            task_runs = task.take(key)
+            for page, off, count in task_runs:
                 for i in range(count):
                     assert page + i not in got
                     got[page + i] = off + i * PAGE
             assert got == model.take(key)
+            if op == "refused":  # the kernel took the runs up to a page, not the rest (EAGAIN)
+                runs = task_runs
+                i = data.draw(st.integers(0, len(runs) - 1))
+                page, off, count = runs[i]
+                k = data.draw(st.integers(0, count - 1))
+                task.put_back(key, [(page + k, off + k * PAGE, count - k), *runs[i + 1:]])
+                model.missing |= {p + j for p, _, n in [(page + k, 0, count - k), *runs[i + 1:]]
+                                  for j in range(n)}
         for page in range(top + 2):
             assert task.key_of(blocks, page) == model.key_of(page)
         assert task.pages_missing == len(model.missing)

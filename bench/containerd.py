@@ -149,11 +149,5 @@ def _string_field(data: bytes, number: int) -> str:
 
 
 def _mounts_under(root: Path) -> list[str]:
-    prefix = str(root)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp.startswith(prefix):
-                out.append(mp)
-    return out
+    from lazyfs.fs.mounts import mount_table
+    return [m.point for m in mount_table() if m.point.startswith(str(root))]

@@ -35,6 +35,7 @@ class Follower:
 
     def __init__(self, path: Path, start: int = 0):
         self.path, self.pos = path, start
+        self.lost = False  # our stdout went away
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stdio", daemon=True)
@@ -49,10 +50,16 @@ class Follower:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 return
-        while data := os.pread(self._fd, 1 << 16, self.pos):
+        while not self.lost and (data := os.pread(self._fd, 1 << 16, self.pos)):
             self.pos += len(data)
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except OSError:  # our stdout is gone (`| head -1`'s reader has exited): the rest has
+                self.lost = True  # nowhere to go, and the process runs on to its own end
+                devnull = os.open(os.devnull, os.O_WRONLY)  # (nor does the exit's own flush)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
     def _run(self) -> None:
         while not self._stop.wait(self.POLL):
@@ -157,6 +164,10 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
             files, new, total = publish(store, ws.base, names, tick)
         publish_s = time.monotonic() - t0
         meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
+                # what the run was asked for, as `lazyfs run` takes it: a restore that falls back
+                # to a cold start runs the same (the image's Entrypoint is added to argv again)
+                "run": {"argv": opts.argv, "env": opts.env, "workdir": opts.workdir, "user": opts.user,
+                        "network": opts.network},
                 "gpu": gpu_meta,
                 "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                             "publish": round(publish_s, 3)}}

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -124,9 +125,19 @@ class Killer:
                 time.sleep(0.01)
                 continue
             try:
-                os.kill(pid, signal.SIGKILL)
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                # Until the root is gone: it is its PID namespace's init, so by then every other
+                # task of the tree is gone too, and none can run on the zero pages the kernel
+                # hands out once the descriptors close.
+                select.select([fd], [], [], 30.0)
             except ProcessLookupError:
                 pass
+            finally:
+                os.close(fd)
             return
 
     def wait(self) -> None:
@@ -193,6 +204,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         listener.listen(1)
         os.rename(tmp, images / SOCKET_NAME)  # appears only once it accepts
         threading.Thread(target=_link, args=(listener, handler, stop, peer), daemon=True).start()
+        threading.Thread(target=_watch_parent, args=(parent, handler, stop, peer), daemon=True).start()
         if ready_fd is not None:
             os.write(ready_fd, b"1")
         handler.serve(stop)
@@ -239,6 +251,25 @@ def _stop_criu(peer: list[int], stop: threading.Event, parent: int) -> None:
     if os.getppid() == parent:
         procs.kill_made(parent, wait=10.0)
     stop.set()
+
+
+def _watch_parent(parent: int, handler: Handler, stop: threading.Event, peer: list[int]) -> None:
+    """`lazyfs run` gone (SIGKILL, the OOM killer) while this server still serves: nobody waits
+    for the tree or reads the status, and criu restore may not even have connected yet, so the
+    server would wait for ever. The tree and criu are killed (before any descriptor is let go),
+    and the server stops."""
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once it has exited
+        os.close(fd)
+    if stop.is_set() or os.getppid() == parent:
+        return  # (stopped first; or not our parent's pidfd after all)
+    if handler.done_at is None:  # (all served: the tree needs nothing more, and may be gone)
+        handler.fatal(f"lazyfs run (pid {parent}) exited while the restore was served")
+    _stop_criu(peer, stop, parent)
 
 
 def _working_set(cfg: Config, handler: Handler, none_yet: bool) -> list | None:

@@ -155,8 +155,19 @@ def _cold(opts: RunOptions, snap_ref: str, exc: Exception, snap, say) -> int:
     """Run the snapshot's command from scratch: ready() returns 0, no snapshot is taken."""
     print(f"lazyfs: warning: restore of snapshot {snap_ref} failed: {exc}\n"
           f"lazyfs: warning: starting {opts.ref} cold instead", file=sys.stderr, flush=True)
-    argv = opts.argv or (snap.meta.get("argv", []) if snap else [])
-    return cold_run(replace(opts, argv=list(argv)), say)  # every run has the helper
+    return cold_run(cold_options(opts, snap), say)  # every run has the helper
+
+
+def cold_options(opts: RunOptions, snap: snapfmt.Snapshot | None) -> RunOptions:
+    """The run a failed restore starts instead: what the snapshot run was asked for (its
+    command, environment, working directory, user and network), as `lazyfs run` takes them, so
+    the image's Entrypoint comes before the command once; a command given to the restore
+    replaces the snapshot's. Without the snapshot (not found), the restore's own options."""
+    asked = snap.meta.get("run") if snap else None
+    if asked is None:  # (a snapshot from before its run was recorded: the argv it ran)
+        return replace(opts, argv=list(opts.argv or (snap.meta.get("argv", []) if snap else [])))
+    return replace(opts, argv=list(opts.argv or asked["argv"]), env=list(asked["env"]),
+                   workdir=asked["workdir"], user=asked["user"], network=asked["network"])
 
 
 def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: float, say,
@@ -191,16 +202,25 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
             if recording is not None and _trace(ws).exists():
                 trace_lines = _trace(ws).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
         ws.remove()
-    if pages is not None:
-        if status.get("error") or not status:
-            raise LazyRestoreFailed(f"the restored process was killed: "
-                                    f"{status.get('error') or pages.failure()}")
+    if pages is None:
+        return code
+    if status.get("error"):  # the page server killed the tree (a block it could not serve)
+        raise LazyRestoreFailed(f"the restored process was killed: {status['error']}")
+    # The program has run to its end: nothing from here on may start it again (a cold start).
+    try:
+        if not status:
+            raise LazyRestoreFailed(f"the page server gave no report: {pages.failure()}")
         if recording is not None and status.get("working_set"):
             status["working_set_recorded"] = record_working_set(
                 opts.source, recording[1], recording[0], digest, status["working_set"], trace_lines,
                 {"ref": snap.meta.get("ref"), "faults": status.get("faults", 0)},
                 shift=recording[2] - status["t0"] if "t0" in status else None)
         say(_describe(status))
+    except (LazyfsError, OSError) as exc:
+        try:
+            print(f"lazyfs: warning: after the restored process ended: {exc}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
     return code
 
 
@@ -279,13 +299,34 @@ def _kill_restored(pid: int, grace: float = STOP_GRACE) -> None:
     its own, which signals without a handler do not reach (SIGTERM is ignored there): SIGINT
     first, which a Python program handles (KeyboardInterrupt, as a Ctrl-C in a plain run),
     then SIGKILL. The namespace's other tasks die with their init."""
-    for sig, wait in ([(signal.SIGINT, grace)] if grace > 0 else []) + [(signal.SIGKILL, 30.0)]:
+    if grace > 0:
         try:
-            os.kill(pid, sig)
+            os.kill(pid, signal.SIGINT)
+            if spawn.wait_gone(pid, grace):
+                return
         except ProcessLookupError:
             return
-        if spawn.wait_gone(pid, wait):
-            return
+        except KeyboardInterrupt:  # a second Ctrl-C: no more grace, but the tree still goes first
+            _kill_hard(pid)
+            raise
+    _kill_hard(pid)
+
+
+def _kill_hard(pid: int) -> None:
+    """SIGKILL, and wait for the tree to be gone, whatever comes meanwhile: the page server stops
+    after this, and a tree still running then would read zero pages where its memory was."""
+    interrupted = None
+    for _ in range(3):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            spawn.wait_gone(pid, 30.0)
+            break
+        except ProcessLookupError:
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _wait(pid: int) -> int:

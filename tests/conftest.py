@@ -153,17 +153,14 @@ def pytest_runtest_setup(item):
 def lazyfs_mounts(under: str | Path | None = None) -> list[str]:
     """Mountpoints of lazyfs FUSE mounts, of the kernel path's EROFS images and overlays, and of
     the overlays `lazyfs run` puts on them (only those below ``under``, if given)."""
+    from lazyfs.fs.mounts import mount_table
     out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].encode().decode("unicode_escape")
-            kernel_path = (" - erofs " in line and "/erofs/" in line) or \
-                (" - overlay " in line and ".d/meta::" in line)
-            if ("fuse.lazyfs" in line or kernel_path or "/lazyfs/run/" in mp
-                    or "/lazyfs/snap/" in mp) and \
-                    (under is None or mp.startswith(f"{under}/")):
-                out.append(mp)
+    for m in mount_table():
+        kernel_path = (m.fstype == "erofs" and "/erofs/" in f"{m.point} {m.source}") or \
+            (m.fstype == "overlay" and ".d/meta::" in m.options)
+        if (m.fstype == "fuse.lazyfs" or kernel_path or "/lazyfs/run/" in m.point
+                or "/lazyfs/snap/" in m.point) and (under is None or m.point.startswith(f"{under}/")):
+            out.append(m.point)
     return out
 
 

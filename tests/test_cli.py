@@ -80,3 +80,45 @@ def test_bench_runs_without_a_checkout(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--restore", "s/a:1", "--upper", "/tmp/u", "img:1"], "--upper: only for a plain run"),
+    (["--snapshot", "s/a:1", "--stats-json", "/tmp/f", "img:1", "--", "true"], "--stats-json: only for a plain run"),
+    (["--restore", "s/a:1", "img:1", "--profile", "none", "--", "true"], "--profile: only for a plain run"),
+    (["--restore", "s/a:1", "-e", "A=1", "--workdir", "/", "img:1"], "--env, --workdir: a restored process keeps"),
+    (["img:1", "--restore", "s/a:1", "--network", "host", "--", "true"], "--network: a restored process keeps"),
+    (["--eager", "img:1", "--", "true"], "--lazy/--eager: only with --restore"),
+    (["--snapshot-timeout", "5m", "img:1", "--", "true"], "--snapshot-timeout: only with --snapshot"),
+    (["img:1", "--network", "bridge", "--", "true"], "'bridge': none (a network of its own, empty) or host"),
+])
+def test_an_option_the_run_would_not_honour_is_refused(args, message):
+    """Not dropped without a word: each kind of run (plain, snapshot, restore) refuses what it
+    would not use, before it starts anything."""
+    r = lazyfs_cli("run", *args, env={"LAZYFS_NODE": "off"}, check=False)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_failed_restore_starts_what_the_snapshot_run_ran():
+    """The cold start runs what the snapshot run was asked for: its command once after the
+    image's Entrypoint (not the Entrypoint twice), its environment, working directory, user and
+    network; a command given to the restore replaces only the command."""
+    from lazyfs.format.snapshot import Snapshot
+    from lazyfs.runner.session import RunOptions, container_spec
+    from snapshot.restore import cold_options
+
+    config = {"Entrypoint": ["/bin/serve"], "Cmd": ["--default"], "Env": ["PATH=/bin"], "WorkingDir": "/srv"}
+    taken = RunOptions("app:1", ["--port", "80"], env=["MODE=warm"], workdir="/app", user="1000",
+                       network="host")
+    ran = container_spec(config, taken)
+    meta = {"argv": ran.argv, "env": ran.env, "workdir": ran.workdir,
+            "run": {"argv": taken.argv, "env": taken.env, "workdir": taken.workdir, "user": taken.user,
+                    "network": taken.network}}
+    snap = Snapshot("sha256:" + "0" * 64, "/run/lazyfs/snap/x", (), 0.0, meta)
+    cold = container_spec(config, cold_options(RunOptions("app:1", []), snap))
+    assert (cold.argv, cold.env, cold.workdir, cold.user, cold.network) == \
+        (["/bin/serve", "--port", "80"], ran.env, "/app", "1000", "host")
+    given = container_spec(config, cold_options(RunOptions("app:1", ["--once"]), snap))
+    assert given.argv == ["/bin/serve", "--once"] and given.workdir == "/app"
+    alone = container_spec(config, cold_options(RunOptions("app:1", []), None))  # no snapshot found
+    assert alone.argv == ["/bin/serve", "--default"] and alone.workdir == "/srv"

@@ -120,6 +120,38 @@ def test_cli(two_images, env_dirs, tmp_path):
     assert bad.returncode != 0 and "--max-size" in bad.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-size", "1G", "--cache-dir", "CACHE"], "trim a node cache: add --node-cache"),
+    (["--node-cache", "--max-size", "1G", "--store", "STORE"], "not with --node-cache"),
+    (["--node-cache", "--max-size", "1G", "--grace", "bogus"], "not with --node-cache"),
+    (["--store", "STORE", "--grace", "bogus"], "not a duration"),
+    (["--store", "NOWHERE"], "no lazyfs store at"),
+    (["--store", "NOWHERE", "--dry-run"], "no lazyfs store at"),
+])
+def test_gc_refuses_what_it_would_not_do_as_asked(two_images, tmp_path, args, message):
+    """gc deletes: an option of the other kind of gc, a bad value or a store that is not there
+    is refused before anything is read, written or removed (not the default store collected
+    instead, not a new store made at a mistyped path)."""
+    store, _, _ = two_images
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    paths = {"STORE": str(store.root), "CACHE": str(tmp_path / "nc"), "NOWHERE": str(tmp_path / "typo")}
+    r = lazyfs_cli("gc", *[paths.get(a, a) for a in args], check=False)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_dry_run_takes_no_lease(two_images, monkeypatch):
+    """A dry run changes nothing in the store, not even a lease (a store it may only read)."""
+    store, _, _ = two_images
+    written = []
+    monkeypatch.setattr(store, "put_lease", lambda name, data: written.append(name))
+    report = gc.collect_store(store, grace=0, dry_run=True)
+    assert report.dry_run and written == []
+    gc.collect_store(store, grace=0)
+    assert written  # (what the check above would have seen)
+
+
 class _FlakyLeases:
     """A real store whose lease writes fail while ``down`` is set."""
 

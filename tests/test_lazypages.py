@@ -421,3 +421,59 @@ def test_the_page_server_names_its_process(tmp_path):
     assert said == f"3 {lazyserver.NAME}" and lazyserver.NAME == "lazyfs-pages"
     with open("/proc/self/comm") as comm:
         assert comm.read().strip() != lazyserver.NAME  # the caller's is its own
+
+
+def test_a_page_server_whose_restore_was_killed_does_not_serve_on(tmp_path):
+    """`lazyfs run` killed with SIGKILL after it forked the page server, before criu restore
+    connected: the server stops (it would otherwise wait for criu for ever, holding memory)."""
+    from lazyfs.format import snapshot as snapfmt
+    from lazyfs.source.spec import Source
+    from snapshot import lazyserver
+
+    images = tmp_path / "criu"
+    images.mkdir()
+    cfg = lazyserver.Config(str(images), "sha256:" + "ef" * 32, Source(str(tmp_path / "store")),
+                            str(tmp_path / "cache"), str(tmp_path / "restored.pid"), str(tmp_path / "pages.json"))
+    snap = snapfmt.Snapshot("sha256:" + "12" * 32, str(tmp_path / "at"), (), 0.0, {})
+    read_fd, write_fd = os.pipe()
+    restore = os.fork()
+    if restore == 0:  # pragma: no cover - 'lazyfs run': forks the server, says its pid, waits
+        try:
+            server = os.fork()
+            if server == 0:
+                os.close(read_fd)
+                os._exit(lazyserver.serve(cfg, known=(snap, None)))
+            os.write(write_fd, f"{server}\n".encode())
+            threading.Event().wait(60)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        server = int(r.readline())
+    try:
+        deadline = time.monotonic() + 10
+        while not (images / lazyserver.SOCKET_NAME).exists():  # serving: waits for criu
+            assert time.monotonic() < deadline, "the page server never listened"
+            time.sleep(0.02)
+        os.kill(restore, 9)
+        os.waitpid(restore, 0)
+        deadline = time.monotonic() + 15
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(server), "the page server serves on without its restore"
+        assert "exited while the restore was served" in json.loads((tmp_path / "pages.json").read_text())["error"]
+    finally:
+        for pid in (restore, server):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the server is not our child: its reaper may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

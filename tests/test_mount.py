@@ -410,3 +410,19 @@ def test_a_full_cache_disk_degrades_to_a_bounded_memory_cache(env_dirs, tmp_path
         assert len(errors) == 1 and "cannot write blocks" in errors[0], errors[:3]
     finally:
         subprocess.run(["umount", "-l", str(cache)], capture_output=True)
+
+
+def test_the_mount_table_reads_any_path_the_kernel_escapes(tmp_path):
+    """/proc/self/mountinfo escapes a space, a tab, a newline and a backslash as octal, and
+    passes other bytes through raw (UTF-8 or not): each comes back as the path os functions
+    take, so a mount at such a path is found (and not taken for unmounted)."""
+    from lazyfs.fs.mounts import mount_entry, mount_table
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xc3\xa9 a\tb\\c\nd \xff")
+    os.mkdir(odd)
+    subprocess.run(["mount", "-t", "tmpfs", "lazyfs-test", odd], check=True)
+    try:
+        assert mount_entry(odd) == {"fstype": "tmpfs", "source": "lazyfs-test"}
+        assert [m.point for m in mount_table() if m.source == "lazyfs-test"] == [odd]
+    finally:
+        subprocess.run(["umount", odd], check=True)
+    assert mount_entry(odd) is None

@@ -363,6 +363,25 @@ def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
     assert "cold" not in r.stderr
 
 
+def test_a_restore_whose_reader_goes_away_runs_its_program_once(image):
+    """`lazyfs run --restore ... | head -1`: the output's reader exits after the first line, and
+    the program's later lines have nowhere to go. The program still runs once, to its own end
+    and exit code: no cold start of it a second time, no traceback."""
+    _snapshot("warm/py:1")
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--restore", "warm/py:1", "snap/py:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("continued")
+        proc.stdout.close()  # (the digest line comes later: the 48 MiB are read back first)
+        err = proc.stderr.read()
+        assert proc.wait(120) == 7, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "cold instead" not in err and "Traceback" not in err, err
+
+
 def test_ready_without_a_snapshot_run_is_a_no_op(image):
     """The same program runs cold: a plain `lazyfs run` has the helper, and ready() returns 0."""
     r = lazyfs_cli("run", "snap/py:1", "--", "python3", "/app/prog.py", "1", check=False, timeout=300)

@@ -57,7 +57,22 @@ def deferred_imports() -> list[str]:
 prebuilt = None
 
 
+def _usage_error(exc) -> None:
+    """A usage error as one line, like every other lazyfs error (typer would draw a box):
+    `lazyfs gc: error: Invalid value: ... (see `lazyfs gc --help`)`."""
+    import click
+    names, ctx = [], getattr(exc, "ctx", None)
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    where = " ".join(["lazyfs", *reversed(names)])
+    hint = f" (see `{where} --help`)" if isinstance(exc, click.UsageError) else ""
+    print(f"{where}: error: {exc.format_message()}{hint}", file=sys.stderr)
+
+
 def main() -> None:
+    import typer.rich_utils
+    typer.rich_utils.rich_format_error = _usage_error  # (typer 0.20 calls it for click's errors)
     sys.argv = _optional_values(sys.argv)
     _register()
     try:

@@ -61,7 +61,16 @@ EnvOpt = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")
 WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Working directory inside the container "
                           "(default: the image's WorkingDir, else /).")
 UserOpt = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image.")
-NetworkOpt = typer.Option("none", "--network", help="none (default) or host.")
+def _network(value: str) -> str:
+    if value not in NETWORKS:
+        raise typer.BadParameter(f"{value!r}: none (a network of its own, empty) or host (the host's)")
+    return value
+
+
+NETWORKS = ("none", "host")
+NetworkOpt = typer.Option("none", "--network", callback=_network, metavar="none|host",
+                          help="none (default: a network namespace of its own, with no interface "
+                          "but loopback) or host (the host's network).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 class CommandLineCommand(typer.core.TyperCommand):
@@ -74,7 +83,12 @@ class CommandLineCommand(typer.core.TyperCommand):
     command, so ``lazyfs run img grep -- -x file`` still runs grep with its own ``--``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, options_after_image(self.get_params(ctx), list(args)))
+        try:
+            moved = options_after_image(self.get_params(ctx), list(args))
+        except click.UsageError as exc:
+            exc.ctx = exc.ctx or ctx  # (its message names the command)
+            raise
+        return super().parse_args(ctx, moved)
 
 
 def options_after_image(params, args: list[str]) -> list[str]:

@@ -88,6 +88,7 @@ def run(
     opts.report = report
     if snapshot and restore:
         raise typer.BadParameter("--snapshot and --restore cannot be combined")
+    _check_applies(snapshot, restore)
     if snapshot or restore:
         if runtime == "podman":
             raise typer.BadParameter("snapshots run with the namespaces runtime, not podman")
@@ -101,6 +102,38 @@ def run(
         raise typer.Exit(_stoppable(lambda: restore_run(opts, restore, say, lazy=lazy,
                                                         working_set=working_set)))
     raise typer.Exit(run_session(opts, say))
+
+
+# Options that each apply to one kind of run only: given to another, they would do nothing.
+PLAIN_ONLY = {"upper": "--upper", "trace": "--trace", "stats_json": "--stats-json",
+              "profile": "--profile", "data_path": "--data-path", "complete": "--complete"}
+TAKEN_AT_SNAPSHOT = {"env": "--env", "workdir": "--workdir", "user": "--user", "network": "--network"}
+RESTORE_ONLY = {"lazy": "--lazy/--eager", "working_set": "--working-set/--no-working-set"}
+SNAPSHOT_ONLY = {"snapshot_timeout": "--snapshot-timeout"}
+
+
+def _check_applies(snapshot: str | None, restore: str | None) -> None:
+    """Refuse an option the run would not honour, rather than drop it without a word."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+
+    def given(options: dict) -> str:
+        return ", ".join(flag for name, flag in options.items()
+                         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+
+    if (snapshot or restore) and (flags := given(PLAIN_ONLY)):
+        raise typer.BadParameter(f"{flags}: only for a plain run, not with --snapshot or --restore "
+                                 "(they mount the image their own way)")
+    if restore and (flags := given(TAKEN_AT_SNAPSHOT)):
+        raise typer.BadParameter(f"{flags}: a restored process keeps what its snapshot run had "
+                                 "(give them with --snapshot); a cold start after a failed restore "
+                                 "runs with the snapshot run's too")
+    if not restore and (flags := given(RESTORE_ONLY)):
+        raise typer.BadParameter(f"{flags}: only with --restore")
+    if not snapshot and (flags := given(SNAPSHOT_ONLY)):
+        raise typer.BadParameter(f"{flags}: only with --snapshot")
 
 
 def _stoppable(work) -> int:

@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,17 +69,40 @@ def data_layers(mountpoint: str) -> str | None:
     return state.kernel_layout().lowerdir()
 
 
+@dataclass(frozen=True)
+class MountLine:
+    """One line of /proc/self/mountinfo: paths as os functions take them (the kernel's octal
+    escapes undone, bytes that are not UTF-8 surrogate-escaped), options as the kernel wrote them."""
+    point: str
+    fstype: str
+    source: str
+    options: str  # the filesystem's own (super) options: an overlay's lowerdir=..., say
+
+
+_ESCAPED = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    return os.fsdecode(_ESCAPED.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def mount_table() -> list[MountLine]:
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.rstrip(b"\n").partition(b" - ")
+            fstype, source, options = (right.split(b" ") + [b"", b""])[:3]
+            out.append(MountLine(_unescape(left.split(b" ")[4]), os.fsdecode(fstype),
+                                 _unescape(source), _unescape(options)))
+    return out
+
+
 def mount_entry(mountpoint: str) -> dict | None:
     """The /proc/self/mountinfo line for mountpoint, as a dict, if something is mounted there."""
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            mp = fields[4].encode().decode("unicode_escape")
-            if mp == target:
-                fstype, source = right.split()[:2]
-                return {"fstype": fstype, "source": source}
+    for m in mount_table():
+        if m.point == target:
+            return {"fstype": m.fstype, "source": m.source}
     return None
 
 

@@ -6,6 +6,7 @@ that no tag reaches are garbage: pin an image you mount by digest with a tag.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -65,7 +66,8 @@ def mark(store: BlockStore) -> tuple[set[str], set[str]]:
 def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = False,
                   now: float | None = None) -> GcReport:
     report = GcReport(dry_run=dry_run)
-    with Lease(store, "gc", conflicts=("build", "gc")):
+    # A dry run changes nothing, a lease included (a build beside it may make its report stale).
+    with contextlib.nullcontext() if dry_run else Lease(store, "gc", conflicts=("build", "gc")):
         now = now if now is not None else time.time()
         live_m, live_b = mark(store)
         report.live_manifests, report.live_blocks = len(live_m), len(live_b)

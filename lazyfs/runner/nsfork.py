@@ -23,6 +23,7 @@ from pathlib import Path
 from lazyfs.proc import syscalls as sc
 from lazyfs.proc.spawn import Forked, child, holding_sigint
 from lazyfs.runner import nsinit
+from lazyfs.runner import runtime as rt
 
 
 def start(rootfs: Path, spec, started: list) -> None:
@@ -30,7 +31,7 @@ def start(rootfs: Path, spec, started: list) -> None:
     is held back across the fork, and delivered once the handle is recorded)."""
     args = nsinit.Args(nsinit.command_line(rootfs, spec))
     flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-    if spec.network == "none":
+    if rt.own_network(spec):
         flags |= sc.CLONE_NEWNET
     sys.stdout.flush()
     sys.stderr.flush()

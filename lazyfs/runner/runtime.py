@@ -122,9 +122,18 @@ def namespaces_command(rootfs: Path, spec: Spec) -> list[str]:
     # and chroots. The network namespace is shared unless "none" is asked for.
     cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
            "--propagation", "private"]
-    if spec.network == "none":
+    if own_network(spec):
         cmd.append("--net")
     return cmd + nsinit_command(rootfs, spec)
+
+
+def own_network(spec: Spec) -> bool:
+    """Whether the namespaces runtime gives the container a network namespace of its own
+    (--network none) rather than the host's (host); anything else is refused, never taken
+    for the host's."""
+    if spec.network not in ("none", "host"):
+        raise RunError(f"network {spec.network!r}: the namespaces runtime has none and host")
+    return spec.network == "none"
 
 
 def nsinit_command(rootfs: Path, spec: Spec, *extra: str) -> list[str]:

@@ -87,6 +87,10 @@ class LocalStore:
         with self._lock:
             self._prepare_locked()
 
+    def initialised(self) -> bool:
+        """Whether a store has been made here (a reader of a path where none is sees it empty)."""
+        return (self.root / MARKER).is_file()
+
     def check(self, write: bool = False) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} is not a directory")

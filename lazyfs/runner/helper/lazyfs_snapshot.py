@@ -39,7 +39,8 @@ def _reseed() -> None:
     random.seed(os.urandom(32))
     np = sys.modules.get("numpy")
     if np is not None:
-        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+        # 256 bits (a 32-bit seed would repeat among some 10,000s of restored copies)
+        np.random.seed([int.from_bytes(os.urandom(4), "little") for _ in range(8)])
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))

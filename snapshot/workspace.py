@@ -139,13 +139,15 @@ class Workspace:
         self._owner().unlink(missing_ok=True)
 
 
-def sweep_abandoned() -> None:
+def sweep_abandoned() -> int:
     """Remove the workspaces whose owner was killed with SIGKILL (it tears its own down on any
-    other end): their overlays, layers and image mounts would otherwise stay for good."""
+    other end): their overlays, layers and image mounts would otherwise stay for good. Returns
+    how many were left because something still uses them."""
     try:
         names = [n.removesuffix(".json") for n in os.listdir(OWNERS) if n.endswith(".json")]
     except OSError:  # none yet, or not ours to read (the caller then says what it cannot do)
-        return
+        return 0
+    left = 0
     for name in names:
         ws = Workspace.abandoned(MOUNT_BASE / name)
         if ws is None:
@@ -155,10 +157,12 @@ def sweep_abandoned() -> None:
             if subprocess.run(["umount", "-R", str(ws.rootfs)], capture_output=True).returncode:
                 log.warning("%s: left by a killed snapshot run or restore, still in use; trying "
                             "again next time", ws.base)
+                left += 1
                 continue
             ws.overlay.mounted = False
         ws.remove()
         log.warning("removed what a killed snapshot run or restore left: %s", ws.base)
+    return left
 
 
 def _let_go(unmount, path: Path) -> None:

@@ -122,3 +122,26 @@ def test_a_failed_restore_starts_what_the_snapshot_run_ran():
     assert given.argv == ["/bin/serve", "--once"] and given.workdir == "/app"
     alone = container_spec(config, cold_options(RunOptions("app:1", []), None))  # no snapshot found
     assert alone.argv == ["/bin/serve", "--default"] and alone.workdir == "/srv"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["lazyfs", "build", "docker://r/a:1", "--tls-verify", "--tag", "a:1"],
+     ["lazyfs", "build", "docker://r/a:1", "--tls-verify=true", "--tag", "a:1"]),
+    (["lazyfs", "build", "docker://r/a:1", "--tls-verify=false"],
+     ["lazyfs", "build", "docker://r/a:1", "--tls-verify=false"]),
+    # A container's command keeps its own options, with or without a --.
+    (["lazyfs", "run", "img:1", "skopeo", "inspect", "--tls-verify", "docker://x"],
+     ["lazyfs", "run", "img:1", "skopeo", "inspect", "--tls-verify", "docker://x"]),
+    (["lazyfs", "run", "img:1", "--", "skopeo", "--tls-verify"], ["lazyfs", "run", "img:1", "--", "skopeo", "--tls-verify"]),
+])
+def test_a_bare_tls_verify_means_true_only_where_lazyfs_has_the_option(argv, expected):
+    from lazyfs.cli import _optional_values
+    assert _optional_values(argv) == expected
+
+
+def test_node_subcommands_take_the_socket_and_refuse_the_agents_options(tmp_path):
+    sock = tmp_path / "agent.sock"
+    r = lazyfs_cli("node", "--socket", sock, "status", check=False)
+    assert r.returncode == 1 and f"no node agent answers on {sock}" in r.stderr, r.stderr
+    r = lazyfs_cli("node", "--idle", "5", "--takeover", "status", check=False)
+    assert r.returncode == 2 and "--idle, --takeover: options of the agent itself" in r.stderr, r.stderr

@@ -672,10 +672,14 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-def test_what_a_restore_killed_with_sigkill_leaves_the_next_restore_removes(image, env_dirs):
+@pytest.mark.parametrize("agent", ["agent", "no agent"])
+def test_what_a_restore_killed_with_sigkill_leaves_is_removed(image, env_dirs, agent, monkeypatch):
     """SIGKILL leaves a restore no teardown: its restored tree goes with it (the root keeps the
-    parent-death signal of the snapshot run), its workspace's mounts stay. The next restore on
-    the node removes them."""
+    parent-death signal of the snapshot run), its workspace's mounts stay. The node agent, whose
+    lease on the image the restore held, sees it gone and removes them; without an agent, the
+    next restore on the node does."""
+    if agent == "no agent":
+        _without_the_agent(monkeypatch)
     before = set(_restore_mounts())
     lazyfs_cli("run", "--snapshot", "warm/slow:2", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
@@ -691,8 +695,16 @@ def test_what_a_restore_killed_with_sigkill_leaves_the_next_restore_removes(imag
         while _snapshot_processes() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _snapshot_processes() == []
+        if agent == "agent":
+            deadline = time.monotonic() + 30
+            while set(_restore_mounts()) - before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert set(_restore_mounts()) - before == set()
+            log = (Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.log").read_text(errors="replace")
+            assert "removed what a killed snapshot run or restore left" in log
+            return
         left = set(_restore_mounts()) - before
-        assert left  # (the overlay, and the bind of the agent's image mount)
+        assert left  # (the overlay, and the bind of the image mount)
         following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert following.stdout.readline().startswith("continued")
         assert not left & set(_restore_mounts())

@@ -23,13 +23,16 @@ MODULES = {"bench": "bench", "build": "build", "images": "build", "inspect": "bu
 
 
 # Boolean options podman spells with an optional value: bare `--tls-verify` means true, and
-# `--tls-verify=false` turns it off. Click options take a value or none, never either.
-OPTIONAL_TRUE = ("--tls-verify",)
+# `--tls-verify=false` turns it off. Click options take a value or none, never either. Only the
+# commands that have the option: elsewhere it is a container's command's own (`lazyfs run IMAGE
+# skopeo inspect --tls-verify ...`), never to be rewritten.
+OPTIONAL_TRUE = {"build": ("--tls-verify",)}
 
 
 def _optional_values(argv: list[str]) -> list[str]:
-    end = argv.index("--") if "--" in argv else len(argv)  # never touch a container's command
-    return [f"{a}=true" if a in OPTIONAL_TRUE and i < end else a for i, a in enumerate(argv)]
+    options = OPTIONAL_TRUE.get(argv[1] if len(argv) > 1 else "", ())
+    end = argv.index("--") if "--" in argv else len(argv)
+    return [f"{a}=true" if a in options and i < end else a for i, a in enumerate(argv)]
 
 
 @app.callback()
@@ -71,15 +74,21 @@ def _usage_error(exc) -> None:
 
 
 def main() -> None:
-    import typer.rich_utils
-    typer.rich_utils.rich_format_error = _usage_error  # (typer 0.20 calls it for click's errors)
+    import click
+    import typer.main
     sys.argv = _optional_values(sys.argv)
     _register()
+    command = prebuilt if prebuilt is not None else typer.main.get_command(app)
     try:
-        if prebuilt is not None:
-            prebuilt(prog_name="lazyfs")
-        else:
-            app()
+        # Not standalone: click's errors come here, to be said in one line (typer would draw a
+        # box, importing rich for it); an exit code (typer.Exit, --help) comes back as the value.
+        code = command.main(prog_name="lazyfs", standalone_mode=False)
+    except click.ClickException as exc:
+        _usage_error(exc)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print("lazyfs: interrupted", file=sys.stderr)
+        sys.exit(130)
     except LazyfsError as exc:
         print(f"lazyfs: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -89,3 +98,4 @@ def main() -> None:
     except KeyboardInterrupt:
         print("lazyfs: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

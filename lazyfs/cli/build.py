@@ -32,9 +32,9 @@ def build(
     source: str = typer.Argument(..., help="Image to read (see above)."),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="NAME:TAG to point at the result."),
     store: Optional[str] = StoreOpt,
-    chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size",
-                                   help="Bytes per block (1 to 16 MiB); smaller files are one "
-                                   "block each."),
+    chunk_size: str = typer.Option(str(DEFAULT_CHUNK_SIZE), "--chunk-size", metavar="SIZE",
+                                   help="Bytes per block, up to 16 MiB (e.g. 512k, 1M); smaller "
+                                   "files are one block each."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Store each block byte-shuffled where "
                                  "that compresses better: model weights and other arrays of numbers "
                                  "(float32, float16, bfloat16) come out 5-10 % smaller, for about "
@@ -86,7 +86,7 @@ def build(
         raise typer.BadParameter("--profile-command needs --tag (the profile is recorded on the tagged image)")
     st = open_store(store)
     with RichProgress() as progress:
-        result = run_build(source, st, tag, chunk_size=chunk_size, tmp_dir=tmp_dir, progress=progress,
+        result = run_build(source, st, tag, chunk_size=parse_size(chunk_size), tmp_dir=tmp_dir, progress=progress,
                            max_size=parse_size(max_size), max_entries=max_entries, options=options,
                            shuffle=shuffle)
     c = result.commit

@@ -44,6 +44,16 @@ def node(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every mount, lease and unmount."),
 ):
     if ctx.invoked_subcommand:
+        # `lazyfs node --socket S status` asks the agent on S; the agent's own options would do
+        # nothing for a subcommand, so they are refused rather than dropped.
+        from click.core import ParameterSource
+        agent_only = [f"--{name.replace('_', '-')}" for name in ("idle", "cache_size", "metrics", "takeover", "verbose")
+                      if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if agent_only:
+            raise typer.BadParameter(f"{', '.join(agent_only)}: options of the agent itself, not of "
+                                     f"`lazyfs node {ctx.invoked_subcommand}`")
+        if socket is not None:
+            os.environ[environ.NODE_SOCKET] = str(socket)  # (what the client reads)
         return
     from lazyfs import paths
     from lazyfs.node.agent import Agent, AgentOptions
@@ -54,7 +64,8 @@ def node(
     logging.getLogger("lazyfs.node").setLevel(logging.INFO)
     cap = parse_size(cache_size) if cache_size else None
     opts = AgentOptions(socket or paths.node_socket(), parse_duration(idle), cap or None,
-                        None if metrics in ("", "off", "none") else metrics, takeover)
+                        None if metrics in ("", "off", "none") else metrics, takeover,
+                        sweep=_sweep_killed)
     agent = Agent(opts)
     syscalls.set_name("lazyfs-node")
     code = agent.run(ready=lambda msg: print(f"lazyfs node: {msg}", flush=True))
@@ -64,6 +75,14 @@ def node(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _sweep_killed() -> int:
+    """What runs, snapshot runs and restores killed with SIGKILL left on the node: the agent
+    sweeps it as soon as such a run's holder exits (and when it starts), not at the next run."""
+    from lazyfs.runner.session import sweep_killed_runs
+    from snapshot.workspace import sweep_abandoned
+    return sweep_killed_runs() + sweep_abandoned()
 
 
 @node_app.command(help="List the node's shared mounts, their users, cache use and hit ratio.")

@@ -35,7 +35,7 @@ def profile(
                                  "or only print/write it."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the profile as "
                                          "JSON to this file."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what ran, and what it read."),
     src=None,  # --store, --server, ... (with_source)
 ):
     from lazyfs.runner.profile_run import record

@@ -97,6 +97,33 @@ def mount_table() -> list[MountLine]:
     return out
 
 
+LAYER_OPTIONS = ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+")
+
+
+def stacked_on(mountpoint: str) -> list[str]:
+    """Overlays (their mountpoints) with one of the mount's own layers as a layer: ``mountpoint``
+    itself, or on the kernel path its metadata image and FUSE data layer (what a run's overlay
+    sits on, lazyfs.fs.mounts.data_layers). overlayfs holds private clones of its layers, so
+    unmounting what lies under one is never "busy"; and with its daemon gone, its reads fail."""
+    base = os.path.realpath(mountpoint)
+    own = {base}
+    state = read_state(mountpoint)
+    if state is not None and state.layout == "kernel":
+        layout = state.kernel_layout()
+        own |= {os.path.realpath(layout.meta), os.path.realpath(layout.fuse)}
+    out = []
+    for m in mount_table():
+        if m.fstype != "overlay" or m.point == base:  # (the image's own read-only overlay)
+            continue
+        for option in re.split(r"(?<!\\),", m.options):
+            key, _, value = option.partition("=")
+            layers = [re.sub(r"\\(.)", r"\1", p) for p in re.split(r"(?<!\\):+", value) if p]
+            if key in LAYER_OPTIONS and own.intersection(layers):
+                out.append(m.point)
+                break
+    return out
+
+
 def mount_entry(mountpoint: str) -> dict | None:
     """The /proc/self/mountinfo line for mountpoint, as a dict, if something is mounted there."""
     target = os.path.realpath(mountpoint)

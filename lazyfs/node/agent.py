@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lazyfs import paths
 from lazyfs.cache.ledger import RECONCILE_EVERY
@@ -47,6 +48,7 @@ WORKERS = 32  # requests answered at once (mounts, runs, status); more wait in t
 # Answered on the loop's thread, never queued behind slow requests: each takes the lock briefly.
 INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff", "snapshotter"})
 SHUTDOWN_WAIT = 5.0  # seconds a stopping agent lets requests in progress finish
+SWEEP_RETRY, SWEEP_TRIES = 1.0, 10  # what a sweep had to leave in use, tried again (seconds, times)
 
 
 @dataclass
@@ -56,6 +58,10 @@ class AgentOptions:
     cache_size: int | None  # bytes; None: no cap
     metrics: str | None  # HOST:PORT for /metrics, or None
     takeover: bool = False
+    # Removes what runs killed without tearing down left on the node (their overlays, containers
+    # under conmon, snapshot workspaces), and says how many it had to leave in use; composed by
+    # the CLI, which knows the runner and snapshots (this layer does not).
+    sweep: Callable[[], int] | None = None
 
 
 class Agent:
@@ -83,6 +89,8 @@ class Agent:
         self.forker = ForkServer(str(paths.node_dir() / "agent.log"))
         self.pool: ThreadPoolExecutor | None = None
         self._later: deque = deque()
+        self._sweep_lock = threading.Lock()
+        self._sweep_wanted = self._sweeping = False
         self._wake: socket.socket | None = None
         from lazyfs.node import handlers  # the request handlers, one module
         self.handlers = handlers
@@ -103,6 +111,7 @@ class Agent:
         zygote.preload()
         self.forker.start()  # now, while this process has one thread: forks of it are safe
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
+        self.sweep_soon()  # (runs killed while no agent was up; a thread: after the fork server)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.metrics.start()
         ready(f"ready on {self.opts.socket} (pid {os.getpid()}; {len(self.shared)} mount(s) adopted)")
@@ -132,6 +141,38 @@ class Agent:
             with self.lock:
                 self._shutdown()
         return 0
+
+    def sweep_soon(self) -> None:
+        """Sweep what killed runs left, on a thread of its own (a podman container takes seconds
+        to stop); one sweep at a time, and one more if asked for meanwhile. What is still in use
+        (a container still exiting) is tried again, SWEEP_TRIES times."""
+        if self.opts.sweep is None:
+            return
+        with self._sweep_lock:
+            self._sweep_wanted = True
+            if self._sweeping:
+                return
+            self._sweeping = True
+        threading.Thread(target=self._sweep_all, name="sweep", daemon=True).start()
+
+    def _sweep_all(self) -> None:
+        tries = 0
+        while True:
+            with self._sweep_lock:
+                if not self._sweep_wanted:
+                    self._sweeping = False
+                    return
+                self._sweep_wanted = False
+            try:
+                left = self.opts.sweep()
+            except Exception:  # a leftover must not take the agent down
+                log.exception("sweeping what killed runs left failed")
+                left = 0
+            tries = tries + 1 if left else 0
+            if left and tries < SWEEP_TRIES:
+                time.sleep(SWEEP_RETRY)
+                with self._sweep_lock:
+                    self._sweep_wanted = True
 
     def later(self, fn) -> None:
         """Run ``fn`` on the loop's thread (which owns the selector), soon."""

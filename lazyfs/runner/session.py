@@ -177,27 +177,31 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
             shutil.rmtree(rundir, ignore_errors=True)
 
 
-def sweep_killed_runs() -> None:
+def sweep_killed_runs() -> int:
     """Tear down what runs killed with SIGKILL left in <state>/run: a run tears its directory
     down itself on any other end (_teardown), but SIGKILL gives it no chance, and its overlay (and,
     without the node agent, its image's mount) would stay mounted for good. Only directories
     whose owner is known and gone: one still being set up, or from a live run, is never touched,
-    and one whose container still uses it is left for a later run to try again."""
+    and one whose container still uses it is left for a later run to try again. Returns how
+    many were left so."""
     try:
         entries = list(os.scandir(paths.state_dir() / "run"))
     except OSError:  # none yet, or not ours to read (the run itself then says why it cannot run)
-        return
+        return 0
+    left = 0
     for entry in entries:
         try:
-            _sweep(Path(entry.path))
+            left += not _sweep(Path(entry.path))
         except (LazyfsError, OSError) as exc:  # a leftover must not stop this run
             log.warning("%s: cannot remove what a killed run left: %s", entry.path, exc)
+    return left
 
 
-def _sweep(rundir: Path) -> None:
+def _sweep(rundir: Path) -> bool:
+    """False when what a killed run left there is still in use."""
     owner = spawn.gone_owner(rundir / OWNER)
     if owner is None or not isinstance(owner.get("runtime"), str):
-        return  # running, or being set up (or not a run's directory): not ours to judge
+        return True  # running, or being set up (or not a run's directory): not ours to judge
     pid, runtime = owner["pid"], owner["runtime"]
     name = f"lazyfs-{rundir.name}"
     if rt.outlived(runtime, name):
@@ -205,10 +209,11 @@ def _sweep(rundir: Path) -> None:
     if not Overlay([], rundir / "upper", rundir / "work", rundir / "rootfs").unmount(detach_if_busy=False):
         log.warning("%s: left by a killed run (pid %d), still in use by its container; "
                     "trying again at the next run", rundir, pid)
-        return
+        return False
     _unmount_image(rundir / "image")  # (only a run without the node agent mounts it there)
     shutil.rmtree(rundir, ignore_errors=True)
     log.warning("removed what a run killed without tearing down left (pid %d): %s", pid, rundir)
+    return True
 
 
 @contextmanager

@@ -210,11 +210,13 @@ def is_pages(name: str) -> bool:
     return name.startswith("criu/") and base.startswith("pages-") and base.endswith(".img")
 
 
-def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]] | None = None) -> int:
+def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]] | None = None,
+          tick=None) -> int:
     """Write each file under ``root`` from verified blocks (``fetch_block(digest, size)`` must
     verify, as Fleet.fetch_block and CountingStore.fetch_block do). Returns bytes written.
     ``only``: for the files it names, just the blocks overlapping these (offset, length) ranges;
-    the rest of such a file stays a hole (a lazy restore's pages files)."""
+    the rest of such a file stays a hole (a lazy restore's pages files). ``tick(n)``: n more
+    bytes written (progress)."""
     jobs = []
     for f in files:
         target = root / f.name
@@ -241,6 +243,8 @@ def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]]
             os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
+        if tick is not None:
+            tick(size)
         return size
     if isinstance(fetch_block, BlockFetcher):  # in batch requests, which the threads wait for
         fetch_block.stream([(digest, size) for _, _, digest, size in jobs])

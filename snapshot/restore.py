@@ -3,6 +3,7 @@ CRIU restore the process tree into a fresh PID namespace, and carry on. A restor
 falls back to a cold start of the same command, loudly; a snapshot of another image is refused."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -54,10 +55,11 @@ def load(reader, image_ref: str, snap_ref: str) -> tuple[str, str, snapfmt.Snaps
 
 
 def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = True,
-            working_set: bool = True) -> int:
+            working_set: bool = True, progress=None) -> int:
     """``lazy``: fetch only what criu restore reads itself and serve the process's memory on
     demand; else fetch the whole snapshot before restoring. ``working_set``: with ``lazy``,
-    prefetch the working set an earlier restore recorded, or record one if there is none."""
+    prefetch the working set an earlier restore recorded, or record one if there is none.
+    ``progress``: bars (lazyfs.cli.common.RichProgress) for the whole snapshot's fetch (--eager)."""
     snap = None
     pages = None
     # One node cache for all of it, named here: the page server streams the image's working-set
@@ -112,7 +114,10 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
                     if lazy:
                         fetched = fetch_eager(fetch_block, snap.files, ws.base / "snap")
                     else:
-                        fetched = fetch(fetch_block, snap.files, ws.base / "snap")
+                        with progress or contextlib.nullcontext() as bars:
+                            tick = None if bars is None else \
+                                bars.task("fetching the snapshot", sum(f.size for f in snap.files))
+                            fetched = fetch(fetch_block, snap.files, ws.base / "snap", tick=tick)
                 finally:
                     lease = mounting.result()
             if shared:

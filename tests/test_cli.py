@@ -145,3 +145,11 @@ def test_node_subcommands_take_the_socket_and_refuse_the_agents_options(tmp_path
     assert r.returncode == 1 and f"no node agent answers on {sock}" in r.stderr, r.stderr
     r = lazyfs_cli("node", "--idle", "5", "--takeover", "status", check=False)
     assert r.returncode == 2 and "--idle, --takeover: options of the agent itself" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("spec, message", [("/etc/passwd", "store /etc/passwd is not a directory"),
+                                           ("127.0.0.1:7070", "a cache server is http://127.0.0.1:7070")])
+def test_a_store_that_cannot_be_one_is_said_so(spec, message):
+    """Not read as an empty store (0 images), nor made into a directory named like a server."""
+    r = lazyfs_cli("images", "--store", spec, check=False)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

@@ -337,6 +337,31 @@ def test_takeover_replaces_a_running_agent_without_unmounting(node, tmp_path):
         second.wait(timeout=15)
 
 
+def test_the_nodes_own_agent_takes_over_one_a_client_started(node, tmp_path):
+    """A run that finds no agent (the node's own restarting, its socket gone for a moment)
+    starts one on demand. The node's agent, started on purpose (systemd), then takes that one
+    over, mounts and all, instead of failing to start; a second one started on purpose is
+    refused as ever."""
+    tag = _image(tmp_path, {"t": b"kept\n"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazyfs_cli("mount", tag, mnt)  # starts the agent on demand
+    on_demand = _status()["agent"]["pid"]
+    assert b"--on-demand" in Path(f"/proc/{on_demand}/cmdline").read_bytes()
+    own = _cli("node")
+    try:
+        assert "1 mount(s) adopted" in own.stdout.readline()
+        _wait(lambda: _comm(on_demand) == "", 15, "the on-demand agent to hand over and exit")
+        assert _status()["agent"]["pid"] == own.pid
+        assert (mnt / "data" / "t").read_bytes() == b"kept\n"
+        refused = lazyfs_cli("node", check=False, timeout=30)
+        assert refused.returncode == 1 and "--takeover" in refused.stderr
+        lazyfs_cli("umount", mnt)
+    finally:
+        own.terminate()
+        own.wait(timeout=15)
+
+
 def test_a_run_forked_by_the_agent_keeps_stdio_exit_code_and_ctrl_c(node, tmp_path):
     tag = _image(tmp_path, {"x": b"x\n"})
     lazyfs_cli(*RUN, tag, "--", "true")  # starts the agent: the runs below are forks of it

@@ -200,3 +200,25 @@ def test_data_index_serves_every_object_and_finds_paths_on_first_use():
     assert index.by_path.keys() == image.by_path.keys() and index.children == image.children
     listed = sum((index.listdir(d) for _, d in index.listdir(index.lookup(b""))), [])
     assert len(listed) == len({dataobj.object_id(e.chunks) for e in regs})
+
+
+def test_a_fault_of_ours_reaches_the_reader_as_eio(ops, caplog):
+    """Through the adapter's entry (what fusepy calls): an exception no layer expected is EIO,
+    not fusepy's EINVAL; the answers themselves (ENOENT) pass as they are."""
+    ops.cache.fail[_chunk(PARTS[1]).digest] = ValueError("a bug")
+    with caplog.at_level(logging.ERROR), pytest.raises(FuseOSError) as info:
+        ops("read", "/lib/big.so", 2000, 0, None)
+    assert info.value.errno == errno.EIO and "a bug" in caplog.text
+    with pytest.raises(FuseOSError) as info:
+        ops("getattr", "/nope")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_a_trace_that_cannot_be_written_fails_no_read(ops, tmp_path, caplog):
+    trace = open(tmp_path / "trace.jsonl", "w")
+    trace.close()  # (as a full disk would: every write fails)
+    ops.trace = trace
+    with caplog.at_level(logging.ERROR):
+        assert ops("read", "/lib/big.so", 10, 0, None) == PARTS[0][:10]
+        assert ops("read", "/lib/big.so", 10, 1000, None) == PARTS[1][:10]
+    assert ops.trace is None and caplog.text.count("no more reads are traced") == 1

@@ -57,6 +57,13 @@ def test_files_come_back_in_order_and_memory_of_floats_is_stored_shuffled(snapsh
     # Published again: every block is already there.
     again, new2, total2 = files.publish(store, snapshot_dir, NAMES)
     assert again == snap_files and new2 == 0 and total2 == total
+    # Fetched back whole (an eager restore), with its progress in bytes.
+    ticks: list[int] = []
+    out = tmp_path / "fetched"
+    fetched = files.fetch(lambda d, n: block.decode(d, objects[d], expected_size=n), snap_files, out,
+                          tick=ticks.append)
+    assert fetched == sum(ticks) == sum(f.size for f in snap_files)
+    assert all((out / n).read_bytes() == (snapshot_dir / n).read_bytes() for n in NAMES)
 
 
 class _FailingStore(LocalStore):

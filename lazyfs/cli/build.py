@@ -86,7 +86,7 @@ def build(
         raise typer.BadParameter("--profile-command needs --tag (the profile is recorded on the tagged image)")
     st = open_store(store)
     with RichProgress() as progress:
-        result = run_build(source, st, tag, chunk_size=parse_size(chunk_size), tmp_dir=tmp_dir, progress=progress,
+        result = run_build(source, st, tag, chunk_size=_bytes(chunk_size), tmp_dir=tmp_dir, progress=progress,
                            max_size=parse_size(max_size), max_entries=max_entries, options=options,
                            shuffle=shuffle)
     c = result.commit
@@ -203,3 +203,9 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME:TAG"), store: Optional[
         if source and source.get(key):
             table.add_row(label, source[key])
     out.print(table)
+
+
+def _bytes(text: str) -> int:
+    """A size (512k, 1M), or plain bytes as they are (a negative one is for the build to refuse
+    in its own words)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else parse_size(text)

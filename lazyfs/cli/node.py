@@ -42,12 +42,15 @@ def node(
     takeover: bool = typer.Option(False, "--takeover", help="Replace a running agent: it hands "
                                   "over and exits, leaving every mount up, and this one adopts them."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every mount, lease and unmount."),
+    on_demand: bool = typer.Option(False, "--on-demand", hidden=True, help="Started by a client "
+                                   "(lazyfs run): an agent started without it takes this one over."),
 ):
     if ctx.invoked_subcommand:
         # `lazyfs node --socket S status` asks the agent on S; the agent's own options would do
         # nothing for a subcommand, so they are refused rather than dropped.
         from click.core import ParameterSource
-        agent_only = [f"--{name.replace('_', '-')}" for name in ("idle", "cache_size", "metrics", "takeover", "verbose")
+        agent_only = [f"--{name.replace('_', '-')}" for name in ("idle", "cache_size", "metrics", "takeover",
+                                                                   "verbose", "on_demand")
                       if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
         if agent_only:
             raise typer.BadParameter(f"{', '.join(agent_only)}: options of the agent itself, not of "
@@ -65,7 +68,7 @@ def node(
     cap = parse_size(cache_size) if cache_size else None
     opts = AgentOptions(socket or paths.node_socket(), parse_duration(idle), cap or None,
                         None if metrics in ("", "off", "none") else metrics, takeover,
-                        sweep=_sweep_killed)
+                        on_demand=on_demand, sweep=_sweep_killed)
     agent = Agent(opts)
     syscalls.set_name("lazyfs-node")
     code = agent.run(ready=lambda msg: print(f"lazyfs node: {msg}", flush=True))

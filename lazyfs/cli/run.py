@@ -100,7 +100,8 @@ def run(
     if restore:
         from snapshot.restore import restore as restore_run
         raise typer.Exit(_stoppable(lambda: restore_run(opts, restore, say, lazy=lazy,
-                                                        working_set=working_set)))
+                                                        working_set=working_set,
+                                                        progress=RichProgress())))
     raise typer.Exit(run_session(opts, say))
 
 

@@ -82,8 +82,15 @@ class LazyOps(Operations):
         self.ops[op] = self.ops.get(op, 0) + 1
         try:
             return getattr(self, op)(*args)
+        except FuseOSError:
+            raise  # the answer itself (ENOENT, ENOTDIR, ...)
         except LazyfsError as exc:  # e.g. a kernel-path mount whose manifest could not load
             log.error("EIO for %s %s: %s", op, args[:1], exc)
+            raise FuseOSError(errno.EIO) from None
+        except Exception as exc:  # noqa: BLE001 - a fault of ours, not the file's: EIO, never the
+            # fault's own errno (ENOSPC of the node cache's disk is not the reader's) nor fusepy's
+            # EINVAL for what it does not know
+            log.exception("EIO for %s %s: %s", op, args[:1], exc)
             raise FuseOSError(errno.EIO) from None
 
     def _inode(self, path: str) -> Inode:
@@ -192,8 +199,14 @@ class LazyOps(Operations):
             line = tracefmt.encode(tracefmt.Read(time.monotonic() - self._t0, name, offset,
                                                  len(data)))
             with self._trace_lock:
-                self.trace.write(line + "\n")
-                self.trace.flush()
+                try:
+                    if self.trace is not None:  # (another reader's write may have failed)
+                        self.trace.write(line + "\n")
+                        self.trace.flush()
+                except (OSError, ValueError) as exc:  # the trace's disk, not this read, failed
+                    log.error("--trace: cannot write %s (%s); no more reads are traced",
+                              getattr(self.trace, "name", "the trace"), exc)
+                    self.trace = None
         return data
 
     def _siblings(self, inode: Inode) -> list[tuple[str, int]]:

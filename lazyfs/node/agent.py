@@ -58,6 +58,7 @@ class AgentOptions:
     cache_size: int | None  # bytes; None: no cap
     metrics: str | None  # HOST:PORT for /metrics, or None
     takeover: bool = False
+    on_demand: bool = False  # started by a client (`lazyfs run`), not by the node's own supervisor
     # Removes what runs killed without tearing down left on the node (their overlays, containers
     # under conmon, snapshot workspaces), and says how many it had to leave in use; composed by
     # the CLI, which knows the runner and snapshots (this layer does not).
@@ -97,7 +98,7 @@ class Agent:
 
     # -- life cycle -----------------------------------------------------------------------------
     def run(self, ready=lambda msg: None) -> int:
-        self.listener = listen.claim(self.opts.socket, self.opts.takeover)
+        self.listener = listen.claim(self.opts.socket, self.opts.takeover, self.opts.on_demand)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)

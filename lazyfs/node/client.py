@@ -67,7 +67,8 @@ def _start_agent(path: Path) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         with open(log_file, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "node", "--socket", str(path)],
+            proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "node", "--socket", str(path),
+                                     "--on-demand"],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT

@@ -34,7 +34,7 @@ log = logging.getLogger("lazyfs.node")
 
 
 def op_hello(agent, req, pid, conn, reader) -> dict:
-    return {"pid": os.getpid(), "socket": str(agent.opts.socket)}
+    return {"pid": os.getpid(), "socket": str(agent.opts.socket), "on_demand": agent.opts.on_demand}
 
 
 def op_handoff(agent, req, pid, conn, reader) -> dict:

@@ -25,8 +25,12 @@ MAX_PATH = 100  # bytes of a Unix socket path (sun_path is 108, with room to spa
 HANDOFF_WAIT = 10.0  # seconds a running agent gets to hand over and exit
 
 
-def claim(path: Path, takeover: bool) -> socket.socket:
-    """The agent's listening socket on ``path`` (non-blocking), and its pid file written."""
+def claim(path: Path, takeover: bool, on_demand: bool = False) -> socket.socket:
+    """The agent's listening socket on ``path`` (non-blocking), and its pid file written. An agent
+    started on purpose (systemd's) takes over from one a client started on demand: one a run
+    started while the node's own agent restarted (its socket gone for a moment) would otherwise
+    keep the node, with the client's settings (no cache cap, say), and the supervisor's agent
+    would fail to start again and again."""
     if len(os.fsencode(path)) > MAX_PATH:
         raise NodeError(f"socket path {path} is too long for a Unix socket (at most {MAX_PATH} "
                         "bytes); set --socket or LAZYFS_NODE_SOCKET")
@@ -35,7 +39,11 @@ def claim(path: Path, takeover: bool) -> socket.socket:
     paths.node_dir().mkdir(parents=True, exist_ok=True)
     os.chmod(paths.node_dir(), 0o700)
     if path.exists():
-        pid = live_agent(path)
+        hello = _ask(path, "hello", 2.0) or {}
+        pid = _pid(hello)
+        if pid is not None and not takeover and not on_demand and hello.get("on_demand"):
+            log.info("taking over from the agent a run started on demand (pid %d)", pid)
+            takeover = True
         if pid is not None and not takeover:
             raise NodeError(f"a node agent already runs on {path} (pid {pid}); "
                             "`lazyfs node --takeover` replaces it without unmounting anything")
@@ -56,8 +64,12 @@ def claim(path: Path, takeover: bool) -> socket.socket:
 
 def live_agent(path: Path) -> int | None:
     """The pid of the agent answering on ``path``, or None if nothing answers (a stale socket)."""
+    return _pid(_ask(path, "hello", 2.0) or {})
+
+
+def _pid(hello: dict) -> int | None:
     try:
-        return int((_ask(path, "hello", 2.0) or {}).get("pid", 0)) or None
+        return int(hello.get("pid", 0)) or None
     except (TypeError, ValueError):
         return None
 

@@ -10,11 +10,13 @@ that follows exec, like strace -f or py-spy); docs/architecture.md says so too.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,8 +183,30 @@ class Watched(Forked):
 
 
 def write_owner(path: Path, **extra) -> None:
-    """Name this process (process_id, and ``extra``) as the owner of what ``path`` stands for."""
-    path.write_text(json.dumps({**process_id(), **extra}))
+    """Name this process (process_id, and ``extra``) as the owner of what ``path`` stands for.
+    Whole or not at all (a half-written record reads as none, and its directory is never swept)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**process_id(), **extra}))
+    os.rename(tmp, path)
+
+
+def remove_owned(directory: Path, owner: str) -> None:
+    """Remove ``directory``, its ``owner`` record last: a removal cut short (a SIGKILL) leaves a
+    directory whose record still says who made it, for the next sweep to finish."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name != owner:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.unlink(directory / owner)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def gone_owner(path: Path) -> dict | None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -174,7 +173,7 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         with _uninterrupted():
             _teardown(runtime, name, overlay, image_mnt if lease is None else None, stopped.is_set())
             # A user-given --upper lives outside rundir and is kept; everything in rundir goes.
-            shutil.rmtree(rundir, ignore_errors=True)
+            spawn.remove_owned(rundir, OWNER)
 
 
 def sweep_killed_runs() -> int:
@@ -211,7 +210,7 @@ def _sweep(rundir: Path) -> bool:
                     "trying again at the next run", rundir, pid)
         return False
     _unmount_image(rundir / "image")  # (only a run without the node agent mounts it there)
-    shutil.rmtree(rundir, ignore_errors=True)
+    spawn.remove_owned(rundir, OWNER)
     log.warning("removed what a run killed without tearing down left (pid %d): %s", pid, rundir)
     return True
 

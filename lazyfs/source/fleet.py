@@ -102,8 +102,11 @@ class Fleet:
             self._down[name] = now + DOWN_FOR
         # Once per outage, not once per read: a server down for 10 s under 8 readers would
         # otherwise write thousands of lines.
-        (log.debug if known else log.warning)("%s failed for %s: %s%s", name, key, exc,
-                                              "" if known else " (said once until it answers)")
+        text = str(exc)
+        (log.debug if known else log.warning)(
+            "%s failed for %s: %s%s", name, key, text.removeprefix(f"{name}: "),
+            "" if known else f" (said once until it answers; a read waits for some source up to "
+                             f"--deadline, {self.options.deadline:g} s)")
 
     def _answered(self, name: str) -> None:
         if name in self._down:

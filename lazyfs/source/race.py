@@ -145,9 +145,14 @@ class Race(Generic[T]):
         fleet.stats.add(deadline_failures=1)
         waiting = ", ".join(n for n, _, _ in self.running.values()) or "none"
         errors = self.errors[-len(fleet.clients) - 1:]  # the last round's, not every retry's
+        last = "; ".join(dict.fromkeys(_named(n, e) for n, e in errors))  # (each once)
         log.error("%s: no good answer within the %.1fs deadline (still waiting on %s; failed: %s)",
-                  self.key, fleet.options.deadline, waiting,
-                  "; ".join(f"{n}: {e}" for n, e in errors) or "none")
-        last = "; ".join(f"{n}: {e}" for n, e in errors)
+                  self.key, fleet.options.deadline, waiting, last or "none")
         raise StoreUnavailable(f"{self.key}: no good answer within {fleet.options.deadline:.1f}s from "
                                f"{fleet.url}" + (f" (every source failed; last: {last})" if last else ""))
+
+
+def _named(name: str, exc: Exception) -> str:
+    """``name: error``, the name once (a store's errors often start with its URL already)."""
+    text = str(exc)
+    return text if text.startswith(name) else f"{name}: {text}"

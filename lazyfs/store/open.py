@@ -1,6 +1,8 @@
 """Turn a --store argument into a BlockStore."""
 from __future__ import annotations
 
+import os
+import re
 from urllib.parse import urlparse
 
 from lazyfs import paths
@@ -14,9 +16,15 @@ def open_store(spec: str | None = None, token: str | None = None) -> BlockStore:
     ``s3://BUCKET/PREFIX`` → S3Store; ``http(s)://HOST:PORT`` → a lazyfs cache server (``token``
     or $LAZYFS_TOKEN authorises writes)."""
     spec = spec or paths.default_store()
+    if re.fullmatch(r"[\w.-]+:\d+", spec) and not os.path.exists(spec):
+        raise StoreError(f"store {spec!r} is neither a directory nor a URL: a cache server is "
+                         f"http://{spec}")
     parsed = urlparse(spec)
     if parsed.scheme in ("", "file"):
-        return LocalStore(parsed.path if parsed.scheme else spec)
+        path = parsed.path if parsed.scheme else spec
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"store {path} is not a directory")
+        return LocalStore(path)
     if parsed.scheme == "s3":
         from lazyfs.store.s3 import S3Store
         return S3Store(spec)

@@ -180,6 +180,9 @@ class GuardedRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, guard: Guard, **kwargs):
         kwargs.setdefault("lingering_time", LINGER)
+        # Never inflate a request body (Content-Encoding: gzip/deflate): aiohttp would, as it
+        # arrives and without a bound, before any handler could look at a limit or a token.
+        kwargs.setdefault("auto_decompress", False)
         super().__init__(app, **kwargs)
         self.guard = guard
 

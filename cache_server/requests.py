@@ -46,17 +46,21 @@ class Bodies:
 
     async def read(self, request: web.Request, limit: int) -> bytes:
         """The request body, refused with 413 as soon as it is known to exceed ``limit`` (by
-        its Content-Length, or while reading a chunked one), with 408 if it does not arrive
-        within BODY_TIMEOUT, and with 503 while BODIES_IN_FLIGHT are being read already."""
+        its Content-Length, or while reading it), with 408 if it does not arrive within
+        BODY_TIMEOUT, and with 503 while BODIES_IN_FLIGHT are being read already. Bytes are
+        counted against BODIES_IN_FLIGHT as they arrive, not as declared: connections that
+        declare 8 MiB and send nothing must not take the room of bodies that do arrive. A
+        compressed body is refused (415): the server never inflates what a client sends (the
+        server's aiohttp does not either: auto_decompress is off), as a small one can inflate
+        to gigabytes before any limit or token is looked at."""
         declared = request.content_length
         if declared is not None and declared > limit:
             raise HttpError(413, f"body of {declared} bytes exceeds this route's {limit}",
                             close=True)
-        reserved = declared if declared is not None else 0
-        if self.in_flight + reserved > BODIES_IN_FLIGHT:
-            raise HttpError(503, "server busy reading other bodies; retry shortly",
-                            {"Retry-After": "1"}, close=True)
-        self.in_flight += reserved
+        if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+            raise HttpError(415, "compressed request bodies are not accepted (send the bytes as "
+                            "they are; blocks are compressed already)", close=True)
+        reserved = 0
         buf = bytearray()
         try:
             async with asyncio.timeout(BODY_TIMEOUT):
@@ -64,7 +68,7 @@ class Bodies:
                     buf += chunk
                     if len(buf) > limit:
                         raise HttpError(413, f"body exceeds this route's {limit} bytes", close=True)
-                    if len(buf) > reserved:  # chunked: reserve as it grows
+                    if len(buf) > reserved:  # reserved as it arrives
                         if self.in_flight + len(buf) - reserved > BODIES_IN_FLIGHT:
                             raise HttpError(503, "server busy reading other bodies; retry "
                                             "shortly", {"Retry-After": "1"}, close=True)

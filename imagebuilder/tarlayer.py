@@ -14,6 +14,7 @@ import zstandard
 
 from lazyfs.errors import (ImageSourceError, LayerDigestMismatch, LazyfsError, LimitExceeded,
                            UnsafeEntry)
+from lazyfs.format import manifest as mf
 from lazyfs.format.manifest import EntryType
 
 from imagebuilder.tree import LayerEntry
@@ -96,6 +97,30 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     return peek
 
 
+U32 = (1 << 32) - 1
+MTIME_NS = ((-(1 << 63)) * 1_000_000_000, ((1 << 63) - 1) * 1_000_000_000)  # the manifest's int64 seconds
+
+
+def _check_fields(layer: str, info: tarfile.TarInfo, common: dict) -> None:
+    """What the manifest cannot hold is refused here, while the layer streams, not when the
+    manifest is encoded after every block is stored (a tar's numbers and xattrs are free-form)."""
+    numbers = {"uid": common["uid"], "gid": common["gid"]}
+    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        numbers.update(devmajor=info.devmajor, devminor=info.devminor)
+    for name, value in numbers.items():
+        if not 0 <= value <= U32:
+            raise UnsafeEntry(layer, info.name, f"{name} {value} is out of range (0 to {U32})")
+    if not MTIME_NS[0] <= common["mtime_ns"] <= MTIME_NS[1]:
+        raise UnsafeEntry(layer, info.name, f"mtime {common['mtime_ns'] // 1_000_000_000} is out of range")
+    xattrs = common["xattrs"]
+    if len(xattrs) > mf.MAX_XATTRS:
+        raise UnsafeEntry(layer, info.name, f"more than {mf.MAX_XATTRS} xattrs")
+    for key, value in xattrs:
+        if not 0 < len(key) <= mf.MAX_XATTR_NAME or b"\0" in key or len(value) > mf.MAX_XATTR_VALUE:
+            raise UnsafeEntry(layer, info.name, f"xattr {key[:40]!r}: an empty, too long or NUL-holding "
+                              f"name, or a value over {mf.MAX_XATTR_VALUE} bytes")
+
+
 def _mtime_ns(info: tarfile.TarInfo) -> int:
     text = info.pax_headers.get("mtime")
     if text:
@@ -125,9 +150,16 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
     outer = HashingReader(raw, on_read)
     try:
         inner = HashingReader(decompressed(outer), limit=max_bytes, what=f"layer {layer}")
+        holes = 0  # bytes sparse entries expand to beyond what the stream holds
         with tarfile.open(fileobj=inner, mode="r|", errors="surrogateescape") as tf:
             for info in tf:
                 entry = to_entry(layer, info)
+                if info.issparse():  # its holes read as zeroes the stream never counts
+                    holes += info.size
+                    if max_bytes is not None and inner.count + holes > max_bytes:
+                        raise LimitExceeded(f"layer {layer}: entry {info.name!r} is a sparse file of "
+                                            f"{info.size} bytes, beyond the limit of {max_bytes} "
+                                            "(--max-size)")
                 stream = tf.extractfile(info) if entry.type == EntryType.REG else None
                 on_entry(entry, stream)
         inner.drain()
@@ -167,6 +199,7 @@ def to_entry(layer: str, info: tarfile.TarInfo) -> LayerEntry:
         raise UnsafeEntry(layer, info.name, f"unsupported tar entry type {info.type!r}")
     common = dict(path=path, type=kind, mode=info.mode & 0o7777, uid=info.uid, gid=info.gid,
                   mtime_ns=_mtime_ns(info), xattrs=_xattrs(info))
+    _check_fields(layer, info, common)
     if kind == EntryType.REG:
         return LayerEntry(size=info.size, **common)
     if kind == EntryType.SYMLINK:

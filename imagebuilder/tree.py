@@ -177,17 +177,24 @@ class Tree:
         node = parent.children.get(victim)
         if node is None:
             return  # whiting out a missing path is allowed and does nothing
-        if node.layer < layer_index:
+        if node.layer < layer_index and not self._holds(node, layer_index):
             del parent.children[victim]
         elif node.is_dir:
             self._prune_lower(node, layer_index)
 
     def _prune_lower(self, directory: Node, layer_index: int) -> None:
         for name, child in list(directory.children.items()):
-            if child.layer < layer_index:
+            if child.layer < layer_index and not self._holds(child, layer_index):
                 del directory.children[name]
             elif child.is_dir:
                 self._prune_lower(child, layer_index)
+
+    def _holds(self, node: Node, layer_index: int) -> bool:
+        """Whether a lower layer's directory holds entries of this layer: the layer put them in
+        through it (its tar need not list the directory itself), so the directory stays, with
+        only its lower content hidden."""
+        return node.is_dir and any(c.layer >= layer_index or self._holds(c, layer_index)
+                                   for c in node.children.values())
 
     # -- output ---------------------------------------------------------------------------------
     def to_manifest(self, config: dict, chunk_size: int) -> Manifest:

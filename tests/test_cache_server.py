@@ -26,7 +26,7 @@ from lazyfs.format import block
 from lazyfs.store.counting import CountingStore
 from lazyfs.store.http import HttpStore
 from lazyfs.store.local import LocalStore
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, lazyfs_cli
 from bench.servers import CacheServer
 
 http = urllib3.PoolManager(maxsize=64)
@@ -544,3 +544,12 @@ def test_cached_batches_without_sendfile_are_exact(tmp_path, origin, monkeypatch
         assert chunked == (how == "AIOHTTP_NOSENDFILE")
         assert list(HttpStore(srv.url).get_blocks(wanted)) == blocks
         assert _unpinned(srv.server.cache)
+
+
+def test_a_server_over_no_store_refuses_to_start(tmp_path):
+    """A mistyped origin would answer 404 for everything, which nodes take for the truth; with
+    no write token nothing could ever make it, so the server does not start."""
+    r = lazyfs_cli("serve", "--store", tmp_path / "typo", "--cache-dir", tmp_path / "cache", "--listen",
+                   "127.0.0.1:1", check=False, timeout=30)
+    assert r.returncode == 1 and f"no lazyfs store at {tmp_path / 'typo'}" in r.stderr, r.stderr
+    assert not (tmp_path / "typo").exists()

@@ -13,7 +13,7 @@ import pytest
 
 from cache_server.app import ServerConfig
 from cache_server.server import ServerThread
-from lazyfs.errors import BlockNotFound, DigestMismatch, StoreUnavailable
+from lazyfs.errors import BlockNotFound, DigestMismatch, FormatError, StoreUnavailable
 from lazyfs.format import batch as batchfmt, block
 from lazyfs.source import rendezvous
 from lazyfs.source.fleet import Fleet, FleetOptions
@@ -188,20 +188,26 @@ def test_wrong_bytes_in_a_batch_are_counted_and_fetched_elsewhere(origin):
         liar.shutdown()
 
 
-def test_wrong_bytes_from_every_source_fail_at_once_not_at_the_deadline(origin):
+class _Garbler(_Liar):
+    """Answers with a frame that does not even decode (a damaged copy): wrong bytes too."""
+    frame = block.encode(b"x" * 4096)[1][:-8] + b"\xff" * 8
+
+
+@pytest.mark.parametrize("server, error", [(_Liar, DigestMismatch), (_Garbler, FormatError)])
+def test_wrong_bytes_from_every_source_fail_at_once_not_at_the_deadline(origin, server, error):
     """Only a liar to ask: another round would get the same bytes, so the read fails with the
     typed error (carrying the digest) at once instead of retrying until the deadline; with the
     origin behind it, the read still succeeds from there."""
     store, blocks = origin
-    liar = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), server)
     threading.Thread(target=liar.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{liar.server_address[1]}"
     fleet = Fleet([url], options=FleetOptions(deadline=20.0))
     try:
         started = time.monotonic()
-        with pytest.raises(DigestMismatch) as exc:
+        with pytest.raises(error) as exc:
             fleet.get_block(blocks[0][0])
-        assert exc.value.digest == blocks[0][0]
+        assert error is FormatError or exc.value.digest == blocks[0][0]
         assert time.monotonic() - started < 5.0 and fleet.stats.deadline_failures == 0
         backed = Fleet([url], origin=store, options=FleetOptions(deadline=20.0))
         try:

@@ -150,6 +150,20 @@ def _no_credentials_went_elsewhere(reg: HostileRegistry) -> None:
     assert asked and all(s.headers.get("Authorization") == reg.auth[1] for s in asked)  # sent where it belongs
 
 
+def _redirect_to_a_challenger(reg: HostileRegistry, stack) -> list[str]:
+    """The blob's redirect target answers 401 with a token service of its own choosing."""
+    args = _redirect_elsewhere(reg, stack)
+    other = reg.peers[0]
+    other.auth = (f'Bearer realm="{other.url("/token")}",service="evil"', "Bearer never-issued")
+    return args
+
+
+def _nothing_went_to_the_challenger(reg: HostileRegistry) -> None:
+    seen = reg.peers[0].seen
+    assert seen and all("Authorization" not in s.headers for s in seen), seen
+    assert not any(s.path.startswith("/token") for s in seen), seen
+
+
 def _bomb(reg: HostileRegistry, stack) -> list[str]:
     gz, diff_id = zeros_bomb(512 * MIB)  # in 512 KiB: memory must not care how much it inflates to
     reg.image([gz], diff_ids=[diff_id])
@@ -187,6 +201,8 @@ CASES: dict[str, Case] = {
     "redirect-loop": Case(_redirect_loop, "too many redirects"),
     "blob-digest-mismatch": Case(_tampered, "content hashes to"),
     "missing-credentials": Case(_no_credentials, "no credentials found"),
+    "redirect-target-asks-for-credentials": Case(_redirect_to_a_challenger, "asks for credentials; not "
+                                                 "sending the registry's", check=_nothing_went_to_the_challenger),
     # --- accepted ---------------------------------------------------------------------------------
     "blob-redirected-to-another-host": Case(_redirect_elsewhere, None, check=_no_credentials_went_elsewhere),
     "gzip-bomb-512mib-of-zeros": Case(_bomb, None, seconds=30),

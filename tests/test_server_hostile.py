@@ -120,6 +120,46 @@ def test_bodies_are_refused_before_they_are_read(server):
     assert http.request("GET", f"{server.url}/healthz").status == 200
 
 
+def test_a_compressed_body_is_refused_never_inflated(server):
+    """A 255 KB deflate body inflates to 256 MiB: the server neither inflates it (with or without
+    a token, on a block PUT or a batch POST) nor lets its memory follow; the answer is 415."""
+    import zlib
+    bomb = zlib.compress(b"\0" * (256 << 20), 9)
+    assert len(bomb) < 300 << 10
+    rss_before, _ = _server_memory(server)
+    for method, path, headers in (("PUT", f"/v1/blocks/{server.small[0]}", {}),
+                                  ("PUT", f"/v1/blocks/{server.small[0]}", AUTH),
+                                  ("POST", "/v1/blocks/batch", {})):
+        r = http.request(method, f"{server.url}{path}", body=bomb,
+                         headers={**headers, "Content-Encoding": "deflate"})
+        assert r.status in (401, 413, 415), (method, headers, r.status, r.data[:200])
+        assert r.status == 415 or "Authorization" not in headers
+    _, peak = _server_memory(server)
+    assert peak - rss_before < 64 << 20, (rss_before, peak)
+    assert http.request("GET", f"{server.url}/healthz").status == 200
+
+
+def test_bodies_declared_and_never_sent_hold_no_room(server):
+    """Connections that declare large bodies and send nothing reserve nothing: a body that does
+    arrive meanwhile is read (not 503, server busy)."""
+    from cache_server.requests import BODIES_IN_FLIGHT
+    idle = []
+    try:
+        for _ in range(16):  # 16 block PUTs of 16 MiB declared: all the room bodies may hold
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(f"PUT /v1/blocks/{server.small[0]} HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: {AUTH['Authorization']}\r\n"
+                      f"Content-Length: {BODIES_IN_FLIGHT // 16}\r\n\r\n".encode())
+            idle.append(s)
+        time.sleep(0.5)
+        frame = server.small[1]
+        r = http.request("PUT", f"{server.url}/v1/blocks/{server.small[0]}", body=frame, headers=AUTH)
+        assert r.status in (200, 201, 204), (r.status, r.data[:200])
+    finally:
+        for s in idle:
+            s.close()
+
+
 def _chunked(srv, path: str, headers: dict, total: int) -> bytes:
     """POST/PUT ``total`` bytes in 1 MiB chunks until the server stops taking them."""
     method = "POST" if path.endswith("batch") else "PUT"
@@ -230,6 +270,7 @@ def test_a_slow_client_flood_on_a_small_descriptor_limit(tmp_path):
     """256 open files, 320 connections that never finish their headers: /healthz answers, and
     the log does not fill with "Too many open files"."""
     origin = LocalStore(tmp_path / "origin")
+    origin.check(write=True)  # (an empty store: a server over none refuses to start)
     srv = CacheServer(str(origin.root), tmp_path / "cache", nofile=256).start()
     flood = []
     try:

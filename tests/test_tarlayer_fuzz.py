@@ -46,3 +46,48 @@ def test_mutated_valid_layers(data, compress):
     for _ in range(data.draw(st.integers(1, 8))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     _consume(bytes(raw[: data.draw(st.integers(0, len(raw)))]))
+
+
+def _pax(name: str, headers: dict, kind=None) -> bytes:
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo(name)
+        info.pax_headers = headers
+        if kind is not None:
+            info.type = kind
+        tf.addfile(info, io.BytesIO(b""))
+    return out.getvalue()
+
+
+def test_a_sparse_file_counts_its_holes_against_the_size_limit():
+    """A sparse entry's holes read as zeroes the stream never carries: a 10 KiB tar declaring a
+    1 TiB file is a decompression bomb, refused by --max-size as an inflated one is."""
+    import pytest
+    from lazyfs.errors import LimitExceeded
+    bomb = _pax("big", {"GNU.sparse.map": "0,0", "GNU.sparse.size": str(1 << 40), "GNU.sparse.name": "big"})
+    assert len(bomb) <= 10 << 10
+    with pytest.raises(LimitExceeded, match="sparse file of 1099511627776 bytes"):
+        read_layer("l", io.BytesIO(bomb), None, None, lambda e, s: s and s.read(1 << 20), max_bytes=1 << 30)
+
+
+def test_what_the_manifest_cannot_hold_is_refused_while_the_layer_streams():
+    """Numbers and xattrs a tar may carry but a manifest cannot (a uid past 32 bits, a device
+    number past 32 bits, an empty xattr name): a typed error for that entry, before any block is
+    stored, not a crash when the manifest is encoded at the end."""
+    import tarfile
+    import pytest
+    from lazyfs.errors import UnsafeEntry
+    for tar, why in [(_pax("f", {"uid": str(1 << 32)}), "uid 4294967296 is out of range"),
+                     (_pax("f", {"gid": "-1"}), "gid -1 is out of range"),
+                     (_pax("f", {"SCHILY.xattr.": "x"}), "xattr b''"),
+                     (_pax("f", {"SCHILY.xattr.user.big": "x" * (70 << 10)}), "value over")]:
+        with pytest.raises(UnsafeEntry, match=why):
+            read_layer("l", io.BytesIO(tar), None, None, lambda e, s: s and s.read())
+    info = tarfile.TarInfo("dev")
+    info.type, info.devmajor = tarfile.CHRTYPE, 1 << 33
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(info)
+    with pytest.raises(UnsafeEntry, match="devmajor 8589934592 is out of range"):
+        read_layer("l", io.BytesIO(out.getvalue()), None, None, lambda e, s: s and s.read())

@@ -32,6 +32,21 @@ def test_opaque_dir_keeps_same_layer_entries_and_prunes_deep_lower_ones():
     assert paths(t) == {b"": D, b"d": D, b"d/sub": D, b"d/new": F}
 
 
+def test_whiteouts_keep_what_this_layer_put_in_a_lower_directory_it_did_not_list():
+    """A layer's tar need not list a directory it adds files to. When the same layer then whites
+    out that directory (or makes its parent opaque), the lower content goes and the layer's own
+    files stay, with the directory that holds them (OCI: same-layer entries are not hidden)."""
+    t = apply(Tree(), 0, LayerEntry(b"d/sub/x", F), LayerEntry(b"d/other", F))
+    apply(t, 1, LayerEntry(b"d/sub/y", F), LayerEntry(b"d/.wh..wh..opq", F))
+    assert paths(t) == {b"": D, b"d": D, b"d/sub": D, b"d/sub/y": F}
+    t = apply(Tree(), 0, LayerEntry(b"d/sub/x", F))
+    apply(t, 1, LayerEntry(b"d/sub/y", F), LayerEntry(b"d/.wh.sub", F))
+    assert paths(t) == {b"": D, b"d": D, b"d/sub": D, b"d/sub/y": F}
+    t = apply(Tree(), 0, LayerEntry(b"d/sub/x", F))
+    apply(t, 1, LayerEntry(b"d/.wh.sub", F))  # (nothing of this layer in it: it goes whole)
+    assert paths(t) == {b"": D, b"d": D}
+
+
 def test_file_replaces_directory_and_back():
     t = apply(Tree(), 0, LayerEntry(b"p/q/r", F))
     apply(t, 1, LayerEntry(b"p", F))

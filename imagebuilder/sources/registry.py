@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from urllib.parse import urlparse
 
 import urllib3
 
@@ -141,6 +142,14 @@ class Registry:
                 return resp
             text = self._drain(resp)
             if resp.status == 401 and not authenticated:
+                answered = urlparse(resp.geturl() or "").netloc.lower()
+                if answered and answered != self.ref.api_host.lower():
+                    # A redirect target (a blob store, a CDN) asking for credentials: its
+                    # challenge could name any token service, and the registry's credentials
+                    # are the registry's alone.
+                    raise RegistryAuthError(f"{self.ref.host}: {method} {path}: {answered}, where the "
+                                            "registry redirected, asks for credentials; not sending "
+                                            "the registry's")
                 self._authenticate(resp.headers.get("WWW-Authenticate", ""))
                 authenticated = True
                 continue
@@ -178,7 +187,10 @@ class Registry:
 
     def _token(self, params: dict) -> str:
         realm = params["realm"]
-        if realm.startswith("http://") and self.tls_verify:
+        scheme = urlparse(realm).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise RegistryAuthError(f"{self.ref.host}: token service {realm[:80]!r} is not an HTTP(S) URL")
+        if scheme == "http" and self.tls_verify:
             raise RegistryAuthError(f"{self.ref.host}: token service {realm} is plain HTTP; pass "
                                     "--tls-verify=false to send credentials to it")
         fields = {"scope": self.scope, **({"service": params["service"]} if "service" in params else {})}

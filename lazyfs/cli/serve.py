@@ -70,6 +70,16 @@ def serve(
         raise LazyfsError("--node-token-file holds the write token: nodes would be able to write")
     origin = open_store(store)
     origin.check()
+    from lazyfs.store.local import LocalStore
+    if isinstance(origin, LocalStore) and not origin.initialised():
+        # Every answer would be 404: a missing origin reads as a store without the block, and
+        # nodes take "every server agrees it is not there" for the truth. With a write token,
+        # builds through this server will make it.
+        if not token:
+            raise LazyfsError(f"no lazyfs store at {origin.root}, and no --token-file to build "
+                              "one through this server")
+        logging.getLogger("lazyfs.server").warning("no lazyfs store at %s yet: it is made by the "
+                                                   "first build through this server", origin.root)
     size = parse_size(cache_size)
     delay_s = parse_duration(delay)
     guard = Guard(max_connections=max_connections or default_max_connections(),

@@ -15,13 +15,14 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Callable, Generic, TypeVar
 
-from lazyfs.errors import IntegrityError, LazyfsError, NotCached, NotFound, StoreUnavailable
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotCached, NotFound, StoreUnavailable
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # backoff between rounds while every source fails
 ESCALATE = 4  # hedge delays before a hedge may make another server fill from the origin
+WRONG_BYTES = (IntegrityError, FormatError)  # an answer that asked again gives the same bytes
 
 
 class Race(Generic[T]):
@@ -123,10 +124,11 @@ class Race(Generic[T]):
                 raise e
         # A source that answered with wrong bytes is not having an outage: asked again, it
         # gives the same bytes. With no other source left, that is the answer, at once.
-        wrong = {n for n, e in self.errors if isinstance(e, IntegrityError)}
+        # (Bytes that do not even decode, a damaged frame, are wrong bytes too.)
+        wrong = {n for n, e in self.errors if isinstance(e, WRONG_BYTES)}
         others = [c for c in self.fleet.candidates(self.key) if c[0] not in wrong]
         if not others:
-            raise next(e for _, e in reversed(self.errors) if isinstance(e, IntegrityError))
+            raise next(e for _, e in reversed(self.errors) if isinstance(e, WRONG_BYTES))
         # Every source failed: an outage (a server restarting, a network blip) is a stall, not
         # an error. Ask them all again, backing off, until the deadline.
         pause = min(self.retry_in, self.deadline - time.monotonic())

@@ -113,3 +113,28 @@ def test_refused_build_leaves_no_store_it_created(case, tmp_path):
     proc = lazyfs_cli("build", CORPUS[case].make(work), "--store", store, check=False)
     assert proc.returncode == 1 and CORPUS[case].expect in proc.stderr
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("manifest, config", [
+    ([{"Config": "c.json", "RepoTags": ["a:1"], "Layers": 5}], {"rootfs": {"diff_ids": ["x"]}}),
+    ([{"Config": "c.json", "RepoTags": ["a:1"], "Layers": ["l.tar"]}], {"rootfs": ["not", "an", "object"]}),
+    ([{"Config": "c.json", "RepoTags": [7], "Layers": ["l.tar"]}], {"rootfs": {"diff_ids": ["x"]}}),
+])
+def test_metadata_of_the_wrong_shape_is_one_line(tmp_path, manifest, config):
+    """An image's JSON documents may hold any type where another belongs: a one-line error, no
+    traceback, no store."""
+    import io
+    import json
+    import tarfile
+    archive = tmp_path / "img.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, doc in (("manifest.json", manifest), ("c.json", config)):
+            data = json.dumps(doc).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    r = lazyfs_cli("build", f"docker-archive:{archive}:a:1", "--tag", "a/b:1", "--store",
+                   tmp_path / "store", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("lazyfs: error: ") and "Traceback" not in r.stderr
+    assert not (tmp_path / "store").exists()

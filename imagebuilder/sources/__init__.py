@@ -76,11 +76,16 @@ def open_source(spec: str, options: SourceOptions | None = None) -> ImageInput:
     platform = options.platform or oci.HOST_PLATFORM
     oci.parse_platform(platform)  # a misspelt --platform fails before anything is read
     transport, path, ref = parse(spec)
-    if transport == "docker":
-        from imagebuilder.sources import remote  # urllib3 and the auth code only when needed
+    try:
+        if transport == "docker":
+            from imagebuilder.sources import remote  # urllib3 and the auth code only when needed
 
-        return remote.load(spec, dataclasses.replace(options, platform=platform))
-    image = _open_local(transport, path, ref, platform)
+            return remote.load(spec, dataclasses.replace(options, platform=platform))
+        image = _open_local(transport, path, ref, platform)
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        # An image's JSON documents are free-form: a field of the wrong type (a list where an
+        # object belongs, a number where a list does) is a malformed image, not a crash.
+        raise NotAnImage(f"{spec}: malformed image metadata ({type(exc).__name__}: {exc})") from None
     image.source.setdefault("ref", f"{transport}:{os.path.abspath(path)}" + (f":{ref}" if ref else ""))
     return image
 

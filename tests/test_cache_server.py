@@ -553,3 +553,18 @@ def test_a_server_over_no_store_refuses_to_start(tmp_path):
                    "127.0.0.1:1", check=False, timeout=30)
     assert r.returncode == 1 and f"no lazyfs store at {tmp_path / 'typo'}" in r.stderr, r.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_block_the_origin_lost_is_not_there_for_a_build(tmp_path, origin):
+    """gc beside the server (on the origin directly, or through another server) deletes a block
+    this server still has cached. Readers may still get it from the cache; a build asking
+    whether to upload it gets the origin's word, uploads it again, and its manifest names a block
+    the origin has."""
+    blocks = _blocks(2)
+    with _warm(tmp_path, origin, blocks) as (srv, client):
+        d, f = blocks[0]
+        origin.delete_block(d)
+        assert client.block_size(d) == len(f)  # a reader: the server's cache answers
+        assert client.get_block(d) == f
+        assert client.has_block(d) is False  # a build: the origin's answer
+        assert client.has_block(blocks[1][0]) is True

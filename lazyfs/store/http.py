@@ -50,13 +50,14 @@ class HttpStore:
     # -- transport ----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, limit: int = SMALL,
                  missing: NotFound | None = None, headers: dict | None = None,
-                 stream: bool = False, not_cached: bool = False):
+                 stream: bool = False, not_cached: bool = False, once: bool = False):
         hdrs = dict(headers or {})
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
         try:
             resp = self.http.request(method, self.url + path, body=body, headers=hdrs,
-                                     timeout=self.timeout, retries=self.retries, redirect=False,
+                                     timeout=self.timeout, retries=False if once else self.retries,
+                                     redirect=False,
                                      preload_content=False)
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, protocol error
             raise StoreUnavailable(f"{self.url}: {method} {path}: {_why(exc)}") from None
@@ -101,7 +102,15 @@ class HttpStore:
             self._request("GET", "/v1/leases")  # needs the write token: fail before a long build
 
     def has_block(self, digest: str) -> bool:
-        return self.block_size(digest) is not None
+        """Whether the origin behind the server has the block: what a build asks before it skips
+        an upload. The server's cache may hold a block the origin no longer has (collected by
+        gc beside this server), and a manifest naming it would break once the cache lets it go."""
+        try:
+            self._request("HEAD", f"/v1/blocks/{digests.validate(digest)}",
+                          missing=BlockNotFound(digest), headers={"Cache-Control": "no-cache"})
+        except BlockNotFound:
+            return False
+        return True
 
     def block_size(self, digest: str) -> int | None:
         try:
@@ -214,8 +223,11 @@ class HttpStore:
         merges it into the store's profile of the image (docs/protocol.md §2, "Profiles"). Needs
         only the node token, never the store's write token."""
         query = f"?workload={workload}" if workload else ""
+        # Once: a merge is not idempotent, and an answer lost after the server merged would, sent
+        # again, count this start twice.
         answer = self._request("POST", f"/v1/profiles/{digests.validate(image_digest)}{query}",
-                               body=data, headers={"Content-Type": "application/octet-stream"})
+                               body=data, headers={"Content-Type": "application/octet-stream"},
+                               once=True)
         try:
             return dict(json.loads(answer.data))
         except (ValueError, TypeError):

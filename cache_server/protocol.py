@@ -5,6 +5,9 @@ network needs, which aiohttp itself does not have.
   ``header_timeout`` of connecting or of its previous answer, else it is closed: aiohttp waits
   forever for the first request, so a client that sends half a request line would hold its
   descriptor for good. (Bodies have their own timeout where handlers read them.)
+- **Clients that never read.** aiohttp has no timeout on sending an answer, so each connection
+  gets TCP_USER_TIMEOUT (``send_timeout``): the kernel closes one whose client has taken none of
+  its bytes for that long (zero-window probes included), and the answer's cache file is let go.
 - **A connection limit below the descriptor limit.** Past ``max_connections`` a new connection
   first evicts the oldest one still waiting for its headers (a slow client loses its place, a
   health check gets in); only when every connection is busy with a request does it get a
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from cache_server.requests import error_response
 
 log = logging.getLogger("lazyfs.server")
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
+SEND_TIMEOUT = 60.0  # seconds a client may take none of an answer's bytes (TCP_USER_TIMEOUT)
 MAX_CONNECTIONS = 1024
 # After refusing a body (413), read and drop what the client still sends for this long, so it
 # gets to read the answer instead of a reset; dropped bytes cost no memory.
@@ -80,6 +85,7 @@ class Guard:
     """Shared by a server's connections: the limits, and who is waiting for headers."""
     max_connections: int = field(default_factory=default_max_connections)
     header_timeout: float = HEADER_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
     server: object | None = None  # the CacheServer, for the access log's metrics
     open: int = 0
     refused: int = 0  # connections answered 503 at the limit
@@ -113,6 +119,12 @@ class GuardedHandler(RequestHandler):
             return
         g.open += 1
         self._counted = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and g.send_timeout > 0:
+            # aiohttp has no timeout on sending an answer: a client that never reads (its window
+            # shut) would hold this connection, and pin the cache file it is sent from, for good.
+            # The kernel gives up on data unacknowledged this long, zero-window probes included.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(g.send_timeout * 1000))
         super().connection_made(transport)
         self._await_headers()
 

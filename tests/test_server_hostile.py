@@ -4,6 +4,7 @@ back, and every request reaches the access log."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -264,6 +265,42 @@ def test_the_access_log_sees_every_request(server):
     assert sorted(a["status"] for a in access) == [200, 200, 400, 400, 404, 416]
     assert "Traceback" not in text and "AssertionError" not in text
     assert not re.search(r"ERROR", text), text[-1500:]
+
+
+def test_clients_that_never_read_their_answers_are_let_go(tmp_path):
+    """Each of the server's 4 connections asks for a 16 MiB frame (more than the socket buffers
+    hold) and never reads it (its receive window shuts). aiohttp would wait on them for good, and
+    /healthz would get 503 (every connection working); the kernel gives up on them after
+    --send-timeout, and the server answers again."""
+    origin = LocalStore(tmp_path / "origin")
+    digest, frame = block.encode(os.urandom(16 << 20))
+    origin.put_block(digest, frame)
+    srv = CacheServer(str(origin.root), tmp_path / "cache",
+                      extra=("--send-timeout", "2s", "--max-connections", "4", "--header-timeout", "30s")).start()
+    stuck = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(f"GET /v1/blocks/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            stuck.append(s)
+        time.sleep(0.5)
+        busy = http.request("GET", f"{srv.url}/healthz", retries=False)
+        assert busy.status == 503  # (every connection is working on an answer nobody reads)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if http.request("GET", f"{srv.url}/healthz", retries=False).status == 200:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the stuck connections were never let go")
+        r = http.request("GET", f"{srv.url}/v1/blocks/{digest}")
+        assert r.status == 200 and r.data == frame
+    finally:
+        for s in stuck:
+            s.close()
+        srv.stop()
 
 
 def test_a_slow_client_flood_on_a_small_descriptor_limit(tmp_path):

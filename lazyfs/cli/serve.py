@@ -51,6 +51,10 @@ def serve(
                                                   "oldest connection still waiting for its "
                                                   "headers is closed, or, if none, the new one "
                                                   "gets 503."),
+    send_timeout: str = typer.Option("60s", "--send-timeout", help="A connection whose client takes "
+                                     "none of its answer's bytes for this long is closed (TCP_USER_"
+                                     "TIMEOUT): a client that never reads must not hold a connection "
+                                     "and its cache files for good."),
     header_timeout: str = typer.Option("10s", "--header-timeout", help="A connection that has "
                                        "not sent a request's headers this long after connecting "
                                        "(or after its previous answer) is closed."),
@@ -83,7 +87,7 @@ def serve(
     size = parse_size(cache_size)
     delay_s = parse_duration(delay)
     guard = Guard(max_connections=max_connections or default_max_connections(),
-                  header_timeout=parse_duration(header_timeout))
+                  header_timeout=parse_duration(header_timeout), send_timeout=parse_duration(send_timeout))
     opts = ServeOptions(host, port, cache_dir, size,
                         ServerConfig(token=token, auth_reads=auth_reads, node_token=node_token,
                                      profiles=profiles, delay=delay_s), access_log,

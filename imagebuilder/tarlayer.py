@@ -12,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 import zstandard
 
-from lazyfs.errors import (ImageSourceError, LayerDigestMismatch, LazyfsError, LimitExceeded,
+from lazyfs.errors import (FormatError, ImageSourceError, LayerDigestMismatch, LazyfsError, LimitExceeded,
                            UnsafeEntry)
 from lazyfs.format import manifest as mf
 from lazyfs.format.manifest import EntryType
@@ -97,30 +97,6 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     return peek
 
 
-U32 = (1 << 32) - 1
-MTIME_NS = ((-(1 << 63)) * 1_000_000_000, ((1 << 63) - 1) * 1_000_000_000)  # the manifest's int64 seconds
-
-
-def _check_fields(layer: str, info: tarfile.TarInfo, common: dict) -> None:
-    """What the manifest cannot hold is refused here, while the layer streams, not when the
-    manifest is encoded after every block is stored (a tar's numbers and xattrs are free-form)."""
-    numbers = {"uid": common["uid"], "gid": common["gid"]}
-    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        numbers.update(devmajor=info.devmajor, devminor=info.devminor)
-    for name, value in numbers.items():
-        if not 0 <= value <= U32:
-            raise UnsafeEntry(layer, info.name, f"{name} {value} is out of range (0 to {U32})")
-    if not MTIME_NS[0] <= common["mtime_ns"] <= MTIME_NS[1]:
-        raise UnsafeEntry(layer, info.name, f"mtime {common['mtime_ns'] // 1_000_000_000} is out of range")
-    xattrs = common["xattrs"]
-    if len(xattrs) > mf.MAX_XATTRS:
-        raise UnsafeEntry(layer, info.name, f"more than {mf.MAX_XATTRS} xattrs")
-    for key, value in xattrs:
-        if not 0 < len(key) <= mf.MAX_XATTR_NAME or b"\0" in key or len(value) > mf.MAX_XATTR_VALUE:
-            raise UnsafeEntry(layer, info.name, f"xattr {key[:40]!r}: an empty, too long or NUL-holding "
-                              f"name, or a value over {mf.MAX_XATTR_VALUE} bytes")
-
-
 def _mtime_ns(info: tarfile.TarInfo) -> int:
     text = info.pax_headers.get("mtime")
     if text:
@@ -199,7 +175,11 @@ def to_entry(layer: str, info: tarfile.TarInfo) -> LayerEntry:
         raise UnsafeEntry(layer, info.name, f"unsupported tar entry type {info.type!r}")
     common = dict(path=path, type=kind, mode=info.mode & 0o7777, uid=info.uid, gid=info.gid,
                   mtime_ns=_mtime_ns(info), xattrs=_xattrs(info))
-    _check_fields(layer, info, common)
+    try:  # (what the manifest cannot hold: refused now, not after every block is stored)
+        mf.check_fields(path, info.uid, info.gid, common["mtime_ns"], common["xattrs"],
+                        (info.devmajor, info.devminor) if kind in (EntryType.CHR, EntryType.BLK) else ())
+    except FormatError as exc:
+        raise UnsafeEntry(layer, info.name, str(exc).partition(": ")[2]) from None
     if kind == EntryType.REG:
         return LayerEntry(size=info.size, **common)
     if kind == EntryType.SYMLINK:

@@ -184,24 +184,18 @@ class Handler:
         runs = task.take(key)
         for i, (page, off, count) in enumerate(runs):
             try:
-                rc = uffd.copy(task.fd, page * PAGE, data, off, count * PAGE)
-                if rc in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
-                    for k in range(count):  # part of the run is there or gone: page by page
-                        rc = uffd.copy(task.fd, (page + k) * PAGE, data, off + k * PAGE, PAGE)
-                        if rc == errno.EAGAIN:
-                            self._copy_later(task, key, data, [(page + k, off + k * PAGE, count - k),
-                                                               *runs[i + 1:]])
-                            self.counts["copied_pages"] += k
-                            return
-                        if rc in (errno.ESRCH, errno.ENOSPC):
-                            break
+                rc, done = uffd.copy_run(task.fd, page, off, count, data)
             except OSError as exc:  # (the benign errnos come back as values)
                 self.fatal(f"mapping block {self.blocks.digests[key]} into {task.name} failed: {exc}")
                 return
             if rc in (errno.ESRCH, errno.ENOSPC):
                 self._gone(task)
                 return
-            self.counts["copied_pages"] += count
+            self.counts["copied_pages"] += done
+            if rc == errno.EAGAIN:
+                self._copy_later(task, key, data, [(page + done, off + done * PAGE, count - done),
+                                                   *runs[i + 1:]])
+                return
 
     def _copy_later(self, task: Task, key: int, data: bytes, runs) -> None:
         """EAGAIN: the process's memory map is changing (a fork, mremap or madvise whose event
@@ -366,7 +360,7 @@ class Handler:
                         and time.monotonic() - self.last_fault >= QUIET):
                     self._background()
                 self._check_built()
-                if self._again:  # (a map change whose event another task's descriptor had)
+                if self._again:  # (refused again after the event was read, before the change ended)
                     with self.lock:
                         self._copy_again()
                 for fd, mask in poller.poll(50):
@@ -405,3 +399,4 @@ class Handler:
             for fd in (*self._closing, self._wake_r, self._wake_w):
                 os.close(fd)
             self._closing = []
+

@@ -212,9 +212,10 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
     if status.get("error"):  # the page server killed the tree (a block it could not serve)
         raise LazyRestoreFailed(f"the restored process was killed: {status['error']}")
     # The program has run to its end: nothing from here on may start it again (a cold start).
+    if not status:
+        _warn_after(f"the page server gave no report: {pages.failure()}")
+        return code
     try:
-        if not status:
-            raise LazyRestoreFailed(f"the page server gave no report: {pages.failure()}")
         if recording is not None and status.get("working_set"):
             status["working_set_recorded"] = record_working_set(
                 opts.source, recording[1], recording[0], digest, status["working_set"], trace_lines,
@@ -222,11 +223,17 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
                 shift=recording[2] - status["t0"] if "t0" in status else None)
         say(_describe(status))
     except (LazyfsError, OSError) as exc:
-        try:
-            print(f"lazyfs: warning: after the restored process ended: {exc}", file=sys.stderr, flush=True)
-        except OSError:
-            pass
+        _warn_after(exc)
     return code
+
+
+def _warn_after(why) -> None:
+    """A warning once the restored process has ended (its exit code stands); none if stderr is
+    gone too."""
+    try:
+        print(f"lazyfs: warning: after the restored process ended: {why}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _describe(s: dict) -> str:

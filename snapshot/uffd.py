@@ -81,6 +81,19 @@ def copy(fd: int, dst: int, data, offset: int, length: int) -> int:
     return _ioctl(fd, UFFDIO_COPY, arg)
 
 
+def copy_run(fd: int, page: int, off: int, count: int, data: bytes) -> tuple[int, int]:
+    """Copy a run of pages: (0, or the errno that stopped it, pages copied). Part of the run
+    there or gone already (EEXIST, ENOENT): page by page, each such page passed over."""
+    rc = copy(fd, page * PAGE, data, off, count * PAGE)
+    if rc not in (errno.EEXIST, errno.ENOENT, errno.EAGAIN):
+        return rc, count
+    for k in range(count):
+        rc = copy(fd, (page + k) * PAGE, data, off + k * PAGE, PAGE)
+        if rc in (errno.EAGAIN, errno.ESRCH, errno.ENOSPC):
+            return rc, k
+    return 0, count
+
+
 def zeropage(fd: int, dst: int, length: int = PAGE) -> int:
     return _ioctl(fd, UFFDIO_ZEROPAGE, bytearray(struct.pack("<QQQq", dst, length, 0, 0)))
 

@@ -283,6 +283,14 @@ def with_source(command: Callable) -> Callable:
     return wrapper
 
 
+def given(ctx: click.Context, options: dict[str, str]) -> str:
+    """The flags (``options``: parameter name -> flag) the user gave on the command line, joined:
+    for refusing options that would do nothing where they were given, rather than drop them."""
+    from click.core import ParameterSource
+    return ", ".join(flag for name, flag in options.items()
+                     if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+
+
 def parse_duration(text: str) -> float:
     """'250ms', '90s', '30m', '1h', '7d', or plain seconds."""
     t = text.strip().lower()

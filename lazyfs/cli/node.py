@@ -13,7 +13,7 @@ import typer
 
 from lazyfs import environ
 from lazyfs.cli import app
-from lazyfs.cli.common import JsonOpt, err, human, out, parse_duration, parse_size
+from lazyfs.cli.common import JsonOpt, err, given, human, out, parse_duration, parse_size
 
 node_app = typer.Typer(no_args_is_help=False, add_completion=False)
 app.add_typer(node_app, name="node")
@@ -48,12 +48,10 @@ def node(
     if ctx.invoked_subcommand:
         # `lazyfs node --socket S status` asks the agent on S; the agent's own options would do
         # nothing for a subcommand, so they are refused rather than dropped.
-        from click.core import ParameterSource
-        agent_only = [f"--{name.replace('_', '-')}" for name in ("idle", "cache_size", "metrics", "takeover",
-                                                                   "verbose", "on_demand")
-                      if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        agent_only = given(ctx, {name: f"--{name.replace('_', '-')}" for name in
+                                 ("idle", "cache_size", "metrics", "takeover", "verbose", "on_demand")})
         if agent_only:
-            raise typer.BadParameter(f"{', '.join(agent_only)}: options of the agent itself, not of "
+            raise typer.BadParameter(f"{agent_only}: options of the agent itself, not of "
                                      f"`lazyfs node {ctx.invoked_subcommand}`")
         if socket is not None:
             os.environ[environ.NODE_SOCKET] = str(socket)  # (what the client reads)

@@ -10,7 +10,7 @@ import typer
 
 from lazyfs.cli import app
 from lazyfs.cli.common import (CacheOpt, CommandLineCommand, CompleteOpt, DataPathOpt, EnvOpt,
-                               NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt,
+                               NetworkOpt, NodeOpt, ProfileOpt, RuntimeOpt, UserOpt, WorkdirOpt, given,
                                RichProgress, parse_duration, sayer, with_source)
 from lazyfs.proc import spawn
 
@@ -116,24 +116,18 @@ SNAPSHOT_ONLY = {"snapshot_timeout": "--snapshot-timeout"}
 def _check_applies(snapshot: str | None, restore: str | None) -> None:
     """Refuse an option the run would not honour, rather than drop it without a word."""
     import click
-    from click.core import ParameterSource
 
     ctx = click.get_current_context()
-
-    def given(options: dict) -> str:
-        return ", ".join(flag for name, flag in options.items()
-                         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
-
-    if (snapshot or restore) and (flags := given(PLAIN_ONLY)):
+    if (snapshot or restore) and (flags := given(ctx, PLAIN_ONLY)):
         raise typer.BadParameter(f"{flags}: only for a plain run, not with --snapshot or --restore "
                                  "(they mount the image their own way)")
-    if restore and (flags := given(TAKEN_AT_SNAPSHOT)):
+    if restore and (flags := given(ctx, TAKEN_AT_SNAPSHOT)):
         raise typer.BadParameter(f"{flags}: a restored process keeps what its snapshot run had "
                                  "(give them with --snapshot); a cold start after a failed restore "
                                  "runs with the snapshot run's too")
-    if not restore and (flags := given(RESTORE_ONLY)):
+    if not restore and (flags := given(ctx, RESTORE_ONLY)):
         raise typer.BadParameter(f"{flags}: only with --restore")
-    if not snapshot and (flags := given(SNAPSHOT_ONLY)):
+    if not snapshot and (flags := given(ctx, SNAPSHOT_ONLY)):
         raise typer.BadParameter(f"{flags}: only with --snapshot")
 
 

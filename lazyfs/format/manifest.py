@@ -36,6 +36,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<IH")  # parent, name_len
 _META = struct.Struct("<IIIqIH")  # mode, uid, gid, mtime_sec, mtime_nsec, xattr_count
+_U32_MAX, _SEC_MIN, _SEC_MAX = (1 << 32) - 1, -(1 << 63), (1 << 63) - 1  # what _META and _DEV hold
 _REG = struct.Struct("<QI")  # size, chunk_count
 _CHUNK = struct.Struct("<32sI")  # raw sha256, length
 _DEV = struct.Struct("<II")
@@ -178,10 +179,12 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         return
     if not 0 <= e.mode <= 0o7777:
         raise ManifestFormatError(f"{e.path!r}: mode {e.mode:o} has bits beyond 07777")
-    sec, nsec = divmod(e.mtime_ns, 1_000_000_000)
     xattrs = sorted(e.xattrs)
+    check_fields(e.path, e.uid, e.gid, e.mtime_ns, xattrs, e.rdev if e.type in (EntryType.CHR, EntryType.BLK) else ())
+    sec, nsec = divmod(e.mtime_ns, 1_000_000_000)
     out += _META.pack(e.mode, e.uid, e.gid, sec, nsec, len(xattrs))
-    _encode_xattrs(out, e.path, xattrs)
+    for key, value in xattrs:
+        out += _U8.pack(len(key)) + key + _U32.pack(len(value)) + value
     if e.type == EntryType.REG:
         if sum(c.size for c in e.chunks) != e.size:
             raise ManifestFormatError(f"{e.path!r}: chunk sizes do not add up to the file size")
@@ -200,17 +203,25 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         raise ManifestFormatError(f"{e.path!r}: only files and symlinks have a size")
 
 
-def _encode_xattrs(out: bytearray, path: bytes, xattrs) -> None:
+def check_fields(path: bytes, uid: int, gid: int, mtime_ns: int, xattrs, rdev=()) -> None:
+    """An entry's numbers and xattrs (sorted) as the format holds them, else ManifestFormatError:
+    the encoder checks, and the builder asks the same while a layer streams, before any of its
+    blocks is stored (a tar's numbers and xattrs are free-form)."""
+    for name, value in (("uid", uid), ("gid", gid), *zip(("devmajor", "devminor"), rdev)):
+        if not 0 <= value <= _U32_MAX:
+            raise ManifestFormatError(f"{path!r}: {name} {value} is out of range (0 to {_U32_MAX})")
+    if not _SEC_MIN <= mtime_ns // 1_000_000_000 <= _SEC_MAX:
+        raise ManifestFormatError(f"{path!r}: mtime {mtime_ns // 1_000_000_000} is out of range")
     if len(xattrs) > MAX_XATTRS:
         raise ManifestFormatError(f"{path!r}: more than {MAX_XATTRS} xattrs")
     prev = None
     for key, value in xattrs:
         if not 0 < len(key) <= MAX_XATTR_NAME or b"\0" in key or key == prev:
-            raise ManifestFormatError(f"{path!r}: bad or duplicate xattr name {key!r}")
+            raise ManifestFormatError(f"{path!r}: xattr {key[:40]!r}: an empty, too long, NUL-holding "
+                                      "or repeated name")
         if len(value) > MAX_XATTR_VALUE:
-            raise ManifestFormatError(f"{path!r}: xattr {key!r} value too large")
+            raise ManifestFormatError(f"{path!r}: xattr {key[:40]!r}: a value over {MAX_XATTR_VALUE} bytes")
         prev = key
-        out += _U8.pack(len(key)) + key + _U32.pack(len(value)) + value
 
 
 def _check_name(name: bytes) -> None:

@@ -105,17 +105,13 @@ class HttpStore:
         """Whether the origin behind the server has the block: what a build asks before it skips
         an upload. The server's cache may hold a block the origin no longer has (collected by
         gc beside this server), and a manifest naming it would break once the cache lets it go."""
-        try:
-            self._request("HEAD", f"/v1/blocks/{digests.validate(digest)}",
-                          missing=BlockNotFound(digest), headers={"Cache-Control": "no-cache"})
-        except BlockNotFound:
-            return False
-        return True
+        return self.block_size(digest, origin=True) is not None
 
-    def block_size(self, digest: str) -> int | None:
+    def block_size(self, digest: str, origin: bool = False) -> int | None:
+        """The frame's size, from the server's cache if it holds it (``origin``: the origin's)."""
         try:
-            resp = self._request("HEAD", f"/v1/blocks/{digests.validate(digest)}",
-                                 missing=BlockNotFound(digest))
+            resp = self._request("HEAD", f"/v1/blocks/{digests.validate(digest)}", missing=BlockNotFound(digest),
+                                 headers={"Cache-Control": "no-cache"} if origin else None)
         except BlockNotFound:
             return None
         return int(resp.headers["Content-Length"])

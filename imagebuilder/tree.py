@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LimitExceeded, UnsafeEntry
-from lazyfs.format.manifest import MAX_ENTRIES, MAX_NAME, Chunk, Entry, EntryType, Manifest
+from lazyfs.format.manifest import MAX_DEPTH, MAX_ENTRIES, MAX_NAME, MAX_PATH, Chunk, Entry, EntryType, Manifest
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
-MAX_DEPTH = 256
-MAX_PATH = 4096
 
 
 @dataclass(slots=True)

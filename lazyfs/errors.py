@@ -76,8 +76,9 @@ class ManifestNotFound(NotFound):
 
 
 class TagNotFound(NotFound):
-    def __init__(self, ref: str):
-        super().__init__(f"image {ref} not found in store (see `lazyfs images`)")
+    def __init__(self, ref: str, where: str | None = None):
+        super().__init__(f"image {ref} not found in store{f' {where}' if where else ''} "
+                         "(see `lazyfs images`)")
         self.ref = ref
 
 

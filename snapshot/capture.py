@@ -19,6 +19,7 @@ from lazyfs.runner.runtime import nsinit_command
 from lazyfs.runner.session import RunOptions, resolve
 from lazyfs.records import objects
 from lazyfs.store import open_store
+from lazyfs.store.lease import held_when_free
 from snapshot import criu as criu_mod
 from snapshot import gpu, layer, procs
 from snapshot.files import publish
@@ -157,23 +158,27 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                        if p.is_file() and not p.name.endswith(".log"))
         names += [layer.pack(ws.upper, ws.base), "stdio"]
         t0 = time.monotonic()
-        with progress or contextlib.nullcontext() as bars:
-            # (encoding takes about 10 ns a byte of memory: a minute for a process of some GB)
-            tick = bars.task("storing the snapshot", sum((ws.base / n).stat().st_size for n in names)) \
-                if bars is not None else None
-            files, new, total = publish(store, ws.base, names, tick)
-        publish_s = time.monotonic() - t0
-        meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
-                # what the run was asked for, as `lazyfs run` takes it: a restore that falls back
-                # to a cold start runs the same (the image's Entrypoint is added to argv again)
-                "run": {"argv": opts.argv, "env": opts.env, "workdir": opts.workdir, "user": opts.user,
-                        "network": opts.network},
-                "gpu": gpu_meta,
-                "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
-                            "publish": round(publish_s, 3)}}
-        manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
-        snap_digest = objects.put_record(store, snapfmt.encode(manifest))
-        store.put_tag(snap.name, snap.tag, snap_digest)
+        # A build's lease, from the first block to the tag: a gc must not sweep blocks this
+        # snapshot finds in the store and reuses, nor the image it pins, before the tag names them.
+        with held_when_free(store, "build", ("gc",),
+                            say=lambda m: print(f"lazyfs: {m}", file=sys.stderr, flush=True)):
+            with progress or contextlib.nullcontext() as bars:
+                # (encoding takes about 10 ns a byte of memory: a minute for a process of some GB)
+                tick = bars.task("storing the snapshot", sum((ws.base / n).stat().st_size for n in names)) \
+                    if bars is not None else None
+                files, new, total = publish(store, ws.base, names, tick)
+            publish_s = time.monotonic() - t0
+            meta = {"argv": spec.argv, "env": env, "workdir": spec.workdir, "ref": opts.ref,
+                    # what the run was asked for, as `lazyfs run` takes it: a restore that falls back
+                    # to a cold start runs the same (the image's Entrypoint is added to argv again)
+                    "run": {"argv": opts.argv, "env": opts.env, "workdir": opts.workdir, "user": opts.user,
+                            "network": opts.network},
+                    "gpu": gpu_meta,
+                    "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
+                                "publish": round(publish_s, 3)}}
+            manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
+            snap_digest = objects.put_record(store, snapfmt.encode(manifest))
+            store.put_tag(snap.name, snap.tag, snap_digest)
         size = sum(f.size for f in files)
         print(f"lazyfs: snapshot {snap.name}:{snap.tag} ({snap_digest[:19]}): {size} bytes in "
               f"{len(files)} files, {new} bytes new to the store of {total} stored; ready after "

@@ -65,12 +65,9 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     # One node cache for all of it, named here: the page server streams the image's working-set
     # blocks into it for the mount, which the node agent would otherwise place by its own default.
     opts = replace(opts, cache_dir=opts.cache_dir or str(paths.default_cache_dir()))
-    sweep_abandoned()
     ws = Workspace(MOUNT_BASE / f"restore-{uuid.uuid4().hex[:16]}")
-    ws.claim()
     leases = ExitStack()  # the image's shared mount, when the node agent lends it
     try:
-        criu = criu_mod.find()
         reader = opts.source.open()
         try:
             digest, snap_digest, snap = load(reader, opts.ref, snap_ref)
@@ -83,6 +80,10 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
             known = profile is not None
         finally:
             reader.close()  # a fleet reader's threads end here, so the page server can be forked
+        # After the snapshot is read, so that a cold start instead runs the snapshot's command.
+        criu = criu_mod.find()
+        sweep_abandoned()
+        ws.claim()  # (a /run that is full or read-only: the cold start below does without it)
         record = lazy and working_set and not known
         # Where the page server streams the working set in batches, it brings the image's blocks
         # too, in one stream with the memory (lazyserver.run); else the mount prefetches them.

@@ -28,6 +28,7 @@ import subprocess
 from pathlib import Path
 
 from lazyfs.errors import RunError
+from lazyfs.format import snapshot as snapfmt
 from lazyfs.fs import kernel, mounts
 from lazyfs.proc import spawn, syscalls
 from lazyfs.source.spec import Source
@@ -36,7 +37,7 @@ from lazyfs.runner.helper import MARKER_DIR
 from lazyfs.runner.overlay import Overlay
 
 log = logging.getLogger("lazyfs.snapshot")
-MOUNT_BASE = Path("/run/lazyfs/snap")
+MOUNT_BASE = Path(snapfmt.MOUNT_ROOT)
 OWNERS = MOUNT_BASE / ".owners"
 
 

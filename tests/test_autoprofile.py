@@ -155,7 +155,7 @@ def test_hostile_contributions_are_bounded_and_never_cost_a_wrong_byte(env_dirs,
         def send(blocks, img=image):
             return client.contribute_profile(img, workload, proffmt.encode(proffmt.Profile(img, tuple(blocks))))
 
-        rand = [proffmt.ProfileBlock("sha256:" + hashlib.sha256(str(i).encode()).hexdigest(), 1 << 30, 0.0)
+        rand = [proffmt.ProfileBlock("sha256:" + hashlib.sha256(str(i).encode()).hexdigest(), 1 << 24, 0.0)
                 for i in range(5000)]
         assert send(rand)["accepted"] == 0  # random digests: none is the image's
         own = {c.digest for e in objects.read_manifest(store, image).entries for c in e.chunks}
@@ -167,8 +167,11 @@ def test_hostile_contributions_are_bounded_and_never_cost_a_wrong_byte(env_dirs,
         huge = b"".join([proffmt.MAGIC, b'{"blocks":[', b'["sha256:' + b"a" * 64 + b'",1,0],' * 1_000_000])
         with pytest.raises(StoreError):
             client._request("POST", f"/v1/profiles/{image}", body=huge)
-        # Sizes come from the manifest, whatever the contribution says.
-        lying = [proffmt.ProfileBlock(d, 1 << 40, 0.0) for d in sorted(_blocks_of(store, "data/c"))]
+        # Sizes no block has are not a profile; sizes come from the manifest, whatever the
+        # contribution says.
+        with pytest.raises(StoreError, match="400"):
+            send([proffmt.ProfileBlock(d, 1 << 40, 0.0) for d in sorted(_blocks_of(store, "data/c"))])
+        lying = [proffmt.ProfileBlock(d, 1 << 24, 0.0) for d in sorted(_blocks_of(store, "data/c"))]
         assert send(lying)["accepted"] == len(lying)
         learnt = _learnt(store)
         sizes = {c.digest: c.size for e in objects.read_manifest(store, image).entries for c in e.chunks}

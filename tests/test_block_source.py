@@ -36,7 +36,7 @@ def source(request, tmp_path):
         servers = [stack.enter_context(ServerThread(origin, tmp_path / f"cache-{i}"))
                    for i in range(1 if request.param == "server" else 2)]
         if request.param == "server":
-            src = StoreReader(HttpStore(servers[0].url))
+            src = StoreReader(HttpStore(servers[0].url), deadline=5)
         else:
             src = Fleet([s.url for s in servers], origin=LocalStore(tmp_path / "origin"),
                         options=FleetOptions(deadline=5))
@@ -121,3 +121,29 @@ def test_a_lying_store_is_counted_for_single_and_batch_reads(tmp_path):
     assert src.stats.wrong_bytes == 1
     assert isinstance(dict(src.fetch_blocks([(digest, size)]))[digest], LazyfsError)
     assert src.stats.wrong_bytes == 3  # the batch's frame, then the single retry's
+
+
+@pytest.mark.parametrize("how", ["store", "server"])
+def test_a_server_that_never_answers_fails_a_read_at_the_deadline(how):
+    """--deadline holds for an HTTP store as for a fleet: EIO after it, not after the store's
+    own timeouts and retries (minutes)."""
+    import socket
+    import time
+
+    from lazyfs.errors import StoreUnavailable
+    from lazyfs.source.spec import Source
+    with socket.socket() as hole:  # accepts connections, never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        src = (Source(store=url, deadline=1.0) if how == "store" else Source(servers=(url,), deadline=1.0)).open()
+        try:
+            started = time.monotonic()
+            with pytest.raises(LazyfsError) as failed:
+                src.fetch_block("sha256:" + "1" * 64, 10)
+            took = time.monotonic() - started
+        finally:
+            src.close()
+    assert 0.9 <= took < 4, f"{took:.1f} s"
+    if how == "store":
+        assert isinstance(failed.value, StoreUnavailable) and "deadline" in str(failed.value)

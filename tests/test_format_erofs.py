@@ -74,6 +74,8 @@ def test_object_ids():
     (Entry(b"x", EntryType.REG, xattrs=((b"lustre.lov", b"1"),)), "no EROFS encoding"),
     (Entry(b"y", EntryType.REG, xattrs=((b"user.big", b"v" * 65536),)), "no EROFS encoding"),
     (Entry(b"z", EntryType.BLK, rdev=(1 << 12, 0)), "device number"),
+    (Entry(b"huge", EntryType.REG, size=(1 << 43) + 1, chunks=(Chunk("sha256:" + "1" * 64, (1 << 43) + 1),)),
+     "more than one EROFS chunk"),
 ])
 def test_trees_the_layout_cannot_hold_are_refused(entry, why):
     with pytest.raises(KernelLayoutUnsupported, match=why):

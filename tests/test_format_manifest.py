@@ -116,3 +116,24 @@ def test_decoder_rejects_trailing_bytes_and_versions():
         mf.decode(data[:8] + b"\x02\x00" + data[10:])
     with pytest.raises(ManifestFormatError, match="magic"):
         mf.decode(b"X" + data[1:])
+
+
+def _chain(depth: int, name: bytes = b"d") -> Manifest:
+    """A directory inside a directory ``depth`` times."""
+    return Manifest(tuple(Entry(b"/".join([name] * n), EntryType.DIR) for n in range(depth + 1)))
+
+
+@pytest.mark.parametrize("depth, name", [(mf.MAX_DEPTH + 1, b"d"), (17, b"n" * 255)],
+                         ids=["too-deep", "too-long"])
+def test_paths_no_kernel_can_address_are_refused_by_writer_and_reader(depth, name, monkeypatch):
+    """A chain of directories: each entry keeps its whole path, so without a bound a small
+    manifest would cost memory growing with the square of its depth."""
+    mf.decode(mf.encode(_chain(depth - 1 if name == b"d" else 15, name)))  # just inside: fine
+    with pytest.raises(ManifestFormatError, match="deeper than|longer than"):
+        mf.encode(_chain(depth, name))
+    monkeypatch.setattr(mf, "MAX_DEPTH", 1 << 20)  # a writer that does not check
+    monkeypatch.setattr(mf, "MAX_PATH", 1 << 30)
+    crafted = mf.encode(_chain(depth, name))
+    monkeypatch.undo()
+    with pytest.raises(ManifestFormatError, match="deeper than|longer than"):
+        mf.decode(crafted)

@@ -40,7 +40,12 @@ def test_duplicates_negative_sizes_and_bad_digests_are_refused():
     good = proffmt.encode(proffmt.Profile("sha256:" + "a" * 64, (proffmt.ProfileBlock(d, 5, 0.5),)))
     assert proffmt.decode(good).blocks[0].size == 5
     for bad in (good.replace(b',5,', b',-5,'), good.replace(b'"blocks":[', b'"blocks":[["' + d.encode() + b'",1,0],'),
-                good.replace(b"b" * 64, b"B" * 64), good.replace(b'"image"', b'"imagE"')):
+                good.replace(b"b" * 64, b"B" * 64), good.replace(b'"image"', b'"imagE"'),
+                # what a merge could not add, average or encode again
+                good.replace(b',0.5]', b',1e999]'), good.replace(b',0.5]', b',0.5,' + b"9" * 400 + b']'),
+                good.replace(b',5,', b',true,'), good.replace(b',5,', b',1.9,'), good.replace(b',0.5]', b',"2"]'),
+                good.replace(b',0.5]', b',0.5,0]'), good.replace(b',5,', b',%d,' % (1 + (16 << 20))),
+                good.replace(b'"meta":{}', b'"meta":{"x":NaN}')):
         with pytest.raises(FormatError):
             proffmt.decode(bad)
 

@@ -100,3 +100,12 @@ def test_deep_json_is_a_typed_error(name):
     decoder, wrap = DECODERS[name]
     with pytest.raises(FormatError, match="RecursionError"):
         decoder(wrap(b"[" * 100_000 + b"]" * 100_000))
+
+
+@pytest.mark.parametrize("line", [b"+2_00 0", b"200 +5", b"200 5\r", b"200 0_0", b" 200 5", b"200  5",
+                                  b"200 05", b"0200 5"])
+def test_a_batch_header_has_one_spelling(line):
+    """What int() would also take ("+2_00", "0_0", a trailing CR) is not the protocol's header."""
+    assert batch.decode_header(batch.encode_header(DIGEST, 200, 5)) == (DIGEST, 200, 5)
+    with pytest.raises(FormatError):
+        batch.decode_header(DIGEST.encode() + b" " + line + b"\n")

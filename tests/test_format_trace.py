@@ -34,7 +34,13 @@ def test_decode_all_sorts_by_time_and_skips_blank_lines():
 
 
 @pytest.mark.parametrize("line", ['{"t": -1, "path": "/a", "offset": 0, "size": 1}', "[]", "{",
-                                  '{"t": 0, "path": "/a", "offset": 1e999, "size": 1}'])
+                                  '{"t": 0, "path": "/a", "offset": 1e999, "size": 1}',
+                                  '{"t": NaN, "path": "/a", "offset": 0, "size": 1}',
+                                  '{"t": "inf", "path": "/a", "offset": 0, "size": 1}',
+                                  '{"t": 0, "path": 5, "offset": 0, "size": 1}',
+                                  '{"t": 0, "path": "a", "offset": 0, "size": 1}',
+                                  '{"t": 0, "path": "/a", "offset": 1.9, "size": 1}',
+                                  '{"t": 0, "path": "/a", "offset": 0, "size": true}'])
 def test_bad_lines_are_typed_errors(line):
     with pytest.raises(FormatError):
         trace.decode(line)

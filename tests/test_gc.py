@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from lazyfs.cache import cap
 from lazyfs.records import gc
 from lazyfs.errors import StoreUnavailable
 from lazyfs.records import objects
-from lazyfs.store.lease import Lease, LeaseConflict
+from lazyfs.store.lease import Lease, LeaseConflict, held_when_free
 from lazyfs.store.local import LocalStore
 from tests.conftest import lazyfs_cli
 
@@ -77,6 +78,24 @@ def test_young_garbage_is_spared(two_images):
     assert report.blocks == [] and report.manifests == [] and report.spared_young > 0
 
 
+def test_old_blocks_a_young_manifest_reuses_are_spared(two_images, tmp_path):
+    """An image built a minute ago from old blocks, not tagged yet (a snapshot between its
+    record and its tag, an untagged build): its manifest is spared for its age, and so must be
+    every block it lists, however old."""
+    store, ra, rb = two_images
+    store._tag_path("gc/a", "1").unlink()
+    _age(store, 7200)
+    again = build(f"dir:{tmp_path / 'a'}", store)  # the same files: every block reused, untagged
+    assert _blocks(again) == _blocks(ra)
+    report = gc.collect_store(store, grace=3600)
+    assert report.blocks == [] and report.manifests == []
+    for c in (c for e in again.manifest.entries for c in e.chunks):
+        objects.fetch_block(store, c.digest, c.size)
+    objects.read_manifest_bytes(store, again.manifest.meta)  # its mount metadata too
+    _age(store, 7200)  # once old and still untagged, it all goes
+    assert set(gc.collect_store(store, grace=3600).blocks) == _blocks(ra) - _blocks(rb)
+
+
 def test_gc_refuses_beside_a_running_build_and_vice_versa(two_images, tmp_path):
     store, ra, rb = two_images
     with Lease(store, "build", conflicts=("gc",)):
@@ -85,6 +104,32 @@ def test_gc_refuses_beside_a_running_build_and_vice_versa(two_images, tmp_path):
     with Lease(store, "gc", conflicts=("build", "gc")):
         with pytest.raises(LeaseConflict, match="gc by pid"):
             build(f"dir:{_rootfs(tmp_path / 'c', {'x': b'y'})}", store, "gc/c:1")
+    assert store.list_leases() == []
+
+
+def test_a_snapshot_being_stored_waits_for_a_gc_instead_of_failing(two_images):
+    """What a snapshot stores was dumped already: it waits out a gc (held_when_free), and a gc
+    that comes later is refused while it stores."""
+    store, _, _ = two_images
+    said: list[str] = []
+    gc_lease = Lease(store, "gc", conflicts=("build", "gc"))
+    gc_lease.__enter__()
+    timer = threading.Timer(1.0, gc_lease.__exit__, (None, None, None))
+    timer.start()
+    try:
+        began = time.monotonic()
+        with held_when_free(store, "build", ("gc",), say=said.append, every=0.1):
+            waited = time.monotonic() - began
+            with pytest.raises(LeaseConflict):
+                gc.collect_store(store, grace=0)
+    finally:
+        timer.join()
+    assert waited >= 0.9 and len(said) == 1 and "gc by pid" in said[0]
+    assert store.list_leases() == []
+    with Lease(store, "gc", conflicts=("build", "gc")):
+        with pytest.raises(LeaseConflict, match="gc by pid"):
+            with held_when_free(store, "build", ("gc",), patience=0.3, every=0.1):
+                pass
     assert store.list_leases() == []
 
 

@@ -175,6 +175,15 @@ def _many_layers(reg: HostileRegistry, stack) -> list[str]:
     return []
 
 
+def _head_without_length(reg: HostileRegistry, stack) -> list[str]:
+    """The layer's HEAD says it is there but not how big (a proxy or CDN in front); its GET is
+    honest."""
+    path, data = _first_layer(reg)
+    reg.answers[path] = lambda h, head: h.stream(200, iter(()), {}, head=True) if head else \
+        h.send(200, data, {"Content-Type": "application/octet-stream"})
+    return []
+
+
 CASES: dict[str, Case] = {
     # --- the download's progress rule -------------------------------------------------------------
     "stalled-blob": Case(_answer_layer(lambda reg, data: reg.stall_after(data, 10)),
@@ -205,6 +214,7 @@ CASES: dict[str, Case] = {
                                                  "sending the registry's", check=_nothing_went_to_the_challenger),
     # --- accepted ---------------------------------------------------------------------------------
     "blob-redirected-to-another-host": Case(_redirect_elsewhere, None, check=_no_credentials_went_elsewhere),
+    "head-without-content-length": Case(_head_without_length, None),
     "gzip-bomb-512mib-of-zeros": Case(_bomb, None, seconds=30),
     "10000-layers": Case(_many_layers, None, seconds=45),
 }

@@ -59,6 +59,21 @@ def test_partly_read_then_completed_is_kernel_served_on_the_next_mount(image, tm
         assert s["reads"] == 0 and s["store"]["block_gets"] == 0  # the kernel served every byte
 
 
+def test_the_directories_the_kernel_serves_from_become_roots_alone(image, tmp_path, env_dirs):
+    """The kernel serves these files without hashing them: a cache directory made earlier by
+    someone else (a user's own mounts) is taken over before the kernel path uses it."""
+    cache = Path(env_dirs["LAZYFS_CACHE_DIR"])
+    for name in ("blocks", "objects"):
+        (cache / name).mkdir(parents=True, exist_ok=True)
+        os.chown(cache / name, 1000, 1000)
+        os.chmod(cache / name, 0o777)
+    with Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel") as mnt:
+        assert (mnt / "hello").read_text() == "hello\n"
+    for name in ("blocks", "objects"):
+        st = (cache / name).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o700), name
+
+
 def test_without_complete_a_partly_read_file_stays_partial(image, tmp_path):
     want = (image / "data" / "big.bin").read_bytes()
     m = Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel", "--readahead", "0",

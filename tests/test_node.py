@@ -2,6 +2,7 @@
 cap, start on demand, stale sockets, root only. Real mounts, real runs, real agent processes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -485,13 +486,20 @@ def test_a_run_the_agent_cannot_fork_is_logged_and_counted(node, tmp_path, env_d
     assert "1 on the slow path" in lazyfs_cli("node", "status").stdout
 
 
-def test_a_warm_run_does_not_wait_for_another_images_stalled_cold_mount(node, tmp_path, monkeypatch):
+def _warm_image_and_a_hole(tmp_path, monkeypatch) -> tuple[str, socket.socket]:
+    """An image mounted by the agent (kept a minute), and a cache server that accepts
+    connections and never answers."""
     monkeypatch.setenv("LAZYFS_NODE_IDLE", "60s")
     tag = _image(tmp_path, {"x": b"warm\n"})
-    lazyfs_cli(*RUN, tag, "--", "true")  # the agent is up and the image mounted
-    hole = socket.socket()  # a cache server that accepts connections and never answers
+    lazyfs_cli(*RUN, tag, "--", "true")
+    hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
-    hole.listen(64)
+    hole.listen(128)
+    return tag, hole
+
+
+def test_a_warm_run_does_not_wait_for_another_images_stalled_cold_mount(node, tmp_path, monkeypatch):
+    tag, hole = _warm_image_and_a_hole(tmp_path, monkeypatch)
     stalled = _cli(*RUN, "--server", f"http://127.0.0.1:{hole.getsockname()[1]}", "--deadline", "60s",
                    "elsewhere/app:1", "--", "true")
     try:
@@ -507,6 +515,41 @@ def test_a_warm_run_does_not_wait_for_another_images_stalled_cold_mount(node, tm
         stalled.kill()
         stalled.wait()
         hole.close()  # the agent's stalled request fails now, not at its deadline
+
+
+def test_many_requests_waiting_on_one_stalled_image_leave_room_for_a_warm_run(node, tmp_path, monkeypatch):
+    """Forty pods of one image whose server stalls must not leave a warm run of another image
+    waiting in the agent's queue."""
+    tag, hole = _warm_image_and_a_hole(tmp_path, monkeypatch)
+    source = ["--server", f"http://127.0.0.1:{hole.getsockname()[1]}", "--deadline", "60"]
+    waiting: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            s = socket.socket(socket.AF_UNIX)
+            waiting.append(s)
+            s.connect(node["LAZYFS_NODE_SOCKET"])
+            s.sendall(json.dumps({"op": "acquire", "ref": "elsewhere/app:1", "source": source}).encode() + b"\n")
+        time.sleep(1.5)  # all forty are in the agent, waiting on the hole
+        started = time.monotonic()
+        r = lazyfs_cli(*RUN, tag, "--", "cat", "/data/x")
+        took = time.monotonic() - started
+        assert r.stdout == "warm\n"
+        assert took < 10.0, f"the warm run waited {took:.1f} s behind requests for a stalled image"
+        for s in waiting:  # (they were really still waiting all along)
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+        hole.setblocking(False)
+        asked = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                hole.accept()[0].close()
+                asked += 1
+        assert 1 <= asked <= 2, f"forty requests for one image asked its server {asked} times"
+    finally:
+        for s in waiting:
+            s.close()
+        hole.close()  # the agent's stalled requests fail now, not at their deadline
 
 
 @pytest.mark.parametrize("payload", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.cache.nodecache import NodeCache
-from lazyfs.errors import DigestMismatch, LazyfsError
+from lazyfs.errors import BlockFormatError, DigestMismatch, LazyfsError
 from lazyfs.format import block
 
 
@@ -193,6 +193,57 @@ def test_a_claim_nobody_releases_cannot_block_readers_forever(tmp_path, caplog):
     stuck.release()
     stuck.release()  # twice is harmless
     assert cache.read(digest, len(data), 4, 4) == data[4:8]
+
+
+def test_readers_of_a_stuck_batch_give_up_on_it_together_not_one_wait_each(tmp_path):
+    """A batch prefetch claimed ten blocks and hangs on its server: reading them one after
+    another waits about one claim_wait in all, not ten."""
+    blobs = dict(_blob(5000, seed=100 + i) for i in range(10))
+    origin = FakeOrigin(blobs)
+    cache = NodeCache(tmp_path, origin, claim_wait=0.5)
+    stuck = [cache.claim(d) for d in blobs]
+    started = time.monotonic()
+    for digest, data in blobs.items():
+        assert cache.read(digest, len(data), 0, 8) == data[:8]
+    took = time.monotonic() - started
+    assert 0.5 <= took < 2.5, f"{took:.1f} s"
+    for claim in stuck:
+        claim.release()
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["verified", "found-at-start"])
+def test_a_cached_block_that_cannot_be_read_is_dropped_and_fetched_again(tmp_path, caplog, fresh,
+                                                                        monkeypatch):
+    """Not a file any more (here a socket, which open() refuses with ENXIO, as a bad sector
+    refuses with EIO): the read fetches the block again, instead of failing on it for good."""
+    import socket
+    digest, data = _blob(30_000, seed=4)
+    origin = FakeOrigin({digest: data})
+    cache = NodeCache(tmp_path, origin)
+    assert cache.read(digest, len(data), 0, 10) == data[:10]
+    cache.flush()
+    path = cache.path(digest)
+    os.unlink(path)
+    monkeypatch.chdir(os.path.dirname(path))  # (a socket's path must be short)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.path.basename(path))
+        if fresh:
+            cache = NodeCache(tmp_path, origin)  # a daemon started since
+        assert cache.read(digest, len(data), 100, 10) == data[100:110]
+    assert len(origin.calls) == 2
+    assert "unreadable" in caplog.text if fresh else "cannot read cached block" in caplog.text
+    cache.flush()
+    assert Path(path).read_bytes() == data
+
+
+def test_a_manifest_giving_a_cached_block_another_size_gets_an_error_not_short_bytes(tmp_path):
+    digest, data = _blob(30_000, seed=5)
+    cache = NodeCache(tmp_path, FakeOrigin({digest: data}))
+    assert cache.read(digest, len(data), 0, 10) == data[:10]  # (in memory, then on disk)
+    for _ in range(2):
+        with pytest.raises(BlockFormatError, match="not the 40000"):
+            cache.read(digest, 40_000, 29_990, 20)
+        cache.flush()
 
 
 @pytest.mark.parametrize("how", ["in-place", "replaced", "touched"])

@@ -141,6 +141,21 @@ def test_a_block_that_cannot_be_had_is_eio_with_a_log_line(ops, caplog, error):
         assert _chunk(PARTS[1]).digest in caplog.text  # the log names the block
 
 
+def test_listing_a_directory_of_a_mount_whose_manifest_failed_is_eio(caplog):
+    """Kernel path: the daemon answers the mount before the manifest loads; if it never does,
+    listing a fan-out directory is EIO (a fault while listing, not fusepy's EINVAL)."""
+    from lazyfs.errors import StoreUnavailable
+    from lazyfs.fs.dataindex import DeferredIndex
+
+    def fails():
+        raise StoreUnavailable("the store went away")
+    o = LazyOps(DeferredIndex(fails), FakeCache({}))
+    with caplog.at_level(logging.ERROR), pytest.raises(FuseOSError) as info:
+        o("readdir", "/00", None)
+    assert info.value.errno == errno.EIO
+    assert "the store went away" in caplog.text
+
+
 def test_readdir_readlink_and_xattrs(ops):
     names = [n if isinstance(n, str) else n[0] for n in ops.readdir("/lib", None)]
     assert names == [".", "..", "big.so", "big-link", "sub", "link"]

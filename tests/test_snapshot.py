@@ -263,6 +263,22 @@ def test_corrupt_snapshot_block_falls_back_to_a_cold_start(image):
     assert r.returncode == 7
 
 
+def test_a_restore_that_cannot_make_its_workspace_starts_cold(image, monkeypatch):
+    """/run full or read-only: the restore cannot lay out its workspace, and starts cold."""
+    _without_the_agent(monkeypatch)  # (the restore runs in the mount namespace made here)
+    _snapshot("warm/py:1")
+    readonly_run = 'mkdir -p "$0" && mount -t tmpfs -o ro,size=64k lazyfs-test "$0" && exec "$@"'
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", readonly_run,
+                        str(MOUNT_BASE), sys.executable, "-m", "lazyfs.cli", "run", "--restore",
+                        "warm/py:1", "snap/py:1"], capture_output=True, text=True, timeout=300)
+    assert "restore of snapshot warm/py:1 failed" in r.stderr, r.stderr
+    assert "Read-only file system" in r.stderr, r.stderr
+    assert "starting snap/py:1 cold instead" in r.stderr
+    out = _lines(r.stdout)
+    assert out.get("warm") == ["5"] and out["continued"][:2] == ["0", "6"], (r.stdout, r.stderr)
+    assert r.returncode == 7
+
+
 def _lazy_big_block(image, snap) -> str:
     """A block of the pages file that lies wholly inside the 48 MiB bytearray's memory (the one
     lazy extent of that size), which the program reads only after the restore."""

@@ -3,6 +3,8 @@ removal, labels, filters, and the metadata surviving a restart (containerd's own
 the model: snapshots/testsuite)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lazyfs.errors import SnapshotConflict, SnapshotExists, SnapshotNotFound
@@ -93,6 +95,23 @@ def test_snapshots_survive_a_restart_and_cleanup_removes_orphans(tmp_path):
         assert (tmp_path / "root" / "snapshots" / str(again.stat("a").id)).is_dir()
     finally:
         again.close()
+
+
+def test_cleanup_beside_a_prepare_leaves_the_new_snapshot_whole(snaps, monkeypatch):
+    """containerd calls Cleanup without holding its own lock: a Prepare may run between its
+    reading the snapshots and its listing their directories."""
+    real_all = snaps.meta.all
+    meanwhile = []
+
+    def all_then_a_prepare():
+        rows = list(real_all())
+        if not meanwhile:
+            meanwhile.append(snaps.prepare("new", "", {}))
+        return rows
+    monkeypatch.setattr(snaps.meta, "all", all_then_a_prepare)
+    assert snaps.cleanup() == []
+    monkeypatch.undo()
+    assert meanwhile and os.path.isdir(_fs(meanwhile[0]))
 
 
 def test_a_chain_label_without_a_store_is_an_ordinary_unpack(snaps):

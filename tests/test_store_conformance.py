@@ -59,8 +59,9 @@ def test_missing_objects_raise_typed_errors(any_store):
     assert exc.value.digest == digest
     with pytest.raises(ManifestNotFound):
         any_store.get_manifest(digest)
-    with pytest.raises(TagNotFound):
+    with pytest.raises(TagNotFound) as missing:
         any_store.get_tag("nothing", "here")
+    assert str(missing.value).startswith(f"image nothing:here not found in store {any_store.url} ")
 
 
 def test_invalid_digests_are_refused(any_store):

@@ -254,15 +254,16 @@ class Registry:
         media = (resp.headers.get("Content-Type") or "").split(";")[0].strip() or None
         return data, media, actual
 
-    def blob_size(self, digest: str) -> int | None:
-        """The blob's size from a HEAD, or None if the registry has no such blob."""
+    def blob_head(self, digest: str) -> tuple[bool, int | None]:
+        """Whether the registry has the blob, and its size where the HEAD said it (a proxy or a
+        CDN may leave Content-Length out; the download is then held to the descriptor's)."""
         resp = self.request("HEAD", f"/v2/{self.ref.repo}/blobs/{digest}")
         resp.read(1)  # closes the answer, so its connection can carry the next request
         resp.release_conn()
         if resp.status == 404:
-            return None
+            return False, None
         length = resp.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
+        return True, int(length) if length and length.isdigit() else None
 
     def blob(self, digest: str, size: int | None = None) -> "BlobReader":
         """The blob to stream; ``size`` is the size its descriptor declares, which the download is

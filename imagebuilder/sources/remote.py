@@ -26,7 +26,7 @@ class RegistryBlobs(BlobSource):
     def __init__(self, registry: Registry):
         self.registry = registry
         self.label = f"docker://{registry.ref.host}/{registry.ref.repo}"
-        self.sizes: dict[str, int | None] = {}
+        self.heads: dict[str, tuple[bool, int | None]] = {}  # digest → (found, size) from a HEAD
 
     @staticmethod
     def _digest(name: str) -> str:
@@ -37,13 +37,13 @@ class RegistryBlobs(BlobSource):
 
     def exists(self, name: str) -> bool:
         digest = self._digest(name)
-        if digest not in self.sizes:
-            self.sizes[digest] = self.registry.blob_size(digest)
-        return self.sizes[digest] is not None
+        if digest not in self.heads:
+            self.heads[digest] = self.registry.blob_head(digest)
+        return self.heads[digest][0]
 
     def size(self, name: str) -> int | None:
         """What the registry's HEAD said (Content-Length), once exists() has asked."""
-        return self.sizes.get(self._digest(name))
+        return self.heads.get(self._digest(name), (False, None))[1]
 
     def open(self, name: str, size: int | None = None) -> BlobReader:
         return self.registry.blob(self._digest(name), size)

@@ -40,17 +40,18 @@ class CacheDisk:
     def refusing(self) -> bool:
         return self._refused_at is not None
 
-    def write(self, path: str, data: bytes, drop: bool = False) -> bool:
-        """Write a block's file; False if the disk refuses (said once per outage)."""
+    def write(self, path: str, data: bytes, drop: bool = False) -> Identity | None:
+        """Write a block's file: the identity of the file written; None if the disk refuses
+        (said once per outage)."""
         refused_at = self._refused_at
         if refused_at is not None and time.monotonic() - refused_at < DISK_RETRY:
-            return False
+            return None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Durable: a power cut must not leave a torn block under its name.
             with self.room(len(data)) as rename:
-                atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
-                             drop_pages=drop, rename=rename)
+                written = atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
+                                       drop_pages=drop, rename=rename)
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so
@@ -60,13 +61,13 @@ class CacheDisk:
                 log.error("cache: cannot write blocks to %s (%s); serving them from memory (up to "
                           "%d MiB, the most used kept) and trying the disk again every %.0f s",
                           self.root, exc.strerror, self.memory_capacity >> 20, DISK_RETRY)
-            return False
+            return None
         if refused_at is not None:
             with self._lock:
                 back, self._refused_at = self._refused_at is not None, None
             if back:
                 log.warning("cache: writing blocks to %s again", self.root)
-        return True
+        return identity(written)
 
     def check(self, path: str, digest: str, size: int) -> Identity | None:
         """The file's identity if it holds the block, else None (a damaged file is dropped)."""
@@ -74,14 +75,24 @@ class CacheDisk:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # unreadable (a bad sector, not a file): as good as damaged
+            log.error("cache: dropping unreadable cached block %s (%s: %s)", digest, path, exc)
+            self.drop(path)
+            return None
         try:
-            if holds(fd, digest, size):
+            before = identity(os.fstat(fd))
+            # (a file written while it was hashed is not the file that was hashed: not kept)
+            if holds(fd, digest, size) and identity(os.fstat(fd)) == before:
                 try:
                     os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
                 except OSError:
                     pass
                 return identity(os.fstat(fd))  # after utime, which moves the change time
             on_disk = os.fstat(fd).st_size
+        except OSError as exc:  # its bytes cannot be read back
+            log.error("cache: dropping unreadable cached block %s (%s: %s)", digest, path, exc)
+            self.drop(path)
+            return None
         finally:
             os.close(fd)
         log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",

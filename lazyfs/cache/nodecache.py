@@ -102,7 +102,7 @@ class NodeCache:
         # time): a file changed since (its ctime moved; no user-space write can keep it) is
         # verified again before a byte of it is served (docs/security.md).
         self._verified: dict[str, tuple[int, int, int]] = {}
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[str, _Loading] = {}
         self._lock = threading.Lock()
         # Verified blocks on their way to disk (behind their reads, or held): served from there.
         self._landing = Landing(self._lock, self._write, self._keep)
@@ -144,8 +144,11 @@ class NodeCache:
             # Another thread is fetching this digest; then re-check. Its fetch is bounded by the
             # source's deadline, so a wait past claim_wait means a claim nobody will release:
             # fetch it here rather than wait forever.
+            # Until claim_wait after the claim was taken, not after this reader came: the other
+            # blocks of a batch stuck on one server were claimed with it, and their readers then
+            # give up on it together instead of one claim_wait each.
             t0 = time.monotonic()
-            arrived = waiter.wait(self.claim_wait)
+            arrived = waiter.wait(max(0.0, waiter.since + self.claim_wait - t0))
             self.stats.add(waits=1, wait_us=int((time.monotonic() - t0) * 1e6))
             if not arrived:
                 log.warning("cache: block %s has been loading elsewhere for %.0f s; fetching it "
@@ -181,7 +184,7 @@ class NodeCache:
                 return data, None
             waiter = self._inflight.get(digest)
             if waiter is None:
-                self._inflight[digest] = threading.Event()
+                self._inflight[digest] = _Loading()
             return None, waiter
 
     def claim(self, digest: str) -> "Claim | None":
@@ -255,14 +258,12 @@ class NodeCache:
         """Write a verified block; its path, or its bytes if the disk refused it (then held in
         memory, bounded)."""
         path = self.path(digest)
-        if self._disk.write(path, data, drop=digest in self.drop_after_write):
-            try:
-                known = identity(os.stat(path))
-            except OSError:
-                known = None  # gone already (evicted by another process): read() refetches
-            if known is not None:
-                with self._lock:
-                    self._verified[digest] = known
+        # The identity of the file written, not of whatever is at its name by now: a file put
+        # there since is hashed again before a read trusts it (read, _reverify).
+        known = self._disk.write(path, data, drop=digest in self.drop_after_write)
+        if known is not None:
+            with self._lock:
+                self._verified[digest] = known
             return path
         self._keep(digest, data)
         return data
@@ -317,6 +318,7 @@ class NodeCache:
         for _ in range(3):
             where = self.locate(digest, size)
             if isinstance(where, bytes):
+                _same_size(digest, len(where), size)
                 return where[offset:offset + length]
             try:
                 fd = os.open(where, os.O_RDONLY)
@@ -325,21 +327,46 @@ class NodeCache:
                 with self._lock:
                     self._verified.pop(digest, None)
                 continue
+            except OSError as exc:  # unreadable now (a bad sector, not a file any more): refetch
+                self._unreadable(where, digest, exc)
+                continue
             try:
-                if identity(os.fstat(fd)) != self._verified.get(digest) and \
+                st = os.fstat(fd)
+                if identity(st) != self._verified.get(digest) and \
                         not self._reverify(fd, where, digest, size):
                     continue  # changed on disk and wrong now: dropped, fetched again
-                return os.pread(fd, length, offset)
+                _same_size(digest, st.st_size, size)
+                got = os.pread(fd, length, offset)
+                if identity(os.fstat(fd)) == identity(st):  # (not written while it was read)
+                    return got
+                with self._lock:  # hashed again, or dropped, on the next turn
+                    self._verified[digest] = None
+                continue
+            except OSError as exc:
+                self._unreadable(where, digest, exc)
             finally:
                 os.close(fd)
         raise StoreUnavailable(f"node cache {self.root}: block {digest} keeps disappearing")
 
+    def _unreadable(self, path: str, digest: str, exc: OSError) -> None:
+        """A cached block that cannot be read any more is dropped like a damaged one, so the
+        read fetches it again rather than fail on it for good."""
+        log.error("cache: cannot read cached block %s (%s: %s); dropping it and fetching it again",
+                  digest, path, exc)
+        with self._lock:
+            self._verified.pop(digest, None)
+        try:
+            self._disk.drop(path)
+        except OSError as again:  # (the next write of it replaces it by rename anyway)
+            log.error("cache: cannot drop %s: %s", path, again)
+
     def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
         to it): hash it again; keep it if it is still the block, else drop it."""
-        if holds(fd, digest, size):
+        before = identity(os.fstat(fd))
+        if holds(fd, digest, size) and identity(os.fstat(fd)) == before:  # (not written meanwhile)
             with self._lock:
-                self._verified[digest] = identity(os.fstat(fd))
+                self._verified[digest] = before
             return True
         log.error("cache: block %s changed on disk after it was verified (%s); dropping it and "
                   "fetching it again", digest, path)
@@ -348,3 +375,17 @@ class NodeCache:
         self._disk.drop(path)
         return False
 
+
+class _Loading(threading.Event):
+    """Set when the block's loader is done with it; ``since``: when it claimed it."""
+
+    def __init__(self):
+        super().__init__()
+        self.since = time.monotonic()
+
+
+def _same_size(digest: str, actual: int, expected: int) -> None:
+    """The block this digest names is ``actual`` bytes; a manifest giving it another size is
+    wrong, and its reads would come back short or shifted: refused instead (EIO)."""
+    if actual != expected:
+        raise BlockFormatError(f"is {actual} bytes, not the {expected} the manifest says", digest)

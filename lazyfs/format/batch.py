@@ -9,6 +9,7 @@ The header line is ASCII and at most MAX_HEADER bytes, so a reader never buffers
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from lazyfs.errors import FormatError
@@ -20,6 +21,7 @@ MEDIA_TYPE = "application/vnd.lazyfs.blocks.v1"
 MAX_HEADER = 100
 MAX_DIGESTS = 1024
 STATUSES = (200, 404, 502)
+_HEADER = re.compile(rb"(sha256:[0-9a-f]{64}) ([0-9]{3}) (0|[1-9][0-9]{0,11})")
 
 
 class RecordHeader(NamedTuple):
@@ -35,10 +37,14 @@ def encode_header(digest: str, status: int, length: int) -> bytes:
 @total("batch record header")
 def decode_header(line: bytes) -> RecordHeader:
     """Parse one header line (with or without its LF); raises FormatError on anything odd."""
+    # Exactly the spelling encode_header writes (int() would also take "+2_00", " 7" or "7\r").
+    m = _HEADER.fullmatch(line.removesuffix(b"\n"))
+    if m is None:
+        raise FormatError(f"malformed batch record header {line[:MAX_HEADER]!r}")
+    digest, status, length = m.group(1).decode(), int(m.group(2)), int(m.group(3))
     try:
-        digest, status, length = line.rstrip(b"\n").decode("ascii").split(" ")
-        header = RecordHeader(digests.validate(digest), int(status), int(length))
-    except (ValueError, UnicodeDecodeError):
+        header = RecordHeader(digests.validate(digest), status, length)
+    except ValueError:
         raise FormatError(f"malformed batch record header {line[:MAX_HEADER]!r}") from None
     if header.status not in STATUSES or not 0 <= header.length <= MAX_FRAME_SIZE:
         raise FormatError(f"batch record header out of range: {line[:MAX_HEADER]!r}")

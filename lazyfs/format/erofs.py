@@ -159,12 +159,19 @@ def _node(e: Entry, nlink: int, ino: int, kids: list | None) -> _Node:
     return _Node(e, nlink, ino, layout, body, tail, data, i_u)
 
 
+_MAX_CHUNK_BITS = 31  # chunk bits - 12, as i_u holds them
+
+
 def _check(e: Entry) -> None:
     if e.type == EntryType.CHR and e.rdev == (0, 0):
         raise KernelLayoutUnsupported(f"{e.path!r} is a character device 0:0, which overlayfs "
                                       "reads as a whiteout")
     if e.rdev[0] >= 1 << 12 or e.rdev[1] >= 1 << 20:
         raise KernelLayoutUnsupported(f"{e.path!r}: device number {e.rdev} beyond 12:20 bits")
+    if e.type == EntryType.REG and e.size > 1 << (BLOCK_BITS + _MAX_CHUNK_BITS):
+        # One chunk per file, its size in the low 5 bits of i_u (EROFS_CHUNK_FORMAT_BLKBITS_MASK):
+        # past 8 TiB the next bit would read as the chunk-indexes flag.
+        raise KernelLayoutUnsupported(f"{e.path!r}: {e.size} bytes, more than one EROFS chunk holds")
 
 
 def _xattr_item(key: bytes, value: bytes) -> bytes | None:

@@ -20,6 +20,8 @@ from lazyfs.format.guard import total
 MAGIC = b"LZFSMANI"
 VERSION = 1
 MAX_NAME = 255
+MAX_DEPTH = 256  # components of a path: deeper than kernels address (and each path is kept whole)
+MAX_PATH = 4096  # bytes of a path (PATH_MAX)
 MAX_SYMLINK = 4095
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 65536
@@ -170,6 +172,9 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         if parent is None or entries[parent].type != EntryType.DIR:
             raise ManifestFormatError(f"{e.path!r}: parent is not a directory in the manifest")
         _check_name(name)
+        if e.path.count(b"/") >= MAX_DEPTH or len(e.path) > MAX_PATH:
+            raise ManifestFormatError(f"{e.path[:64]!r}...: deeper than {MAX_DEPTH} levels or longer "
+                                      f"than {MAX_PATH} bytes")
     out += _HEAD.pack(parent, len(name)) + name + _U8.pack(int(e.type))
     if e.type == EntryType.HARDLINK:
         target = index.get(e.link)
@@ -349,6 +354,11 @@ def _decode(data: bytes) -> Manifest:
             if key <= keys[-1]:
                 raise ManifestFormatError(f"entry {b'/'.join(key)!r} out of canonical order or duplicated")
             path = b"/".join(key)
+            # (each entry keeps its whole path: without these, a chain of directories would cost
+            # memory growing with the square of its length)
+            if len(key) > MAX_DEPTH or len(path) > MAX_PATH:
+                raise ManifestFormatError(f"entry {path[:64]!r}...: deeper than {MAX_DEPTH} levels or "
+                                          f"longer than {MAX_PATH} bytes")
         if etype == HARDLINK:
             (target,) = u32(buf, pos)
             pos += 4

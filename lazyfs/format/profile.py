@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.block import MAX_BLOCK_SIZE
 from lazyfs.format.guard import total
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSPROF\x01\n"
 TAG_NAME = "lazyfs-profile"
 MAX_BLOCKS = 1_000_000
+MAX_COUNT = (1 << 31) - 1  # starts that touched a block, in a merged profile
+MAX_T = 1e9  # seconds from a mount's start to a block's first read
 # What one start may contribute, and what a merged profile keeps (docs/format.md §9).
 MAX_CONTRIBUTION = 65_536
 MAX_MERGED_BLOCKS = 65_536
@@ -105,13 +108,18 @@ def decode(data: bytes) -> Profile:
         d = digests.validate(d)
         if d in seen:
             raise ManifestFormatError(f"profile lists block {d} twice")
-        if int(n) < 0 or not float(t) >= 0 or int(count) < 1:
-            raise ManifestFormatError(f"profile entry for {d} has a negative size or time, or no count")
+        # Whole numbers and finite times only: a merge adds and averages them, and encodes the
+        # result again (an infinity or a 400-digit count would fail there, on a cache server).
+        if not (_whole(n) and n <= MAX_BLOCK_SIZE and _whole(count) and 1 <= count <= MAX_COUNT
+                and isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= MAX_T):
+            raise ManifestFormatError(f"profile entry for {d}: size must be 0 to {MAX_BLOCK_SIZE}, "
+                                      f"time 0 to {MAX_T:g} s, count 1 to {MAX_COUNT}")
         seen.add(d)
-        blocks.append(ProfileBlock(d, int(n), float(t), int(count)))
+        blocks.append(ProfileBlock(d, n, float(t), count))
     meta = body.get("meta", {})
     if not isinstance(meta, dict):
         raise ManifestFormatError("profile meta is not an object")
+    canonical_json(meta)  # (NaN or Infinity in it: ValueError, a format error here)
     return Profile(digests.validate(body["image"]), tuple(blocks), meta)
 
 
@@ -142,3 +150,7 @@ def merge(old: Profile | None, new: Profile, max_blocks: int = MAX_MERGED_BLOCKS
     starts = meta.get("starts")
     meta["starts"] = (starts if isinstance(starts, int) and starts > 0 else 0) + 1
     return Profile(new.image, tuple(kept), meta)
+
+
+def _whole(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0

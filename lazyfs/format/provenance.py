@@ -59,7 +59,7 @@ def _check_source(source) -> dict:
     if not isinstance(source, dict) or not set(source) <= set(FIELDS):
         raise ManifestFormatError(f"provenance source must be an object with keys from {FIELDS}")
     for key, value in source.items():
-        if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+        if not isinstance(value, str) or not value or len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT:
             raise ManifestFormatError(f"provenance source {key!r} must be a non-empty string")
         if key in DIGEST_FIELDS:
             digests.validate(value)
@@ -77,6 +77,8 @@ def decode(data: bytes) -> Provenance:
     if not is_provenance(data):
         raise ManifestFormatError("not a lazyfs provenance record (bad magic)")
     body = json.loads(data[len(MAGIC):])
+    if canonical_json(body) != data[len(MAGIC):]:  # one record, one spelling, one digest
+        raise ManifestFormatError("provenance record is not canonical JSON")
     meta = body.get("meta", {})
     if not isinstance(meta, dict):
         raise ManifestFormatError("provenance meta is not an object")

@@ -8,15 +8,21 @@ process ran on, and lists each file of the snapshot as blocks.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
+from lazyfs.format.block import MAX_BLOCK_SIZE
 from lazyfs.format.guard import total
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSSNAP\x01\n"
 MAX_FILES = 100_000
+# Where snapshot runs keep their workspaces; a restore makes and binds the snapshot's own path
+# as root, so a manifest may name nothing else.
+MOUNT_ROOT = "/run/lazyfs/snap"
+_MOUNT_PATH = re.compile(re.escape(MOUNT_ROOT) + r"/[0-9a-z][0-9a-z-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -55,16 +61,42 @@ def decode(data: bytes) -> Snapshot:
     if not is_snapshot(data):
         raise ManifestFormatError("not a lazyfs snapshot manifest (bad magic)")
     body = json.loads(data[len(MAGIC):])
-    files = []
-    for f in body["files"]:
-        chunks = tuple((digests.validate(d), int(n)) for d, n in f["chunks"])
-        name = str(f["name"])
-        if name.startswith("/") or ".." in name.split("/") or not name:
-            raise ManifestFormatError(f"snapshot file name {name!r} is not a safe relative path")
-        if sum(n for _, n in chunks) != int(f["size"]) or any(n < 0 for _, n in chunks):
-            raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
-        files.append(SnapFile(name, int(f["size"]), chunks))
-    if len(files) > MAX_FILES:
+    # One snapshot, one spelling, one digest: duplicate keys, spaces, NaN or Infinity are refused.
+    if canonical_json(body) != data[len(MAGIC):]:
+        raise ManifestFormatError("snapshot manifest is not canonical JSON")
+    if len(body["files"]) > MAX_FILES:
         raise ManifestFormatError("snapshot lists too many files")
-    return Snapshot(digests.validate(body["image"]), str(body["mount_path"]), tuple(files),
-                    float(body.get("created", 0.0)), dict(body.get("meta", {})))
+    files = [_file(f) for f in body["files"]]
+    names = [f.name for f in files]
+    if any(a >= b for a, b in zip(names, names[1:])):
+        raise ManifestFormatError("snapshot files are not sorted by name, or a name repeats")
+    mount_path = body["mount_path"]
+    if not isinstance(mount_path, str) or not _MOUNT_PATH.fullmatch(mount_path):
+        raise ManifestFormatError(f"snapshot mount_path {str(mount_path)[:100]!r} is not a "
+                                  f"workspace under {MOUNT_ROOT}/")
+    created, meta = body.get("created", 0.0), body.get("meta", {})
+    if not _number(created) or not isinstance(meta, dict):
+        raise ManifestFormatError("snapshot created must be a number and meta an object")
+    return Snapshot(digests.validate(body["image"]), mount_path, tuple(files), float(created), meta)
+
+
+def _file(f: dict) -> SnapFile:
+    name, size = f["name"], f["size"]
+    if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name or \
+            any(part in ("", ".", "..") for part in name.split("/")):
+        raise ManifestFormatError(f"snapshot file name {str(name)[:100]!r} is not a safe relative path")
+    chunks = tuple((digests.validate(d), n) for d, n in f["chunks"])
+    if not _count(size) or not all(_count(n) and 0 < n <= MAX_BLOCK_SIZE for _, n in chunks):
+        raise ManifestFormatError(f"snapshot file {name!r}: sizes must be whole numbers, chunks "
+                                  f"of 1 to {MAX_BLOCK_SIZE} bytes")
+    if sum(n for _, n in chunks) != size:
+        raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
+    return SnapFile(name, size, chunks)
+
+
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -3,6 +3,7 @@ kernel sent the mount, which startup profiles and working sets are made from. Pu
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterable, NamedTuple
 
 from lazyfs.errors import FormatError
@@ -25,10 +26,13 @@ def encode(read: Read) -> str:
 @total("read trace line")
 def decode(line: str) -> Read:
     r = json.loads(line)
-    read = Read(float(r["t"]), str(r["path"]), int(r["offset"]), int(r["size"]))
-    if read.t < 0 or read.offset < 0 or read.size < 0:
-        raise FormatError(f"read trace line has a negative time, offset or size: {line[:200]!r}")
-    return read
+    t, path, offset, size = r["t"], r["path"], r["offset"], r["size"]
+    # The types as written, nothing coerced: NaN, "inf", 1.9 or true are not a read.
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+            and isinstance(path, str) and path.startswith("/")
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, size))):
+        raise FormatError(f"read trace line is not [t ≥ 0, /path, offset ≥ 0, size ≥ 0]: {line[:200]!r}")
+    return Read(float(t), path, offset, size)
 
 
 def decode_all(lines: Iterable[str]) -> list[Read]:

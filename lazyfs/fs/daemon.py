@@ -65,7 +65,7 @@ def serve(args: DaemonArgs) -> None:
     """Run the FUSE filesystem in this process until unmounted."""
     from fuse import FUSE
 
-    from lazyfs.cache.nodecache import NodeCache
+    from lazyfs.cache.nodecache import CLAIM_WAIT, NodeCache
     from lazyfs.cache.prefetcher import fetch_missing
     from lazyfs.proc.syscalls import cached_pages
     from lazyfs.fs.fuseops import CODEC, LazyOps
@@ -73,7 +73,10 @@ def serve(args: DaemonArgs) -> None:
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
     ready_fd, trace = args.ready_fd, args.trace
     reader = source.open()
-    cache = NodeCache(cache_dir, reader.fetch_block, cap_bytes=args.cache_size)
+    # A claimed block (a batch prefetch fetching it) is waited for as long as two of the
+    # source's deadlines; past that its batch is stuck, and its readers fetch for themselves.
+    cache = NodeCache(cache_dir, reader.fetch_block, cap_bytes=args.cache_size,
+                      claim_wait=min(CLAIM_WAIT, max(10.0, 2 * source.deadline)))
     prefetch: list = []  # the startup profile's Prefetcher (or None), once the manifest is in
     auto = None
     # A run's mount learns its workload's profile and hands it to its cache servers; a plain

@@ -104,15 +104,17 @@ class LazyOps(Operations):
         return self.index.stat(self._inode(path))
 
     def readdir(self, path, fh):
+        # A list, not a generator: a fault while listing must reach __call__ (EIO), not fusepy's
+        # iteration of it (EINVAL).
         inode = self._inode(path)
         if inode.entry.type != EntryType.DIR:
             raise FuseOSError(errno.ENOTDIR)
-        yield "."
-        yield ".."
+        listing: list = [".", ".."]
         for name, child in self.index.listdir(inode):
             st = self.index.stat(child)
-            yield name.decode("utf-8", "surrogateescape"), {
-                "st_ino": st["st_ino"], "st_mode": st["st_mode"]}, 0
+            listing.append((name.decode("utf-8", "surrogateescape"),
+                            {"st_ino": st["st_ino"], "st_mode": st["st_mode"]}, 0))
+        return listing
 
     def readlink(self, path):
         inode = self._inode(path)

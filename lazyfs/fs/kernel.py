@@ -77,8 +77,10 @@ def mount(lay: Layout, target: str) -> None:
     """Mount the metadata image and the overlay on ``target``; on failure nothing stays mounted."""
     lay.meta.mkdir(parents=True, exist_ok=True)
     for d in (*lay.locals, lay.image.parent):
-        # The kernel serves these files unhashed (docs/security.md): only root may change them.
+        # The kernel serves these files unhashed (docs/security.md): only root may change them,
+        # whoever made the directories first (a cache directory shared with a user's mounts).
         d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, 0, 0)
         os.chmod(d, 0o700)
     mount_one(str(lay.image), str(lay.meta), "erofs", sc.MS_RDONLY | sc.MS_NODEV, None)
     try:

@@ -36,6 +36,7 @@ from lazyfs.cache.ledger import RECONCILE_EVERY
 from lazyfs.errors import LazyfsError, NodeError
 from lazyfs.fs import mounts
 from lazyfs.node import listen, table, wire
+from lazyfs.node.flight import Flights
 from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics, RunCounts, SnapshotCounts
 from lazyfs.node.recent import RecentManifests
@@ -44,7 +45,11 @@ from lazyfs.node.table import Shared
 
 log = logging.getLogger("lazyfs.node")
 TICK = 0.5  # seconds between checks of leases, dead mounts and the cache cap
-WORKERS = 32  # requests answered at once (mounts, runs, status); more wait in the pool's queue
+# Requests answered at once (mounts, runs, status); more wait in the pool's queue. A request
+# waiting on another's work (one image's mount, its tag lookup) holds a thread, so there are
+# threads for every pod a node runs (Kubernetes' max-pods is 110 by default); the pool starts
+# them only as requests need them, and one that waits costs a stack, not a place in the queue.
+WORKERS = 256
 # Answered on the loop's thread, never queued behind slow requests: each takes the lock briefly.
 INLINE_OPS = frozenset({"hello", "release", "unbind", "handoff", "snapshotter"})
 SHUTDOWN_WAIT = 5.0  # seconds a stopping agent lets requests in progress finish
@@ -85,6 +90,7 @@ class Agent:
         self.trimming = False
         self.lock = threading.RLock()
         self.mounting: dict[str, threading.Event] = {}  # shared key → set when its mount is done
+        self.resolving = Flights(self.unlocked)  # (source, ref) → its digest and config, once
         self.runs = RunCounts()
         self.snapshots = SnapshotCounts()
         self.forker = ForkServer(str(paths.node_dir() / "agent.log"))

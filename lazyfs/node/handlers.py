@@ -82,13 +82,18 @@ def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
     when this fails: other requests may be using it, and its clients drop broken connections
     themselves)."""
     reader = _reader(agent, source)
-    with agent.unlocked():
+
+    def fetch() -> tuple[str, dict]:  # (without the lock)
         digest = objects.resolve(reader, ref)
         config = agent.configs.get(digest)
         if config is None:
             raw = objects.read_manifest_bytes(reader, digest)
             config = mf.decode_config(raw)
             agent.manifests.put(digest, raw)  # for the daemon that mounts it (no second fetch)
+        return digest, config
+
+    # Requests for one image at once (pods of one cold image) ask the server once.
+    digest, config = agent.resolving.do((tuple(source.args()), ref), fetch)
     agent.configs[digest] = config
     return digest, config
 

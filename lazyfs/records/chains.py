@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lazyfs.errors import NotFound
 from lazyfs.format import chain as chainfmt
+from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
 
@@ -23,6 +24,10 @@ def find(source, chain_id: str) -> str | None:
     """The manifest digest of the lazyfs image holding exactly ``chain_id``'s content, or None
     if the store has none (``source``: a BlockStore or a BlockSource)."""
     try:
-        return source.get_tag(*chainfmt.tag_for(chain_id))
+        digest = source.get_tag(*chainfmt.tag_for(chain_id))
+        # The tag alone is not enough: a pull told the layer is there skips its download for
+        # good, so the image it names must be readable now (not swept, not half-published).
+        objects.read_manifest_bytes(source, digest)
     except NotFound:
         return None
+    return digest

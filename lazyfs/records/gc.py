@@ -10,6 +10,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+from lazyfs.errors import NotFound
 from lazyfs.format import kinds, manifest as mf
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
@@ -36,16 +37,23 @@ class GcReport:
                 "spared_young": self.spared_young, "stale_leases_removed": self.stale_leases}
 
 
-def mark(store: BlockStore) -> tuple[set[str], set[str]]:
+def mark(store: BlockStore, young: set[str] = frozenset()) -> tuple[set[str], set[str]]:
     """Manifests reachable from tags (images, snapshots and the images snapshots pin, startup
-    profiles, provenance records), and the blocks images and snapshots reference."""
-    todo = {digest for _, _, digest in store.list_tags()}
+    profiles, provenance records), and the blocks images and snapshots reference. ``young``:
+    manifests spared for their age, whose blocks must then be spared too, however old (a build
+    reuses old blocks; a snapshot is stored before its tag is written)."""
+    todo = {digest for _, _, digest in store.list_tags()} | set(young)
     manifests: set[str] = set()
     blocks: set[str] = set()
     while todo:
         digest = todo.pop()
         manifests.add(digest)
-        data = objects.read_manifest_bytes(store, digest)
+        try:
+            data = objects.read_manifest_bytes(store, digest)
+        except NotFound:
+            if digest in young:  # (deleted since it was listed: nothing of it to spare)
+                continue
+            raise
         what = kinds.kind(data)
         if what == kinds.SNAPSHOT:
             snap = snapfmt.decode(data)
@@ -69,11 +77,14 @@ def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = Fals
     # A dry run changes nothing, a lease included (a build beside it may make its report stale).
     with contextlib.nullcontext() if dry_run else Lease(store, "gc", conflicts=("build", "gc")):
         now = now if now is not None else time.time()
-        live_m, live_b = mark(store)
-        report.live_manifests, report.live_blocks = len(live_m), len(live_b)
         cutoff = now - grace
+        listed = list(store.list_manifests())
+        young = {info.digest for info in listed if info.mtime > cutoff}
+        live_m, live_b = mark(store, young)
+        report.live_manifests, report.live_blocks = len(live_m), len(live_b)
         # Manifests first: a block is only ever garbage once nothing that lists it survives.
-        _sweep(store.list_manifests(), live_m, cutoff, report, report.manifests,
+        # (Young ones are spared by their age, and counted so.)
+        _sweep(listed, live_m - young, cutoff, report, report.manifests,
                None if dry_run else store.delete_manifest)
         _sweep(store.list_blocks(), live_b, cutoff, report, report.blocks,
                None if dry_run else store.delete_block)

@@ -119,10 +119,14 @@ class Snapshotter:
         return size, inodes
 
     def cleanup(self) -> list[str]:
-        """Remove directories no snapshot owns (left by a crash during a remove or prepare)."""
+        """Remove directories no snapshot owns (left by a crash during a remove or prepare).
+        containerd calls this beside other requests: the directories are listed before the
+        rows are read, so a prepare in between (its row written, then its directory made) has
+        its directory either unlisted or owned by a row that is read."""
+        listed = list(os.scandir(self.root / "snapshots"))
         known = {str(i.id) for i in self.meta.all()}
         gone = []
-        for entry in os.scandir(self.root / "snapshots"):
+        for entry in listed:
             if entry.name not in known:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 gone.append(entry.name)

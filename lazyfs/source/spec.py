@@ -29,7 +29,8 @@ class Source:
             origin = open_store(self.store) if self.store else None
             return Fleet(list(self.servers), origin, token=paths.default_token(),
                          options=FleetOptions(hedge_after=self.hedge_after, deadline=self.deadline))
-        return StoreReader(open_store(self.store))
+        # (a local store cannot hang on a server: its reads go without the deadline's thread hop)
+        return StoreReader(open_store(self.store), deadline=self.deadline if self.remote() else None)
 
     def publish_target(self) -> str | None:
         """The store spec a node writes what it made (snapshots, working sets) to: the origin

@@ -204,7 +204,7 @@ class HttpStore:
         return "/v1/tags/" + quote(f"{ref.name}:{ref.tag}", safe="/:")
 
     def get_tag(self, name: str, tag: str) -> str:
-        value = self._get(self._tag_path(name, tag), 200, TagNotFound(f"{name}:{tag}"))
+        value = self._get(self._tag_path(name, tag), 200, TagNotFound(f"{name}:{tag}", self.url))
         return digests.validate(value.decode("ascii", "replace").strip())
 
     def put_tag(self, name: str, tag: str, digest: str) -> None:

@@ -14,7 +14,9 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from lazyfs.errors import StoreError
 from lazyfs.store.base import BlockStore
@@ -113,3 +115,29 @@ class Lease:
         if self._thread:
             self._thread.join(timeout=5)
         self.store.delete_lease(self.name)
+
+
+@contextmanager
+def held_when_free(store: BlockStore, kind: str, conflicts: tuple[str, ...], patience: float = LEASE_TTL,
+                   say: Callable[[str], None] = lambda m: None, every: float = 2.0) -> Iterator[Lease]:
+    """A lease taken once the conflicting ones end, for work already done that must not be
+    thrown away for their sake (a process dumped, whose snapshot a gc would otherwise cost):
+    a gc ends within minutes. LeaseConflict after ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    said = False
+    while True:
+        lease = Lease(store, kind, conflicts)
+        try:
+            lease.__enter__()
+            break
+        except LeaseConflict as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                say(f"{exc}; waiting for it to end")
+                said = True
+            time.sleep(every)
+    try:
+        yield lease
+    finally:
+        lease.__exit__(None, None, None)

@@ -263,7 +263,7 @@ class LocalStore:
         self._manifest_path(digest).unlink(missing_ok=True)
 
     def get_tag(self, name: str, tag: str) -> str:
-        data = self._read(self._tag_path(name, tag), TagNotFound(f"{name}:{tag}"))
+        data = self._read(self._tag_path(name, tag), TagNotFound(f"{name}:{tag}", self.url))
         value = data.decode("ascii", "replace").strip()
         if not digests.is_valid(value):
             raise StoreError(f"tag {name}:{tag} in {self.root} is corrupt: {value[:80]!r}")

@@ -193,7 +193,7 @@ class S3Store:
         self._delete(self._manifest_key(digest))
 
     def get_tag(self, name: str, tag: str) -> str:
-        value = self._get(self._tag_key(name, tag), TagNotFound(f"{name}:{tag}"))
+        value = self._get(self._tag_key(name, tag), TagNotFound(f"{name}:{tag}", self.url))
         text = value.decode("ascii", "replace").strip()
         if not digests.is_valid(text):
             raise StoreError(f"tag {name}:{tag} in {self.url} is corrupt: {text[:80]!r}")

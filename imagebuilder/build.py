@@ -71,7 +71,7 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
            chunk_size: int, tmp_dir: str | None, progress: Progress, max_size: int,
            max_entries: int, shuffle: bool) -> BuildResult:
     # The lease keeps gc from sweeping blocks this build finds in the store and reuses.
-    with Lease(store, "build", conflicts=("gc",)), \
+    with Lease(store, "build", conflicts=("gc",)) as lease, \
             tempfile.TemporaryDirectory(prefix="lazyfs-build-", dir=tmp_dir) as staging:
         stager = BlockStager(Path(staging), store, chunk_size, shuffle=shuffle)
         try:
@@ -92,6 +92,7 @@ def _build(source: str, image: sources.ImageInput, store: BlockStore, ref: refer
             stager.close()
         # Blocks are all in the store before the manifest that needs them (and its mount
         # metadata before the manifest that names it); the tag goes last.
+        lease.check()
         manifest = metadata.attach(store, manifest)
         digest = objects.write_manifest(store, manifest)
         if chain_ids:

@@ -10,7 +10,8 @@ from typing import Iterable
 def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike,
                  durable: bool = True, drop_pages: bool = False, rename=os.rename) -> os.stat_result:
     """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), then rename it to ``path``;
-    the written file's status, once named (whatever is at ``path`` by the time it returns).
+    the written file's status once named (durable: of the file written, whatever is at ``path``
+    by the time it returns).
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
     torn file (stores, and the node cache, whose files the kernel may serve unhashed).
@@ -28,8 +29,9 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
     that pages found there later were read (cached_pages)."""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".part-")
     try:
-        # Open until named: its status is then this file's, the change time the rename set
-        # included (the node cache keeps it as the identity of the file it verified).
+        # A durable file stays open until named: its status is then this file's, the change
+        # time the rename set included (the node cache keeps it as the identity of the file it
+        # verified). Without fsync, a delayed write error shows at close: closed before naming.
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)
@@ -40,8 +42,11 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
-            rename(tmp, Path(path))
-            return os.fstat(f.fileno())
+            if durable:
+                rename(tmp, Path(path))
+                return os.fstat(f.fileno())
+        rename(tmp, Path(path))
+        return os.stat(path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from lazyfs.errors import RunError
+from lazyfs.errors import NotFound, RunError
 from lazyfs.format import reference
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.runtime import nsinit_command
@@ -159,9 +159,10 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         names += [layer.pack(ws.upper, ws.base), "stdio"]
         t0 = time.monotonic()
         # A build's lease, from the first block to the tag: a gc must not sweep blocks this
-        # snapshot finds in the store and reuses, nor the image it pins, before the tag names them.
+        # snapshot finds in the store and reuses before the tag names them. The image it pins
+        # was resolved before the run: it is checked to be there still, under the lease.
         with held_when_free(store, "build", ("gc",),
-                            say=lambda m: print(f"lazyfs: {m}", file=sys.stderr, flush=True)):
+                            say=lambda m: print(f"lazyfs: {m}", file=sys.stderr, flush=True)) as lease:
             with progress or contextlib.nullcontext() as bars:
                 # (encoding takes about 10 ns a byte of memory: a minute for a process of some GB)
                 tick = bars.task("storing the snapshot", sum((ws.base / n).stat().st_size for n in names)) \
@@ -177,6 +178,12 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                     "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                                 "publish": round(publish_s, 3)}}
             manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
+            lease.check()
+            try:
+                objects.read_manifest_bytes(store, digest)
+            except NotFound:
+                raise RunError(f"image {digest} was removed from {store.url} (a gc, its tag moved) "
+                               "while the snapshot ran; nothing was tagged") from None
             snap_digest = objects.put_record(store, snapfmt.encode(manifest))
             store.put_tag(snap.name, snap.tag, snap_digest)
         size = sum(f.size for f in files)

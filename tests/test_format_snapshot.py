@@ -69,3 +69,15 @@ def test_a_chunk_larger_than_a_block_is_refused():
     data = _good().replace(b',5]', b',%d]' % (16 << 20 | 1)).replace(b'"size":5', b'"size":%d' % (16 << 20 | 1))
     with pytest.raises(FormatError, match="chunks of 1 to"):
         snapfmt.decode(data)
+
+
+def test_the_first_snapshots_spelling_of_non_ascii_text_still_reads():
+    """Snapshots stored before their encoder took the format's canonical_json escaped non-ASCII
+    text (\\u00e9): they are read as they are, not refused as non-canonical."""
+    import json
+    snap = snapfmt.decode(_good())
+    snap = snapfmt.Snapshot(snap.image, snap.mount_path, snap.files, 1.5, {"argv": ["café"]})
+    body = json.loads(snapfmt.encode(snap)[len(snapfmt.MAGIC):])
+    first = snapfmt.MAGIC + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert b"\\u00e9" in first and first != snapfmt.encode(snap)
+    assert snapfmt.decode(first) == snap == snapfmt.decode(snapfmt.encode(snap))

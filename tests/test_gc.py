@@ -13,7 +13,7 @@ import pytest
 from imagebuilder.build import build
 from lazyfs.cache import cap
 from lazyfs.records import gc
-from lazyfs.errors import StoreUnavailable
+from lazyfs.errors import StoreError, StoreUnavailable
 from lazyfs.records import objects
 from lazyfs.store.lease import Lease, LeaseConflict, held_when_free
 from lazyfs.store.local import LocalStore
@@ -224,3 +224,42 @@ def test_a_failing_lease_refresh_is_logged_once_per_outage(tmp_path, caplog):
             store.down = False
             time.sleep(0.3)
         assert any("refreshed again" in r.getMessage() for r in caplog.records)
+
+
+def test_work_whose_lease_lapsed_writes_nothing_that_would_reference_it(tmp_path, monkeypatch):
+    """A lease not refreshed for its TTL is dead to gc, which may then sweep the blocks a build
+    reuses: the build must not go on to write a manifest and a tag over them."""
+    from lazyfs.store import lease as leases
+    monkeypatch.setattr(leases, "LEASE_TTL", 0.3)
+    store = _FlakyLeases(LocalStore(tmp_path / "store"))
+    with Lease(store, "build", conflicts=("gc",), refresh_every=0.05) as lease:
+        time.sleep(0.2)
+        lease.check()  # refreshed all along
+        store.down = True
+        time.sleep(0.5)
+        store.down = False
+        time.sleep(0.2)  # refreshed again, but it had lapsed meanwhile
+        with pytest.raises(StoreError, match="lapsed"):
+            lease.check()
+
+
+def test_a_young_record_that_cannot_be_read_stops_no_gc(two_images, caplog):
+    """An untagged snapshot record, minutes old, pinning an image the store no longer has: gc
+    keeps it and what it lists for their age, says so, and collects the rest."""
+    from lazyfs.format import block
+    from lazyfs.format import snapshot as snapfmt
+    store, ra, rb = two_images
+    store._tag_path("gc/a", "1").unlink()
+    _age(store, 7200)
+    digest, frame = block.encode(b"a page of memory")
+    store.put_block(digest, frame)
+    old = time.time() - 7200
+    os.utime(store._block_path(digest), (old, old))  # an old block, kept only by the record
+    snap = snapfmt.Snapshot("sha256:" + "7" * 64, "/run/lazyfs/snap/0123456789abcdef",
+                            (snapfmt.SnapFile("criu/pages-1.img", 16, ((digest, 16),)),))
+    record = objects.put_record(store, snapfmt.encode(snap))
+    with caplog.at_level(logging.WARNING, logger="lazyfs.gc"):
+        report = gc.collect_store(store, grace=3600)
+    assert record in caplog.text and "cannot be read" in caplog.text
+    assert set(report.blocks) == _blocks(ra) - _blocks(rb)  # the rest collected as ever
+    assert store.has_block(digest) and objects.read_manifest_bytes(store, record)

@@ -211,6 +211,27 @@ def test_readers_of_a_stuck_batch_give_up_on_it_together_not_one_wait_each(tmp_p
         claim.release()
 
 
+def test_a_block_another_process_touches_while_it_is_hashed_is_not_dropped(tmp_path):
+    """Two mount daemons adopting one cached block at once: each marks it used (utime), which
+    moves its change time while the other hashes it. Neither may take that for damage."""
+    digest, data = _blob(16 << 20, seed=6)
+    origin = FakeOrigin({digest: data})
+    first = NodeCache(tmp_path, origin)
+    first.read(digest, len(data), 0, 1)
+    first.flush()
+    path = first.path(digest)
+    assert os.path.exists(path)
+    for _ in range(10):
+        # the other daemon's one utime, while this one hashes the 16 MiB (about 10 ms)
+        other = threading.Timer(0.002, os.utime, (path,))
+        other.start()
+        cache = NodeCache(tmp_path, origin)  # a daemon started now adopts the file
+        assert cache.read(digest, len(data), 1000, 10) == data[1000:1010]
+        other.join()
+        assert cache.stats.dropped_corrupt == 0
+    assert len(origin.calls) == 1  # never fetched again either
+
+
 @pytest.mark.parametrize("fresh", [False, True], ids=["verified", "found-at-start"])
 def test_a_cached_block_that_cannot_be_read_is_dropped_and_fetched_again(tmp_path, caplog, fresh,
                                                                         monkeypatch):
@@ -231,7 +252,7 @@ def test_a_cached_block_that_cannot_be_read_is_dropped_and_fetched_again(tmp_pat
             cache = NodeCache(tmp_path, origin)  # a daemon started since
         assert cache.read(digest, len(data), 100, 10) == data[100:110]
     assert len(origin.calls) == 2
-    assert "unreadable" in caplog.text if fresh else "cannot read cached block" in caplog.text
+    assert "dropping unreadable cached block" in caplog.text
     cache.flush()
     assert Path(path).read_bytes() == data
 

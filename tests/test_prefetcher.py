@@ -201,3 +201,27 @@ def test_overlapping_streams_stop_and_hand_on_when_a_batch_fails(tmp_path):
     stopped = Prefetcher(cache, fetch_many, [(d, 1) for d in order], batch=8, streams=2, overlap=2)
     stopped.stop()
     assert stopped.start().wait(5)
+
+
+def test_a_burst_of_background_batches_takes_a_bounded_number_of_threads(tmp_path):
+    """Sibling and readahead batches (fetch_missing) are guesses: forty at once against a slow
+    server take at most BACKGROUND_BATCHES threads (a thread each could fail to start, and fail
+    a read whose data was already in hand); the rest are left out, and every block still reads
+    exact, fetched by its read."""
+    from lazyfs.cache import prefetcher
+    blobs = _blobs(40, size=8_000)
+    origin = BatchOrigin(blobs, delay=0.05)
+    cache = NodeCache(tmp_path, origin)
+    guessed = []
+    for digest, data in blobs.items():
+        prefetcher.fetch_missing(cache, origin.fetch_many, [(digest, len(data))], guessed.extend)
+    running = sum(1 for t in threading.enumerate() if t.name.startswith("batch-prefetch"))
+    assert 1 <= running <= prefetcher.BACKGROUND_BATCHES
+    assert len(guessed) == prefetcher.BACKGROUND_BATCHES  # (only what was really asked for)
+    for digest, data in blobs.items():
+        assert cache.read(digest, len(data), 0, len(data)) == data
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("batch-prefetch") for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(origin.batches) == prefetcher.BACKGROUND_BATCHES

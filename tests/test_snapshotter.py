@@ -131,3 +131,60 @@ def test_unpack_keys_name_the_chain_they_unpack():
     for other in (f"default/12/extract-1 {chain}\n", f"default/12/{chain}", f"default/12/extract-1 {chain}x",
                   "default/12/extract-1 sha256:" + "AB" * 32):
         assert unpack_chain(other) is None, other
+
+
+def test_a_snapshot_whose_image_the_store_lost_is_a_failed_precondition_not_missing():
+    """NOT_FOUND is containerd's word for a snapshot that does not exist; one whose lazyfs image
+    is gone from the store exists, and cannot be mounted now."""
+    import grpc
+
+    from lazyfs.errors import ManifestNotFound, SnapshotNotFound
+    from lazyfs.snapshotter.service import status_of
+    assert status_of(SnapshotNotFound("snapshot 'x' does not exist")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(ManifestNotFound("sha256:" + "0" * 64)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.mount
+def test_a_snapshot_mounted_again_with_other_options_hands_back_its_earlier_lease(node_agent, env_dirs,
+                                                                                  tmp_path):
+    """The snapshotter restarted with other options (here --profile) mounts a snapshot's lazy
+    lower again, as another shared mount: the lease on the first must go, or that mount and
+    its daemon stay pinned for as long as the node runs."""
+    import json
+    import tarfile
+
+    from imagebuilder.build import build
+    from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
+    from lazyfs.snapshotter.images import Images
+    from lazyfs.source.spec import Source
+    from lazyfs.store.local import LocalStore
+    from tests.conftest import lazyfs_cli
+    layer = make_tar([TarEntry("etc/", type=tarfile.DIRTYPE, mode=0o755), TarEntry("etc/hi", b"hi\n")])
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    (chain,) = build(f"oci:{write_layout(tmp_path / 'img', [layer])}:latest", store, "snap/app:1").chains
+
+    def users() -> list[str]:
+        status = json.loads(lazyfs_cli("node", "status", "--json").stdout)
+        return sorted((im["mountpoint"], u["target"]) for im in status["images"] for u in im["users"]
+                      if u["kind"] == "snapshot")
+
+    root = tmp_path / "root"
+    first = Snapshotter(root, Images(Source(str(store.root)), profile="auto"))
+    try:
+        with pytest.raises(SnapshotExists):  # served lazily: containerd skips the layer
+            first.prepare("extract-1", "", {SNAPSHOT_REF: chain})
+        lazy = first.find_target(chain, "").name
+        first.prepare("container", lazy, {})
+        held = users()
+        assert len(held) == 1
+    finally:
+        first.close()
+    again = Snapshotter(root, Images(Source(str(store.root)), profile="none"))  # restarted, other options
+    try:
+        again.mounts("container")
+        now = users()
+        assert len(now) == 1 and now != held
+        again.remove("container")
+        assert users() == []
+    finally:
+        again.close()

@@ -8,6 +8,7 @@ verified bytes in memory, and the disk is tried again every DISK_RETRY seconds.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -19,6 +20,11 @@ from lazyfs.format import digest as digests
 from lazyfs.fsutil import atomic_write
 
 log = logging.getLogger("lazyfs.cache")
+HASH_TRIES = 3  # hashes of a file that keeps changing while it is hashed, before it is left alone
+# What a file that cannot be read back says (a bad sector, a file system error, not a regular
+# file any more); other errors (EMFILE, ENOMEM, ...) are the reader's, not the file's.
+BAD_FILE = frozenset({errno.EIO, errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EBADMSG,
+                      errno.EUCLEAN, errno.ESTALE})
 DISK_RETRY = 5.0  # seconds between tries of a cache disk that refused a write
 
 Identity = tuple[int, int, int]  # (inode, size, change time) of a file when it was verified
@@ -75,29 +81,44 @@ class CacheDisk:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        except OSError as exc:  # unreadable (a bad sector, not a file): as good as damaged
-            log.error("cache: dropping unreadable cached block %s (%s: %s)", digest, path, exc)
-            self.drop(path)
-            return None
+        except OSError as exc:
+            return self.unreadable(path, digest, exc)
         try:
-            before = identity(os.fstat(fd))
-            # (a file written while it was hashed is not the file that was hashed: not kept)
-            if holds(fd, digest, size) and identity(os.fstat(fd)) == before:
-                try:
-                    os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
-                except OSError:
-                    pass
-                return identity(os.fstat(fd))  # after utime, which moves the change time
+            for _ in range(HASH_TRIES):
+                before = identity(os.fstat(fd))
+                if not holds(fd, digest, size):
+                    break
+                # The file hashed is the file kept only if nothing wrote to it meanwhile;
+                # another process adopting it too (its utime) moves its identity: hash again.
+                if identity(os.fstat(fd)) == before:
+                    try:
+                        os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
+                    except OSError:
+                        pass
+                    return identity(os.fstat(fd))  # after utime, which moves the change time
+            else:
+                return None  # changing all along: not trusted now, not dropped either
             on_disk = os.fstat(fd).st_size
         except OSError as exc:  # its bytes cannot be read back
-            log.error("cache: dropping unreadable cached block %s (%s: %s)", digest, path, exc)
-            self.drop(path)
-            return None
+            return self.unreadable(path, digest, exc)
         finally:
             os.close(fd)
         log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
                   digest, on_disk, size)
         self.drop(path)
+        return None
+
+    def unreadable(self, path: str, digest: str, exc: OSError) -> None:
+        """A cached block's file that cannot be read is dropped like a damaged one, so that it
+        is fetched again rather than fail every read of it; an error that is not the file's
+        (out of descriptors or memory) is raised instead, and nothing is dropped."""
+        if exc.errno not in BAD_FILE:
+            raise exc
+        log.error("cache: dropping unreadable cached block %s (%s: %s)", digest, path, exc)
+        try:
+            self.drop(path)
+        except OSError as again:  # (the next write of it replaces it by rename anyway)
+            log.error("cache: cannot drop %s: %s", path, again)
         return None
 
     def drop(self, path: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs.cache import layout
-from lazyfs.cache.disk import CacheDisk, holds, identity
+from lazyfs.cache.disk import HASH_TRIES, CacheDisk, holds, identity
 from lazyfs.cache.landing import BEHIND, Landing
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
@@ -349,25 +349,25 @@ class NodeCache:
         raise StoreUnavailable(f"node cache {self.root}: block {digest} keeps disappearing")
 
     def _unreadable(self, path: str, digest: str, exc: OSError) -> None:
-        """A cached block that cannot be read any more is dropped like a damaged one, so the
-        read fetches it again rather than fail on it for good."""
-        log.error("cache: cannot read cached block %s (%s: %s); dropping it and fetching it again",
-                  digest, path, exc)
+        """A cached block that cannot be read any more: dropped and fetched again
+        (CacheDisk.unreadable; an error that is not the file's is raised)."""
         with self._lock:
             self._verified.pop(digest, None)
-        try:
-            self._disk.drop(path)
-        except OSError as again:  # (the next write of it replaces it by rename anyway)
-            log.error("cache: cannot drop %s: %s", path, again)
+        self._disk.unreadable(path, digest, exc)
 
     def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
         to it): hash it again; keep it if it is still the block, else drop it."""
-        before = identity(os.fstat(fd))
-        if holds(fd, digest, size) and identity(os.fstat(fd)) == before:  # (not written meanwhile)
-            with self._lock:
-                self._verified[digest] = before
-            return True
+        for _ in range(HASH_TRIES):
+            before = identity(os.fstat(fd))
+            if not holds(fd, digest, size):
+                break
+            if identity(os.fstat(fd)) == before:  # (not written while it was hashed)
+                with self._lock:
+                    self._verified[digest] = before
+                return True
+        else:
+            return False  # changing all along: hashed again next time, dropped by nobody
         log.error("cache: block %s changed on disk after it was verified (%s); dropping it and "
                   "fetching it again", digest, path)
         with self._lock:

@@ -86,6 +86,13 @@ class Prefetcher:
             t.start()
         return self
 
+    def run(self) -> "Prefetcher":
+        """One stream, on the caller's thread (a pool's: see fetch_missing)."""
+        self._t0 = time.monotonic()
+        self._running = 1
+        self._stream()
+        return self
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -219,6 +226,33 @@ def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[st
     hashing for nothing. ``before`` is told which those are before any is fetched."""
     missing = [(d, n) for d, n in wanted if not os.path.exists(cache.path(d))]
     if missing:
+        # At most BACKGROUND_BATCHES at once, each on a thread of its own: past that a batch is
+        # left out (it is only a guess; the reads it guessed fetch for themselves), rather than
+        # queued behind batches stuck on a slow server, or a thread started per batch without end.
+        if not _slots.acquire(blocking=False):
+            log.debug("background batch of %d blocks left out: %d batches in flight", len(missing),
+                      BACKGROUND_BATCHES)
+            return
         if before is not None:
             before(missing)
-        Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True).start()
+        try:
+            threading.Thread(target=_logged, name="batch-prefetch", daemon=True,
+                             args=(Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True),)).start()
+        except BaseException:
+            _slots.release()
+            raise
+
+
+BACKGROUND_BATCHES = 16  # sibling and readahead batches of one mount in flight at once
+_slots = threading.BoundedSemaphore(BACKGROUND_BATCHES)
+
+
+def _logged(prefetcher: Prefetcher) -> None:
+    try:
+        prefetcher.run()
+    except Exception:  # a fault of ours: said, as a thread of its own would have said it
+        log.exception("a background batch prefetch failed")
+    finally:
+        _slots.release()
+
+

@@ -22,6 +22,10 @@ MAX_FILES = 100_000
 # Where snapshot runs keep their workspaces; a restore makes and binds the snapshot's own path
 # as root, so a manifest may name nothing else.
 MOUNT_ROOT = "/run/lazyfs/snap"
+def _first_spelling(body) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
 _MOUNT_PATH = re.compile(re.escape(MOUNT_ROOT) + r"/[0-9a-z][0-9a-z-]{0,63}")
 
 
@@ -62,7 +66,8 @@ def decode(data: bytes) -> Snapshot:
         raise ManifestFormatError("not a lazyfs snapshot manifest (bad magic)")
     body = json.loads(data[len(MAGIC):])
     # One snapshot, one spelling, one digest: duplicate keys, spaces, NaN or Infinity are refused.
-    if canonical_json(body) != data[len(MAGIC):]:
+    # (The first snapshots, 2026-11-24, escaped non-ASCII text as \uXXXX: that spelling reads too.)
+    if data[len(MAGIC):] not in (canonical_json(body), _first_spelling(body)):
         raise ManifestFormatError("snapshot manifest is not canonical JSON")
     if len(body["files"]) > MAX_FILES:
         raise ManifestFormatError("snapshot lists too many files")

@@ -7,16 +7,19 @@ that no tag reaches are garbage: pin an image you mount by digest with a tag.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 
-from lazyfs.errors import NotFound
+from lazyfs.errors import LazyfsError
 from lazyfs.format import kinds, manifest as mf
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.format.manifest import EntryType
 from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.lease import Lease, read_leases
+
+log = logging.getLogger("lazyfs.gc")
 
 
 @dataclass
@@ -42,18 +45,26 @@ def mark(store: BlockStore, young: set[str] = frozenset()) -> tuple[set[str], se
     profiles, provenance records), and the blocks images and snapshots reference. ``young``:
     manifests spared for their age, whose blocks must then be spared too, however old (a build
     reuses old blocks; a snapshot is stored before its tag is written)."""
-    todo = {digest for _, _, digest in store.list_tags()} | set(young)
     manifests: set[str] = set()
     blocks: set[str] = set()
+    _walk(store, {digest for _, _, digest in store.list_tags()}, manifests, blocks)
+    # What no tag reaches is kept by its age alone: one that cannot be read (a record of a
+    # spelling this version refuses, one deleted since it was listed, one pinning an image gone)
+    # keeps what it could be read to list, and stops no collection.
+    for digest in sorted(young - manifests):
+        try:
+            _walk(store, {digest}, manifests, blocks)
+        except LazyfsError as exc:
+            log.warning("gc: %s, younger than the grace period, cannot be read (%s); kept for "
+                        "its age, with what it lists that could be read", digest, exc)
+    return manifests, blocks
+
+
+def _walk(store: BlockStore, todo: set[str], manifests: set[str], blocks: set[str]) -> None:
     while todo:
         digest = todo.pop()
         manifests.add(digest)
-        try:
-            data = objects.read_manifest_bytes(store, digest)
-        except NotFound:
-            if digest in young:  # (deleted since it was listed: nothing of it to spare)
-                continue
-            raise
+        data = objects.read_manifest_bytes(store, digest)
         what = kinds.kind(data)
         if what == kinds.SNAPSHOT:
             snap = snapfmt.decode(data)
@@ -68,7 +79,6 @@ def mark(store: BlockStore, young: set[str] = frozenset()) -> tuple[set[str], se
         if m.meta and m.meta not in manifests:
             todo.add(m.meta)  # the image's mount metadata lives as long as the image
         blocks.update(c.digest for e in m.entries if e.type == EntryType.REG for c in e.chunks)
-    return manifests, blocks
 
 
 def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = False,

@@ -30,7 +30,9 @@ _CODES = [  # most specific first
     (errors.SnapshotConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.NodeUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    # The store lacks what a snapshot needs (its image swept since the pull): the snapshot
+    # itself exists, and NOT_FOUND would tell containerd it does not.
+    (errors.NotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.LazyfsError, grpc.StatusCode.UNKNOWN),
 ]
 

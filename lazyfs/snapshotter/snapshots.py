@@ -190,9 +190,17 @@ class Snapshotter:
                 raise SnapshotConflict(f"snapshot {above.name!r} is served by lazyfs image {above.image}, "
                                        "but this snapshotter has no store")
             lease, mountpoint = self.images.acquire(above.image, f"{self.root}#{info.id}")
-            if lease != info.lease:
+            if lease != info.lease:  # (a snapshot has one lazyfs ancestor: meta.ancestry)
+                earlier = info.lease
                 with self.meta.transaction():
                     info = self.meta.set(self.meta.get(info.name), lease=lease)
+                if earlier:  # on a mount of other options (the snapshotter's, or the agent's
+                    # cache cap, changed since): the mount it held is not this snapshot's now
+                    try:
+                        self.images.release(earlier)
+                    except LazyfsError as exc:
+                        log.warning("snapshot %s: its earlier lease %s was not handed back: %s",
+                                    info.name, earlier, exc)
             lowers.append(mountpoint)
         lowers = [overlay.check_path(p) for p in lowers]
         d = self._dir(info.id)

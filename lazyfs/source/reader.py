@@ -7,7 +7,7 @@ served. The fleet (lazyfs.source.fleet.Fleet) is the other BlockSource, over sev
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+import threading
 from typing import Iterator
 
 from lazyfs.errors import FormatError, IntegrityError, StoreError, StoreUnavailable
@@ -16,7 +16,7 @@ from lazyfs.store.base import BlockStore
 from lazyfs.store.counting import CountingStore
 
 log = logging.getLogger("lazyfs.store")
-READ_THREADS = 16  # block reads of one remote store at once (a mount's readers and prefetches)
+MAX_ABANDONED = 64  # reads left waiting on a store past their deadline, before reads fail at once
 
 
 class StoreReader:
@@ -28,8 +28,8 @@ class StoreReader:
         self.stats = self.store.stats
         self.url = store.url
         self.deadline = deadline
-        # Threads started as reads need them, and ended by close() (the page server forks after).
-        self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read") if deadline else None
+        self._lock = threading.Lock()
+        self._abandoned = 0  # reads past their deadline whose threads still wait on the store
 
     def get_tag(self, name: str, tag: str) -> str:
         return self.store.get_tag(name, tag)
@@ -41,16 +41,34 @@ class StoreReader:
         return objects.verify(objects.MANIFEST, digest, self.store.get_manifest(digest))
 
     def fetch_block(self, digest: str, size: int | None = None) -> bytes:
-        if self._reads is None:
+        if self.deadline is None:
             return self._fetch_block(digest, size)
-        answer = self._reads.submit(self._fetch_block, digest, size)
+        # A thread per read, not a pool: the deadline counts from the read's own start, and
+        # reads stuck on the store hold threads of their own, not places in a queue.
+        with self._lock:
+            if self._abandoned >= MAX_ABANDONED:
+                raise StoreUnavailable(f"{self.url}: block {digest}: {self._abandoned} reads are "
+                                       f"still waiting on it past their deadline")
+        read = _Read(self, digest, size)
         try:
-            return answer.result(self.deadline)
-        except FutureTimeout:  # (its thread ends with the store's own timeout)
-            answer.cancel()
-            self.stats.add(errors=1)
-            raise StoreUnavailable(f"{self.url}: block {digest}: no answer within the "
-                                   f"{self.deadline:g} s deadline") from None
+            threading.Thread(target=read.run, name="store-read", daemon=True).start()
+        except RuntimeError:  # no thread to be had: read here, without the deadline
+            return self._fetch_block(digest, size)
+        if not read.done.wait(self.deadline):
+            with self._lock:
+                if read.abandon():
+                    self._abandoned += 1
+            if not read.done.is_set():
+                self.stats.add(errors=1)
+                raise StoreUnavailable(f"{self.url}: block {digest}: no answer within the "
+                                       f"{self.deadline:g} s deadline")
+        if read.error is not None:
+            raise read.error
+        return read.data
+
+    def _let_go(self) -> None:
+        with self._lock:
+            self._abandoned -= 1
 
     def _fetch_block(self, digest: str, size: int | None) -> bytes:
         try:
@@ -76,6 +94,37 @@ class StoreReader:
         log.error("%s: wrong bytes for block %s: %s", self.url, digest, exc)
 
     def close(self) -> None:
-        if self._reads is not None:
-            self._reads.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+
+class _Read:
+    """One block read on a thread of its own, for a caller that may stop waiting for it."""
+
+    def __init__(self, reader: StoreReader, digest: str, size: int | None):
+        self.reader, self.digest, self.size = reader, digest, size
+        self.done = threading.Event()
+        self.data: bytes = b""
+        self.error: BaseException | None = None
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self.data = self.reader._fetch_block(self.digest, self.size)
+        except BaseException as exc:  # handed to the caller (or dropped, if it left)
+            self.error = exc
+        finally:
+            with self._lock:
+                self.done.set()
+                abandoned = self._abandoned
+            if abandoned:
+                self.reader._let_go()
+
+    def abandon(self) -> bool:
+        """The caller stops waiting: True if the read is still running (then counted until it
+        ends), False if it ended meanwhile."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._abandoned = True
+            return True

@@ -70,6 +70,8 @@ class Lease:
         self.name = f"{kind}-{uuid.uuid4().hex[:12]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_ok = time.monotonic()
+        self._lapsed = False  # a refresh came LEASE_TTL or more after the one before
 
     def _write(self) -> None:
         self.store.put_lease(self.name, json.dumps({
@@ -89,10 +91,19 @@ class Lease:
         self._thread.start()
         return self
 
+    def check(self) -> None:
+        """Raise if the lease lapsed at any time (a gc then may have swept what this work
+        reuses): before writing what would reference it."""
+        if self._lapsed or time.monotonic() - self._last_ok >= LEASE_TTL:
+            raise StoreError(f"lease {self.name} on {self.store.url} lapsed (not refreshed for "
+                             f"{LEASE_TTL:.0f} s): a gc may have removed blocks this work reuses; "
+                             "nothing was tagged, run it again")
+
     def _refresh(self) -> None:
         last_ok = time.monotonic()
         failing = False
         while not self._stop.wait(self.refresh_every):
+            asked = time.monotonic()  # (gc judges the time written, taken before the write)
             try:
                 self._write()
             except Exception as exc:  # noqa: BLE001 - a transient store error must not kill the
@@ -108,7 +119,9 @@ class Lease:
             if failing:
                 log.warning("lease %s on %s: refreshed again", self.name, self.store.url)
             failing = False
-            last_ok = time.monotonic()
+            if asked - last_ok >= LEASE_TTL:
+                self._lapsed = True
+            last_ok = self._last_ok = asked
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -214,5 +214,10 @@ class SnapshotConflict(SnapshotError):
     """The snapshot is not in a state that allows this (containerd's FailedPrecondition)."""
 
 
+class SnapshotInvalid(SnapshotConflict):
+    """The request itself is invalid: a key, labels, a parent that is not committed, a field
+    that cannot change (containerd's InvalidArgument)."""
+
+
 class SnapshotterUnavailable(SnapshotError):
     """The snapshotter cannot run here: no containerd protocol files, or not root."""

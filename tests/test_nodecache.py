@@ -195,6 +195,20 @@ def test_a_claim_nobody_releases_cannot_block_readers_forever(tmp_path, caplog):
     assert cache.read(digest, len(data), 4, 4) == data[4:8]
 
 
+def test_a_block_fetched_twice_is_written_and_counted_once(tmp_path):
+    """A reader gave up on a stuck claim and fetched the block itself; then the claim's owner
+    brings it too. One file, counted once in the node's ledger (else early trims)."""
+    from lazyfs.cache import cap
+    digest, data = _blob(10_000, seed=11)
+    cache = NodeCache(tmp_path, FakeOrigin({digest: data}), claim_wait=0.2)
+    with cache.claim(digest):
+        assert cache.read(digest, len(data), 0, 4) == data[:4]  # after 0.2 s, fetched here
+        cache.complete(digest, len(data), data)  # the owner's batch arrives after all
+    cache.complete(digest, len(data), data)  # (and once more, after its claim ended)
+    cache.flush()
+    assert cap.usage(tmp_path) == cap.usage_scan(tmp_path) == (1, len(data))
+
+
 def test_readers_of_a_stuck_batch_give_up_on_it_together_not_one_wait_each(tmp_path):
     """A batch prefetch claimed ten blocks and hangs on its server: reading them one after
     another waits about one claim_wait in all, not ten."""

@@ -4,7 +4,7 @@ A miss answers with the bytes it fetched at once and the write follows on a writ
 (write-behind, up to WRITE_BEHIND bytes in flight; past that the caller writes before it
 answers, so a slow disk slows reads rather than filling memory). A lazy restore's memory can be
 held back instead (hold): only the next restore on the node reads it from disk, so it is written
-once the restored process has what it needs (release_held), or at flush at the latest.
+once the restored process has what it needs (release_held), or at close at the latest (NodeCache.close).
 
 The node cache owns the lock (one lock for what it knows is verified, in flight and landing, so
 a block is always found in one of them) and the write itself (NodeCache._write).
@@ -20,6 +20,7 @@ log = logging.getLogger("lazyfs.cache")
 WRITE_BEHIND = 64 * 1024 * 1024
 WRITERS = 2
 HELD, BEHIND = "held", "behind"  # how take() took a block
+LANDING = "landing"  # take() found the block landing already: nothing to write
 
 
 class Landing:
@@ -42,12 +43,12 @@ class Landing:
 
     def take(self, digest: str, data: bytes, disk_ok: bool) -> str | None:
         """Land a verified block: HELD (kept until release_held), BEHIND (written on a writer
-        thread), or None: the caller writes it itself (the write-behind is full, the disk
-        refused writes lately, or the block is landing already)."""
+        thread), LANDING (it is landing already: written once, and counted once), or None: the
+        caller writes it itself (the write-behind is full, or the disk refused writes lately)."""
         size = len(data)
         with self._lock:
             if digest in self._blocks:
-                return None
+                return LANDING
             if digest in self._hold and size <= self._hold_room:
                 self._blocks[digest] = data
                 self._held.append(digest)
@@ -79,7 +80,10 @@ class Landing:
             writer = self._writer_pool()
             jobs = [(digest, self._blocks[digest]) for digest in held]
         for digest, data in jobs:  # (not counted in the write-behind's bytes)
-            writer.submit(self._land, digest, data, False)
+            try:
+                writer.submit(self._land, digest, data, False)
+            except RuntimeError:  # a flush shut that pool meanwhile: written here, not lost
+                self._land(digest, data, False)
 
     def flush(self) -> None:
         """Wait until every block landing is on disk (or refused by it)."""

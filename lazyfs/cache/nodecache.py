@@ -25,7 +25,7 @@ from typing import Callable
 
 from lazyfs.cache import layout
 from lazyfs.cache.disk import HASH_TRIES, CacheDisk, holds, identity
-from lazyfs.cache.landing import BEHIND, Landing
+from lazyfs.cache.landing import BEHIND, LANDING, Landing
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
 from lazyfs.errors import BlockFormatError, LazyfsError, StoreUnavailable
@@ -229,7 +229,14 @@ class NodeCache:
             self.stats.add(errors=1)
             raise BlockFormatError(f"{len(data)} bytes, the manifest says {size}", digest)
         self.stats.add(fetched_raw_bytes=len(data))
+        with self._lock:
+            # Fetched twice (a reader that stopped waiting on a stuck claim, then the claim's
+            # owner): the file is written, and its bytes counted in the ledger, once.
+            if self._verified.get(digest) is not None:
+                return self.path(digest)
         taken = self._landing.take(digest, data, disk_ok=not self._disk.refusing)
+        if taken == LANDING:
+            return data
         if taken is None:
             return self._write(digest, data)
         if taken == BEHIND:

@@ -303,8 +303,8 @@ def op_status(agent, req, pid, conn, reader) -> dict:
             counters = {"error": str(exc)}
         images.append({"ref": s.ref, "digest": s.digest, "mountpoint": s.mountpoint, "layout": s.layout,
                        "daemon_pid": s.daemon_pid, "mounted_at": s.mounted_at, "idle_since": s.idle_since,
-                       "users": [{"kind": x.kind, "pid": x.pid, "target": x.target, "since": x.since}
-                                 for x in s.leases],
+                       "users": [{"kind": x.kind, "pid": x.pid, "target": x.target, "since": x.since,
+                                  "lease": x.id} for x in s.leases],
                        "cache_dir": s.options["cache_dir"], "counters": counters})
     return {"agent": {"pid": os.getpid(), "socket": str(agent.opts.socket), "idle": agent.opts.idle,
                       "cache_size": agent.opts.cache_size, "metrics": agent.metrics.address,

@@ -63,6 +63,12 @@ class Images:
     def release(self, lease: str) -> None:
         client.call("release", lease=lease)
 
+    def leases_of(self, prefix: str) -> dict[str, str]:
+        """The agent's snapshot leases whose holder starts with ``prefix``: target → lease."""
+        status = client.call("status")
+        return {u["target"]: u["lease"] for im in status.get("images", []) for u in im["users"]
+                if u["kind"] == "snapshot" and u["target"].startswith(prefix) and "lease" in u}
+
     def report(self, event: str, chain_id: str) -> None:
         """Count a lazy or fallback unpack in the agent's metrics and status (best effort: an agent
         that is away loses a count, never a snapshot)."""

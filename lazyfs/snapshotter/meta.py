@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from lazyfs.errors import SnapshotConflict, SnapshotExists, SnapshotNotFound
+from lazyfs.errors import SnapshotConflict, SnapshotInvalid, SnapshotExists, SnapshotNotFound
 
 # containerd.services.snapshots.v1.Kind
 VIEW, ACTIVE, COMMITTED = 1, 2, 3
@@ -66,9 +66,9 @@ def _row(row) -> Info:
 
 def check_labels(labels: dict) -> dict:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise SnapshotConflict("snapshot labels must map strings to strings")
+        raise SnapshotInvalid("snapshot labels must map strings to strings")
     if len(json.dumps(labels)) > MAX_LABELS:
-        raise SnapshotConflict(f"snapshot labels over {MAX_LABELS} bytes")
+        raise SnapshotInvalid(f"snapshot labels over {MAX_LABELS} bytes")
     return dict(labels)
 
 
@@ -110,11 +110,11 @@ class MetaStore:
 
     def create(self, name: str, kind: int, parent: str, labels: dict, image: str = "") -> Info:
         if not name or len(name) > MAX_KEY:
-            raise SnapshotConflict(f"a snapshot key must be 1 to {MAX_KEY} characters")
+            raise SnapshotInvalid(f"a snapshot key must be 1 to {MAX_KEY} characters")
         if self.find(name) is not None:
             raise SnapshotExists(f"snapshot {name!r} already exists")
         if parent and self.get(parent).kind != COMMITTED:
-            raise SnapshotConflict(f"parent {parent!r} is not a committed snapshot")
+            raise SnapshotInvalid(f"parent {parent!r} is not a committed snapshot")
         now = time.time()
         with self.lock:
             self.db.execute(

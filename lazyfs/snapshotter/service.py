@@ -27,6 +27,7 @@ LIST_BATCH = 100  # infos per List message (containerd reads a stream of batches
 _CODES = [  # most specific first
     (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.SnapshotExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.SnapshotInvalid, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.SnapshotConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.NodeUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from lazyfs.errors import LazyfsError, SnapshotConflict, SnapshotExists
+from lazyfs.errors import LazyfsError, SnapshotConflict, SnapshotExists, SnapshotInvalid
 from lazyfs.format import digest as digests
 from lazyfs.snapshotter import filters as filters_, overlay
 from lazyfs.snapshotter.images import Images
@@ -97,26 +97,38 @@ class Snapshotter:
                     else:
                         new.pop(k, None)
                 else:
-                    raise SnapshotConflict(f"cannot update {path!r} of a snapshot (only labels)")
+                    raise SnapshotInvalid(f"cannot update {path!r} of a snapshot (only labels)")
             return self.meta.set(info, labels=check_labels(new))
 
     def list(self, filters: list[str] = ()) -> Iterator[Info]:
         return (i for i in self.meta.all() if filters_.matches(i, list(filters)))
 
     def usage(self, key: str) -> tuple[int, int]:
-        """Bytes and inodes of the snapshot's own directory (a lazyfs-served one has none: its
-        content is the node cache's, which `lazyfs node status` reports)."""
+        """Bytes and inodes of the snapshot's own files, as containerd's overlay snapshotter
+        counts them (fs.DiskUsage of ``fs/``: each inode once, however many links it has; the
+        overlay's ``work/`` not at all). A lazyfs-served snapshot has none: its content is the
+        node cache's, which `lazyfs node status` reports."""
         info = self.meta.get(key)
-        size = inodes = 0
-        for dirpath, dirs, files in os.walk(self._dir(info.id)):
-            for name in dirs + files:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                inodes += 1
+        top = self._dir(info.id) / "fs"
+        if not top.is_dir():
+            return 0, 0
+        seen: set[tuple[int, int]] = set()
+        size = 0
+
+        def count(path: str) -> None:
+            nonlocal size
+            try:
+                st = os.lstat(path)
+            except OSError:  # (removed meanwhile)
+                return
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 size += st.st_blocks * 512
-        return size, inodes
+        count(str(top))  # (the top directory counts too, as in containerd's walk)
+        for dirpath, dirs, files in os.walk(top):
+            for name in dirs + files:
+                count(os.path.join(dirpath, name))
+        return size, len(seen)
 
     def cleanup(self) -> list[str]:
         """Remove directories no snapshot owns (left by a crash during a remove or prepare).
@@ -124,13 +136,32 @@ class Snapshotter:
         rows are read, so a prepare in between (its row written, then its directory made) has
         its directory either unlisted or owned by a row that is read."""
         listed = list(os.scandir(self.root / "snapshots"))
+        leases = self._agent_leases()  # (before the rows too: a lease is taken after its row)
         known = {str(i.id) for i in self.meta.all()}
         gone = []
         for entry in listed:
             if entry.name not in known:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 gone.append(entry.name)
+        # Leases the agent holds for snapshots no row names (a remove whose release failed, a
+        # crash between the two): nothing else would ever hand them back.
+        for target, lease in leases.items():
+            if target.rpartition("#")[2] not in known:
+                try:
+                    self.images.release(lease)
+                    log.info("cleanup handed back the lease of %s, which no snapshot holds", target)
+                except LazyfsError as exc:
+                    log.warning("cleanup: the lease of %s was not handed back: %s", target, exc)
         return gone
+
+    def _agent_leases(self) -> dict[str, str]:
+        if self.images is None:
+            return {}
+        try:
+            return self.images.leases_of(f"{self.root}#")
+        except LazyfsError as exc:  # (an agent away now: the next cleanup asks again)
+            log.warning("cleanup: the node agent's leases cannot be read: %s", exc)
+            return {}
 
     # -- the parts ------------------------------------------------------------------------------
     def _serve_lazily(self, target: str, parent: str, labels: dict) -> None:

@@ -73,6 +73,17 @@ def split_path(layer: str, raw: bytes, what: str = "entry", entry: bytes | None 
     return parts
 
 
+def _size(node: "Node") -> int:
+    """Entries of the subtree at ``node``, itself included."""
+    count, stack = 0, [node]
+    while stack:
+        n = stack.pop()
+        count += 1
+        if n.is_dir:
+            stack.extend(n.children.values())
+    return count
+
+
 class Tree:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.root = _new_dir(-1)
@@ -113,6 +124,8 @@ class Tree:
                               b"", e.rdev, e.xattrs), layer_index)
         if existing is None:
             self._count(layer)
+        else:  # (what it replaces is no longer in the image)
+            self.count -= _size(existing) - 1
         parent.children[name] = node  # replaces a file or a whole directory, as OCI says
 
     def _count(self, layer: str) -> None:
@@ -177,6 +190,7 @@ class Tree:
             return  # whiting out a missing path is allowed and does nothing
         if node.layer < layer_index and not self._holds(node, layer_index):
             del parent.children[victim]
+            self.count -= _size(node)
         elif node.is_dir:
             self._prune_lower(node, layer_index)
 
@@ -184,6 +198,7 @@ class Tree:
         for name, child in list(directory.children.items()):
             if child.layer < layer_index and not self._holds(child, layer_index):
                 del directory.children[name]
+                self.count -= _size(child)
             elif child.is_dir:
                 self._prune_lower(child, layer_index)
 

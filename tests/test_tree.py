@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, strategies as st
 
 from imagebuilder.tree import LayerEntry, Tree
 from lazyfs.errors import LimitExceeded, UnsafeEntry
@@ -97,6 +98,43 @@ def test_depth_limit():
         apply(Tree(), 0, LayerEntry(b"/".join([b"d"] * 300), F))
 
 
+def test_the_entry_limit_counts_what_the_image_holds_not_what_its_layers_ever_added():
+    """An image whose second layer deletes a directory and whose third adds as many files
+    elsewhere holds what it held: the limit is on the image, not on the layers' history."""
+    t = apply(Tree(max_entries=30), 0, *[LayerEntry(b"old/f%d" % i, F) for i in range(20)])
+    apply(t, 1, LayerEntry(b".wh.old", F))
+    apply(t, 2, *[LayerEntry(b"new/f%d" % i, F) for i in range(20)])
+    apply(t, 3, LayerEntry(b"new", F))  # a directory replaced by a file
+    apply(t, 4, *[LayerEntry(b"more/f%d" % i, F) for i in range(20)])
+    assert t.count == len(paths(t)) == 23  # root, new, more and its 20 files
+    with pytest.raises(LimitExceeded, match="more than 30 entries"):
+        apply(t, 5, *[LayerEntry(b"more/g%d" % i, F) for i in range(10)])
+
+
 def test_non_utf8_names_survive():
     t = apply(Tree(), 0, LayerEntry(b"caf\xe9", F))
     assert b"caf\xe9" in paths(t)
+
+
+_names = st.sampled_from([b"a", b"b", b"c"])
+_ops = st.tuples(st.lists(_names, min_size=1, max_size=3),
+                 st.sampled_from(["file", "dir", "whiteout", "opaque"]))
+
+
+@given(st.lists(st.lists(_ops, max_size=6), min_size=1, max_size=5))
+def test_the_count_is_always_what_the_image_holds(layers):
+    t = Tree()
+    for index, ops in enumerate(layers):
+        for parts, op in ops:
+            head, name = parts[:-1], parts[-1]
+            if op == "whiteout":
+                path, kind = b"/".join(head + [b".wh." + name]), F
+            elif op == "opaque":
+                path, kind = b"/".join(parts + [b".wh..wh..opq"]), F
+            else:
+                path, kind = b"/".join(parts), F if op == "file" else D
+            try:
+                t.apply(index, f"L{index}", LayerEntry(path, kind))
+            except UnsafeEntry:  # (a file where a later entry needs a directory)
+                pass
+    assert t.count == len(paths(t))

@@ -87,7 +87,7 @@ class Prefetcher:
         return self
 
     def run(self) -> "Prefetcher":
-        """One stream, on the caller's thread (a pool's: see fetch_missing)."""
+        """One stream, on the caller's thread (fetch_missing's, started for it)."""
         self._t0 = time.monotonic()
         self._running = 1
         self._stream()

@@ -68,12 +68,12 @@ class Bodies:
                     buf += chunk
                     if len(buf) > limit:
                         raise HttpError(413, f"body exceeds this route's {limit} bytes", close=True)
-                    if len(buf) > reserved:  # reserved as it arrives
-                        if self.in_flight + len(buf) - reserved > BODIES_IN_FLIGHT:
-                            raise HttpError(503, "server busy reading other bodies; retry "
-                                            "shortly", {"Retry-After": "1"}, close=True)
-                        self.in_flight += len(buf) - reserved
-                        reserved = len(buf)
+                    # Room is reserved as the bytes arrive, not as declared.
+                    if self.in_flight + len(chunk) > BODIES_IN_FLIGHT:
+                        raise HttpError(503, "server busy reading other bodies; retry "
+                                        "shortly", {"Retry-After": "1"}, close=True)
+                    self.in_flight += len(chunk)
+                    reserved += len(chunk)
         except TimeoutError:
             raise HttpError(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s",
                             close=True) from None

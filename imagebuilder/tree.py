@@ -185,29 +185,24 @@ class Tree:
         victim = name[len(WHITEOUT):]
         if not victim or victim in (b".", b".."):
             raise UnsafeEntry(layer, raw.decode(errors="replace"), "whiteout names no file")
-        node = parent.children.get(victim)
-        if node is None:
-            return  # whiting out a missing path is allowed and does nothing
-        if node.layer < layer_index and not self._holds(node, layer_index):
-            del parent.children[victim]
-            self.count -= _size(node)
-        elif node.is_dir:
-            self._prune_lower(node, layer_index)
+        if victim in parent.children:  # (whiting out a missing path is allowed and does nothing)
+            self._hide(parent, victim, layer_index)
 
     def _prune_lower(self, directory: Node, layer_index: int) -> None:
-        for name, child in list(directory.children.items()):
-            if child.layer < layer_index and not self._holds(child, layer_index):
-                del directory.children[name]
-                self.count -= _size(child)
-            elif child.is_dir:
-                self._prune_lower(child, layer_index)
+        for name in list(directory.children):
+            self._hide(directory, name, layer_index)
 
-    def _holds(self, node: Node, layer_index: int) -> bool:
-        """Whether a lower layer's directory holds entries of this layer: the layer put them in
-        through it (its tar need not list the directory itself), so the directory stays, with
-        only its lower content hidden."""
-        return node.is_dir and any(c.layer >= layer_index or self._holds(c, layer_index)
-                                   for c in node.children.values())
+    def _hide(self, directory: Node, name: bytes, layer_index: int) -> None:
+        """Hide what lower layers put at ``name`` in ``directory``, in one pass from the bottom
+        up: entries of this layer stay, and so does a lower directory that still holds some
+        after its own lower content went (the layer put them in through it, and its tar need
+        not list the directory itself)."""
+        node = directory.children[name]
+        if node.is_dir:
+            self._prune_lower(node, layer_index)
+        if node.layer < layer_index and not node.children:
+            del directory.children[name]
+            self.count -= 1
 
     # -- output ---------------------------------------------------------------------------------
     def to_manifest(self, config: dict, chunk_size: int) -> Manifest:

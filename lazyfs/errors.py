@@ -51,6 +51,11 @@ class DigestMismatch(IntegrityError):
         self.actual = actual
 
 
+# An answer of wrong bytes: bytes that do not hash to their name, or that do not decode at all.
+# Asked again, the same source gives the same bytes (a reader counts it, and asks elsewhere).
+WRONG_BYTES = (IntegrityError, FormatError)
+
+
 # --- stores ------------------------------------------------------------------------------------
 
 class StoreError(LazyfsError):

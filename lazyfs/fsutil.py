@@ -8,10 +8,10 @@ from typing import Iterable
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike,
-                 durable: bool = True, drop_pages: bool = False, rename=os.rename) -> os.stat_result:
+                 durable: bool = True, drop_pages: bool = False, rename=os.rename) -> os.stat_result | None:
     """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), then rename it to ``path``;
-    the written file's status once named (durable: of the file written, whatever is at ``path``
-    by the time it returns).
+    durable, the status of the file written once named (whatever is at ``path`` by the time it
+    returns; the node cache's identity of it), else None.
 
     durable: fsync before the rename, so a power cut leaves the old state or the new, never a
     torn file (stores, and the node cache, whose files the kernel may serve unhashed).
@@ -22,7 +22,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLik
 
 def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
                        tmp_dir: str | os.PathLike, durable: bool = True,
-                       mode: int | None = None, drop_pages: bool = False, rename=os.rename) -> os.stat_result:
+                       mode: int | None = None, drop_pages: bool = False, rename=os.rename) -> os.stat_result | None:
     """atomic_write of the concatenation of ``parts``, produced one at a time (a file too large
     to hold in memory); ``mode``: the file's permissions, set before it gets its name;
     ``drop_pages``: leave none of the written bytes in the page cache (durable writes only), so
@@ -46,7 +46,7 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable[bytes],
                 rename(tmp, Path(path))
                 return os.fstat(f.fileno())
         rename(tmp, Path(path))
-        return os.stat(path)
+        return None
     except BaseException:
         try:
             os.unlink(tmp)

@@ -180,7 +180,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
             manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
             lease.check()
             try:
-                objects.read_manifest_bytes(store, digest)
+                store.get_manifest(digest)  # (there: it was verified when the run resolved it)
             except NotFound:
                 raise RunError(f"image {digest} was removed from {store.url} (a gc, its tag moved) "
                                "while the snapshot ran; nothing was tagged") from None

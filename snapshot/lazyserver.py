@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
@@ -26,7 +25,7 @@ from lazyfs.records import profiles
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
-from lazyfs.proc import syscalls
+from lazyfs.proc import spawn, syscalls
 from snapshot import procs
 from snapshot.criuimg import parse_pagemap
 from snapshot.files import BlockFetcher, is_pages
@@ -133,7 +132,7 @@ class Killer:
                 # Until the root is gone: it is its PID namespace's init, so by then every other
                 # task of the tree is gone too, and none can run on the zero pages the kernel
                 # hands out once the descriptors close.
-                select.select([fd], [], [], 30.0)
+                spawn.readable(fd, 30.0)
             except ProcessLookupError:
                 pass
             finally:
@@ -263,7 +262,7 @@ def _watch_parent(parent: int, handler: Handler, stop: threading.Event, peer: li
     except ProcessLookupError:
         fd = None
     if fd is not None:
-        select.select([fd], [], [])  # readable once it has exited
+        spawn.readable(fd, None)  # readable once it has exited
         os.close(fd)
     if stop.is_set() or os.getppid() == parent:
         return  # (stopped first; or not our parent's pidfd after all)

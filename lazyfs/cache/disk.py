@@ -84,20 +84,15 @@ class CacheDisk:
         except OSError as exc:
             return self.unreadable(path, digest, exc)
         try:
-            for _ in range(HASH_TRIES):
-                before = identity(os.fstat(fd))
-                if not holds(fd, digest, size):
-                    break
-                # The file hashed is the file kept only if nothing wrote to it meanwhile;
-                # another process adopting it too (its utime) moves its identity: hash again.
-                if identity(os.fstat(fd)) == before:
-                    try:
-                        os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
-                    except OSError:
-                        pass
-                    return identity(os.fstat(fd))  # after utime, which moves the change time
-            else:
-                return None  # changing all along: not trusted now, not dropped either
+            hashed = hashed_identity(fd, digest, size)
+            if hashed is CHANGING:
+                return None  # not trusted now, not dropped either
+            if hashed is not None:
+                try:
+                    os.utime(fd)  # "recently used", for `lazyfs gc --node-cache`
+                except OSError:
+                    pass
+                return identity(os.fstat(fd))  # after utime, which moves the change time
             on_disk = os.fstat(fd).st_size
         except OSError as exc:  # its bytes cannot be read back
             return self.unreadable(path, digest, exc)
@@ -135,6 +130,23 @@ class CacheDisk:
 
 def identity(st: os.stat_result) -> Identity:
     return st.st_ino, st.st_size, st.st_ctime_ns
+
+
+CHANGING = ("changing",)  # hashed_identity's answer for a file written to all the while
+
+
+def hashed_identity(fd: int, digest: str, size: int):
+    """The identity of the open file if it holds the block, taken before it was hashed and
+    the same after (the file hashed is the file kept only if nothing wrote to it meanwhile;
+    another process adopting it too, with its utime, moves its identity: hashed again, up to
+    HASH_TRIES times, then CHANGING); None if it does not hold the block."""
+    for _ in range(HASH_TRIES):
+        before = identity(os.fstat(fd))
+        if not holds(fd, digest, size):
+            return None
+        if identity(os.fstat(fd)) == before:
+            return before
+    return CHANGING
 
 
 def holds(fd: int, digest: str, size: int) -> bool:

@@ -59,10 +59,7 @@ class Landing:
             self._blocks[digest] = data
             self._bytes += size
             writer = self._writer_pool()
-        try:
-            writer.submit(self._land, digest, data)
-        except RuntimeError:  # being flushed or closed: write it here
-            self._land(digest, data)
+        self._submit(writer, digest, data)
         return BEHIND
 
     def hold(self, digests, room: int) -> None:
@@ -80,10 +77,13 @@ class Landing:
             writer = self._writer_pool()
             jobs = [(digest, self._blocks[digest]) for digest in held]
         for digest, data in jobs:  # (not counted in the write-behind's bytes)
-            try:
-                writer.submit(self._land, digest, data, False)
-            except RuntimeError:  # a flush shut that pool meanwhile: written here, not lost
-                self._land(digest, data, False)
+            self._submit(writer, digest, data, counted=False)
+
+    def _submit(self, writer: ThreadPoolExecutor, digest: str, data: bytes, counted: bool = True) -> None:
+        try:
+            writer.submit(self._land, digest, data, counted)
+        except RuntimeError:  # a flush or close shut that pool meanwhile: written here, not lost
+            self._land(digest, data, counted)
 
     def flush(self) -> None:
         """Wait until every block landing is on disk (or refused by it)."""

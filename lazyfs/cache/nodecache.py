@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs.cache import layout
-from lazyfs.cache.disk import HASH_TRIES, CacheDisk, holds, identity
+from lazyfs.cache.disk import CHANGING, CacheDisk, hashed_identity, identity
 from lazyfs.cache.landing import BEHIND, LANDING, Landing
 from lazyfs.cache.memory import MemoryBlocks
 from lazyfs.counters import Counters
@@ -365,16 +365,13 @@ class NodeCache:
     def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
         to it): hash it again; keep it if it is still the block, else drop it."""
-        for _ in range(HASH_TRIES):
-            before = identity(os.fstat(fd))
-            if not holds(fd, digest, size):
-                break
-            if identity(os.fstat(fd)) == before:  # (not written while it was hashed)
-                with self._lock:
-                    self._verified[digest] = before
-                return True
-        else:
-            return False  # changing all along: hashed again next time, dropped by nobody
+        hashed = hashed_identity(fd, digest, size)
+        if hashed is CHANGING:
+            return False  # hashed again next time, dropped by nobody
+        if hashed is not None:
+            with self._lock:
+                self._verified[digest] = hashed
+            return True
         log.error("cache: block %s changed on disk after it was verified (%s); dropping it and "
                   "fetching it again", digest, path)
         with self._lock:

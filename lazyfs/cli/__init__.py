@@ -64,11 +64,8 @@ def _usage_error(exc) -> None:
     """A usage error as one line, like every other lazyfs error (typer would draw a box):
     `lazyfs gc: error: Invalid value: ... (see `lazyfs gc --help`)`."""
     import click
-    names, ctx = [], getattr(exc, "ctx", None)
-    while ctx is not None and ctx.parent is not None:
-        names.append(ctx.info_name)
-        ctx = ctx.parent
-    where = " ".join(["lazyfs", *reversed(names)])
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "lazyfs"
     hint = f" (see `{where} --help`)" if isinstance(exc, click.UsageError) else ""
     print(f"{where}: error: {exc.format_message()}{hint}", file=sys.stderr)
 

@@ -62,12 +62,12 @@ WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Working directory insid
                           "(default: the image's WorkingDir, else /).")
 UserOpt = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image.")
 def _network(value: str) -> str:
+    from lazyfs.runner.runtime import NETWORKS
     if value not in NETWORKS:
         raise typer.BadParameter(f"{value!r}: none (a network of its own, empty) or host (the host's)")
     return value
 
 
-NETWORKS = ("none", "host")
 NetworkOpt = typer.Option("none", "--network", callback=_network, metavar="none|host",
                           help="none (default: a network namespace of its own, with no interface "
                           "but loopback) or host (the host's network).")

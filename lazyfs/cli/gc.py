@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import click
 import typer
 
 from lazyfs.cli import app
-from lazyfs.cli.common import CacheOpt, StoreOpt, err, human, parse_duration, parse_size
+from lazyfs.cli.common import CacheOpt, StoreOpt, err, given, human, parse_duration, parse_size
 
 
 @app.command(help="Remove what no tag needs any more. On a store: blocks and manifests no tag "
@@ -16,8 +17,8 @@ from lazyfs.cli.common import CacheOpt, StoreOpt, err, human, parse_duration, pa
                   "running mounts). --dry-run reports what would go.")
 def gc(
     store: Optional[str] = StoreOpt,
-    grace: Optional[str] = typer.Option(None, "--grace", help="Spare unreferenced objects younger "
-                                        "than this (e.g. 30m, 1h, 7d; default 1h). Store gc only."),
+    grace: str = typer.Option("1h", "--grace", help="Spare unreferenced objects younger than "
+                              "this (e.g. 30m, 1h, 7d). Store gc only."),
     node_cache: bool = typer.Option(False, "--node-cache", help="Trim a node cache instead of a store."),
     cache_dir: Optional[str] = CacheOpt,
     max_size: Optional[str] = typer.Option(None, "--max-size", help="With --node-cache: the size to "
@@ -36,7 +37,7 @@ def gc(
     # One gc or the other: an option of the other kind would be dropped without a word (and a
     # --max-size meant for a cache would have the default store collected instead).
     if node_cache:
-        if store is not None or grace is not None:
+        if given(click.get_current_context(), {"store": "--store", "grace": "--grace"}):
             raise typer.BadParameter("--store and --grace are for a store's gc, not with --node-cache")
         if max_size is None:
             raise typer.BadParameter("--node-cache needs --max-size")
@@ -51,7 +52,6 @@ def gc(
         return
     if max_size is not None or cache_dir is not None:
         raise typer.BadParameter("--max-size and --cache-dir trim a node cache: add --node-cache")
-    grace = grace or "1h"
     spared = parse_duration(grace)
     opened = open_store(store)
     if isinstance(opened, LocalStore) and not opened.initialised():  # (a typo: never a new store)

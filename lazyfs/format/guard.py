@@ -34,3 +34,15 @@ def total(what: str, error: type[FormatError] = FormatError) -> Callable[[F], F]
                 raise error(f"malformed {what} ({type(exc).__name__}: {exc})") from None
         return decoder  # type: ignore[return-value]
     return wrap
+
+
+# JSON values as decoders take them: Python counts true and false as ints, and json.loads gives
+# them for any document, so a number field is checked for being a number, not a bool.
+def whole(x) -> bool:
+    """A whole number, 0 or more."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def number(x) -> bool:
+    """An int or a float (not a bool); finite or not is the caller's to say."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

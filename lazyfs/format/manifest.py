@@ -172,9 +172,7 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         if parent is None or entries[parent].type != EntryType.DIR:
             raise ManifestFormatError(f"{e.path!r}: parent is not a directory in the manifest")
         _check_name(name)
-        if e.path.count(b"/") >= MAX_DEPTH or len(e.path) > MAX_PATH:
-            raise ManifestFormatError(f"{e.path[:64]!r}...: deeper than {MAX_DEPTH} levels or longer "
-                                      f"than {MAX_PATH} bytes")
+        _check_path(e.path, e.path.count(b"/") + 1)
     out += _HEAD.pack(parent, len(name)) + name + _U8.pack(int(e.type))
     if e.type == EntryType.HARDLINK:
         target = index.get(e.link)
@@ -206,6 +204,15 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         out += _DEV.pack(*e.rdev)
     if e.type not in (EntryType.REG, EntryType.SYMLINK) and e.size != 0:
         raise ManifestFormatError(f"{e.path!r}: only files and symlinks have a size")
+
+
+def _check_path(path: bytes, depth: int) -> None:
+    """Writers and readers alike: a path no kernel can address is refused (and a reader, which
+    keeps each entry's whole path, would spend memory growing with the square of a chain of
+    directories on it)."""
+    if depth > MAX_DEPTH or len(path) > MAX_PATH:
+        raise ManifestFormatError(f"entry {path[:64]!r}...: deeper than {MAX_DEPTH} levels or longer "
+                                  f"than {MAX_PATH} bytes")
 
 
 def check_fields(path: bytes, uid: int, gid: int, mtime_ns: int, xattrs, rdev=()) -> None:
@@ -354,11 +361,7 @@ def _decode(data: bytes) -> Manifest:
             if key <= keys[-1]:
                 raise ManifestFormatError(f"entry {b'/'.join(key)!r} out of canonical order or duplicated")
             path = b"/".join(key)
-            # (each entry keeps its whole path: without these, a chain of directories would cost
-            # memory growing with the square of its length)
-            if len(key) > MAX_DEPTH or len(path) > MAX_PATH:
-                raise ManifestFormatError(f"entry {path[:64]!r}...: deeper than {MAX_DEPTH} levels or "
-                                          f"longer than {MAX_PATH} bytes")
+            _check_path(path, len(key))
         if etype == HARDLINK:
             (target,) = u32(buf, pos)
             pos += 4

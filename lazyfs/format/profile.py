@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_BLOCK_SIZE
-from lazyfs.format.guard import total
+from lazyfs.format.guard import number, total, whole
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSPROF\x01\n"
@@ -110,8 +110,8 @@ def decode(data: bytes) -> Profile:
             raise ManifestFormatError(f"profile lists block {d} twice")
         # Whole numbers and finite times only: a merge adds and averages them, and encodes the
         # result again (an infinity or a 400-digit count would fail there, on a cache server).
-        if not (_whole(n) and n <= MAX_BLOCK_SIZE and _whole(count) and 1 <= count <= MAX_COUNT
-                and isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= MAX_T):
+        if not (whole(n) and n <= MAX_BLOCK_SIZE and whole(count) and 1 <= count <= MAX_COUNT
+                and number(t) and 0 <= t <= MAX_T):
             raise ManifestFormatError(f"profile entry for {d}: size must be 0 to {MAX_BLOCK_SIZE}, "
                                       f"time 0 to {MAX_T:g} s, count 1 to {MAX_COUNT}")
         seen.add(d)
@@ -150,7 +150,3 @@ def merge(old: Profile | None, new: Profile, max_blocks: int = MAX_MERGED_BLOCKS
     starts = meta.get("starts")
     meta["starts"] = (starts if isinstance(starts, int) and starts > 0 else 0) + 1
     return Profile(new.image, tuple(kept), meta)
-
-
-def _whole(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0

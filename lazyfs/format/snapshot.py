@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from lazyfs.errors import ManifestFormatError
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_BLOCK_SIZE
-from lazyfs.format.guard import total
+from lazyfs.format.guard import number, total, whole
 from lazyfs.format.manifest import canonical_json
 
 MAGIC = b"LZFSSNAP\x01\n"
@@ -22,11 +22,11 @@ MAX_FILES = 100_000
 # Where snapshot runs keep their workspaces; a restore makes and binds the snapshot's own path
 # as root, so a manifest may name nothing else.
 MOUNT_ROOT = "/run/lazyfs/snap"
+_MOUNT_PATH = re.compile(re.escape(MOUNT_ROOT) + r"/[0-9a-z][0-9a-z-]{0,63}")
+
+
 def _first_spelling(body) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-_MOUNT_PATH = re.compile(re.escape(MOUNT_ROOT) + r"/[0-9a-z][0-9a-z-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,12 @@ def encode(snap: Snapshot) -> bytes:
 def decode(data: bytes) -> Snapshot:
     if not is_snapshot(data):
         raise ManifestFormatError("not a lazyfs snapshot manifest (bad magic)")
-    body = json.loads(data[len(MAGIC):])
+    raw = data[len(MAGIC):]
+    body = json.loads(raw)
     # One snapshot, one spelling, one digest: duplicate keys, spaces, NaN or Infinity are refused.
-    # (The first snapshots, 2026-11-24, escaped non-ASCII text as \uXXXX: that spelling reads too.)
-    if data[len(MAGIC):] not in (canonical_json(body), _first_spelling(body)):
+    # (The first snapshots, 2026-11-24, escaped non-ASCII text as \uXXXX: that spelling reads too,
+    # spelt out only for a manifest that is not canonical.)
+    if raw != canonical_json(body) and raw != _first_spelling(body):
         raise ManifestFormatError("snapshot manifest is not canonical JSON")
     if len(body["files"]) > MAX_FILES:
         raise ManifestFormatError("snapshot lists too many files")
@@ -80,7 +82,7 @@ def decode(data: bytes) -> Snapshot:
         raise ManifestFormatError(f"snapshot mount_path {str(mount_path)[:100]!r} is not a "
                                   f"workspace under {MOUNT_ROOT}/")
     created, meta = body.get("created", 0.0), body.get("meta", {})
-    if not _number(created) or not isinstance(meta, dict):
+    if not number(created) or not isinstance(meta, dict):
         raise ManifestFormatError("snapshot created must be a number and meta an object")
     return Snapshot(digests.validate(body["image"]), mount_path, tuple(files), float(created), meta)
 
@@ -91,17 +93,9 @@ def _file(f: dict) -> SnapFile:
             any(part in ("", ".", "..") for part in name.split("/")):
         raise ManifestFormatError(f"snapshot file name {str(name)[:100]!r} is not a safe relative path")
     chunks = tuple((digests.validate(d), n) for d, n in f["chunks"])
-    if not _count(size) or not all(_count(n) and 0 < n <= MAX_BLOCK_SIZE for _, n in chunks):
+    if not whole(size) or not all(whole(n) and 0 < n <= MAX_BLOCK_SIZE for _, n in chunks):
         raise ManifestFormatError(f"snapshot file {name!r}: sizes must be whole numbers, chunks "
                                   f"of 1 to {MAX_BLOCK_SIZE} bytes")
     if sum(n for _, n in chunks) != size:
         raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
     return SnapFile(name, size, chunks)
-
-
-def _count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

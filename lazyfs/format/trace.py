@@ -7,7 +7,7 @@ import math
 from typing import Iterable, NamedTuple
 
 from lazyfs.errors import FormatError
-from lazyfs.format.guard import total
+from lazyfs.format.guard import number, total, whole
 
 
 class Read(NamedTuple):
@@ -28,9 +28,8 @@ def decode(line: str) -> Read:
     r = json.loads(line)
     t, path, offset, size = r["t"], r["path"], r["offset"], r["size"]
     # The types as written, nothing coerced: NaN, "inf", 1.9 or true are not a read.
-    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
-            and isinstance(path, str) and path.startswith("/")
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, size))):
+    if not (number(t) and math.isfinite(t) and t >= 0 and isinstance(path, str) and path.startswith("/")
+            and whole(offset) and whole(size)):
         raise FormatError(f"read trace line is not [t ≥ 0, /path, offset ≥ 0, size ≥ 0]: {line[:200]!r}")
     return Read(float(t), path, offset, size)
 

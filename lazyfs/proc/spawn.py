@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from lazyfs.fsutil import atomic_write
+
 JOIN_IDLE_THREADS = 0.2  # seconds to let finished pools' threads exit before deciding
 
 
@@ -185,9 +187,7 @@ class Watched(Forked):
 def write_owner(path: Path, **extra) -> None:
     """Name this process (process_id, and ``extra``) as the owner of what ``path`` stands for.
     Whole or not at all (a half-written record reads as none, and its directory is never swept)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({**process_id(), **extra}))
-    os.rename(tmp, path)
+    atomic_write(path, json.dumps({**process_id(), **extra}).encode(), path.parent, durable=False)
 
 
 def remove_owned(directory: Path, owner: str) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lazyfs.errors import RunError
 
+NETWORKS = ("none", "host")  # what --network takes: a network of its own (empty), or the host's
+
 NPROC = 32768
 
 
@@ -131,7 +133,7 @@ def own_network(spec: Spec) -> bool:
     """Whether the namespaces runtime gives the container a network namespace of its own
     (--network none) rather than the host's (host); anything else is refused, never taken
     for the host's."""
-    if spec.network not in ("none", "host"):
+    if spec.network not in NETWORKS:
         raise RunError(f"network {spec.network!r}: the namespaces runtime has none and host")
     return spec.network == "none"
 

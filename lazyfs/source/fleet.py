@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from lazyfs.counters import Counters
-from lazyfs.errors import (IntegrityError, FormatError, LazyfsError, NotFound, StoreError,
+from lazyfs.errors import (WRONG_BYTES, LazyfsError, NotFound, StoreError,
                            StoreUnavailable)
 from lazyfs.source import defaults, rendezvous
 from lazyfs.source.race import Race
@@ -93,7 +93,7 @@ class Fleet:
             log.debug("%s: %s", name, exc)
             return
         self.stats.add(failovers=1)
-        if isinstance(exc, (IntegrityError, FormatError)):
+        if isinstance(exc, WRONG_BYTES):
             self.stats.add(wrong_bytes=1)
         with self._lock:
             now = time.monotonic()

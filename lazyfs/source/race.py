@@ -15,14 +15,13 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Callable, Generic, TypeVar
 
-from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotCached, NotFound, StoreUnavailable
+from lazyfs.errors import WRONG_BYTES, LazyfsError, NotCached, NotFound, StoreUnavailable
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.fleet")
 T = TypeVar("T")
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # backoff between rounds while every source fails
 ESCALATE = 4  # hedge delays before a hedge may make another server fill from the origin
-WRONG_BYTES = (IntegrityError, FormatError)  # an answer that asked again gives the same bytes
 
 
 class Race(Generic[T]):

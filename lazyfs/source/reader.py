@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Iterator
 
-from lazyfs.errors import FormatError, IntegrityError, StoreError, StoreUnavailable
+from lazyfs.errors import WRONG_BYTES, StoreError, StoreUnavailable
 from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 from lazyfs.store.counting import CountingStore
@@ -49,31 +50,35 @@ class StoreReader:
             if self._abandoned >= MAX_ABANDONED:
                 raise StoreUnavailable(f"{self.url}: block {digest}: {self._abandoned} reads are "
                                        f"still waiting on it past their deadline")
-        read = _Read(self, digest, size)
+        answer: Future = Future()
+
+        def read() -> None:
+            try:
+                answer.set_result(self._fetch_block(digest, size))
+            except BaseException as exc:  # handed to the caller (or dropped, if it left)
+                answer.set_exception(exc)
         try:
-            threading.Thread(target=read.run, name="store-read", daemon=True).start()
+            threading.Thread(target=read, name="store-read", daemon=True).start()
         except RuntimeError:  # no thread to be had: read here, without the deadline
             return self._fetch_block(digest, size)
-        if not read.done.wait(self.deadline):
+        try:
+            return answer.result(self.deadline)
+        except FutureTimeout:
             with self._lock:
-                if read.abandon():
-                    self._abandoned += 1
-            if not read.done.is_set():
-                self.stats.add(errors=1)
-                raise StoreUnavailable(f"{self.url}: block {digest}: no answer within the "
-                                       f"{self.deadline:g} s deadline")
-        if read.error is not None:
-            raise read.error
-        return read.data
+                self._abandoned += 1
+            answer.add_done_callback(self._let_go)  # (at once, if it ended meanwhile)
+            self.stats.add(errors=1)
+            raise StoreUnavailable(f"{self.url}: block {digest}: no answer within the "
+                                   f"{self.deadline:g} s deadline") from None
 
-    def _let_go(self) -> None:
+    def _let_go(self, _answer: Future) -> None:
         with self._lock:
             self._abandoned -= 1
 
     def _fetch_block(self, digest: str, size: int | None) -> bytes:
         try:
             return objects.fetch_block(self.store, digest, size)
-        except (IntegrityError, FormatError) as exc:
+        except WRONG_BYTES as exc:
             self._rejected(digest, exc)
             raise
 
@@ -96,35 +101,3 @@ class StoreReader:
     def close(self) -> None:
         self.store.close()
 
-
-class _Read:
-    """One block read on a thread of its own, for a caller that may stop waiting for it."""
-
-    def __init__(self, reader: StoreReader, digest: str, size: int | None):
-        self.reader, self.digest, self.size = reader, digest, size
-        self.done = threading.Event()
-        self.data: bytes = b""
-        self.error: BaseException | None = None
-        self._abandoned = False
-        self._lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            self.data = self.reader._fetch_block(self.digest, self.size)
-        except BaseException as exc:  # handed to the caller (or dropped, if it left)
-            self.error = exc
-        finally:
-            with self._lock:
-                self.done.set()
-                abandoned = self._abandoned
-            if abandoned:
-                self.reader._let_go()
-
-    def abandon(self) -> bool:
-        """The caller stops waiting: True if the read is still running (then counted until it
-        ends), False if it ended meanwhile."""
-        with self._lock:
-            if self.done.is_set():
-                return False
-            self._abandoned = True
-            return True

@@ -100,7 +100,6 @@ class Lease:
                              "nothing was tagged, run it again")
 
     def _refresh(self) -> None:
-        last_ok = time.monotonic()
         failing = False
         while not self._stop.wait(self.refresh_every):
             asked = time.monotonic()  # (gc judges the time written, taken before the write)
@@ -110,7 +109,7 @@ class Lease:
                 # build (the TTL covers it), but once the lease lapses gc may delete what the
                 # build reuses: say so, once per outage, with how long is left.
                 if not failing:
-                    left = LEASE_TTL - (time.monotonic() - last_ok)
+                    left = LEASE_TTL - (time.monotonic() - self._last_ok)
                     log.warning("lease %s on %s: refresh failed (%s: %s); it lapses in %.0f s "
                                 "unless a refresh succeeds", self.name, self.store.url,
                                 type(exc).__name__, exc, max(0.0, left))
@@ -119,9 +118,9 @@ class Lease:
             if failing:
                 log.warning("lease %s on %s: refreshed again", self.name, self.store.url)
             failing = False
-            if asked - last_ok >= LEASE_TTL:
+            if asked - self._last_ok >= LEASE_TTL:
                 self._lapsed = True
-            last_ok = self._last_ok = asked
+            self._last_ok = asked
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

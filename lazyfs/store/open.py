@@ -21,10 +21,9 @@ def open_store(spec: str | None = None, token: str | None = None) -> BlockStore:
                          f"http://{spec}")
     parsed = urlparse(spec)
     if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme else spec
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise StoreError(f"store {path} is not a directory")
-        return LocalStore(path)
+        store = LocalStore(parsed.path if parsed.scheme else spec)
+        store.check()  # (a file there: refused before anything reads from it)
+        return store
     if parsed.scheme == "s3":
         from lazyfs.store.s3 import S3Store
         return S3Store(spec)

@@ -27,6 +27,7 @@ from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound, St
 from lazyfs.format import batch, reference
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.format.guard import JSON_ERRORS
 from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
 from lazyfs.format.manifest import MAX_MANIFEST
@@ -219,7 +220,7 @@ class CacheServer:
         raw = await self.bodies.read(request, BATCH_BODY)
         try:
             body = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
+        except JSON_ERRORS:
             body = None
         wanted = body.get("digests") if isinstance(body, dict) else None
         if not isinstance(wanted, list) or not all(isinstance(d, str) for d in wanted):

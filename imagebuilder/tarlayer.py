@@ -122,7 +122,8 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
                on_read: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
     """Stream one layer through ``on_entry`` (which must consume regular-file content), then check
     its compressed digest and uncompressed diff_id. Any archive damage becomes ImageSourceError.
-    Returns the uncompressed size; more than ``max_bytes`` of it is refused while inflating."""
+    Returns the size it expands to (the stream and sparse files' holes); more than ``max_bytes``
+    of it is refused while inflating."""
     outer = HashingReader(raw, on_read)
     try:
         inner = HashingReader(decompressed(outer), limit=max_bytes, what=f"layer {layer}")
@@ -130,12 +131,16 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
         with tarfile.open(fileobj=inner, mode="r|", errors="surrogateescape") as tf:
             for info in tf:
                 entry = to_entry(layer, info)
-                if info.issparse():  # its holes read as zeroes the stream never counts
+                if info.issparse() and entry.type == EntryType.REG:
+                    # Its holes read as zeroes the stream never carries: they are charged to the
+                    # budget, and the rest of the stream gets what is left of it.
                     holes += info.size
-                    if max_bytes is not None and inner.count + holes > max_bytes:
-                        raise LimitExceeded(f"layer {layer}: entry {info.name!r} is a sparse file of "
-                                            f"{info.size} bytes, beyond the limit of {max_bytes} "
-                                            "(--max-size)")
+                    if max_bytes is not None:
+                        inner.limit = max_bytes - holes
+                        if inner.count > inner.limit:
+                            raise LimitExceeded(f"layer {layer}: entry {info.name!r} is a sparse file "
+                                                f"of {info.size} bytes, beyond the limit of "
+                                                f"{max_bytes} (--max-size)")
                 stream = tf.extractfile(info) if entry.type == EntryType.REG else None
                 on_entry(entry, stream)
         inner.drain()
@@ -157,7 +162,7 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
         raise LayerDigestMismatch(f"layer {layer}", digest, outer.digest())
     if diff_id and inner.digest() != diff_id:
         raise LayerDigestMismatch(f"layer {layer} (uncompressed diff_id)", diff_id, inner.digest())
-    return inner.count
+    return inner.count + holes
 
 
 def _rest_hash(outer: HashingReader) -> str | None:
@@ -173,6 +178,8 @@ def to_entry(layer: str, info: tarfile.TarInfo) -> LayerEntry:
     path = os.fsencode(info.name)
     if kind is None:
         raise UnsafeEntry(layer, info.name, f"unsupported tar entry type {info.type!r}")
+    if info.size < 0:  # (a pax size or GNU.sparse.realsize can say so; it would pay back a budget)
+        raise UnsafeEntry(layer, info.name, f"negative size {info.size}")
     common = dict(path=path, type=kind, mode=info.mode & 0o7777, uid=info.uid, gid=info.gid,
                   mtime_ns=_mtime_ns(info), xattrs=_xattrs(info))
     try:  # (what the manifest cannot hold: refused now, not after every block is stored)

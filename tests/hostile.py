@@ -135,6 +135,26 @@ def _docker_missing_layer(t: Path) -> str:
     return f"docker-archive:{archive}"
 
 
+def _sparse(name: str, size: int, key: str = "GNU.sparse.size", kind: bytes = tarfile.REGTYPE) -> TarEntry:
+    """An entry whose pax headers say it is ``size`` bytes of holes: no content in the stream."""
+    return TarEntry(name, type=kind, pax={"GNU.sparse.map": "0,0", key: str(size), "GNU.sparse.name": name})
+
+
+def _docker_manifest_loop(t: Path) -> str:
+    archive = t / "docker.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("manifest.json")
+        info.type, info.linkname = SYM, "manifest.json"
+        tf.addfile(info)
+    return f"docker-archive:{archive}"
+
+
+def _deep_index(t: Path) -> str:
+    src = _layers(t)
+    Path(src[4:].rsplit(":", 1)[0], "index.json").write_bytes(b"[" * 100_000)
+    return src
+
+
 def _empty_file(t: Path) -> str:
     (t / "empty").write_bytes(b"")
     return str(t / "empty")
@@ -206,6 +226,14 @@ CORPUS: dict[str, Case] = {
                                 "its descriptor says 10 bytes"),
     "config-digest-mismatch": Case(_config_tampered, "hashes to"),
     "decompression-bomb-layer": Case(_bomb, "inflates past", args=("--max-size", "10M")),
+    # Holes are charged to the one budget of every layer, and a negative size pays nothing back.
+    "sparse-files-across-layers": Case(lambda t: _layers(t, [_sparse("s1", 8 << 20)], [_sparse("s2", 8 << 20)]),
+                                       "beyond the limit", args=("--max-size", "10M")),
+    "negative-sparse-size": Case(lambda t: _layers(t, [_sparse("d", -(64 << 20), "GNU.sparse.realsize", DIR),
+                                                       _sparse("f", 64 << 20, "GNU.sparse.realsize")]),
+                                 "negative size", args=("--max-size", "10M")),
+    "index-nested-past-the-stack": Case(_deep_index, "not valid JSON"),
+    "docker-archive-manifest-symlink-loop": Case(_docker_manifest_loop, "loop of symbolic links"),
     "config-not-json": Case(lambda t: _raw_layout(t, gzip.compress(_good_tar()), config=b"{not json"),
                             "not valid JSON"),
     "manifest-not-json": Case(lambda t: _raw_layout(t, b"", manifest_raw=b"\x00\x01garbage"), "not valid JSON"),

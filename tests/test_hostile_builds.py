@@ -205,6 +205,8 @@ CASES: dict[str, Case] = {
     "config-100mib": Case(_big_config(100 * MIB), "more than the 8388608 a JSON document may have"),
     "config-bigger-than-descriptor": Case(_big_config(1000), "the blob is 104857600 bytes, its descriptor "
                                                              "says 1000 bytes"),
+    "manifest-nested-past-the-stack": Case(_answer_manifest(lambda reg: lambda h, head: h.send(
+        200, b"[" * 100_000, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})), "is not valid JSON"),
     "token-answer-100mib": Case(_token_answer(100 * MIB), "answered more than 1048576 bytes"),
     # --- other refusals ---------------------------------------------------------------------------
     "redirect-loop": Case(_redirect_loop, "too many redirects"),

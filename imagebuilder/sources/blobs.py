@@ -9,6 +9,7 @@ from typing import BinaryIO
 
 from lazyfs.errors import BlobSizeMismatch, ImageSourceError, LayerDigestMismatch, NotAnImage
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import JSON_ERRORS
 
 MAX_JSON = 8 * 1024 * 1024
 
@@ -59,7 +60,7 @@ class BlobSource:
             raise LayerDigestMismatch(f"{self.label}: {name}", digest, digests.compute(data))
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except JSON_ERRORS as exc:
             raise ImageSourceError(f"{self.label}: {name} is not valid JSON ({exc})") from None
 
     @staticmethod
@@ -113,6 +114,8 @@ class TarBlobs(BlobSource):
             f = self.tar.extractfile(member)
         except (tarfile.TarError, KeyError) as exc:
             raise ImageSourceError(f"{self.label}: cannot read {name} ({exc})") from None
+        except RecursionError:  # tarfile follows a member's links by recursion, loops included
+            raise ImageSourceError(f"{self.label}: {name} is a loop of symbolic links") from None
         if f is None:
             raise ImageSourceError(f"{self.label}: {name} is not a file")
         return f

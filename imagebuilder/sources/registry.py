@@ -24,6 +24,7 @@ import urllib3
 from lazyfs.errors import (BlobSizeMismatch, DownloadStalled, LayerDigestMismatch, NotAnImage,
                            RegistryAuthError, RegistryError)
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import JSON_ERRORS
 
 from imagebuilder.sources import regauth
 from imagebuilder.sources.blobs import MAX_JSON
@@ -45,7 +46,7 @@ def _error_text(body: bytes, http_reason: str | None) -> str:
     try:
         first = (json.loads(body or b"{}").get("errors") or [])[0]
         return f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, IndexError, TypeError, UnicodeDecodeError):
+    except (*JSON_ERRORS, AttributeError, IndexError, TypeError):
         return http_reason or ""
 
 
@@ -216,7 +217,7 @@ class Registry:
         try:
             body = json.loads(data)
             token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError, UnicodeDecodeError):
+        except (*JSON_ERRORS, AttributeError):
             token = None
         if resp.status != 200 or not isinstance(token, str) or not token:
             raise RegistryAuthError(f"{self.ref.host}: token service {realm} gave no token "

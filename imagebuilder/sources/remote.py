@@ -11,6 +11,7 @@ import json
 
 from lazyfs.errors import ImageSourceError, NotAnImage
 from lazyfs.format import digest as digests
+from lazyfs.format.guard import JSON_ERRORS
 
 from imagebuilder.sources import dockerref, oci, regauth
 from imagebuilder.sources.blobs import BlobSource
@@ -72,7 +73,7 @@ def _manifest(registry: Registry, reference: str, label: str,
     data, media, digest = registry.manifest(reference, size)
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except JSON_ERRORS as exc:
         raise ImageSourceError(f"{label}: manifest {reference} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise NotAnImage(f"{label}: manifest {reference} is not a JSON object")

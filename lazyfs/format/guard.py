@@ -18,6 +18,9 @@ F = TypeVar("F", bound=Callable)
 # What malformed input makes the standard library raise (UnicodeDecodeError is a ValueError).
 MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
              RecursionError, struct.error)
+# What json.loads raises for text that is not JSON it can hold: RecursionError for arrays or
+# objects nested past the interpreter's stack ("[" * 100000), ValueError for everything else.
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 def total(what: str, error: type[FormatError] = FormatError) -> Callable[[F], F]:

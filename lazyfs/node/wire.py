@@ -11,6 +11,7 @@ import json
 import socket
 
 from lazyfs.errors import NodeError
+from lazyfs.format.guard import JSON_ERRORS
 
 MAX_LINE = 1 << 20
 MAX_FDS = 8
@@ -23,10 +24,8 @@ def encode(obj: dict) -> bytes:
 def decode(line: bytes) -> dict:
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except JSON_ERRORS as exc:
         raise NodeError(f"malformed message from the node agent socket ({exc})") from None
-    except RecursionError:  # nesting deeper than the parser goes: no lazyfs message is like that
-        raise NodeError("malformed message from the node agent socket (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise NodeError("malformed message from the node agent socket (not an object)")
     return obj

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from lazyfs.errors import StoreError
+from lazyfs.format.guard import JSON_ERRORS
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.lease")
@@ -55,7 +56,7 @@ def read_leases(store: BlockStore) -> list[LeaseInfo]:
         try:
             d = json.loads(raw)
             out.append(LeaseInfo(name, d["kind"], d["host"], int(d["pid"]), float(d["refreshed"])))
-        except (ValueError, KeyError, TypeError):
+        except (*JSON_ERRORS, KeyError, TypeError):
             out.append(LeaseInfo(name, "unknown", "?", 0, 0.0))  # unreadable: treat as stale
     return out
 

@@ -375,21 +375,25 @@ class Handler:
             self.fetcher.stop()
 
     def _read_events(self, task: Task, mask: int) -> None:
-        if task not in self.tasks:
-            return
-        buf = b""
-        if mask & select.POLLIN or not mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-            try:
-                buf = os.read(task.fd, uffd.MSG_SIZE * 64)
-            except BlockingIOError:
+        # Under the lock from the read to the handling: once a map change's event is read the
+        # kernel lets the change finish, and a block copied in between would land where the
+        # memory no longer is (mremap: its pages taken as copied, later faults given zero pages;
+        # madvise: old bytes where the program was promised zeroes).
+        with self.lock:
+            if task not in self.tasks:
                 return
-            except OSError:
-                pass
-        if not buf:  # hung up, unreadable or at its end: the process has exited
-            with self.lock:
+            buf = b""
+            if mask & select.POLLIN or not mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                try:
+                    buf = os.read(task.fd, uffd.MSG_SIZE * 64)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    pass
+            if not buf:  # hung up, unreadable or at its end: the process has exited
                 self._gone(task)
-            return
-        self.handle(task, uffd.parse(buf))
+                return
+            self.handle(task, uffd.parse(buf))
 
     def close(self) -> None:
         """Let go of every descriptor. Only after the tree is dead or every page is in."""

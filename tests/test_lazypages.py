@@ -231,6 +231,52 @@ def test_a_block_that_comes_while_the_memory_map_changes_is_copied_once_the_even
     h.close()
 
 
+def test_a_block_that_comes_between_reading_a_madvise_and_handling_it_is_not_copied(monkeypatch):
+    """madvise(DONTNEED) waits until its event is read, then empties the range: from then on it
+    reads as zeroes. A block delivered by another thread after that read but before the event is
+    handled must wait for the handling: copied at once, it would put the snapshot's old bytes
+    where the program was promised zeroes (allocators rely on them for calloc)."""
+    import snapshot.lazypages
+    monkeypatch.setattr(snapshot.lazypages, "QUIET", 30.0)  # no background transfer meanwhile
+    mem = Memory()
+    h = mem.handler()
+    done: list[int] = []
+    block = mem.chunks[0]  # pages 0..2
+    parse = snapshot.lazypages.uffd.parse
+    deliverers: list[threading.Thread] = []
+
+    def parse_after_a_delivery(buf):
+        for _ in range(100):  # the madvise goes on once its event is read
+            if done:
+                break
+            time.sleep(0.01)
+        if done and not deliverers:
+            deliverer = threading.Thread(target=h.arrived, args=("sha256:" + block[0], block[1]), daemon=True)
+            deliverer.start()
+            deliverers.append(deliverer)
+            deliverer.join(0.5)  # it copies now, or waits for the event to be handled
+        return parse(buf)
+
+    monkeypatch.setattr(snapshot.lazypages.uffd, "parse", parse_after_a_delivery)
+    stop, t = _serve(h)
+    h.restore_finished()
+    advisor = threading.Thread(target=lambda: done.append(libc.madvise(mem.addr, 3 * PAGE, 4)), daemon=True)
+    advisor.start()
+    advisor.join(10)
+    assert done == [0]
+    for _ in range(500):  # (the loop thread sees the madvise return a moment after this one does)
+        if deliverers:
+            break
+        time.sleep(0.01)
+    assert deliverers, "the madvise's event never came"
+    deliverers[0].join(10)
+    assert mem.read(0, 3 * PAGE) == b"\0" * 3 * PAGE
+    assert mem.read(3 * PAGE, PAGE) == mem.content[3 * PAGE:4 * PAGE]
+    stop.set()
+    t.join(10)
+    h.close()
+
+
 def test_a_block_that_fails_verification_kills_before_letting_go():
     """The handler must call on_fatal (in lazyfs: SIGKILL the restored tree) before it closes the
     descriptor, because closing it makes the kernel hand out zero pages."""

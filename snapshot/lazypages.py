@@ -292,9 +292,11 @@ class Handler:
     def _remove(self, task: Task, ev: uffd.Event) -> None:
         task.drop(self.blocks, ev.a // PAGE, (ev.b + PAGE - 1) // PAGE)
         if ev.kind == uffd.EVENT_REMOVE:  # madvise(DONTNEED): the range reads as zeroes from now
-            if uffd.unregister(task.fd, ev.a, ev.b - ev.a) == errno.ESRCH:
-                self._gone(task)
-                return
+            # The kernel's own faults there from now on. Where it cannot (ENOMEM), faults there
+            # still come here and get zero pages, as the dropped range has no block; a process
+            # that has gone shows on its next copy (ESRCH), so no answer here means gone: taken
+            # for gone, a live process's missing pages would all read as zeroes.
+            uffd.unregister(task.fd, ev.a, ev.b - ev.a)
         self._maybe_release(task)
 
     def _remap(self, task: Task, old: int, new: int, n: int) -> None:

@@ -277,6 +277,34 @@ def test_a_block_that_comes_between_reading_a_madvise_and_handling_it_is_not_cop
     h.close()
 
 
+def test_a_madvise_the_kernel_cannot_unregister_leaves_the_rest_served(monkeypatch):
+    """UFFDIO_UNREGISTER's ENOMEM also means "could not split the mapping" for a process that
+    runs on (vm.max_map_count): its other missing pages must still be served, not zero-filled by
+    letting go of its descriptor."""
+    import snapshot.lazypages
+    monkeypatch.setattr(snapshot.lazypages, "QUIET", 30.0)  # no background transfer meanwhile
+    ioctl = uffd._ioctl
+
+    def no_split(fd, request, arg, benign=uffd.BENIGN):
+        if request == uffd.UFFDIO_UNREGISTER:
+            return ioctl(fd, request, arg, benign) if errno.ENOMEM not in benign else errno.ENOMEM
+        return ioctl(fd, request, arg, benign)
+
+    monkeypatch.setattr(uffd, "_ioctl", no_split)
+    mem = Memory()
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    assert libc.madvise(mem.addr, 3 * PAGE, 4) == 0
+    assert mem.read(0, 3 * PAGE) == b"\0" * 3 * PAGE
+    off = 200 * PAGE  # block 7, never touched before
+    assert mem.read(off, PAGE) == mem.content[off:off + PAGE]
+    assert mem.fatal_calls == []
+    stop.set()
+    t.join(10)
+    h.close()
+
+
 def test_a_block_that_fails_verification_kills_before_letting_go():
     """The handler must call on_fatal (in lazyfs: SIGKILL the restored tree) before it closes the
     descriptor, because closing it makes the kernel hand out zero pages."""

@@ -34,6 +34,7 @@ from snapshot.lazyserver import Config
 from snapshot.workspace import MOUNT_BASE, Workspace, sweep_abandoned
 
 log = logging.getLogger("lazyfs.snapshot")
+KILLED = 128 + signal.SIGKILL  # the exit status of a tree the page server killed
 
 
 class SnapshotMismatch(RunError):
@@ -207,12 +208,16 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
             status = pages.finish()
             if recording is not None and _trace(ws).exists():
                 trace_lines = _trace(ws).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        _reap(pid)
         ws.remove()
     if pages is None:
         return code
-    if status.get("error"):  # the page server killed the tree (a block it could not serve)
+    if status.get("error") and code == KILLED:  # the page server killed the tree (a block it could not serve)
         raise LazyRestoreFailed(f"the restored process was killed: {status['error']}")
     # The program has run to its end: nothing from here on may start it again (a cold start).
+    if status.get("error"):  # (a fetch behind it that failed once it had ended)
+        _warn_after(f"the page server failed: {status['error']}")
+        return code
     if not status:
         _warn_after(f"the page server gave no report: {pages.failure()}")
         return code
@@ -343,11 +348,13 @@ def _kill_hard(pid: int) -> None:
 
 
 def _wait(pid: int) -> int:
-    """Exit status of the restored root task (a child of ours: criu restored it as its sibling)."""
+    """Exit status of the restored root task (a child of ours: criu restored it as its sibling),
+    left a zombie for _reap: until then its pid is no other process's, so a page server that
+    kills the tree as it ends (a fetch behind it failed) cannot hit a process that took the pid."""
     try:
         while True:
             try:
-                _, status = os.waitpid(pid, 0)
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
                 break
             except InterruptedError:
                 continue
@@ -357,4 +364,11 @@ def _wait(pid: int) -> int:
     except ChildProcessError:  # not our child after all: until it is gone (its status is not ours)
         spawn.wait_gone(pid, float("inf"))
         return 0
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped already (a stop that waited for it), or not ours
+        pass

@@ -103,6 +103,16 @@ snapshot.ready()
 print("continued", len(memory), flush=True)
 time.sleep(120)  # still running when the restore is interrupted
 '''
+END_PROGRAM = r'''
+import os, random, time
+import lazyfs_snapshot as snapshot
+big = bytearray(random.Random(42).randbytes(48 * 1024 * 1024))  # never read after the restore
+snapshot.ready()
+print("continued", flush=True)
+time.sleep(2)  # quiet: the page server brings the rest of the memory in meanwhile
+print("ended", flush=True)
+os._exit(5)  # (its memory still mapped: a SystemExit would unmap what the page server still brings)
+'''
 BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
 
@@ -137,6 +147,7 @@ def numpy_rootfs(tmp_path_factory):
     (root / "app" / "fork.py").write_text(FORK_PROGRAM)
     (root / "app" / "slow.py").write_text(SLOW_PROGRAM)
     (root / "app" / "map.py").write_text(MAP_PROGRAM)
+    (root / "app" / "end.py").write_text(END_PROGRAM)
     return root
 
 
@@ -277,6 +288,43 @@ def test_a_restore_that_cannot_make_its_workspace_starts_cold(image, monkeypatch
     out = _lines(r.stdout)
     assert out.get("warm") == ["5"] and out["continued"][:2] == ["0", "6"], (r.stdout, r.stderr)
     assert r.returncode == 7
+
+
+def test_a_fetch_that_fails_once_the_restored_program_has_ended_does_not_run_it_again(image):
+    """The page server's last fetch fails only after the program ended on its own: its run and
+    exit status stand (a warning says what failed); it is not started again cold, as if it had
+    been killed."""
+    lazyfs_cli("run", "--snapshot", "warm/end:1", "snap/py:1", "--", "python3", "/app/end.py", timeout=300)
+    snap = snapfmt.decode(objects.read_manifest_bytes(image, image.get_tag("warm/end", "1")))
+    victim = _lazy_big_block(image, snap)
+    path = image._block_path(victim)
+    path.unlink()
+    os.mkfifo(path)  # the page server's read of it waits until this test answers, with garbage
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--restore", "warm/end:1", "snap/py:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fifo = None
+        deadline = time.monotonic() + 60
+        while fifo is None and time.monotonic() < deadline:  # until the page server reads it
+            try:
+                fifo = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader yet
+                time.sleep(0.01)
+        lines = [proc.stdout.readline().split()[0], proc.stdout.readline().split()[0]]
+        assert lines == ["continued", "ended"], lines
+        if fifo is not None:
+            time.sleep(0.3)  # the program has exited: now the read fails
+            os.write(fifo, b"not a block")
+            os.close(fifo)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert fifo is not None, "the page server never read the block"
+    assert proc.returncode == 5, err
+    assert "cold instead" not in err and "continued" not in out, (out, err)
+    assert "after the restored process ended: the page server failed" in err and victim in err, err
 
 
 def _lazy_big_block(image, snap) -> str:

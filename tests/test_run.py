@@ -143,6 +143,29 @@ def test_what_a_run_killed_with_sigkill_leaves_the_next_run_removes(bb_image, ru
         proc.communicate(timeout=30)
 
 
+def test_a_container_running_as_another_user_dies_with_a_run_killed_with_sigkill(bb_image, env_dirs):
+    """Switching to the container's user clears the parent-death signal that takes a container
+    along with a SIGKILLed `lazyfs run`; it must be set again after the switch."""
+    argv = [b"sleep", b"67"]  # (a number of its own, to find it should it survive)
+    proc = subprocess.Popen([*LAZYFS, "run", "--runtime", "namespaces", "--user", "nobody", "run/bb:1", "--",
+                             "sh", "-c", "echo started; exec sleep 67"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        proc.kill()
+        proc.communicate(timeout=10)  # the container (which holds the output's pipe) died too
+        lazyfs_cli("run", "run/bb:1", "--", "sh", "-c", "exit 0")  # (removes what the kill left)
+    finally:
+        proc.kill()
+        for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit()):
+            try:
+                if Path("/proc", pid, "cmdline").read_bytes().split(b"\0")[:2] == argv:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_sigterm_stops_a_container_whose_init_ignores_it(bb_image, runtime, env_dirs):
     """`kill PID` of lazyfs run (what a supervisor or the bench does): the command runs as PID 1,

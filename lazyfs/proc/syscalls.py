@@ -16,7 +16,7 @@ MS_BIND, MS_REC, MS_PRIVATE = 4096, 0x4000, 1 << 18
 MNT_DETACH = 2
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_SET_NAME = 1, 2, 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -64,6 +64,13 @@ def set_name(name: str) -> None:
 def die_with_parent(sig: int) -> None:
     """PR_SET_PDEATHSIG: ``sig`` when the parent thread dies (as unshare --kill-child)."""
     _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def parent_death_signal() -> int:
+    """PR_GET_PDEATHSIG: the signal die_with_parent set (0: none)."""
+    sig = ctypes.c_int(0)
+    _libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(sig), 0, 0, 0)
+    return sig.value
 
 
 class _Range(ctypes.Structure):

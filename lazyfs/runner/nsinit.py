@@ -130,11 +130,16 @@ def enter(a: Args) -> None:
     os.chroot(a.rootfs)
     os.chdir(a.workdir)
     uid, gid = _ids(a.user)
+    # Changing ids clears the parent-death signal (the kernel's commit_creds), which is what
+    # takes the container with a `lazyfs run` that was SIGKILLed: set again once they changed.
+    dies_with_parent = sc.parent_death_signal()
     if gid is not None:
         os.setgroups([])
         os.setgid(gid)
     if uid is not None:
         os.setuid(uid)
+    if dies_with_parent:
+        sc.die_with_parent(dies_with_parent)
     env = dict(kv.split("=", 1) for kv in a.env if "=" in kv)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     try:

@@ -44,6 +44,12 @@ def _reseed() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        # OpenSSL tells a fork by a new pid, and a restored copy keeps the snapshot's pids: its
+        # TLS randoms and key shares would repeat in every copy. Its per-thread generators
+        # reseed from the primary one once that has been.
+        ssl.RAND_add(os.urandom(32), 32.0)
 
 
 def ready(poll: float = 0.002) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from lazyfs.errors import NotFound, RunError
 from lazyfs.format import reference
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.runner.runtime import nsinit_command
+from lazyfs.runner.runtime import nsinit_command, own_network
 from lazyfs.runner.session import RunOptions, resolve
 from lazyfs.records import objects
 from lazyfs.store import open_store
@@ -122,12 +122,14 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         ws.mount(digest, opts.source, opts.cache_dir)
         # spec.env already has the helper first on PYTHONPATH (session.container_spec).
         env = spec.env + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
-        # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs; the
+        # Own PID (and UTS, IPC) namespace so the tree can be restored with the same PIDs, and
+        # its own network unless the host's was asked for (as a plain run has it); the
         # mount namespace stays the host's so CRIU need not dump mounts (see workspace.py).
         # unshare dies with this process (setpriv execs it with a parent-death signal), and the
         # program with unshare: a run killed with SIGKILL leaves no program running on its own.
         cmd = ["setpriv", "--pdeathsig", "KILL",
                "unshare", "--pid", "--fork", "--kill-child", "--uts", "--ipc",
+               *(["--net"] if own_network(spec) else []),
                *nsinit_command(ws.rootfs, replace(spec, env=env), "--setsid", "--stdio", str(ws.stdio))]
         say(f"snapshot run of {opts.ref} in {ws.base}: " + " ".join(spec.argv))
         with open(ws.base / "unshare.log", "wb") as log, Follower(ws.stdio):

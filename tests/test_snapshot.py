@@ -30,7 +30,7 @@ from snapshot.workspace import MOUNT_BASE
 from tests.conftest import lazyfs_cli, lazyfs_mounts, mount_skip_reason
 
 PROGRAM = r'''
-import hashlib, os, random, ssl, sys
+import hashlib, os, random, socket, ssl, sys
 import numpy as np
 import lazyfs_snapshot as snapshot
 ssl.RAND_bytes(16)  # OpenSSL's generator seeded before the snapshot (as by a TLS download)
@@ -43,6 +43,7 @@ for _ in range(5):
     state.write(f"tick {counter}\n")
 state.flush()
 print("warm", counter, flush=True)
+print("network", *sorted(name for _, name in socket.if_nameindex()), flush=True)
 generation = snapshot.ready()
 counter += 1
 state.write(f"after {counter}\n")
@@ -51,6 +52,7 @@ print("continued", generation, counter, len(big), float(arr.sum()), flush=True)
 print("digest", hashlib.sha256(big).hexdigest(), flush=True)  # every byte of the 48 MiB, read back
 print("random", random.random(), float(np.random.rand()), ssl.RAND_bytes(16).hex(), flush=True)
 print("state", open("/tmp/state.txt").read().replace("\n", "|"), flush=True)
+print("network", *sorted(name for _, name in socket.if_nameindex()), flush=True)
 sys.exit(7)
 '''
 
@@ -163,6 +165,7 @@ def _snapshot(name: str, scale: str = "1"):
                       scale, timeout=300)
     assert "warm 5" in proc.stdout
     assert "continued" not in proc.stdout  # the original was dumped (and stopped) at ready()
+    assert _lines(proc.stdout)["network"] == ["lo"]  # --network none, as a plain run has it
     return proc
 
 
@@ -197,6 +200,7 @@ def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agen
         assert float(total) == sum(range(2_000_000))
         assert out["digest"] == [BIG_DIGEST]
         assert " ".join(out["state"]) == "tick 1|tick 2|tick 3|tick 4|tick 5|after 6|"
+        assert out["network"] == ["lo"]  # a network of its own again, not the host's
         outs.append((generation, out["random"]))
     assert outs[0][0] != outs[1][0]  # each restored copy has its own identity
     assert all(a != b for a, b in zip(outs[0][1], outs[1][1])) and len(outs[0][1]) == 3  # and its own RNGs
@@ -204,6 +208,17 @@ def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agen
     # new writable layer: the restored process wrote on through a copy-up of it.
     names = {f.name for f in _manifest(image, "warm/py:1").files}
     assert "upper.erofs" in names and "upper.tar" not in names
+
+
+def test_a_snapshot_on_the_hosts_network_comes_back_on_it(image):
+    import socket
+    host = sorted(name for _, name in socket.if_nameindex())
+    proc = lazyfs_cli("run", "--snapshot", "warm/host:1", "--network", "host", "snap/py:1", "--",
+                      "python3", "/app/prog.py", "1", timeout=300)
+    assert _lines(proc.stdout)["network"] == host
+    r = lazyfs_cli("run", "--restore", "warm/host:1", "snap/py:1", check=False, timeout=300)
+    assert r.returncode == 7 and "warning" not in r.stderr, r.stderr
+    assert _lines(r.stdout)["network"] == host
 
 
 def _manifest(image, ref: str) -> snapfmt.Snapshot:

@@ -284,6 +284,9 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
         tail = criu_mod._tail(ws.base / "restore.log")
         raise criu_mod.CriuError(f"criu restore failed ({printed.strip() or code}):\n  {tail}")
     pid = int(pidfile.read_text())
+    if pages is None:  # criu read every page into the tree: kept, they would be its memory twice (/run is RAM)
+        for image in (snap_dir / "criu").glob("pages-*.img"):
+            image.unlink(missing_ok=True)
     try:
         if cuda is not None:
             wanted = set(gpu_meta["ns_pids"])

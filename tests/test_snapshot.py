@@ -664,27 +664,31 @@ def test_a_restore_interrupted_halfway_leaves_no_mount_and_no_process(image, env
         assert "took the node agent's mount of the image" in err
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "its client killed"])
+@pytest.mark.parametrize("how", ["SIGTERM", "its client killed", "SIGTERM, eager"])
 def test_a_restore_stopped_by_a_kill_stops_its_process_and_leaves_nothing(image, env_dirs, how):
     """`kill PID` of a restore takes the Ctrl-C path (the restored tree asked to stop, then
     killed; the workspace and lease gone; no cold start), and so does a restore the agent forked
-    whose client was killed with SIGKILL (the fork then stops itself as if sent SIGTERM)."""
+    whose client was killed with SIGKILL (the fork then stops itself as if sent SIGTERM). An
+    eager restore's pages images are gone once criu has restored (in /run they are memory)."""
     before = set(_restore_mounts())
     lazyfs_cli("run", "--snapshot", "warm/slow:4", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
     lazyfs_cli("run", "snap/py:1", "--", "true", timeout=300)  # (the agent is up: a restore next is its fork)
-    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--no-working-set",
-                             "--restore", "warm/slow:4", "snap/py:1"],
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--eager" if "eager" in how else
+                             "--no-working-set", "--restore", "warm/slow:4", "snap/py:1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("continued")
-        proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+        if "eager" in how:
+            assert [p for p in MOUNT_BASE.glob("*/snap/criu/*") if p.name.startswith("pages-")] == []
+            assert list(MOUNT_BASE.glob("*/snap/criu/pagemap-*.img"))  # (where they were)
+        proc.send_signal(signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if how == "SIGTERM":
+    if how.startswith("SIGTERM"):
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert "stopped by SIGTERM" in err and "cold" not in err, err
     _assert_the_restore_left_nothing(before, env_dirs, err, within=20)

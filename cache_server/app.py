@@ -23,7 +23,7 @@ from cache_server.metrics import Metrics
 from cache_server.profiles import ProfileMerges
 from cache_server.requests import (BATCH_BODY, LEASE_BODY, TAG_BODY, Bodies, HttpError,
                                    byte_range, climbs, error_response)
-from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound, StoreError
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotCached, NotFound, StoreError
 from lazyfs.format import batch, reference
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_FRAME_SIZE
@@ -173,11 +173,12 @@ class CacheServer:
         self.auth.read(request)
         digest = self._digest(request)
         await self._delay()
-        if "only-if-cached" in request.headers.get("Cache-Control", "") and \
-                self.cache.size(kind, digest) is None:
-            # RFC 9111: answer from the cache or 504; never fill from the origin for this.
-            raise HttpError(504, "not cached here (only-if-cached)")
-        path, frame = await self.filler.obtain(kind, digest)
+        # RFC 9111: answer from the cache or 504; never fill from the origin for this.
+        cache_only = "only-if-cached" in request.headers.get("Cache-Control", "")
+        try:
+            path, frame = await self.filler.obtain(kind, digest, fill=not cache_only)
+        except NotCached:
+            raise HttpError(504, "not cached here (only-if-cached)") from None
         headers = {"Content-Type": OCTETS, "Cache-Control": IMMUTABLE, "ETag": f'"{digest}"'}
         if frame is None:  # pinned in the cache: sendfile, then unpin
             try:

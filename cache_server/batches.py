@@ -28,7 +28,7 @@ import logging
 from aiohttp import web
 from aiohttp.web_fileresponse import NOSENDFILE  # AIOHTTP_NOSENDFILE: aiohttp's switch for it
 
-from cache_server.diskcache import DiskCache
+from cache_server.diskcache import FILE_ERRORS, DiskCache
 from cache_server.filler import Filler
 from lazyfs.errors import LazyfsError, NotFound
 from lazyfs.format import batch
@@ -86,7 +86,7 @@ async def _from_files(request: web.Request, wanted: list[str], filler: Filler,
             if not whole:
                 log.error("batch: cache file of %s unreadable or short: answer cut short", digest)
                 request.transport.close()  # the client sees a truncated answer, not a wrong one
-                cache.drop(KIND, digest, corrupt=True)  # the next answer fills it again
+                filler.drop_damaged(KIND, digest)  # the next answer fills it again
                 return resp
             sent += size
         await resp.write_eof()
@@ -98,10 +98,6 @@ async def _from_files(request: web.Request, wanted: list[str], filler: Filler,
         resp[BODY_BYTES] = sent
     return resp
 
-
-# What says a cache file itself is bad: gone, or unreadable on its disk. Any other error (the
-# socket's, the server out of descriptors or memory) ends the answer without blaming the file.
-FILE_ERRORS = (errno.ENOENT, errno.EIO, errno.ESTALE)
 
 
 async def _send_file(request: web.Request, resp: web.StreamResponse, path: str, size: int) -> bool:
@@ -167,6 +163,9 @@ async def _streamed(request: web.Request, wanted: list[str], filler: Filler,
             if path is not None:
                 try:  # off the event loop: a big frame must not stall other requests
                     frame = await filler.read(path)
+                    if len(frame) != cache.size(KIND, digest):  # cut short since it was verified
+                        filler.drop_damaged(KIND, digest)
+                        status, frame = 502, b""
                 except (LazyfsError, OSError):
                     status, frame = 502, b""
                 finally:

@@ -11,6 +11,7 @@ Not thread-safe: the server calls it from its event loop only (file I/O is small
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -34,6 +35,11 @@ class DiskCacheStats(Counters):
     evictions: int = 0
     dropped_corrupt: int = 0
     write_errors: int = 0
+
+
+# What says a cache file itself is bad: gone, or unreadable on its disk. Any other error (the
+# socket's, the server out of descriptors or memory) ends the answer without blaming the file.
+FILE_ERRORS = (errno.ENOENT, errno.EIO, errno.ESTALE, errno.EISDIR)
 
 
 class DiskCache:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cache_server.diskcache import DiskCache
+from cache_server.diskcache import FILE_ERRORS, DiskCache
 from cache_server.metrics import Metrics
-from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFound
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotCached, NotFound, StoreUnavailable
 from lazyfs.records import objects
 from lazyfs.store.base import BlockStore
 
@@ -53,19 +54,22 @@ class Filler:
         """A cached file's bytes, read off the event loop (a big frame must not stall it)."""
         return await self.call(_read_file, path)
 
-    async def obtain(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
+    async def obtain(self, kind: str, digest: str, fill: bool = True) -> tuple[str | None, bytes | None]:
         """(path of the cached frame, None), the entry pinned so no insert evicts it before it
         is sent: the caller unpins it (DiskCache.unpin). Or (None, frame) when the frame is not
         in the cache (too big for it, or evicted again by other inserts before this caller
-        resumed: then the bytes in hand serve it)."""
+        resumed: then the bytes in hand serve it). ``fill=False``: NotCached rather than ask
+        the origin (a cache file is still verified first)."""
         found = self.cache.lookup(kind, digest)
         if found:
             path, verified = found
-            if verified or await self._single(("verify", kind, digest), self._verify_file,
-                                              kind, digest, path):
+            if (self._intact(kind, digest, path) if verified else
+                    await self._single(("verify", kind, digest), self._verify_file, kind, digest, path)):
                 if self._pin(kind, digest):  # an await ago it was there; is it still?
                     self.metrics.hit()
                     return path, None
+        if not fill:
+            raise NotCached(f"{kind[:-1]} {digest} is not cached here")
         self.metrics.miss()
         path, frame = await self._single((kind, digest), self._fill, kind, digest)
         if path is not None and self._pin(kind, digest):
@@ -88,22 +92,39 @@ class Filler:
         # A client that goes away must not cancel the fetch others are waiting for.
         return await asyncio.shield(fut)
 
+    def _intact(self, kind: str, digest: str, path: str) -> bool:
+        """A verified entry's file still there at its size (one stat: removed or cut short since
+        it was verified, it would go out as another frame); dropped if not."""
+        try:
+            if os.stat(path).st_size == self.cache.size(kind, digest):
+                return True
+        except OSError as exc:
+            if exc.errno not in FILE_ERRORS:
+                raise StoreUnavailable(f"cannot read the cache file of {digest}: {exc.strerror}") from None
+        self.drop_damaged(kind, digest)
+        return False
+
     async def _verify_file(self, kind: str, digest: str, path: str) -> bool:
         def check() -> bool:
             try:
                 with open(path, "rb") as f:
                     verify(kind, digest, f.read())
                 return True
-            except FileNotFoundError:
-                return False
             except (IntegrityError, FormatError):
                 return False
+            except OSError as exc:  # gone or unreadable: the file's fault; anything else is not
+                if exc.errno in FILE_ERRORS:
+                    return False
+                raise StoreUnavailable(f"cannot read the cache file of {digest}: {exc.strerror}") from None
         if await self.call(check):
             self.cache.mark_verified(kind, digest)
             return True
+        self.drop_damaged(kind, digest)
+        return False
+
+    def drop_damaged(self, kind: str, digest: str) -> None:
         self.cache.drop(kind, digest, corrupt=True)
         self.metrics.verify_failures.labels("cache").inc()
-        return False
 
     async def _fill(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
         get = self.origin.get_block if kind == "blocks" else self.origin.get_manifest

@@ -205,6 +205,13 @@ def test_restart_serves_cached_blocks_and_never_a_torn_file(tmp_path, origin):
     (cache_dir / "tmp" / ".part-crashed").write_bytes(b"half a block")
     server = CacheServer(str(origin.root), cache_dir, port=server.port, extra=("--no-access-log",)).start()
     try:
+        # A cache-only probe: a file from before the restart is verified here and served; the
+        # torn one is dropped and answered 504, never filled from the origin for a probe.
+        only = {"Cache-Control": "only-if-cached"}
+        answer = http.request("GET", f"{server.url}/v1/blocks/{blocks[0][0]}", headers=only)
+        assert answer.status == 200 and answer.data == blocks[0][1]
+        assert http.request("GET", f"{server.url}/v1/blocks/{blocks[3][0]}", headers=only).status == 504
+        assert server.metrics()["lazyfs_server_origin_fetches_total"] == 0
         client = HttpStore(server.url)
         for d, f in blocks[:3]:
             assert client.get_block(d) == f
@@ -391,14 +398,45 @@ def test_a_batch_of_cached_blocks_goes_out_by_sendfile_with_its_length(tmp_path,
         assert _unpinned(srv.server.cache)
 
 
+def _damage(path: str, damage: str, frame: bytes) -> None:
+    if damage == "removed":
+        os.unlink(path)
+    else:
+        os.truncate(path, len(frame) // 2)
+
+
 @pytest.mark.parametrize("damage", ["removed", "truncated"])
-def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin, damage):
+@pytest.mark.parametrize("how", ["GET", "batch of cached blocks", "batch with a block to fill"])
+def test_a_cache_file_damaged_since_it_was_verified_is_filled_again_not_served(tmp_path, origin, damage, how):
+    """A verified entry's file removed or cut short (a disk cleaned by hand, a full disk): the
+    answer comes whole, from the origin again, not as a short frame or a 404 for a block the
+    origin has; the entry is dropped and filled again."""
+    blocks = _blocks(3, seed=11)
+    extra = _blocks(1, seed=12)[0]
+    origin.put_block(*extra)  # (not cached: a batch asking for it is streamed as fills come in)
+    with _warm(tmp_path, origin, blocks) as (srv, client):
+        _damage(srv.server.cache.path("blocks", blocks[1][0]), damage, blocks[1][1])
+        if how == "GET":
+            answer = http.request("GET", f"{srv.url}/v1/blocks/{blocks[1][0]}")
+            assert answer.status == 200 and answer.data == blocks[1][1]
+        else:
+            wanted = blocks + ([extra] if how == "batch with a block to fill" else [])
+            assert list(client.get_blocks([d for d, _ in wanted])) == wanted
+        cache = srv.server.cache
+        assert _unpinned(cache) and cache.stats.dropped_corrupt == 1
+        assert os.path.getsize(cache.path("blocks", blocks[1][0])) == len(blocks[1][1])  # filled again
+
+
+@pytest.mark.parametrize("damage", ["removed", "truncated"])
+def test_a_cache_file_lost_mid_answer_cuts_the_answer_short(tmp_path, origin, damage, monkeypatch):
     """A sendfile answer has announced its length: a cache file that cannot be read any more
     closes the connection, so the client sees a truncated answer (never a record with other
     bytes). The entry is dropped: the next answer fills it from the origin again."""
     blocks = _blocks(3, seed=9)
     wanted = [d for d, _ in blocks]
     with _warm(tmp_path, origin, blocks) as (srv, client):
+        # Damaged once the answer has looked at it (its length announced), before it is sent.
+        monkeypatch.setattr(srv.server.filler, "_intact", lambda *args: True)
         path = srv.server.cache.path("blocks", blocks[1][0])
         if damage == "removed":
             os.unlink(path)

@@ -149,6 +149,8 @@ async def _streamed(request: web.Request, wanted: list[str], filler: Filler,
         """_record's answer; a cache path is pinned (later inserts of this batch must not evict
         it before it is sent)."""
         async with gate:
+            if request.transport is None or request.transport.is_closing():
+                return 502, None, b""  # the client has gone: no fill for an answer nobody reads
             status, path, frame = await _record(filler, digest)
             if path is not None:
                 pinned.append(digest)

@@ -126,12 +126,14 @@ class Filler:
         self.cache.drop(kind, digest, corrupt=True)
         self.metrics.verify_failures.labels("cache").inc()
 
-    async def _fill(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
+    def _fetch(self, kind: str, digest: str) -> bytes:
+        """The origin's frame, verified, in one job of the pool: as two, each fetched frame
+        would wait in memory behind every fill queued meanwhile before it was checked."""
         get = self.origin.get_block if kind == "blocks" else self.origin.get_manifest
         self.metrics.origin_fetches.labels(kind).inc()
         started = time.monotonic()
         try:
-            frame = await self.call(get, digest)
+            frame = get(digest)
         except NotFound:
             raise
         except LazyfsError as exc:
@@ -142,11 +144,15 @@ class Filler:
             self.metrics.origin_latency.observe(time.monotonic() - started)
         self.metrics.origin_bytes.inc(len(frame))
         try:
-            await self.call(verify, kind, digest, frame)
+            verify(kind, digest, frame)
         except (IntegrityError, FormatError) as exc:
             self.metrics.verify_failures.labels("origin").inc()
             log.error("origin %s holds a bad %s %s: %s", self.origin.url, kind, digest, exc)
             raise
+        return frame
+
+    async def _fill(self, kind: str, digest: str) -> tuple[str | None, bytes | None]:
+        frame = await self.call(self._fetch, kind, digest)
         path = self.cache.insert(kind, digest, frame)
         self.metrics.cache_state(self.cache)
         return path, frame  # the frame too: waiters resume later, when it may be evicted

@@ -606,3 +606,38 @@ def test_a_block_the_origin_lost_is_not_there_for_a_build(tmp_path, origin):
         assert client.get_block(d) == f
         assert client.has_block(d) is False  # a build: the origin's answer
         assert client.has_block(blocks[1][0]) is True
+
+
+def test_a_fetched_frame_is_checked_at_once_not_after_every_fill_queued_behind_it(tmp_path, origin, monkeypatch):
+    """Many batches of misses at once: each frame the origin sends is verified (and cached) by
+    the same pool job that fetched it, so at most one frame a pool thread waits unchecked in
+    memory, not one for every fill queued meanwhile."""
+    from cache_server import filler as filler_mod
+    blocks = _blocks(400, size=8_000, seed=21)
+    for d, f in blocks:
+        origin.put_block(d, f)
+    unchecked, peak, lock = [0], [0], threading.Lock()
+
+    class Counting(SlowStore):
+        def get_block(self, digest):
+            frame = super().get_block(digest)
+            with lock:
+                unchecked[0] += 1
+                peak[0] = max(peak[0], unchecked[0])
+            return frame
+
+    check = filler_mod.verify
+
+    def verify(kind, digest, frame):
+        with lock:
+            unchecked[0] -= 1
+        return check(kind, digest, frame)
+
+    monkeypatch.setattr(filler_mod, "verify", verify)
+    groups = [blocks[i:i + 20] for i in range(0, len(blocks), 20)]
+    with ServerThread(Counting(origin, delay=0.01), tmp_path / "cache") as srv:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            got = list(pool.map(lambda g: list(HttpStore(srv.url, retries=0).get_blocks([d for d, _ in g])),
+                                groups))
+    assert got == groups
+    assert peak[0] <= 32, f"{peak[0]} frames fetched and not yet checked at once"

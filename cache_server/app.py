@@ -55,6 +55,17 @@ class _CacheFile(web.FileResponse):
         super().__init__(path, **kwargs)
         self._release = release
 
+    @property
+    def etag(self):
+        return web.StreamResponse.etag.fget(self)
+
+    @etag.setter
+    def etag(self, value) -> None:
+        # aiohttp names the file by its mtime and size, which change when the entry is verified
+        # again; an object's ETag is its digest, cached or not (set when this was made).
+        if "ETag" not in self.headers:
+            web.StreamResponse.etag.fset(self, value)
+
     async def prepare(self, request):
         try:
             return await super().prepare(request)

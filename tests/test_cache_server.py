@@ -641,3 +641,11 @@ def test_a_fetched_frame_is_checked_at_once_not_after_every_fill_queued_behind_i
                                 groups))
     assert got == groups
     assert peak[0] <= 32, f"{peak[0]} frames fetched and not yet checked at once"
+
+
+def test_an_objects_etag_is_its_digest_whether_cached_or_not(tmp_path, origin):
+    digest, frame = block.encode(os.urandom(300_000))
+    origin.put_block(digest, frame)
+    with ServerThread(origin, tmp_path / "cache") as srv:
+        answers = [http.request("GET", f"{srv.url}/v1/blocks/{digest}") for _ in range(2)]  # filled, then cached
+    assert [(a.status, a.headers.get("ETag"), a.data == frame) for a in answers] == [(200, f'"{digest}"', True)] * 2

@@ -96,8 +96,10 @@ def _tail(log: Path, n: int = 8) -> str:
 # Both ways: file locks, files deleted while open. A tree with a network of its own (--network
 # none) comes back in a new empty one, its loopback down as a new run's is: restoring the dumped
 # one's addresses, routes and iptables runs ip and iptables-restore, some 55 ms of every restore.
-# (A tree on the host's network is in criu's own namespace, which is not dumped either way.)
-COMMON = ("-v4", "--file-locks", "--link-remap", "--empty-ns", "net")
+# Nor is that network locked (iptables-restore again, on the dump and the restore, and a node
+# without iptables could take no snapshot): with its loopback down it has no traffic to hold.
+# (A tree on the host's network is in criu's own namespace, which is neither dumped nor locked.)
+COMMON = ("-v4", "--file-locks", "--link-remap", "--empty-ns", "net", "--network-lock", "skip")
 
 
 def dump(criu: str, pid: int, images: Path, leave_running: bool = False) -> None:

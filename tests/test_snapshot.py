@@ -174,9 +174,15 @@ def _lines(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("agent", ["agent", "no agent"])
-def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agent, monkeypatch):
+def test_snapshot_then_restore_twice_continues_with_fresh_randomness(image, agent, monkeypatch, tmp_path):
     if agent == "no agent":
         _without_the_agent(monkeypatch)
+    # A node whose iptables does not work: a tree with a network of its own is not locked.
+    broken = tmp_path / "no-iptables"
+    broken.mkdir()
+    for name in ("iptables-restore", "ip6tables-restore"):
+        (broken / name).symlink_to(shutil.which("false"))
+    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
     _snapshot("warm/py:1")
     # The float64 array's memory is stored byte-shuffled, the random bytearray's as it is.
     frames = [image.get_block(d) for f in _manifest(image, "warm/py:1").files

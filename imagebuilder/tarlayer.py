@@ -38,18 +38,20 @@ class HashingReader:
         self.raw = raw
         self.hash = hashlib.sha256()
         self.count = 0
+        self.holes = 0  # what counts against the limit beside the stream: sparse files' holes
         self.on_read = on_read
         self.limit = limit
         self.what = what
 
     def read(self, n: int = -1) -> bytes:
         if self.limit is not None and n < 0:
-            n = self.limit + 1 - self.count  # never inflate an unbounded amount at once
+            n = self.limit + 1 - self.count - self.holes  # never inflate an unbounded amount at once
         data = self.raw.read(n)
         self.hash.update(data)
         self.count += len(data)
-        if self.limit is not None and self.count > self.limit:
-            raise LimitExceeded(f"{self.what} inflates past the {self.limit} byte limit "
+        if self.limit is not None and self.count + self.holes > self.limit:
+            holes = f" (with {self.holes} bytes of sparse files' holes)" if self.holes else ""
+            raise LimitExceeded(f"{self.what} inflates past the {self.limit} byte limit{holes} "
                                 "(decompression bomb? raise it with --max-size)")
         if self.on_read and data:
             self.on_read(len(data))
@@ -127,20 +129,17 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
     outer = HashingReader(raw, on_read)
     try:
         inner = HashingReader(decompressed(outer), limit=max_bytes, what=f"layer {layer}")
-        holes = 0  # bytes sparse entries expand to beyond what the stream holds
         with tarfile.open(fileobj=inner, mode="r|", errors="surrogateescape") as tf:
             for info in tf:
                 entry = to_entry(layer, info)
                 if info.issparse() and entry.type == EntryType.REG:
-                    # Its holes read as zeroes the stream never carries: they are charged to the
-                    # budget, and the rest of the stream gets what is left of it.
-                    holes += info.size
-                    if max_bytes is not None:
-                        inner.limit = max_bytes - holes
-                        if inner.count > inner.limit:
-                            raise LimitExceeded(f"layer {layer}: entry {info.name!r} is a sparse file "
-                                                f"of {info.size} bytes, beyond the limit of "
-                                                f"{max_bytes} (--max-size)")
+                    # Its holes read as zeroes the stream never carries (its data, the stream
+                    # counts): charged to the same budget.
+                    inner.holes += max(0, info.size - sum(n for _, n in info.sparse))
+                    if max_bytes is not None and inner.count + inner.holes > max_bytes:
+                        raise LimitExceeded(f"layer {layer}: entry {info.name!r} is a sparse file "
+                                            f"of {info.size} bytes, beyond the limit of "
+                                            f"{max_bytes} (--max-size)")
                 stream = tf.extractfile(info) if entry.type == EntryType.REG else None
                 on_entry(entry, stream)
         inner.drain()
@@ -162,7 +161,7 @@ def read_layer(layer: str, raw: BinaryIO, digest: str | None, diff_id: str | Non
         raise LayerDigestMismatch(f"layer {layer}", digest, outer.digest())
     if diff_id and inner.digest() != diff_id:
         raise LayerDigestMismatch(f"layer {layer} (uncompressed diff_id)", diff_id, inner.digest())
-    return inner.count + holes
+    return inner.count + inner.holes
 
 
 def _rest_hash(outer: HashingReader) -> str | None:

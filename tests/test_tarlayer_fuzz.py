@@ -91,3 +91,31 @@ def test_what_the_manifest_cannot_hold_is_refused_while_the_layer_streams():
         tf.addfile(info)
     with pytest.raises(UnsafeEntry, match="devmajor 8589934592 is out of range"):
         read_layer("l", io.BytesIO(out.getvalue()), None, None, lambda e, s: s and s.read())
+
+
+def test_a_sparse_files_data_counts_once_against_the_size_limit(tmp_path):
+    """A real sparse file (GNU tar --sparse): its data is in the stream, its holes are not; the
+    limit counts each once, so 6 MiB of data and a 2 MiB hole fit in 10 MiB."""
+    import os
+    import shutil
+    import subprocess
+    import pytest
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(6 << 20)
+    with open(src / "sparse", "wb") as f:
+        f.write(data)
+        f.truncate(8 << 20)  # a 2 MiB hole at the end
+    tar = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "-cf", str(tar), "-C", str(src), "sparse"], check=True)
+    got = {}
+
+    def on_entry(entry, stream):
+        got[entry.path] = stream.read(entry.size) if stream is not None else None
+
+    with open(tar, "rb") as raw:
+        size = read_layer("l", raw, None, None, on_entry, max_bytes=10 << 20)
+    assert got[b"sparse"] == data + bytes(2 << 20)
+    assert (8 << 20) <= size < (8 << 20) + (64 << 10)  # what it expands to, once

@@ -34,7 +34,6 @@ from snapshot.lazyserver import Config
 from snapshot.workspace import MOUNT_BASE, Workspace, sweep_abandoned
 
 log = logging.getLogger("lazyfs.snapshot")
-KILLED = 128 + signal.SIGKILL  # the exit status of a tree the page server killed
 
 
 class SnapshotMismatch(RunError):
@@ -200,19 +199,25 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
         raise
     status: dict = {}
     trace_lines: list[str] = []
+    waited = False
     try:
         with Follower(ws.stdio, stdio_at):
-            code = _wait(pid)
+            code, killed = _wait(pid)
+            waited = True
     finally:
-        if pages is not None:
-            status = pages.finish()
-            if recording is not None and _trace(ws).exists():
-                trace_lines = _trace(ws).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-        _reap(pid)
-        ws.remove()
+        try:
+            if not waited and _ours(pid):  # (a failure here: the tree must not run on unserved)
+                _kill_restored(pid, grace=0)
+            if pages is not None:
+                status = pages.finish()
+                if recording is not None and _trace(ws).exists():
+                    trace_lines = _trace(ws).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        finally:
+            _reap(pid)
+            ws.remove()
     if pages is None:
         return code
-    if status.get("error") and code == KILLED:  # the page server killed the tree (a block it could not serve)
+    if status.get("error") and killed is not False:  # the page server killed the tree (a block it could not serve)
         raise LazyRestoreFailed(f"the restored process was killed: {status['error']}")
     # The program has run to its end: nothing from here on may start it again (a cold start).
     if status.get("error"):  # (a fetch behind it that failed once it had ended)
@@ -350,10 +355,11 @@ def _kill_hard(pid: int) -> None:
         raise interrupted
 
 
-def _wait(pid: int) -> int:
+def _wait(pid: int) -> tuple[int, bool | None]:
     """Exit status of the restored root task (a child of ours: criu restored it as its sibling),
-    left a zombie for _reap: until then its pid is no other process's, so a page server that
-    kills the tree as it ends (a fetch behind it failed) cannot hit a process that took the pid."""
+    and whether SIGKILL ended it (None: not known), not the same as exit(137). It is left a
+    zombie for _reap: until then its pid is no other process's, so a page server that kills the
+    tree as it ends (a fetch behind it failed) cannot hit a process that took the pid."""
     try:
         while True:
             try:
@@ -366,8 +372,19 @@ def _wait(pid: int) -> int:
         raise
     except ChildProcessError:  # not our child after all: until it is gone (its status is not ours)
         spawn.wait_gone(pid, float("inf"))
-        return 0
-    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+        return 0, None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status, False
+    return 128 + info.si_status, info.si_status == signal.SIGKILL
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` is still a child of ours, not reaped (so its pid is still its own)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
 
 
 def _reap(pid: int) -> None:

@@ -114,7 +114,8 @@ snapshot.ready()
 print("continued", flush=True)
 time.sleep(2)  # quiet: the page server brings the rest of the memory in meanwhile
 print("ended", flush=True)
-os._exit(5)  # (its memory still mapped: a SystemExit would unmap what the page server still brings)
+os._exit(137)  # as if SIGKILLed, which it was not (and its memory still mapped: a SystemExit
+               # would unmap what the page server still brings)
 '''
 BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
@@ -315,7 +316,7 @@ def test_a_restore_that_cannot_make_its_workspace_starts_cold(image, monkeypatch
 def test_a_fetch_that_fails_once_the_restored_program_has_ended_does_not_run_it_again(image):
     """The page server's last fetch fails only after the program ended on its own: its run and
     exit status stand (a warning says what failed); it is not started again cold, as if it had
-    been killed."""
+    been killed, also when its exit status reads as a SIGKILL's (137)."""
     lazyfs_cli("run", "--snapshot", "warm/end:1", "snap/py:1", "--", "python3", "/app/end.py", timeout=300)
     snap = snapfmt.decode(objects.read_manifest_bytes(image, image.get_tag("warm/end", "1")))
     victim = _lazy_big_block(image, snap)
@@ -344,7 +345,7 @@ def test_a_fetch_that_fails_once_the_restored_program_has_ended_does_not_run_it_
             proc.kill()
             proc.wait()
     assert fifo is not None, "the page server never read the block"
-    assert proc.returncode == 5, err
+    assert proc.returncode == 137, err
     assert "cold instead" not in err and "continued" not in out, (out, err)
     assert "after the restored process ended: the page server failed" in err and victim in err, err
 

@@ -115,11 +115,12 @@ class DiskCache:
         except OSError:
             pass
 
-    def drop(self, kind: str, digest: str, corrupt: bool = False) -> None:
+    def drop(self, kind: str, digest: str, corrupt: bool = False) -> bool:
+        """Whether there was an entry to drop."""
         key = (kind, digest)
         size = self._lru.pop(key, None)
         if size is None:
-            return
+            return False
         self.bytes -= size
         self._verified.discard(key)
         if corrupt:
@@ -129,6 +130,7 @@ class DiskCache:
             os.unlink(self.path(kind, digest))
         except FileNotFoundError:
             pass
+        return True
 
     def insert(self, kind: str, digest: str, frame: bytes) -> str | None:
         """Store a verified frame; its path, or None when it cannot be cached (too big, disk error)."""

@@ -123,8 +123,8 @@ class Filler:
         return False
 
     def drop_damaged(self, kind: str, digest: str) -> None:
-        self.cache.drop(kind, digest, corrupt=True)
-        self.metrics.verify_failures.labels("cache").inc()
+        if self.cache.drop(kind, digest, corrupt=True):  # (two answers may find one damage)
+            self.metrics.verify_failures.labels("cache").inc()
 
     def _fetch(self, kind: str, digest: str) -> bytes:
         """The origin's frame, verified, in one job of the pool: as two, each fetched frame

@@ -646,6 +646,10 @@ def test_a_fetched_frame_is_checked_at_once_not_after_every_fill_queued_behind_i
 def test_an_objects_etag_is_its_digest_whether_cached_or_not(tmp_path, origin):
     digest, frame = block.encode(os.urandom(300_000))
     origin.put_block(digest, frame)
+    asking = {"If-Match": f'"{digest}"', "If-None-Match": "*", "If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}
     with ServerThread(origin, tmp_path / "cache") as srv:
         answers = [http.request("GET", f"{srv.url}/v1/blocks/{digest}") for _ in range(2)]  # filled, then cached
-    assert [(a.status, a.headers.get("ETag"), a.data == frame) for a in answers] == [(200, f'"{digest}"', True)] * 2
+        # Conditions answered alike cached or not (the object is what its digest says, always).
+        answers.append(http.request("GET", f"{srv.url}/v1/blocks/{digest}", headers=asking))
+        assert _unpinned(srv.server.cache)
+    assert [(a.status, a.headers.get("ETag"), a.data == frame) for a in answers] == [(200, f'"{digest}"', True)] * 3

@@ -110,3 +110,38 @@ def test_missing_transport_path(tmp_path):
         build(f"oci:{tmp_path}/nope:v1", LocalStore(tmp_path / "s"))
     with pytest.raises(NotAnImage):
         build(f"dir:{tmp_path}/nope", LocalStore(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("swapped", ["file", "directory"])
+def test_a_rootfs_changed_while_it_is_read_cannot_lead_the_build_elsewhere(tmp_path, monkeypatch, swapped):
+    """A tree that changes while it is read (a live container's rootfs): a file or directory
+    swapped for a symlink to the host between the walk's lstat and its open is refused, and
+    none of the host's bytes reach the image."""
+    import os
+    import stat
+    from imagebuilder.sources import rootfs
+    from lazyfs.errors import ImageSourceError
+    root, host = tmp_path / "rootfs", tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hosts").write_text("the image's\n")
+    host.mkdir()
+    (host / "hosts").write_text("the host's secret\n")
+    target = (root / "etc" / "hosts") if swapped == "file" else (root / "etc")
+    real = os.lstat
+
+    def lstat_then_swap(path, *args, **kwargs):
+        st = real(path, *args, **kwargs)
+        if os.fsencode(path) == os.fsencode(target) and not stat.S_ISLNK(st.st_mode):
+            os.rename(target, tmp_path / "moved")
+            os.symlink(host / "hosts" if swapped == "file" else host, target)
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    seen = []
+
+    def on_entry(entry, stream):
+        seen.append(stream.read() if stream is not None else entry.path)
+
+    with pytest.raises(ImageSourceError, match="did the tree change while it was read"):
+        rootfs.walk(root, on_entry)
+    assert not any(isinstance(s, bytes) and b"secret" in s for s in seen)

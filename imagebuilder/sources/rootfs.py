@@ -34,6 +34,26 @@ def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(out))
 
 
+def _open_as(full: bytes, st: os.stat_result, flags: int) -> int:
+    """``full`` opened without following a symlink, and only if it is still the file lstat saw:
+    a tree that changes while it is read (a live container's) must not lead the build through a
+    symlink swapped in to another file (the host's), nor hang it on a FIFO."""
+    fd = os.open(full, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "replaced while it was read")
+    return fd
+
+
+def _opened(root: Path, rel: bytes, full: bytes, st: os.stat_result, flags: int) -> int:
+    try:
+        return _open_as(full, st, flags)
+    except OSError as exc:
+        raise ImageSourceError(f"{root}: {os.fsdecode(rel) or '/'!r}: {exc.strerror} (did the tree "
+                               "change while it was read?)") from None
+
+
 def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
          on_read: Callable[[int], None] | None = None) -> None:
     base = os.fsencode(root)
@@ -65,7 +85,7 @@ def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
                 on_entry(LayerEntry(type=EntryType.HARDLINK, link=first, **common), None)
                 continue
         if kind == EntryType.REG:
-            with open(full, "rb") as f:
+            with os.fdopen(_opened(root, rel, full, st, os.O_RDONLY), "rb") as f:
                 on_entry(LayerEntry(type=kind, size=st.st_size, **common), f)
             if on_read:
                 on_read(st.st_size)
@@ -77,7 +97,11 @@ def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
         else:
             on_entry(LayerEntry(type=kind, **common), None)
         if kind == EntryType.DIR:
-            names = sorted(os.listdir(full), reverse=True)
+            fd = _opened(root, rel, full, st, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                names = sorted(map(os.fsencode, os.listdir(fd)), reverse=True)  # (by fd: str names)
+            finally:
+                os.close(fd)
             stack.extend(os.path.join(rel, n) if rel else n for n in names)
 
 

@@ -73,10 +73,15 @@ class DiskCache:
             base = self.root / kind
             base.mkdir(exist_ok=True)
             for sub in os.scandir(base):
+                if not sub.is_dir(follow_symlinks=False):
+                    continue  # (not this cache's: a stray file must not keep the server down)
                 for entry in os.scandir(sub.path):
                     digest = "sha256:" + entry.name
-                    if digests.is_valid(digest):
-                        st = entry.stat()
+                    # Only where path() would look for it: anything else would be counted
+                    # against the cache's size and never found, nor ever removed.
+                    if digests.is_valid(digest) and entry.name[:2] == sub.name and \
+                            entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
                         found.append((st.st_mtime, kind, digest, st.st_size))
         for _, kind, digest, size in sorted(found):
             self._lru[(kind, digest)] = size

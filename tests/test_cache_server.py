@@ -203,6 +203,10 @@ def test_restart_serves_cached_blocks_and_never_a_torn_file(tmp_path, origin):
     torn = cache_dir / "blocks" / blocks[3][0][7:9] / blocks[3][0][7:]
     torn.write_bytes(blocks[3][1][: len(blocks[3][1]) // 2])
     (cache_dir / "tmp" / ".part-crashed").write_bytes(b"half a block")
+    # Not this cache's: a stray file where prefix directories are, a block under another prefix.
+    (cache_dir / "blocks" / "README").write_text("notes\n")
+    (cache_dir / "blocks" / "zz").mkdir()
+    (cache_dir / "blocks" / "zz" / blocks[0][0][7:]).write_bytes(blocks[0][1])
     server = CacheServer(str(origin.root), cache_dir, port=server.port, extra=("--no-access-log",)).start()
     try:
         # A cache-only probe: a file from before the restart is verified here and served; the
@@ -212,6 +216,7 @@ def test_restart_serves_cached_blocks_and_never_a_torn_file(tmp_path, origin):
         assert answer.status == 200 and answer.data == blocks[0][1]
         assert http.request("GET", f"{server.url}/v1/blocks/{blocks[3][0]}", headers=only).status == 504
         assert server.metrics()["lazyfs_server_origin_fetches_total"] == 0
+        assert json.loads(http.request("GET", f"{server.url}/healthz").data)["cache_entries"] == 3  # (the torn one dropped)
         client = HttpStore(server.url)
         for d, f in blocks[:3]:
             assert client.get_block(d) == f

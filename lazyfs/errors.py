@@ -91,6 +91,10 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or written (I/O error, disk full, server down)."""
 
 
+class StoreUnreachable(StoreUnavailable):
+    """No answer at all: the connection refused, reset or timed out."""
+
+
 class NotCached(StoreUnavailable):
     """A cache-only request (Cache-Control: only-if-cached) a cache server could not answer."""
 

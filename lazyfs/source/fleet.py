@@ -71,6 +71,7 @@ class Fleet:
         self.url = " ".join(urls) + (f" (origin {origin.url})" if origin else "")
         self.stats = FleetStats()
         self._down: dict[str, float] = {}
+        self._behind: dict[str, float] = {}  # outrun by a hedge: until when it is ranked last
         self._latencies: deque[float] = deque(maxlen=256)
         self._p90 = 0.0
         self._pool = ThreadPoolExecutor(options.threads * 2, thread_name_prefix="fleet")
@@ -80,7 +81,7 @@ class Fleet:
     def candidates(self, key: str) -> list[tuple[str, BlockStore]]:
         now = time.monotonic()
         ranked = rendezvous.rank(list(self.clients), key)
-        up = [u for u in ranked if self._down.get(u, 0.0) <= now]
+        up = [u for u in ranked if max(self._down.get(u, 0.0), self._behind.get(u, 0.0)) <= now]
         order = up + [u for u in ranked if u not in up]
         out: list[tuple[str, BlockStore]] = [(u, self.clients[u]) for u in order]
         if self.origin is not None:
@@ -108,7 +109,15 @@ class Fleet:
             "" if known else f" (said once until it answers; a read waits for some source up to "
                              f"--deadline, {self.options.deadline:g} s)")
 
+    def _outrun(self, name: str) -> None:
+        """A server another answered before, its request still out: ranked last for DOWN_FOR,
+        so that one that hangs (alive, never answering) is not asked first again and again, each
+        time holding a thread of the pool for as long as a read may wait."""
+        with self._lock:
+            self._behind[name] = time.monotonic() + DOWN_FOR
+
     def _answered(self, name: str) -> None:
+        self._behind.pop(name, None)
         if name in self._down:
             with self._lock:
                 was_down = self._down.pop(name, None) is not None

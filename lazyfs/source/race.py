@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Callable, Generic, TypeVar
 
-from lazyfs.errors import WRONG_BYTES, LazyfsError, NotCached, NotFound, StoreUnavailable
+from lazyfs.errors import WRONG_BYTES, LazyfsError, NotCached, NotFound, StoreUnavailable, StoreUnreachable
 from lazyfs.store.base import BlockStore
 
 log = logging.getLogger("lazyfs.fleet")
@@ -35,10 +35,21 @@ class Race(Generic[T]):
         self.probed: set[str] = set()
         self.running: dict = {}  # future -> (name, full request?, launched at)
         self.errors: list[tuple[str, Exception]] = []
+        self.round_from = 0  # where this round's errors start in self.errors
+        self.absent_rounds = 0  # rounds in a row where every server that answered said NotFound
         self.last = self.started  # when the last request went out
         self.retry_in = RETRY_FIRST
 
     def run(self) -> T:
+        try:
+            return self._run()
+        finally:
+            # Attempts still queued for the pool's threads would run for nobody (and to a hung
+            # server, hold a thread each for as long as its reads may wait).
+            for fut in self.running:
+                fut.cancel()
+
+    def _run(self) -> T:
         self._launch(*self.queue.popleft(), True)
         while (now := time.monotonic()) < self.deadline:
             probing = self._probing(now)
@@ -106,6 +117,9 @@ class Race(Generic[T]):
         if full:
             self.fleet._observe(time.monotonic() - launched)
         self.fleet._answered(name)
+        for other, other_full, _ in self.running.values():
+            if other_full and other != name:  # outrun by a hedge: ranked last for a while
+                self.fleet._outrun(other)
         return True, result
 
     def _next(self) -> bool:
@@ -116,11 +130,19 @@ class Race(Generic[T]):
             return True
         if self.running:
             return True
-        # The origin is the authority on absence; servers only when all of them agree.
+        # The origin is the authority on absence; servers only when all of them agree. A server
+        # that cannot be reached has no say, for two rounds in a row: one that is down must not
+        # hold every lookup of something absent (a tag, an image's profile) to the deadline,
+        # while one that answers NotFound to everything still loses to any that answers.
         for n, e in self.errors:
             if isinstance(e, NotFound) and (n == "origin" or
                                             all(isinstance(x, NotFound) for _, x in self.errors)):
                 raise e
+        answered = [e for _, e in self.errors[self.round_from:] if not isinstance(e, StoreUnreachable)]
+        absent = bool(answered) and all(isinstance(e, NotFound) for e in answered)
+        self.absent_rounds = self.absent_rounds + 1 if absent else 0
+        if self.absent_rounds >= 2:
+            raise answered[-1]
         # A source that answered with wrong bytes is not having an outage: asked again, it
         # gives the same bytes. With no other source left, that is the answer, at once.
         # (Bytes that do not even decode, a damaged frame, are wrong bytes too.)
@@ -136,6 +158,7 @@ class Race(Generic[T]):
         time.sleep(pause)
         self.retry_in = min(self.retry_in * 2, RETRY_MAX)
         self.fleet.stats.add(retries=1)
+        self.round_from = len(self.errors)
         self.queue = deque(others)
         self.probed.clear()
         self._launch(*self.queue.popleft(), True)

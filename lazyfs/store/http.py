@@ -16,7 +16,7 @@ from urllib.parse import quote
 import urllib3
 
 from lazyfs.errors import (BlockNotFound, FormatError, ManifestNotFound, NotCached, NotFound,
-                           StoreAuthError, StoreError, StoreUnavailable, TagNotFound)
+                           StoreAuthError, StoreError, StoreUnavailable, StoreUnreachable, TagNotFound)
 from lazyfs.format import batch
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
@@ -60,7 +60,7 @@ class HttpStore:
                                      redirect=False,
                                      preload_content=False)
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, protocol error
-            raise StoreUnavailable(f"{self.url}: {method} {path}: {_why(exc)}") from None
+            raise StoreUnreachable(f"{self.url}: {method} {path}: {_why(exc)}") from None
         if resp.status < 300 and stream:
             return resp
         try:

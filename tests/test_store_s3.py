@@ -61,3 +61,45 @@ def test_bad_urls_are_refused():
     for bad in ("s3://", "s3:///prefix", "http-not-s3://b/p"):
         with pytest.raises(StoreError):
             S3Store(bad)
+
+
+class _Conflicting(BaseHTTPRequestHandler):
+    """Answers the first PUT 409 ConditionalRequestConflict (another conditional upload of the
+    key under way, as AWS says), later ones 200; records each PUT's If-None-Match."""
+    puts: list = []
+
+    def do_PUT(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).puts.append(self.headers.get("If-None-Match"))
+        if len(self.puts) == 1:
+            payload = (b"<Error><Code>ConditionalRequestConflict</Code><Message>A conditional request "
+                       b"to this object is in progress</Message></Error>")
+            self.send_response(409)
+        else:
+            payload = b""
+            self.send_response(200)
+            self.send_header("ETag", '"x"')
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_conflicting_upload_under_way_is_not_taken_for_the_block_being_there(monkeypatch):
+    """409 says another conditional upload of the key is in progress, and it may yet fail: the
+    block is put again (the same bytes), not reported as already stored, which would let a build
+    publish a manifest naming a block that never landed."""
+    digest, frame = block.encode(b"raced")
+    _Conflicting.puts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Conflicting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    try:
+        assert S3Store("s3://bucket/p").put_block(digest, frame) is True
+        assert _Conflicting.puts == ["*", None]
+    finally:
+        server.shutdown()

@@ -112,9 +112,13 @@ class S3Store:
                 try:
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
                 except ClientError as exc:
-                    if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    if _code(exc) in ("PreconditionFailed", "412"):
                         return False
-                    raise
+                    if _code(exc) not in ("ConditionalRequestConflict", "409"):
+                        raise
+                    # Another upload of the key is under way, and may yet fail: these same
+                    # bytes are put without the condition, so that the key holds them either way.
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
                 return True
             if self._head(key) is not None:
                 return False

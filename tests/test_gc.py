@@ -263,3 +263,33 @@ def test_a_young_record_that_cannot_be_read_stops_no_gc(two_images, caplog):
     assert record in caplog.text and "cannot be read" in caplog.text
     assert set(report.blocks) == _blocks(ra) - _blocks(rb)  # the rest collected as ever
     assert store.has_block(digest) and objects.read_manifest_bytes(store, record)
+
+
+def test_a_lease_lapses_across_a_suspend_and_a_gc_whose_own_lapsed_deletes_nothing(two_images, monkeypatch):
+    """The monotonic clock stands still while a machine sleeps; the lease's clock does not. A
+    build asleep past the TTL sees its lease lapsed, and a gc whose own lease lapsed mid-way
+    (asleep, or its refreshes failing) stops before its next delete."""
+    from lazyfs.store import lease as leases
+    store, ra, rb = two_images
+    store._tag_path("gc/a", "1").unlink()
+    _age(store, 7200)
+    boot = leases._clock
+    slept = [0.0]
+    monkeypatch.setattr(leases, "_clock", lambda: boot() + slept[0])
+    with Lease(store, "build", conflicts=("gc",), refresh_every=3600) as build_lease:
+        build_lease.check()
+        slept[0] = leases.LEASE_TTL + 60  # a suspend: no refresh ran, the clock moved on
+        with pytest.raises(StoreError, match="lapsed"):
+            build_lease.check()
+    slept[0] = 0.0
+    blocks_before = set(d.digest for d in store.list_blocks())
+    deletes = store.delete_manifest
+
+    def asleep_after_the_first(digest):
+        deletes(digest)
+        slept[0] = leases.LEASE_TTL + 60
+
+    monkeypatch.setattr(store, "delete_manifest", asleep_after_the_first)
+    with pytest.raises(StoreError, match="lapsed"):
+        gc.collect_store(store, grace=3600)
+    assert set(d.digest for d in store.list_blocks()) == blocks_before  # no block deleted

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lazyfs.errors import LazyfsError
 from lazyfs.format import kinds, manifest as mf
@@ -85,7 +86,7 @@ def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = Fals
                   now: float | None = None) -> GcReport:
     report = GcReport(dry_run=dry_run)
     # A dry run changes nothing, a lease included (a build beside it may make its report stale).
-    with contextlib.nullcontext() if dry_run else Lease(store, "gc", conflicts=("build", "gc")):
+    with contextlib.nullcontext() if dry_run else Lease(store, "gc", conflicts=("build", "gc")) as held:
         now = now if now is not None else time.time()
         cutoff = now - grace
         listed = list(store.list_manifests())
@@ -95,15 +96,24 @@ def collect_store(store: BlockStore, grace: float = 3600.0, dry_run: bool = Fals
         # Manifests first: a block is only ever garbage once nothing that lists it survives.
         # (Young ones are spared by their age, and counted so.)
         _sweep(listed, live_m - young, cutoff, report, report.manifests,
-               None if dry_run else store.delete_manifest)
+               None if dry_run else _while_held(held, store.delete_manifest))
         _sweep(store.list_blocks(), live_b, cutoff, report, report.blocks,
-               None if dry_run else store.delete_block)
+               None if dry_run else _while_held(held, store.delete_block))
         for lease in read_leases(store):
             if not lease.live(now):  # its process died without letting go
                 report.stale_leases += 1
                 if not dry_run:
-                    store.delete_lease(lease.name)
+                    _while_held(held, store.delete_lease)(lease.name)
     return report
+
+
+def _while_held(lease: Lease, delete: Callable[[str], None]) -> Callable[[str], None]:
+    """``delete``, only while the gc's own lease has not lapsed: lapsed (its refreshes failing,
+    or the machine asleep), a build may have started meanwhile and reused what it would delete."""
+    def checked(name: str) -> None:
+        lease.check()
+        delete(name)
+    return checked
 
 
 def _sweep(listing, live: set[str], cutoff: float, report: GcReport, swept: list[str], delete) -> None:

@@ -61,6 +61,13 @@ def read_leases(store: BlockStore) -> list[LeaseInfo]:
     return out
 
 
+def _clock() -> float:
+    """Seconds on a clock that counts a suspend: the monotonic clock does not, and a machine
+    (a laptop, a paused VM) asleep past LEASE_TTL would not see that its lease lapsed meanwhile,
+    while a gc elsewhere took it for dead."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Lease:
     """Hold a lease of ``kind`` for a with-block; refuse if a conflicting live lease exists."""
 
@@ -71,7 +78,7 @@ class Lease:
         self.name = f"{kind}-{uuid.uuid4().hex[:12]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_ok = time.monotonic()
+        self._last_ok = _clock()
         self._lapsed = False  # a refresh came LEASE_TTL or more after the one before
 
     def _write(self) -> None:
@@ -95,7 +102,7 @@ class Lease:
     def check(self) -> None:
         """Raise if the lease lapsed at any time (a gc then may have swept what this work
         reuses): before writing what would reference it."""
-        if self._lapsed or time.monotonic() - self._last_ok >= LEASE_TTL:
+        if self._lapsed or _clock() - self._last_ok >= LEASE_TTL:
             raise StoreError(f"lease {self.name} on {self.store.url} lapsed (not refreshed for "
                              f"{LEASE_TTL:.0f} s): a gc may have removed blocks this work reuses; "
                              "nothing was tagged, run it again")
@@ -103,14 +110,14 @@ class Lease:
     def _refresh(self) -> None:
         failing = False
         while not self._stop.wait(self.refresh_every):
-            asked = time.monotonic()  # (gc judges the time written, taken before the write)
+            asked = _clock()  # (gc judges the time written, taken before the write)
             try:
                 self._write()
             except Exception as exc:  # noqa: BLE001 - a transient store error must not kill the
                 # build (the TTL covers it), but once the lease lapses gc may delete what the
                 # build reuses: say so, once per outage, with how long is left.
                 if not failing:
-                    left = LEASE_TTL - (time.monotonic() - self._last_ok)
+                    left = LEASE_TTL - (_clock() - self._last_ok)
                     log.warning("lease %s on %s: refresh failed (%s: %s); it lapses in %.0f s "
                                 "unless a refresh succeeds", self.name, self.store.url,
                                 type(exc).__name__, exc, max(0.0, left))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -101,5 +102,37 @@ def test_a_conflicting_upload_under_way_is_not_taken_for_the_block_being_there(m
     try:
         assert S3Store("s3://bucket/p").put_block(digest, frame) is True
         assert _Conflicting.puts == ["*", None]
+    finally:
+        server.shutdown()
+
+
+class _Huge(BaseHTTPRequestHandler):
+    """Says a block object is larger than any frame, and then sends nothing."""
+
+    def do_GET(self):  # noqa: N802
+        from lazyfs.format.block import MAX_FRAME_SIZE
+        self.send_response(200)
+        self.send_header("Content-Length", str(MAX_FRAME_SIZE + 1))
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(3)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_object_larger_than_any_frame_is_refused_before_its_body_is_read(monkeypatch):
+    digest, _ = block.encode(b"whatever")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Huge)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="more than the"):
+            S3Store("s3://bucket/p").get_block(digest)
+        assert time.monotonic() - started < 2.5
     finally:
         server.shutdown()

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 from lazyfs.counters import Counters
 from lazyfs.errors import NotFound
 
+SMALL = 1 << 20  # the most a tag, a lease or a store's other small answers may be
+
 
 @runtime_checkable
 class BlockStore(Protocol):

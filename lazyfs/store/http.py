@@ -21,12 +21,11 @@ from lazyfs.format import batch
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
 from lazyfs.format.block import MAX_FRAME_SIZE
-from lazyfs.store.base import ObjectInfo
+from lazyfs.store.base import SMALL, ObjectInfo
 from lazyfs.format.manifest import MAX_MANIFEST
 from lazyfs.store.parallel import parallel_puts
 
 LIST_LIMIT = 1 << 30
-SMALL = 1 << 20
 
 
 class Answer(NamedTuple):

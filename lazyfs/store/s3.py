@@ -17,8 +17,10 @@ from lazyfs.errors import (BlockNotFound, ManifestNotFound, NotFound, StoreError
                            TagNotFound)
 from lazyfs.format import digest as digests
 from lazyfs.format import reference
+from lazyfs.format.block import MAX_FRAME_SIZE
+from lazyfs.format.manifest import MAX_MANIFEST
 from lazyfs.store import lease
-from lazyfs.store.base import ObjectInfo, get_blocks_one_by_one
+from lazyfs.store.base import SMALL, ObjectInfo, get_blocks_one_by_one
 from lazyfs.store.parallel import parallel_puts
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -88,9 +90,16 @@ class S3Store:
         except BotoCoreError as exc:  # connection refused, timeouts, no credentials, ...
             raise StoreUnavailable(f"{self.url}: {what}: {exc}") from None
 
-    def _get(self, key: str, missing: NotFound) -> bytes:
+    def _get(self, key: str, missing: NotFound, limit: int = SMALL) -> bytes:
+        """The object's bytes; one larger than ``limit`` (no block or record is) is refused
+        before its body is read, not held whole in memory to fail its check."""
         with self._errors(f"GET {key}", missing):
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            if answer["ContentLength"] > limit:
+                answer["Body"].close()
+                raise StoreUnavailable(f"{self.url}: GET {key}: {answer['ContentLength']} bytes, more "
+                                       f"than the {limit} such an object may have")
+            return answer["Body"].read()
 
     def _head(self, key: str) -> int | None:
         with self._errors(f"HEAD {key}"):
@@ -167,7 +176,7 @@ class S3Store:
         return self._head(self._block_key(digest))
 
     def get_block(self, digest: str) -> bytes:
-        return self._get(self._block_key(digest), BlockNotFound(digest))
+        return self._get(self._block_key(digest), BlockNotFound(digest), MAX_FRAME_SIZE)
 
     def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | None]]:
         return get_blocks_one_by_one(self, wanted)
@@ -185,7 +194,7 @@ class S3Store:
         self._delete(self._block_key(digest))
 
     def get_manifest(self, digest: str) -> bytes:
-        return self._get(self._manifest_key(digest), ManifestNotFound(digest))
+        return self._get(self._manifest_key(digest), ManifestNotFound(digest), MAX_MANIFEST)
 
     def put_manifest(self, digest: str, frame: bytes) -> bool:
         return self._put_new(self._manifest_key(digest), frame)

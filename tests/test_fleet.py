@@ -308,3 +308,50 @@ def test_a_server_that_cannot_be_reached_does_not_hold_an_absent_tag_to_the_dead
             fleet.close()
     finally:
         dead.close()
+
+
+class _Trickle(_Quiet):
+    """A batch answer that says how long it is and then sends a byte every 0.3 s; single GETs
+    get a 503 (so a read fails over to the honest server at once)."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", batchfmt.MEDIA_TYPE)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_batch_that_trickles_is_cut_at_the_deadline_and_its_blocks_fetched_elsewhere(tmp_path, origin):
+    """The socket's timeout bounds each read only: a server sending a byte now and then held a
+    batch, and every read waiting on its blocks, for as long as it went on."""
+    store, blocks = origin
+    trickle = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    trickle.daemon_threads = True
+    threading.Thread(target=trickle.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{trickle.server_address[1]}"
+    try:
+        with ServerThread(store, tmp_path / "c") as good:
+            fleet = Fleet([url, good.url], options=FleetOptions(deadline=1.5, hedge_after=30))
+            owned = [(d, f) for d, f in blocks if rendezvous.rank([url, good.url], f"block {d}")[0] == url][:4]
+            items = [(d, len(block.decode(d, f))) for d, f in owned]
+            started = time.monotonic()
+            got = dict(fleet.fetch_blocks(items))
+            assert time.monotonic() - started < 4.0
+            assert got == {d: block.decode(d, f) for d, f in owned}
+            fleet.close()
+    finally:
+        trickle.shutdown()
+        trickle.server_close()

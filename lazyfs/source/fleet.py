@@ -183,7 +183,8 @@ class Fleet:
 
             def counted(wanted, _client=client, _name=name):
                 try:
-                    yield from counted_frames(_client.get_blocks(wanted), self.stats)
+                    yield from counted_frames(_client.get_blocks(wanted, within=self.options.deadline),
+                                              self.stats)
                 except LazyfsError as exc:
                     self._failed(_name, f"batch of {len(wanted)} blocks", exc)
                     raise

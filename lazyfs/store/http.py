@@ -10,6 +10,8 @@ import base64
 import http.client
 import io
 import json
+import threading
+import time
 from typing import Iterable, Iterator, NamedTuple
 from urllib.parse import quote
 
@@ -125,16 +127,28 @@ class HttpStore:
                                headers={"Cache-Control": "only-if-cached"}, not_cached=True)
         return answer.data
 
-    def get_blocks(self, wanted: list[str]) -> Iterator[tuple[str, bytes | bytearray | None]]:
+    def get_blocks(self, wanted: list[str], within: float | None = None
+                   ) -> Iterator[tuple[str, bytes | bytearray | None]]:
         """Many blocks in one round trip: (digest, frame), or (digest, None) when the server has
-        no such block; in request order. Raises StoreUnavailable if the server fails for one.
+        no such block; in request order. Raises StoreUnavailable if the server fails for one,
+        or (``within``) has not sent the whole answer that many seconds after it was asked: the
+        socket's timeout bounds each read only, and a server sending a byte now and then would
+        hold the batch, and every read waiting on its blocks, for as long as it liked.
         A frame read straight from the socket is a bytearray (no copy into bytes)."""
         for d in wanted:
             digests.validate(d)
+        asked = time.monotonic()
         resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
                              headers={"Content-Type": "application/json"}, stream=True)
         reader, exact = _batch_body(resp)
         complete = False
+        cut: list[bool] = []
+        timer = None
+        if within is not None:
+            timer = threading.Timer(max(0.0, within - (time.monotonic() - asked)),
+                                    lambda: (cut.append(True), resp.shutdown()))
+            timer.daemon = True
+            timer.start()
         try:
             for expected in wanted:
                 line = reader.readline(batch.MAX_HEADER)
@@ -156,12 +170,20 @@ class HttpStore:
             if extra:
                 raise FormatError("batch answer has data after its last record")
             complete = True
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError,
+                StoreUnavailable) as exc:
+            if cut:
+                raise StoreUnavailable(f"{self.url}: batch of {len(wanted)} blocks not whole within "
+                                       f"{within:g} s") from None
+            if isinstance(exc, StoreUnavailable):
+                raise
+            if isinstance(exc, ValueError):  # urllib3 closed a chunked body that ended early
+                raise StoreUnavailable(f"{self.url}: batch answer truncated") from None
             raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
-        except ValueError:  # urllib3 closed a chunked body that ended before its last record
-            raise StoreUnavailable(f"{self.url}: batch answer truncated") from None
         finally:
-            if not complete:
+            if timer is not None:
+                timer.cancel()
+            if not complete or cut:  # (cut just as it ended: its socket is shut all the same)
                 resp.close()  # an abandoned or broken answer: do not reuse its connection
             resp.release_conn()
 

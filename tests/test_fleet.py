@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -220,13 +221,21 @@ def test_wrong_bytes_from_every_source_fail_at_once_not_at_the_deadline(origin, 
         liar.shutdown()
 
 
+@contextmanager
+def _hung():
+    """The URL of a server that accepts connections (its backlog) but never answers."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        yield f"http://127.0.0.1:{hole.getsockname()[1]}"
+    finally:
+        hole.close()
+
+
 def test_a_hung_server_cannot_make_a_read_hang(origin):
     store, blocks = origin
-    hole = socket.socket()  # accepts connections (backlog) but never answers
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(16)
-    url = f"http://127.0.0.1:{hole.getsockname()[1]}"
-    try:
+    with _hung() as url:
         fleet = Fleet([url], options=FleetOptions(deadline=1.0, hedge_after=0.2))
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="no good answer within 1.0s"):
@@ -234,8 +243,6 @@ def test_a_hung_server_cannot_make_a_read_hang(origin):
         assert 0.9 < time.monotonic() - started < 2.0
         assert fleet.stats.deadline_failures == 1
         fleet.close()
-    finally:
-        hole.close()
 
 
 class _Flood(_Quiet):
@@ -273,21 +280,14 @@ def test_a_hung_server_is_asked_last_and_does_not_take_the_fleets_threads(tmp_pa
     outrun it, reads go to the others first, so its requests do not pile up on the fleet's
     threads (4 here) until every read, the other server's too, waits on it."""
     store, blocks = origin
-    hole = socket.socket()  # accepts connections (backlog) but never answers
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(64)
-    url = f"http://127.0.0.1:{hole.getsockname()[1]}"
-    try:
-        with ServerThread(store, tmp_path / "c") as good:
-            fleet = Fleet([url, good.url], options=FleetOptions(threads=2, hedge_after=0.05, deadline=5))
-            owned = [(d, f) for d, f in blocks if rendezvous.rank([url, good.url], f"block {d}")[0] == url]
-            for d, f in owned[:8] + [b for b in blocks if b not in owned][:2]:
-                started = time.monotonic()
-                assert fleet.get_block(d) == f
-                assert time.monotonic() - started < 1.0
-            fleet.close()
-    finally:
-        hole.close()
+    with _hung() as url, ServerThread(store, tmp_path / "c") as good:
+        fleet = Fleet([url, good.url], options=FleetOptions(threads=2, hedge_after=0.05, deadline=5))
+        owned = [(d, f) for d, f in blocks if rendezvous.rank([url, good.url], f"block {d}")[0] == url]
+        for d, f in owned[:8] + [b for b in blocks if b not in owned][:2]:
+            started = time.monotonic()
+            assert fleet.get_block(d) == f
+            assert time.monotonic() - started < 1.0
+        fleet.close()
 
 
 def test_a_server_that_cannot_be_reached_does_not_hold_an_absent_tag_to_the_deadline(tmp_path, origin):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,19 +14,13 @@ from lazyfs.store.s3 import S3Store
 from tests.conftest import S3_BUCKET
 
 
-class _Throttling(BaseHTTPRequestHandler):
-    """Answers the first two requests with 503 SlowDown, then with the block."""
-    calls = 0
-    body = b""
+class _Fake(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers as each test needs."""
 
-    def do_GET(self):  # noqa: N802
-        type(self).calls += 1
-        if self.calls <= 2:
-            payload = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate</Message></Error>"
-            self.send_response(503)
-        else:
-            payload = self.body
-            self.send_response(200)
+    def answer(self, status: int, payload: bytes = b"", **headers) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -34,20 +29,41 @@ class _Throttling(BaseHTTPRequestHandler):
         pass
 
 
-def test_throttling_is_retried_with_backoff(monkeypatch):
-    digest, frame = block.encode(b"throttled but delivered")
-    _Throttling.body = frame
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Throttling)
+@contextmanager
+def _endpoint(handler, monkeypatch):
+    """``handler`` serving on 127.0.0.1, as the S3 endpoint of the stores made meanwhile."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     try:
-        store = S3Store("s3://bucket/p")
-        assert store.get_block(digest) == frame
-        assert _Throttling.calls == 3
+        yield
     finally:
         server.shutdown()
+        server.server_close()
+
+
+class _Throttling(_Fake):
+    """Answers the first two requests with 503 SlowDown, then with the block."""
+    calls = 0
+    body = b""
+
+    def do_GET(self):  # noqa: N802
+        type(self).calls += 1
+        if self.calls <= 2:
+            self.answer(503, b"<Error><Code>SlowDown</Code><Message>Reduce your request rate</Message></Error>")
+        else:
+            self.answer(200, self.body)
+
+
+def test_throttling_is_retried_with_backoff(monkeypatch):
+    digest, frame = block.encode(b"throttled but delivered")
+    _Throttling.body = frame
+    with _endpoint(_Throttling, monkeypatch):
+        assert S3Store("s3://bucket/p").get_block(digest) == frame
+    assert _Throttling.calls == 3
 
 
 def test_wrong_credentials_are_a_clear_error(s3_server, monkeypatch):
@@ -64,7 +80,7 @@ def test_bad_urls_are_refused():
             S3Store(bad)
 
 
-class _Conflicting(BaseHTTPRequestHandler):
+class _Conflicting(_Fake):
     """Answers the first PUT 409 ConditionalRequestConflict (another conditional upload of the
     key under way, as AWS says), later ones 200; records each PUT's If-None-Match."""
     puts: list = []
@@ -73,19 +89,10 @@ class _Conflicting(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).puts.append(self.headers.get("If-None-Match"))
         if len(self.puts) == 1:
-            payload = (b"<Error><Code>ConditionalRequestConflict</Code><Message>A conditional request "
-                       b"to this object is in progress</Message></Error>")
-            self.send_response(409)
+            self.answer(409, b"<Error><Code>ConditionalRequestConflict</Code><Message>A conditional "
+                             b"request to this object is in progress</Message></Error>")
         else:
-            payload = b""
-            self.send_response(200)
-            self.send_header("ETag", '"x"')
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+            self.answer(200, ETag='"x"')
 
 
 def test_a_conflicting_upload_under_way_is_not_taken_for_the_block_being_there(monkeypatch):
@@ -94,19 +101,12 @@ def test_a_conflicting_upload_under_way_is_not_taken_for_the_block_being_there(m
     publish a manifest naming a block that never landed."""
     digest, frame = block.encode(b"raced")
     _Conflicting.puts = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Conflicting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    try:
+    with _endpoint(_Conflicting, monkeypatch):
         assert S3Store("s3://bucket/p").put_block(digest, frame) is True
-        assert _Conflicting.puts == ["*", None]
-    finally:
-        server.shutdown()
+    assert _Conflicting.puts == ["*", None]
 
 
-class _Huge(BaseHTTPRequestHandler):
+class _Huge(_Fake):
     """Says a block object is larger than any frame, and then sends nothing."""
 
     def do_GET(self):  # noqa: N802
@@ -117,22 +117,11 @@ class _Huge(BaseHTTPRequestHandler):
         self.wfile.flush()
         time.sleep(3)
 
-    def log_message(self, *args):
-        pass
-
 
 def test_an_object_larger_than_any_frame_is_refused_before_its_body_is_read(monkeypatch):
     digest, _ = block.encode(b"whatever")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Huge)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    try:
+    with _endpoint(_Huge, monkeypatch):
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="more than the"):
             S3Store("s3://bucket/p").get_block(digest)
         assert time.monotonic() - started < 2.5
-    finally:
-        server.shutdown()

@@ -293,3 +293,23 @@ def test_a_lease_lapses_across_a_suspend_and_a_gc_whose_own_lapsed_deletes_nothi
     with pytest.raises(StoreError, match="lapsed"):
         gc.collect_store(store, grace=3600)
     assert set(d.digest for d in store.list_blocks()) == blocks_before  # no block deleted
+
+
+class _SlowLeases(_FlakyLeases):
+    """Lease writes that take ``slow`` seconds once it is set."""
+    slow = 0.0
+
+    def put_lease(self, name, data):
+        time.sleep(self.slow)
+        return self.inner.put_lease(name, data)
+
+
+def test_a_refresh_in_flight_when_the_work_ends_does_not_write_the_lease_again(tmp_path):
+    """A refresh still writing to a slow store when the build ends: the lease is deleted after
+    it, not written again after the delete (every gc would then wait for its TTL)."""
+    store = _SlowLeases(LocalStore(tmp_path / "store"))
+    with Lease(store, "build", conflicts=("gc",), refresh_every=0.05):
+        store.slow = 6.0  # longer than the 5 s the end waits for the refresh thread
+        time.sleep(0.2)  # a refresh is writing now
+    time.sleep(1.5)  # (until after that write would have landed)
+    assert [name for name, _ in store.list_leases()] == []

@@ -80,11 +80,16 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._last_ok = _clock()
         self._lapsed = False  # a refresh came LEASE_TTL or more after the one before
+        self._writing = threading.Lock()
+        self._ended = False
 
     def _write(self) -> None:
-        self.store.put_lease(self.name, json.dumps({
-            "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
-            "refreshed": time.time()}).encode())
+        with self._writing:  # (never after the lease was let go: see __exit__)
+            if self._ended:
+                return
+            self.store.put_lease(self.name, json.dumps({
+                "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
+                "refreshed": time.time()}).encode())
 
     def __enter__(self) -> "Lease":
         self._write()
@@ -134,7 +139,15 @@ class Lease:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        self.store.delete_lease(self.name)
+        # A refresh still writing (a slow store) finishes first, and none starts after: written
+        # after the delete, the lease would make every gc wait for its TTL for work long done.
+        held = self._writing.acquire(timeout=LEASE_TTL)
+        self._ended = True
+        try:
+            self.store.delete_lease(self.name)
+        finally:
+            if held:
+                self._writing.release()
 
 
 @contextmanager

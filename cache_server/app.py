@@ -30,12 +30,12 @@ from lazyfs.format.block import MAX_FRAME_SIZE
 from lazyfs.format.guard import JSON_ERRORS
 from lazyfs.store import lease
 from lazyfs.store.base import BlockStore
-from lazyfs.format.manifest import MAX_MANIFEST
+from lazyfs.format.manifest import MAX_MANIFEST_FRAME
 
 log = logging.getLogger("lazyfs.server")
 OCTETS = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
-KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST + MAX_MANIFEST // 128 + 4096}
+KIND_LIMIT = {"blocks": MAX_FRAME_SIZE, "manifests": MAX_MANIFEST_FRAME}
 
 
 @dataclass

@@ -142,6 +142,6 @@ def test_a_rootfs_changed_while_it_is_read_cannot_lead_the_build_elsewhere(tmp_p
     def on_entry(entry, stream):
         seen.append(stream.read() if stream is not None else entry.path)
 
-    with pytest.raises(ImageSourceError, match="did the tree change while it was read"):
+    with pytest.raises(ImageSourceError, match="replaced while it was read"):
         rootfs.walk(root, on_entry)
     assert not any(isinstance(s, bytes) and b"secret" in s for s in seen)

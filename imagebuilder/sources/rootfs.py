@@ -42,7 +42,8 @@ def _open_as(full: bytes, st: os.stat_result, flags: int) -> int:
     now = os.fstat(fd)
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        raise OSError(errno.ESTALE, "replaced while it was read")
+        raise OSError(errno.ESTALE, "replaced")
+    os.set_blocking(fd, True)  # (O_NONBLOCK was for the open only)
     return fd
 
 
@@ -50,8 +51,10 @@ def _opened(root: Path, rel: bytes, full: bytes, st: os.stat_result, flags: int)
     try:
         return _open_as(full, st, flags)
     except OSError as exc:
-        raise ImageSourceError(f"{root}: {os.fsdecode(rel) or '/'!r}: {exc.strerror} (did the tree "
-                               "change while it was read?)") from None
+        # ELOOP, ENOTDIR: what O_NOFOLLOW and O_DIRECTORY say of a symlink swapped in
+        why = "replaced while it was read (did the tree change meanwhile?)" \
+            if exc.errno in (errno.ESTALE, errno.ELOOP, errno.ENOTDIR) else exc.strerror
+        raise ImageSourceError(f"{root}: {os.fsdecode(rel) or '/'!r}: {why}") from None
 
 
 def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],

@@ -29,6 +29,7 @@ MAX_XATTRS = 1024
 MAX_CONFIG = 1 << 20
 MAX_ENTRIES = 4_000_000  # also the build's default --max-entries, which cannot exceed it
 MAX_MANIFEST = 256 * 1024 * 1024  # uncompressed bytes of any manifest-kind record, stored as a frame
+MAX_MANIFEST_FRAME = MAX_MANIFEST + MAX_MANIFEST // 128 + 4096  # its frame at most (zstd's bound)
 DEFAULT_CHUNK_SIZE = 512 * 1024  # files are cut into blocks of this size; docs/format.md "Chunking, and why"
 
 _HEADER = struct.Struct("<8sHHII")  # magic, version, flags, chunk_size, entry_count

@@ -117,8 +117,13 @@ class Race(Generic[T]):
         if full:
             self.fleet._observe(time.monotonic() - launched)
         self.fleet._answered(name)
-        for other, other_full, _ in self.running.values():
-            if other_full and other != name:  # outrun by a hedge: ranked last for a while
+        # Outrun: asked before the winner, on the wire (not waiting for a thread), and out for as
+        # long as a hedge may fill from the origin. Ranked last for a while; a server merely asked
+        # later, or an owner a little slow while it fills, keeps its place (its blocks are its to fill).
+        now = time.monotonic()
+        for other_fut, (other, other_full, other_launched) in self.running.items():
+            if other_full and other != name and other_launched < launched and other_fut.running() \
+                    and now - other_launched >= ESCALATE * self.hedge:
                 self.fleet._outrun(other)
         return True, result
 

@@ -11,13 +11,12 @@ import http.client
 import io
 import json
 import threading
-import time
 from typing import Iterable, Iterator, NamedTuple
 from urllib.parse import quote
 
 import urllib3
 
-from lazyfs.errors import (BlockNotFound, FormatError, ManifestNotFound, NotCached, NotFound,
+from lazyfs.errors import (BlockNotFound, FormatError, LazyfsError, ManifestNotFound, NotCached, NotFound,
                            StoreAuthError, StoreError, StoreUnavailable, StoreUnreachable, TagNotFound)
 from lazyfs.format import batch
 from lazyfs.format import digest as digests
@@ -131,24 +130,15 @@ class HttpStore:
                    ) -> Iterator[tuple[str, bytes | bytearray | None]]:
         """Many blocks in one round trip: (digest, frame), or (digest, None) when the server has
         no such block; in request order. Raises StoreUnavailable if the server fails for one,
-        or (``within``) has not sent the whole answer that many seconds after it was asked: the
-        socket's timeout bounds each read only, and a server sending a byte now and then would
-        hold the batch, and every read waiting on its blocks, for as long as it liked.
+        or (``within``) leaves the answer's next record that many seconds in coming.
         A frame read straight from the socket is a bytearray (no copy into bytes)."""
         for d in wanted:
             digests.validate(d)
-        asked = time.monotonic()
         resp = self._request("POST", "/v1/blocks/batch", body=json.dumps({"digests": wanted}).encode(),
                              headers={"Content-Type": "application/json"}, stream=True)
         reader, exact = _batch_body(resp)
         complete = False
-        cut: list[bool] = []
-        timer = None
-        if within is not None:
-            timer = threading.Timer(max(0.0, within - (time.monotonic() - asked)),
-                                    lambda: (cut.append(True), resp.shutdown()))
-            timer.daemon = True
-            timer.start()
+        stall = _Stall(resp, within)
         try:
             for expected in wanted:
                 line = reader.readline(batch.MAX_HEADER)
@@ -162,7 +152,9 @@ class HttpStore:
                 frame = exact(header.length) if header.status == 200 else None
                 if frame is not None and len(frame) != header.length:
                     raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
+                stall.stop()  # (the time the caller takes with a record is not the server's)
                 yield expected, frame
+                stall.watch()
             try:
                 extra = reader.read(1)  # also consumes the end of the chunked body
             except ValueError:  # urllib3 closed it at the end of the body already
@@ -170,20 +162,19 @@ class HttpStore:
             if extra:
                 raise FormatError("batch answer has data after its last record")
             complete = True
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError,
-                StoreUnavailable) as exc:
-            if cut:
-                raise StoreUnavailable(f"{self.url}: batch of {len(wanted)} blocks not whole within "
-                                       f"{within:g} s") from None
-            if isinstance(exc, StoreUnavailable):
+        except Exception as exc:
+            if stall.cut:
+                raise StoreUnavailable(f"{self.url}: batch: no record for {within:g} s") from None
+            if isinstance(exc, LazyfsError):
                 raise
             if isinstance(exc, ValueError):  # urllib3 closed a chunked body that ended early
                 raise StoreUnavailable(f"{self.url}: batch answer truncated") from None
-            raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
+            if isinstance(exc, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
+                raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
+            raise
         finally:
-            if timer is not None:
-                timer.cancel()
-            if not complete or cut:  # (cut just as it ended: its socket is shut all the same)
+            stall.stop()
+            if not complete or stall.cut:  # (cut just as it ended: its socket is shut all the same)
                 resp.close()  # an abandoned or broken answer: do not reuse its connection
             resp.release_conn()
 
@@ -265,6 +256,37 @@ class HttpStore:
 
     def __repr__(self) -> str:
         return f"HttpStore({self.url!r})"
+
+
+class _Stall:
+    """Shuts an answer's socket once its next record has been ``within`` seconds in coming (None:
+    never). The socket's timeout bounds each read only: a server sending a byte now and then
+    would hold a batch, and every read waiting on its blocks, for as long as it liked."""
+
+    def __init__(self, resp, within: float | None):
+        self.resp, self.within = resp, within
+        self.cut = False
+        self._timer: threading.Timer | None = None
+        self.watch()
+
+    def watch(self) -> None:
+        self.stop()
+        if self.within is not None:
+            self._timer = threading.Timer(self.within, self._shut)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _shut(self) -> None:
+        self.cut = True
+        try:
+            self.resp.shutdown()
+        except Exception:  # noqa: BLE001 - handed back to its pool already: the answer was whole
+            pass
 
 
 def _batch_body(resp) -> tuple:

@@ -141,7 +141,7 @@ class Lease:
             self._thread.join(timeout=5)
         # A refresh still writing (a slow store) finishes first, and none starts after: written
         # after the delete, the lease would make every gc wait for its TTL for work long done.
-        held = self._writing.acquire(timeout=LEASE_TTL)
+        held = self._writing.acquire(timeout=60)  # (a store hung longer: let go of it anyway)
         self._ended = True
         try:
             self.store.delete_lease(self.name)

@@ -112,26 +112,30 @@ def test_missing_transport_path(tmp_path):
         build(f"dir:{tmp_path}/nope", LocalStore(tmp_path / "s"))
 
 
-@pytest.mark.parametrize("swapped", ["file", "directory"])
+@pytest.mark.parametrize("swapped", ["file", "directory", "parent"])
 def test_a_rootfs_changed_while_it_is_read_cannot_lead_the_build_elsewhere(tmp_path, monkeypatch, swapped):
     """A tree that changes while it is read (a live container's rootfs): a file or directory
-    swapped for a symlink to the host between the walk's lstat and its open is refused, and
-    none of the host's bytes reach the image."""
+    swapped for a symlink to the host between the walk's lstat and its open is refused; a
+    directory higher up swapped between two of its entries leaves the walk where it was. None of
+    the host's bytes reach the image."""
     import os
     import stat
     from imagebuilder.sources import rootfs
     from lazyfs.errors import ImageSourceError
     root, host = tmp_path / "rootfs", tmp_path / "host"
     (root / "etc").mkdir(parents=True)
+    (root / "etc" / "aaa").write_text("read first\n")
     (root / "etc" / "hosts").write_text("the image's\n")
     host.mkdir()
     (host / "hosts").write_text("the host's secret\n")
-    target = (root / "etc" / "hosts") if swapped == "file" else (root / "etc")
+    # What is swapped, and on the lstat of which name (in the directory being read).
+    target, when = {"file": (root / "etc" / "hosts", b"hosts"), "directory": (root / "etc", b"etc"),
+                    "parent": (root / "etc", b"aaa")}[swapped]
     real = os.lstat
 
     def lstat_then_swap(path, *args, **kwargs):
         st = real(path, *args, **kwargs)
-        if os.fsencode(path) == os.fsencode(target) and not stat.S_ISLNK(st.st_mode):
+        if os.path.basename(os.fsencode(path)) == when and not os.path.lexists(tmp_path / "moved"):
             os.rename(target, tmp_path / "moved")
             os.symlink(host / "hosts" if swapped == "file" else host, target)
         return st
@@ -142,6 +146,28 @@ def test_a_rootfs_changed_while_it_is_read_cannot_lead_the_build_elsewhere(tmp_p
     def on_entry(entry, stream):
         seen.append(stream.read() if stream is not None else entry.path)
 
-    with pytest.raises(ImageSourceError, match="replaced while it was read"):
-        rootfs.walk(root, on_entry)
+    if swapped == "parent":
+        rootfs.walk(root, on_entry)  # on in the directory it had opened (moved, still the tree's)
+        assert b"the image's\n" in seen
+    else:
+        with pytest.raises(ImageSourceError, match="replaced while it was read"):
+            rootfs.walk(root, on_entry)
     assert not any(isinstance(s, bytes) and b"secret" in s for s in seen)
+
+
+def test_a_rootfs_walk_keeps_the_xattrs_of_files_and_directories(tmp_path):
+    """(Read through each directory's descriptor, /proc/self/fd/N/NAME, not by whole paths.)"""
+    import os
+    from imagebuilder.sources import rootfs
+    root = tmp_path / "rootfs"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("hi\n")
+    try:
+        os.setxattr(root / "d" / "f", "user.test", b"val")
+        os.setxattr(root / "d", "user.dir", b"dv")
+    except OSError as exc:
+        pytest.skip(f"this filesystem takes no user xattrs ({exc.strerror})")
+    got = {}
+    rootfs.walk(root, lambda e, s: got.setdefault(e.path, (e.xattrs, s.read() if s else None)))
+    assert got[b"d"] == (((b"user.dir", b"dv"),), None)
+    assert got[b"d/f"] == (((b"user.test", b"val"),), b"hi\n")

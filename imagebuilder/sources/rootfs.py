@@ -5,7 +5,7 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from lazyfs.errors import ImageSourceError, LimitExceeded
 from lazyfs.format.manifest import EntryType
@@ -34,11 +34,11 @@ def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(out))
 
 
-def _open_as(full: bytes, st: os.stat_result, flags: int) -> int:
-    """``full`` opened without following a symlink, and only if it is still the file lstat saw:
-    a tree that changes while it is read (a live container's) must not lead the build through a
-    symlink swapped in to another file (the host's), nor hang it on a FIFO."""
-    fd = os.open(full, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_as(name: bytes, st: os.stat_result, flags: int, dir_fd: int | None) -> int:
+    """``name`` (in ``dir_fd``) opened without following a symlink, and only if it is still the
+    file lstat saw: a tree that changes while it is read (a live container's) must not lead the
+    build through a symlink swapped in to another file (the host's), nor hang it on a FIFO."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     now = os.fstat(fd)
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -47,9 +47,9 @@ def _open_as(full: bytes, st: os.stat_result, flags: int) -> int:
     return fd
 
 
-def _opened(root: Path, rel: bytes, full: bytes, st: os.stat_result, flags: int) -> int:
+def _opened(root: Path, rel: bytes, name: bytes, st: os.stat_result, flags: int, dir_fd: int | None) -> int:
     try:
-        return _open_as(full, st, flags)
+        return _open_as(name, st, flags, dir_fd)
     except OSError as exc:
         # ELOOP, ENOTDIR: what O_NOFOLLOW and O_DIRECTORY say of a symlink swapped in
         why = "replaced while it was read (did the tree change meanwhile?)" \
@@ -59,53 +59,74 @@ def _opened(root: Path, rel: bytes, full: bytes, st: os.stat_result, flags: int)
 
 def walk(root: Path, on_entry: Callable[[LayerEntry, BinaryIO | None], None],
          on_read: Callable[[int], None] | None = None) -> None:
+    """Every entry under ``root``, depth first, each directory's names in order. Entries are
+    reached from their directory's descriptor (opened and checked as the walk went down), never
+    by a whole path again: a directory swapped for a symlink while the tree is read cannot lead
+    the walk out of it."""
     base = os.fsencode(root)
     seen: dict[tuple[int, int], bytes] = {}
     try:
         top = os.lstat(base)
     except OSError as exc:
         raise ImageSourceError(f"{root}: {exc.strerror}") from None
-    stack = [b""]
-    while stack:
-        rel = stack.pop()
-        # The tree's own checks (depth, name and path length), before the host is asked about a
-        # path that deep: a path past PATH_MAX would be an OSError, not the refusal.
+    frames: list[tuple[int, bytes, Iterator[bytes]]] = []  # (directory's fd, its path, names left)
+
+    def entry(rel: bytes, name: bytes, dir_fd: int | None) -> None:
+        # The tree's own checks (depth, name and path length) first: a path past PATH_MAX is
+        # legal in an image, but this host could not name it to the tools that read it later.
         split_path(str(root), rel)
-        full = os.path.join(base, rel) if rel else base
-        if len(full) >= PATH_MAX:  # legal in an image, but this walk names files by whole paths
+        full_len = len(base) + 1 + len(rel)
+        if full_len >= PATH_MAX:
             raise LimitExceeded(f"{root}: entry {rel[:64].decode(errors='replace')!r}...: "
-                                f"{len(full)} bytes from / is longer than this host's PATH_MAX "
+                                f"{full_len} bytes from / is longer than this host's PATH_MAX "
                                 f"({PATH_MAX}); build from a shorter directory or an archive")
-        st = top if not rel else os.lstat(full)
+        st = top if dir_fd is None else os.lstat(name, dir_fd=dir_fd)
         kind = _KINDS.get(stat.S_IFMT(st.st_mode))
         if kind is None:
-            continue
+            return
+        # (xattrs by the directory's descriptor too: /proc/self/fd/N/NAME resolves NAME in it)
+        where = name if dir_fd is None else b"/proc/self/fd/%d/%s" % (dir_fd, name)
         common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                      mtime_ns=st.st_mtime_ns, xattrs=_xattrs(full))
+                      mtime_ns=st.st_mtime_ns, xattrs=_xattrs(where))
         if kind != EntryType.DIR and st.st_nlink > 1:
             first = seen.setdefault((st.st_dev, st.st_ino), rel)
             if first != rel:
                 on_entry(LayerEntry(type=EntryType.HARDLINK, link=first, **common), None)
-                continue
+                return
         if kind == EntryType.REG:
-            with os.fdopen(_opened(root, rel, full, st, os.O_RDONLY), "rb") as f:
+            with os.fdopen(_opened(root, rel, name, st, os.O_RDONLY, dir_fd), "rb") as f:
                 on_entry(LayerEntry(type=kind, size=st.st_size, **common), f)
             if on_read:
                 on_read(st.st_size)
         elif kind == EntryType.SYMLINK:
-            target = os.readlink(full)
+            target = os.readlink(name, dir_fd=dir_fd)
             on_entry(LayerEntry(type=kind, target=target, size=len(target), **common), None)
         elif kind in (EntryType.CHR, EntryType.BLK):
             on_entry(LayerEntry(type=kind, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)), **common), None)
         else:
             on_entry(LayerEntry(type=kind, **common), None)
         if kind == EntryType.DIR:
-            fd = _opened(root, rel, full, st, os.O_RDONLY | os.O_DIRECTORY)
+            fd = _opened(root, rel, name, st, os.O_RDONLY | os.O_DIRECTORY, dir_fd)
             try:
-                names = sorted(map(os.fsencode, os.listdir(fd)), reverse=True)  # (by fd: str names)
-            finally:
+                names = sorted(map(os.fsencode, os.listdir(fd)))  # (listed by fd: str names)
+            except BaseException:
                 os.close(fd)
-            stack.extend(os.path.join(rel, n) if rel else n for n in names)
+                raise
+            frames.append((fd, rel, iter(names)))
+
+    try:
+        entry(b"", base, None)
+        while frames:
+            fd, rel, names = frames[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                frames.pop()
+                continue
+            entry(rel + b"/" + name if rel else name, name, fd)
+    finally:
+        for fd, _, _ in frames:
+            os.close(fd)
 
 
 def tree_size(root: Path) -> int:

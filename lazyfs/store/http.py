@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import threading
+import time
 from typing import Iterable, Iterator, NamedTuple
 from urllib.parse import quote
 
@@ -152,7 +153,7 @@ class HttpStore:
                 frame = exact(header.length) if header.status == 200 else None
                 if frame is not None and len(frame) != header.length:
                     raise StoreUnavailable(f"{self.url}: batch answer truncated at {expected}")
-                stall.stop()  # (the time the caller takes with a record is not the server's)
+                stall.pause()  # (the time the caller takes with a record is not the server's)
                 yield expected, frame
                 stall.watch()
             try:
@@ -173,7 +174,7 @@ class HttpStore:
                 raise StoreUnavailable(f"{self.url}: batch: {_why(exc)}") from None
             raise
         finally:
-            stall.stop()
+            stall.end()
             if not complete or stall.cut:  # (cut just as it ended: its socket is shut all the same)
                 resp.close()  # an abandoned or broken answer: do not reuse its connection
             resp.release_conn()
@@ -261,32 +262,36 @@ class HttpStore:
 class _Stall:
     """Shuts an answer's socket once its next record has been ``within`` seconds in coming (None:
     never). The socket's timeout bounds each read only: a server sending a byte now and then
-    would hold a batch, and every read waiting on its blocks, for as long as it liked."""
+    would hold a batch, and every read waiting on its blocks, for as long as it liked. One
+    watching thread a batch, looking every quarter of ``within`` (not a timer a record)."""
 
     def __init__(self, resp, within: float | None):
         self.resp, self.within = resp, within
         self.cut = False
-        self._timer: threading.Timer | None = None
-        self.watch()
+        self._since: float | None = time.monotonic()  # None: the caller has the record
+        self._done = threading.Event()
+        if within is not None:
+            threading.Thread(target=self._watch, name="batch-stall", daemon=True).start()
 
     def watch(self) -> None:
-        self.stop()
-        if self.within is not None:
-            self._timer = threading.Timer(self.within, self._shut)
-            self._timer.daemon = True
-            self._timer.start()
+        self._since = time.monotonic()
 
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def pause(self) -> None:
+        self._since = None
 
-    def _shut(self) -> None:
-        self.cut = True
-        try:
-            self.resp.shutdown()
-        except Exception:  # noqa: BLE001 - handed back to its pool already: the answer was whole
-            pass
+    def end(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.within / 4):
+            since = self._since
+            if since is not None and time.monotonic() - since >= self.within:
+                self.cut = True
+                try:
+                    self.resp.shutdown()
+                except Exception:  # noqa: BLE001 - handed back to its pool already: it was whole
+                    pass
+                return
 
 
 def _batch_body(resp) -> tuple:

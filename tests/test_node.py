@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -587,3 +588,121 @@ def test_a_malformed_request_gets_one_line_and_the_agent_keeps_serving(node, tmp
     assert "Error(" not in got["error"] and "Traceback" not in got["error"], got["error"]
     assert lazyfs_cli(*RUN, tag, "--", "cat", "/data/x").stdout == "x\n"  # still serving
     assert "Traceback" not in _agent_log(env_dirs)
+
+
+def _as_nobody(code: str, *args) -> subprocess.Popen:
+    """A process of user nobody running ``code`` (the system's interpreter: the checkout may not
+    be readable by nobody); it prints "ready" once set up."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-I", "-c", code, *map(str, args)], user=65534,
+                            group=65534, extra_groups=[], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+# Listens on a Unix socket and prints how many bytes each client sent, as another user would
+# who bound an agent's or a daemon's socket first.
+_LISTENER = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "s.bind(sys.argv[1].replace('@', '\\0', 1))\n"
+             "s.listen(8)\n"
+             "print('ready', flush=True)\n"
+             "while True:\n"
+             "    c, _ = s.accept()\n"
+             "    c.settimeout(1)\n"
+             "    got = b''\n"
+             "    try:\n"
+             "        c.sendall(sys.argv[2].encode())\n"
+             "        while d := c.recv(65536):\n"
+             "            got += d\n"
+             "    except OSError:\n"
+             "        pass\n"
+             "    c.close()\n"
+             "    print(len(got), flush=True)\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no /usr/bin/python3 to run as nobody")
+def test_an_agent_socket_in_a_shared_directory(node, tmp_path, monkeypatch):
+    """--socket (or LAZYFS_NODE_SOCKET) may name a directory everyone writes, /tmp say: the agent
+    leaves its mode alone, and a client sends nothing (its environment, its stdio) to a socket
+    another user bound there first."""
+    tag = _image(tmp_path, {"x": b"x\n"})
+    shared = Path(tempfile.mkdtemp(prefix="lzs-", dir="/tmp"))
+    os.chmod(shared, 0o1777)
+    path = shared / "node.sock"
+    monkeypatch.setenv("LAZYFS_NODE_SOCKET", str(path))
+    impostor = _as_nobody(_LISTENER, path, "")
+    try:
+        refused = lazyfs_cli(*RUN, tag, "--", "cat", "/data/x", check=False)
+        assert refused.returncode != 0 and "uid 65534" in refused.stderr, refused.stderr
+        assert refused.stdout == "" and "Traceback" not in refused.stderr
+        impostor.kill()
+        got = impostor.communicate(timeout=10)[0].split()
+        assert got and set(got) == {"0"}, got  # asked (connected), and told nothing
+        path.unlink()
+        assert lazyfs_cli(*RUN, tag, "--", "cat", "/data/x").stdout == "x\n"  # the agent starts there
+        assert oct(os.stat(shared).st_mode & 0o7777) == "0o1777"
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    finally:
+        impostor.kill()
+        impostor.communicate(timeout=10)
+        pidfile = Path(os.environ["LAZYFS_STATE_DIR"]) / "node" / "agent.pid"
+        if pidfile.exists():
+            _stop(int(pidfile.read_text()))
+        subprocess.run(["rm", "-rf", str(shared)])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no /usr/bin/python3 to run as nobody")
+def test_a_daemons_control_socket_taken_by_another_user(node, tmp_path):
+    """A daemon's control socket has an abstract name, which any user may bind first: its answers
+    are not taken for counters, a run still ends with its container's status, and the agent
+    goes on unmounting what is idle."""
+    from lazyfs.fs import control
+
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")
+    mountpoint = _status()["images"][0]["mountpoint"]
+    _wait(lambda: not _status()["images"], 10, "the idle unmount")
+    squatter = _as_nobody(_LISTENER, "@" + control.address(mountpoint)[1:], "not counters")
+    try:
+        proc = lazyfs_cli(*RUN, "-v", tag, "--", "sh", "-c", "exit 7", check=False)
+        assert proc.returncode == 7 and "Traceback" not in proc.stderr, proc.stderr
+        assert "uid 65534" in proc.stderr  # (the warning: no counters for this run)
+        _wait(lambda: not _status()["images"], 10, "the idle unmount")
+    finally:
+        squatter.kill()
+        squatter.communicate(timeout=10)
+
+
+def test_umount_of_a_relative_path_through_the_agent(node, tmp_path):
+    tag = _image(tmp_path, {"m": b"mounted\n"})
+    (tmp_path / "mnt").mkdir()
+    lazyfs_cli("mount", tag, tmp_path / "mnt")
+    try:
+        subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", "mnt"], cwd=tmp_path, check=True,
+                       timeout=60)
+        assert not os.path.ismount(tmp_path / "mnt")
+        again = subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", "mnt"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+    finally:
+        lazyfs_cli("umount", tmp_path / "mnt", check=False)
+    _wait(lambda: not _status()["images"], 10, "the idle unmount")
+
+
+def test_a_forked_run_killed_by_a_signal_exits_as_such(node, tmp_path):
+    """The agent's fork of `lazyfs run` killed outright (the OOM killer, say) cannot write its
+    status: its client exits 128 + the signal, as a plain run would, not 1."""
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # (starts the agent: the next run is a fork)
+    run = _cli(*RUN, tag, "--", "sh", "-c", "echo started; sleep 60")
+    try:
+        assert run.stdout.readline().strip() == "started"
+        [worker] = [u["pid"] for u in _status()["images"][0]["users"]]
+        assert _comm(worker) == "lazyfs-run"
+        os.kill(worker, signal.SIGKILL)
+        _, err = run.communicate(timeout=15)
+        assert run.returncode == 128 + signal.SIGKILL, err
+    finally:
+        run.kill()
+        run.communicate(timeout=30)
+    _wait(_unused, 15, "what the killed run left swept")

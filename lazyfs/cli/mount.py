@@ -113,8 +113,12 @@ def umount(mountpoint: str = typer.Argument(...),
     from lazyfs.fs import mounts
 
     if _node_target(mountpoint) is not None:
+        from lazyfs.errors import MountError
         from lazyfs.node import client
-        client.call("unbind", target=mountpoint, lazy=lazy, autostart=False)
+        # The agent resolves the path in its own working directory, not this command's.
+        answer = client.call("unbind", target=os.path.abspath(mountpoint), lazy=lazy, autostart=False)
+        if answer.get("known") is False:
+            raise MountError(f"{mountpoint}: the node agent holds no mount there")
         return
     mounts.umount(mountpoint, lazy=lazy)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import threading
 from typing import Callable
 
 from lazyfs import paths
 from lazyfs.errors import MountError
+from lazyfs.format.guard import JSON_ERRORS
 
 
 def address(mountpoint: str) -> str:
@@ -41,18 +43,34 @@ def serve(mountpoint: str, stats: Callable[[], dict]) -> socket.socket:
     return sock
 
 
+MAX_ANSWER = 16 * 1024 * 1024  # bytes of counters: far more than a daemon's, bounded all the same
 QUERY_TIMEOUT = 5.0  # seconds a user's `lazyfs stats` waits for a daemon's counters
 SCRAPE_TIMEOUT = 1.0  # the node agent's own reads (status, /metrics): a busy daemon must not stall them
 
 
 def query(mountpoint: str, timeout: float = QUERY_TIMEOUT) -> dict:
+    """The daemon's counters. An abstract name has no permissions: any process may bind it, so
+    only an answer from a process of this user counts, and only a JSON object."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(address(mountpoint))
+            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))[1]
+            if uid != os.geteuid():
+                raise MountError(f"{mountpoint}: its control socket is held by a process of uid "
+                                 f"{uid}, not by its lazyfs daemon")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
+                if len(data) > MAX_ANSWER:
+                    raise MountError(f"{mountpoint}: its daemon's counters exceed {MAX_ANSWER} bytes")
         except OSError as exc:
             raise MountError(f"{mountpoint}: no lazyfs daemon answers for it ({exc.strerror or exc})") from None
-    return json.loads(data)
+    try:
+        counters = json.loads(data)
+    except JSON_ERRORS:
+        counters = None
+    if not isinstance(counters, dict):
+        raise MountError(f"{mountpoint}: its control socket answered something other than counters")
+    return counters

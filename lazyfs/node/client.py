@@ -35,6 +35,7 @@ def _connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+        wire.check_root_peer(sock, path)
     except BaseException:
         sock.close()
         raise

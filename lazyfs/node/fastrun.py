@@ -95,6 +95,10 @@ def try_run(argv: list[str]) -> int | None:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(socket_path())
+        # Root's agent only (lazyfs.node.wire.check_root_peer): the slow path says why not.
+        if int.from_bytes(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)[4:8],
+                          sys.byteorder) != 0:
+            raise OSError("not root's agent")
     except OSError:
         sock.close()
         return None
@@ -109,7 +113,7 @@ def try_run(argv: list[str]) -> int | None:
         except OSError:
             return None
         worker = _field(answer, b"pid") if b'"ok":true' in answer.replace(b" ", b"") else None
-        if worker is None:
+        if worker is None or worker <= 0:  # (a pid of 0 or -1 would signal a group, or all)
             return None
 
         def forward(signum, frame):

@@ -40,6 +40,7 @@ from lazyfs.node import wire
 
 log = logging.getLogger("lazyfs.node")
 REAP_EVERY = 1.0  # seconds: exited children are collected at least this often
+RUN_REAP_EVERY = 0.1  # seconds, while run workers live: one killed by a signal is told of soon
 ANSWER_TIMEOUT = 10.0  # a fork answers in milliseconds; a server that does not is dead to us
 
 
@@ -175,7 +176,8 @@ def serve(sock: socket.socket) -> int:
     sock.settimeout(None)
     reader = wire.LineReader(sock)
     while True:
-        if b"\n" not in reader.buf and not select.select([sock], [], [], REAP_EVERY)[0]:
+        every = RUN_REAP_EVERY if _runs else REAP_EVERY
+        if b"\n" not in reader.buf and not select.select([sock], [], [], every)[0]:
             _reap()
             continue
         try:
@@ -204,7 +206,9 @@ def _fork(msg: dict, fds: list[int]) -> int:
     op = msg.get("op")
     if op == "run" and len(fds) == 4 and isinstance(msg.get("req"), dict):
         from lazyfs.node import zygote
-        return zygote.start(fds[0], fds[1:], msg["req"])
+        pid = zygote.start(fds[0], fds[1:], msg["req"])
+        _runs[pid] = os.dup(fds[0])
+        return pid
     want = msg.get("fd")
     if op == "spawn" and len(fds) == 1 and _module_argv(msg.get("argv")) and isinstance(want, int) and want > 2:
         module, args = _module_argv(msg["argv"])
@@ -227,14 +231,32 @@ def _module_argv(argv) -> tuple[str, list[str]] | None:
     return None
 
 
+# Each run worker's client connection, by the worker's pid. A worker writes its own exit status
+# there as it ends; one killed by a signal cannot, and the client would learn nothing of how.
+_runs: dict[int, int] = {}
+
+
 def _reap() -> None:
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        conn = _runs.pop(pid, None)
+        if conn is not None:
+            if os.WIFSIGNALED(status):  # as the shell reports it, and a plain `lazyfs run` exits
+                _tell(conn, b'{"exit": %d}\n' % (128 + os.WTERMSIG(status)))
+            os.close(conn)
+
+
+def _tell(conn: int, line: bytes) -> None:
+    with socket.socket(fileno=os.dup(conn)) as s:
+        try:  # (never blocks the server: a client that reads nothing loses the line)
+            s.send(line, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """The agent's socket: claiming it, and what it means to find one taken.
 
 The socket is root's alone: created mode 0600 under a umask (no moment where another user can
-connect), in a directory made 0700. A socket nothing answers on was left by an agent that died,
+connect), in a directory made 0700 when the agent makes it (one that was there keeps its mode);
+clients check that root answers on it before they send anything. A socket nothing answers on was left by an agent that died,
 and is replaced; one that answers belongs to a live agent, which is left alone unless the new
 one takes over (`lazyfs node --takeover`): then the old agent is asked to hand over (it exits,
 leaving every mount up for the new one to adopt) and waited for. Readiness goes to systemd
@@ -34,8 +35,12 @@ def claim(path: Path, takeover: bool, on_demand: bool = False) -> socket.socket:
     if len(os.fsencode(path)) > MAX_PATH:
         raise NodeError(f"socket path {path} is too long for a Unix socket (at most {MAX_PATH} "
                         "bytes); set --socket or LAZYFS_NODE_SOCKET")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    if not path.parent.exists():
+        # Made here, it is ours to close to others. One that was there (/tmp, /run: --socket and
+        # LAZYFS_NODE_SOCKET may name any) keeps its mode: the socket itself is born 0600, and a
+        # client checks that root answers on it (client.connect).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
     paths.node_dir().mkdir(parents=True, exist_ok=True)
     os.chmod(paths.node_dir(), 0o700)
     if path.exists():
@@ -80,6 +85,7 @@ def _ask(path: Path, op: str, timeout: float) -> dict | None:
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
+        wire.check_root_peer(sock, path)  # (anyone else's is no agent: a stale socket)
         wire.send(sock, {"op": op})
         return wire.LineReader(sock).read_message()
     except (OSError, NodeError):

@@ -78,3 +78,12 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     import struct
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", raw)
+
+
+def check_root_peer(sock: socket.socket, path) -> None:
+    """Refuse an agent socket another user answers on: one who bound the path first (a --socket
+    in a shared directory) would get the client's environment, its stdio and its signals."""
+    uid = peer_credentials(sock)[1]
+    if uid != 0:
+        raise NodeError(f"{path} is answered by a process of uid {uid}, not by root's node agent; "
+                        "refusing it")

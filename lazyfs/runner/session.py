@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from lazyfs import paths
-from lazyfs.errors import LazyfsError, RunError
+from lazyfs.errors import LazyfsError, MountError, RunError
 from lazyfs.fs import mounts
 from lazyfs.fs import control
 from lazyfs.proc import spawn
@@ -56,7 +56,8 @@ def container_spec(config: dict, opts: RunOptions) -> rt.Spec:
     if not argv:
         raise RunError(f"{opts.ref} has no Entrypoint or Cmd; give a command after --")
     return rt.Spec(argv=argv, env=helper.with_python_path(list(config.get("Env") or []) + opts.env),
-                   workdir=opts.workdir or config.get("WorkingDir") or "/",
+                   # (a relative WorkingDir in an image's config is taken from the root, as runc does)
+                   workdir=opts.workdir or os.path.join("/", config.get("WorkingDir") or "/"),
                    user=opts.user if opts.user is not None else config.get("User", ""),
                    tty=opts.tty, network=opts.network)
 
@@ -164,7 +165,13 @@ def _run(opts: RunOptions, runtime: str, rundir: Path, lease: dict | None, say) 
         code = _supervise(lambda started: rt.start(runtime, rootfs, spec, name, started),
                           lambda: rt.force_stop(runtime, name), stopped, opts.stop_after, say)
         if opts.report:
-            opts.report(control.query(str(image_mnt)))
+            # The counters are a report on the run, never its outcome: the container's status stands.
+            try:
+                counters = control.query(str(image_mnt))
+            except MountError as exc:
+                log.warning("no counters for this run: %s", exc)
+            else:
+                opts.report(counters)
         return code
     except BaseException:
         stopped.set()

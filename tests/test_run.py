@@ -246,3 +246,76 @@ def test_options_between_the_image_and_the_command(env_dirs, tmp_path):
                       "cat", "/etc/os-release")
     assert "not published" in prof.stderr and "blocks" in prof.stderr
     assert _mounts() == []
+
+
+def test_a_container_that_ends_on_sigterm_passes_its_own_status_on(bb_image, env_dirs):
+    """`kill` of lazyfs run whose container handles SIGTERM: the run ends with the container's
+    status, and nothing on stderr, however its two waits (the run's for the runtime, the stop's
+    with a grace) fall; both once collected the same child."""
+    for _ in range(4):
+        proc = subprocess.Popen([*LAZYFS, "run", "--runtime", "namespaces", "run/bb:1", "--", "sh", "-c",
+                                 "trap 'exit 3' TERM; echo started; while :; do sleep 0.05; done"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "started\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert (proc.returncode, err) == (3, ""), err
+    assert _mounts() == []
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_container_starts_with_no_signal_ignored(bb_image, runtime):
+    """Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays so across exec: a container
+    must not inherit that (`yes | head -1` would report EPIPE errors)."""
+    status = lazyfs_cli("run", "--runtime", runtime, "run/bb:1", "--", "cat", "/proc/self/status").stdout
+    (ignored,) = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigIgn:")]
+    assert ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0, hex(ignored)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_working_directory_the_image_lacks_is_made_and_a_relative_one_refused(bb_image, runtime, tmp_path):
+    made = lazyfs_cli("run", "--runtime", runtime, "-w", "/no/such/dir", "run/bb:1", "--", "sh", "-c", "pwd",
+                      check=False)
+    if runtime == "podman":  # (podman run --rootfs refuses one, in a line of its own)
+        assert made.returncode != 0 and '"/no/such/dir" does not exist' in made.stderr, made.stderr
+    else:
+        assert made.stdout == "/no/such/dir\n", made.stderr
+    relative = lazyfs_cli("run", "--runtime", runtime, "-w", ".", "run/bb:1", "--", "sh", "-c", "pwd", check=False)
+    assert relative.returncode == 2 and "absolute path" in relative.stderr, relative.stderr
+    assert relative.stdout == ""
+    assert _mounts() == []
+
+
+def test_a_relative_working_dir_in_an_image_is_taken_from_its_root(env_dirs, tmp_path):
+    """(chroot keeps the working directory outside the root: a relative one was the host's.)"""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    base = make_tar([TarEntry("bin/busybox", (root / "bin" / "busybox").read_bytes(), mode=0o755),
+                     TarEntry("bin/sh", type=b"2", linkname="busybox", mode=0o777),
+                     TarEntry("work/", type=b"5", mode=0o755)])
+    layout = write_layout(tmp_path / "oci", [base], "v1", config={
+        "Env": ["PATH=/bin"], "Cmd": ["sh", "-c", 'echo "$PWD"; ls -a'], "WorkingDir": "work"})
+    lazyfs_cli("build", f"oci:{layout}:v1", "--tag", "run/relwd:1")
+    (tmp_path / "host-only").write_text("")
+    proc = subprocess.run([*LAZYFS, "run", "--runtime", "namespaces", "run/relwd:1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, "/work\n.\n..\n"), proc.stderr
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_env_and_user_mistakes_get_one_line(bb_image, runtime, tmp_path):
+    passed = lazyfs_cli("run", "--runtime", runtime, "-e", "FROM_SHELL", "-e", "UNSET_HERE", "run/bb:1",
+                        "--", "sh", "-c", 'echo "$FROM_SHELL ${UNSET_HERE-unset}"',
+                        env={"FROM_SHELL": "shell value"})
+    assert "UNSET_HERE" not in os.environ
+    assert passed.stdout == "shell value unset\n"
+    for bad in (["-e", "=x"], ["--user", ":grp"], ["--user", "a:b:c"]):
+        proc = lazyfs_cli("run", "--runtime", runtime, *bad, "run/bb:1", "--", "true", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
+    # The image has no /etc/group, and no such user in /etc/passwd; nor may an id exceed the kernel's.
+    for user, words in (("nosuchuser", "not found"), ("nobody:staff", "/etc/group"),
+                        ("4294967295", "out of range")):
+        proc = lazyfs_cli("run", "--runtime", "namespaces", "--user", user, "run/bb:1", "--", "true",
+                          check=False)
+        assert proc.returncode != 0 and words in proc.stderr, (user, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert _mounts() == []

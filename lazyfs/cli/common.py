@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import inspect
 import sys
 import typing
@@ -57,10 +58,42 @@ CompleteOpt = typer.Option(False, "--complete/--no-complete", help="Kernel path:
                            "from the kernel.")
 RuntimeOpt = typer.Option("auto", "--runtime", help="auto (podman if present, else namespaces), "
                           "podman, or namespaces.")
-EnvOpt = typer.Option(None, "--env", "-e", help="KEY=VALUE, repeatable.")
-WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Working directory inside the container "
-                          "(default: the image's WorkingDir, else /).")
-UserOpt = typer.Option(None, "--user", "-u", help="USER[:GROUP] inside the image.")
+def _env(values: list[str] | None) -> list[str] | None:
+    """KEY=VALUE as given; a bare KEY takes this shell's value, and is left out where this shell
+    has none (docker's and podman's -e KEY)."""
+    out = []
+    for kv in values or ():
+        name, eq, _ = kv.partition("=")
+        if not name or "\0" in kv:
+            raise typer.BadParameter(f"{kv!r}: KEY=VALUE, or KEY to pass this shell's value on")
+        if eq:
+            out.append(kv)
+        elif name in os.environ:
+            out.append(f"{name}={os.environ[name]}")
+    return out if values else values
+
+
+def _workdir(value: str | None) -> str | None:
+    if value is not None and not value.startswith("/"):
+        raise typer.BadParameter(f"{value!r}: the working directory must be an absolute path")
+    return value
+
+
+def _user(value: str | None) -> str | None:
+    if value is not None:
+        name, _, group = value.partition(":")
+        if not name or ":" in group or "\0" in value:
+            raise typer.BadParameter(f"{value!r}: USER[:GROUP], each a name or a number")
+    return value
+
+
+EnvOpt = typer.Option(None, "--env", "-e", callback=_env, help="KEY=VALUE, repeatable; a bare KEY "
+                      "passes this shell's value (left out if it has none).")
+WorkdirOpt = typer.Option(None, "--workdir", "-w", callback=_workdir, help="Working directory "
+                          "inside the container, absolute (default: the image's WorkingDir, else "
+                          "/); the namespaces runtime makes it if the image lacks it, podman refuses.")
+UserOpt = typer.Option(None, "--user", "-u", callback=_user, help="USER[:GROUP] inside the image, "
+                       "names or numbers.")
 def _network(value: str) -> str:
     from lazyfs.runner.runtime import NETWORKS
     if value not in NETWORKS:

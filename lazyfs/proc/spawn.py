@@ -33,18 +33,26 @@ JOIN_IDLE_THREADS = 0.2  # seconds to let finished pools' threads exit before de
 
 
 class Forked:
-    """The part of subprocess.Popen the mount and run code use, for a forked child."""
+    """The part of subprocess.Popen the mount and run code use, for a forked child. Collecting it
+    is one thread's at a time (as Popen's is): a run waits for its runtime while a stop's thread
+    waits with a timeout, and the loser of two waitpid calls would get ECHILD."""
 
     def __init__(self, pid: int, args: list[str] | None = None):
         self.pid = pid
         self.args = args or [f"(forked {pid})"]
         self.returncode: int | None = None
+        self._collecting = threading.Lock()
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid == self.pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+        # (another thread collecting it: it has not been collected yet, as far as this one knows)
+        if self.returncode is None and self._collecting.acquire(blocking=False):
+            try:
+                if self.returncode is None:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid == self.pid:
+                        self.returncode = os.waitstatus_to_exitcode(status)
+            finally:
+                self._collecting.release()
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -59,15 +67,20 @@ class Forked:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None and timeout is not None:
-            fd = os.pidfd_open(self.pid)  # readable once the child has exited
             try:
-                if not readable(fd, timeout):
-                    raise subprocess.TimeoutExpired(self.args, timeout)
-            finally:
-                os.close(fd)
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+                fd = os.pidfd_open(self.pid)  # readable once the child has exited
+            except ProcessLookupError:
+                fd = None  # collected by another thread just now: its returncode follows below
+            if fd is not None:
+                try:
+                    if not readable(fd, timeout):
+                        raise subprocess.TimeoutExpired(self.args, timeout)
+                finally:
+                    os.close(fd)
+        with self._collecting:
+            if self.returncode is None:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
 

@@ -6,6 +6,7 @@ with mount(2) rather than mount(8): an interpreter with site-packages and nine m
 cost about 80 ms of every container start."""
 from __future__ import annotations
 
+import _signal
 import os
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it lazily, after the chroot, where it is not
@@ -47,23 +48,50 @@ def setup(root: str, hostname: str | None) -> None:
             raise SystemExit(f"lazyfs: error: {exc.strerror}") from None
 
 
+MAX_ID = 2 ** 32 - 2  # (2^32 - 1 is the kernel's "no id")
+
+
 def _ids(user: str) -> tuple[int | None, int | None]:
     if not user:
         return None, None
     name, _, group = user.partition(":")
-    uid = int(name) if name.isdigit() else _lookup("/etc/passwd", name, 2)
-    gid = int(group) if group.isdigit() else (_lookup("/etc/group", group, 2) if group else
-                                              _lookup("/etc/passwd", name, 3) if not name.isdigit() else uid)
+    uid = _number(name) if name.isdigit() else _lookup("/etc/passwd", name, 2)
+    gid = _number(group) if group.isdigit() else (_lookup("/etc/group", group, 2) if group else
+                                                  _lookup("/etc/passwd", name, 3) if not name.isdigit() else uid)
     return uid, gid
 
 
+def _number(value: str) -> int:
+    if int(value) > MAX_ID:
+        raise SystemExit(f"lazyfs: error: user or group id {value} is out of range (at most {MAX_ID})")
+    return int(value)
+
+
 def _lookup(db: str, name: str, column: int) -> int:
-    with open(db) as f:  # read after chroot: the image's own user database
-        for line in f:
-            fields = line.rstrip("\n").split(":")
-            if fields[0] == name:
-                return int(fields[column])
+    try:
+        with open(db, errors="surrogateescape") as f:  # read after chroot: the image's own database
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if fields[0] == name:
+                    if len(fields) <= column or not fields[column].isdigit():
+                        raise SystemExit(f"lazyfs: error: the image's {db} has a malformed line for {name!r}")
+                    return _number(fields[column])
+    except OSError as exc:
+        raise SystemExit(f"lazyfs: error: cannot look up user or group {name!r}: the image's {db}: "
+                         f"{exc.strerror}") from None
     raise SystemExit(f"lazyfs: error: user or group {name!r} not found in the image's {db}")
+
+
+def _enter_workdir(workdir: str) -> None:
+    """As docker does: a working directory the image lacks is made (as root, before the switch)."""
+    try:
+        try:
+            os.chdir(workdir)
+        except FileNotFoundError:
+            os.makedirs(workdir, exist_ok=True)
+            os.chdir(workdir)
+    except OSError as exc:
+        raise SystemExit(f"lazyfs: error: working directory {workdir!r} in the image: {exc.strerror}") from None
 
 
 def command_line(rootfs, spec, *extra: str) -> list[str]:
@@ -126,9 +154,13 @@ def enter(a: Args) -> None:
         os.dup2(out, 2)
         os.close(out)
         os.close(null)
+    if not a.workdir.startswith("/"):
+        # chroot leaves the working directory outside the root: a relative one would be found
+        # there, in the host's tree (lazyfs.runner.session makes the image's absolute)
+        raise SystemExit(f"lazyfs: error: working directory {a.workdir!r} is not an absolute path")
     setup(a.rootfs, a.hostname)
     os.chroot(a.rootfs)
-    os.chdir(a.workdir)
+    _enter_workdir(a.workdir)
     uid, gid = _ids(a.user)
     # Changing ids clears the parent-death signal (the kernel's commit_creds), which is what
     # takes the container with a `lazyfs run` that was SIGKILLed: set again once they changed.
@@ -142,8 +174,15 @@ def enter(a: Args) -> None:
         sc.die_with_parent(dies_with_parent)
     env = dict(kv.split("=", 1) for kv in a.env if "=" in kv)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    # Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored across
+    # exec: the container's `yes | head -1` would see EPIPE errors instead of a quiet SIGPIPE.
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(sig, _signal.SIG_DFL)
     try:
         os.execvpe(a.argv[0], a.argv, env)
+    except ValueError as exc:  # (a NUL in an argument or the environment)
+        print(f"lazyfs: error: cannot run {a.argv[0]!r}: {exc}", file=sys.stderr)
+        sys.exit(127)
     except OSError as exc:
         print(f"lazyfs: error: cannot run {a.argv[0]!r} in the image: {exc.strerror}", file=sys.stderr)
         sys.exit(127)

@@ -706,3 +706,26 @@ def test_a_forked_run_killed_by_a_signal_exits_as_such(node, tmp_path):
         run.kill()
         run.communicate(timeout=30)
     _wait(_unused, 15, "what the killed run left swept")
+
+
+def test_a_forked_run_takes_on_its_clients_umask_limits_and_cgroup(node, tmp_path):
+    """What the run the client would have started itself inherits from it: the agent's fork
+    takes it on (the agent's own are its service's)."""
+    tag = _image(tmp_path, {"x": b"x\n"})
+    lazyfs_cli(*RUN, tag, "--", "true")  # (starts the agent: the next runs are forks)
+    import resource
+
+    def as_a_caller():
+        os.umask(0o027)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (123, 456))
+    show = "umask; ulimit -n; ulimit -Hn; cat /proc/self/cgroup"
+    outs = {}
+    for how in ("--node", "--no-node"):
+        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *RUN, how, tag, "--", "sh", "-c", show],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                              preexec_fn=as_a_caller)
+        assert proc.returncode == 0, proc.stderr
+        outs[how] = proc.stdout
+    assert outs["--node"].split()[:3] == ["0027", "123", "456"], outs
+    assert outs["--node"] == outs["--no-node"]
+    assert _status()["agent"]["runs"]["forked"] == 1  # (the --node run: a fork, not the slow path)

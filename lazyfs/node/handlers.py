@@ -261,7 +261,7 @@ def op_exec(agent, req, pid, conn, reader) -> dict | None:
         if os.environ.get("LAZYFS_DAEMON_EXEC"):
             raise NodeError("LAZYFS_DAEMON_EXEC is set in the agent's environment (nothing is forked)")
         with agent.unlocked():  # a fork server restarting takes a moment; others go on
-            worker = agent.forker.run(conn.fileno(), fds, req)
+            worker = agent.forker.run(conn.fileno(), fds, {**req, "client_pid": pid})
     except NodeError as exc:
         agent.runs.fallbacks += 1
         agent.runs.last_fallback = str(exc)

@@ -93,6 +93,7 @@ def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
             except OSError:
                 pass
     _stop_when_the_client_goes(conn)
+    _as_the_client(req.get("client_pid"))
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
@@ -102,6 +103,32 @@ def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
     from lazyfs.cli import main
     main()
     return 0
+
+
+def _as_the_client(pid) -> None:
+    """Take on what a `lazyfs run` the client started itself would inherit from it, and the
+    request does not carry: its umask, its resource limits and its cgroup (the agent's are its
+    service's: a container would run under the agent's memory limit, not the caller's)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return
+    import resource
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            umask = next((line.split()[1] for line in f if line.startswith("Umask:")), None)
+        if umask is not None:
+            os.umask(int(umask, 8))
+        for name in dir(resource):
+            if name.startswith("RLIMIT_"):
+                limit = getattr(resource, name)
+                resource.setrlimit(limit, resource.prlimit(pid, limit))
+        with open(f"/proc/{pid}/cgroup") as f:
+            unified = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
+        if unified is not None:
+            with open(f"/sys/fs/cgroup{unified}/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+    except (OSError, ValueError) as exc:  # (a client gone meanwhile is noticed by the watch above)
+        logging.getLogger("lazyfs.node").warning("a run cannot take on its client's (pid %d) "
+                                                 "umask, limits or cgroup: %s", pid, exc)
 
 
 def _stop_when_the_client_goes(conn: socket.socket) -> None:

@@ -68,15 +68,20 @@ def test_writes_land_in_the_overlay_not_the_cache(bb_image, runtime, tmp_path, e
         == "NAME=lazyfs-busybox\n"
 
 
-def test_image_config_supplies_command_env_and_workdir(env_dirs, tmp_path):
+def _configured_image(tmp_path: Path, tag: str, config: dict) -> None:
+    """A busybox image with /work, built from an OCI layout whose config is ``config``."""
     root = busybox_rootfs(tmp_path / "rootfs")
     base = make_tar([TarEntry("bin/busybox", (root / "bin" / "busybox").read_bytes(), mode=0o755),
                      TarEntry("bin/sh", type=b"2", linkname="busybox", mode=0o777),
                      TarEntry("work/", type=b"5", mode=0o755)])
-    layout = write_layout(tmp_path / "oci", [base], "v1", config={
+    layout = write_layout(tmp_path / "oci", [base], "v1", config=config)
+    lazyfs_cli("build", f"oci:{layout}:v1", "--tag", tag)
+
+
+def test_image_config_supplies_command_env_and_workdir(env_dirs, tmp_path):
+    _configured_image(tmp_path, "run/cfg:1", {
         "Env": ["PATH=/bin", "GREETING=from-config"], "Cmd": ["sh", "-c", 'echo "$GREETING in $PWD"'],
         "WorkingDir": "/work"})
-    lazyfs_cli("build", f"oci:{layout}:v1", "--tag", "run/cfg:1")
     assert lazyfs_cli("run", "run/cfg:1").stdout == "from-config in /work\n"
     out = lazyfs_cli("run", "-e", "GREETING=overridden", "run/cfg:1", "--", "sh", "-c", 'echo $GREETING')
     assert out.stdout == "overridden\n"
@@ -288,13 +293,8 @@ def test_a_working_directory_the_image_lacks_is_made_and_a_relative_one_refused(
 
 def test_a_relative_working_dir_in_an_image_is_taken_from_its_root(env_dirs, tmp_path):
     """(chroot keeps the working directory outside the root: a relative one was the host's.)"""
-    root = busybox_rootfs(tmp_path / "rootfs")
-    base = make_tar([TarEntry("bin/busybox", (root / "bin" / "busybox").read_bytes(), mode=0o755),
-                     TarEntry("bin/sh", type=b"2", linkname="busybox", mode=0o777),
-                     TarEntry("work/", type=b"5", mode=0o755)])
-    layout = write_layout(tmp_path / "oci", [base], "v1", config={
+    _configured_image(tmp_path, "run/relwd:1", {
         "Env": ["PATH=/bin"], "Cmd": ["sh", "-c", 'echo "$PWD"; ls -a'], "WorkingDir": "work"})
-    lazyfs_cli("build", f"oci:{layout}:v1", "--tag", "run/relwd:1")
     (tmp_path / "host-only").write_text("")
     proc = subprocess.run([*LAZYFS, "run", "--runtime", "namespaces", "run/relwd:1"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@ exactly that prefix's tree, under the chain ID containerd names that snapshot by
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 
 import pytest
@@ -11,8 +12,8 @@ from hypothesis import given, strategies as st
 from imagebuilder.build import build
 from imagebuilder.ociwriter import TarEntry, make_tar, write_layout
 from lazyfs.errors import FormatError
-from lazyfs.format import chain as chainfmt, manifest as mf
-from lazyfs.records import chains, objects
+from lazyfs.format import block, chain as chainfmt, manifest as mf
+from lazyfs.records import chains, gc, objects
 from lazyfs.store.local import LocalStore
 
 LAYERS = [
@@ -77,3 +78,45 @@ def test_a_tree_read_from_a_directory_has_no_chains(tmp_path):
     result = build(f"dir:{tmp_path / 'root'}", LocalStore(tmp_path / "store"))
     assert result.chains == []
     assert not [t for t in LocalStore(tmp_path / "store").list_tags() if t[0] == chainfmt.TAG_NAME]
+
+
+def _chain_image(store, data: bytes, chunk_size: int) -> tuple[str, set[str]]:
+    """A chain image of one file cut at ``chunk_size``, stored with its blocks: (manifest
+    digest, block digests)."""
+    chunks = []
+    for at in range(0, len(data), chunk_size):
+        digest, frame = block.encode(data[at:at + chunk_size])
+        store.put_block(digest, frame)
+        chunks.append(mf.Chunk(digest, len(data[at:at + chunk_size])))
+    root = mf.Entry(b"", mf.EntryType.DIR, 0o755)
+    f = mf.Entry(b"f", mf.EntryType.REG, size=len(data), chunks=tuple(chunks))
+    manifest = mf.Manifest((root, f), chainfmt.CHAIN_CONFIG, chunk_size)
+    return objects.write_manifest(store, manifest), {c.digest for c in chunks}
+
+
+def test_a_rebuild_keeps_the_chain_image_a_snapshot_may_already_mount(tmp_path):
+    # The same chain built again with another --chunk-size (or another EROFS layout version,
+    # which changes the metadata record the manifest names) is a second manifest of the same
+    # content. The tag keeps the first: snapshots and mounts name it by digest, and a tag moved
+    # to the second would leave it, reachable from no tag, to gc.
+    store = LocalStore(tmp_path / "store")
+    chain, data = _digest(b"base layer"), os.urandom(8192)
+    first, first_blocks = _chain_image(store, data, 4096)
+    chains.publish(store, [chain], [first])
+    second, _ = _chain_image(store, data, 8192)
+    chains.publish(store, [chain], [second])
+    assert chains.find(store, chain) == first
+    gc.collect_store(store, grace=0)
+    assert chains.find(store, chain) == first
+    for digest in first_blocks:
+        objects.fetch_block(store, digest, 4096)
+    # A tag whose image is gone keeps nothing: the next build points it at its own.
+    store._manifest_path(first).unlink()
+    third, _ = _chain_image(store, data, 8192)
+    chains.publish(store, [chain], [third])
+    assert chains.find(store, chain) == third
+    # Nor does one whose bytes are not the ones it names.
+    store._manifest_path(third).write_bytes(block.encode(b"other bytes")[1])
+    again, _ = _chain_image(store, data, 4096)
+    chains.publish(store, [chain], [again])
+    assert again == first and chains.find(store, chain) == first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -137,3 +138,77 @@ def test_paths_no_kernel_can_address_are_refused_by_writer_and_reader(depth, nam
     monkeypatch.undo()
     with pytest.raises(ManifestFormatError, match="deeper than|longer than"):
         mf.decode(crafted)
+
+
+def _wide(depth: int, name_len: int, links: int) -> Manifest:
+    """A file ``depth`` directories down (names of ``name_len`` bytes) and ``links`` hardlinks to
+    it beside it: 26 bytes each in the manifest, each with a whole path once decoded."""
+    dirs = [b"/".join(bytes([97 + k % 26]) * name_len for k in range(n)) for n in range(depth + 1)]
+    held = dirs[-1] + b"/f"
+    return Manifest(tuple(Entry(d, EntryType.DIR) for d in dirs) + (Entry(held, EntryType.REG),) +
+                    tuple(Entry(dirs[-1] + b"/l%012d" % i, EntryType.HARDLINK, link=held)
+                          for i in range(links)))
+
+
+def _unchecked(m: Manifest) -> bytes:
+    """``m`` encoded by a writer that does not bound its paths."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mf, "PATHS_PER_BYTE", 1 << 30)
+        return mf.encode(m)
+
+
+def test_a_small_manifest_of_long_paths_is_refused_before_they_are_made():
+    """16 directories of 250-byte names hold 20,000 hardlinks: a 500 KB manifest (8 KB
+    compressed) whose decoded paths alone would take 80 MB."""
+    crafted = _unchecked(_wide(16, 250, 20_000))
+    assert len(crafted) < 600_000
+    with pytest.raises(ManifestFormatError, match="paths add up to more than"):
+        mf.encode(_wide(16, 250, 20_000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestFormatError, match="paths add up to more than"):
+            mf.decode(crafted)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < mf.paths_limit(len(crafted)) + 4 * len(crafted)  # refused as the limit was passed
+
+
+@pytest.mark.parametrize("depth, name_len", [(2, 200), (190, 1)], ids=["long-names", "deep"])
+def test_a_manifest_within_the_path_limit_decodes_in_a_small_multiple_of_its_size(depth, name_len):
+    """Just inside the limit, with paths of long names or of many one-byte components (where
+    a tuple of components kept for each entry would have cost four times its path)."""
+    m = _wide(depth, name_len, 30_000)
+    data = mf.encode(m)
+    paths = sum(len(e.path) for e in m.entries)
+    assert mf.paths_limit(len(data)) * 0.8 < paths <= mf.paths_limit(len(data))
+    tracemalloc.start()
+    try:
+        back = mf.decode(data)
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert back == m
+    assert peak < 32 * len(data), (retained, peak, len(data))
+
+
+@given(manifests())
+def test_the_decoder_takes_entries_in_canonical_order_only(m):
+    """Canonical order compares paths component by component, which is not the byte order of
+    the paths ("a" < "a/b" < "a-b" < "a0", where bytes put "a-b" before "a/b")."""
+    m = Manifest(tuple(e for e in m.entries if e.type != EntryType.HARDLINK))
+    canonical = mf.encode(m)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mf, "sort_key", lambda path: path)  # a writer sorting whole paths by bytes
+        bytewise = mf.encode(m)
+    if bytewise == canonical:
+        assert mf.decode(bytewise) == mf.decode(canonical)
+    else:
+        with pytest.raises(ManifestFormatError, match="out of canonical order"):
+            mf.decode(bytewise)
+
+
+def test_names_sorting_below_the_separator_come_after_the_directory_they_extend():
+    m = Manifest((Entry(b"", EntryType.DIR), Entry(b"a", EntryType.DIR), Entry(b"a/b", EntryType.DIR),
+                  Entry(b"a-b", EntryType.DIR), Entry(b"a0", EntryType.DIR)))
+    assert [e.path for e in mf.decode(mf.encode(m)).entries] == [b"", b"a", b"a/b", b"a-b", b"a0"]

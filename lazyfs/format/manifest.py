@@ -22,6 +22,13 @@ VERSION = 1
 MAX_NAME = 255
 MAX_DEPTH = 256  # components of a path: deeper than kernels address (and each path is kept whole)
 MAX_PATH = 4096  # bytes of a path (PATH_MAX)
+# The paths of all entries together, in bytes: at most PATHS_PER_BYTE for each byte of the
+# manifest, plus PATHS_ALLOWANCE (one chain of directories as deep and long as paths go). A
+# decoded entry keeps its whole path while it is encoded as one name under its parent, so without
+# this a small manifest of deep entries decodes to hundreds of times its size; real trees hold
+# under one byte of path for each byte of manifest.
+PATHS_PER_BYTE = 16
+PATHS_ALLOWANCE = MAX_DEPTH * MAX_PATH
 MAX_SYMLINK = 4095
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 65536
@@ -154,11 +161,14 @@ def encode(manifest: Manifest) -> bytes:
     out += _U32.pack(len(config)) + config
     if manifest.meta:
         out += digests.to_raw(manifest.meta)
+    paths = 0
     for i, e in enumerate(entries):
         if e.path in index:
             raise ManifestFormatError(f"duplicate path {e.path!r}")
         index[e.path] = i
         _encode_entry(out, e, i, index, entries)
+        paths += len(e.path)
+    _check_paths(paths, len(out))
     return bytes(out)
 
 
@@ -214,6 +224,18 @@ def _check_path(path: bytes, depth: int) -> None:
     if depth > MAX_DEPTH or len(path) > MAX_PATH:
         raise ManifestFormatError(f"entry {path[:64]!r}...: deeper than {MAX_DEPTH} levels or longer "
                                   f"than {MAX_PATH} bytes")
+
+
+def paths_limit(manifest_len: int) -> int:
+    """The most bytes the paths of a manifest of ``manifest_len`` bytes may add up to."""
+    return PATHS_PER_BYTE * manifest_len + PATHS_ALLOWANCE
+
+
+def _check_paths(paths: int, manifest_len: int) -> None:
+    if paths > paths_limit(manifest_len):
+        raise ManifestFormatError(f"the entries' paths add up to more than {paths_limit(manifest_len)} "
+                                  f"bytes ({PATHS_PER_BYTE} for each of the manifest's {manifest_len} "
+                                  f"bytes, plus {PATHS_ALLOWANCE})")
 
 
 def check_fields(path: bytes, uid: int, gid: int, mtime_ns: int, xattrs, rdev=()) -> None:
@@ -327,7 +349,15 @@ def _decode(data: bytes) -> Manifest:
     DIR, HARDLINK, REG, SYMLINK = EntryType.DIR, EntryType.HARDLINK, EntryType.REG, EntryType.SYMLINK
     new, no_rdev = tuple.__new__, (0, 0)
     entries: list[Entry] = []
-    keys: list[tuple[bytes, ...]] = []
+    # Canonical order compares paths component by component; names hold neither "/" nor NUL, so
+    # that is the byte order of the path spelled with NUL for "/" (a parent's shorter path sorts
+    # first, as NUL sorts below every name byte). Only the last entry's spelling is kept: a tuple
+    # of components kept for every entry cost more than its path (8 bytes a component).
+    last = b""
+    depths: list[int] = []
+    # Counted as each path is made, so a manifest over the limit is refused before its paths
+    # take the memory the limit is there to bound.
+    paths, paths_max = 0, paths_limit(end)
     types: list[EntryType] = []
 
     def take(n: int) -> bytes:
@@ -352,17 +382,22 @@ def _decode(data: bytes) -> Manifest:
         if i == 0:
             if parent != 0 or name or etype != DIR:
                 raise ManifestFormatError("entry 0 must be the root directory")
-            path, key = b"", ()
+            path, depth = b"", 0
         else:
             if parent >= i or types[parent] != DIR:
                 raise ManifestFormatError(f"entry {i}: parent {parent} is not an earlier directory")
             if not 0 < name_len <= MAX_NAME or name in _DOTS or b"/" in name or b"\0" in name:
                 _check_name(name)  # (raises, saying why)
-            key = keys[parent] + (name,)
-            if key <= keys[-1]:
-                raise ManifestFormatError(f"entry {b'/'.join(key)!r} out of canonical order or duplicated")
-            path = b"/".join(key)
-            _check_path(path, len(key))
+            path = entries[parent].path + b"/" + name if parent else name
+            order = path.replace(b"/", b"\0")
+            if order <= last:
+                raise ManifestFormatError(f"entry {path!r} out of canonical order or duplicated")
+            last = order
+            depth = depths[parent] + 1
+            _check_path(path, depth)
+            paths += len(path)
+            if paths > paths_max:
+                _check_paths(paths, end)  # (raises, saying why)
         if etype == HARDLINK:
             (target,) = u32(buf, pos)
             pos += 4
@@ -421,7 +456,7 @@ def _decode(data: bytes) -> Manifest:
                 pos += 8
             entry = new(Entry, (path, etype, mode, uid, gid, mtime, size, chunks, target, b"", rdev, xattrs))
         entries.append(entry)
-        keys.append(key)
+        depths.append(depth)
         types.append(etype)
     if pos != end:
         raise ManifestFormatError(f"{end - pos} unexpected bytes after the last entry")

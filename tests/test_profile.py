@@ -232,3 +232,29 @@ def test_a_trace_counts_from_its_first_read_or_from_another_clocks_start():
     assert [b.t for b in profiles.from_trace(index, reads)] == [0.0, 0.5]
     assert [b.t for b in profiles.from_trace(index, reads, shift=0.25)] == [1.25, 1.75]
     assert [b.t for b in profiles.from_trace(index, reads, shift=-1.25)] == [0.0, 0.25]  # never < 0
+
+
+def test_a_first_touch_preempted_by_another_never_records_a_negative_time(monkeypatch):
+    """Two threads touch new blocks at once: the one whose clock reading comes first but which
+    takes the lock second must not be timed before the first touch (profiles refuse t < 0, and
+    the start's whole contribution would be lost)."""
+    import threading
+    import types
+    from lazyfs.records import profiles
+    rec = profiles.Recorder()
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    clock = iter([100.0, 101.0])
+    other = threading.Thread(target=rec.touched, args=(b, 1))
+
+    def monotonic():
+        now = next(clock)
+        if now == 100.0:  # the first reader is preempted here: the other thread touches its block
+            other.start()
+            other.join(0.5)  # (held back by the lock where the clock is read under it)
+        return now
+    monkeypatch.setattr(profiles, "time", types.SimpleNamespace(monotonic=monotonic, time=time.time))
+    rec.touched(a, 1)
+    other.join()
+    profile = rec.profile("sha256:" + "c" * 64)
+    assert sorted(b.t for b in profile.blocks) == [0.0, 1.0]
+    assert proffmt.decode(proffmt.encode(profile)) == profile

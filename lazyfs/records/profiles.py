@@ -174,8 +174,10 @@ class Recorder:
         siblings: it counts only if it turns out to have been read, see profile())."""
         if digest in self._seen or (guess and digest in self._guessed):
             return
-        now = time.monotonic()
         with self._lock:
+            # Read under the lock: a clock read before it could be older than the first touch
+            # of a thread that took the lock in between, and a time before the first is < 0.
+            now = time.monotonic()
             if digest in self._seen:
                 return
             promoted = not guess and self._guessed.pop(digest, None) is not None  # takes no room

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from lazyfs.errors import FormatError, ManifestFormatError
-from lazyfs.format import erofs, kinds, manifest as mf, metaimage
+from lazyfs.format import digest as digests, erofs, kinds, manifest as mf, metaimage
+from lazyfs.records import metadata, objects
+from lazyfs.store.local import LocalStore
 
 ROOT = mf.Entry(b"", mf.EntryType.DIR, 0o755)
 IMAGE = erofs.encode(mf.Manifest((ROOT,)))
@@ -70,3 +72,19 @@ def test_unknown_manifest_flags_are_still_refused():
     raw[10:12] = b"\x01\x00"  # says it names a record, then ends
     with pytest.raises(ManifestFormatError):
         mf.decode_meta(bytes(raw[:24 + 2]))
+
+
+@pytest.mark.parametrize("image", [bytes(512), b"", IMAGE[:-1]], ids=["short", "empty", "part-block"])
+def test_a_record_of_another_layout_version_is_ignored_whatever_its_image(image, tmp_path):
+    """Only this node's layout version is held to this version's shape: a record of another
+    version is ignored (the node makes its own image), not taken for a tampered one."""
+    other = erofs.VERSION + 1
+    record = metaimage.MAGIC + other.to_bytes(2, "little") + image
+    assert metaimage.decode(record) == (other, image)
+    assert metaimage.decode(metaimage.encode(image, layout=other)) == (other, image)
+    with pytest.raises(ManifestFormatError, match="whole|superblock"):
+        metaimage.decode(metaimage.MAGIC + erofs.VERSION.to_bytes(2, "little") + image)
+    store = LocalStore(tmp_path / "store")
+    meta = objects.put_record(store, record)
+    manifest = mf.encode(mf.Manifest((ROOT,), meta=meta))
+    assert metadata.fetch(store, digests.compute(manifest), manifest) is None

@@ -36,26 +36,31 @@ def uuid_for(manifest_digest: str) -> bytes:
 
 
 def encode(image: bytes, layout: int = erofs.VERSION) -> bytes:
-    _check_image(image)
+    _check_image(layout, image)
     return MAGIC + _HEAD.pack(layout) + image
 
 
 @total("mount metadata record", ManifestFormatError)
 def decode(data: bytes) -> tuple[int, bytes]:
-    """(EROFS layout version, image) of a record; ManifestFormatError for anything else."""
+    """(EROFS layout version, image) of a record; ManifestFormatError for anything else. The
+    image of another layout version than this node's is returned as it is: its shape is that
+    version's, and the node ignores such a record (it makes its own image) rather than refuse it."""
     if not is_metaimage(data):
         raise ManifestFormatError("not a lazyfs mount metadata record (bad magic)")
     if len(data) < len(MAGIC) + _HEAD.size:
         raise ManifestFormatError("mount metadata record is truncated")
     (layout,) = _HEAD.unpack_from(data, len(MAGIC))
     image = data[len(MAGIC) + _HEAD.size:]
-    _check_image(image)
+    _check_image(layout, image)
     return layout, image
 
 
-def _check_image(image: bytes) -> None:
-    """The shape of an EROFS image as lazyfs writes it: whole blocks, its magic in place. (Its
-    bytes are trusted through the digest chain, not through this; this catches a mix-up.)"""
+def _check_image(layout: int, image: bytes) -> None:
+    """The shape of an EROFS image as this version of lazyfs writes it: whole blocks, its magic
+    in place. (Its bytes are trusted through the digest chain, not through this; this catches a
+    mix-up.) Another layout version may be shaped otherwise, and is not looked at."""
+    if layout != erofs.VERSION:
+        return
     if len(image) < erofs.BLOCK or len(image) % erofs.BLOCK:
         raise ManifestFormatError(f"mount metadata image of {len(image)} bytes is not whole "
                                   f"{erofs.BLOCK}-byte blocks")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lazyfs.errors import ManifestFormatError
-from lazyfs.format import manifest as mf
+from lazyfs.format import digest as digests, manifest as mf
 from lazyfs.format.manifest import Chunk, Entry, EntryType, Manifest
 from tests.strategies import manifests
 
@@ -212,3 +212,54 @@ def test_names_sorting_below_the_separator_come_after_the_directory_they_extend(
     m = Manifest((Entry(b"", EntryType.DIR), Entry(b"a", EntryType.DIR), Entry(b"a/b", EntryType.DIR),
                   Entry(b"a-b", EntryType.DIR), Entry(b"a0", EntryType.DIR)))
     assert [e.path for e in mf.decode(mf.encode(m)).entries] == [b"", b"a", b"a/b", b"a-b", b"a0"]
+
+
+VALID_DIGEST = "sha256:" + "ab" * 32
+digest_spellings = st.one_of(
+    st.just(VALID_DIGEST), st.text(max_size=80),
+    st.text("0123456789abcdefABCDEF", max_size=70).map(lambda h: "sha256:" + h),
+    st.sampled_from(["sha256:abcd", "sha256:" + "AB" * 32, "SHA256:" + "ab" * 32, "md5:" + "ab" * 32,
+                     "sha256:" + "ab" * 32 + "\n", "sha256:" + "ab" * 33, "sha256:" + "zz" * 32]))
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(m=manifests(max_entries=8), data=st.data())
+def test_the_encoder_writes_only_what_the_decoder_reads_back(m, data):
+    """Whatever chunk digests, entry count or chunk size it is given, the encoder refuses what
+    it cannot write, rather than writing a manifest the decoder refuses or one that reads back
+    other digests (a short digest padded with zeros, uppercase hex turned lowercase)."""
+    entries = [e._replace(chunks=tuple(c._replace(digest=data.draw(digest_spellings)) for c in e.chunks))
+               if e.chunks and data.draw(st.booleans()) else e for e in _order_preserving(m).entries]
+    entries = entries[:data.draw(st.integers(0, len(entries)))]
+    chunk_size = data.draw(st.sampled_from([0, 1 << 19, (1 << 32) - 1, 1 << 32, -1]))
+    m = Manifest(tuple(entries), m.config, chunk_size)
+    try:
+        raw = mf.encode(m)
+    except ManifestFormatError:
+        assert (not entries or not 0 <= chunk_size < 1 << 32 or
+                not all(digests.is_valid(c.digest) for e in entries for c in e.chunks))
+        return
+    back = mf.decode(raw)
+    assert back.chunk_size == chunk_size
+    assert sorted((e.path, e.chunks) for e in back.entries) == sorted((e.path, e.chunks) for e in entries)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (Manifest(()), "entry count"),
+    (Manifest((Entry(b"", EntryType.DIR), Entry(b"f", EntryType.REG, size=1, chunks=(Chunk("sha256:abcd", 1),)))),
+     "not a sha256 digest"),
+    (Manifest((Entry(b"", EntryType.DIR),
+               Entry(b"f", EntryType.REG, size=1, chunks=(Chunk("sha256:" + "AB" * 32, 1),)))),
+     "not a sha256 digest"),
+    (Manifest((Entry(b"", EntryType.DIR),), chunk_size=1 << 32), "chunk size"),
+])
+def test_the_encoder_refuses_what_the_format_cannot_hold(bad, why):
+    with pytest.raises(ManifestFormatError, match=why):
+        mf.encode(bad)
+
+
+def test_the_encoder_holds_to_the_entry_limit(monkeypatch):
+    monkeypatch.setattr(mf, "MAX_ENTRIES", 2)
+    mf.decode(mf.encode(_chain(1)))
+    with pytest.raises(ManifestFormatError, match="entry count"):
+        mf.encode(_chain(2))

@@ -152,6 +152,12 @@ def link_counts(entries) -> list[int]:
 
 def encode(manifest: Manifest) -> bytes:
     entries = sorted(manifest.entries, key=lambda e: sort_key(e.path))
+    # What the header's fields hold and the decoder takes; struct would pad a short digest or
+    # raise its own error for a number out of range.
+    if not 0 < len(entries) <= MAX_ENTRIES:
+        raise ManifestFormatError(f"entry count {len(entries)} out of range (1 to {MAX_ENTRIES})")
+    if not 0 <= manifest.chunk_size <= _U32_MAX:
+        raise ManifestFormatError(f"chunk size {manifest.chunk_size} out of range (0 to {_U32_MAX})")
     index: dict[bytes, int] = {}
     out = bytearray()
     out += _HEADER.pack(MAGIC, VERSION, FLAG_META if manifest.meta else 0, manifest.chunk_size, len(entries))
@@ -206,6 +212,10 @@ def _encode_entry(out: bytearray, e: Entry, i: int, index: dict[bytes, int], ent
         for c in e.chunks:
             if not 0 < c.size <= MAX_BLOCK_SIZE:
                 raise ManifestFormatError(f"{e.path!r}: chunk size {c.size} out of range")
+            # Checked whole: fromhex takes uppercase and any length, and the raw field is
+            # zero-padded, so another spelling would be stored as another digest.
+            if not digests.is_valid(c.digest):
+                raise ManifestFormatError(f"{e.path!r}: chunk digest {c.digest!r} is not a sha256 digest")
             out += _CHUNK.pack(bytes.fromhex(c.digest[7:]), c.size)
     elif e.type == EntryType.SYMLINK:
         if not 0 < len(e.target) <= MAX_SYMLINK or b"\0" in e.target or e.size != len(e.target):

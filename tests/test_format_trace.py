@@ -44,3 +44,33 @@ def test_decode_all_sorts_by_time_and_skips_blank_lines():
 def test_bad_lines_are_typed_errors(line):
     with pytest.raises(FormatError):
         trace.decode(line)
+
+
+# Text with lone surrogates (st.text() leaves them out): those of U+DC80 to U+DCFF and others.
+texts = st.text(st.one_of(st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)))
+
+
+@given(texts)
+def test_a_path_decoded_is_one_the_files_bytes_can_spell(text):
+    """Only U+DC80 to U+DCFF stand for bytes (surrogateescape); another lone surrogate, which
+    JSON can spell as an escape, is no path the image can have, and is refused here rather than
+    failing whatever turns the path back into bytes."""
+    line = trace.encode(trace.Read(0.5, "/" + text, 0, 1))
+    try:
+        read = trace.decode(line)
+    except FormatError:
+        with pytest.raises(UnicodeEncodeError):
+            ("/" + text).encode("utf-8", "surrogateescape")
+        return
+    assert read.path == "/" + text
+    read.path.encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "\\udc7f", "\\ud83d"])
+def test_a_lone_surrogate_no_byte_stands_for_is_refused(escape):
+    line = '{"t": 0, "path": "/a' + escape + '", "offset": 0, "size": 1}'
+    with pytest.raises(FormatError, match="path"):
+        trace.decode(line)
+    with pytest.raises(FormatError):
+        trace.decode_all([line])
+    assert trace.decode(line.replace(escape, "\\udc80")).path.encode("utf-8", "surrogateescape") == b"/a\x80"

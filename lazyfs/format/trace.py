@@ -31,6 +31,13 @@ def decode(line: str) -> Read:
     if not (number(t) and math.isfinite(t) and t >= 0 and isinstance(path, str) and path.startswith("/")
             and whole(offset) and whole(size)):
         raise FormatError(f"read trace line is not [t ≥ 0, /path, offset ≥ 0, size ≥ 0]: {line[:200]!r}")
+    # A path stands for the file's bytes: only U+DC80 to U+DCFF spell a byte that is not UTF-8
+    # (surrogateescape). Another lone surrogate, which a JSON escape can spell, is no file's
+    # name, and would fail whatever turns the path back into bytes.
+    try:
+        path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise FormatError(f"read trace line has a path that is no file's bytes: {line[:200]!r}") from None
     return Read(float(t), path, offset, size)
 
 

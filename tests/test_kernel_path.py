@@ -2,7 +2,9 @@
 how partly read files become kernel-served, and when it falls back to FUSE."""
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -61,17 +63,64 @@ def test_partly_read_then_completed_is_kernel_served_on_the_next_mount(image, tm
 
 def test_the_directories_the_kernel_serves_from_become_roots_alone(image, tmp_path, env_dirs):
     """The kernel serves these files without hashing them: a cache directory made earlier by
-    someone else (a user's own mounts) is taken over before the kernel path uses it."""
+    someone else (a user's own mounts) is taken over before the kernel path uses it, and what a
+    user could have put in it is not served."""
     cache = Path(env_dirs["LAZYFS_CACHE_DIR"])
-    for name in ("blocks", "objects"):
+    for name in ("tmp", "blocks", "objects"):
         (cache / name).mkdir(parents=True, exist_ok=True)
         os.chown(cache / name, 1000, 1000)
         os.chmod(cache / name, 0o777)
+    # A user's file under the name of the block of /hello, holding other bytes of its size.
+    planted = Path(cachelayout.block_path(cache, "sha256:" + hashlib.sha256(b"hello\n").hexdigest()))
+    planted.parent.mkdir()
+    planted.write_bytes(b"HELLO\n")
+    for p in (planted, planted.parent):
+        os.chown(p, 1000, 1000)
+    # erofs/ a link to a user's directory: neither followed nor written through.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chown(elsewhere, 1000, 1000)
+    os.chmod(elsewhere, 0o777)
+    (cache / "erofs").symlink_to(elsewhere)
     with Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel") as mnt:
         assert (mnt / "hello").read_text() == "hello\n"
-    for name in ("blocks", "objects"):
-        st = (cache / name).stat()
-        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o700), name
+    for name in ("tmp", "blocks", "objects", "erofs"):
+        st = (cache / name).lstat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o700), name
+        assert stat.S_ISDIR(st.st_mode), name
+    st = elsewhere.stat()
+    assert (st.st_uid, st.st_mode & 0o777, os.listdir(elsewhere)) == (1000, 0o777, [])
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".dropped-")]
+
+
+def test_what_a_user_left_in_cache_directories_root_took_over_before_is_dropped(image, tmp_path, env_dirs):
+    """Directories made root's while they held a user's files (as mounts before lazyfs removed
+    them did): a user's subdirectory of blocks/, and a user's EROFS image, are not used."""
+    cache = Path(env_dirs["LAZYFS_CACHE_DIR"])
+    with Mounted("kp/img:1", tmp_path / "a", "--data-path", "kernel") as mnt:  # makes erofs/
+        assert (mnt / "hello").read_text() == "hello\n"
+    images = list((cache / "erofs").iterdir())
+    assert len(images) == 1
+    images[0].write_bytes(b"not an EROFS image")
+    os.chown(images[0], 1000, 1000)
+    planted = Path(cachelayout.block_path(cache, "sha256:" + hashlib.sha256(b"hello\n").hexdigest()))
+    planted.unlink()
+    subdir = planted.parent
+    os.rmdir(subdir)
+    subdir.mkdir()
+    planted.write_bytes(b"HELLO\n")
+    for p in (planted, subdir):
+        os.chown(p, 1000, 1000)
+    with Mounted("kp/img:1", tmp_path / "b", "--data-path", "kernel") as mnt:
+        assert (mnt / "hello").read_text() == "hello\n"
+    assert images[0].stat().st_uid == 0 and subdir.stat().st_uid == 0
+    # Root's files in root's directories, but written through a tmp/ a user could write: one of
+    # them may be a temp file the user swapped before root renamed it.
+    planted.write_bytes(b"HELLO\n")
+    os.chown(cache / "tmp", 1000, 1000)
+    os.chmod(cache / "tmp", 0o777)
+    with Mounted("kp/img:1", tmp_path / "c", "--data-path", "kernel") as mnt:
+        assert (mnt / "hello").read_text() == "hello\n"
 
 
 def test_without_complete_a_partly_read_file_stays_partial(image, tmp_path):

@@ -19,6 +19,8 @@ TMP = "tmp"  # writes in progress, renamed into place once durable
 EVICTABLE = (BLOCKS, OBJECTS, EROFS)  # what a trim may remove (lazyfs.cache.cap)
 LEDGER = "usage"  # the running total of the evictable bytes (lazyfs.cache.ledger)
 LEDGER_LOCK = "usage.lock"  # trims take turns on it
+TAKE_OVER_LOCK = "takeover.lock"  # kernel-path mounts take the directories over in turn (lazyfs.fs.kernel)
+DROPPED = ".dropped-"  # a directory taken out of the cache for not being root's, until removed
 
 
 def block_path(root: str | os.PathLike, digest: str) -> str:

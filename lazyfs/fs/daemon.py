@@ -72,6 +72,10 @@ def serve(args: DaemonArgs) -> None:
 
     digest, source, cache_dir, mountpoint = args.digest, args.source, args.cache_dir, args.mountpoint
     ready_fd, trace = args.ready_fd, args.trace
+    if args.layout == "kernel":
+        # Before anything is written into the cache: a temp directory a user could write would
+        # let them swap what becomes a block the kernel serves unhashed.
+        kernel.take_over(cache_dir)
     reader = source.open()
     # A claimed block (a batch prefetch fetching it) is waited for as long as two of the
     # source's deadlines; past that its batch is stuck, and its readers fetch for themselves.

@@ -281,6 +281,27 @@ def test_a_manifest_giving_a_cached_block_another_size_gets_an_error_not_short_b
         cache.flush()
 
 
+def test_a_manifest_giving_a_cached_block_another_size_never_drops_the_block(tmp_path):
+    """Any image's publisher can give a digest the node holds another size: that is the
+    manifest's fault, refused for its reads, and the shared block stays for every other image."""
+    digest, data = _blob(30_000, seed=6)
+    origin = FakeOrigin({digest: data})
+    first = NodeCache(tmp_path, origin)
+    assert first.read(digest, len(data), 0, 10) == data[:10]
+    first.flush()
+    other = NodeCache(tmp_path, origin)  # another daemon: the file is not verified by it yet
+    with pytest.raises(LazyfsError):
+        other.read(digest, 40_000, 0, 10)
+    assert Path(other.path(digest)).read_bytes() == data
+    assert other.stats.dropped_corrupt == 0
+    os.utime(other.path(digest))  # (changed since it was verified: hashed again, at a wrong size)
+    with pytest.raises(LazyfsError, match="not the 40000"):
+        other.read(digest, 40_000, 0, 10)
+    assert Path(other.path(digest)).read_bytes() == data and other.stats.dropped_corrupt == 0
+    assert other.read(digest, len(data), 0, 10) == data[:10]
+    assert origin.calls == [digest]
+
+
 @pytest.mark.parametrize("how", ["in-place", "replaced", "touched"])
 def test_a_verified_block_changed_on_disk_is_checked_again(tmp_path, caplog, how):
     digest, data = _blob(50_000, seed=9)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from lazyfs.cache.nodecache import NodeCache
 from lazyfs.cache.prefetcher import Prefetcher
@@ -95,6 +96,21 @@ def test_failures_release_claims_and_reads_still_get_right_bytes(tmp_path):
     t.start()
     t.join(5)
     assert done == [blobs[order[0]][:5]]
+
+
+def test_a_cached_block_listed_with_another_size_is_neither_dropped_nor_fetched(tmp_path):
+    blobs = _blobs(2)
+    (good, data), (other, _) = blobs.items()
+    origin = BatchOrigin(blobs)
+    first = NodeCache(tmp_path, origin)
+    first.read(good, len(data), 0, 1)
+    first.close()
+    cache = NodeCache(tmp_path, origin)  # the next mount, of an image with a wrong size for it
+    pf = Prefetcher(cache, origin.fetch_many, [(good, len(data) + 1), (other, len(blobs[other]))])
+    assert pf.start().wait(10)
+    assert pf.stats.failed == 1 and pf.stats.fetched == 1
+    assert [d for b in origin.batches for d in b] == [other]
+    assert Path(cache.path(good)).read_bytes() == data and cache.stats.dropped_corrupt == 0
 
 
 def test_each_block_brought_in_is_handed_on_verified_and_no_failed_one_is(tmp_path):

@@ -17,6 +17,7 @@ from typing import Callable
 
 from lazyfs.cache import layout
 from lazyfs.format import digest as digests
+from lazyfs.format.block import MAX_BLOCK_SIZE
 from lazyfs.fsutil import atomic_write
 
 log = logging.getLogger("lazyfs.cache")
@@ -75,8 +76,11 @@ class CacheDisk:
                 log.warning("cache: writing blocks to %s again", self.root)
         return identity(written)
 
-    def check(self, path: str, digest: str, size: int) -> Identity | None:
-        """The file's identity if it holds the block, else None (a damaged file is dropped)."""
+    def check(self, path: str, digest: str) -> Identity | None:
+        """The file's identity if it holds the block, else None (a damaged file is dropped).
+        Its size is in the identity: a manifest that gives the block another size is wrong, not
+        the file, whose bytes every other image naming the block may still read (the caller
+        refuses the manifest's reads, lazyfs.cache.nodecache)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -84,7 +88,7 @@ class CacheDisk:
         except OSError as exc:
             return self.unreadable(path, digest, exc)
         try:
-            hashed = hashed_identity(fd, digest, size)
+            hashed = hashed_identity(fd, digest)
             if hashed is CHANGING:
                 return None  # not trusted now, not dropped either
             if hashed is not None:
@@ -98,8 +102,8 @@ class CacheDisk:
             return self.unreadable(path, digest, exc)
         finally:
             os.close(fd)
-        log.error("cache: dropping damaged cached block %s (%d bytes on disk, %d expected)",
-                  digest, on_disk, size)
+        log.error("cache: dropping damaged cached block %s (%d bytes on disk, not hashing to it)",
+                  digest, on_disk)
         self.drop(path)
         return None
 
@@ -135,14 +139,15 @@ def identity(st: os.stat_result) -> Identity:
 CHANGING = ("changing",)  # hashed_identity's answer for a file written to all the while
 
 
-def hashed_identity(fd: int, digest: str, size: int):
-    """The identity of the open file if it holds the block, taken before it was hashed and
-    the same after (the file hashed is the file kept only if nothing wrote to it meanwhile;
-    another process adopting it too, with its utime, moves its identity: hashed again, up to
-    HASH_TRIES times, then CHANGING); None if it does not hold the block."""
+def hashed_identity(fd: int, digest: str):
+    """The identity of the open file if it holds the block (its bytes, as many as it has, hash
+    to ``digest``), taken before it was hashed and the same after (the file hashed is the file
+    kept only if nothing wrote to it meanwhile; another process adopting it too, with its utime,
+    moves its identity: hashed again, up to HASH_TRIES times, then CHANGING); None if it does
+    not hold the block (a file larger than any block never does)."""
     for _ in range(HASH_TRIES):
         before = identity(os.fstat(fd))
-        if not holds(fd, digest, size):
+        if before[1] > MAX_BLOCK_SIZE or not holds(fd, digest, before[1]):
             return None
         if identity(os.fstat(fd)) == before:
             return before

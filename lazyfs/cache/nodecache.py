@@ -202,14 +202,17 @@ class NodeCache:
             event.set()
 
     def _adopt(self, digest: str, size: int) -> str | None:
-        """The block's path if a good copy is already on disk (another process fetched it)."""
+        """The block's path if a good copy is already on disk (another process fetched it);
+        BlockFormatError if the block is not ``size`` bytes (the manifest's mistake: the file
+        is kept, for the images that name it rightly)."""
         path = self.path(digest)
-        known = self._disk.check(path, digest, size)
+        known = self._disk.check(path, digest)
         if known is None:
             return None
-        self.stats.add(hits=1)
         with self._lock:
             self._verified[digest] = known
+        _same_size(digest, known[1], size)
+        self.stats.add(hits=1)
         return path
 
     def on_disk(self, digest: str) -> bool:
@@ -340,7 +343,7 @@ class NodeCache:
             try:
                 st = os.fstat(fd)
                 if identity(st) != self._verified.get(digest) and \
-                        not self._reverify(fd, where, digest, size):
+                        not self._reverify(fd, where, digest):
                     continue  # changed on disk and wrong now: dropped, fetched again
                 _same_size(digest, st.st_size, size)
                 got = os.pread(fd, length, offset)
@@ -362,10 +365,11 @@ class NodeCache:
             self._verified.pop(digest, None)
         self._disk.unreadable(path, digest, exc)
 
-    def _reverify(self, fd: int, path: str, digest: str, size: int) -> bool:
+    def _reverify(self, fd: int, path: str, digest: str) -> bool:
         """A verified block's file changed since (another process touched it, or someone wrote
-        to it): hash it again; keep it if it is still the block, else drop it."""
-        hashed = hashed_identity(fd, digest, size)
+        to it): hash it again; keep it if it is still the block, else drop it. Whatever size the
+        reader's manifest gives it: a wrong one is refused after (_same_size), never dropped."""
+        hashed = hashed_identity(fd, digest)
         if hashed is CHANGING:
             return False  # hashed again next time, dropped by nobody
         if hashed is not None:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 from lazyfs.cache.nodecache import Claim, NodeCache
 from lazyfs.counters import Counters
-from lazyfs.errors import LazyfsError, NotFound
+from lazyfs.errors import BlockFormatError, LazyfsError, NotFound
 
 log = logging.getLogger("lazyfs.prefetch")
 FetchMany = Callable[[list[tuple[str, int]]], Iterator[tuple[str, "bytes | Exception"]]]
@@ -121,6 +121,11 @@ class Prefetcher:
                 on_disk = self.cache.adopt(digest, size)  # from an earlier mount: verified, done
             except OSError:  # unreadable cache file: fetch it; storing the fetch will say more
                 on_disk = False
+            except BlockFormatError as exc:  # on disk, and not the size the list says: its
+                claim.release()  # reads are refused, and a fetch would be refused the same
+                self.stats.add(failed=1)
+                log.debug("prefetch of %s: %s", digest, exc)
+                continue
             if on_disk:
                 claim.release()
                 self.stats.add(already=1)

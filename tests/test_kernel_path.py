@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -157,6 +158,28 @@ def test_verbose_mount_and_stats_say_which_path_serves(image, tmp_path):
         assert '"data_path": "fuse"' in lazyfs_cli("stats", mnt).stdout
     finally:
         lazyfs_cli("umount", mnt)
+
+
+def test_umount_finishes_what_an_unmount_by_hand_left(image, tmp_path):
+    """The overlay on the mountpoint unmounted by hand (or an unmount cut short after it): its
+    metadata image and FUSE data layer, and the daemon, are still there, and `lazyfs umount`
+    takes them down rather than answer "not mounted" and forget them."""
+    from lazyfs.fs import mounts
+    from lazyfs.proc import spawn
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazyfs_cli("mount", "kp/img:1", mnt, "--data-path", "kernel")
+    try:
+        pid = mounts.read_state(str(mnt)).pid
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert len(lazyfs_mounts(str(tmp_path))) == 2 and not spawn.exited(pid)
+        assert mounts.is_stale(str(mnt))  # (what a run's cleanup and the node agent ask)
+        lazyfs_cli("umount", mnt)
+        assert lazyfs_mounts(str(tmp_path)) == []
+        assert _wait(lambda: spawn.exited(pid), 5)
+        assert mounts.read_state(str(mnt)) is None
+    finally:
+        lazyfs_cli("umount", mnt, check=False)
 
 
 def test_a_tree_the_layout_cannot_hold_falls_back_to_fuse(env_dirs, tmp_path):

@@ -134,18 +134,26 @@ def mount_entry(mountpoint: str) -> dict | None:
 
 
 def is_stale(mountpoint: str) -> bool:
-    """Whether the daemon behind a mount is gone. On the kernel path the mountpoint itself keeps
-    answering (metadata and local data are the kernel's), so it is the FUSE data layer that tells."""
+    """Whether a mount is dead and must be cleaned away: its daemon is gone, or (kernel path) the
+    overlay on its mountpoint is, while its metadata image or FUSE data layer is still mounted
+    (unmounted by hand, or an unmount cut short by Ctrl-C). On the kernel path the mountpoint
+    itself keeps answering (metadata and local data are the kernel's), so it is the FUSE data
+    layer that tells whether the daemon lives."""
     state = read_state(mountpoint)
-    if state is not None and state.layout == "kernel":
-        mountpoint = str(state.kernel_layout().fuse)
+    kernel_path = state is not None and state.layout == "kernel"
     # stat() of the root can be answered from the kernel's attribute cache; statfs always asks
     # the daemon, so it is what reveals a dead one.
     try:
-        os.statvfs(mountpoint)
+        os.statvfs(str(state.kernel_layout().fuse) if kernel_path else mountpoint)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+        if exc.errno == errno.ENOTCONN:
+            return True
+    if not kernel_path:
+        return False
+    mounted = {m.point for m in mount_table()}
+    lay = state.kernel_layout()
+    return os.path.realpath(mountpoint) not in mounted and \
+        bool(mounted & {os.path.realpath(lay.meta), os.path.realpath(lay.fuse)})
 
 
 def _fusermount(*args: str) -> subprocess.CompletedProcess:
@@ -156,10 +164,12 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess:
 
 
 def clean_stale(mountpoint: str) -> bool:
-    """A daemon killed hard leaves "Transport endpoint is not connected": unmount it lazily."""
+    """A daemon killed hard leaves "Transport endpoint is not connected", an overlay unmounted by
+    hand leaves the layers under it: unmount what is left lazily."""
     if not is_stale(mountpoint):
         return False
-    log.warning("%s: the lazyfs daemon behind this mount is gone; unmounting the dead mount", mountpoint)
+    log.warning("%s: the lazyfs daemon behind this mount is gone, or the overlay on it is; "
+                "unmounting what is left of the dead mount", mountpoint)
     for path in _mounts_of(read_state(mountpoint), mountpoint):
         _unmount(path, lazy=True)
     _state_file(mountpoint).unlink(missing_ok=True)
@@ -318,7 +328,9 @@ def _mounts_of(state: MountState | None, mnt: str) -> list[str]:
 def _unmount(path: str, lazy: bool) -> str | None:
     """Unmount one mount; None when it is gone, else why not ("busy" when in use)."""
     entry = mount_entry(path)
-    if entry and not entry["fstype"].startswith("fuse"):
+    if entry is None:
+        return None  # (gone already: an unmount by hand, or one cut short)
+    if not entry["fstype"].startswith("fuse"):
         return None if kernel.unmount_one(path, lazy) else "target is busy"
     res = _fusermount("-u", *(["-z"] if lazy else []), path)
     if res.returncode != 0 and mount_entry(path):

@@ -186,6 +186,13 @@ class MountError(LazyfsError):
     pass
 
 
+class LargerThanCache(LazyfsError):
+    """A file larger than the whole node cache (its cap, --cache-size): making room for it would
+    evict everything and still pass the cap, so it is not written. Its writer does without: a
+    block is served from memory, a whole file stays on FUSE, an EROFS image's mount serves
+    through FUSE."""
+
+
 class MetadataRefused(MountError, IntegrityError):
     """The EROFS image an image manifest pins is missing, malformed or not the bytes pinned: the
     kernel never sees it, and no other data path stands in for the image's own metadata."""

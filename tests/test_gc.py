@@ -13,7 +13,7 @@ import pytest
 from imagebuilder.build import build
 from lazyfs.cache import cap
 from lazyfs.records import gc
-from lazyfs.errors import StoreError, StoreUnavailable
+from lazyfs.errors import LargerThanCache, StoreError, StoreUnavailable
 from lazyfs.records import objects
 from lazyfs.store.lease import Lease, LeaseConflict, held_when_free
 from lazyfs.store.local import LocalStore
@@ -153,6 +153,18 @@ def test_node_cache_trim_lru(tmp_path):
     assert report.evicted == 6 and len(list(blocks.iterdir())) == 10
     report = cap.collect(tmp_path / "cache", 4500)
     assert sorted(p.name for p in blocks.iterdir()) == [f"{i:064x}" for i in range(6, 10)]
+
+
+def test_room_for_a_file_larger_than_the_cap_is_refused_and_evicts_nothing(tmp_path):
+    blocks = tmp_path / "cache" / "blocks" / "ab"
+    blocks.mkdir(parents=True)
+    for i in range(10):
+        (blocks / f"{i:064x}").write_bytes(b"x" * 1000)
+    with pytest.raises(LargerThanCache):
+        with cap.room(tmp_path / "cache", 6000, 5000):
+            pytest.fail("a file larger than the whole cache was given room")
+    assert len(list(blocks.iterdir())) == 10
+    assert cap.usage(tmp_path / "cache") == (10, 10_000)  # (nothing reserved either)
 
 
 def test_cli(two_images, env_dirs, tmp_path):

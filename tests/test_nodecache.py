@@ -451,6 +451,45 @@ def test_the_cap_holds_under_concurrent_writers_and_the_ledger_stays_exact(tmpfs
     assert cap.usage(tmpfs) == (files, size)
 
 
+def test_a_block_larger_than_the_cap_is_served_and_evicts_nothing(tmp_path, caplog):
+    """The writers of the cache do without a file the cap cannot hold: a read gets its block
+    from memory, the completer leaves the file to FUSE (fetching nothing for it), a kernel-path
+    daemon serves through FUSE; nothing already cached is evicted for it."""
+    from lazyfs.cache.completer import Completer
+    from lazyfs.fs import daemon
+    from lazyfs.format.manifest import Chunk
+
+    small = dict(_blob(1000, seed=s) for s in range(3))
+    (big, data), = [_blob(10_000, seed=9)]
+    origin = FakeOrigin({**small, big: data})
+    first = NodeCache(tmp_path, origin)
+    for digest, blob in small.items():
+        first.read(digest, len(blob), 0, 1)
+    first.close()
+    cache = NodeCache(tmp_path, origin, cap_bytes=5000)
+    for _ in range(2):
+        assert cache.read(big, len(data), 0, len(data)) == data
+        cache.flush()
+    assert origin.calls.count(big) == 1  # (kept in memory)
+    assert not os.path.exists(cache.path(big))
+    assert all(os.path.exists(cache.path(d)) for d in small) and cache.stats.evicted == 0
+    assert caplog.text.count("blocks that large are served from memory") == 1
+
+    completer = Completer(cache, tmp_path / "objects", background=True, idle=0).start()
+    chunks = tuple(Chunk(d, len(b)) for d, b in small.items())
+    try:
+        completer.read("f" * 64, chunks + chunks)  # 6000 bytes
+        time.sleep(1.5)
+    finally:
+        completer.stop()
+    assert not (tmp_path / "objects").exists() and completer.stats.errors == 0
+
+    args = daemon.DaemonArgs("sha256:" + "e" * 64, None, str(tmp_path), "/nowhere")
+    assert not daemon._keep_image(cache, args, b"\0" * 6000, "wrote")
+    assert list((tmp_path / "erofs").iterdir()) == []
+    assert all(os.path.exists(cache.path(d)) for d in small) and cache.stats.evicted == 0
+
+
 def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
     from lazyfs.cache import cap
 

@@ -24,6 +24,7 @@ from typing import Iterable
 
 from lazyfs.cache import layout
 from lazyfs.cache.ledger import Ledger
+from lazyfs.errors import LargerThanCache
 
 log = logging.getLogger("lazyfs.cache")
 TRIM_TO = 0.9  # a trim goes below the cap, so the next one is not one block away
@@ -111,7 +112,11 @@ def room(root: str | os.PathLike, n: int, cap_bytes: int | None, keep_longer: It
     across every process writing into this cache, and when they would not fit a trim makes room
     first (``stats``, a CacheStats, counts what it evicted). A write that fails gives its
     reservation back. It yields the rename that gives the file its name (fsutil.atomic_write's
-    ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger)."""
+    ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger).
+    LargerThanCache, with nothing evicted, for a file larger than the cap itself."""
+    if cap_bytes is not None and n > cap_bytes:
+        raise LargerThanCache(f"a file of {n} bytes does not fit in the node cache {root}, whose "
+                              f"cap is {cap_bytes} bytes")
     book = ledger(root)
     if not book.reserve(n, cap_bytes):
         report = trim(root, max(0, cap_bytes - n), keep_longer, reserve=n)

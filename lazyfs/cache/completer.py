@@ -104,6 +104,13 @@ class Completer:
         chunk; False if it must wait for more reads."""
         if self.path(oid).exists():
             return True
+        size = sum(c.size for c in chunks)
+        if self.cache.cap_bytes is not None and size > self.cache.cap_bytes:
+            # Never written (lazyfs.cache.cap.room refuses it): nothing to fetch for it either;
+            # the file stays on FUSE.
+            log.info("object %s (%d bytes) is larger than the node cache's cap (%d bytes): not "
+                     "completed", oid, size, self.cache.cap_bytes)
+            return True
         for c in chunks:
             if self.cache.on_disk(c.digest):
                 continue

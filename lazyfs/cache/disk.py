@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from lazyfs.cache import layout
+from lazyfs.errors import LargerThanCache
 from lazyfs.format import digest as digests
 from lazyfs.format.block import MAX_BLOCK_SIZE
 from lazyfs.fsutil import atomic_write
@@ -42,6 +43,7 @@ class CacheDisk:
         self.memory_capacity = memory_capacity  # named in the log when the disk refuses
         self._lock = threading.Lock()
         self._refused_at: float | None = None  # when the disk last refused a write
+        self._said_too_large = False  # (a block larger than the cap: logged once)
 
     @property
     def refusing(self) -> bool:
@@ -49,7 +51,7 @@ class CacheDisk:
 
     def write(self, path: str, data: bytes, drop: bool = False) -> Identity | None:
         """Write a block's file: the identity of the file written; None if the disk refuses
-        (said once per outage)."""
+        (said once per outage) or the block is larger than the node cache's cap."""
         refused_at = self._refused_at
         if refused_at is not None and time.monotonic() - refused_at < DISK_RETRY:
             return None
@@ -59,6 +61,11 @@ class CacheDisk:
             with self.room(len(data)) as rename:
                 written = atomic_write(path, data, layout.tmp_dir(self.root), durable=True,
                                        drop_pages=drop, rename=rename)
+        except LargerThanCache as exc:  # this block only: the disk takes the others
+            if not self._said_too_large:
+                self._said_too_large = True
+                log.warning("cache: %s; blocks that large are served from memory", exc)
+            return None
         except OSError as exc:
             self.stats.add(disk_write_errors=1)
             with self._lock:  # several readers meet a full disk at once: one says so

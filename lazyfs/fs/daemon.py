@@ -233,12 +233,13 @@ def _index(reader, cache, args: DaemonArgs, prefetch: list, auto=None, raw: byte
         # first library it maps, waited 0.1-0.15 s for it when it started after the fetch).
         early = DeferredIndex(lambda: load(DataIndex, decoding(lambda: mf.decode(raw))))
         shipped = metadata.fetch(reader, args.digest, raw)
-        if shipped is not None:
-            _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image")
+        if shipped is not None and \
+                _keep_image(cache, args, shipped, "fetched the EROFS metadata image shipped with the image"):
             return early, True, "shipped"
-        # Another EROFS layout version: this node makes its own image, from the decode under way.
+        # Another EROFS layout version: this node makes its own image, from the decode under way
+        # (not for one the cache cannot hold: the node's own is as large).
         manifest = decoded.result()
-        if _kernel_image(manifest, cache, args):
+        if shipped is None and _kernel_image(manifest, cache, args):
             return early, True, "generated"
         return load(ImageIndex, lambda: manifest), False, None
     manifest = decoding(lambda: mf.decode(raw))()
@@ -264,7 +265,8 @@ def _handed_manifest(args: DaemonArgs) -> bytes | None:
 
 def _kernel_image(manifest, cache, args: DaemonArgs) -> bool:
     """Make the EROFS image of this manifest on the node (an image built without one shipped);
-    False (FUSE path) if the tree has something the layout cannot hold."""
+    False (FUSE path) if the tree has something the layout cannot hold, or the image is larger
+    than the node cache's cap."""
     from lazyfs.errors import KernelLayoutUnsupported
     from lazyfs.format import erofs, metaimage
 
@@ -273,21 +275,27 @@ def _kernel_image(manifest, cache, args: DaemonArgs) -> bool:
     except KernelLayoutUnsupported as exc:
         log.warning("serving %s through FUSE: %s", args.ref or args.digest, exc)
         return False
-    _keep_image(cache, args, data, "wrote the EROFS metadata image")
-    return True
+    return _keep_image(cache, args, data, "wrote the EROFS metadata image")
 
 
-def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> None:
+def _keep_image(cache, args: DaemonArgs, data: bytes, what: str) -> bool:
     """Put an EROFS image where the kernel path mounts it from: durably (the kernel parses it as
-    it is on disk, with no check of its own), counted in the node cache's ledger."""
+    it is on disk, with no check of its own), counted in the node cache's ledger. False if it is
+    larger than the node cache's cap (the mount then serves through FUSE)."""
+    from lazyfs.errors import LargerThanCache
     from lazyfs.fsutil import atomic_write
 
     image = cachelayout.erofs_image(args.cache_dir, args.digest)
     image.parent.mkdir(parents=True, exist_ok=True)
     cachelayout.tmp_dir(args.cache_dir).mkdir(parents=True, exist_ok=True)
-    with cache.room(len(data)) as rename:
-        atomic_write(image, data, cachelayout.tmp_dir(args.cache_dir), durable=True, rename=rename)
+    try:
+        with cache.room(len(data)) as rename:
+            atomic_write(image, data, cachelayout.tmp_dir(args.cache_dir), durable=True, rename=rename)
+    except LargerThanCache as exc:
+        log.warning("serving %s through FUSE: its EROFS metadata image: %s", args.ref or args.digest, exc)
+        return False
     log.info("%s: %s (%d bytes)", what, image, len(data))
+    return True
 
 
 def _prefetcher(reader, args: DaemonArgs, decoded: Future, cache, auto=None):

@@ -178,6 +178,57 @@ def test_mount_outlives_its_shell_and_umount_leaves_no_process(big_image, tmp_pa
     assert leftovers.stdout.strip() == ""
 
 
+@pytest.mark.parametrize("recorded", ["start", "none"])
+def test_umount_signals_the_daemon_never_a_process_that_took_its_pid(big_image, tmp_path, recorded):
+    """A mount's state names its daemon by pid and start time: by the unmount the pid may be
+    another process's. One of a state written before the start time was kept (``none``) is not
+    the daemon's unless it has the daemon's name, and is not signalled even then."""
+    import json
+    from lazyfs.fs import mounts
+    from lazyfs.proc import spawn
+    mnt = tmp_path / "mnt"
+    with Mounted("lazy/big:1", mnt):
+        daemon = mounts.read_state(str(mnt)).pid
+        other = subprocess.Popen(["sleep", "60"])  # what has the daemon's pid, for the state
+        try:
+            path = mounts._state_file(str(mnt))
+            raw = json.loads(path.read_text())
+            raw["pid"] = other.pid
+            if recorded == "start":
+                assert raw["start"] == spawn.proc_start(daemon)  # the daemon, for good
+            else:
+                raw.pop("start", None)
+            path.write_text(json.dumps(raw))
+            mounts.umount(str(mnt), timeout=1.0)
+            assert other.poll() is None  # neither waited for nor signalled
+        finally:
+            other.kill()
+            other.wait()
+        assert spawn.wait_gone(daemon, 10)  # (the daemon itself exits with its mount)
+
+
+def test_lazy_umount_of_a_busy_mount_leaves_its_readers_served(big_image, tmp_path, data_path):
+    """`umount --lazy` detaches at once; the daemon serves what is still open, and exits
+    once it is closed (it was killed 15 s after the unmount, failing those reads)."""
+    from lazyfs.fs import mounts
+    from lazyfs.proc import spawn
+    src, _, _ = big_image
+    want = (src / "data" / "large-1.bin").read_bytes()
+    mnt = tmp_path / "mnt"
+    m = Mounted("lazy/big:1", mnt, "--readahead", "0", "--no-siblings")
+    with m:
+        pid = mounts.read_state(str(mnt)).pid
+        with open(mnt / "data" / "large-1.bin", "rb") as f:
+            assert f.read(10) == want[:10]
+            t0 = time.monotonic()
+            lazyfs_cli("umount", "--lazy", mnt)
+            assert time.monotonic() - t0 < 10
+            assert not os.path.ismount(mnt) and not spawn.exited(pid)
+            f.seek(len(want) - 10)
+            assert f.read() == want[-10:]  # a block the daemon fetches now
+        assert spawn.wait_gone(pid, 10)
+
+
 def test_daemon_keeps_none_of_the_callers_descriptors(big_image, tmp_path):
     """A caller reading the mount command's output (or any pipe it handed down) must see EOF
     when the command exits, not when the daemon does."""

@@ -109,7 +109,9 @@ def describe_layout(layout: str) -> str:
 
 @app.command(help="Unmount a lazyfs mount and wait for its daemon to exit.")
 def umount(mountpoint: str = typer.Argument(...),
-           lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy.")):
+           lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy; the "
+                                     "daemon serves the files still open and exits once they "
+                                     "are closed.")):
     from lazyfs.fs import mounts
 
     if _node_target(mountpoint) is not None:

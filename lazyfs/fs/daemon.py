@@ -24,6 +24,7 @@ from lazyfs.records import objects
 
 log = logging.getLogger("lazyfs.mount")
 REFUSED = b"X"  # on the readiness pipe: the mount is refused (MetadataRefused), no fallback
+DAEMON_NAME = "lazyfs-mount"  # every daemon's process name (/proc/PID/comm)
 # The image never changes under a mount: the kernel may keep names, attributes and absences it
 # learnt (FUSE attr/entry/negative timeouts, seconds) for a day.
 IMMUTABLE = 86400
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_daemon(args: DaemonArgs) -> int:
     """serve(args) with its failures logged as one line and turned into an exit status."""
-    syscalls.set_name("lazyfs-mount")  # (forked, or its own program: every daemon starts here)
+    syscalls.set_name(DAEMON_NAME)  # (forked, or its own program: every daemon starts here)
     try:
         serve(args)
     except RuntimeError as exc:  # fusepy's way of saying fuse_main failed; libfuse said why above

@@ -24,7 +24,7 @@ from lazyfs.fsutil import atomic_write
 from lazyfs.errors import MetadataRefused, MountError
 from lazyfs.fs import kernel
 from lazyfs.proc import spawn
-from lazyfs.fs.daemon import REFUSED, DaemonArgs, run_daemon
+from lazyfs.fs.daemon import DAEMON_NAME, REFUSED, DaemonArgs, run_daemon
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
 
@@ -43,6 +43,10 @@ class MountState:
     log_file: str
     layout: str = "fuse"  # "kernel": an overlay on the mountpoint (lazyfs.fs.kernel)
     runtime_dir: str = ""  # the kernel path's own mounts (metadata image, FUSE data layer)
+    # The daemon's start time (lazyfs.proc.spawn.process_id): with ``pid``, the daemon for good,
+    # where the pid alone may name another process by the time of the unmount. None in a state
+    # written before it was kept.
+    start: int | None = None
 
     def kernel_layout(self) -> "kernel.Layout":
         return kernel.layout(self.cache_dir, self.digest, self.runtime_dir)
@@ -281,7 +285,7 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
             with spawn.holding_sigint():
                 proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
                                    partial(run_daemon, args), logf, write_fd, debug, forker)
-                state.pid = proc.pid
+                state.pid, state.start = proc.pid, spawn.proc_start(proc.pid)
         finally:
             os.close(write_fd)
         ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K", REFUSED))
@@ -339,6 +343,10 @@ def _unmount(path: str, lazy: bool) -> str | None:
 
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
+    """Unmount, and wait up to ``timeout`` seconds for the daemon to exit (then SIGTERM it).
+    ``lazy``: a mount in use is detached instead of refused; its daemon then goes on serving
+    the files still open and exits by itself once they are closed, so it is neither waited for
+    nor signalled."""
     mnt = os.path.realpath(mountpoint)
     state = read_state(mnt)
     entry = mount_entry(mnt)
@@ -348,24 +356,67 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
     kernel_path = state is not None and state.layout == "kernel"
     if entry and entry["fstype"] != ("overlay" if kernel_path else FS_TYPE):
         raise MountError(f"{mountpoint} is a {entry['fstype']} mount, not lazyfs")
+    detached = False
     for path in _mounts_of(state, mnt):
-        msg = _unmount(path, lazy)
+        msg = _unmount(path, lazy=False)
+        if msg is not None and lazy:
+            detached = detached or "busy" in msg
+            msg = _unmount(path, lazy=True)
         if msg is not None:
             if "busy" in msg:
                 raise MountError(f"{mountpoint} is busy (a process is using it); stop it or use --lazy")
             raise MountError(f"unmounting {mountpoint} failed: {msg}")
-    if state:
-        _wait_exit(state.pid, timeout)
+    if detached:
+        log.info("%s: detached while in use; its daemon serves the files still open and exits "
+                 "once they are closed", mountpoint)
+    elif state:
+        _wait_exit(state, timeout)
     _state_file(mnt).unlink(missing_ok=True)
     if kernel_path:
         shutil.rmtree(state.runtime_dir, ignore_errors=True)
 
 
-def _wait_exit(pid: int, timeout: float) -> None:
-    if spawn.wait_gone(pid, timeout):  # (reaped, when this process started it: lazyfs run)
-        return
-    log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)
+def _wait_exit(state: MountState, timeout: float) -> None:
+    """Wait for the mount's daemon to exit; SIGTERM it after ``timeout`` seconds. Only the
+    daemon: its pid is held by a pidfd once the process is known to be it (pid and start time),
+    so a pid taken by another process since is neither waited for nor signalled. A state
+    written before the start time was kept names the daemon by its pid alone: then a process
+    of the daemon's name is waited for, and never signalled (it could be another mount's)."""
+    pid = state.pid
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, ValueError):
+        return  # gone
+    try:
+        if not _is_daemon(state):
+            return  # gone, and its pid another process's by now
+        if spawn.readable(fd, timeout):  # exited
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)  # (our child: lazyfs run)
+            except ChildProcessError:
+                pass
+            return
+        if state.start is None:
+            log.warning("daemon %d did not exit after unmount; not signalled, as its mount's state "
+                        "does not say when it started", pid)
+            return
+        log.warning("daemon %d did not exit after unmount; sending SIGTERM", pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    finally:
+        os.close(fd)
+
+
+def _is_daemon(state: MountState) -> bool:
+    """Whether the process with the daemon's pid is the daemon (or, exited, its zombie)."""
+    try:
+        with open(f"/proc/{state.pid}/stat", "rb") as f:
+            name, _, rest = f.read().rpartition(b")")
+    except OSError:
+        return False
+    if state.start is not None:
+        fields = rest.split()
+        return len(fields) > 19 and fields[19] == str(state.start).encode()
+    return name.partition(b"(")[2] == DAEMON_NAME.encode()

@@ -490,6 +490,33 @@ def test_a_block_larger_than_the_cap_is_served_and_evicts_nothing(tmp_path, capl
     assert all(os.path.exists(cache.path(d)) for d in small) and cache.stats.evicted == 0
 
 
+def test_blocks_the_completer_fetches_on_its_own_are_not_demand_misses(tmp_path):
+    """Background completion fetches the chunks no read asked for: they count with the
+    prefetches, not as misses reads waited on (``misses - prefetched``, ``demand_us``)."""
+    from lazyfs.cache.completer import Completer
+    from lazyfs.format.manifest import Chunk
+
+    blobs = dict(_blob(20_000, seed=s) for s in range(3))
+    origin = FakeOrigin(blobs, delay=0.05)
+    cache = NodeCache(tmp_path, origin)
+    chunks = tuple(Chunk(d, len(b)) for d, b in blobs.items())
+    first = chunks[0]
+    assert cache.read(first.digest, first.size, 0, 10) == blobs[first.digest][:10]  # the one read
+    cache.flush()
+    demand_us = cache.stats.demand_us
+    completer = Completer(cache, tmp_path / "objects", background=True, idle=0).start()
+    try:
+        completer.read("f" * 64, chunks)
+        deadline = time.monotonic() + 10
+        while completer.stats.objects_written == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        completer.stop()
+    assert completer.stats.objects_written == 1 and completer.stats.background_blocks == 2
+    s = cache.stats.snapshot()
+    assert s["misses"] == 3 and s["misses"] - s["prefetched"] == 1 and s["demand_us"] == demand_us
+
+
 def test_the_ledger_counts_writes_and_reconciles_drift(tmp_path):
     from lazyfs.cache import cap
 

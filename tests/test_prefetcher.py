@@ -98,6 +98,23 @@ def test_failures_release_claims_and_reads_still_get_right_bytes(tmp_path):
     assert done == [blobs[order[0]][:5]]
 
 
+def test_blocks_a_prefetch_finds_on_disk_are_no_hits_until_read(tmp_path):
+    blobs = _blobs(4)
+    origin = BatchOrigin(blobs)
+    first = NodeCache(tmp_path, origin)
+    for d, data in blobs.items():
+        first.read(d, len(data), 0, 1)
+    first.close()
+    origin.calls.clear()
+    cache = NodeCache(tmp_path, origin)  # the next mount: its profile's blocks are all here
+    pf = Prefetcher(cache, origin.fetch_many, [(d, len(b)) for d, b in blobs.items()])
+    assert pf.start().wait(10)
+    assert pf.stats.already == 4 and cache.stats.hits == 0 and cache.stats.misses == 0
+    for d, data in blobs.items():
+        assert cache.read(d, len(data), 0, 5) == data[:5]
+    assert cache.stats.hits == 4 and origin.calls == [] and origin.batches == []
+
+
 def test_a_cached_block_listed_with_another_size_is_neither_dropped_nor_fetched(tmp_path):
     blobs = _blobs(2)
     (good, data), (other, _) = blobs.items()

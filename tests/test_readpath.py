@@ -156,6 +156,40 @@ def test_listing_a_directory_of_a_mount_whose_manifest_failed_is_eio(caplog):
     assert "the store went away" in caplog.text
 
 
+def test_request_and_read_counts_lose_nothing_to_concurrent_threads(ops):
+    """fusepy calls the adapter from many threads at once (nothreads=False): every request and
+    read is counted. A count is read, added to and written back; another thread may run in
+    between (the interpreter may switch at any bytecode): forced here, at each count."""
+    import threading
+    import time
+
+    class Slow(int):  # a count whose addition lets other threads run
+        def __add__(self, other):
+            time.sleep(0.0001)
+            return Slow(int(self) + other)
+
+    class SlowDict(dict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            time.sleep(0.0001)
+            return value if value is None else Slow(value)
+
+    ops.ops, ops.reads, ops.read_bytes = SlowDict(), Slow(0), Slow(0)
+
+    def work():
+        for _ in range(100):
+            ops("getattr", "/lib/big.so")
+            ops("read", "/pkg/m1.py", 100, 0, None)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = ops.stats()
+    assert s["requests"] == {"getattr": 800, "read": 800}
+    assert s["reads"] == 800 and s["read_bytes"] == 800 * len(SMALL[1])
+
+
 def test_readdir_readlink_and_xattrs(ops):
     names = [n if isinstance(n, str) else n[0] for n in ops.readdir("/lib", None)]
     assert names == [".", "..", "big.so", "big-link", "sub", "link"]

@@ -118,7 +118,9 @@ class Completer:
                 return False
             if not self._quiet():
                 return False  # a start is reading: try again later
-            self.cache.locate(c.digest, c.size)
+            # Not a read's miss: counted with the prefetches, out of the demand misses and the
+            # time reads waited on them.
+            self.cache.locate(c.digest, c.size, prefetch=True)
             self.stats.add(background_blocks=1, background_bytes=c.size)
         self._write(oid, chunks)
         return True

@@ -62,7 +62,7 @@ class CacheStats(Counters):
     hits: int = 0
     misses: int = 0  # fetches from the store
     fetched_raw_bytes: int = 0
-    prefetched: int = 0  # misses started by readahead rather than a read
+    prefetched: int = 0  # misses started by no read (readahead, a batch, background completion)
     dropped_corrupt: int = 0
     errors: int = 0
     disk_write_errors: int = 0  # blocks the cache disk refused (they were served from memory)
@@ -201,10 +201,11 @@ class NodeCache:
         if event is not None:
             event.set()
 
-    def _adopt(self, digest: str, size: int) -> str | None:
+    def _adopt(self, digest: str, size: int, read: bool = True) -> str | None:
         """The block's path if a good copy is already on disk (another process fetched it);
         BlockFormatError if the block is not ``size`` bytes (the manifest's mistake: the file
-        is kept, for the images that name it rightly)."""
+        is kept, for the images that name it rightly). ``read``: for a read, which it counts as
+        a hit (a batch prefetch finding it there is no read: its reader's hit comes later)."""
         path = self.path(digest)
         known = self._disk.check(path, digest)
         if known is None:
@@ -212,7 +213,8 @@ class NodeCache:
         with self._lock:
             self._verified[digest] = known
         _same_size(digest, known[1], size)
-        self.stats.add(hits=1)
+        if read:
+            self.stats.add(hits=1)
         return path
 
     def on_disk(self, digest: str) -> bool:
@@ -220,7 +222,9 @@ class NodeCache:
         return digest in self._verified or os.path.exists(self.path(digest))
 
     def adopt(self, digest: str, size: int) -> bool:
-        return self._adopt(digest, size) is not None
+        """Whether a good copy of the block is on disk, now known to this cache (a batch
+        prefetch's check before it fetches; not a read, so no hit)."""
+        return self._adopt(digest, size, read=False) is not None
 
     def complete(self, digest: str, size: int, data: bytes) -> None:
         """Enter bytes a batch fetch brought (the caller verified them against the digest)."""

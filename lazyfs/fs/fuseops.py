@@ -70,6 +70,9 @@ class LazyOps(Operations):
         self.stats_extra = stats_extra
         self.on_read = on_read  # called with the inode after each read (lazyfs.cache.completer)
         self.recorder = recorder  # lazyfs.records.profiles.Recorder: first touches, for a startup profile
+        # Counted by many FUSE threads at once: under a lock (an unlocked += loses increments,
+        # and copying the dict while another thread adds an op's first count fails).
+        self._count_lock = threading.Lock()
         self.reads = 0
         self.read_bytes = 0
         self.ops: dict[str, int] = {}
@@ -79,7 +82,8 @@ class LazyOps(Operations):
 
     def __call__(self, op, *args):
         # Count every request the kernel sends, by kind: the FUSE round trip is the unit of cost.
-        self.ops[op] = self.ops.get(op, 0) + 1
+        with self._count_lock:
+            self.ops[op] = self.ops.get(op, 0) + 1
         try:
             return getattr(self, op)(*args)
         except FuseOSError:
@@ -194,8 +198,9 @@ class LazyOps(Operations):
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.on_read:
             self.on_read(inode)
-        self.reads += 1
-        self.read_bytes += len(data)
+        with self._count_lock:
+            self.reads += 1
+            self.read_bytes += len(data)
         if self.trace:
             name = "/" + inode.entry.path.decode("utf-8", "surrogateescape")  # the image's path
             line = tracefmt.encode(tracefmt.Read(time.monotonic() - self._t0, name, offset,
@@ -232,8 +237,9 @@ class LazyOps(Operations):
         return out
 
     def stats(self) -> dict:
-        return {"cache": self.cache.stats.snapshot(), "reads": self.reads, "read_bytes": self.read_bytes,
-                "requests": dict(self.ops), **self.stats_extra()}
+        with self._count_lock:
+            counts = {"reads": self.reads, "read_bytes": self.read_bytes, "requests": dict(self.ops)}
+        return {"cache": self.cache.stats.snapshot(), **counts, **self.stats_extra()}
 
     # Everything that would change the image is refused (the mount is also "ro").
     def _rofs(self, *args):

@@ -229,6 +229,23 @@ def test_lazy_umount_of_a_busy_mount_leaves_its_readers_served(big_image, tmp_pa
         assert spawn.wait_gone(pid, 10)
 
 
+def test_a_mount_state_is_written_whole_under_its_name_never_through_it(big_image, tmp_path):
+    """The state file is renamed into place: a reader never sees it half written, and whatever
+    was at its name (here a link to another file) is replaced, not written through."""
+    from lazyfs.fs import mounts
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    path = mounts._state_file(str(mnt))
+    path.parent.mkdir(parents=True)
+    other = tmp_path / "other"
+    other.write_text("someone else's file\n")
+    path.symlink_to(other)
+    with Mounted("lazy/big:1", mnt):
+        assert not path.is_symlink() and mounts.read_state(str(mnt)).mountpoint == str(mnt)
+        assert other.read_text() == "someone else's file\n"
+        assert [p.name for p in path.parent.iterdir() if p.name.startswith(".part-")] == []
+
+
 def test_daemon_keeps_none_of_the_callers_descriptors(big_image, tmp_path):
     """A caller reading the mount command's output (or any pipe it handed down) must see EOF
     when the command exits, not when the daemon does."""

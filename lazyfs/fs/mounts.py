@@ -299,8 +299,12 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
         state.layout = "kernel" if ready == b"K" else "fuse"
         if state.layout == "kernel":
             kernel.mount(state.kernel_layout(), mnt)
-        _state_file(mnt).parent.mkdir(parents=True, exist_ok=True)
-        _state_file(mnt).write_text(json.dumps(asdict(state)))
+        path = _state_file(mnt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Renamed into place: a reader (umount, the node agent) never sees a partial file, and a
+        # link left at its name is replaced, not written through. Not fsynced: no mount outlives
+        # a power cut, and neither need its state.
+        atomic_write(path, json.dumps(asdict(state)).encode(), path.parent, durable=False)
         return state
     except BaseException:  # a failure, or Ctrl-C at any point: no daemon or half-made mount left
         if proc is not None:

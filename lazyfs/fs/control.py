@@ -24,8 +24,12 @@ def address(mountpoint: str) -> str:
 
 def serve(mountpoint: str, stats: Callable[[], dict]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(address(mountpoint))
-    sock.listen(8)
+    try:
+        sock.bind(address(mountpoint))
+        sock.listen(8)
+    except OSError:  # (the mount goes on without it: its descriptor must not)
+        sock.close()
+        raise
 
     def loop() -> None:
         while True:

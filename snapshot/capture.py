@@ -16,7 +16,7 @@ from lazyfs.errors import NotFound, RunError
 from lazyfs.format import reference
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.runtime import nsinit_command, own_network
-from lazyfs.runner.session import RunOptions, resolve
+from lazyfs.runner.session import RunOptions, as_docker_makes_them, resolve
 from lazyfs.records import objects
 from lazyfs.store import open_store
 from lazyfs.store.lease import held_when_free
@@ -106,6 +106,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
             progress=None) -> int:
     """``progress``: a context manager whose ``task(description, total)`` gives a callable to
     advance by bytes (the CLI's progress bars), shown while the snapshot is stored."""
+    as_docker_makes_them()
     criu = criu_mod.find()
     snap = reference.parse(snap_ref)
     if snap.digest:

@@ -22,7 +22,8 @@ from lazyfs.records import profiles
 from lazyfs.format import profile as proffmt
 from lazyfs.errors import LazyfsError, RunError
 from lazyfs.format import snapshot as snapfmt
-from lazyfs.runner.session import RunOptions, run as cold_run, shared_image, uses_node
+from lazyfs.runner.session import (RunOptions, as_docker_makes_them, run as cold_run, shared_image,
+                                    uses_node)
 from lazyfs.records import objects
 from lazyfs.proc import spawn
 from snapshot import criu as criu_mod
@@ -60,6 +61,7 @@ def restore(opts: RunOptions, snap_ref: str, say=lambda m: None, lazy: bool = Tr
     demand; else fetch the whole snapshot before restoring. ``working_set``: with ``lazy``,
     prefetch the working set an earlier restore recorded, or record one if there is none.
     ``progress``: bars (lazyfs.cli.common.RichProgress) for the whole snapshot's fetch (--eager)."""
+    as_docker_makes_them()
     snap = None
     pages = None
     # One node cache for all of it, named here: the page server streams the image's working-set

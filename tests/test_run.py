@@ -262,6 +262,7 @@ def test_a_container_that_ends_on_sigterm_passes_its_own_status_on(bb_image, env
                                  "trap 'exit 3' TERM; echo started; while :; do sleep 0.05; done"],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline() == "started\n"
+        time.sleep(0.1)  # (the run's own handler is set by now, on however loaded a machine)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert (proc.returncode, err) == (3, ""), err
@@ -311,9 +312,10 @@ def test_env_and_user_mistakes_get_one_line(bb_image, runtime, tmp_path):
     for bad in (["-e", "=x"], ["--user", ":grp"], ["--user", "a:b:c"]):
         proc = lazyfs_cli("run", "--runtime", runtime, *bad, "run/bb:1", "--", "true", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
-    # The image has no /etc/group, and no such user in /etc/passwd; nor may an id exceed the kernel's.
+    # No such user in the image's /etc/passwd, nor group in its /etc/group; nor may an id exceed
+    # the kernel's, or be spelt in other digits than ASCII's.
     for user, words in (("nosuchuser", "not found"), ("nobody:staff", "/etc/group"),
-                        ("4294967295", "out of range")):
+                        ("4294967295", "out of range"), ("\u00b2", "not found")):
         proc = lazyfs_cli("run", "--runtime", "namespaces", "--user", user, "run/bb:1", "--", "true",
                           check=False)
         assert proc.returncode != 0 and words in proc.stderr, (user, proc.stderr)

@@ -74,13 +74,13 @@ def _env(values: list[str] | None) -> list[str] | None:
 
 
 def _workdir(value: str | None) -> str | None:
-    if value is not None and not value.startswith("/"):
+    if value and not value.startswith("/"):  # ("" leaves the image's)
         raise typer.BadParameter(f"{value!r}: the working directory must be an absolute path")
     return value
 
 
 def _user(value: str | None) -> str | None:
-    if value is not None:
+    if value:  # ("" runs as root, whatever the image's User)
         name, _, group = value.partition(":")
         if not name or ":" in group or "\0" in value:
             raise typer.BadParameter(f"{value!r}: USER[:GROUP], each a name or a number")

@@ -117,8 +117,9 @@ def umount(mountpoint: str = typer.Argument(...),
     if _node_target(mountpoint) is not None:
         from lazyfs.errors import MountError
         from lazyfs.node import client
-        # The agent resolves the path in its own working directory, not this command's.
-        answer = client.call("unbind", target=os.path.abspath(mountpoint), lazy=lazy, autostart=False)
+        # Resolved here, as _node_target matched it: the agent would resolve it in its own
+        # working directory, not this command's.
+        answer = client.call("unbind", target=os.path.realpath(mountpoint), lazy=lazy, autostart=False)
         if answer.get("known") is False:
             raise MountError(f"{mountpoint}: the node agent holds no mount there")
         return

@@ -27,6 +27,7 @@ import gc
 import importlib
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -173,6 +174,11 @@ def serve(sock: socket.socket) -> int:
     os.closerange(3, keep)
     os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), keep + 2))
     gc.freeze()  # the preloaded heap is shared with every fork; collections must not touch it
+    # One descriptor for each live run (_runs): a unit's default soft limit of 1024 would refuse
+    # runs long before the node has as many. (Forks put it back as it was: zygote._as_the_client.)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sock.settimeout(None)
     reader = wire.LineReader(sock)
     while True:
@@ -206,8 +212,13 @@ def _fork(msg: dict, fds: list[int]) -> int:
     op = msg.get("op")
     if op == "run" and len(fds) == 4 and isinstance(msg.get("req"), dict):
         from lazyfs.node import zygote
-        pid = zygote.start(fds[0], fds[1:], msg["req"])
-        _runs[pid] = os.dup(fds[0])
+        conn = os.dup(fds[0])  # (before the fork: out of descriptors, the run is refused whole)
+        try:
+            pid = zygote.start(fds[0], fds[1:], msg["req"])
+        except BaseException:
+            os.close(conn)
+            raise
+        _runs[pid] = conn
         return pid
     want = msg.get("fd")
     if op == "spawn" and len(fds) == 1 and _module_argv(msg.get("argv")) and isinstance(want, int) and want > 2:

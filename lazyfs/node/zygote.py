@@ -106,29 +106,21 @@ def _worker(conn: socket.socket, fds: list[int], req: dict) -> int:
 
 
 def _as_the_client(pid) -> None:
-    """Take on what a `lazyfs run` the client started itself would inherit from it, and the
-    request does not carry: its umask, its resource limits and its cgroup (the agent's are its
-    service's: a container would run under the agent's memory limit, not the caller's)."""
+    """Take on the client's resource limits, which the run the client would have started itself
+    inherits and the request does not carry. (The container's umask is docker's whatever the
+    caller's, on either path: lazyfs.cli.run. Its cgroup is the agent's, as a container of
+    docker's runs under its daemon's, not its client's.)"""
     if not isinstance(pid, int) or pid <= 0:
         return
     import resource
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            umask = next((line.split()[1] for line in f if line.startswith("Umask:")), None)
-        if umask is not None:
-            os.umask(int(umask, 8))
-        for name in dir(resource):
-            if name.startswith("RLIMIT_"):
-                limit = getattr(resource, name)
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            limit = getattr(resource, name)
+            try:
                 resource.setrlimit(limit, resource.prlimit(pid, limit))
-        with open(f"/proc/{pid}/cgroup") as f:
-            unified = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
-        if unified is not None:
-            with open(f"/sys/fs/cgroup{unified}/cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
-    except (OSError, ValueError) as exc:  # (a client gone meanwhile is noticed by the watch above)
-        logging.getLogger("lazyfs.node").warning("a run cannot take on its client's (pid %d) "
-                                                 "umask, limits or cgroup: %s", pid, exc)
+            except (OSError, ValueError) as exc:  # (a client gone meanwhile: the watch above stops us)
+                logging.getLogger("lazyfs.node").warning(
+                    "a run cannot take on its client's (pid %d) %s: %s", pid, name, exc)
 
 
 def _stop_when_the_client_goes(conn: socket.socket) -> None:

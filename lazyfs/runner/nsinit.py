@@ -55,10 +55,14 @@ def _ids(user: str) -> tuple[int | None, int | None]:
     if not user:
         return None, None
     name, _, group = user.partition(":")
-    uid = _number(name) if name.isdigit() else _lookup("/etc/passwd", name, 2)
-    gid = _number(group) if group.isdigit() else (_lookup("/etc/group", group, 2) if group else
-                                                  _lookup("/etc/passwd", name, 3) if not name.isdigit() else uid)
+    uid = _number(name) if _digits(name) else _lookup("/etc/passwd", name, 2)
+    gid = _number(group) if _digits(group) else (_lookup("/etc/group", group, 2) if group else
+                                                 _lookup("/etc/passwd", name, 3) if not _digits(name) else uid)
     return uid, gid
+
+
+def _digits(value: str) -> bool:
+    return value.isascii() and value.isdigit()  # (str.isdigit takes "²" and "١٢" too)
 
 
 def _number(value: str) -> int:
@@ -73,7 +77,7 @@ def _lookup(db: str, name: str, column: int) -> int:
             for line in f:
                 fields = line.rstrip("\n").split(":")
                 if fields[0] == name:
-                    if len(fields) <= column or not fields[column].isdigit():
+                    if len(fields) <= column or not _digits(fields[column]):
                         raise SystemExit(f"lazyfs: error: the image's {db} has a malformed line for {name!r}")
                     return _number(fields[column])
     except OSError as exc:
@@ -178,6 +182,7 @@ def enter(a: Args) -> None:
     # exec: the container's `yes | head -1` would see EPIPE errors instead of a quiet SIGPIPE.
     for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
         _signal.signal(sig, _signal.SIG_DFL)
+    os.umask(0o022)  # a container's, as docker and podman give it, whatever its caller's
     try:
         os.execvpe(a.argv[0], a.argv, env)
     except ValueError as exc:  # (a NUL in an argument or the environment)

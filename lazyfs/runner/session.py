@@ -84,7 +84,15 @@ def uses_node(opts: RunOptions) -> bool:
 OWNER = "owner.json"  # in a run's directory: who made it (pid, start time) and with which runtime
 
 
+def as_docker_makes_them() -> None:
+    """Make what a container sees of the run's own (its writable layer, whose mode its / takes,
+    the snapshot helper's layer) under docker's umask, 022, whatever the caller's: under 027 the
+    container's / came out 0750, closed to any USER but root."""
+    os.umask(0o022)
+
+
 def run(opts: RunOptions, say=lambda msg: None) -> int:
+    as_docker_makes_them()
     runtime = rt.choose(opts.runtime)
     sweep_killed_runs()
     rundir = paths.state_dir() / "run" / uuid.uuid4().hex[:12]

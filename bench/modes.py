@@ -59,8 +59,10 @@ class BenchRunError(LazyfsError):
 class Sample:
     seconds: float  # start → workload done (the number that matters)
     mount_s: float | None = None  # start → image mounted (lazy modes)
-    fetched_bytes: int = 0  # bytes the node received over the link
-    requests: int = 0  # HTTP requests the node made
+    # Bytes the node received over the link, and the HTTP requests it made (None: not measured,
+    # as for podman's and containerd's pulls; 0 for what crosses no link).
+    fetched_bytes: int | None = 0
+    requests: int | None = 0
     read_bytes: int = 0  # bytes the workload read from the image (FUSE reads; lazy modes)
     phases: dict = field(default_factory=dict)
 
@@ -164,6 +166,8 @@ class Node:
     def lazy(self, ref: str, work: Workload, profile: str, cold: bool,
              data_path: str | None = None, runtime: str = "namespaces") -> Sample:
         cache = self.cold_cache() if cold else self.warm_cache
+        if cold:
+            self.fresh_agent()
         stats = self.home / "run-stats.json"
         stats.unlink(missing_ok=True)
         cmd = [*LAZYFS, "run", "-v", "--runtime", runtime,
@@ -180,6 +184,30 @@ class Node:
                        "blocks_fetched": s.get("cache", {}).get("misses", 0),
                        "fetched_raw_bytes": s.get("cache", {}).get("fetched_raw_bytes", 0),
                        "prefetch": s.get("prefetch", {}), "waits": _waits(s.get("cache", {}))})
+
+    def fresh_agent(self) -> None:
+        """A cold node's agent has seen no image: before a cold run (untimed) a new agent takes
+        over from the last (its mounts kept, its memory of tags, configs and manifests not), as
+        `lazyfs node --takeover` does on a node, or starts as a node's systemd starts it. Else
+        the runs after the first would find the image's manifest verified and its config read."""
+        from lazyfs.errors import NodeError
+        from lazyfs.node import client
+
+        with open(self.home / "agent.log", "ab") as log:
+            agent = subprocess.Popen([*LAZYFS, "node", "--takeover"], stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if client.call("status", autostart=False)["agent"]["pid"] == agent.pid:
+                    return
+            except (NodeError, OSError):
+                pass
+            if agent.poll() is not None:
+                raise BenchRunError(f"a new node agent exited at start ({agent.returncode}); log "
+                                    f"{self.home / 'agent.log'}")
+            time.sleep(0.05)
+        raise BenchRunError("a new node agent did not take over within 30 s")
 
     def cold_cache(self) -> Path:
         """An empty node cache no mount has used. Not the last one emptied: the node agent keeps
@@ -227,6 +255,7 @@ class Node:
         untimed first restore that publishes the working set it records)."""
         cmd = [*LAZYFS, "run", "-v", *flags, "--restore", snap,
                "--server", self.server_url, "--cache-dir", str(self.cold_cache()), ref]
+        self.fresh_agent()
         drop_caches()
         t0 = time.monotonic()
         seconds, marks = timed(cmd, work, t0, {"fallback": FALLBACK,
@@ -236,6 +265,9 @@ class Node:
         return Sample(seconds, phases={"resumed_s": round(marks.get("resumed", 0.0), 3)})
 
     def pull(self, tag: str, work: Workload) -> Sample:
+        # The last run's tree goes before the clock (pull() would delete it on it: some 2 s of
+        # a torch pull).
+        shutil.rmtree(self.home / "pull", ignore_errors=True)
         drop_caches()
         t0 = time.monotonic()
         result = pull(self.blob_url, tag, self.home / "pull")
@@ -326,6 +358,9 @@ class Node:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(runroot, ignore_errors=True)
         empty()
+        # A node's containers-storage is set up already: made here, before the clock (an empty
+        # one's first command makes its database and layout).
+        subprocess.run(["podman", *storage, "info"], capture_output=True, check=True)
         name = f"{self.registry}/bench/{tag}:latest"
         try:
             drop_caches()
@@ -340,7 +375,8 @@ class Node:
             seconds, _ = timed(cmd, work, t0)
         finally:
             empty()
-        return Sample(seconds, phases={"download_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
+        return Sample(seconds, None, None, None,
+                      phases={"download_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
 
     def containerd_run(self, tag: str, work: Workload, lazy: bool) -> Sample:
         """A cold containerd node: a containerd of its own (started, like the snapshotter, before
@@ -391,7 +427,8 @@ class Node:
                 snapshotter.wait(30)
             sock.unlink(missing_ok=True)
             shutil.rmtree(home, ignore_errors=True)
-        return Sample(seconds, phases={"pull_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
+        return Sample(seconds, None, None if not lazy else 0, None if not lazy else 0,
+                      phases={"pull_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
 
     def podman_image_run(self, tag: str, work: Workload) -> Sample:
         """`podman run` of the image already in containers-storage (loaded once from the bench's

@@ -38,7 +38,7 @@ def summarise(workload: dict) -> dict:
             for mode in out:
                 out[mode][f"x_{base.replace('-', '_')}"] = out[mode]["median_s"] / out[base]["median_s"]
     for mode, row in out.items():
-        if row["read_bytes"]:
+        if row["read_bytes"] and row["fetched_bytes"] is not None:
             row["fetched_over_read"] = row["fetched_bytes"] / row["read_bytes"]
             if row["fetched_raw_bytes"] is not None:
                 row["raw_over_read"] = row["fetched_raw_bytes"] / row["read_bytes"]
@@ -47,6 +47,10 @@ def summarise(workload: dict) -> dict:
 
 def _f(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
+
+
+def _mib(v: float | None) -> float | None:
+    return None if v is None else v / MiB
 
 
 def markdown(results: dict) -> str:
@@ -70,7 +74,7 @@ def markdown(results: dict) -> str:
             lines += [f"| {mode} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
                       + "".join(f"{_f(r.get('x_' + b.replace('-', '_')), '.2f')} | " for b in bases)
                       + f"{_f(r.get('resumed_s'), '.2f')} | "
-                      f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['requests'], '.0f')} |"
+                      f"{_f(_mib(r['fetched_bytes']), '.1f')} | {_f(r['requests'], '.0f')} |"
                       for mode, r in summary.items()]
             lines.append("")
             continue
@@ -88,7 +92,7 @@ def markdown(results: dict) -> str:
                 f"{_f(r.get('x_podman_pull'), '.2f')} | {_f(r.get('x_containerd_pull'), '.2f')} | "
                 f"{_f(r.get('x_local'), '.2f')} | {_f(r.get('x_local_erofs'), '.2f')} | "
                 f"{_f(r.get('x_local_overlay'), '.2f')} | {_f(r.get('x_podman_image'), '.2f')} | {_f(mount, '.0f')} | "
-                f"{r['fetched_bytes'] / MiB:.1f} | {_f(r['read_bytes'] and r['read_bytes'] / MiB, '.1f')} | "
+                f"{_f(_mib(r['fetched_bytes']), '.1f')} | {_f(r['read_bytes'] and r['read_bytes'] / MiB, '.1f')} | "
                 f"{_f(r.get('fetched_over_read'), '.2f')} | {_f(r.get('raw_over_read'), '.2f')} | "
                 f"{_f(r['requests'], '.0f')} |")
         lines.append("")

@@ -240,7 +240,11 @@ class Handler:
                 self._make_live(task)  # it runs, so its memory is registered
             for ev in events:
                 if task not in self.tasks:
-                    return
+                    # Released part way (its last missing pages removed): a fork read in the
+                    # same batch still has a child, whose descriptor is ours to serve or close.
+                    if ev.kind == uffd.EVENT_FORK:
+                        self._fork(task, ev.a)
+                    continue
                 if ev.kind == uffd.EVENT_PAGEFAULT:
                     self._fault(task, ev.a // PAGE)
                 elif ev.kind in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
@@ -249,7 +253,8 @@ class Handler:
                     self._remap(task, ev.a // PAGE, ev.b // PAGE, ev.c // PAGE)
                 elif ev.kind == uffd.EVENT_FORK:
                     self._fork(task, ev.a)
-            self._copy_again()
+            if task in self.tasks:
+                self._copy_again()
 
     def _fault(self, task: Task, page: int) -> None:
         self.last_fault = time.monotonic()
@@ -390,9 +395,13 @@ class Handler:
                     buf = os.read(task.fd, uffd.MSG_SIZE * 64)
                 except BlockingIOError:
                     return
-                except OSError:
-                    pass
-            if not buf:  # hung up, unreadable or at its end: the process has exited
+                except OSError as exc:
+                    # Not the process gone (that reads as the end): a fork's event whose new
+                    # descriptor this process cannot have (EMFILE, ENOMEM) stays queued, and
+                    # letting go of the parent would leave both on zero pages.
+                    self.fatal(f"cannot read {task.name}'s memory events: {exc.strerror or exc}")
+                    return
+            if not buf:  # hung up or at its end: the process has exited
                 self._gone(task)
                 return
             self.handle(task, uffd.parse(buf))

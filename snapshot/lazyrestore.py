@@ -119,7 +119,8 @@ class PageServer:
         self._close_ready()
         if self.proc.poll() is None:
             try:
-                os.kill(self.proc.pid, signal.SIGTERM)
+                # (SIGUSR1, "done": a SIGTERM, anyone's, makes it kill whatever tree still runs)
+                os.kill(self.proc.pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + timeout

@@ -149,9 +149,15 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
     None) as `lazyfs run` read them already (a forked server need not fetch them again)."""
     stop = threading.Event()
     parent = os.getppid()  # lazyfs run
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # lazyfs run says it is done with the tree by SIGUSR1 (PageServer.finish). A SIGTERM is
+    # anyone's (`pkill -f "lazyfs run"` matches this process's command line too): the tree may
+    # still run, and is killed, with criu, before a descriptor is let go.
+    terminated = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: (terminated.set(), stop.set()))
     status: dict = {"error": None}
     handler = killer = fetcher = None
+    peer: list[int] = []  # criu restore, once it connects (pidfds)
     try:
         reader = cfg.source.open()
         if known is not None:
@@ -179,7 +185,6 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # thread a hand-over of the interpreter per block (first answer 0.01-0.05 s sooner at 1
         # and 10 Gbit/s; docs/snapshots.md). What the stream does not bring, a fault or the
         # background fetch does. Elsewhere the handler's threads fetch the working set themselves.
-        peer: list[int] = []
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, on_stalled=lambda: _stop_criu(peer, stop, parent),
@@ -215,9 +220,13 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         status["error"] = status.get("error") or f"{type(exc).__name__}: {exc}"
         log.error("lazy restore: %s", status["error"])
     finally:
+        if terminated.is_set() and status["error"] is None and (
+                handler is None or handler.tasks or not handler.finished):  # (all in: it runs on)
+            status["error"], status["terminated"] = "the page server was stopped (SIGTERM)", True
+            _stop_criu(peer, stop, parent)  # (and the tree it made: criu may not have said which)
         if handler is not None:
-            if handler.error is None and handler.tasks and not stop.is_set():
-                handler.fatal("the page handler is exiting with pages missing")
+            if handler.error is None and handler.tasks and (terminated.is_set() or not stop.is_set()):
+                handler.fatal(status["error"] or "the page handler is exiting with pages missing")
             if handler.error is not None and killer is not None:
                 killer()  # (a failure while criu restored waits for the tree no longer)
             if killer is not None:

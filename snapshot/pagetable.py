@@ -35,7 +35,13 @@ class Blocks:
             if off % PAGE:
                 raise PageLayoutError(f"{name}: block boundary at {off} is not page aligned")
             starts.append(off)
-            self.by_digest.setdefault(digest, []).append(len(self.digests))
+            same = self.by_digest.setdefault(digest, [])
+            if same and self.sizes[same[0]] != size:
+                # One fetch, checked at one size, serves every key with its digest: at another
+                # size a copy would run past the block's bytes (into the server's own memory).
+                raise PageLayoutError(f"{name}: block {digest} is listed as {size} bytes and as "
+                                      f"{self.sizes[same[0]]}")
+            same.append(len(self.digests))
             self.digests.append(digest)
             self.sizes.append(size)
             off += size

@@ -219,6 +219,9 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
             ws.remove()
     if pages is None:
         return code
+    if status.get("terminated"):  # (someone else's SIGTERM to the page server: a stop, not a failure)
+        print(f"lazyfs: {status['error']}; the restored process was killed with it", file=sys.stderr)
+        raise spawn.Terminated(signal.SIGTERM)
     if status.get("error") and killed is not False:  # the page server killed the tree (a block it could not serve)
         raise LazyRestoreFailed(f"the restored process was killed: {status['error']}")
     # The program has run to its end: nothing from here on may start it again (a cold start).

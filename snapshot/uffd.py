@@ -76,6 +76,8 @@ def copy(fd: int, dst: int, data, offset: int, length: int) -> int:
     """Map ``length`` bytes of ``data`` (bytes) from ``offset`` at ``dst`` and wake the threads
     waiting there. Returns 0, or the benign errno; on EEXIST/ENOENT part way, callers retry per
     page (the kernel does not say which page stopped it in a way worth trusting here)."""
+    if offset < 0 or length < 0 or offset + length > len(data):  # (the kernel reads what it is told)
+        raise ValueError(f"a copy of {length} bytes at {offset} from {len(data)} bytes")
     base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     arg = bytearray(struct.pack("<QQQQq", dst, base + offset, length, 0, 0))
     return _ioctl(fd, UFFDIO_COPY, arg)

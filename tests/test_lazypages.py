@@ -326,6 +326,52 @@ def test_a_block_that_fails_verification_kills_before_letting_go():
     assert data == b"\0" * 16  # what a survivor would have seen: why the kill comes first
 
 
+def test_a_task_whose_events_cannot_be_read_is_killed_before_letting_go(monkeypatch):
+    """A read of a userfaultfd can fail for a process that lives on: a fork's event whose new
+    descriptor this process cannot have (EMFILE, ENOMEM) stays queued. Taken for the process
+    gone, its descriptor was let go, and it ran on zero pages."""
+    import snapshot.lazypages
+    mem = Memory()
+    real_read = os.read
+
+    def out_of_descriptors(fd, n):
+        if fd == mem.fd:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_read(fd, n)
+
+    monkeypatch.setattr(snapshot.lazypages.os, "read", out_of_descriptors)
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    seen: list[list] = []
+    reader = threading.Thread(target=lambda: (mem.read(3 * PAGE, 16), seen.append(list(mem.fatal_calls))),
+                              daemon=True)
+    reader.start()
+    t.join(10)
+    assert not t.is_alive() and "Too many open files" in (h.error or "")
+    assert mem.fatal_calls == ["killed"]
+    h.close()
+    reader.join(10)
+    assert seen == [["killed"]]  # the kill came before the descriptor went
+
+
+def test_a_fork_read_with_the_event_that_released_its_parent_is_served():
+    """One read can bring a madvise that takes a task's last missing pages (the task is done and
+    let go) and a fork after it: the child is still a task to serve, its descriptor watched."""
+    mem = Memory()
+    h = mem.handler()
+    with h.lock:
+        [task] = h.tasks
+        h._make_live(task)
+        child_r, child_w = os.pipe()  # (a descriptor for the child; no event ever comes on it)
+        drop = uffd.Event(uffd.EVENT_REMOVE, mem.addr, mem.addr + PAGES * PAGE, 0)
+        h.handle(task, [drop, uffd.Event(uffd.EVENT_FORK, child_r, 0, 0)])
+        assert task not in h.tasks  # (every page dropped: nothing left to serve it)
+        assert [t.fd for t in h.tasks] == [child_r] and h.counts["forks"] == 1
+    h.close()
+    os.close(child_w)
+
+
 def test_a_working_set_block_that_fails_while_criu_restores_kills_when_criu_is_done():
     """A block fails before criu restore has finished building the tree: the handler keeps
     serving (criu may still touch other memory), kills the tree only once criu says it is done,
@@ -551,3 +597,10 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_copy_never_reads_past_the_bytes_it_is_given():
+    with pytest.raises(ValueError):
+        uffd.copy(-1, 0, b"x" * 4096, 4096, 4096)  # (refused before any ioctl: no descriptor needed)
+    with pytest.raises(ValueError):
+        uffd.copy(-1, 0, b"x" * 4096, 0, 8192)

@@ -127,3 +127,17 @@ def test_runs_outside_the_pages_file_are_refused():
         Task("past", -1, "pages-1.img").track_runs(blocks, [(100, 4 * PAGE, 3)])
     with pytest.raises(PageLayoutError, match="outside"):
         Task("empty", -1, "pages-2.img").track_runs(blocks, [(100, 0, 1)])
+
+
+def test_a_block_listed_at_two_sizes_is_refused():
+    """One fetch, checked at one size, serves every key with its digest: listed at another size,
+    a copy would run past the block's bytes into the server's own memory."""
+    d = "sha256:" + "ab" * 32
+    with pytest.raises(PageLayoutError, match="listed as"):
+        Blocks().add_file("pages-1.img", [(d, 16 * 4096), (d, 64 * 4096)])
+    blocks = Blocks()
+    blocks.add_file("pages-1.img", [(d, 16 * 4096)])
+    with pytest.raises(PageLayoutError, match="listed as"):
+        blocks.add_file("pages-2.img", [(d, 8 * 4096)])
+    blocks.add_file("pages-3.img", [(d, 16 * 4096)])  # (the same size again is one block twice)
+    assert blocks.by_digest[d] == [0, 1]

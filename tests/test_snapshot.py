@@ -701,6 +701,32 @@ def test_a_restore_stopped_by_a_kill_stops_its_process_and_leaves_nothing(image,
     _assert_the_restore_left_nothing(before, env_dirs, err, within=20)
 
 
+def test_a_page_server_stopped_by_someone_elses_sigterm_takes_the_tree_it_serves_along(image, env_dirs):
+    """A SIGTERM to the page server alone (`pkill -f "lazyfs run"` matches its command line
+    too) while its tree still lacks memory: the tree is killed before the server lets go of its
+    descriptors, never left to run on zero pages, and the restore ends as a stop would (no cold
+    start). lazyfs run itself says it is done with the server otherwise (SIGUSR1)."""
+    before = set(_restore_mounts())
+    lazyfs_cli("run", "--snapshot", "warm/slow:5", "snap/py:1", "--", "python3", "/app/slow.py",
+               timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--no-working-set", "--restore",
+                             "warm/slow:5", "snap/py:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("continued")  # (16 MiB still to come: faults first)
+        [server] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and _comm(p.name) == "lazyfs-pages"]
+        os.kill(server, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "page server was stopped" in err and "cold" not in err, err
+    _assert_the_restore_left_nothing(before, env_dirs, err, within=20)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_snapshot_run_killed_takes_its_program_along(image, env_dirs, sig):
     """A snapshot run killed before ready(): its program goes with it (nobody would ever stop

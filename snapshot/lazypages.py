@@ -71,6 +71,8 @@ class Handler:
         self._wake_r, self._wake_w = os.pipe()
         self._closing: list[int] = []
         self._again: list[tuple[Task, int, bytes]] = []  # copies to try once events are read
+        self._waited: set[int] = set()  # blocks a fault waits on, until they are delivered
+        self.failed_ahead: str | None = None  # the last block fetched ahead that failed, and why
         self.fetcher = ChunkFetcher(lambda k: fetch_block(blocks.digests[k], blocks.sizes[k]),
                                     self._deliver, self._fail, workers=workers)
         self.prefetch(working_set)
@@ -121,6 +123,7 @@ class Handler:
     def _deliver(self, key: int, data: bytes, prio: int) -> None:
         log.debug("block %d arrived (%d bytes, %s)", key, len(data), NAMES[prio])
         with self.lock:
+            self._waited.difference_update(self.blocks.by_digest[self.blocks.digests[key]])
             self.counts[f"{NAMES[prio]}_blocks"] += 1
             self.counts[f"{NAMES[prio]}_bytes"] += len(data)
             for same in self.blocks.by_digest[self.blocks.digests[key]]:
@@ -133,11 +136,21 @@ class Handler:
         self.poke()
 
     def _fail(self, key: int, exc: BaseException) -> None:
+        """A block that could not be fetched. Once criu has built the tree, only a fault waiting
+        on it kills the tree: one fetched ahead (readahead, the working set, the background
+        transfer) stays missing, and a fault on it later fetches it again; the program may well
+        end without it, and killing it meant starting it again cold."""
         with self.lock:
-            needed = any(key in t.missing for t in self.tasks) or not self.finished
+            missing = any(key in t.missing for t in self.tasks)
+            needed = not self.finished or (missing and key in self._waited)
+            if missing and not needed:
+                self.counts["failed_ahead"] += 1
+                self.failed_ahead = f"block {self.blocks.digests[key]}: {exc}"
+        why = f"block {self.blocks.digests[key]} of the snapshot's memory could not be fetched: {exc}"
         if needed:
-            self.fatal(f"block {self.blocks.digests[key]} of the snapshot's memory could not be "
-                       f"fetched: {exc}", until_built=True)
+            self.fatal(why, until_built=True)
+        elif missing:
+            log.warning("%s; left missing: a fault on it fetches it again", why)
 
     def fatal(self, why: str, until_built: bool = False) -> None:
         """The restored tree must not run on: it is killed before a descriptor is let go.
@@ -271,6 +284,7 @@ class Handler:
         self.counts.setdefault("first_fault_ms", self._ms())
         self.counts["last_fault_ms"] = self._ms()
         self._note(key)
+        self._waited.add(key)
         self.fetcher.want(key, DEMAND)
         if task.last_key < key <= task.last_key + 1 + task.window:  # still walking forward
             # Blocks read ahead that the walk has passed were read: part of the working set.

@@ -213,6 +213,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
             os.write(ready_fd, b"1")
         handler.serve(stop)
         status["error"] = handler.error
+        status["failed_ahead_error"] = handler.failed_ahead
         status.update(handler.counts)
         status.update(fetcher.streamed())
         status["working_set"] = _working_set(cfg, handler, profile is None)

@@ -80,14 +80,22 @@ class ChunkFetcher:
             try:
                 data = self.fetch(index)
             except BaseException as exc:  # noqa: BLE001 - the handler decides what a failure means
+                # Done before the handler hears of it: a fault that comes meanwhile (the handler
+                # may leave a block fetched ahead missing) must fetch it again, not be ignored
+                # as already under way and wait for ever.
+                self._done(index, prio)
                 self.fail(index, exc)
             else:
-                self.deliver(index, data, prio)
-            finally:
-                with self._cv:  # done: asking for it again fetches it again (a forked child)
-                    self._taken.discard(index)
-                    if self._prio.get(index) == prio:
-                        del self._prio[index]
-                    if prio == BACKGROUND:
-                        self._busy_background -= 1
-                    self._cv.notify()
+                try:
+                    self.deliver(index, data, prio)
+                finally:
+                    self._done(index, prio)
+
+    def _done(self, index: int, prio: int) -> None:
+        with self._cv:  # asking for it again fetches it again (a forked child)
+            self._taken.discard(index)
+            if self._prio.get(index) == prio:
+                del self._prio[index]
+            if prio == BACKGROUND:
+                self._busy_background -= 1
+            self._cv.notify()

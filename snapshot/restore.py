@@ -231,6 +231,9 @@ def _restore(opts, criu, digest, snap, ws: Workspace, fetched: int, fetch_s: flo
     if not status:
         _warn_after(f"the page server gave no report: {pages.failure()}")
         return code
+    if status.get("failed_ahead"):  # (left missing; the process never faulted on them)
+        _warn_after(f"{status['failed_ahead']} block(s) of memory fetched ahead could not be fetched, "
+                    f"the last {status.get('failed_ahead_error')}; the restored process did not need them")
     try:
         if recording is not None and status.get("working_set"):
             status["working_set_recorded"] = record_working_set(

@@ -372,6 +372,33 @@ def test_a_fork_read_with_the_event_that_released_its_parent_is_served():
     os.close(child_w)
 
 
+def test_a_block_fetched_ahead_that_fails_kills_only_once_a_fault_waits_on_it():
+    """Once criu has built the tree, a block the background transfer (or readahead, or the
+    working set) could not fetch is left missing: the program may end without it, and killing
+    it meant running it again cold. A fault on it fetches it again; failing then, it kills."""
+    mem = Memory(fail={7})
+    h = mem.handler()
+    stop, t = _serve(h)
+    h.restore_finished()
+    off = 20 * PAGE
+    assert mem.read(off, PAGE) == mem.content[off:off + PAGE]
+    deadline = time.monotonic() + 10
+    while not h.counts["failed_ahead"] and time.monotonic() < deadline:
+        time.sleep(0.02)  # (quiet, then the background transfer meets block 7)
+    assert h.counts["failed_ahead"] == 1 and h.error is None and mem.fatal_calls == []
+    assert mem.read(0, 100 * PAGE) == mem.content[:100 * PAGE]  # the rest is served on
+    seen: list[list] = []
+    reader = threading.Thread(target=lambda: (mem.read(200 * PAGE, 16), seen.append(list(mem.fatal_calls))),
+                              daemon=True)
+    reader.start()  # a fault on block 7: fetched again, failing again, with a fault waiting
+    t.join(10)
+    assert not t.is_alive() and "could not be fetched" in (h.error or "")
+    assert mem.fatal_calls == ["killed"]
+    h.close()
+    reader.join(10)
+    assert seen == [["killed"]]
+
+
 def test_a_working_set_block_that_fails_while_criu_restores_kills_when_criu_is_done():
     """A block fails before criu restore has finished building the tree: the handler keeps
     serving (criu may still touch other memory), kills the tree only once criu says it is done,

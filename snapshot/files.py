@@ -205,9 +205,11 @@ class BlockFetcher:
 
 
 def is_pages(name: str) -> bool:
-    """A CRIU pages file (memory contents), as opposed to the small images that describe it."""
-    base = name.rpartition("/")[2]
-    return name.startswith("criu/") and base.startswith("pages-") and base.endswith(".img")
+    """A CRIU pages file (memory contents), as opposed to the small images that describe it.
+    Only one CRIU reads: right in criu/ (the page server knows them by their base name, and one
+    further down would stand in for it)."""
+    directory, _, base = name.rpartition("/")
+    return directory == "criu" and base.startswith("pages-") and base.endswith(".img")
 
 
 def fetch(fetch_block, files, root: Path, only: dict[str, list[tuple[int, int]]] | None = None,

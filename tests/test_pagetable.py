@@ -141,3 +141,10 @@ def test_a_block_listed_at_two_sizes_is_refused():
         blocks.add_file("pages-2.img", [(d, 8 * 4096)])
     blocks.add_file("pages-3.img", [(d, 16 * 4096)])  # (the same size again is one block twice)
     assert blocks.by_digest[d] == [0, 1]
+
+
+def test_only_the_pages_files_criu_reads_are_served_as_memory():
+    from snapshot.files import is_pages
+    assert is_pages("criu/pages-1.img") and is_pages("criu/pages-12.img")
+    for name in ("criu/x/pages-1.img", "pages-1.img", "upper/criu/pages-1.img", "criu/pagemap-1.img"):
+        assert not is_pages(name), name

@@ -104,6 +104,11 @@ def trim(root: str | os.PathLike, max_bytes: int, keep_longer: Iterable[str] = (
         return report
 
 
+def larger_than_cap(n: int, cap_bytes: int | None) -> bool:
+    """Whether a file of ``n`` bytes can never be in a cache of this cap (room refuses it)."""
+    return cap_bytes is not None and n > cap_bytes
+
+
 @contextmanager
 def room(root: str | os.PathLike, n: int, cap_bytes: int | None, keep_longer: Iterable[str] = (),
          stats=None):
@@ -114,7 +119,7 @@ def room(root: str | os.PathLike, n: int, cap_bytes: int | None, keep_longer: It
     reservation back. It yields the rename that gives the file its name (fsutil.atomic_write's
     ``rename``): the ledger counts the file as landed in the same step (lazyfs.cache.ledger).
     LargerThanCache, with nothing evicted, for a file larger than the cap itself."""
-    if cap_bytes is not None and n > cap_bytes:
+    if larger_than_cap(n, cap_bytes):
         raise LargerThanCache(f"a file of {n} bytes does not fit in the node cache {root}, whose "
                               f"cap is {cap_bytes} bytes")
     book = ledger(root)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.cache import layout
+from lazyfs.cache import cap, layout
 from lazyfs.cache.nodecache import NodeCache
 from lazyfs.counters import Counters
 from lazyfs.errors import LazyfsError
@@ -105,7 +105,7 @@ class Completer:
         if self.path(oid).exists():
             return True
         size = sum(c.size for c in chunks)
-        if self.cache.cap_bytes is not None and size > self.cache.cap_bytes:
+        if cap.larger_than_cap(size, self.cache.cap_bytes):
             # Never written (lazyfs.cache.cap.room refuses it): nothing to fetch for it either;
             # the file stays on FUSE.
             log.info("object %s (%d bytes) is larger than the node cache's cap (%d bytes): not "

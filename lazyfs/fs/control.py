@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import threading
 from typing import Callable
 
 from lazyfs import paths
 from lazyfs.errors import MountError
 from lazyfs.format.guard import JSON_ERRORS
+from lazyfs.proc.syscalls import peer_credentials
 
 
 def address(mountpoint: str) -> str:
@@ -59,8 +59,7 @@ def query(mountpoint: str, timeout: float = QUERY_TIMEOUT) -> dict:
         sock.settimeout(timeout)
         try:
             sock.connect(address(mountpoint))
-            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      struct.calcsize("3i")))[1]
+            uid = peer_credentials(sock)[1]
             if uid != os.geteuid():
                 raise MountError(f"{mountpoint}: its control socket is held by a process of uid "
                                  f"{uid}, not by its lazyfs daemon")

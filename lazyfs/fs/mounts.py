@@ -144,18 +144,17 @@ def is_stale(mountpoint: str) -> bool:
     itself keeps answering (metadata and local data are the kernel's), so it is the FUSE data
     layer that tells whether the daemon lives."""
     state = read_state(mountpoint)
-    kernel_path = state is not None and state.layout == "kernel"
+    lay = state.kernel_layout() if state is not None and state.layout == "kernel" else None
     # stat() of the root can be answered from the kernel's attribute cache; statfs always asks
     # the daemon, so it is what reveals a dead one.
     try:
-        os.statvfs(str(state.kernel_layout().fuse) if kernel_path else mountpoint)
+        os.statvfs(str(lay.fuse) if lay else mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             return True
-    if not kernel_path:
+    if lay is None:
         return False
     mounted = {m.point for m in mount_table()}
-    lay = state.kernel_layout()
     return os.path.realpath(mountpoint) not in mounted and \
         bool(mounted & {os.path.realpath(lay.meta), os.path.realpath(lay.fuse)})
 

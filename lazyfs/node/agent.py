@@ -41,6 +41,7 @@ from lazyfs.node.forker import ForkServer
 from lazyfs.node.metrics import Metrics, RunCounts, SnapshotCounts
 from lazyfs.node.recent import RecentManifests
 from lazyfs.node.leases import Leases
+from lazyfs.proc.syscalls import peer_credentials
 from lazyfs.node.table import Shared
 
 log = logging.getLogger("lazyfs.node")
@@ -238,7 +239,7 @@ class Agent:
             conn, _ = listener.accept()
         except BlockingIOError:
             return
-        pid, uid, _ = wire.peer_credentials(conn)
+        pid, uid, _ = peer_credentials(conn)
         if uid != 0:
             wire.send(conn, {"ok": False, "error": "the node agent serves root only", "kind": "NodeError"})
             conn.close()

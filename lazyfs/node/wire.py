@@ -11,6 +11,7 @@ import json
 import socket
 
 from lazyfs.errors import NodeError
+from lazyfs.proc.syscalls import peer_credentials
 from lazyfs.format.guard import JSON_ERRORS
 
 MAX_LINE = 1 << 20
@@ -71,13 +72,6 @@ def send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
         socket.send_fds(sock, [data[:1]], list(fds))
         data = data[1:]
     sock.sendall(data)
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
-    import struct
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
 
 
 def check_root_peer(sock: socket.socket, path) -> None:

@@ -155,9 +155,20 @@ def numpy_rootfs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def numpy_store(numpy_rootfs, tmp_path_factory):
+    """The image built once (`lazyfs build`, ~7 s); each test gets a copy of this store."""
+    store = tmp_path_factory.mktemp("numpy-store") / "store"
+    lazyfs_cli("build", f"dir:{numpy_rootfs}", "--tag", "snap/py:1", timeout=600,
+               env={"LAZYFS_STORE": str(store), "LAZYFS_NODE": "off"})
+    return store
+
+
 @pytest.fixture
-def image(numpy_rootfs, env_dirs):
-    lazyfs_cli("build", f"dir:{numpy_rootfs}", "--tag", "snap/py:1", timeout=600)
+def image(numpy_store, env_dirs):
+    """A store of the test's own holding the built image: a copy, not links, since some tests
+    rot blocks in place."""
+    subprocess.run(["cp", "-a", str(numpy_store), env_dirs["LAZYFS_STORE"]], check=True)
     return LocalStore(env_dirs["LAZYFS_STORE"])
 
 

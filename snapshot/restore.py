@@ -288,7 +288,8 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
     argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
                                     lazy=pages is not None)
     try:
-        code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out")
+        code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",
+                                       guarded=pages is None)  # (a page server guards its own)
     except BaseException:  # Ctrl-C under CRIU: what it restored (waiting in ready()) or was making
         procs.kill_made(os.getpid())
         raise

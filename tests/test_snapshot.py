@@ -907,3 +907,49 @@ def test_criu_check_is_remembered_until_the_binary_or_kernel_changes(env_dirs):
     remembered.write_text(json.dumps(stale))
     assert not criu._passed(path)
     assert criu.find() == path and criu._passed(path)  # checked again, and remembered again
+
+
+
+@pytest.mark.parametrize("mode", ["--eager", "--no-working-set"])
+def test_a_restore_killed_with_sigkill_while_criu_makes_its_tree_leaves_no_process(image, env_dirs,
+                                                                                   monkeypatch, mode):
+    """SIGKILL (the OOM killer) of a restore with no agent over it, while criu restore makes the
+    tree: criu dies with it, and the guard it left kills the half-made tree, which would wait
+    for criu for ever (or, criu done, poll for a marker no one writes). The next restore
+    removes the workspace's mounts."""
+    _without_the_agent(monkeypatch)
+    before = set(_restore_mounts())
+    lazyfs_cli("run", "--snapshot", "warm/slow:6", "snap/py:1", "--", "python3", "/app/slow.py",
+               timeout=300)
+    restore = [sys.executable, "-m", "lazyfs", "run", "-v", mode, "--restore", "warm/slow:6",
+               "snap/py:1"]
+    killed = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    following = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _criu_making_tree():
+            assert time.monotonic() < deadline and killed.poll() is None, "criu restore never ran"
+            time.sleep(0.002)
+        killed.kill()
+        killed.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while (_snapshot_processes() or _guards()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _snapshot_processes() == [] and _guards() == []
+        following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert following.stdout.readline().startswith("continued")
+        following.send_signal(signal.SIGINT)
+        _, err = following.communicate(timeout=60)
+        assert "removed what a killed snapshot run or restore left" in err, err
+    finally:
+        for proc in (killed, following):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in _snapshot_processes():
+            os.kill(pid, signal.SIGKILL)
+    _assert_the_restore_left_nothing(before, env_dirs, "", within=15)
+
+
+def _guards() -> list[str]:
+    return [p for p in filter(str.isdigit, os.listdir("/proc")) if _comm(p) == "lazyfs-guard"]

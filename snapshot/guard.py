@@ -1,0 +1,109 @@
+"""The guard of a tree that `criu restore` is making: whoever started the restore can be killed
+(SIGKILL, the OOM killer) while criu makes it, and then no one would end what it made. criu
+itself dies with it (a parent-death signal: snapshot.restorer); a half-made tree does not. Its
+root is criu's sibling, the restore's child (``--restore-sibling``): it is reparented when the
+restore dies, and waits on criu's next stage for ever, or, were criu done, polls for the marker
+no one will write. It gets the restore's parent-death signal (CRIU restores the snapshot
+run's) only at the end of criu's work.
+
+The guard is a process of its own (a double fork of criu's process before it execs criu, so
+that criu never sees a child of its own exit, which it would take for a failed restore). Until
+criu exits it keeps a pidfd on every tree root among the restore's children; if the restore
+goes first, it SIGKILLs those roots (each is its PID namespace's init, so its tree goes with
+it) and any task still carrying criu's command line that it had not yet seen (one cloned just
+before the restore died, between two looks). Once criu has exited, the tree's root has the
+parent-death signal, or the restore kills what criu left (restore.criu_restore).
+
+A lazy restore needs none: its page server watches the restore the same way, and a task that
+cannot hand its memory to a page server that has gone fails criu's restore, which then kills
+the tree (snapshot.lazyserver).
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+
+from lazyfs.proc import spawn
+from snapshot import procs
+
+LOOK_EVERY = 0.005  # seconds between two looks for a new root: criu makes a root within moments
+NAME = "lazyfs-guard"
+
+
+def start(restore: int, argv: list[str]) -> None:
+    """From criu's process, just before it execs ``argv``: leave a guard behind, detached (its
+    parent exits at once, reaped here), watching ``restore`` and this process."""
+    criu = os.getpid()
+    first = os.fork()
+    if first == 0:
+        def middle() -> int:
+            if os.fork() == 0:
+                spawn.child(lambda: _guard(restore, criu, argv))
+            return 0
+        spawn.child(middle)
+    os.waitpid(first, 0)
+
+
+def _guard(restore: int, criu: int, argv: list[str]) -> int:
+    from lazyfs.proc import syscalls
+    syscalls.set_name(NAME)
+    os.setsid()  # (no terminal's Ctrl-C: the restore is the one to stop)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, 1 << 16)  # (a pipe of the restore's, held here, would hold its reader)
+    try:
+        restore_fd, criu_fd = os.pidfd_open(restore), os.pidfd_open(criu)
+    except ProcessLookupError:  # one of them already gone: look once more, then stop
+        return _end(_roots(restore, {}), argv)
+    roots: dict[int, int] = {}
+    poll = select.poll()
+    poll.register(restore_fd, select.POLLIN)
+    poll.register(criu_fd, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poll.poll(int(LOOK_EVERY * 1000))}
+        if criu_fd in ready and restore_fd not in ready:
+            return 0  # criu is done (or failed): the restore, alive, takes it from here
+        if restore_fd in ready:
+            return _end(roots, argv)
+        roots = _roots(restore, roots)
+
+
+def _roots(restore: int, known: dict[int, int]) -> dict[int, int]:
+    """``known``, and a pidfd on each tree root now among ``restore``'s children."""
+    for pid in procs.in_other_ns(restore):
+        if pid in known:
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if pid in procs.in_other_ns(restore):  # (still the restore's child: the pidfd is the root's)
+            known[pid] = fd
+        else:
+            os.close(fd)
+    return known
+
+
+def _end(roots: dict[int, int], argv: list[str]) -> int:
+    """The restore is gone: kill the roots known, and whatever still runs as this criu (by its
+    command line, which holds the restore's own workspace path) that was not."""
+    for fd in roots.values():
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cmdline = "\0".join(argv).encode() + b"\0"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() != cmdline:
+                    continue
+            os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    return 0

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import report
+from bench import competitors, report
 from bench.images import SNAPSHOT_BASELINES, SNAPSHOT_MODES, SNAPSHOT_WORKLOADS, WORKLOADS, Images
 from bench.link import Link
 from bench.modes import MODES, REGISTRY_MODES, BenchRunError, Node, Sample
@@ -290,12 +290,12 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
 
 
 # What each mode runs: from the extracted image (the image's name), or lazily (its reference).
-_LOCAL = {"pull": Node.pull, "podman-pull": Node.podman_pull_run,
-          "containerd-pull": lambda node, tag, work: node.containerd_run(tag, work, lazy=False),
-          "containerd-lazy": lambda node, tag, work: node.containerd_run(tag, work, lazy=True),
+_LOCAL = {"pull": Node.pull, "podman-pull": competitors.podman_pull_run,
+          "containerd-pull": lambda node, tag, work: competitors.containerd_run(node, tag, work, lazy=False),
+          "containerd-lazy": lambda node, tag, work: competitors.containerd_run(node, tag, work, lazy=True),
           "local": Node.local_run,
           "local-erofs": Node.local_erofs_run, "local-overlay": Node.local_overlay_run,
-          "podman-image": Node.podman_image_run}
+          "podman-image": competitors.podman_image_run}
 _LAZY = {  # profile (None: the image's own reference, i.e. what `lazyfs profile` recorded), cold, more
     "warm-node-podman": ("auto", False, {"runtime": "podman"}),
     "warm-node": ("auto", False, {}),

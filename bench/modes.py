@@ -45,8 +45,6 @@ from lazyfs.runner import runtime as rt
 FALLBACK = "lazyfs: warning: starting"
 MODES = ("pull", "podman-pull", "containerd-pull", "containerd-lazy", "lazy", "lazy+learnt", "lazy+profile", "warm-node", "warm-node-fuse",
          "warm-node-podman", "podman-image", "local-erofs", "local-overlay", "local")
-PODMAN_RUN = ("podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=20000:20000",
-              "--ulimit", "nproc=32768:32768")
 RUN_TIMEOUT = 600.0
 REGISTRY_MODES = ("podman-pull", "containerd-pull", "containerd-lazy")  # need the bench's registry
 
@@ -343,106 +341,6 @@ class Node:
         finally:
             kernel.unmount_one(str(root), lazy=True)
             shutil.rmtree(base, ignore_errors=True)
-        return Sample(seconds)
-
-    def podman_pull_run(self, tag: str, work: Workload) -> Sample:
-        """A cold podman node: containers-storage of its own, emptied before each run, then
-        `podman pull` of the image from the registry over the link and `podman run` of it."""
-        import hashlib
-        root = self.home / "podman-pull"
-        # podman refuses a runroot longer than 50 characters: a short one under /run, per home.
-        runroot = f"/run/lazyfs-bench-{hashlib.sha256(str(self.home).encode()).hexdigest()[:12]}"
-        storage = ("--root", str(root / "storage"), "--runroot", runroot)
-        def empty() -> None:  # (rmi, not `system reset`: that would drop the machine's networks too)
-            subprocess.run(["podman", *storage, "rmi", "--all", "--force"], capture_output=True)
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.rmtree(runroot, ignore_errors=True)
-        empty()
-        # A node's containers-storage is set up already: made here, before the clock (an empty
-        # one's first command makes its database and layout).
-        subprocess.run(["podman", *storage, "info"], capture_output=True, check=True)
-        name = f"{self.registry}/bench/{tag}:latest"
-        try:
-            drop_caches()
-            t0 = time.monotonic()
-            got = subprocess.run(["podman", *storage, "pull", "--quiet", "--tls-verify=false", name],
-                                 capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            if got.returncode != 0:
-                raise BenchRunError(f"podman pull {name} failed: {got.stderr.strip()[-500:]}")
-            pulled = time.monotonic() - t0
-            cmd = [PODMAN_RUN[0], *storage, *PODMAN_RUN[1:], "--network", "host" if work.http_port else "none",
-                   name, *work.argv]
-            seconds, _ = timed(cmd, work, t0)
-        finally:
-            empty()
-        return Sample(seconds, None, None, None,
-                      phases={"download_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
-
-    def containerd_run(self, tag: str, work: Workload, lazy: bool) -> Sample:
-        """A cold containerd node: a containerd of its own (started, like the snapshotter, before
-        the clock: a node runs them all the time), a CRI pull of the image over the link, and
-        `ctr run` of the workload. ``lazy``: through `lazyfs snapshotter` with an empty node cache;
-        else containerd's own overlayfs snapshotter (every layer downloaded and unpacked)."""
-        from bench import containerd as ctrd
-        home = self.home / "containerd"
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(parents=True)
-        sock = Path(f"/run/lazyfs-bench-{uuid.uuid4().hex[:8]}.sock")  # Unix socket paths are short
-        snapshotter = None
-        if lazy:
-            log_path = self.home / "containerd-snapshotter.log"  # kept: it outlives the node
-            with open(log_path, "ab") as log:
-                snapshotter = subprocess.Popen(
-                    [*LAZYFS, "snapshotter", "--socket", str(sock), "--root", str(home / "snapshotter"),
-                     "--server", self.server_url, "--cache-dir", str(self.cold_cache()),
-                     "--data-path", self.data_path, "--profile", "none"],  # as the lazy mode: no profile
-                    stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-            deadline = time.monotonic() + 30
-            while not sock.exists():
-                if snapshotter.poll() is not None or time.monotonic() > deadline:
-                    snapshotter.kill()
-                    raise BenchRunError(f"the snapshotter did not start; see {log_path}")
-                time.sleep(0.02)
-        node = ctrd.Containerd(home / "ctrd", sock, self.registry, "lazyfs" if lazy else "overlayfs")
-        name = f"{self.registry}/bench/{tag}:latest"
-        try:
-            node.start()
-            drop_caches()
-            t0 = time.monotonic()
-            node.cri_pull(name, timeout=RUN_TIMEOUT)
-            pulled = time.monotonic() - t0
-            cmd = [ctrd.CTR, "-a", str(node.socket), "-n", ctrd.NAMESPACE, "run", "--rm",
-                   "--snapshotter", "lazyfs" if lazy else "overlayfs",
-                   *(["--net-host"] if work.http_port else []), name, f"bench-{uuid.uuid4().hex[:8]}",
-                   *work.argv]
-            seconds, _ = timed(cmd, work, t0)
-        finally:
-            # Removing the images removes their snapshots, which hand back their mounts' leases.
-            images = node.ctr("images", "ls", "-q", check=False).stdout.split()
-            if images:
-                node.ctr("images", "rm", "--sync", *images, check=False)
-            node.stop()
-            if snapshotter is not None:
-                snapshotter.terminate()
-                snapshotter.wait(30)
-            sock.unlink(missing_ok=True)
-            shutil.rmtree(home, ignore_errors=True)
-        return Sample(seconds, None, None if not lazy else 0, None if not lazy else 0,
-                      phases={"pull_s": round(pulled, 3), "run_s": round(seconds - pulled, 3)})
-
-    def podman_image_run(self, tag: str, work: Workload) -> Sample:
-        """`podman run` of the image already in containers-storage (loaded once from the bench's
-        OCI layout with skopeo): a warm podman node, the yardstick for warm-node-podman."""
-        name = f"localhost/lazyfs-bench-{tag}:latest"
-        if subprocess.run(["podman", "image", "exists", name]).returncode != 0:
-            from bench.images import Images
-            subprocess.run(["skopeo", "copy", "--quiet", f"oci:{Images(self.home).layout}:{tag}",
-                            f"containers-storage:{name}"],
-                           check=True, capture_output=True)
-        cmd = [*PODMAN_RUN, "--network", "host" if work.http_port else "none", name, *work.argv]
-        drop_caches()
-        t0 = time.monotonic()
-        seconds, _ = timed(cmd, work, t0)
         return Sample(seconds)
 
     @staticmethod

@@ -28,25 +28,42 @@ from lazyfs.proc import spawn
 from snapshot import procs
 
 LOOK_EVERY = 0.005  # seconds between two looks for a new root: criu makes a root within moments
+# Seconds the restore has to be seen alive once criu has exited: criu dies with the thread that
+# started it, and a restore of several threads is seen gone only once the last has exited.
+GRACE = 1.0
 NAME = "lazyfs-guard"
 
 
 def start(restore: int, argv: list[str]) -> None:
     """From criu's process, just before it execs ``argv``: leave a guard behind, detached (its
-    parent exits at once, reaped here), watching ``restore`` and this process."""
-    criu = os.getpid()
+    parent exits at once, reaped here), watching ``restore`` and this process. Both are held
+    by pidfds taken here, before any fork: a guard that runs late never mistakes a criu done
+    (or a pid taken by another process since) for anything else."""
+    criu_fd = os.pidfd_open(os.getpid())
+    try:
+        restore_fd = os.pidfd_open(restore)
+    except ProcessLookupError:
+        restore_fd = None
+    if restore_fd is None or os.getppid() != restore:  # (gone already: criu dies with it)
+        os._exit(128 + signal.SIGKILL)
     first = os.fork()
     if first == 0:
         def middle() -> int:
             if os.fork() == 0:
-                spawn.child(lambda: _guard(restore, criu, argv))
+                spawn.child(lambda: _guard(restore, restore_fd, criu_fd, argv))
             return 0
         spawn.child(middle)
     os.waitpid(first, 0)
+    os.close(criu_fd)
+    os.close(restore_fd)
 
 
-def _guard(restore: int, criu: int, argv: list[str]) -> int:
+def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str]) -> int:
+    import gc
     from lazyfs.proc import syscalls
+    # An object of the restore's, collected later, would close a descriptor it no longer owns:
+    # by number, perhaps one of the pidfds.
+    gc.disable()
     syscalls.set_name(NAME)
     os.setsid()  # (no terminal's Ctrl-C: the restore is the one to stop)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -55,21 +72,26 @@ def _guard(restore: int, criu: int, argv: list[str]) -> int:
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    os.closerange(3, 1 << 16)  # (a pipe of the restore's, held here, would hold its reader)
-    try:
-        restore_fd, criu_fd = os.pidfd_open(restore), os.pidfd_open(criu)
-    except ProcessLookupError:  # one of them already gone: look once more, then stop
-        return _end(_roots(restore, {}), argv)
+    keep = {0, 1, 2, restore_fd, criu_fd}
+    for name in os.listdir("/proc/self/fd"):  # (a pipe of the restore's, held here, would hold its reader)
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass  # (the directory's own descriptor, closed by now)
     roots: dict[int, int] = {}
     poll = select.poll()
     poll.register(restore_fd, select.POLLIN)
     poll.register(criu_fd, select.POLLIN)
     while True:
-        ready = {fd for fd, _ in poll.poll(int(LOOK_EVERY * 1000))}
-        if criu_fd in ready and restore_fd not in ready:
-            return 0  # criu is done (or failed): the restore, alive, takes it from here
-        if restore_fd in ready:
+        # criu makes one tree: once its root is known, only the two processes' ends are waited on
+        events = dict(poll.poll(None if roots else int(LOOK_EVERY * 1000)))
+        if any(ev & select.POLLNVAL for ev in events.values()):
+            return 1  # (not a process's end: nothing is killed on it)
+        if restore_fd in events or (criu_fd in events and spawn.readable(restore_fd, GRACE)):
             return _end(roots, argv)
+        if criu_fd in events:
+            return 0  # criu is done (or failed): the restore, alive, takes it from here
         roots = _roots(restore, roots)
 
 

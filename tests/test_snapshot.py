@@ -952,4 +952,14 @@ def test_a_restore_killed_with_sigkill_while_criu_makes_its_tree_leaves_no_proce
 
 
 def _guards() -> list[str]:
-    return [p for p in filter(str.isdigit, os.listdir("/proc")) if _comm(p) == "lazyfs-guard"]
+    """Guards still running (a zombie is its reaper's to collect)."""
+    return [p for p in filter(str.isdigit, os.listdir("/proc")) if _comm(p) == "lazyfs-guard"
+            and not _zombie(p)]
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except OSError:
+        return False

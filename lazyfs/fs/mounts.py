@@ -414,12 +414,8 @@ def _wait_exit(state: MountState, timeout: float) -> None:
 
 def _is_daemon(state: MountState) -> bool:
     """Whether the process with the daemon's pid is the daemon (or, exited, its zombie)."""
-    try:
-        with open(f"/proc/{state.pid}/stat", "rb") as f:
-            name, _, rest = f.read().rpartition(b")")
-    except OSError:
+    stat = spawn.proc_stat(state.pid)
+    if stat is None:
         return False
-    if state.start is not None:
-        fields = rest.split()
-        return len(fields) > 19 and fields[19] == str(state.start).encode()
-    return name.partition(b"(")[2] == DAEMON_NAME.encode()
+    name, _, start = stat
+    return start == state.start if state.start is not None else name == DAEMON_NAME.encode()

@@ -84,17 +84,26 @@ class Forked:
         return self.returncode
 
 
+def proc_stat(pid: int) -> tuple[bytes, bytes, int] | None:
+    """(name, state, start time in clock ticks after boot) of the process, from /proc/PID/stat
+    (the name is whatever it set, parentheses included: hence the last ")"); None if there is
+    no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            head, _, rest = f.read().rpartition(b")")
+    except OSError:
+        return None
+    fields = rest.split()
+    if len(fields) <= 19:
+        return None
+    return head.partition(b"(")[2], fields[0], int(fields[19])
+
+
 def proc_start(pid: int) -> int | None:
     """The process's start time in clock ticks after boot, or None if there is no such process
     (or it is a zombie: it holds nothing any more)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    if fields[0] == b"Z":
-        return None
-    return int(fields[19])
+    stat = proc_stat(pid)
+    return None if stat is None or stat[1] == b"Z" else stat[2]
 
 
 def process_id(pid: int | None = None) -> dict:

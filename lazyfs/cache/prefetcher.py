@@ -243,6 +243,9 @@ def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[st
         try:
             threading.Thread(target=_logged, name="batch-prefetch", daemon=True,
                              args=(Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True),)).start()
+        except RuntimeError as exc:  # no thread to be had (a limit on tasks): the guess is left out,
+            _slots.release()         # and the read that made it still answers
+            log.warning("background batch of %d blocks left out: %s", len(missing), exc)
         except BaseException:
             _slots.release()
             raise

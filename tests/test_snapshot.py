@@ -816,7 +816,6 @@ def test_what_a_restore_killed_with_sigkill_leaves_is_removed(image, env_dirs, a
     restore = [sys.executable, "-m", "lazyfs", "run", "-v", "--no-working-set", "--restore",
                "warm/slow:2", "snap/py:1"]
     killed = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    following = None
     try:
         assert killed.stdout.readline().startswith("continued")
         killed.kill()
@@ -835,17 +834,11 @@ def test_what_a_restore_killed_with_sigkill_leaves_is_removed(image, env_dirs, a
             return
         left = set(_restore_mounts()) - before
         assert left  # (the overlay, and the bind of the image mount)
-        following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert following.stdout.readline().startswith("continued")
-        assert not left & set(_restore_mounts())
-        following.send_signal(signal.SIGINT)
-        _, err = following.communicate(timeout=60)
-        assert "removed what a killed snapshot run or restore left" in err, err
+        _the_next_restore_removes_what_was_left(restore, left)
     finally:
-        for proc in (killed, following):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait()
     deadline = time.monotonic() + 15
     while set(_restore_mounts()) - before and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -924,7 +917,6 @@ def test_a_restore_killed_with_sigkill_while_criu_makes_its_tree_leaves_no_proce
     restore = [sys.executable, "-m", "lazyfs", "run", "-v", mode, "--restore", "warm/slow:6",
                "snap/py:1"]
     killed = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    following = None
     try:
         deadline = time.monotonic() + 60
         while not _criu_making_tree():
@@ -936,19 +928,30 @@ def test_a_restore_killed_with_sigkill_while_criu_makes_its_tree_leaves_no_proce
         while (_snapshot_processes() or _guards()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _snapshot_processes() == [] and _guards() == []
-        following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert following.stdout.readline().startswith("continued")
-        following.send_signal(signal.SIGINT)
-        _, err = following.communicate(timeout=60)
-        assert "removed what a killed snapshot run or restore left" in err, err
+        _the_next_restore_removes_what_was_left(restore)
     finally:
-        for proc in (killed, following):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait()
         for pid in _snapshot_processes():
             os.kill(pid, signal.SIGKILL)
     _assert_the_restore_left_nothing(before, env_dirs, "", within=15)
+
+
+def _the_next_restore_removes_what_was_left(restore: list[str], left: set = frozenset()) -> None:
+    """The restore after a killed one (no agent to sweep) removes what that one left (``left``
+    is gone once it runs); then it is stopped."""
+    following = subprocess.Popen(restore, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert following.stdout.readline().startswith("continued")
+        assert not left & set(_restore_mounts())
+        following.send_signal(signal.SIGINT)
+        _, err = following.communicate(timeout=60)
+    finally:
+        if following.poll() is None:
+            following.kill()
+            following.wait()
+    assert "removed what a killed snapshot run or restore left" in err, err
 
 
 def _guards() -> list[str]:

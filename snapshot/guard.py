@@ -64,8 +64,20 @@ def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str]) -> int:
     # An object of the restore's, collected later, would close a descriptor it no longer owns:
     # by number, perhaps one of the pidfds.
     gc.disable()
-    syscalls.set_name(NAME)
     os.setsid()  # (no terminal's Ctrl-C: the restore is the one to stop)
+    # Out of criu's mount namespace, into the restore's: held here, that namespace would hold the
+    # workspace's mounts (and the image's) for as long as the guard lives, past the restore's own
+    # teardown. It reads /proc only.
+    try:
+        ns = os.open(f"/proc/{restore}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.setns(ns, syscalls.CLONE_NEWNS)
+        finally:
+            os.close(ns)
+        os.chdir("/")
+    except OSError:
+        pass  # (the restore gone already: the pidfd says so below)
+    syscalls.set_name(NAME)  # (once out of criu's namespace: the tests look for it by this name)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())

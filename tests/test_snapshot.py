@@ -168,7 +168,7 @@ def numpy_store(numpy_rootfs, tmp_path_factory):
 def image(numpy_store, env_dirs):
     """A store of the test's own holding the built image: a copy, not links, since some tests
     rot blocks in place."""
-    subprocess.run(["cp", "-a", str(numpy_store), env_dirs["LAZYFS_STORE"]], check=True)
+    subprocess.run(["cp", "-a", f"{numpy_store}/.", env_dirs["LAZYFS_STORE"]], check=True)
     return LocalStore(env_dirs["LAZYFS_STORE"])
 
 
@@ -922,8 +922,13 @@ def test_a_restore_killed_with_sigkill_while_criu_makes_its_tree_leaves_no_proce
         while not _criu_making_tree():
             assert time.monotonic() < deadline and killed.poll() is None, "criu restore never ran"
             time.sleep(0.002)
+        guards = _guards()
         killed.kill()
         killed.communicate(timeout=60)
+        # (an eager restore's guard: in the restore's mount namespace, not criu's, whose
+        # workspace mounts it would hold)
+        assert len(guards) == (mode == "--eager")
+        assert all(_mount_ns(g) in (None, _mount_ns("self")) for g in guards)
         deadline = time.monotonic() + 15
         while (_snapshot_processes() or _guards()) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -958,6 +963,13 @@ def _guards() -> list[str]:
     """Guards still running (a zombie is its reaper's to collect)."""
     return [p for p in filter(str.isdigit, os.listdir("/proc")) if _comm(p) == "lazyfs-guard"
             and not _zombie(p)]
+
+
+def _mount_ns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
 
 
 def _zombie(pid: str) -> bool:

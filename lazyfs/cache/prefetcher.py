@@ -238,25 +238,37 @@ def fetch_missing(cache: NodeCache, fetch_many: FetchMany, wanted: list[tuple[st
             log.debug("background batch of %d blocks left out: %d batches in flight", len(missing),
                       BACKGROUND_BATCHES)
             return
-        if before is not None:
-            before(missing)
+        thread = threading.Thread(target=_logged, name="batch-prefetch", daemon=True,
+                                  args=(Prefetcher(cache, fetch_many, missing, batch=len(missing),
+                                                   quiet=True), before, missing))
         try:
-            threading.Thread(target=_logged, name="batch-prefetch", daemon=True,
-                             args=(Prefetcher(cache, fetch_many, missing, batch=len(missing), quiet=True),)).start()
-        except RuntimeError as exc:  # no thread to be had (a limit on tasks): the guess is left out,
-            _slots.release()         # and the read that made it still answers
-            log.warning("background batch of %d blocks left out: %s", len(missing), exc)
+            thread.start()
+        except (RuntimeError, MemoryError) as exc:  # no thread to be had (a limit on tasks): the
+            _slots.release()  # guess is left out, and the read that made it still answers
+            _no_thread(len(missing), exc)
         except BaseException:
             _slots.release()
             raise
 
 
+def _no_thread(blocks: int, exc: BaseException) -> None:
+    """Said once at warning level (every read may make a guess), then at debug."""
+    global _no_thread_said
+    level = logging.DEBUG if _no_thread_said else logging.WARNING
+    _no_thread_said = True
+    log.log(level, "background batch of %d blocks left out: %s (no more thread failures are "
+            "said at this level)", blocks, exc)
+
+
+_no_thread_said = False
 BACKGROUND_BATCHES = 16  # sibling and readahead batches of one mount in flight at once
 _slots = threading.BoundedSemaphore(BACKGROUND_BATCHES)
 
 
-def _logged(prefetcher: Prefetcher) -> None:
+def _logged(prefetcher: Prefetcher, before, missing: list[tuple[str, int]]) -> None:
     try:
+        if before is not None:  # (on this thread: a batch that never started is no guess)
+            before(missing)
         prefetcher.run()
     except Exception:  # a fault of ours: said, as a thread of its own would have said it
         log.exception("a background batch prefetch failed")

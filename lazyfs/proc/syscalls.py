@@ -49,6 +49,12 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Join the namespace ``fd`` (an open /proc/PID/ns/* file) of kind ``nstype`` (os.setns is
+    Python 3.12's)."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")

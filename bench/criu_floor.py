@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.pagecache import drop_caches
 from lazyfs.source.spec import Source
-from lazyfs.proc import spawn
+from lazyfs.proc import ident
 from snapshot import criu as criu_mod
 from snapshot.files import fetch
 from snapshot.restore import criu_restore, load
@@ -67,7 +67,8 @@ def run(snapshot: str, image: str, store: str, cache_dir: str, runs: int) -> dic
                 ws.mount_image(digest, source, cache_dir, profile="none")
                 drop_caches()
                 t0 = time.monotonic()
-                pid, stdio_at, (prepare_s, restore_s) = criu_restore(criu, digest, snap, ws, None)
+                pid, stdio_at, (prepare_s, restore_s) = criu_restore(criu, digest, snap, ws, None,
+                                                                     guard=False)  # (criu alone)
                 try:
                     served = first_line(ws.stdio, stdio_at) - t0
                 finally:
@@ -85,9 +86,9 @@ def run(snapshot: str, image: str, store: str, cache_dir: str, runs: int) -> dic
 
 def _reap(pid: int) -> None:
     """The restored process is left to finish; wait for it (it is our child or criu's sibling)."""
-    if not spawn.wait_gone(pid, 60):
+    if not ident.wait_gone(pid, 60):
         os.kill(pid, signal.SIGKILL)
-        spawn.wait_gone(pid, 10)
+        ident.wait_gone(pid, 10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ import os
 import signal
 from pathlib import Path
 
-from lazyfs.proc import spawn
+from lazyfs.proc import ident
 
 
 def children(pid: int) -> list[int]:
@@ -46,7 +46,7 @@ def kill_made(parent: int, wait: float = 30.0) -> None:
         except ProcessLookupError:
             pass
     for pid in roots:
-        spawn.wait_gone(pid, wait)
+        ident.wait_gone(pid, wait)
 
 
 def tree(root: int) -> list[int]:

@@ -25,7 +25,7 @@ from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.session import (RunOptions, as_docker_makes_them, run as cold_run, shared_image,
                                     uses_node)
 from lazyfs.records import objects
-from lazyfs.proc import spawn
+from lazyfs.proc import ident, spawn
 from snapshot import criu as criu_mod
 from snapshot import gpu, layer, procs, restorer
 from snapshot.capture import Follower
@@ -269,7 +269,9 @@ def _describe(s: dict) -> str:
                if s.get("working_set_recorded") else ""))
 
 
-def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
+def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, guard: bool = True):
+    """``guard``: an eager restore's guard for the tree criu makes (snapshot.guard); CRIU's floor
+    (bench.criu_floor) runs criu alone."""
     t0 = time.monotonic()
     gpu_meta = snap.meta.get("gpu")
     cuda = _check_gpus(gpu_meta) if gpu_meta else None
@@ -289,7 +291,7 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None):
                                     lazy=pages is not None)
     try:
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",
-                                       guarded=pages is None)  # (a page server guards its own)
+                                       guarded=guard and pages is None)  # (a page server guards its own)
     except BaseException:  # Ctrl-C under CRIU: what it restored (waiting in ready()) or was making
         procs.kill_made(os.getpid())
         raise
@@ -337,7 +339,7 @@ def _kill_restored(pid: int, grace: float = STOP_GRACE) -> None:
     if grace > 0:
         try:
             os.kill(pid, signal.SIGINT)
-            if spawn.wait_gone(pid, grace):
+            if ident.wait_gone(pid, grace):
                 return
         except ProcessLookupError:
             return
@@ -354,7 +356,7 @@ def _kill_hard(pid: int) -> None:
     for _ in range(3):
         try:
             os.kill(pid, signal.SIGKILL)
-            spawn.wait_gone(pid, 30.0)
+            ident.wait_gone(pid, 30.0)
             break
         except ProcessLookupError:
             break
@@ -380,7 +382,7 @@ def _wait(pid: int) -> tuple[int, bool | None]:
         _kill_restored(pid)
         raise
     except ChildProcessError:  # not our child after all: until it is gone (its status is not ours)
-        spawn.wait_gone(pid, float("inf"))
+        ident.wait_gone(pid, float("inf"))
         return 0, None
     if info.si_code == os.CLD_EXITED:
         return info.si_status, False

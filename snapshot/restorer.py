@@ -26,10 +26,8 @@ def enter(workspace: str, at: str, criu_argv: list[str], parent: int, guarded: b
     ``guarded``: criu dies with ``parent``, the restore that started it, and leaves a guard for
     the tree it makes (snapshot.guard). A lazy restore's page server is its guard instead: it
     kills criu itself, once it has seen to the tasks that reached it."""
-    if guarded:
+    if guarded:  # (guard.start checks that ``parent`` had not gone before this)
         sc.die_with_parent(signal.SIGKILL)
-        if os.getppid() != parent:  # (gone before the line above)
-            os._exit(128 + signal.SIGKILL)
     os.makedirs(at, exist_ok=True)
     sc.mount(workspace, at, None, sc.MS_BIND | sc.MS_REC, None)
     setup(os.path.join(at, "rootfs"), hostname=None)  # the UTS namespace comes from the dump
@@ -39,8 +37,8 @@ def enter(workspace: str, at: str, criu_argv: list[str], parent: int, guarded: b
     os.execv(criu_argv[0], criu_argv)
 
 
-def start(workspace: Path, at: str, criu_argv: list[str], output: Path,
-          guarded: bool = True) -> tuple[int, str]:
+def start(workspace: Path, at: str, criu_argv: list[str], output: Path, *,
+          guarded: bool) -> tuple[int, str]:
     """Run criu restore in its namespace; (exit status, what it printed). Forks when this
     process is single-threaded, else starts an interpreter under `unshare`."""
     parent = os.getpid()

@@ -165,18 +165,18 @@ def test_umount_finishes_what_an_unmount_by_hand_left(image, tmp_path):
     metadata image and FUSE data layer, and the daemon, are still there, and `lazyfs umount`
     takes them down rather than answer "not mounted" and forget them."""
     from lazyfs.fs import mounts
-    from lazyfs.proc import spawn
+    from lazyfs.proc import ident
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     lazyfs_cli("mount", "kp/img:1", mnt, "--data-path", "kernel")
     try:
         pid = mounts.read_state(str(mnt)).pid
         subprocess.run(["umount", str(mnt)], check=True)
-        assert len(lazyfs_mounts(str(tmp_path))) == 2 and not spawn.exited(pid)
+        assert len(lazyfs_mounts(str(tmp_path))) == 2 and not ident.exited(pid)
         assert mounts.is_stale(str(mnt))  # (what a run's cleanup and the node agent ask)
         lazyfs_cli("umount", mnt)
         assert lazyfs_mounts(str(tmp_path)) == []
-        assert _wait(lambda: spawn.exited(pid), 5)
+        assert _wait(lambda: ident.exited(pid), 5)
         assert mounts.read_state(str(mnt)) is None
     finally:
         lazyfs_cli("umount", mnt, check=False)

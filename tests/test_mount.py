@@ -185,7 +185,7 @@ def test_umount_signals_the_daemon_never_a_process_that_took_its_pid(big_image, 
     the daemon's unless it has the daemon's name, and is not signalled even then."""
     import json
     from lazyfs.fs import mounts
-    from lazyfs.proc import spawn
+    from lazyfs.proc import ident
     mnt = tmp_path / "mnt"
     with Mounted("lazy/big:1", mnt):
         daemon = mounts.read_state(str(mnt)).pid
@@ -195,7 +195,7 @@ def test_umount_signals_the_daemon_never_a_process_that_took_its_pid(big_image, 
             raw = json.loads(path.read_text())
             raw["pid"] = other.pid
             if recorded == "start":
-                assert raw["start"] == spawn.proc_start(daemon)  # the daemon, for good
+                assert raw["start"] == ident.proc_start(daemon)  # the daemon, for good
             else:
                 raw.pop("start", None)
             path.write_text(json.dumps(raw))
@@ -204,14 +204,14 @@ def test_umount_signals_the_daemon_never_a_process_that_took_its_pid(big_image, 
         finally:
             other.kill()
             other.wait()
-        assert spawn.wait_gone(daemon, 10)  # (the daemon itself exits with its mount)
+        assert ident.wait_gone(daemon, 10)  # (the daemon itself exits with its mount)
 
 
 def test_lazy_umount_of_a_busy_mount_leaves_its_readers_served(big_image, tmp_path, data_path):
     """`umount --lazy` detaches at once; the daemon serves what is still open, and exits
     once it is closed (it was killed 15 s after the unmount, failing those reads)."""
     from lazyfs.fs import mounts
-    from lazyfs.proc import spawn
+    from lazyfs.proc import ident
     src, _, _ = big_image
     want = (src / "data" / "large-1.bin").read_bytes()
     mnt = tmp_path / "mnt"
@@ -223,10 +223,10 @@ def test_lazy_umount_of_a_busy_mount_leaves_its_readers_served(big_image, tmp_pa
             t0 = time.monotonic()
             lazyfs_cli("umount", "--lazy", mnt)
             assert time.monotonic() - t0 < 10
-            assert not os.path.ismount(mnt) and not spawn.exited(pid)
+            assert not os.path.ismount(mnt) and not ident.exited(pid)
             f.seek(len(want) - 10)
             assert f.read() == want[-10:]  # a block the daemon fetches now
-        assert spawn.wait_gone(pid, 10)
+        assert ident.wait_gone(pid, 10)
 
 
 def test_a_mount_state_is_written_whole_under_its_name_never_through_it(big_image, tmp_path):

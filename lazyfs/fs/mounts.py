@@ -23,7 +23,7 @@ from lazyfs import paths
 from lazyfs.fsutil import atomic_write
 from lazyfs.errors import MetadataRefused, MountError
 from lazyfs.fs import kernel
-from lazyfs.proc import spawn
+from lazyfs.proc import ident, spawn
 from lazyfs.fs.daemon import DAEMON_NAME, REFUSED, DaemonArgs, run_daemon
 from lazyfs.source.spec import Source
 from lazyfs.records import objects
@@ -43,7 +43,7 @@ class MountState:
     log_file: str
     layout: str = "fuse"  # "kernel": an overlay on the mountpoint (lazyfs.fs.kernel)
     runtime_dir: str = ""  # the kernel path's own mounts (metadata image, FUSE data layer)
-    # The daemon's start time (lazyfs.proc.spawn.process_id): with ``pid``, the daemon for good,
+    # The daemon's start time (lazyfs.proc.ident.process_id): with ``pid``, the daemon for good,
     # where the pid alone may name another process by the time of the unmount. None in a state
     # written before it was kept.
     start: int | None = None
@@ -284,7 +284,7 @@ def _start(state: MountState, source: Source, debug: bool, trace: str | None, pr
             with spawn.holding_sigint():
                 proc = spawn.start([sys.executable, "-m", "lazyfs.fs.daemon", *args.argv()],
                                    partial(run_daemon, args), logf, write_fd, debug, forker)
-                state.pid, state.start = proc.pid, spawn.proc_start(proc.pid)
+                state.pid, state.start = proc.pid, ident.proc_start(proc.pid)
         finally:
             os.close(write_fd)
         ready = spawn.wait_ready(read_fd, proc, timeout, accept=(b"1", b"K", REFUSED))
@@ -414,7 +414,7 @@ def _wait_exit(state: MountState, timeout: float) -> None:
 
 def _is_daemon(state: MountState) -> bool:
     """Whether the process with the daemon's pid is the daemon (or, exited, its zombie)."""
-    stat = spawn.proc_stat(state.pid)
+    stat = ident.proc_stat(state.pid)
     if stat is None:
         return False
     name, _, start = stat

@@ -19,7 +19,7 @@ from pathlib import Path
 from lazyfs import paths
 from lazyfs.errors import NodeError
 from lazyfs.node import wire
-from lazyfs.proc.spawn import proc_start
+from lazyfs.proc.ident import proc_start
 
 log = logging.getLogger("lazyfs.node")
 MAX_PATH = 100  # bytes of a Unix socket path (sun_path is 108, with room to spare)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lazyfs import paths
-from lazyfs.proc.spawn import proc_start
+from lazyfs.proc.ident import proc_start
 
 
 LEASE_KINDS = ("run", "mount", "snapshot")

@@ -21,7 +21,7 @@ from lazyfs.records import objects
 from lazyfs.store import open_store
 from lazyfs.store.lease import held_when_free
 from snapshot import criu as criu_mod
-from snapshot import gpu, layer, procs
+from snapshot import gpu, layer, procs, wipe
 from snapshot.files import publish
 from lazyfs.runner.helper import MARKER_DIR
 from snapshot.workspace import MOUNT_BASE, Workspace, sweep_abandoned
@@ -149,6 +149,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 t0 = time.monotonic()
                 init = _ns_init(proc.pid)
                 gpu_meta = _suspend_gpus(init)
+                wiped = wipe.recorded(init)
                 criu_mod.dump(criu, init, ws.base / "criu")
                 dump_s = time.monotonic() - t0
                 proc.wait(30)
@@ -177,7 +178,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                     # to a cold start runs the same (the image's Entrypoint is added to argv again)
                     "run": {"argv": opts.argv, "env": opts.env, "workdir": opts.workdir, "user": opts.user,
                             "network": opts.network},
-                    "gpu": gpu_meta,
+                    "gpu": gpu_meta, "wipe_on_fork": wiped,
                     "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                                 "publish": round(publish_s, 3)}}
             manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)

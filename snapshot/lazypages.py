@@ -44,8 +44,10 @@ BUILD_BOUND = 30.0
 class Handler:
     def __init__(self, blocks: Blocks, fetch_block, pagemap_for, on_fatal, working_set=(),
                  workers: int = 8, on_stalled=lambda: None, build_bound: float = BUILD_BOUND,
-                 on_quiet=lambda: None):
+                 on_quiet=lambda: None, wiped=None):
         self.blocks = blocks
+        # image pid -> the memory a restore zeroes (snapshot/wipe.py): never served from a block
+        self.wiped = wiped or {}
         self.pagemap_for = pagemap_for  # image pid -> PageMap
         self.on_fatal = on_fatal  # kills the restored tree; called before any descriptor closes
         # kills criu restore, when it has not finished ``build_bound`` s after a failed block
@@ -86,7 +88,7 @@ class Handler:
     def add_task(self, pid: int, fd: int) -> None:
         pagemap = self.pagemap_for(pid)
         task = Task(f"pid {pid}", fd, pagemap.pages_file)
-        task.track_runs(self.blocks, lazy_runs(pagemap))
+        task.track_runs(self.blocks, lazy_runs(pagemap, self.wiped.get(pid, ())))
         with self.lock:
             self.tasks.append(task)
             self.counts["lazy_pages"] += task.pages_missing

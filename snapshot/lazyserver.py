@@ -188,7 +188,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),
                           killer, on_stalled=lambda: _stop_criu(peer, stop, parent),
-                          on_quiet=fetcher.release_held)
+                          on_quiet=fetcher.release_held, wiped=snapfmt.wipe_on_fork(snap.meta))
         # The image's blocks come in the same stream, in the order the first restore touched
         # them both (the image mount then finds them in the node cache and does not prefetch
         # them itself, restore.mount_profile): two streams side by side gave the image blocks

@@ -198,6 +198,28 @@ def _split(run: tuple[int, int, int], first: int, last: int):
     return (lo, hi - lo, off + (lo - page) * PAGE), outside
 
 
-def lazy_runs(pagemap: PageMap) -> list[tuple[int, int, int]]:
-    """The lazy pages as runs: (first page, pages-file offset, count)."""
-    return [(e.vaddr // PAGE, e.offset, e.pages) for e in pagemap.extents if e.lazy]
+def lazy_runs(pagemap: PageMap, wiped=()) -> list[tuple[int, int, int]]:
+    """The lazy pages as runs: (first page, pages-file offset, count). Less ``wiped``, [start,
+    end) address ranges (sorted, disjoint) that a restore zeroes (snapshot/wipe.py): no block
+    is ever copied there, so a fault there gets a zero page."""
+    runs = [(e.vaddr // PAGE, e.offset, e.pages) for e in pagemap.extents if e.lazy]
+    if not wiped:
+        return runs
+    out = []
+    cuts = [(a // PAGE, b // PAGE) for a, b in wiped]
+    for page, off, count in runs:
+        end = page + count
+        i = bisect.bisect_right(cuts, (page, math.inf)) - 1
+        i = max(i, 0)
+        while page < end:
+            while i < len(cuts) and cuts[i][1] <= page:
+                i += 1
+            if i == len(cuts) or cuts[i][0] >= end:
+                out.append((page, off, end - page))
+                break
+            lo, hi = cuts[i]
+            if lo > page:
+                out.append((page, off, lo - page))
+            skip = min(hi, end) - page
+            page, off = page + skip, off + skip * PAGE
+    return out

@@ -27,7 +27,7 @@ from lazyfs.runner.session import (RunOptions, as_docker_makes_them, run as cold
 from lazyfs.records import objects
 from lazyfs.proc import ident, spawn
 from snapshot import criu as criu_mod
-from snapshot import gpu, layer, procs, restorer
+from snapshot import gpu, layer, procs, restorer, wipe
 from snapshot.capture import Follower
 from snapshot.files import BlockFetcher, fetch
 from snapshot.lazyrestore import LazyRestoreFailed, PageServer, fetch_eager, record_working_set
@@ -309,6 +309,7 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
             for host_pid in procs.tree(pid):
                 if procs.ns_pid(host_pid) in wanted:
                     cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA runs
+        wipe.wipe(pid, snapfmt.wipe_on_fork(snap.meta))  # (before the program goes on, as a fork)
         # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
         marker = ws.marker("restored")
         tmp = marker.with_name("restored.tmp")

@@ -91,6 +91,8 @@ def test_bench_runs_without_a_checkout(tmp_path):
     (["--eager", "img:1", "--", "true"], "--lazy/--eager: only with --restore"),
     (["--snapshot-timeout", "5m", "img:1", "--", "true"], "--snapshot-timeout: only with --snapshot"),
     (["img:1", "--network", "bridge", "--", "true"], "'bridge': none (a network of its own, empty) or host"),
+    (["--restore", "--eager", "s/a:1", "img:1"], "--restore takes the snapshot's NAME[:TAG] as its value"),
+    (["--snapshot", "Bad Name", "img:1", "--", "true"], "--snapshot 'Bad Name': invalid"),
 ])
 def test_an_option_the_run_would_not_honour_is_refused(args, message):
     """Not dropped without a word: each kind of run (plain, snapshot, restore) refuses what it

@@ -81,3 +81,30 @@ def test_the_first_snapshots_spelling_of_non_ascii_text_still_reads():
     first = snapfmt.MAGIC + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     assert b"\\u00e9" in first and first != snapfmt.encode(snap)
     assert snapfmt.decode(first) == snap == snapfmt.decode(snapfmt.encode(snap))
+
+
+def _with_wipe(wiped) -> bytes:
+    snap = snapfmt.decode(_good())
+    return snapfmt.encode(snapfmt.Snapshot(snap.image, snap.mount_path, snap.files, 0.0,
+                                           {"wipe_on_fork": wiped}))
+
+
+def test_memory_a_fork_wipes_reads_back_by_pid():
+    wiped = {"1": [[4096, 8192], [8192, 16384]], "42": [[0x7f0000000000, 0x7f0000001000]]}
+    assert snapfmt.wipe_on_fork(snapfmt.decode(_with_wipe(wiped)).meta) == {
+        1: ((4096, 8192), (8192, 16384)), 42: ((0x7f0000000000, 0x7f0000001000),)}
+    assert snapfmt.wipe_on_fork({}) == {}  # (snapshots from before it was recorded)
+
+
+@pytest.mark.parametrize("wiped", [
+    [], {"1": [[4096, 4096]]}, {"1": [[4097, 8192]]}, {"1": [[0, 4096]]}, {"1": [[8192, 4096]]},
+    {"1": [[4096, 12288], [8192, 16384]]}, {"1": [[8192, 12288], [4096, 8192]]},
+    {"01": [[4096, 8192]]}, {"x": [[4096, 8192]]}, {"-1": [[4096, 8192]]}, {"1": [[4096]]},
+    {"1": [[4096, 8192.0]]}, {"1": [[True, 8192]]}, {"1": [[4096, 1 << 60]]}, {"1": {"a": 1}},
+    {"1": [[4096, 4096 + (1 << 30) + 4096]]},
+], ids=str)
+def test_memory_a_fork_wipes_is_checked(wiped):
+    """A restore writes zeroes where this says: anything but sorted, disjoint, page-aligned user
+    addresses of a bounded total is a format error, before any restore."""
+    with pytest.raises(FormatError, match="wipe_on_fork"):
+        snapfmt.decode(_with_wipe(wiped))

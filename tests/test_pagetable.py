@@ -148,3 +148,25 @@ def test_only_the_pages_files_criu_reads_are_served_as_memory():
     assert is_pages("criu/pages-1.img") and is_pages("criu/pages-12.img")
     for name in ("criu/x/pages-1.img", "pages-1.img", "upper/criu/pages-1.img", "criu/pagemap-1.img"):
         assert not is_pages(name), name
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(), st.lists(st.tuples(st.integers(0, 120), st.integers(1, 12)), max_size=6))
+def test_wiped_ranges_leave_the_lazy_runs_page_by_page(layout, cuts):
+    """Memory a restore zeroes (wipe-on-fork) is cut out of the runs: every other lazy page
+    keeps its pages-file offset, and no wiped page is left."""
+    _, pagemap = layout
+    wiped, at = [], 0
+    for gap, n in cuts:  # sorted, disjoint, page-aligned [start, end) ranges
+        wiped.append(((at + gap) * PAGE, (at + gap + n) * PAGE))
+        at += gap + n
+    gone = {p for a, b in wiped for p in range(a // PAGE, b // PAGE)}
+    expect = {page + i: off + i * PAGE for page, off, count in lazy_runs(pagemap)
+              for i in range(count) if page + i not in gone}
+    got = {}
+    for page, off, count in lazy_runs(pagemap, wiped):
+        assert count > 0
+        for i in range(count):
+            assert page + i not in got
+            got[page + i] = off + i * PAGE
+    assert got == expect

@@ -117,6 +117,63 @@ print("ended", flush=True)
 os._exit(137)  # as if SIGKILLed, which it was not (and its memory still mapped: a SystemExit
                # would unmap what the page server still brings)
 '''
+WIPE_PROGRAM = r'''
+import ctypes, mmap, os
+import lazyfs_snapshot as snapshot
+madvise = ctypes.CDLL(None, use_errno=True).madvise
+madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+SIZE = 8 << 20
+
+def wiped_on_fork(fill):  # as glibc's getrandom, BoringSSL and AWS-LC keep their generators
+    m = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    at = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert madvise(at, SIZE, 18) == 0, ctypes.get_errno()  # MADV_WIPEONFORK
+    m[:] = fill * SIZE
+    return m, at
+
+def ends(m):
+    return (m[:2] + m[-2:]).hex()
+
+def flagged(at):
+    lines = open("/proc/self/smaps").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{at:x}-"))
+    return "wf" in next(line for line in lines[start:] if line.startswith("VmFlags")).split()
+
+def in_a_child(m):
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(w, ends(m).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    return os.read(r, 8).decode()
+
+mine, at = wiped_on_fork(b"\x5a")
+kept = bytearray(b"\x33" * 4096)  # ordinary memory: kept as it is
+go, asked = os.pipe()
+answer, told = os.pipe()
+worker = os.fork()
+if worker == 0:  # a process of the tree that does not call ready()
+    theirs, _ = wiped_on_fork(b"\x77")
+    os.write(told, b"1")
+    os.read(go, 1)
+    os.write(told, ends(theirs).encode())
+    os._exit(0)
+os.read(answer, 1)
+print("before", ends(mine), flagged(at), in_a_child(mine), flush=True)
+snapshot.ready()
+os.write(asked, b"1")
+print("worker", os.read(answer, 8).decode(), flush=True)
+print("after", ends(mine), flagged(at), in_a_child(mine), kept[:2].hex(), flush=True)
+os.waitpid(worker, 0)
+'''
+URANDOM_PROGRAM = r'''
+import os
+import lazyfs_snapshot as snapshot
+os.urandom(16)
+snapshot.ready()
+print("urandom", os.urandom(16).hex(), flush=True)
+'''
 BIG_DIGEST = hashlib.sha256(random.Random(42).randbytes(48 * 1024 * 1024)).hexdigest()
 
 
@@ -152,6 +209,7 @@ def numpy_rootfs(tmp_path_factory):
     (root / "app" / "slow.py").write_text(SLOW_PROGRAM)
     (root / "app" / "map.py").write_text(MAP_PROGRAM)
     (root / "app" / "end.py").write_text(END_PROGRAM)
+    (root / "app" / "wipe.py").write_text(WIPE_PROGRAM)
     return root
 
 
@@ -160,6 +218,23 @@ def numpy_store(numpy_rootfs, tmp_path_factory):
     """The image built once (`lazyfs build`, ~7 s); each test gets a copy of this store."""
     store = tmp_path_factory.mktemp("numpy-store") / "store"
     lazyfs_cli("build", f"dir:{numpy_rootfs}", "--tag", "snap/py:1", timeout=600,
+               env={"LAZYFS_STORE": str(store), "LAZYFS_NODE": "off"})
+    return store
+
+
+@pytest.fixture(scope="session")
+def trixie_store(tmp_path_factory):
+    """Debian trixie minbase + python3: glibc 2.41, whose getrandom() (so Python's os.urandom)
+    runs the kernel's vDSO generator, its state in wipe-on-fork memory."""
+    root = tmp_path_factory.mktemp("trixie") / "rootfs"
+    proc = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", "trixie", str(root)],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.skip(f"debootstrap of Debian trixie failed: {proc.stdout[-500:]}{proc.stderr[-500:]}")
+    (root / "app").mkdir()
+    (root / "app" / "urandom.py").write_text(URANDOM_PROGRAM)
+    store = tmp_path_factory.mktemp("trixie-store") / "store"
+    lazyfs_cli("build", f"dir:{root}", "--tag", "snap/trixie:1", timeout=600,
                env={"LAZYFS_STORE": str(store), "LAZYFS_NODE": "off"})
     return store
 
@@ -451,6 +526,41 @@ def test_lazy_restore_of_a_process_tree_and_a_fork_after_it(image):
     assert "recorded a working set" not in r.stderr and _stat(r.stderr, r"of (\d+) blocks prefetched") > 0
 
 
+def test_memory_a_fork_wipes_is_wiped_in_every_restored_copy(image):
+    """Memory marked MADV_WIPEONFORK, where random number generators keep state that must not
+    be shared, comes back zeroed in each process of the tree, as in a fork's child, and marked
+    again in the process that called ready(); other memory comes back as it was."""
+    r = lazyfs_cli("run", "--snapshot", "warm/wipe:1", "snap/py:1", "--", "python3", "/app/wipe.py",
+                   timeout=300)
+    assert _lines(r.stdout)["before"] == ["5a5a5a5a", "True", "00000000"]
+    for how in ("--no-working-set", "--eager", "--restore"):  # lazy, eager, lazy with the working set
+        args = ["--restore"] if how == "--restore" else [how, "--restore"]
+        r = lazyfs_cli("run", "-v", *args, "warm/wipe:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+        out = _lines(r.stdout)
+        assert out["worker"] == ["00000000"], how
+        assert out["after"] == ["00000000", "True", "00000000", "3333"], how
+
+
+def test_restored_copies_on_a_newer_glibc_draw_their_own_os_urandom(trixie_store, env_dirs):
+    """On glibc 2.41, os.urandom() is the vDSO's generator, keyed from state in wipe-on-fork
+    memory for as long as the kernel's generation (about a minute) lasts. Restored right after the
+    snapshot, every copy drew the same bytes until a restore wiped that memory."""
+    subprocess.run(["cp", "-a", f"{trixie_store}/.", env_dirs["LAZYFS_STORE"]], check=True)
+    lazyfs_cli("run", "--snapshot", "warm/urandom:1", "snap/trixie:1", "--", "python3",
+               "/app/urandom.py", timeout=300)
+    store = LocalStore(env_dirs["LAZYFS_STORE"])
+    if not snapfmt.wipe_on_fork(_manifest(store, "warm/urandom:1").meta):
+        pytest.skip("this kernel has no vDSO getrandom: glibc keeps no generator state in "
+                    "wipe-on-fork memory here")
+    drawn = []
+    for args in (["--restore"], ["--eager", "--restore"], ["--restore"]):
+        r = lazyfs_cli("run", *args, "warm/urandom:1", "snap/trixie:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+        drawn += _lines(r.stdout)["urandom"]
+    assert len(set(drawn)) == 3, drawn
+
+
 def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
     _snapshot("warm/py:1")
     other = tmp_path / "other"
@@ -461,6 +571,9 @@ def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
     assert r.returncode != 0
     assert re.search(r"was taken on image sha256:[0-9a-f]{64}, not on snap/other:1", r.stderr)
     assert "cold" not in r.stderr
+    # The snapshot's tag given where the image's belongs: named for what it is.
+    r = lazyfs_cli("run", "warm/py:1", "--", "true", check=False)
+    assert r.returncode != 0 and "is a snapshot manifest, not an image's (restore it with" in r.stderr, r.stderr
 
 
 def test_a_restore_whose_reader_goes_away_runs_its_program_once(image):

@@ -89,6 +89,8 @@ def run(
     if snapshot and restore:
         raise typer.BadParameter("--snapshot and --restore cannot be combined")
     _check_applies(snapshot, restore)
+    _check_ref("--snapshot", snapshot)
+    _check_ref("--restore", restore)
     if snapshot or restore:
         if runtime == "podman":
             raise typer.BadParameter("snapshots run with the namespaces runtime, not podman")
@@ -129,6 +131,23 @@ def _check_applies(snapshot: str | None, restore: str | None) -> None:
         raise typer.BadParameter(f"{flags}: only with --restore")
     if not snapshot and (flags := given(ctx, SNAPSHOT_ONLY)):
         raise typer.BadParameter(f"{flags}: only with --snapshot")
+
+
+def _check_ref(flag: str, value: str | None) -> None:
+    """A snapshot's name is checked before anything runs: a bad one is the command line's error,
+    not a restore that failed (which would start the program cold)."""
+    from lazyfs.errors import InvalidReference
+    from lazyfs.format import reference
+
+    if value is None:
+        return
+    if value.startswith("-"):
+        raise typer.BadParameter(f"{flag} takes the snapshot's NAME[:TAG] as its value, not "
+                                 f"{value!r} (give options before or after it: {flag} SNAP)")
+    try:
+        reference.parse(value)
+    except InvalidReference as exc:
+        raise typer.BadParameter(f"{flag} {value!r}: {exc}") from None
 
 
 def _stoppable(work) -> int:

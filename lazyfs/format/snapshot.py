@@ -23,6 +23,13 @@ MAX_FILES = 100_000
 # as root, so a manifest may name nothing else.
 MOUNT_ROOT = "/run/lazyfs/snap"
 _MOUNT_PATH = re.compile(re.escape(MOUNT_ROOT) + r"/[0-9a-z][0-9a-z-]{0,63}")
+# meta.wipe_on_fork: memory the kernel zeroes in a fork's child, which a restore zeroes in every
+# copy (snapshot/wipe.py). It is a few pages in practice (glibc's and BoringSSL's generator
+# states); the bounds keep a restore from writing without end.
+PAGE = 4096
+MAX_WIPE_RANGES = 65_536
+MAX_WIPE_BYTES = 1 << 30
+_USER_END = 1 << 57  # above any user-space address (x86-64 with 5-level paging: 2^56)
 
 
 def _first_spelling(body) -> bytes:
@@ -84,6 +91,7 @@ def decode(data: bytes) -> Snapshot:
     created, meta = body.get("created", 0.0), body.get("meta", {})
     if not number(created) or not isinstance(meta, dict):
         raise ManifestFormatError("snapshot created must be a number and meta an object")
+    wipe_on_fork(meta)
     return Snapshot(digests.validate(body["image"]), mount_path, tuple(files), float(created), meta)
 
 
@@ -99,3 +107,34 @@ def _file(f: dict) -> SnapFile:
     if sum(n for _, n in chunks) != size:
         raise ManifestFormatError(f"snapshot file {name!r}: chunk sizes do not add up")
     return SnapFile(name, size, chunks)
+
+
+def wipe_on_fork(meta: dict) -> dict[int, tuple[tuple[int, int], ...]]:
+    """``meta["wipe_on_fork"]``, checked: for each process (by its PID inside the snapshot's PID
+    namespace, which a restore gives back), the [start, end) ranges of its memory that a fork
+    wipes. Absent (snapshots before 2026-12-07): none."""
+    raw = meta.get("wipe_on_fork", {})
+    if not isinstance(raw, dict):
+        raise ManifestFormatError("snapshot meta wipe_on_fork must be an object")
+    out, count, size = {}, 0, 0
+    for pid, ranges in raw.items():
+        if not (isinstance(pid, str) and pid.isascii() and pid.isdigit() and pid[0] != "0"
+                and len(pid) <= 10 and isinstance(ranges, list)):
+            raise ManifestFormatError(f"snapshot meta wipe_on_fork: {str(pid)[:20]!r} is not a "
+                                      "PID with a list of ranges")
+        spans = []
+        for r in ranges:
+            if not (isinstance(r, list) and len(r) == 2 and all(whole(a) and a % PAGE == 0 for a in r)
+                    and 0 < r[0] < r[1] <= _USER_END):
+                raise ManifestFormatError(f"snapshot meta wipe_on_fork of pid {pid}: {str(r)[:60]} "
+                                          "is not a page-aligned [start, end) address range")
+            spans.append((r[0], r[1]))
+            count, size = count + 1, size + r[1] - r[0]
+        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+            raise ManifestFormatError(f"snapshot meta wipe_on_fork of pid {pid}: ranges overlap "
+                                      "or are not sorted")
+        out[int(pid)] = tuple(spans)
+    if count > MAX_WIPE_RANGES or size > MAX_WIPE_BYTES:
+        raise ManifestFormatError(f"snapshot meta wipe_on_fork: {count} ranges of {size} bytes, over "
+                                  f"the bounds ({MAX_WIPE_RANGES} ranges, {MAX_WIPE_BYTES} bytes)")
+    return out

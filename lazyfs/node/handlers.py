@@ -88,7 +88,7 @@ def _resolve(agent, source: Source, ref: str) -> tuple[str, dict]:
         config = agent.configs.get(digest)
         if config is None:
             raw = objects.read_manifest_bytes(reader, digest)
-            config = mf.decode_config(raw)
+            config = mf.decode_config(objects.as_image(digest, raw))
             agent.manifests.put(digest, raw)  # for the daemon that mounts it (no second fetch)
         return digest, config
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lazyfs.errors import BlockFormatError, DigestMismatch, LazyfsError, ManifestFormatError
-from lazyfs.format import block, manifest as mf, reference
+from lazyfs.format import block, kinds, manifest as mf, reference
 from lazyfs.store.base import BlockStore
 
 BLOCK, MANIFEST = "block", "manifest"  # the kinds of object a store holds
@@ -42,12 +42,22 @@ def read_manifest_bytes(store, digest: str) -> bytes:
 
 
 def read_manifest(store: BlockStore, digest: str) -> mf.Manifest:
-    return mf.decode(read_manifest_bytes(store, digest))
+    return mf.decode(as_image(digest, read_manifest_bytes(store, digest)))
 
 
 def read_config(store: BlockStore, digest: str) -> dict:
     """The image config of a verified manifest, without decoding its entries."""
-    return mf.decode_config(read_manifest_bytes(store, digest))
+    return mf.decode_config(as_image(digest, read_manifest_bytes(store, digest)))
+
+
+def as_image(digest: str, data: bytes) -> bytes:
+    """An image manifest's bytes; another kind of manifest (a tag of a snapshot given where an
+    image belongs) is named for what it is."""
+    if not data.startswith(mf.MAGIC):
+        found = kinds.kind(data)
+        raise ManifestFormatError(f"{digest[:19]} is a {found} manifest, not an image's" + (
+            " (restore it with lazyfs run --restore SNAP IMAGE)" if found == kinds.SNAPSHOT else ""))
+    return data
 
 
 def resolve_image(store: BlockStore, ref: str | reference.Reference) -> tuple[str, dict]:

@@ -9,7 +9,8 @@ image (`lazyfs snapshot-helper DIR`).
 Outside a snapshot run ready() returns at once, so programs can call it unconditionally.
 Protocol (for programs in other languages): create the file $LAZYFS_SNAPSHOT_DIR/ready, then
 wait until $LAZYFS_SNAPSHOT_DIR/restored exists (it holds the restore generation, a decimal
-number), then re-seed every random number generator from the OS.
+number), then re-seed every random number generator from the OS. Memory marked MADV_WIPEONFORK is
+zero by then, as in a fork's child; mark it so again for the forks that follow.
 """
 from __future__ import annotations
 
@@ -52,6 +53,41 @@ def _reseed() -> None:
         ssl.RAND_add(os.urandom(32), 32.0)
 
 
+def _wiped_on_fork() -> list:
+    """This process's memory marked MADV_WIPEONFORK ("wf" in smaps), as (start, length)."""
+    out, span = [], None
+    try:
+        with open("/proc/self/smaps", "rb") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if not head.endswith(b":"):
+                    start, end = head.split(b"-")
+                    span = (int(start, 16), int(end, 16) - int(start, 16))
+                elif head == b"VmFlags:" and b"wf" in line.split()[1:] and span:
+                    out.append(span)
+    except (OSError, ValueError):
+        return []
+    return out
+
+
+def _wipe_on_fork_again():
+    """What gives this process's wipe-on-fork memory its flag back after a restore. The restore
+    zeroed that memory, as a fork would have, but CRIU does not restore the flag: without it a
+    child forked from then on would share the generator state the memory holds. (Read and set
+    up before the snapshot, so a restored copy imports nothing.)"""
+    spans = _wiped_on_fork()
+    if not spans:
+        return lambda: None
+    import ctypes
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def again():
+        for start, length in spans:
+            madvise(start, length, 18)  # MADV_WIPEONFORK (a range unmapped since fails: no matter)
+    return again
+
+
 def ready(poll: float = 0.002) -> int:
     """Signal readiness and wait to be snapshotted; returns the restore generation (0 when not
     in a snapshot run)."""
@@ -63,6 +99,7 @@ def ready(poll: float = 0.002) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     marker = os.path.join(where, "restored")
+    wipe_on_fork_again = _wipe_on_fork_again()
     tmp = os.path.join(where, "ready.tmp")
     with open(tmp, "w") as f:
         f.write(str(os.getpid()))
@@ -71,6 +108,7 @@ def ready(poll: float = 0.002) -> int:
         time.sleep(poll)
     with open(marker) as f:
         generation = int(f.read().strip() or 0)
+    wipe_on_fork_again()
     _reseed()
     for fn in _after:
         fn()

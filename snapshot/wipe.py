@@ -1,0 +1,101 @@
+"""Memory a fork wipes, wiped in every restored copy.
+
+The kernel zeroes memory marked MADV_WIPEONFORK (MAP_DROPPABLE implies it) in a fork's child.
+Random number generators keep their state there and take zeroes for "a fork happened: draw a new
+key": glibc's getrandom() from 2.41 (the kernel's vDSO generator, under Python's os.urandom),
+BoringSSL and AWS-LC. A restored copy is such a child of the snapshot, but CRIU (4.1.1) gives
+back the bytes and not the flag. So every copy restored while the kernel's generator was in the
+generation it had at the snapshot (it moves about once a minute) drew the snapshot's key: on
+Debian trixie, three restores in a row printed the same os.urandom() bytes.
+
+A snapshot therefore records these ranges of each process (``recorded``, from /proc/PID/smaps
+before the dump), and a restore zeroes them in every restored process (``wipe``, through
+/proc/PID/mem) before the program is told it was restored, as a fork would have. The snapshot
+helper marks its own process's ranges wipe-on-fork again, for the forks after the restore.
+"""
+from __future__ import annotations
+
+import array
+import os
+
+from lazyfs.errors import RunError
+from snapshot import procs
+
+PAGE = 4096
+_ZEROS = bytes(1 << 20)
+
+
+def ranges(pid: int) -> list[list[int]]:
+    """The [start, end) ranges of ``pid``'s memory marked wipe-on-fork ("wf" in smaps'
+    VmFlags), in address order."""
+    out: list[list[int]] = []
+    span = None
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(b":"):  # a mapping's first line: "start-end perms ..."
+                start, end = head.split(b"-")
+                span = [int(start, 16), int(end, 16)]
+            elif head == b"VmFlags:" and b"wf" in line.split()[1:] and span is not None:
+                if out and out[-1][1] == span[0]:
+                    out[-1][1] = span[1]  # (adjacent mappings: one range)
+                else:
+                    out.append(span)
+    return out
+
+
+def recorded(root: int) -> dict[str, list[list[int]]]:
+    """Each process of the tree rooted at ``root`` (host PIDs) that has such memory, by its PID
+    inside the tree's namespace: what a snapshot's ``meta.wipe_on_fork`` holds (docs/format.md
+    §8)."""
+    out: dict[str, list[list[int]]] = {}
+    for pid in procs.tree(root):
+        inner = procs.ns_pid(pid)
+        try:
+            found = ranges(pid)
+        except FileNotFoundError:
+            continue  # (exited while the tree was read: not dumped either)
+        if found and inner is not None:
+            out[str(inner)] = found
+    return out
+
+
+def wipe(root: int, wanted: dict[int, tuple[tuple[int, int], ...]]) -> int:
+    """Zero ``wanted`` (lazyfs.format.snapshot.wipe_on_fork) in the restored tree rooted at
+    ``root``; the bytes zeroed. Only pages with content are written: a page a lazy restore has
+    yet to place is the page server's, which places a zero page there (lazypages.Handler's
+    ``wiped``), and a write through /proc/PID/mem could not wait for it anyway (EIO)."""
+    done = 0
+    for pid in procs.tree(root) if wanted else ():
+        spans = wanted.get(procs.ns_pid(pid))
+        if not spans:
+            continue
+        try:
+            with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap, \
+                    open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+                for start, end in spans:
+                    for at, n in _with_content(pagemap, start, end):
+                        for off in range(0, n, len(_ZEROS)):
+                            part = min(len(_ZEROS), n - off)
+                            if os.pwrite(mem.fileno(), memoryview(_ZEROS)[:part], at + off) != part:
+                                raise OSError(f"short write at {at + off:#x}")
+                        done += n
+        except OSError as exc:
+            raise RunError(f"cannot zero the wipe-on-fork memory of restored pid {pid}: {exc}") from exc
+    return done
+
+
+def _with_content(pagemap, start: int, end: int):
+    """(address, bytes) runs of [start, end) whose pages are in memory or swapped out
+    (/proc/PID/pagemap bits 63 and 62)."""
+    first, count = start // PAGE, (end - start) // PAGE
+    entries = array.array("Q", os.pread(pagemap.fileno(), 8 * count, 8 * first))
+    run = None
+    for i, entry in enumerate(entries):
+        if entry >> 62:
+            run = run if run is not None else i
+        elif run is not None:
+            yield start + run * PAGE, (i - run) * PAGE
+            run = None
+    if run is not None:
+        yield start + run * PAGE, (len(entries) - run) * PAGE

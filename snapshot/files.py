@@ -25,12 +25,12 @@ from lazyfs.store.base import BlockStore
 CHUNK = DEFAULT_CHUNK_SIZE  # snapshot files are cut as image files are
 FETCH_THREADS = 8
 # The next batch is asked for once 16 blocks of the one before are still to come: at 10 Gbit/s
-# (8 + 8 restores each, alternating) 16 beat 8 and 32 (docs/snapshots.md).
+# (8 + 8 restores each, alternating) 16 beat 8 and 32 (docs/snapshots-measured.md).
 OVERLAP = 16
 # A lazy restore's memory blocks are written into the node cache (for the next restore on the
 # node) only once the restored process's faults go quiet, up to this much held back meanwhile:
 # written as they streamed in, they took the page server's CPU and the disk when the process
-# needed both (10 Gbit/s: first answer 1.32 against 1.85 s, 7 + 7; docs/snapshots.md).
+# needed both (10 Gbit/s: first answer 1.32 against 1.85 s, 7 + 7; docs/snapshots-measured.md).
 HOLD = 256 * 1024 * 1024
 
 
@@ -39,7 +39,7 @@ PAGES_MIN, PAGES_AVG, PAGES_MAX = 64 * 1024, 256 * 1024, 1024 * 1024
 # Memory blocks are stored at this zstd level, byte-shuffled where that is smaller: a restore streams
 # them to a node whose link is the bound. On the bench's torch process, 7.3 % fewer bytes than
 # level 3 as they are (5.6 % of it from the shuffle), inflated in 0.66 against 0.59 ns a byte with
-# the unshuffle; encoding takes about 10 ns a byte, on ENCODERS threads (docs/snapshots.md).
+# the unshuffle; encoding takes about 10 ns a byte, on ENCODERS threads (docs/snapshots-measured.md).
 PAGE_LEVEL = 6
 ENCODERS = 2
 
@@ -163,7 +163,7 @@ class BlockFetcher:
         (from a fleet or an HTTP store; anything else is read block by block): a read of one of them
         then waits for the batch that carries it instead of asking on its own. One request per
         block cost the cache server and the node's CPU more than the bytes did at 10 Gbit/s
-        (docs/snapshots.md). ``on_block(digest, data)``: each block as it lands, verified.
+        (docs/snapshots-measured.md). ``on_block(digest, data)``: each block as it lands, verified.
         Whether they stream (else each read fetches its own)."""
         if not (self.batches and blocks):
             return False

@@ -183,7 +183,7 @@ def run(cfg: Config, ready_fd: int | None = None, known: tuple | None = None) ->
         # store), and the stream hands each memory block to the handler as it lands: the
         # handler's threads asking for each in turn and waiting on the stream cost the stream's
         # thread a hand-over of the interpreter per block (first answer 0.01-0.05 s sooner at 1
-        # and 10 Gbit/s; docs/snapshots.md). What the stream does not bring, a fault or the
+        # and 10 Gbit/s; docs/snapshots-measured.md). What the stream does not bring, a fault or the
         # background fetch does. Elsewhere the handler's threads fetch the working set themselves.
         handler = Handler(blocks, fetcher,
                           lambda pid: parse_pagemap((images / f"pagemap-{pid}.img").read_bytes()),

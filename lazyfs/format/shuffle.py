@@ -3,7 +3,7 @@
 Memory full of floats compresses badly as it is: each value's sign and exponent byte is nearly
 constant and its low mantissa bytes are noise, interleaved every 4 bytes. Shuffled, the n-th bytes
 of all 4-byte elements come together, and zstd codes the near-constant plane in a few bits per byte.
-On a torch process's pages that stores 5-8 % fewer bytes than zstd alone (docs/snapshots.md).
+On a torch process's pages that stores 5-8 % fewer bytes than zstd alone (docs/snapshots-measured.md).
 
 Both directions are extended-slice copies, which CPython does in C (about 0.3 ns per byte here),
 so no array library is needed.

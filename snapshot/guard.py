@@ -10,9 +10,12 @@ The guard is a process of its own (a double fork of criu's process before it exe
 that criu never sees a child of its own exit, which it would take for a failed restore). Until
 criu exits it keeps a pidfd on every tree root among the restore's children; if the restore
 goes first, it SIGKILLs those roots (each is its PID namespace's init, so its tree goes with
-it) and any task still carrying criu's command line that it had not yet seen (one cloned just
-before the restore died, between two looks). Once criu has exited, the tree's root has the
-parent-death signal, or the restore kills what criu left (restore.criu_restore).
+it) and every process still in criu's mount namespace. That namespace is the restore's own
+(made for criu alone, snapshot.restorer) and criu clones the tree's tasks into it, so this
+finds a root cloned just before the restore died, between two looks, whatever it runs as by
+then. (A task still carrying criu's command line, which names the restore's own workspace, is
+killed too, should the namespace ever not be criu's alone.) Once criu has exited, the tree's
+root has the parent-death signal, or the restore kills what criu left (restore.criu_restore).
 
 A lazy restore needs none: its page server watches the restore the same way, and a task that
 cannot hand its memory to a page server that has gone fails criu's restore, which then kills
@@ -40,6 +43,7 @@ def start(restore: int, argv: list[str]) -> None:
     by pidfds taken here, before any fork: a guard that runs late never mistakes a criu done
     (or a pid taken by another process since) for anything else."""
     criu_fd = os.pidfd_open(os.getpid())
+    made_in = _made_in(restore)
     try:
         restore_fd = os.pidfd_open(restore)
     except ProcessLookupError:
@@ -50,7 +54,7 @@ def start(restore: int, argv: list[str]) -> None:
     if first == 0:
         def middle() -> int:
             if os.fork() == 0:
-                spawn.child(lambda: _guard(restore, restore_fd, criu_fd, argv))
+                spawn.child(lambda: _guard(restore, restore_fd, criu_fd, argv, made_in))
             return 0
         spawn.child(middle)
     os.waitpid(first, 0)
@@ -58,7 +62,18 @@ def start(restore: int, argv: list[str]) -> None:
     os.close(restore_fd)
 
 
-def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str]) -> int:
+def _made_in(restore: int) -> str | None:
+    """The mount namespace criu makes the tree in (this process's), when it is not the
+    restore's own: only then is everything in it criu's (snapshot.restorer made it for criu).
+    None where that cannot be told."""
+    try:
+        here = os.readlink("/proc/self/ns/mnt")
+        return None if here == os.readlink(f"/proc/{restore}/ns/mnt") else here
+    except OSError:
+        return None
+
+
+def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str], made_in: str | None) -> int:
     import gc
     from lazyfs.proc import syscalls
     # An object of the restore's, collected later, would close a descriptor it no longer owns:
@@ -101,7 +116,7 @@ def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str]) -> int:
         if any(ev & select.POLLNVAL for ev in events.values()):
             return 1  # (not a process's end: nothing is killed on it)
         if restore_fd in events or (criu_fd in events and spawn.readable(restore_fd, GRACE)):
-            return _end(roots, argv)
+            return _end(roots, argv, made_in)
         if criu_fd in events:
             return 0  # criu is done (or failed): the restore, alive, takes it from here
         roots = _roots(restore, roots)
@@ -123,20 +138,25 @@ def _roots(restore: int, known: dict[int, int]) -> dict[int, int]:
     return known
 
 
-def _end(roots: dict[int, int], argv: list[str]) -> int:
-    """The restore is gone: kill the roots known, and whatever still runs as this criu (by its
-    command line, which holds the restore's own workspace path) that was not."""
+def _end(roots: dict[int, int], argv: list[str], made_in: str | None) -> int:
+    """The restore is gone: kill the roots known, and every other process still in criu's mount
+    namespace ``made_in`` or running as this criu (by its command line, which holds the
+    restore's own workspace path)."""
     for fd in roots.values():
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except ProcessLookupError:
             pass
     cmdline = "\0".join(argv).encode() + b"\0"
+    mine = os.getpid()
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == mine:
+            continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read() != cmdline:
-                    continue
+            if made_in is None or os.readlink(f"/proc/{pid}/ns/mnt") != made_in:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read() != cmdline:
+                        continue
             os.kill(int(pid), signal.SIGKILL)
         except (OSError, ValueError):
             pass

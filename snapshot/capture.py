@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from lazyfs.errors import NotFound, RunError
+from lazyfs.errors import FormatError, NotFound, RunError
 from lazyfs.format import reference
 from lazyfs.format import snapshot as snapfmt
 from lazyfs.runner.runtime import nsinit_command, own_network
@@ -149,8 +150,13 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 t0 = time.monotonic()
                 init = _ns_init(proc.pid)
                 gpu_meta = _suspend_gpus(init)
-                wiped = wipe.recorded(init)
-                criu_mod.dump(criu, init, ws.base / "criu")
+                # Left stopped as dumped, the tree's memory a fork wipes is read as it was dumped
+                # (criu's images do not say), then the tree goes as a dump would have ended it.
+                criu_mod.dump(criu, init, ws.base / "criu", leave_stopped=True)
+                try:
+                    wiped = wipe.recorded(init)
+                finally:
+                    os.kill(init, signal.SIGKILL)  # (its PID namespace's init: the whole tree)
                 dump_s = time.monotonic() - t0
                 proc.wait(30)
             finally:
@@ -182,13 +188,18 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                     "seconds": {"to_ready": round(ready_s, 3), "dump": round(dump_s, 3),
                                 "publish": round(publish_s, 3)}}
             manifest = snapfmt.Snapshot(digest, str(ws.base), tuple(files), time.time(), meta)
+            try:  # (what no restore, listing or gc could read back is never tagged)
+                record = snapfmt.encode(manifest)
+                snapfmt.decode(record)
+            except FormatError as exc:
+                raise RunError(f"the snapshot cannot be stored: {exc}") from None
             lease.check()
             try:
                 store.get_manifest(digest)  # (there: it was verified when the run resolved it)
             except NotFound:
                 raise RunError(f"image {digest} was removed from {store.url} (a gc, its tag moved) "
                                "while the snapshot ran; nothing was tagged") from None
-            snap_digest = objects.put_record(store, snapfmt.encode(manifest))
+            snap_digest = objects.put_record(store, record)
             store.put_tag(snap.name, snap.tag, snap_digest)
         size = sum(f.size for f in files)
         print(f"lazyfs: snapshot {snap.name}:{snap.tag} ({snap_digest[:19]}): {size} bytes in "

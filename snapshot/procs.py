@@ -49,6 +49,16 @@ def kill_made(parent: int, wait: float = 30.0) -> None:
         ident.wait_gone(pid, wait)
 
 
+def resume(root: int) -> None:
+    """SIGCONT every process of the tree rooted at ``root`` (criu restore --leave-stopped left
+    each stopped; a task stopped when it was dumped goes on too)."""
+    for pid in tree(root):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def tree(root: int) -> list[int]:
     """``root`` and all its descendants, parents first."""
     order, todo = [], [root]

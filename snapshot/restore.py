@@ -287,8 +287,11 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
     ws.overlay.mount()
     prepare_s = time.monotonic() - t0
     pidfile = ws.base / "restored.pid"
+    wiped = snapfmt.wipe_on_fork(snap.meta)
+    # With memory to wipe, the tree stays stopped until it is wiped: no thread may draw on the
+    # snapshot's generator state first.
     argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
-                                    lazy=pages is not None)
+                                    lazy=pages is not None, leave_stopped=bool(wiped))
     try:
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",
                                        guarded=guard and pages is None)  # (a page server guards its own)
@@ -304,12 +307,15 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
         for image in (snap_dir / "criu").glob("pages-*.img"):
             image.unlink(missing_ok=True)
     try:
+        if wiped:
+            wipe.wipe(pid, wiped)  # as a fork would have
+            wipe.tell(ws.marker("wipe-on-fork"), wiped)  # (for ready() to mark them again)
+            procs.resume(pid)
         if cuda is not None:
             wanted = set(gpu_meta["ns_pids"])
             for host_pid in procs.tree(pid):
                 if procs.ns_pid(host_pid) in wanted:
                     cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA runs
-        wipe.wipe(pid, snapfmt.wipe_on_fork(snap.meta))  # (before the program goes on, as a fork)
         # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
         marker = ws.marker("restored")
         tmp = marker.with_name("restored.tmp")

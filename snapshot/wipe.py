@@ -16,12 +16,15 @@ helper marks its own process's ranges wipe-on-fork again, for the forks after th
 from __future__ import annotations
 
 import array
+import json
+import mmap
 import os
+from pathlib import Path
 
 from lazyfs.errors import RunError
 from snapshot import procs
 
-PAGE = 4096
+PAGE = mmap.PAGESIZE  # (/proc/PID/pagemap has an entry a page)
 _ZEROS = bytes(1 << 20)
 
 
@@ -45,19 +48,29 @@ def ranges(pid: int) -> list[list[int]]:
 
 
 def recorded(root: int) -> dict[str, list[list[int]]]:
-    """Each process of the tree rooted at ``root`` (host PIDs) that has such memory, by its PID
-    inside the tree's namespace: what a snapshot's ``meta.wipe_on_fork`` holds (docs/format.md
-    §8)."""
+    """Each process of the tree rooted at ``root`` (host PIDs; stopped as criu dumped it) that
+    has such memory, by its PID inside the tree's namespace: what a snapshot's
+    ``meta.wipe_on_fork`` holds (docs/format.md §8)."""
     out: dict[str, list[list[int]]] = {}
     for pid in procs.tree(root):
         inner = procs.ns_pid(pid)
         try:
             found = ranges(pid)
-        except FileNotFoundError:
-            continue  # (exited while the tree was read: not dumped either)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # (a zombie, or gone: no memory dumped either)
+        except (OSError, ValueError, IndexError) as exc:
+            raise RunError(f"cannot read which memory of pid {pid} a fork wipes: {exc}") from exc
         if found and inner is not None:
             out[str(inner)] = found
     return out
+
+
+def tell(path: Path, wanted: dict[int, tuple[tuple[int, int], ...]]) -> None:
+    """Write ``wanted`` where the restored program reads it (the snapshot helper marks its own
+    ranges wipe-on-fork again): JSON, {"PID": [[start, end], ...]}, whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({str(pid): [list(r) for r in spans] for pid, spans in wanted.items()}))
+    os.rename(tmp, path)
 
 
 def wipe(root: int, wanted: dict[int, tuple[tuple[int, int], ...]]) -> int:
@@ -77,9 +90,14 @@ def wipe(root: int, wanted: dict[int, tuple[tuple[int, int], ...]]) -> int:
                     for at, n in _with_content(pagemap, start, end):
                         for off in range(0, n, len(_ZEROS)):
                             part = min(len(_ZEROS), n - off)
-                            if os.pwrite(mem.fileno(), memoryview(_ZEROS)[:part], at + off) != part:
+                            wrote = os.pwrite(mem.fileno(), memoryview(_ZEROS)[:part], at + off)
+                            if wrote == 0:
+                                raise ProcessLookupError  # (its memory is gone: it is exiting)
+                            if wrote != part:
                                 raise OSError(f"short write at {at + off:#x}")
                         done += n
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # (gone, memory and all: nothing of it can run on the snapshot's state)
         except OSError as exc:
             raise RunError(f"cannot zero the wipe-on-fork memory of restored pid {pid}: {exc}") from exc
     return done
@@ -89,7 +107,13 @@ def _with_content(pagemap, start: int, end: int):
     """(address, bytes) runs of [start, end) whose pages are in memory or swapped out
     (/proc/PID/pagemap bits 63 and 62)."""
     first, count = start // PAGE, (end - start) // PAGE
-    entries = array.array("Q", os.pread(pagemap.fileno(), 8 * count, 8 * first))
+    raw = b""
+    while len(raw) < 8 * count:
+        part = os.pread(pagemap.fileno(), 8 * count - len(raw), 8 * first + len(raw))
+        if not part:
+            raise OSError(f"pagemap ends before {end:#x}")
+        raw += part
+    entries = array.array("Q", raw)
     run = None
     for i, entry in enumerate(entries):
         if entry >> 62:

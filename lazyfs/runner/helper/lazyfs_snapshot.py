@@ -10,7 +10,8 @@ Outside a snapshot run ready() returns at once, so programs can call it uncondit
 Protocol (for programs in other languages): create the file $LAZYFS_SNAPSHOT_DIR/ready, then
 wait until $LAZYFS_SNAPSHOT_DIR/restored exists (it holds the restore generation, a decimal
 number), then re-seed every random number generator from the OS. Memory marked MADV_WIPEONFORK is
-zero by then, as in a fork's child; mark it so again for the forks that follow.
+zero by then, as in a fork's child, and has lost the flag: $LAZYFS_SNAPSHOT_DIR/wipe-on-fork
+holds each process's such ranges, JSON {"PID": [[start, end], ...]}, to mark again.
 """
 from __future__ import annotations
 
@@ -53,38 +54,25 @@ def _reseed() -> None:
         ssl.RAND_add(os.urandom(32), 32.0)
 
 
-def _wiped_on_fork() -> list:
-    """This process's memory marked MADV_WIPEONFORK ("wf" in smaps), as (start, length)."""
-    out, span = [], None
-    try:
-        with open("/proc/self/smaps", "rb") as f:
-            for line in f:
-                head = line.split(None, 1)[0]
-                if not head.endswith(b":"):
-                    start, end = head.split(b"-")
-                    span = (int(start, 16), int(end, 16) - int(start, 16))
-                elif head == b"VmFlags:" and b"wf" in line.split()[1:] and span:
-                    out.append(span)
-    except (OSError, ValueError):
-        return []
-    return out
-
-
-def _wipe_on_fork_again():
-    """What gives this process's wipe-on-fork memory its flag back after a restore. The restore
-    zeroed that memory, as a fork would have, but CRIU does not restore the flag: without it a
-    child forked from then on would share the generator state the memory holds. (Read and set
-    up before the snapshot, so a restored copy imports nothing.)"""
-    spans = _wiped_on_fork()
-    if not spans:
-        return lambda: None
+def _wipe_on_fork_again(where: str):
+    """What gives this process's wipe-on-fork memory its flag back in a restored copy. The
+    restore zeroed that memory, as a fork would have, and wrote its ranges, read from the tree
+    as it was dumped, to ``where``/wipe-on-fork; but CRIU does not restore the flag, and without
+    it a child forked from then on would share the generator state that memory holds. (Set up
+    before the snapshot: a restored copy imports nothing.)"""
     import ctypes
+    import json
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
     def again():
-        for start, length in spans:
-            madvise(start, length, 18)  # MADV_WIPEONFORK (a range unmapped since fails: no matter)
+        try:
+            with open(os.path.join(where, "wipe-on-fork")) as f:
+                spans = json.load(f).get(str(os.getpid()), [])
+        except (OSError, ValueError, AttributeError):
+            return  # (none recorded, or a lazyfs before it: nothing to mark)
+        for start, end in spans:
+            madvise(start, end - start, 18)  # MADV_WIPEONFORK
     return again
 
 
@@ -99,7 +87,7 @@ def ready(poll: float = 0.002) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     marker = os.path.join(where, "restored")
-    wipe_on_fork_again = _wipe_on_fork_again()
+    wipe_on_fork_again = _wipe_on_fork_again(where)
     tmp = os.path.join(where, "ready.tmp")
     with open(tmp, "w") as f:
         f.write(str(os.getpid()))

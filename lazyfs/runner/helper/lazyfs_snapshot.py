@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import time
 
@@ -58,21 +59,31 @@ def _wipe_on_fork_again(where: str):
     """What gives this process's wipe-on-fork memory its flag back in a restored copy. The
     restore zeroed that memory, as a fork would have, and wrote its ranges, read from the tree
     as it was dumped, to ``where``/wipe-on-fork; but CRIU does not restore the flag, and without
-    it a child forked from then on would share the generator state that memory holds. (Set up
-    before the snapshot: a restored copy imports nothing.)"""
-    import ctypes
-    import json
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    it a child forked from then on would share the generator state that memory holds. A process
+    with such memory imports what it needs before the snapshot (a restored copy imports nothing);
+    one without, nothing at all."""
+    try:
+        with open("/proc/self/smaps", "rb") as f:
+            has = re.search(rb"^VmFlags:.* wf\b", f.read(), re.M) is not None
+    except OSError:
+        has = False
+    if has:
+        import ctypes  # noqa: F401  (what again() needs, in memory before the snapshot)
+        import json  # noqa: F401
 
     def again():
         try:
-            with open(os.path.join(where, "wipe-on-fork")) as f:
-                spans = json.load(f).get(str(os.getpid()), [])
+            with open(os.path.join(where, "wipe-on-fork"), "rb") as f:
+                import json
+                spans = json.loads(f.read()).get(str(os.getpid()), [])
         except (OSError, ValueError, AttributeError):
             return  # (none recorded, or a lazyfs before it: nothing to mark)
-        for start, end in spans:
-            madvise(start, end - start, 18)  # MADV_WIPEONFORK
+        if spans:
+            import ctypes
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            for start, end in spans:
+                madvise(start, end - start, 18)  # MADV_WIPEONFORK
     return again
 
 

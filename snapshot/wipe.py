@@ -9,9 +9,10 @@ generation it had at the snapshot (it moves about once a minute) drew the snapsh
 Debian trixie, three restores in a row printed the same os.urandom() bytes.
 
 A snapshot therefore records these ranges of each process (``recorded``, from /proc/PID/smaps
-before the dump), and a restore zeroes them in every restored process (``wipe``, through
-/proc/PID/mem) before the program is told it was restored, as a fork would have. The snapshot
-helper marks its own process's ranges wipe-on-fork again, for the forks after the restore.
+of the tree criu left stopped as it dumped it), and a restore, its tree left stopped by criu,
+zeroes them in every restored process (``wipe``) before any task runs on, as a fork would have.
+The snapshot helper marks its own process's ranges wipe-on-fork again (``tell`` says which), for
+the forks after the restore.
 """
 from __future__ import annotations
 

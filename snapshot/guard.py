@@ -152,12 +152,18 @@ def _end(roots: dict[int, int], argv: list[str], made_in: str | None) -> int:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == mine:
             continue
+        try:  # (a pidfd first: a pid reused between the look and the kill is not killed)
+            fd = os.pidfd_open(int(pid))
+        except OSError:
+            continue
         try:
             if made_in is None or os.readlink(f"/proc/{pid}/ns/mnt") != made_in:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if f.read() != cmdline:
                         continue
-            os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ValueError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
             pass
+        finally:
+            os.close(fd)
     return 0

@@ -58,22 +58,31 @@ def start(restore: int, argv: list[str]) -> None:
             return 0
         spawn.child(middle)
     os.waitpid(first, 0)
-    os.close(criu_fd)
-    os.close(restore_fd)
+    for fd in (criu_fd, restore_fd, made_in):
+        if fd is not None:
+            os.close(fd)
 
 
-def _made_in(restore: int) -> str | None:
-    """The mount namespace criu makes the tree in (this process's), when it is not the
-    restore's own: only then is everything in it criu's (snapshot.restorer made it for criu).
-    None where that cannot be told."""
+def _made_in(restore: int) -> int | None:
+    """A descriptor of the mount namespace criu makes the tree in (this process's), when it is
+    not the restore's own: only then is everything in it criu's (snapshot.restorer made it for
+    criu). Held, the namespace cannot be freed and its inode number given to another one while
+    the guard compares against it. None where that cannot be told."""
     try:
-        here = os.readlink("/proc/self/ns/mnt")
-        return None if here == os.readlink(f"/proc/{restore}/ns/mnt") else here
+        fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        here, theirs = os.fstat(fd), os.stat(f"/proc/{restore}/ns/mnt")
+        if (here.st_dev, here.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
-def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str], made_in: str | None) -> int:
+def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str], made_in: int | None) -> int:
     import gc
     from lazyfs.proc import syscalls
     # An object of the restore's, collected later, would close a descriptor it no longer owns:
@@ -99,7 +108,7 @@ def _guard(restore: int, restore_fd: int, criu_fd: int, argv: list[str], made_in
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    keep = {0, 1, 2, restore_fd, criu_fd}
+    keep = {0, 1, 2, restore_fd, criu_fd, made_in}
     for name in os.listdir("/proc/self/fd"):  # (a pipe of the restore's, held here, would hold its reader)
         if int(name) not in keep:
             try:
@@ -138,10 +147,10 @@ def _roots(restore: int, known: dict[int, int]) -> dict[int, int]:
     return known
 
 
-def _end(roots: dict[int, int], argv: list[str], made_in: str | None) -> int:
+def _end(roots: dict[int, int], argv: list[str], made_in: int | None) -> int:
     """The restore is gone: kill the roots known, and every other process still in criu's mount
-    namespace ``made_in`` or running as this criu (by its command line, which holds the
-    restore's own workspace path)."""
+    namespace (``made_in``, a descriptor of it) or running as this criu (by its command line,
+    which holds the restore's own workspace path)."""
     for fd in roots.values():
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
@@ -149,6 +158,10 @@ def _end(roots: dict[int, int], argv: list[str], made_in: str | None) -> int:
             pass
     cmdline = "\0".join(argv).encode() + b"\0"
     mine = os.getpid()
+    criu_ns = None
+    if made_in is not None:
+        st = os.fstat(made_in)
+        criu_ns = (st.st_dev, st.st_ino)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == mine:
             continue
@@ -157,7 +170,8 @@ def _end(roots: dict[int, int], argv: list[str], made_in: str | None) -> int:
         except OSError:
             continue
         try:
-            if made_in is None or os.readlink(f"/proc/{pid}/ns/mnt") != made_in:
+            st = os.stat(f"/proc/{pid}/ns/mnt") if criu_ns is not None else None
+            if st is None or (st.st_dev, st.st_ino) != criu_ns:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if f.read() != cmdline:
                         continue

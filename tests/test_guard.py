@@ -33,8 +33,11 @@ def test_everything_in_criu_s_mount_namespace_is_killed_whatever_it_runs_as():
         while os.readlink(f"/proc/{inside.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
             assert time.monotonic() < deadline, "unshare did not make its namespace"
             time.sleep(0.01)
-        made_in = os.readlink(f"/proc/{inside.pid}/ns/mnt")
-        assert guard._end({}, ["/no/such/criu", "restore"], made_in) == 0
+        made_in = os.open(f"/proc/{inside.pid}/ns/mnt", os.O_RDONLY)  # (held, as the guard holds it)
+        try:
+            assert guard._end({}, ["/no/such/criu", "restore"], made_in) == 0
+        finally:
+            os.close(made_in)
         assert _gone(inside)
         assert outside.poll() is None
     finally:

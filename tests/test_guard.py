@@ -22,6 +22,19 @@ def _gone(proc: subprocess.Popen, within: float = 10.0) -> bool:
         return False
 
 
+def _running_as(proc: subprocess.Popen, argv: list[str]) -> None:
+    """Wait until the child's command line reads as ``argv``: Popen returns once exec closed its
+    pipe, a moment before the kernel sets the new program's arguments, when it still reads empty."""
+    want = "\0".join(argv).encode() + b"\0"
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            if f.read() == want:
+                return
+        assert time.monotonic() < deadline, f"{argv} never showed as the child's command line"
+        time.sleep(0.001)
+
+
 def test_everything_in_criu_s_mount_namespace_is_killed_whatever_it_runs_as():
     """A task criu cloned just before the restore died, never seen as a root and running as
     the program by then, is found by the mount namespace criu made it in; a process outside
@@ -53,6 +66,7 @@ def test_a_namespace_that_is_not_criu_s_alone_kills_nothing_by_namespace():
     bystander = subprocess.Popen(["sleep", "60"])
     criu_like = subprocess.Popen(["sleep", "61"])
     try:
+        _running_as(criu_like, ["sleep", "61"])
         guard._end({}, ["sleep", "61"], None)
         assert _gone(criu_like)
         assert bystander.poll() is None

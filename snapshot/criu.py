@@ -15,6 +15,7 @@ from pathlib import Path
 from lazyfs import paths
 from lazyfs.errors import LazyfsError
 from lazyfs.fsutil import atomic_write
+from snapshot import criuimg
 
 CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
 
@@ -124,3 +125,11 @@ def restore_command(criu: str, images: Path, pidfile: Path, log: Path, lazy: boo
     return [criu, "restore", "-D", str(images), "-o", str(log), *COMMON, "--restore-detached",
             "--restore-sibling", "--pidfile", str(pidfile), *(["--lazy-pages"] if lazy else []),
             *(["--leave-stopped"] if leave_stopped else [])]
+
+
+def stopped_at_dump(images: Path) -> set[int]:
+    """The tasks (by their pid in the tree's PID namespace) a signal had stopped when the tree
+    was dumped: a restore that continues its tree itself (``leave_stopped``) leaves them be."""
+    pids = criuimg.pstree_pids((images / "pstree.img").read_bytes())
+    return {pid for pid in pids
+            if criuimg.task_state((images / f"core-{pid}.img").read_bytes()) == criuimg.TASK_STOPPED}

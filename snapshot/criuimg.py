@@ -1,5 +1,6 @@
-"""Reading CRIU's pagemap images: which memory of a dumped task lies where in its pages file.
-Pure, no I/O: bytes in, a PageMap out (lazy restore plans its fetches from it).
+"""Reading CRIU's images: which memory of a dumped task lies where in its pages file (lazy
+restore plans its fetches from it), and which tasks of the tree were stopped when it was dumped.
+Pure, no I/O: bytes in, values out.
 
 A CRIU image file is two little-endian u32 magics (IMG_COMMON_MAGIC, then the image's own) and a
 sequence of protobuf messages, each preceded by its length as a u32. A pagemap holds one
@@ -8,6 +9,10 @@ address order; the pages of every entry flagged PE_PRESENT lie back to back in
 pages-<pages_id>.img, in entry order. Entries flagged PE_LAZY belong to private anonymous memory
 that `criu restore --lazy-pages` leaves to a userfaultfd handler (criu/include/pagemap.h,
 images/pagemap.proto in CRIU's source).
+
+pstree.img holds one pstree_entry {pid = 1, ...} per process; core-<pid>.img one core_entry whose
+tc (3), a task_core_entry, has task_state (1): 3 for a task stopped by a signal
+(images/core.proto, compel/include/uapi/task-state.h).
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from lazyfs.errors import LazyfsError
 
 IMG_COMMON_MAGIC = 0x54564319
 PAGEMAP_MAGIC = 0x56084025
+PSTREE_MAGIC = 0x50273030
+CORE_MAGIC = 0x55053847
+TASK_STOPPED = 3
 PAGE = 4096
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
 MAX_ENTRIES = 1 << 22
@@ -64,6 +72,30 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             return value, pos
         shift += 7
+
+
+def _walk(msg: bytes):
+    """(field number, value) of each field of a protobuf message: an int for varints and fixed
+    widths, bytes for length-delimited fields (embedded messages, strings, packed lists)."""
+    pos = 0
+    while pos < len(msg):
+        key, pos = _varint(msg, pos)
+        kind = key & 7
+        if kind == 0:
+            value, pos = _varint(msg, pos)
+        elif kind in (1, 5):
+            width = 8 if kind == 1 else 4
+            if pos + width > len(msg):
+                raise CriuImageError("truncated fixed-width field")
+            value, pos = int.from_bytes(msg[pos:pos + width], "little"), pos + width
+        elif kind == 2:
+            n, pos = _varint(msg, pos)
+            if pos + n > len(msg):
+                raise CriuImageError("truncated length-delimited field")
+            value, pos = msg[pos:pos + n], pos + n
+        else:
+            raise CriuImageError(f"unexpected protobuf wire type {kind}")
+        yield key >> 3, value
 
 
 def _fields(msg: bytes) -> dict[int, int]:
@@ -119,3 +151,23 @@ def parse_pagemap(data: bytes) -> PageMap:
         if len(extents) > MAX_ENTRIES:
             raise CriuImageError("pagemap has too many entries")
     return PageMap(head[1], tuple(extents))
+
+
+def pstree_pids(data: bytes) -> list[int]:
+    """The pid (in the tree's own PID namespace) of every process in a pstree image."""
+    pids = []
+    for msg in _messages(data, PSTREE_MAGIC):
+        pid = next((v for f, v in _walk(msg) if f == 1 and isinstance(v, int)), None)
+        if pid is None:
+            raise CriuImageError("pstree entry without a pid")
+        pids.append(pid)
+    return pids
+
+
+def task_state(data: bytes) -> int | None:
+    """The task_state a core image records for its task (None: no task core, as a thread's)."""
+    for msg in _messages(data, CORE_MAGIC):
+        for field, tc in _walk(msg):
+            if field == 3 and isinstance(tc, bytes):
+                return next((v for f, v in _walk(tc) if f == 1 and isinstance(v, int)), None)
+    return None

@@ -49,10 +49,13 @@ def kill_made(parent: int, wait: float = 30.0) -> None:
         ident.wait_gone(pid, wait)
 
 
-def resume(root: int) -> None:
+def resume(root: int, stopped: set[int] = frozenset()) -> None:
     """SIGCONT every process of the tree rooted at ``root`` (criu restore --leave-stopped left
-    each stopped; a task stopped when it was dumped goes on too)."""
+    each stopped) but those whose pid in the tree's namespace is in ``stopped``: a signal had
+    stopped them when the tree was dumped, and they stay so."""
     for pid in tree(root):
+        if stopped and ns_pid(pid) in stopped:
+            continue
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:

@@ -288,10 +288,10 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
     prepare_s = time.monotonic() - t0
     pidfile = ws.base / "restored.pid"
     wiped = snapfmt.wipe_on_fork(snap.meta)
-    # With memory to wipe, the tree stays stopped until it is wiped: no thread may draw on the
-    # snapshot's generator state first.
+    # The tree stays stopped until its /proc is its own, and its memory a fork wipes wiped: no
+    # task may see the host's processes, or draw on the snapshot's generator state, first.
     argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
-                                    lazy=pages is not None, leave_stopped=bool(wiped))
+                                    lazy=pages is not None, leave_stopped=True)
     try:
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",
                                        guarded=guard and pages is None)  # (a page server guards its own)
@@ -307,10 +307,11 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
         for image in (snap_dir / "criu").glob("pages-*.img"):
             image.unlink(missing_ok=True)
     try:
+        restorer.own_proc(pid, snap.mount_path)
         if wiped:
             wipe.wipe(pid, wiped)  # as a fork would have
             wipe.tell(ws.marker("wipe-on-fork"), wiped)  # (for ready() to mark them again)
-            procs.resume(pid)
+        procs.resume(pid, criu_mod.stopped_at_dump(ws.base / "snap" / "criu"))
         if cuda is not None:
             wanted = set(gpu_meta["ns_pids"])
             for host_pid in procs.tree(pid):

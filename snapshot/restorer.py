@@ -2,6 +2,11 @@
 is bound over the path the snapshot was taken at, with /proc and a minimal /dev in the
 container root. Internal to `lazyfs run --restore`.
 
+criu makes the tree's PID namespace only as it restores, after that /proc was mounted (by a
+process of the host's, so it shows the host's processes). Once criu is done, and before any task
+of the tree runs on, ``own_proc`` puts a /proc of the tree's own namespace in its place, as the
+snapshot run had it.
+
 A restore that is single-threaded when it gets here forks and enters that namespace itself
 (``start``: no interpreter starts, 50-100 ms on a cold page cache); otherwise this module is
 run under `unshare --mount --propagation private` and does the same (``main``).
@@ -16,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from lazyfs.errors import RunError
 from lazyfs.proc import spawn, syscalls as sc
 from lazyfs.runner.nsinit import setup
 from snapshot import guard
@@ -72,6 +78,44 @@ def start(workspace: Path, at: str, criu_argv: list[str], output: Path, *,
         raise
     code = os.waitstatus_to_exitcode(status)
     return code, output.read_text(errors="replace")
+
+
+def own_proc(root: int, at: str) -> None:
+    """Replace the /proc in the root of the tree rooted at ``root`` (its workspace bound at
+    ``at``) with one of the tree's PID namespace. A procfs shows the namespace of the process
+    that mounts it: a child of this process's joins the tree's mount namespace (criu's, where
+    the tree lives) and PID namespace, and a child of its own, a member of the tree's namespace
+    for that moment, mounts it. Call it while the tree is stopped."""
+    target = os.path.join(at, "rootfs", "proc")
+    fds = [os.open(f"/proc/{root}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("mnt", "pid")]
+    try:
+        pid = os.fork()
+        if pid == 0:  # (no locks, no output: the restore may have other threads)
+            code = 1
+            try:
+                sc.setns(fds[0], sc.CLONE_NEWNS)
+                sc.setns(fds[1], sc.CLONE_NEWPID)  # (for the children made from now on)
+                inner = os.fork()
+                if inner == 0:
+                    try:
+                        sc.umount(target, sc.MNT_DETACH)
+                        sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+                        code = 0
+                    except OSError as exc:
+                        code = exc.errno or 1
+                    finally:
+                        os._exit(code)
+                code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+            except OSError as exc:
+                code = exc.errno or 1
+            finally:
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if code != 0:
+        raise RunError(f"cannot mount the restored tree's own /proc: {os.strerror(code)}")
 
 
 def main() -> None:

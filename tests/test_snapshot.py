@@ -118,7 +118,7 @@ os._exit(137)  # as if SIGKILLed, which it was not (and its memory still mapped:
                # would unmap what the page server still brings)
 '''
 WIPE_PROGRAM = r'''
-import ctypes, mmap, os
+import ctypes, mmap, os, signal
 import lazyfs_snapshot as snapshot
 madvise = ctypes.CDLL(None, use_errno=True).madvise
 madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -157,13 +157,30 @@ if worker == 0:  # a process of the tree that does not call ready()
     theirs, _ = wiped_on_fork(b"\x77")
     os.write(told, b"1")
     os.read(go, 1)
-    os.write(told, ends(theirs).encode())
+    restored = ends(theirs)
+    theirs[:] = b"\x22" * SIZE  # a child it forks now, too, must not see what it wrote
+    os.write(told, (restored + in_a_child(theirs)).encode())
     os._exit(0)
 os.read(answer, 1)
+halted = os.fork()
+if halted == 0:  # stopped by a signal when the tree is dumped: it stays stopped in every copy
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+os.waitpid(halted, os.WUNTRACED)
+
+def state(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
 print("before", ends(mine), flagged(at), in_a_child(mine), flush=True)
 snapshot.ready()
+print("proc", os.getpid(), os.readlink("/proc/self"), *sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+      flush=True)  # the tree's own, as in the snapshot run: not the host's processes
+print("halted", state(halted), flush=True)
+os.kill(halted, signal.SIGCONT)
+os.waitpid(halted, 0)
 os.write(asked, b"1")
-print("worker", os.read(answer, 8).decode(), flush=True)
+told_back = os.read(answer, 16).decode()  # (written at once: a pipe delivers it whole)
+print("worker", told_back[:8], told_back[8:], flush=True)
 restored = ends(mine)
 mine[:] = b"\x11" * SIZE  # written after the restore: a child forked now must not see it
 print("after", restored, flagged(at), ends(mine), in_a_child(mine), kept[:2].hex(), flush=True)
@@ -531,7 +548,9 @@ def test_lazy_restore_of_a_process_tree_and_a_fork_after_it(image):
 def test_memory_a_fork_wipes_is_wiped_in_every_restored_copy(image):
     """Memory marked MADV_WIPEONFORK, where random number generators keep state that must not
     be shared, comes back zeroed in each process of the tree, as in a fork's child, and marked
-    again in the process that called ready(); other memory comes back as it was."""
+    again in the process that called ready(), and at the first fork of another; other memory
+    comes back as it was, /proc shows the tree's own processes, and a process a signal had
+    stopped is still stopped."""
     r = lazyfs_cli("run", "--snapshot", "warm/wipe:1", "snap/py:1", "--", "python3", "/app/wipe.py",
                    timeout=300)
     assert _lines(r.stdout)["before"] == ["5a5a5a5a", "True", "00000000"]
@@ -540,7 +559,9 @@ def test_memory_a_fork_wipes_is_wiped_in_every_restored_copy(image):
         r = lazyfs_cli("run", "-v", *args, "warm/wipe:1", "snap/py:1", check=False, timeout=300)
         assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
         out = _lines(r.stdout)
-        assert out["worker"] == ["00000000"], how
+        assert out["proc"] == ["1", "1", "1", "2", "3"], how
+        assert out["halted"] == ["T"], how
+        assert out["worker"] == ["00000000", "00000000"], how
         assert out["after"] == ["00000000", "True", "11111111", "00000000", "3333"], how
 
 

@@ -68,23 +68,47 @@ def _wipe_on_fork_again(where: str):
     except OSError:
         has = False
     if has:
-        import ctypes  # noqa: F401  (what again() needs, in memory before the snapshot)
+        import ctypes  # noqa: F401  (what _mark() needs, in memory before the snapshot)
         import json  # noqa: F401
+    return lambda: _mark(where)
 
-    def again():
+
+_marked = False  # this process's ranges marked again (inherited: a child has the flags too)
+
+
+def _mark(where: str) -> None:
+    global _marked
+    _marked = True
+    try:
+        with open(os.path.join(where, "wipe-on-fork"), "rb") as f:
+            import json
+            spans = json.loads(f.read()).get(str(os.getpid()), [])
+    except (OSError, ValueError, AttributeError):
+        return  # (none recorded, or a lazyfs before it: nothing to mark)
+    if spans:
+        import ctypes
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for start, end in spans:
+            madvise(start, end - start, 18)  # MADV_WIPEONFORK
+
+
+def _before_fork() -> None:
+    """In every Python process of the tree, also those that never call ready() (workers forked
+    before the snapshot): the first fork in a restored copy marks this process's ranges again
+    first, so that the child does not share its generators' state. Before the snapshot, one
+    stat() per fork."""
+    if _marked:
+        return
+    where = os.environ.get("LAZYFS_SNAPSHOT_DIR")
+    if where and os.path.exists(os.path.join(where, "restored")):
         try:
-            with open(os.path.join(where, "wipe-on-fork"), "rb") as f:
-                import json
-                spans = json.loads(f.read()).get(str(os.getpid()), [])
-        except (OSError, ValueError, AttributeError):
-            return  # (none recorded, or a lazyfs before it: nothing to mark)
-        if spans:
-            import ctypes
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            for start, end in spans:
-                madvise(start, end - start, 18)  # MADV_WIPEONFORK
-    return again
+            _mark(where)
+        except Exception:  # (a fork must not fail for it)
+            pass
+
+
+os.register_at_fork(before=_before_fork)
 
 
 def ready(poll: float = 0.002) -> int:

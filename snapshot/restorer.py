@@ -80,42 +80,67 @@ def start(workspace: Path, at: str, criu_argv: list[str], output: Path, *,
     return code, output.read_text(errors="replace")
 
 
+KILLED = 255  # own_proc's child: the one that mounts was killed (errno values stay below it)
+
+
 def own_proc(root: int, at: str) -> None:
     """Replace the /proc in the root of the tree rooted at ``root`` (its workspace bound at
     ``at``) with one of the tree's PID namespace. A procfs shows the namespace of the process
     that mounts it: a child of this process's joins the tree's mount namespace (criu's, where
     the tree lives) and PID namespace, and a child of its own, a member of the tree's namespace
-    for that moment, mounts it. Call it while the tree is stopped."""
+    for that moment, mounts it. Call it while the tree is stopped; should it fail, the tree is
+    to be killed (and the namespace, with anything of this left in it, goes with its init)."""
     target = os.path.join(at, "rootfs", "proc")
-    fds = [os.open(f"/proc/{root}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("mnt", "pid")]
+    fds: list[int] = []
+    pid = 0
     try:
-        pid = os.fork()
-        if pid == 0:  # (no locks, no output: the restore may have other threads)
-            code = 1
+        for kind in ("mnt", "pid"):
             try:
-                sc.setns(fds[0], sc.CLONE_NEWNS)
-                sc.setns(fds[1], sc.CLONE_NEWPID)  # (for the children made from now on)
-                inner = os.fork()
-                if inner == 0:
-                    try:
-                        sc.umount(target, sc.MNT_DETACH)
-                        sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-                        code = 0
-                    except OSError as exc:
-                        code = exc.errno or 1
-                    finally:
-                        os._exit(code)
-                code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+                fds.append(os.open(f"/proc/{root}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC))
             except OSError as exc:
-                code = exc.errno or 1
-            finally:
-                os._exit(code)
+                raise RunError(f"cannot mount the restored tree's own /proc: {exc.strerror}") from None
+        with spawn.holding_sigint():  # (a Ctrl-C comes after the fork, to the parent alone)
+            pid = os.fork()
+            if pid == 0:
+                _own_proc_child(fds, target)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        pid = 0
+    except BaseException:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
     finally:
         for fd in fds:
             os.close(fd)
     if code != 0:
-        raise RunError(f"cannot mount the restored tree's own /proc: {os.strerror(code)}")
+        why = "killed" if code < 0 or code == KILLED else os.strerror(code)
+        raise RunError(f"cannot mount the restored tree's own /proc: {why}")
+
+
+def _own_proc_child(fds: list[int], target: str) -> NoReturn:
+    """Its exit code is the errno that stopped it. No locks and no output: the restore may have
+    other threads, whose locks a fork copies held."""
+    code = 1
+    try:
+        sc.setns(fds[0], sc.CLONE_NEWNS)
+        sc.setns(fds[1], sc.CLONE_NEWPID)  # (for the children made from now on)
+        inner = os.fork()
+        if inner == 0:
+            try:
+                sc.umount(target, sc.MNT_DETACH)
+                sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+                code = 0
+            except OSError as exc:
+                code = exc.errno or 1
+            finally:
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+        code = code if code >= 0 else KILLED
+    except OSError as exc:
+        code = exc.errno or 1
+    finally:
+        os._exit(code)
 
 
 def main() -> None:

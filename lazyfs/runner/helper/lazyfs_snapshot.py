@@ -73,12 +73,25 @@ def _wipe_on_fork_again(where: str):
     return lambda: _mark(where)
 
 
+def _loaded_before_the_snapshot() -> str | None:
+    """The snapshot run's marker directory, if this process runs in one and loads this module
+    before the snapshot: a process started in a restored copy (its pid perhaps one the record
+    names for another) has none of the record's ranges, whatever its pid."""
+    where = os.environ.get("LAZYFS_SNAPSHOT_DIR")
+    if where and not any(os.path.exists(os.path.join(where, name)) for name in ("restored", "wipe-on-fork")):
+        return where
+    return None
+
+
+_where = _loaded_before_the_snapshot()  # (inherited by the processes forked from this one)
 _marked = False  # this process's ranges marked again (inherited: a child has the flags too)
 
 
 def _mark(where: str) -> None:
     global _marked
     _marked = True
+    if where != _where:
+        return  # (not a process of the snapshot: the record's ranges are not its own)
     try:
         with open(os.path.join(where, "wipe-on-fork"), "rb") as f:
             import json
@@ -96,14 +109,14 @@ def _mark(where: str) -> None:
 def _before_fork() -> None:
     """In every Python process of the tree, also those that never call ready() (workers forked
     before the snapshot): the first fork in a restored copy marks this process's ranges again
-    first, so that the child does not share its generators' state. Before the snapshot, one
+    first, so that the child does not share its generators' state. The record is written while
+    the tree is still stopped, so it is there from the copy's first instant. Otherwise one
     stat() per fork."""
-    if _marked:
+    if _marked or _where is None:
         return
-    where = os.environ.get("LAZYFS_SNAPSHOT_DIR")
-    if where and os.path.exists(os.path.join(where, "restored")):
+    if os.path.exists(os.path.join(_where, "wipe-on-fork")):
         try:
-            _mark(where)
+            _mark(_where)
         except Exception:  # (a fork must not fail for it)
             pass
 

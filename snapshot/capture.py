@@ -163,10 +163,11 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+        shm = layer.pack_shm(ws.rootfs / "dev" / "shm", ws.base)  # (the tree is gone: it holds still)
         ws.teardown()
         names = sorted(f"criu/{p.name}" for p in (ws.base / "criu").iterdir()
                        if p.is_file() and not p.name.endswith(".log"))
-        names += [layer.pack(ws.upper, ws.base), "stdio"]
+        names += [layer.pack(ws.upper, ws.base), "stdio", *([shm] if shm else [])]
         t0 = time.monotonic()
         # A build's lease, from the first block to the tag: a gc must not sweep blocks this
         # snapshot finds in the store and reuses before the tag names them. The image it pins

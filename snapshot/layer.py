@@ -15,6 +15,11 @@ overlay's upper directory), in the form the snapshot carries it.
 Whiteouts, opaque directories, owners, modes, times and extended attributes survive either way
 (mkfs.erofs and tar --xattrs keep them; overlayfs honours whiteouts in a lower layer as in the
 upper one).
+
+The container's /dev/shm is a tmpfs of its own, outside that layer: POSIX shared memory and
+semaphores a process keeps by name (multiprocessing's SharedMemory, sem_open) live there, open
+or mapped, and CRIU reopens them by path. A snapshot carries what it held as ``dev-shm.tar``
+(only when it held anything), and a restore unpacks it into the new /dev/shm before criu runs.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from lazyfs.fs import kernel
 
 EROFS, TAR = "upper.erofs", "upper.tar"
 NAMES = (EROFS, TAR)
+SHM = "dev-shm.tar"
 TAR_ARGS = ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner"]  # both ways, one spelling
 
 
@@ -42,20 +48,35 @@ def pack(upper: Path, out: Path) -> str:
                            f"{(made.stderr or made.stdout).strip()}")
         os.rename(part, out / EROFS)
         return EROFS
-    tar = subprocess.run([*TAR_ARGS, "-C", str(upper), "-cf", str(out / TAR), "."],
-                         capture_output=True, text=True)
-    if tar.returncode != 0:
-        raise RunError(f"archiving the writable layer failed: {tar.stderr.strip()}")
+    _tar(["-C", str(upper), "-cf", str(out / TAR), "."], "archiving the writable layer")
     return TAR
 
 
 def unpack_tar(archive: Path, upper: Path) -> None:
     """A ``upper.tar`` into the (empty) writable layer."""
     upper.mkdir(parents=True, exist_ok=True)
-    tar = subprocess.run([*TAR_ARGS, "-xpf", str(archive), "-C", str(upper)],
-                         capture_output=True, text=True)
+    _tar(["-xpf", str(archive), "-C", str(upper)], "unpacking the snapshot's writable layer")
+
+
+def pack_shm(shm: Path, out: Path) -> str | None:
+    """What the container's /dev/shm (``shm``) holds, into ``out``; its file name, or None when
+    it holds nothing."""
+    with os.scandir(shm) as entries:
+        if next(entries, None) is None:
+            return None
+    _tar(["-C", str(shm), "-cf", str(out / SHM), "."], "archiving the container's /dev/shm")
+    return SHM
+
+
+def unpack_shm(archive: Path, shm: Path) -> None:
+    """A ``dev-shm.tar`` into the container's new, empty /dev/shm."""
+    _tar(["-xpf", str(archive), "-C", str(shm)], "unpacking the snapshot's /dev/shm")
+
+
+def _tar(args: list[str], what: str) -> None:
+    tar = subprocess.run([*TAR_ARGS, *args], capture_output=True, text=True)
     if tar.returncode != 0:
-        raise RunError(f"unpacking the snapshot's writable layer failed: {tar.stderr.strip()}")
+        raise RunError(f"{what} failed: {tar.stderr.strip()}")
 
 
 def which(snap_dir: Path) -> str:

@@ -293,8 +293,10 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
     argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
                                     lazy=pages is not None, leave_stopped=True)
     try:
+        shm = snap_dir / layer.SHM
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",
-                                       guarded=guard and pages is None)  # (a page server guards its own)
+                                       guarded=guard and pages is None,  # (a page server guards its own)
+                                       shm=shm if shm.exists() else None)
     except BaseException:  # Ctrl-C under CRIU: what it restored (waiting in ready()) or was making
         procs.kill_made(os.getpid())
         raise

@@ -24,19 +24,23 @@ from typing import NoReturn
 from lazyfs.errors import RunError
 from lazyfs.proc import spawn, syscalls as sc
 from lazyfs.runner.nsinit import setup
-from snapshot import guard
+from snapshot import guard, layer
 
 
-def enter(workspace: str, at: str, criu_argv: list[str], parent: int, guarded: bool) -> NoReturn:
+def enter(workspace: str, at: str, criu_argv: list[str], parent: int, guarded: bool,
+          shm: str | None = None) -> NoReturn:
     """In the new mount namespace: bind the workspace at ``at``, set up the root, exec criu.
     ``guarded``: criu dies with ``parent``, the restore that started it, and leaves a guard for
     the tree it makes (snapshot.guard). A lazy restore's page server is its guard instead: it
-    kills criu itself, once it has seen to the tasks that reached it."""
+    kills criu itself, once it has seen to the tasks that reached it. ``shm``: what the
+    container's /dev/shm held (snapshot.layer), unpacked into the new one."""
     if guarded:  # (guard.start checks that ``parent`` had not gone before this)
         sc.die_with_parent(signal.SIGKILL)
     os.makedirs(at, exist_ok=True)
     sc.mount(workspace, at, None, sc.MS_BIND | sc.MS_REC, None)
     setup(os.path.join(at, "rootfs"), hostname=None)  # the UTS namespace comes from the dump
+    if shm:
+        layer.unpack_shm(Path(shm), Path(at, "rootfs", "dev", "shm"))
     sys.stdout.flush()
     if guarded:
         guard.start(parent, criu_argv)  # (the tree criu makes, should the restore die meanwhile)
@@ -44,14 +48,15 @@ def enter(workspace: str, at: str, criu_argv: list[str], parent: int, guarded: b
 
 
 def start(workspace: Path, at: str, criu_argv: list[str], output: Path, *,
-          guarded: bool) -> tuple[int, str]:
+          guarded: bool, shm: Path | None = None) -> tuple[int, str]:
     """Run criu restore in its namespace; (exit status, what it printed). Forks when this
     process is single-threaded, else starts an interpreter under `unshare`."""
     parent = os.getpid()
     if not spawn.single_threaded():
         cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
                "snapshot.restorer", "--workspace", str(workspace), "--at", at, "--parent", str(parent),
-               *(["--guarded"] if guarded else []), "--", *criu_argv]
+               *(["--guarded"] if guarded else []), *(["--shm", str(shm)] if shm else []),
+               "--", *criu_argv]
         res = subprocess.run(cmd, capture_output=True, text=True)
         return res.returncode, res.stderr
     pid = 0
@@ -65,7 +70,7 @@ def start(workspace: Path, at: str, criu_argv: list[str], output: Path, *,
                     os.dup2(out.fileno(), 2)
                     sc.unshare(sc.CLONE_NEWNS)
                     sc.make_mounts_private()
-                    enter(str(workspace), at, criu_argv, parent, guarded)
+                    enter(str(workspace), at, criu_argv, parent, guarded, str(shm) if shm else None)
                 spawn.child(child)
         _, status = os.waitpid(pid, 0)
     except BaseException:  # Ctrl-C (also one held back across the fork): no criu left on its own
@@ -149,9 +154,10 @@ def main() -> None:
     p.add_argument("--at", required=True, help="the snapshot's mount path")
     p.add_argument("--parent", type=int, required=True, help="the restore's pid: criu dies with it")
     p.add_argument("--guarded", action="store_true", help="leave a guard for the tree criu makes")
+    p.add_argument("--shm", help="what the container's /dev/shm held (a tar), for the new one")
     p.add_argument("criu", nargs="+")
     a = p.parse_args()
-    enter(a.workspace, a.at, a.criu, a.parent, a.guarded)
+    enter(a.workspace, a.at, a.criu, a.parent, a.guarded, a.shm)
 
 
 if __name__ == "__main__":

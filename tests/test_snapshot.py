@@ -584,6 +584,39 @@ def test_restored_copies_on_a_newer_glibc_draw_their_own_os_urandom(trixie_store
     assert len(set(drawn)) == 3, drawn
 
 
+SHM_PROGRAM = r'''
+import os
+from multiprocessing import shared_memory
+import lazyfs_snapshot as snapshot
+kept = shared_memory.SharedMemory(create=True, size=1 << 20, name="weights")  # kept by name, mapped
+kept.buf[:4] = b"warm"
+with open("/dev/shm/notes", "w") as f:
+    f.write("written before")
+snapshot.ready()
+print("shm", bytes(kept.buf[:4]).decode(), open("/dev/shm/notes").read().replace(" ", "-"),
+      *sorted(os.listdir("/dev/shm")), flush=True)
+kept.buf[:4] = b"more"  # still the file's memory: what another process opening it reads
+other = shared_memory.SharedMemory(name="weights")
+print("again", bytes(other.buf[:4]).decode(), flush=True)
+other.close()
+kept.close()
+kept.unlink()
+'''
+
+
+def test_what_the_program_keeps_in_dev_shm_comes_back_with_it(image):
+    """POSIX shared memory kept by name lives in the container's /dev/shm, a tmpfs outside the
+    writable layer, and CRIU reopens it by path: without it every restore fell back cold."""
+    lazyfs_cli("run", "--snapshot", "warm/shm:1", "snap/py:1", "--", "python3", "-c", SHM_PROGRAM,
+               timeout=300)
+    for args in (["--restore"], ["--eager", "--restore"]):
+        r = lazyfs_cli("run", *args, "warm/shm:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+        out = _lines(r.stdout)
+        assert out["shm"] == ["warm", "written-before", "notes", "weights"], args
+        assert out["again"] == ["more"], args
+
+
 def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
     _snapshot("warm/py:1")
     other = tmp_path / "other"

@@ -121,6 +121,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
     try:
         ws.upper.mkdir(parents=True)
         ws.inject_helper()
+        ws.open_markers()  # (a program run as another user than root writes its ready marker)
         ws.mount(digest, opts.source, opts.cache_dir)
         # spec.env already has the helper first on PYTHONPATH (session.container_spec).
         env = spec.env + [f"LAZYFS_SNAPSHOT_DIR=/{MARKER_DIR}"]
@@ -141,8 +142,9 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 started = time.monotonic()
                 while not ws.marker("ready").exists():
                     if proc.poll() is not None:
-                        raise RunError(f"the command exited with {proc.returncode} before calling "
-                                       "snapshot.ready() (nothing was snapshotted)")
+                        raise RunError(f"the command exited with {proc.returncode} before its "
+                                       "snapshot.ready() had signalled (nothing was snapshotted; "
+                                       "its output says why)")
                     if time.monotonic() - started > timeout:
                         raise RunError(f"the command did not call snapshot.ready() in {timeout:.0f}s")
                     time.sleep(0.01)

@@ -312,7 +312,7 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
         restorer.own_proc(pid, snap.mount_path)
         if wiped:
             wipe.wipe(pid, wiped)  # as a fork would have
-            wipe.tell(ws.marker("wipe-on-fork"), wiped)  # (for ready() to mark them again)
+            ws.write_marker("wipe-on-fork", wipe.record(wiped))  # (for ready() to mark them again)
         procs.resume(pid, criu_mod.stopped_at_dump(ws.base / "snap" / "criu"))
         if cuda is not None:
             wanted = set(gpu_meta["ns_pids"])
@@ -320,10 +320,7 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
                 if procs.ns_pid(host_pid) in wanted:
                     cuda.resume(host_pid)  # device memory back onto the GPU, then CUDA runs
         # The process waits in snapshot.ready() for this marker; its content is this copy's identity.
-        marker = ws.marker("restored")
-        tmp = marker.with_name("restored.tmp")
-        tmp.write_text(f"{secrets.randbits(62)}\n")
-        os.rename(tmp, marker)
+        ws.write_marker("restored", f"{secrets.randbits(62)}\n")
     except BaseException:  # a restored copy that cannot go on must not linger (or run twice)
         _kill_restored(pid, grace=0)
         raise

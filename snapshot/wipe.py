@@ -11,7 +11,7 @@ Debian trixie, three restores in a row printed the same os.urandom() bytes.
 A snapshot therefore records these ranges of each process (``recorded``, from /proc/PID/smaps
 of the tree criu left stopped as it dumped it), and a restore, its tree left stopped by criu,
 zeroes them in every restored process (``wipe``) before any task runs on, as a fork would have.
-The snapshot helper marks its own process's ranges wipe-on-fork again (``tell`` says which), for
+The snapshot helper marks its own process's ranges wipe-on-fork again (``record`` says which), for
 the forks after the restore.
 """
 from __future__ import annotations
@@ -66,12 +66,10 @@ def recorded(root: int) -> dict[str, list[list[int]]]:
     return out
 
 
-def tell(path: Path, wanted: dict[int, tuple[tuple[int, int], ...]]) -> None:
-    """Write ``wanted`` where the restored program reads it (the snapshot helper marks its own
-    ranges wipe-on-fork again): JSON, {"PID": [[start, end], ...]}, whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({str(pid): [list(r) for r in spans] for pid, spans in wanted.items()}))
-    os.rename(tmp, path)
+def record(wanted: dict[int, tuple[tuple[int, int], ...]]) -> str:
+    """``wanted`` as the restored program reads it (the snapshot helper marks its own ranges
+    wipe-on-fork again): JSON, {"PID": [[start, end], ...]}."""
+    return json.dumps({str(pid): [list(r) for r in spans] for pid, spans in wanted.items()})
 
 
 def wipe(root: int, wanted: dict[int, tuple[tuple[int, int], ...]]) -> int:

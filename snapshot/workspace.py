@@ -21,6 +21,7 @@ removes (sweep_abandoned).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -116,6 +117,28 @@ class Workspace:
     def marker(self, name: str) -> Path:
         """A marker file as the container sees it, through the overlay (so no cache hides it)."""
         return self.rootfs / MARKER_DIR / name
+
+    def open_markers(self) -> None:
+        """A snapshot run's marker directory open to whatever user the program runs as (it
+        writes ``ready`` there), as /tmp is: sticky, so no one renames another's files."""
+        os.chmod(self.upper / MARKER_DIR, 0o1777)
+
+    def write_marker(self, name: str, data: str) -> None:
+        """Write a marker where the container reads it, whole (a temporary name, renamed) and
+        without following a link: the program may write in the marker directory (open_markers),
+        so anything there may be a link it planted, and this runs as root outside the
+        container, where a link would point into the host."""
+        fd = os.open(self.rootfs / MARKER_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            tmp = name + ".tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)  # (a link itself, never what it names)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+            with os.fdopen(out, "w") as f:
+                f.write(data)
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def teardown(self) -> None:
         if self.overlay.mounted:

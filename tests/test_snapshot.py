@@ -617,6 +617,58 @@ def test_what_the_program_keeps_in_dev_shm_comes_back_with_it(image):
         assert out["again"] == ["more"], args
 
 
+LINKS_PROGRAM = r'''
+import os, sys
+import lazyfs_snapshot as snapshot
+for name in ("restored.tmp", "wipe-on-fork.tmp"):  # links into the host, for a restore to follow
+    os.symlink(sys.argv[1] + "-" + name, "/.lazyfs/" + name)
+notes = open("/tmp/notes", "w")
+notes.write("before ")
+print("who", os.getuid(), os.getgid(), flush=True)
+snapshot.ready()
+notes.write("after")
+notes.flush()
+print("restored", os.getuid(), os.getgid(), open("/tmp/notes").read().replace(" ", "-"),
+      os.readlink("/proc/self"), flush=True)
+'''
+
+
+def _has_cap(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        return bool(int(f.read().split("CapEff:")[1].split()[0], 16) >> bit & 1)
+
+
+def test_links_left_in_the_marker_directory_never_lead_a_restore_out_of_the_container(image, tmp_path):
+    """The program may write in its marker directory (it writes `ready` there, as whatever user
+    it runs as), so a restore, which writes its markers there as root from outside the
+    container, follows no link it finds: one would point into the host."""
+    planted = tmp_path / "planted"
+    lazyfs_cli("run", "--snapshot", "warm/links:1", "snap/py:1", "--", "python3", "-c", LINKS_PROGRAM,
+               str(planted), timeout=300)
+    for args in (["--restore"], ["--eager", "--restore"]):
+        r = lazyfs_cli("run", *args, "warm/links:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+        assert _lines(r.stdout)["restored"] == ["0", "0", "before-after", "1"], args
+    assert not list(tmp_path.glob("planted*"))
+
+
+def test_a_program_run_as_another_user_is_snapshotted_and_restored(image, tmp_path):
+    """Not root, ready() still signals: the marker directory is open to the program's user."""
+    r = lazyfs_cli("run", "--user", "65534:65534", "--snapshot", "warm/user:1", "snap/py:1", "--",
+                   "python3", "-c", LINKS_PROGRAM, str(tmp_path / "planted"), check=False, timeout=300)
+    assert _lines(r.stdout)["who"] == ["65534", "65534"]
+    if not _has_cap(24):  # CAP_SYS_RESOURCE
+        assert "criu dump of pid" in r.stderr and "Can't get rlimit" in r.stderr, r.stdout + r.stderr
+        pytest.skip("criu reads another user's process's rlimits only with CAP_SYS_RESOURCE, which "
+                    "root lacks here: ready() signalled, and the dump failed on that")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for args in (["--restore"], ["--eager", "--restore"]):
+        r = lazyfs_cli("run", *args, "warm/user:1", "snap/py:1", check=False, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+        assert _lines(r.stdout)["restored"] == ["65534", "65534", "before-after", "1"], args
+    assert not list(tmp_path.glob("planted*"))
+
+
 def test_snapshot_of_another_image_is_refused(image, numpy_rootfs, tmp_path):
     _snapshot("warm/py:1")
     other = tmp_path / "other"

@@ -154,7 +154,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
                 gpu_meta = _suspend_gpus(init)
                 # Left stopped as dumped, the tree's memory a fork wipes is read as it was dumped
                 # (criu's images do not say), then the tree goes as a dump would have ended it.
-                criu_mod.dump(criu, init, ws.base / "criu", leave_stopped=True)
+                criu_mod.dump(criu, init, ws.base / "criu")
                 try:
                     wiped = wipe.recorded(init)
                 finally:

@@ -103,33 +103,30 @@ def _tail(log: Path, n: int = 8) -> str:
 COMMON = ("-v4", "--file-locks", "--link-remap", "--empty-ns", "net", "--network-lock", "skip")
 
 
-def dump(criu: str, pid: int, images: Path, leave_stopped: bool = False) -> None:
-    """Dump the tree rooted at ``pid`` (the init of its own PID namespace) into ``images``.
-    ``leave_stopped``: the tree is left stopped as dumped, for the caller to read and kill,
-    instead of killed."""
+def dump(criu: str, pid: int, images: Path) -> None:
+    """Dump the tree rooted at ``pid`` (the init of its own PID namespace) into ``images``,
+    leaving it stopped as dumped, for the caller to read what CRIU's images do not say (its
+    memory a fork wipes, snapshot.wipe) and then kill."""
     images.mkdir(parents=True, exist_ok=True)
-    cmd = [criu, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", *COMMON]
-    if leave_stopped:
-        cmd.append("--leave-stopped")
+    cmd = [criu, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", *COMMON, "--leave-stopped"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CriuError(f"criu dump of pid {pid} failed:\n  {_tail(images / 'dump.log')}")
 
 
-def restore_command(criu: str, images: Path, pidfile: Path, log: Path, lazy: bool = False,
-                    leave_stopped: bool = False) -> list[str]:
+def restore_command(criu: str, images: Path, pidfile: Path, log: Path, lazy: bool = False) -> list[str]:
     """The restored root task becomes a sibling of criu (so a child of whoever started criu),
     in a new PID namespace of its own, and criu exits once it runs. ``lazy``: private anonymous
-    memory is left to the page server listening in ``images`` (snapshot.lazyserver).
-    ``leave_stopped``: every task stays stopped (SIGSTOP) until the caller continues it."""
+    memory is left to the page server listening in ``images`` (snapshot.lazyserver). Every task
+    stays stopped (SIGSTOP) until the caller continues it (restore.criu_restore)."""
     return [criu, "restore", "-D", str(images), "-o", str(log), *COMMON, "--restore-detached",
             "--restore-sibling", "--pidfile", str(pidfile), *(["--lazy-pages"] if lazy else []),
-            *(["--leave-stopped"] if leave_stopped else [])]
+            "--leave-stopped"]
 
 
 def stopped_at_dump(images: Path) -> set[int]:
     """The tasks (by their pid in the tree's PID namespace) a signal had stopped when the tree
-    was dumped: a restore that continues its tree itself (``leave_stopped``) leaves them be."""
+    was dumped: a restore, which continues its tree itself, leaves them be."""
     pids = criuimg.pstree_pids((images / "pstree.img").read_bytes())
     return {pid for pid in pids
             if criuimg.task_state((images / f"core-{pid}.img").read_bytes()) == criuimg.TASK_STOPPED}

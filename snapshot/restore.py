@@ -288,10 +288,11 @@ def criu_restore(criu, digest, snap, ws: Workspace, pages: PageServer | None, gu
     prepare_s = time.monotonic() - t0
     pidfile = ws.base / "restored.pid"
     wiped = snapfmt.wipe_on_fork(snap.meta)
-    # The tree stays stopped until its /proc is its own, and its memory a fork wipes wiped: no
-    # task may see the host's processes, or draw on the snapshot's generator state, first.
+    # criu leaves the tree stopped: it goes on once its /proc is its own and its memory a fork
+    # wipes is wiped, so no task sees the host's processes, or draws on the snapshot's
+    # generator state, first.
     argv = criu_mod.restore_command(criu, ws.base / "snap" / "criu", pidfile, ws.base / "restore.log",
-                                    lazy=pages is not None, leave_stopped=True)
+                                    lazy=pages is not None)
     try:
         shm = snap_dir / layer.SHM
         code, printed = restorer.start(ws.base, snap.mount_path, argv, ws.base / "restorer.out",

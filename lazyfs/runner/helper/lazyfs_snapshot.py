@@ -55,22 +55,18 @@ def _reseed() -> None:
         ssl.RAND_add(os.urandom(32), 32.0)
 
 
-def _wipe_on_fork_again(where: str):
-    """What gives this process's wipe-on-fork memory its flag back in a restored copy. The
-    restore zeroed that memory, as a fork would have, and wrote its ranges, read from the tree
-    as it was dumped, to ``where``/wipe-on-fork; but CRIU does not restore the flag, and without
-    it a child forked from then on would share the generator state that memory holds. A process
-    with such memory imports what it needs before the snapshot (a restored copy imports nothing);
-    one without, nothing at all."""
+def _import_what_mark_needs() -> None:
+    """Before the snapshot: what _mark() needs, in memory, if this process has wipe-on-fork
+    memory for it to mark in a restored copy (a restored copy imports nothing); nothing at all
+    if it has none."""
     try:
         with open("/proc/self/smaps", "rb") as f:
             has = re.search(rb"^VmFlags:.* wf\b", f.read(), re.M) is not None
     except OSError:
         has = False
     if has:
-        import ctypes  # noqa: F401  (what _mark() needs, in memory before the snapshot)
+        import ctypes  # noqa: F401
         import json  # noqa: F401
-    return lambda: _mark(where)
 
 
 def _loaded_before_the_snapshot() -> str | None:
@@ -87,13 +83,18 @@ _where = _loaded_before_the_snapshot()  # (inherited by the processes forked fro
 _marked = False  # this process's ranges marked again (inherited: a child has the flags too)
 
 
-def _mark(where: str) -> None:
+def _mark() -> None:
+    """Give this process's wipe-on-fork memory its flag back in a restored copy. The restore
+    zeroed that memory, as a fork would have, and wrote its ranges, read from the tree as it was
+    dumped, to the marker directory's wipe-on-fork; but CRIU does not restore the flag, and
+    without it a child forked from then on would share the generator state that memory holds.
+    Only a process of the snapshot has ranges there (_where)."""
     global _marked
     _marked = True
-    if where != _where:
-        return  # (not a process of the snapshot: the record's ranges are not its own)
+    if _where is None:
+        return
     try:
-        with open(os.path.join(where, "wipe-on-fork"), "rb") as f:
+        with open(os.path.join(_where, "wipe-on-fork"), "rb") as f:
             import json
             spans = json.loads(f.read()).get(str(os.getpid()), [])
     except (OSError, ValueError, AttributeError):
@@ -116,7 +117,7 @@ def _before_fork() -> None:
         return
     if os.path.exists(os.path.join(_where, "wipe-on-fork")):
         try:
-            _mark(_where)
+            _mark()
         except Exception:  # (a fork must not fail for it)
             pass
 
@@ -135,7 +136,7 @@ def ready(poll: float = 0.002) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     marker = os.path.join(where, "restored")
-    wipe_on_fork_again = _wipe_on_fork_again(where)
+    _import_what_mark_needs()
     tmp = os.path.join(where, "ready.tmp")
     with open(tmp, "w") as f:
         f.write(str(os.getpid()))
@@ -144,7 +145,7 @@ def ready(poll: float = 0.002) -> int:
         time.sleep(poll)
     with open(marker) as f:
         generation = int(f.read().strip() or 0)
-    wipe_on_fork_again()
+    _mark()
     _reseed()
     for fn in _after:
         fn()

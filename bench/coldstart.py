@@ -259,14 +259,19 @@ def _counted(servers: Servers, measure, through_server: bool) -> Sample:
 
 
 def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: str, tick, say) -> dict:
-    """Cold init (lazy, with the image's profile if it has one) versus restoring a snapshot
-    taken right after init, eagerly and lazily, all on a cold node over the link."""
+    """Cold init (lazy, with the startup profile the fleet learnt for the program) versus
+    restoring a snapshot taken right after init, eagerly and lazily, all on a cold node over the
+    link."""
     snap = f"bench/{work.name}-warm:latest"
     say(f"{work.name}: taking the snapshot (CRIU)")
     _lazyfs("run", "--snapshot", snap, "--store", node.store, "--server", node.server_url,
             "--cache-dir", str(node.home / "node-cache-profile"), ref, "--", *work.argv)
     say(f"{work.name}: a first lazy restore records the working set")
     node.restore(snap, ref, work, "--lazy", "--store", node.store)
+    # The cold init a restore replaces is the fleet's steady state: the program's startup profile
+    # learnt by an earlier start, as a fleet that has run it before has it.
+    say(f"{work.name}: one cold start on another node, which learns its startup profile")
+    _learn_profile(node, ref, work)
     modes = cfg.snapshot_modes()
     samples: dict[str, list[dict]] = {m: [] for m in modes}
     flags = {"restore": ("--eager",), "lazy-restore": ("--lazy", "--no-working-set"),
@@ -284,9 +289,7 @@ def _bench_snapshot(cfg: BenchConfig, node: Node, servers: Servers, work, ref: s
             samples[mode].append(asdict(_counted(servers, lambda: measure(mode),
                                                  mode not in SNAPSHOT_BASELINES)))
             tick(1)
-    what = ("build 4 models of 100 MB; snapshot.ready(); answer with one of them" if work.name == "snapshot-one"
-            else "build a 400 MB model; snapshot.ready(); one inference")
-    return {"image": work.image, "argv": ["python3", "-c", f"<import torch; {what}>"], "samples": samples}
+    return {"image": work.image, "argv": ["python3", "-c", f"<import torch; {work.about}>"], "samples": samples}
 
 
 # What each mode runs: from the extracted image (the image's name), or lazily (its reference).

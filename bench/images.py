@@ -48,7 +48,10 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 # The snapshot scenarios' programs: import torch, build ~400 MB of weights, answer one request.
 # Under `lazyfs run --snapshot` they call snapshot.ready() once warm; a restore carries on there.
 # "snapshot": one model whose first answer needs every weight. "snapshot-one": four models of
-# ~100 MB (a multi-model server) whose first answer needs one of them.
+# ~100 MB (a multi-model server) whose first answer needs one of them. "snapshot-state": state
+# that neither compresses nor can be rebuilt faster than it is fetched (64 MiB from os.urandom, a
+# 64 MiB random tensor) and an open file; its line carries a hash of each and fresh randomness,
+# so the copies can be told apart and checked against each other (bench.local_restore does).
 SNAPSHOT_PROGRAM = """
 try:
     import lazyfs_snapshot as snapshot
@@ -80,6 +83,21 @@ if snapshot:
 with torch.no_grad():
     print("served", float(models[0](torch.ones(1, 2048)).sum()), flush=True)
 """
+SNAPSHOT_STATE_PROGRAM = """
+import hashlib, os
+try:
+    import lazyfs_snapshot as snapshot
+except ImportError:
+    snapshot = None
+import torch
+blob = os.urandom(64 << 20)
+tensor = torch.randn(16 << 20)
+f = open("/usr/lib/os-release", "rb"); f.read(7)
+if snapshot:
+    snapshot.ready()
+print("served", hashlib.sha256(blob).hexdigest()[:16], float(tensor.sum()), f.read(8).hex(),
+      os.urandom(8).hex(), flush=True)
+"""
 
 
 class BenchImageError(LazyfsError):
@@ -93,6 +111,7 @@ class Workload:
     argv: list[str]
     expect: str = ""  # start of the line the workload prints when done (empty: HTTP readiness)
     http_port: int = 0  # ready when this port first answers GET /
+    about: str = ""  # what a snapshot workload's program does, for the results (its argv is long)
 
 
 WORKLOADS = {
@@ -106,10 +125,15 @@ WORKLOADS = {
                         "imported"),
     "http": Workload("http", "pyenv", ["python3", "/srv/app.py", "18080"], http_port=18080),
     # Not a mode matrix: cold init versus restoring a snapshot taken right after init (CRIU).
-    "snapshot": Workload("snapshot", "torch", ["python3", "-c", SNAPSHOT_PROGRAM], "served "),
-    "snapshot-one": Workload("snapshot-one", "torch", ["python3", "-c", SNAPSHOT_ONE_PROGRAM], "served "),
+    "snapshot": Workload("snapshot", "torch", ["python3", "-c", SNAPSHOT_PROGRAM], "served ",
+                         about="build a 400 MB model; snapshot.ready(); one inference"),
+    "snapshot-one": Workload("snapshot-one", "torch", ["python3", "-c", SNAPSHOT_ONE_PROGRAM], "served ",
+                             about="build 4 models of 100 MB; snapshot.ready(); answer with one of them"),
+    "snapshot-state": Workload("snapshot-state", "torch", ["python3", "-c", SNAPSHOT_STATE_PROGRAM],
+                               "served ", about="64 MiB of os.urandom, a 64 MiB tensor, an open "
+                               "file; snapshot.ready(); a hash of each"),
 }
-SNAPSHOT_WORKLOADS = ("snapshot", "snapshot-one")
+SNAPSHOT_WORKLOADS = ("snapshot", "snapshot-one", "snapshot-state")
 # restore: fetch the whole snapshot, then CRIU; lazy-restore: memory on demand, no working set;
 # lazy-restore+ws: on demand after prefetching the working set a first restore recorded.
 SNAPSHOT_MODES = ("cold-init", "restore", "lazy-restore", "lazy-restore+ws")

@@ -3,9 +3,9 @@ floor.
 
     python -m bench.local_restore [--runs N] [--home DIR] [--out DIR]
 
-The program: `import torch`, 64 MiB from os.urandom, a 64 MiB torch.randn tensor and an open file,
-then snapshot.ready(), then one line with a hash of the bytes, the tensor's sum, the file's next
-bytes and fresh randomness. Its image is the bench's torch image in the bench's local store
+The program (the bench's snapshot-state workload, bench.images): `import torch`, 64 MiB from
+os.urandom, a 64 MiB torch.randn tensor and an open file, then snapshot.ready(), then one line with
+a hash of the bytes, the tensor's sum, the file's next bytes and fresh randomness. Its image is the bench's torch image in the bench's local store
 (built as `lazyfs bench` builds it, once). Modes, alternating run by run, each timed from the
 start of `lazyfs run` to the program's line, the page cache dropped before each:
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench import criu_floor
 from bench.coldstart import _private_node, _publish
-from bench.images import Images
+from bench.images import SNAPSHOT_STATE_PROGRAM, Images
 from bench.modes import FALLBACK
 from bench.pagecache import drop_caches
 from bench.servers import LAZYFS
@@ -44,17 +44,7 @@ from bench.servers import LAZYFS
 IMAGE = "bench/torch:latest"
 SNAPSHOT = "bench/local-program-warm:latest"
 MODES = ("cold-start", "restore", "restore-mounted", "criu-floor")
-PROGRAM = r"""
-import hashlib, os
-import torch
-import lazyfs_snapshot as snapshot
-blob = os.urandom(64 << 20)
-tensor = torch.randn(16 << 20)
-f = open("/usr/lib/os-release", "rb"); f.read(7)
-snapshot.ready()
-print("served", hashlib.sha256(blob).hexdigest()[:16], float(tensor.sum()), f.read(8).hex(),
-      os.urandom(8).hex(), flush=True)
-"""
+PROGRAM = SNAPSHOT_STATE_PROGRAM
 LINE = "served "
 
 

@@ -24,7 +24,7 @@ from lazyfs.cache import layout
 from lazyfs.records import objects
 from lazyfs.store.local import LocalStore
 from lazyfs.format import profile as proffmt
-from snapshot import criu, procs
+from snapshot import criu, lazyserver, procs
 from snapshot.criuimg import parse_pagemap
 from snapshot.workspace import MOUNT_BASE
 from tests.conftest import lazyfs_cli, lazyfs_mounts, mount_skip_reason
@@ -822,8 +822,8 @@ def _block_bytes_served(url: str) -> float:
 
 def _snapshot_processes() -> list[int]:
     """Processes of the snapshotted program still alive on this machine, and what a criu restore
-    of it left: criu itself, or a task it was making (those carry criu's command line until
-    they run the program)."""
+    of it left: criu itself, a task it was making (those carry criu's command line until
+    they run the program), or a page server (none outlives the restore it served)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -833,8 +833,8 @@ def _snapshot_processes() -> list[int]:
                 zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
         except OSError:
             continue
-        if not zombie and (b"/app/slow.py" in cmd or (b"criu\0restore" in cmd
-                                                      and str(MOUNT_BASE).encode() in cmd)):
+        if not zombie and (b"/app/slow.py" in cmd or _comm(pid) == lazyserver.NAME
+                           or (b"criu\0restore" in cmd and str(MOUNT_BASE).encode() in cmd)):
             found.append(int(pid))
     return found
 
@@ -955,13 +955,13 @@ def test_a_page_server_stopped_by_someone_elses_sigterm_takes_the_tree_it_serves
     before = set(_restore_mounts())
     lazyfs_cli("run", "--snapshot", "warm/slow:5", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
+    others = set(_page_servers())  # (another restore's on this machine, if any)
     proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--no-working-set", "--restore",
                              "warm/slow:5", "snap/py:1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("continued")  # (16 MiB still to come: faults first)
-        [server] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                    and _comm(p.name) == "lazyfs-pages"]
+        [server] = set(_page_servers()) - others
         os.kill(server, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -1017,6 +1017,10 @@ def test_a_snapshot_run_killed_takes_its_program_along(image, env_dirs, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _page_servers() -> list[int]:
+    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if _comm(p) == lazyserver.NAME]
 
 
 def _comm(pid: str) -> str:

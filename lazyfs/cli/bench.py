@@ -19,8 +19,8 @@ from lazyfs.cli.common import DataPathOpt, RichProgress, err, parse_duration
                   "Writes results.json, results.md and results.png to --out. Needs root.")
 def bench(
     workload: Optional[List[str]] = typer.Option(None, "--workload", "-w", help="minimal, torch, torch-nopyc, "
-                                                 "imports, http, snapshot, snapshot-one (cold init "
-                                                 "vs CRIU restores; need CRIU) (repeatable; default: all)."),
+                                                 "imports, http, snapshot, snapshot-one, snapshot-state "
+                                                 "(cold init vs CRIU restores; need CRIU) (repeatable; default: all)."),
     mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="pull, podman-pull (podman "
                                              "pull from a real registry + podman run), containerd-pull "
                                              "(a CRI pull into containerd's overlayfs snapshotter + "

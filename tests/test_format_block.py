@@ -112,6 +112,7 @@ def test_any_block_stored_shuffled_decodes(data):
 def test_unshuffle_inverts_shuffle(data, width):
     shuffled = shuffle.shuffle(data, width)
     assert sorted(shuffled) == sorted(data)
+    assert shuffle.shuffle(memoryview(data), width) == shuffle.shuffle(bytearray(data), width) == shuffled
     assert bytes(shuffle.unshuffle(shuffled, width)) == data
 
 

@@ -3,13 +3,16 @@ floor.
 
     python -m bench.local_restore [--runs N] [--home DIR] [--out DIR]
 
-The program (the bench's snapshot-state workload, bench.images): `import torch`, 64 MiB from
-os.urandom, a 64 MiB torch.randn tensor and an open file, then snapshot.ready(), then one line with
-a hash of the bytes, the tensor's sum, the file's next bytes and fresh randomness. Its image is the bench's torch image in the bench's local store
-(built as `lazyfs bench` builds it, once). Modes, alternating run by run, each timed from the
-start of `lazyfs run` to the program's line, the page cache dropped before each:
+The program (the bench's snapshot-state workload, bench.images): `import torch`, 64 MiB
+from os.urandom, a 64 MiB torch.randn tensor and an open file, then snapshot.ready(), then one
+line with a hash of the bytes, the tensor's sum, the file's next bytes and fresh randomness.
+Its image is the bench's torch image in the bench's local store (built as `lazyfs bench` builds
+it, once). Modes, alternating run by run, each timed from the start of `lazyfs run` to the
+program's line, the page cache dropped before each:
 
-- cold-start: the program from its first line, on a cold node (a new, empty node cache);
+- cold-start: the program from its first line, on a cold node (a new, empty node cache), with
+  the startup profile `lazyfs profile` recorded of it first (a node that reads a store directly
+  learns none by itself; recorded, it is the same whatever ran on the store before);
 - restore: `lazyfs run --restore --lazy` of its snapshot, with the working set a first restore
   recorded, on a cold node;
 - restore-mounted: the same on a node whose agent has the image mounted already and its node
@@ -18,7 +21,8 @@ start of `lazyfs run` to the program's line, the page cache dropped before each:
 - criu-floor: bench.criu_floor on the same dump, from that node cache (timed from `criu
   restore`, the dump already in a tmpfs).
 
-Every restored line must carry the snapshot's state and a randomness no other line had. Writes local-restore.json and local-restore.md to --out.
+Every restored line must carry the snapshot's state and a randomness no other line had. Writes
+local-restore.json and local-restore.md to --out.
 Needs root and a working criu.
 """
 from __future__ import annotations
@@ -112,13 +116,18 @@ class Node:
                         "--cache-dir", self.cold_cache(), IMAGE, "--", "python3", "-c", PROGRAM],
                        check=True, capture_output=True)
 
+    def record_profile(self) -> None:
+        subprocess.run([*LAZYFS, "profile", "--runtime", "namespaces", "--store", self.store,
+                        "--cache-dir", self.cold_cache(), IMAGE, "--", "python3", "-c", PROGRAM],
+                       check=True, capture_output=True)
+
     def run(self, mode: str) -> tuple[float, str]:
         if mode == "criu-floor":
             settle()
             return criu_floor.run(SNAPSHOT, IMAGE, self.store, str(self.mounted), 1)["median"]["served_s"], ""
         if mode == "cold-start":
             return _line([*LAZYFS, "run", "--store", self.store, "--cache-dir", self.cold_cache(),
-                          "--profile", "auto", IMAGE, "--", "python3", "-c", PROGRAM])
+                          "--profile", IMAGE, IMAGE, "--", "python3", "-c", PROGRAM])
         cache = str(self.mounted) if mode == "restore-mounted" else self.cold_cache()
         return _line([*LAZYFS, "run", "--restore", SNAPSHOT, "--lazy", "--store", self.store,
                       "--cache-dir", cache, IMAGE])
@@ -131,6 +140,8 @@ def run(home: Path, runs: int, say=lambda m: None) -> dict:
     node = Node(home, home / "store")
     samples: dict[str, list[dict]] = {m: [] for m in MODES}
     with _private_node(home):
+        say("recording the program's startup profile, for its cold start")
+        node.record_profile()
         say("taking the snapshot (CRIU)")
         node.snapshot()
         say("a first restore records the working set; another mounts the image for restore-mounted")

@@ -177,7 +177,7 @@ def capture(opts: RunOptions, snap_ref: str, say=lambda m: None, timeout: float 
         with held_when_free(store, "build", ("gc",),
                             say=lambda m: print(f"lazyfs: {m}", file=sys.stderr, flush=True)) as lease:
             with progress or contextlib.nullcontext() as bars:
-                # (encoding takes about 10 ns a byte of memory: a minute for a process of some GB)
+                # (encoding takes 3-13 ns a byte of memory: up to a minute for a process of some GB)
                 tick = bars.task("storing the snapshot", sum((ws.base / n).stat().st_size for n in names)) \
                     if bars is not None else None
                 files, new, total = publish(store, ws.base, names, tick)

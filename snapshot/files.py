@@ -39,7 +39,8 @@ PAGES_MIN, PAGES_AVG, PAGES_MAX = 64 * 1024, 256 * 1024, 1024 * 1024
 # Memory blocks are stored at this zstd level, byte-shuffled where that is smaller: a restore streams
 # them to a node whose link is the bound. On the bench's torch process, 7.3 % fewer bytes than
 # level 3 as they are (5.6 % of it from the shuffle), inflated in 0.66 against 0.59 ns a byte with
-# the unshuffle; encoding takes about 10 ns a byte, on ENCODERS threads (docs/snapshots-measured.md).
+# the unshuffle; encoding takes 3-13 ns a byte (floats the most), on ENCODERS threads
+# (docs/snapshots-measured.md).
 PAGE_LEVEL = 6
 ENCODERS = 2
 

@@ -210,6 +210,19 @@ def through_the_agent(node_agent):
     return node_agent
 
 
+_OTHERS: set[int] = set()  # page servers that were running when the test began: not the test's
+
+
+@pytest.fixture(autouse=True)
+def others_page_servers():
+    """Another restore's page server on this machine (a bench, a user) is neither what a test
+    looks for nor what it may kill."""
+    _OTHERS.clear()
+    _OTHERS.update(_page_servers())
+    yield
+    _OTHERS.clear()
+
+
 def _without_the_agent(monkeypatch) -> None:
     monkeypatch.setenv("LAZYFS_NODE", "off")
 
@@ -823,7 +836,8 @@ def _block_bytes_served(url: str) -> float:
 def _snapshot_processes() -> list[int]:
     """Processes of the snapshotted program still alive on this machine, and what a criu restore
     of it left: criu itself, a task it was making (those carry criu's command line until
-    they run the program), or a page server (none outlives the restore it served)."""
+    they run the program), or a page server the test started (none outlives the restore it
+    served)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -833,7 +847,8 @@ def _snapshot_processes() -> list[int]:
                 zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
         except OSError:
             continue
-        if not zombie and (b"/app/slow.py" in cmd or _comm(pid) == lazyserver.NAME
+        page_server = _comm(pid) == lazyserver.NAME and int(pid) not in _OTHERS
+        if not zombie and (b"/app/slow.py" in cmd or page_server
                            or (b"criu\0restore" in cmd and str(MOUNT_BASE).encode() in cmd)):
             found.append(int(pid))
     return found
@@ -955,13 +970,12 @@ def test_a_page_server_stopped_by_someone_elses_sigterm_takes_the_tree_it_serves
     before = set(_restore_mounts())
     lazyfs_cli("run", "--snapshot", "warm/slow:5", "snap/py:1", "--", "python3", "/app/slow.py",
                timeout=300)
-    others = set(_page_servers())  # (another restore's on this machine, if any)
     proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "run", "--no-working-set", "--restore",
                              "warm/slow:5", "snap/py:1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("continued")  # (16 MiB still to come: faults first)
-        [server] = set(_page_servers()) - others
+        [server] = set(_page_servers()) - _OTHERS
         os.kill(server, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

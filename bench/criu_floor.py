@@ -9,7 +9,8 @@ holds what the process maps (a warm node). Each run then unpacks the writable la
 page cache (the tmpfs stays), starts the clock, runs the same `criu restore` (eager: pages from
 the images) in the same private mount namespace `lazyfs run --restore` uses, gives the tree its
 own /proc and lets it go on, as every restore must, and stops the clock when it prints its
-first line after the snapshot point ("served ..." for the bench's snapshot programs). Defaults: the bench's snapshot-one snapshot and store.
+first line after the snapshot point ("served ..." for the bench's snapshot programs).
+Defaults: the bench's snapshot-one snapshot and store.
 Needs root and a working criu.
 """
 from __future__ import annotations

@@ -40,16 +40,16 @@ from pathlib import Path
 
 from bench import criu_floor
 from bench.coldstart import _private_node, _publish
-from bench.images import SNAPSHOT_STATE_PROGRAM, Images
+from bench.images import WORKLOADS, Images
 from bench.modes import FALLBACK
 from bench.pagecache import drop_caches
 from bench.servers import LAZYFS
 
-IMAGE = "bench/torch:latest"
+# The bench's own workload: one argv (so one startup-profile key), image and line to wait for.
+WORK = WORKLOADS["snapshot-state"]
+IMAGE = f"bench/{WORK.image}:latest"
 SNAPSHOT = "bench/local-program-warm:latest"
 MODES = ("cold-start", "restore", "restore-mounted", "criu-floor")
-PROGRAM = SNAPSHOT_STATE_PROGRAM
-LINE = "served "
 
 
 class LocalRestoreError(RuntimeError):
@@ -84,7 +84,7 @@ def _line(cmd: list[str], timeout: float = 120.0) -> tuple[float, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
-            if line.startswith(LINE):
+            if line.startswith(WORK.expect):
                 seconds = time.monotonic() - t0
                 proc.wait(timeout)
                 err = proc.stderr.read()
@@ -113,12 +113,12 @@ class Node:
 
     def snapshot(self) -> None:
         subprocess.run([*LAZYFS, "run", "--snapshot", SNAPSHOT, "--store", self.store,
-                        "--cache-dir", self.cold_cache(), IMAGE, "--", "python3", "-c", PROGRAM],
+                        "--cache-dir", self.cold_cache(), IMAGE, "--", *WORK.argv],
                        check=True, capture_output=True)
 
     def record_profile(self) -> None:
         subprocess.run([*LAZYFS, "profile", "--runtime", "namespaces", "--store", self.store,
-                        "--cache-dir", self.cold_cache(), IMAGE, "--", "python3", "-c", PROGRAM],
+                        "--cache-dir", self.cold_cache(), IMAGE, "--", *WORK.argv],
                        check=True, capture_output=True)
 
     def run(self, mode: str) -> tuple[float, str]:
@@ -127,7 +127,7 @@ class Node:
             return criu_floor.run(SNAPSHOT, IMAGE, self.store, str(self.mounted), 1)["median"]["served_s"], ""
         if mode == "cold-start":
             return _line([*LAZYFS, "run", "--store", self.store, "--cache-dir", self.cold_cache(),
-                          "--profile", IMAGE, IMAGE, "--", "python3", "-c", PROGRAM])
+                          "--profile", IMAGE, IMAGE, "--", *WORK.argv])
         cache = str(self.mounted) if mode == "restore-mounted" else self.cold_cache()
         return _line([*LAZYFS, "run", "--restore", SNAPSHOT, "--lazy", "--store", self.store,
                       "--cache-dir", cache, IMAGE])
@@ -135,8 +135,8 @@ class Node:
 
 def run(home: Path, runs: int, say=lambda m: None) -> dict:
     images = Images(home, say)
-    images.ensure("torch")
-    _publish(images, home / "store", "torch")
+    images.ensure(WORK.image)
+    _publish(images, home / "store", WORK.image)
     node = Node(home, home / "store")
     samples: dict[str, list[dict]] = {m: [] for m in MODES}
     with _private_node(home):

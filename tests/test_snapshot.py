@@ -1076,12 +1076,17 @@ def test_what_a_restore_killed_with_sigkill_leaves_is_removed(image, env_dirs, a
             time.sleep(0.1)
         assert _snapshot_processes() == []
         if agent == "agent":
+            agent_log = Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.log"
+
+            def swept() -> bool:  # (the agent says so once the workspace is gone, a moment after
+                # its mounts: the line can come after the last of them)
+                return "removed what a killed snapshot run or restore left" in \
+                    agent_log.read_text(errors="replace")
             deadline = time.monotonic() + 30
-            while set(_restore_mounts()) - before and time.monotonic() < deadline:
+            while (set(_restore_mounts()) - before or not swept()) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert set(_restore_mounts()) - before == set()
-            log = (Path(env_dirs["LAZYFS_STATE_DIR"]) / "node" / "agent.log").read_text(errors="replace")
-            assert "removed what a killed snapshot run or restore left" in log
+            assert swept(), agent_log.read_text(errors="replace")
             return
         left = set(_restore_mounts()) - before
         assert left  # (the overlay, and the bind of the image mount)
